@@ -1,0 +1,1 @@
+//! HTTP API (axum): OpenAI-compatible routes, errors, SSE, metrics, OpenAPI.

@@ -1,0 +1,3 @@
+//! CPU kernels (rayon).
+
+pub mod paged_attention;

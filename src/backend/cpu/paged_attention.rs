@@ -1,0 +1,1 @@
+//! Paged attention on CPU: online softmax over KV blocks, GQA-aware, prefill and decode alike.

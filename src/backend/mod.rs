@@ -1,0 +1,3 @@
+//! Compute backends. The CPU backend uses candle tensors plus our own rayon kernels.
+
+pub mod cpu;

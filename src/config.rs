@@ -1,0 +1,1 @@
+//! ServerConfig from flags and COSERVE_* environment variables.

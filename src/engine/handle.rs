@@ -1,0 +1,127 @@
+//! `EngineHandle`: the only way handlers reach the engine thread (flume channels, no locks).
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use super::request::{EngineEvent, GenerateRequest};
+
+/// Commands the engine thread receives.
+#[derive(Debug)]
+pub enum EngineCommand {
+    Submit { id: u64, request: GenerateRequest, events: flume::Sender<EngineEvent> },
+    Abort { id: u64 },
+    Shutdown,
+}
+
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum SubmitError {
+    #[error("the waiting queue is full ({0} requests); retry later")]
+    QueueFull(usize),
+    #[error("the engine has stopped")]
+    EngineStopped,
+}
+
+/// State shared between the handle and the engine thread: counters only, owned by nobody.
+#[derive(Debug, Default)]
+pub struct SharedCounters {
+    /// Requests submitted but not yet scheduled for the first time.
+    pub waiting: AtomicUsize,
+}
+
+/// Cloneable handle to the engine thread.
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: flume::Sender<EngineCommand>,
+    counters: Arc<SharedCounters>,
+    next_id: Arc<AtomicU64>,
+    max_waiting: usize,
+}
+
+impl EngineHandle {
+    pub fn new(
+        tx: flume::Sender<EngineCommand>,
+        counters: Arc<SharedCounters>,
+        max_waiting: usize,
+    ) -> Self {
+        Self { tx, counters, next_id: Arc::new(AtomicU64::new(1)), max_waiting }
+    }
+
+    /// Queues a request. Its events arrive on the returned stream; dropping the stream
+    /// before it finishes aborts the request and frees its KV blocks.
+    pub fn submit(&self, request: GenerateRequest) -> Result<RequestStream, SubmitError> {
+        // Reserve a waiting slot atomically so concurrent submits cannot overshoot the cap.
+        let reserved = self.counters.waiting.fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
+            (w < self.max_waiting).then_some(w + 1)
+        });
+        if reserved.is_err() {
+            return Err(SubmitError::QueueFull(self.max_waiting));
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (events_tx, events_rx) = flume::unbounded();
+        if self.tx.send(EngineCommand::Submit { id, request, events: events_tx }).is_err() {
+            self.counters.waiting.fetch_sub(1, Ordering::AcqRel);
+            return Err(SubmitError::EngineStopped);
+        }
+        Ok(RequestStream { id, rx: events_rx, tx: self.tx.clone(), done: false })
+    }
+
+    pub fn num_waiting(&self) -> usize {
+        self.counters.waiting.load(Ordering::Acquire)
+    }
+
+    /// Asks the engine thread to stop after its current iteration.
+    pub fn shutdown(&self) {
+        let _ = self.tx.send(EngineCommand::Shutdown);
+    }
+}
+
+/// The events of one request. Dropping it early aborts the request.
+pub struct RequestStream {
+    id: u64,
+    rx: flume::Receiver<EngineEvent>,
+    tx: flume::Sender<EngineCommand>,
+    done: bool,
+}
+
+impl RequestStream {
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Next event, or `None` once the request has finished (or the engine stopped).
+    pub async fn next(&mut self) -> Option<EngineEvent> {
+        if self.done {
+            return None;
+        }
+        let ev = self.rx.recv_async().await.ok();
+        self.observe(&ev);
+        ev
+    }
+
+    /// Blocking variant for non-async callers (tests, benchmarks).
+    pub fn next_blocking(&mut self) -> Option<EngineEvent> {
+        if self.done {
+            return None;
+        }
+        let ev = self.rx.recv().ok();
+        self.observe(&ev);
+        ev
+    }
+
+    fn observe(&mut self, ev: &Option<EngineEvent>) {
+        match ev {
+            None | Some(EngineEvent::Finished { .. }) | Some(EngineEvent::Error(_)) => {
+                self.done = true
+            }
+            _ => {}
+        }
+    }
+}
+
+impl Drop for RequestStream {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = self.tx.send(EngineCommand::Abort { id: self.id });
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! Sampling: logits -> next token, with penalties, seeded RNG and logprobs.

@@ -1,0 +1,1 @@
+//! Free list of KV blocks; allocations return their blocks on Drop.

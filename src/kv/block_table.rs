@@ -1,0 +1,1 @@
+//! Per-sequence block table and slot mapping.

@@ -1,0 +1,11 @@
+//! coserve: an OpenAI-compatible LLM server that co-serves inference and LoRA fine-tuning
+//! in the same forward iterations. See DESIGN.md for the architecture.
+
+pub mod api;
+pub mod backend;
+pub mod config;
+pub mod engine;
+pub mod kv;
+pub mod metrics;
+pub mod model;
+pub mod text;

@@ -1,0 +1,128 @@
+//! Every Prometheus metric in one place. Names and meanings follow vLLM's metrics of the
+//! same names (`vllm:` -> `coserve_`); each carries a constant `model_name` label.
+
+use prometheus::{
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Opts, Registry, TextEncoder,
+};
+
+pub struct Metrics {
+    registry: Registry,
+    pub num_requests_running: IntGauge,
+    pub num_requests_waiting: IntGauge,
+    /// Fraction of KV-cache blocks in use, 0..=1 (vLLM reports a fraction despite the name).
+    pub kv_cache_usage_perc: Gauge,
+    pub num_preemptions_total: IntCounter,
+    pub prompt_tokens_total: IntCounter,
+    pub generation_tokens_total: IntCounter,
+    /// Label `finished_reason`: stop | length | abort.
+    pub request_success_total: IntCounterVec,
+    pub time_to_first_token_seconds: Histogram,
+    pub inter_token_latency_seconds: Histogram,
+    pub e2e_request_latency_seconds: Histogram,
+    pub request_queue_time_seconds: Histogram,
+    /// Label `kind`: decode | prefill (later also train_fwd). Tokens per iteration.
+    pub iteration_tokens: HistogramVec,
+    pub iteration_duration_seconds: Histogram,
+}
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+    20.0, 40.0, 80.0, 160.0,
+];
+const TOKEN_BUCKETS: &[f64] =
+    &[1.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0];
+
+impl Metrics {
+    pub fn new(model_name: &str) -> Self {
+        let registry = Registry::new();
+        let opts = |name: &str, help: &str| Opts::new(name, help).const_label("model_name", model_name);
+        let hopts = |name: &str, help: &str, buckets: &[f64]| {
+            HistogramOpts::new(name, help)
+                .const_label("model_name", model_name)
+                .buckets(buckets.to_vec())
+        };
+        // Registration only fails on duplicate or malformed names, which are constants here.
+        macro_rules! reg {
+            ($m:expr) => {{
+                let m = $m.expect("valid metric definition");
+                registry.register(Box::new(m.clone())).expect("unique metric name");
+                m
+            }};
+        }
+        Self {
+            num_requests_running: reg!(IntGauge::with_opts(opts(
+                "coserve_num_requests_running",
+                "Number of requests in model execution batches."
+            ))),
+            num_requests_waiting: reg!(IntGauge::with_opts(opts(
+                "coserve_num_requests_waiting",
+                "Number of requests waiting to be processed."
+            ))),
+            kv_cache_usage_perc: reg!(Gauge::with_opts(opts(
+                "coserve_kv_cache_usage_perc",
+                "KV-cache usage. 1 means 100 percent usage."
+            ))),
+            num_preemptions_total: reg!(IntCounter::with_opts(opts(
+                "coserve_num_preemptions_total",
+                "Cumulative number of preemptions from the engine."
+            ))),
+            prompt_tokens_total: reg!(IntCounter::with_opts(opts(
+                "coserve_prompt_tokens_total",
+                "Number of prefill tokens processed."
+            ))),
+            generation_tokens_total: reg!(IntCounter::with_opts(opts(
+                "coserve_generation_tokens_total",
+                "Number of generation tokens processed."
+            ))),
+            request_success_total: reg!(IntCounterVec::new(
+                opts("coserve_request_success_total", "Count of successfully processed requests."),
+                &["finished_reason"]
+            )),
+            time_to_first_token_seconds: reg!(Histogram::with_opts(hopts(
+                "coserve_time_to_first_token_seconds",
+                "Histogram of time to first token in seconds.",
+                LATENCY_BUCKETS
+            ))),
+            inter_token_latency_seconds: reg!(Histogram::with_opts(hopts(
+                "coserve_inter_token_latency_seconds",
+                "Histogram of inter-token latency in seconds.",
+                LATENCY_BUCKETS
+            ))),
+            e2e_request_latency_seconds: reg!(Histogram::with_opts(hopts(
+                "coserve_e2e_request_latency_seconds",
+                "Histogram of end to end request latency in seconds.",
+                LATENCY_BUCKETS
+            ))),
+            request_queue_time_seconds: reg!(Histogram::with_opts(hopts(
+                "coserve_request_queue_time_seconds",
+                "Histogram of time spent in the waiting queue in seconds.",
+                LATENCY_BUCKETS
+            ))),
+            iteration_tokens: reg!(HistogramVec::new(
+                hopts(
+                    "coserve_iteration_tokens",
+                    "Histogram of the number of tokens per engine iteration, by kind.",
+                    TOKEN_BUCKETS
+                ),
+                &["kind"]
+            )),
+            iteration_duration_seconds: reg!(Histogram::with_opts(hopts(
+                "coserve_iteration_duration_seconds",
+                "Histogram of the wall time of one engine iteration in seconds.",
+                LATENCY_BUCKETS
+            ))),
+            registry,
+        }
+    }
+
+    /// Prometheus text exposition format.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        // Encoding into a Vec cannot fail for well-formed metric families.
+        if TextEncoder::new().encode(&self.registry.gather(), &mut buf).is_err() {
+            return String::new();
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}

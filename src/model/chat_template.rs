@@ -1,0 +1,1 @@
+//! Chat templates (Jinja) rendered with minijinja.

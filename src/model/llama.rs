@@ -1,0 +1,1 @@
+//! Llama-family forward pass over the paged KV cache.

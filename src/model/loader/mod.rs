@@ -1,0 +1,1 @@
+//! Model loading from GGUF files and Hugging Face directories.

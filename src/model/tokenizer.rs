@@ -1,0 +1,1 @@
+//! Llama tokenizer from GGUF metadata or tokenizer.json.

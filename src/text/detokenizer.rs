@@ -1,0 +1,1 @@
+//! Incremental detokenization that never emits broken UTF-8.

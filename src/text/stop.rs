@@ -1,0 +1,1 @@
+//! Stop-string matching over streamed text; the stop text itself is never emitted.
