@@ -6,7 +6,12 @@
 
 pub mod error;
 pub mod extract;
+pub mod generation;
+pub mod logging;
+pub mod logprobs;
+pub mod prompt;
 pub mod sampling;
+pub mod sse;
 
 use std::sync::Arc;
 

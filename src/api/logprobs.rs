@@ -1,0 +1,275 @@
+//! The two logprobs shapes: completions' parallel arrays and chat's list of token objects.
+
+use serde::ser::SerializeMap;
+use serde::{Serialize, Serializer};
+use utoipa::ToSchema;
+
+use super::generation::GeneratedToken;
+use crate::engine::TokenLogprob;
+
+/// OpenAI's stand-in for "too unlikely to report"; JSON has no -inf.
+const MIN_LOGPROB: f32 = -9999.0;
+
+fn clamp(logprob: f32) -> f32 {
+    if logprob.is_nan() || logprob < MIN_LOGPROB {
+        MIN_LOGPROB
+    } else {
+        logprob
+    }
+}
+
+/// Token text -> logprob in rank order, serialized as a JSON object. Distinct ids with the same
+/// text would repeat a key; the more likely one is kept.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TopMap(pub Vec<(String, f32)>);
+
+impl TopMap {
+    fn insert(&mut self, text: String, logprob: f32) {
+        if !self.0.iter().any(|(t, _)| *t == text) {
+            self.0.push((text, clamp(logprob)));
+        }
+    }
+}
+
+impl Serialize for TopMap {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(Some(self.0.len()))?;
+        for (k, v) in &self.0 {
+            map.serialize_entry(k, v)?;
+        }
+        map.end()
+    }
+}
+
+/// Completions-style logprobs (`logprobs: k` on /v1/completions).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, ToSchema)]
+pub struct CompletionLogprobs {
+    pub tokens: Vec<String>,
+    /// `null` for the first prompt token when the prompt is echoed.
+    pub token_logprobs: Vec<Option<f32>>,
+    /// Up to `k` alternatives plus the chosen token, per position.
+    #[schema(value_type = Vec<Option<std::collections::HashMap<String, f32>>>)]
+    pub top_logprobs: Vec<Option<TopMap>>,
+    /// Character offset of each token in the returned text.
+    pub text_offset: Vec<usize>,
+}
+
+impl CompletionLogprobs {
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+}
+
+/// Builds `CompletionLogprobs` for one choice, across stream chunks (it keeps the text offset).
+pub struct CompletionLogprobsWriter {
+    top_k: usize,
+    offset: usize,
+}
+
+impl CompletionLogprobsWriter {
+    pub fn new(top_k: usize) -> Self {
+        Self { top_k, offset: 0 }
+    }
+
+    /// The echoed prompt's tokens; `logprobs[i]` belongs to `prompt_ids[i]` (the first is None).
+    pub fn prompt(
+        &mut self,
+        token_text: &impl Fn(u32) -> String,
+        prompt_ids: &[u32],
+        logprobs: &[Option<TokenLogprob>],
+        out: &mut CompletionLogprobs,
+    ) {
+        for (i, &id) in prompt_ids.iter().enumerate() {
+            self.push(token_text, id, logprobs.get(i).and_then(Option::as_ref), out);
+        }
+    }
+
+    pub fn tokens(
+        &mut self,
+        token_text: &impl Fn(u32) -> String,
+        tokens: &[GeneratedToken],
+        out: &mut CompletionLogprobs,
+    ) {
+        for t in tokens {
+            self.push(token_text, t.token_id, t.logprob.as_ref(), out);
+        }
+    }
+
+    fn push(
+        &mut self,
+        token_text: &impl Fn(u32) -> String,
+        token_id: u32,
+        logprob: Option<&TokenLogprob>,
+        out: &mut CompletionLogprobs,
+    ) {
+        let text = token_text(token_id);
+        out.token_logprobs.push(logprob.map(|lp| clamp(lp.logprob)));
+        out.top_logprobs.push(logprob.map(|lp| {
+            let mut top = TopMap::default();
+            for &(id, value) in lp.top.iter().take(self.top_k) {
+                top.insert(token_text(id), value);
+            }
+            // vLLM also lists the chosen token, so its entry is never missing.
+            top.insert(text.clone(), lp.logprob);
+            top
+        }));
+        out.text_offset.push(self.offset);
+        self.offset += text.chars().count();
+        out.tokens.push(text);
+    }
+}
+
+/// Chat-style logprobs (`logprobs: true`, `top_logprobs: k`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, ToSchema)]
+pub struct ChatLogprobs {
+    #[schema(required = true)]
+    pub content: Option<Vec<ChatTokenLogprob>>,
+    /// Always `null`: no refusals are generated.
+    #[schema(required = true)]
+    pub refusal: Option<Vec<ChatTokenLogprob>>,
+}
+
+/// OpenAI's `ChatCompletionTokenLogprob`.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct ChatTokenLogprob {
+    pub token: String,
+    pub logprob: f32,
+    /// UTF-8 bytes of `token`.
+    #[schema(required = true)]
+    pub bytes: Option<Vec<u8>>,
+    pub top_logprobs: Vec<TopLogprob>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct TopLogprob {
+    pub token: String,
+    pub logprob: f32,
+    #[schema(required = true)]
+    pub bytes: Option<Vec<u8>>,
+}
+
+/// Chat logprobs of some generated tokens, with at most `top_k` alternatives each.
+pub fn chat_logprobs(
+    token_text: &impl Fn(u32) -> String,
+    tokens: &[GeneratedToken],
+    top_k: usize,
+) -> ChatLogprobs {
+    let content = tokens
+        .iter()
+        .filter_map(|t| {
+            let lp = t.logprob.as_ref()?;
+            let token = token_text(t.token_id);
+            let top_logprobs = lp
+                .top
+                .iter()
+                .take(top_k)
+                .map(|&(id, logprob)| {
+                    let token = token_text(id);
+                    TopLogprob {
+                        bytes: Some(token.as_bytes().to_vec()),
+                        token,
+                        logprob: clamp(logprob),
+                    }
+                })
+                .collect();
+            Some(ChatTokenLogprob {
+                bytes: Some(token.as_bytes().to_vec()),
+                token,
+                logprob: clamp(lp.logprob),
+                top_logprobs,
+            })
+        })
+        .collect();
+    ChatLogprobs { content: Some(content), refusal: None }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    /// What a client parses: f32 values go over the wire in their shortest f32 form.
+    fn wire<T: Serialize>(value: &T) -> serde_json::Value {
+        serde_json::from_str(&serde_json::to_string(value).unwrap()).unwrap()
+    }
+
+    fn text(id: u32) -> String {
+        ["a", "bc", "é", "d"].get(id as usize).copied().unwrap_or("?").to_string()
+    }
+
+    fn lp(id: u32, logprob: f32, top: &[(u32, f32)]) -> TokenLogprob {
+        TokenLogprob { token_id: id, logprob, top: top.to_vec() }
+    }
+
+    fn gen(id: u32, l: TokenLogprob) -> GeneratedToken {
+        GeneratedToken { token_id: id, logprob: Some(l) }
+    }
+
+    #[test]
+    fn completion_shape_with_echo() {
+        let mut out = CompletionLogprobs::default();
+        let mut w = CompletionLogprobsWriter::new(1);
+        w.prompt(&text, &[0, 1], &[None, Some(lp(1, -1.0, &[(3, -0.5), (1, -1.0)]))], &mut out);
+        w.tokens(&text, &[gen(2, lp(2, f32::NEG_INFINITY, &[(0, -0.1)]))], &mut out);
+        let v = wire(&out);
+        assert_eq!(
+            v,
+            json!({
+                "tokens": ["a", "bc", "é"],
+                "token_logprobs": [null, -1.0, -9999.0],
+                "top_logprobs": [null, {"d": -0.5, "bc": -1.0}, {"a": -0.1, "é": -9999.0}],
+                "text_offset": [0, 1, 3],
+            })
+        );
+    }
+
+    #[test]
+    fn completion_offsets_continue_across_chunks() {
+        let mut w = CompletionLogprobsWriter::new(0);
+        let mut first = CompletionLogprobs::default();
+        w.tokens(&text, &[gen(1, lp(1, -0.2, &[]))], &mut first);
+        let mut second = CompletionLogprobs::default();
+        w.tokens(&text, &[gen(2, lp(2, -0.3, &[])), gen(0, lp(0, -0.4, &[]))], &mut second);
+        assert_eq!(first.text_offset, vec![0]);
+        assert_eq!(second.text_offset, vec![2, 3]);
+        // With k = 0 only the chosen token is listed.
+        assert_eq!(second.top_logprobs[0], Some(TopMap(vec![("é".into(), -0.3)])));
+    }
+
+    #[test]
+    fn top_map_keeps_the_first_of_equal_texts() {
+        let mut out = CompletionLogprobs::default();
+        let mut w = CompletionLogprobsWriter::new(3);
+        w.tokens(&text, &[gen(0, lp(0, -0.1, &[(0, -0.1), (9, -2.0), (10, -3.0)]))], &mut out);
+        assert_eq!(out.top_logprobs[0], Some(TopMap(vec![("a".into(), -0.1), ("?".into(), -2.0)])));
+    }
+
+    #[test]
+    fn chat_shape() {
+        let tokens = [gen(2, lp(2, -0.25, &[(2, -0.25), (0, -1.5), (1, -2.0)]))];
+        let v = wire(&chat_logprobs(&text, &tokens, 2));
+        assert_eq!(
+            v,
+            json!({
+                "content": [{
+                    "token": "é",
+                    "logprob": -0.25,
+                    "bytes": [195, 169],
+                    "top_logprobs": [
+                        {"token": "é", "logprob": -0.25, "bytes": [195, 169]},
+                        {"token": "a", "logprob": -1.5, "bytes": [97]},
+                    ],
+                }],
+                "refusal": null,
+            })
+        );
+    }
+
+    #[test]
+    fn chat_top_zero_has_empty_alternatives() {
+        let tokens = [gen(0, lp(0, -0.5, &[(0, -0.5)]))];
+        let out = chat_logprobs(&text, &tokens, 0);
+        assert!(out.content.unwrap()[0].top_logprobs.is_empty());
+    }
+}
