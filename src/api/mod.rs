@@ -4,16 +4,27 @@
 //! `EngineHandle`, and turn its events into one JSON body or SSE chunks. They never touch
 //! model state; everything shared lives in `AppState`.
 
+pub mod chat;
+pub mod completions;
 pub mod error;
 pub mod extract;
 pub mod generation;
+pub mod health;
 pub mod logging;
 pub mod logprobs;
+pub mod models;
+pub mod openapi;
 pub mod prompt;
 pub mod sampling;
 pub mod sse;
 
 use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::extract::DefaultBodyLimit;
+use axum::http::{Method, Uri};
+use axum::routing::{get, post};
+use axum::Router;
 
 use crate::engine::EngineHandle;
 use crate::metrics::Metrics;
@@ -21,6 +32,7 @@ use crate::model::chat_template::ChatTemplate;
 use crate::model::tokenizer::Tokenizer;
 use crate::model::ModelInfo;
 pub use error::ApiError;
+pub use openapi::{openapi, spec_json};
 
 /// What every handler shares.
 pub struct AppState {
@@ -32,4 +44,38 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Larger request bodies get 413.
     pub max_body_bytes: usize,
+}
+
+/// The complete HTTP application: every route, the JSON 404/405 fallbacks, the body limit
+/// and the per-request log line.
+pub fn router(state: Arc<AppState>) -> Router {
+    let body_limit = DefaultBodyLimit::max(state.max_body_bytes);
+    Router::new()
+        .route("/v1/completions", post(completions::create_completion))
+        .route("/v1/chat/completions", post(chat::create_chat_completion))
+        .route("/v1/models", get(models::list_models))
+        // A catch-all, since model ids such as `org/name` contain slashes.
+        .route("/v1/models/{*id}", get(models::retrieve_model))
+        .route("/health", get(health::health))
+        .route("/version", get(health::version))
+        .route("/metrics", get(health::metrics))
+        .route("/openapi.json", get(health::openapi_json))
+        .fallback(unknown_route)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(body_limit)
+        .layer(axum::middleware::from_fn(logging::log_requests))
+        .with_state(state)
+}
+
+async fn unknown_route(method: Method, uri: Uri) -> ApiError {
+    ApiError::UnknownRoute { method: method.to_string(), path: uri.path().to_string() }
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::MethodNotAllowed { method: method.to_string(), path: uri.path().to_string() }
+}
+
+/// Seconds since the Unix epoch (`created` fields).
+pub(crate) fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
