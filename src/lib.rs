@@ -8,4 +8,5 @@ pub mod engine;
 pub mod kv;
 pub mod metrics;
 pub mod model;
+pub mod server;
 pub mod text;

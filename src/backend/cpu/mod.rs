@@ -1,3 +1,4 @@
 //! CPU kernels (rayon).
 
+pub mod matmul;
 pub mod paged_attention;
