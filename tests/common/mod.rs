@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod dense_llama;
 pub mod engine;
 pub mod tiny_model;
 
