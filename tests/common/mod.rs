@@ -3,6 +3,7 @@
 
 pub mod dense_llama;
 pub mod engine;
+pub mod fixtures;
 pub mod tiny_model;
 
 use std::path::PathBuf;
