@@ -30,9 +30,12 @@ fn paged_logits(model: &Llama, tokens: &[u32], chunk: usize) -> Vec<f32> {
     while start < tokens.len() {
         let len = chunk.min(tokens.len() - start);
         let positions: Vec<usize> = (start..start + len).collect();
-        let slots: Vec<usize> =
-            positions.iter().map(|&p| table[p / block_size] as usize * block_size + p % block_size).collect();
-        let seqs = [AttnSeq { q_start: 0, q_len: len, context_len: start + len, block_table: &table }];
+        let slots: Vec<usize> = positions
+            .iter()
+            .map(|&p| table[p / block_size] as usize * block_size + p % block_size)
+            .collect();
+        let seqs =
+            [AttnSeq { q_start: 0, q_len: len, context_len: start + len, block_table: &table }];
         let rows: Vec<usize> = (0..len).collect();
         let batch = ForwardBatch {
             tokens: &tokens[start..start + len],
@@ -55,7 +58,10 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
 #[test]
 fn gguf_and_hf_load_the_same_model_and_match_dense_forward() {
     let dir = tempfile::tempdir().expect("tempdir");
-    for shape in [TinyShape::default(), TinyShape { tied: false, heads: 4, kv_heads: 4, seed: 11, ..TinyShape::default() }] {
+    for shape in [
+        TinyShape::default(),
+        TinyShape { tied: false, heads: 4, kv_heads: 4, seed: 11, ..TinyShape::default() },
+    ] {
         let sub = dir.path().join(format!("m{}", shape.seed));
         std::fs::create_dir_all(&sub).expect("mkdir");
         let gguf = load_model(&write_gguf(&sub, &shape)).expect("gguf loads");
@@ -64,7 +70,11 @@ fn gguf_and_hf_load_the_same_model_and_match_dense_forward() {
         let tokens: Vec<u32> = (0..23).map(|i| (i * 37 % 256) as u32).collect();
         let reference = dense_logits(&shape, &tokens);
         let whole = paged_logits(&gguf.model, &tokens, tokens.len());
-        assert!(max_diff(&whole, &reference) < 1e-4, "paged vs dense: {}", max_diff(&whole, &reference));
+        assert!(
+            max_diff(&whole, &reference) < 1e-4,
+            "paged vs dense: {}",
+            max_diff(&whole, &reference)
+        );
         for chunk in [1, 3, 7] {
             let chunked = paged_logits(&hf.model, &tokens, chunk);
             assert_eq!(chunked, whole, "chunks of {chunk} must give bit-identical logits");

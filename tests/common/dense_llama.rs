@@ -6,7 +6,8 @@ use candle_core::{DType, Device, Tensor, D};
 use super::tiny_model::{hf_tensors, TinyShape};
 
 fn get(ts: &[(String, Vec<usize>, Vec<f32>)], name: &str) -> Tensor {
-    let (_, shape, data) = ts.iter().find(|(n, _, _)| n == name).unwrap_or_else(|| panic!("{name}"));
+    let (_, shape, data) =
+        ts.iter().find(|(n, _, _)| n == name).unwrap_or_else(|| panic!("{name}"));
     Tensor::from_vec(data.clone(), shape.clone(), &Device::Cpu).expect("tensor")
 }
 
@@ -19,8 +20,10 @@ fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Tensor {
 fn rope(x: &Tensor, positions: &[usize], head_dim: usize, theta: f32) -> Tensor {
     // x: [heads, seq, head_dim], HF half-split layout.
     let half = head_dim / 2;
-    let inv: Vec<f32> = (0..half).map(|i| 1.0 / theta.powf(2.0 * i as f32 / head_dim as f32)).collect();
-    let angles: Vec<f32> = positions.iter().flat_map(|&p| inv.iter().map(move |f| p as f32 * f)).collect();
+    let inv: Vec<f32> =
+        (0..half).map(|i| 1.0 / theta.powf(2.0 * i as f32 / head_dim as f32)).collect();
+    let angles: Vec<f32> =
+        positions.iter().flat_map(|&p| inv.iter().map(move |f| p as f32 * f)).collect();
     let a = Tensor::from_vec(angles, (positions.len(), half), &Device::Cpu).unwrap();
     let cos = Tensor::cat(&[&a.cos().unwrap(), &a.cos().unwrap()], 1).unwrap();
     let sin = Tensor::cat(&[&a.sin().unwrap(), &a.sin().unwrap()], 1).unwrap();
@@ -39,8 +42,9 @@ pub fn dense_logits(s: &TinyShape, tokens: &[u32]) -> Vec<f32> {
     let ids = Tensor::from_vec(tokens.to_vec(), n, &Device::Cpu).unwrap();
     let embed = get(&ts, "model.embed_tokens.weight");
     let mut h = embed.index_select(&ids, 0).unwrap();
-    let mask: Vec<f32> =
-        (0..n).flat_map(|i| (0..n).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY })).collect();
+    let mask: Vec<f32> = (0..n)
+        .flat_map(|i| (0..n).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY }))
+        .collect();
     let mask = Tensor::from_vec(mask, (n, n), &Device::Cpu).unwrap();
     for l in 0..s.layers {
         let w = |name: &str| get(&ts, &format!("model.layers.{l}.{name}"));
