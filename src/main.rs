@@ -23,6 +23,8 @@ enum Command {
     Serve(Box<ServerConfig>),
     /// Download the embedded default model into $COSERVE_HOME (nothing else).
     FetchModel,
+    /// Load-test /v1/completions at several concurrency levels.
+    Bench(Box<coserve::bench::BenchArgs>),
 }
 
 fn main() -> ExitCode {
@@ -45,11 +47,26 @@ fn main() -> ExitCode {
             }
         },
         Command::Serve(cfg) => serve(*cfg),
+        Command::Bench(args) => bench(*args),
+    }
+}
+
+fn bench(args: coserve::bench::BenchArgs) -> ExitCode {
+    let Some(rt) = runtime() else { return ExitCode::FAILURE };
+    match rt.block_on(coserve::bench::run(args)) {
+        Ok(results) if results.iter().all(|r| r.errors == 0) => ExitCode::SUCCESS,
+        Ok(_) => {
+            eprintln!("error: some requests failed");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 
 fn serve(cfg: ServerConfig) -> ExitCode {
-    // HTTP needs only a couple of threads; the cores belong to the engine's compute pool.
     let rt =
         match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
             Ok(rt) => rt,
@@ -70,4 +87,15 @@ fn serve(cfg: ServerConfig) -> ExitCode {
             }
         }
     })
+}
+
+/// HTTP needs only a couple of threads; the cores belong to the engine's compute pool.
+fn runtime() -> Option<tokio::runtime::Runtime> {
+    match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => Some(rt),
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            None
+        }
+    }
 }
