@@ -67,14 +67,7 @@ fn bench(args: coserve::bench::BenchArgs) -> ExitCode {
 }
 
 fn serve(cfg: ServerConfig) -> ExitCode {
-    let rt =
-        match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
-            Ok(rt) => rt,
-            Err(e) => {
-                eprintln!("error: cannot start the async runtime: {e}");
-                return ExitCode::FAILURE;
-            }
-        };
+    let Some(rt) = runtime() else { return ExitCode::FAILURE };
     rt.block_on(async move {
         match coserve::server::start(cfg).await {
             Ok(server) => {
