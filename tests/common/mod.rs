@@ -4,6 +4,7 @@
 pub mod dense_llama;
 pub mod engine;
 pub mod fixtures;
+pub mod server;
 pub mod tiny_model;
 
 use std::path::PathBuf;
