@@ -1,1 +1,134 @@
 //! ServerConfig from flags and COSERVE_* environment variables.
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+use crate::engine::EngineConfig;
+
+/// Options of `coserve serve`. Every flag can also be set with the environment variable named
+/// in its help; the flag wins.
+#[derive(Debug, Clone, Args)]
+pub struct ServerConfig {
+    /// GGUF file or Hugging Face model directory (default: the embedded SmolLM2-135M-Instruct,
+    /// downloaded to $COSERVE_HOME on first use).
+    #[arg(long, env = "COSERVE_MODEL")]
+    pub model: Option<PathBuf>,
+
+    /// Address to listen on.
+    #[arg(long, env = "COSERVE_HOST", default_value = "127.0.0.1")]
+    pub host: String,
+
+    /// Port to listen on (0 picks a free one).
+    #[arg(long, env = "COSERVE_PORT", default_value_t = 8000)]
+    pub port: u16,
+
+    /// Directory for durable state (default: $COSERVE_HOME/data).
+    #[arg(long, env = "COSERVE_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// Model id clients use in `model` (default: the model's own name).
+    #[arg(long, env = "COSERVE_SERVED_MODEL_NAME")]
+    pub served_model_name: Option<String>,
+
+    /// Token budget of one iteration (decode tokens plus prefill chunks).
+    #[arg(long, env = "COSERVE_MAX_NUM_BATCHED_TOKENS", default_value_t = 512)]
+    pub max_num_batched_tokens: usize,
+
+    /// Sequences running at once.
+    #[arg(long, env = "COSERVE_MAX_NUM_SEQS", default_value_t = 64)]
+    pub max_num_seqs: usize,
+
+    /// Requests allowed to wait for a slot; beyond it requests get 429 with Retry-After.
+    #[arg(long, env = "COSERVE_MAX_WAITING", default_value_t = 256)]
+    pub max_waiting: usize,
+
+    /// Memory for the paged KV cache, e.g. 512MiB or 2GiB.
+    #[arg(long, env = "COSERVE_KV_CACHE_MEMORY", default_value = "2GiB", value_parser = parse_bytes)]
+    pub kv_cache_memory: usize,
+
+    /// Tokens per KV-cache block.
+    #[arg(long, env = "COSERVE_BLOCK_SIZE", default_value_t = 16)]
+    pub block_size: usize,
+
+    /// Compute threads (0: one per core).
+    #[arg(long, env = "COSERVE_THREADS", default_value_t = 0)]
+    pub threads: usize,
+
+    /// Largest accepted request body, e.g. 16MiB.
+    #[arg(long, env = "COSERVE_MAX_REQUEST_BYTES", default_value = "16MiB", value_parser = parse_bytes)]
+    pub max_request_bytes: usize,
+}
+
+impl ServerConfig {
+    /// Defaults as the CLI has them, for tests and embedding.
+    pub fn for_model(model: Option<PathBuf>) -> Self {
+        Self {
+            model,
+            host: "127.0.0.1".into(),
+            port: 8000,
+            data_dir: None,
+            served_model_name: None,
+            max_num_batched_tokens: 512,
+            max_num_seqs: 64,
+            max_waiting: 256,
+            kv_cache_memory: 2 << 30,
+            block_size: 16,
+            threads: 0,
+            max_request_bytes: 16 << 20,
+        }
+    }
+
+    pub fn engine_config(&self) -> EngineConfig {
+        EngineConfig {
+            max_num_batched_tokens: self.max_num_batched_tokens,
+            max_num_seqs: self.max_num_seqs,
+            max_waiting: self.max_waiting,
+            kv_cache_bytes: self.kv_cache_memory,
+            block_size: self.block_size,
+            threads: self.threads,
+        }
+    }
+}
+
+/// Parses sizes such as `2GiB`, `512MiB`, `1.5GB`, `4096` (bytes).
+pub fn parse_bytes(s: &str) -> Result<usize, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let value: f64 = num.parse().map_err(|_| format!("`{s}` is not a size like 2GiB or 512MiB"))?;
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "m" | "mb" => 1e6,
+        "g" | "gb" => 1e9,
+        "kib" => 1024.0,
+        "mib" => 1024.0 * 1024.0,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        other => {
+            return Err(format!(
+                "unknown size unit `{other}` in `{s}` (use B, KiB, MiB, GiB, KB, MB, GB)"
+            ))
+        }
+    };
+    let bytes = value * mult;
+    if !bytes.is_finite() || bytes < 0.0 || bytes > usize::MAX as f64 {
+        return Err(format!("`{s}` is out of range"));
+    }
+    Ok(bytes as usize)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_bytes;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_bytes("2GiB"), Ok(2 << 30));
+        assert_eq!(parse_bytes("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_bytes("1.5GB"), Ok(1_500_000_000));
+        assert_eq!(parse_bytes("4096"), Ok(4096));
+        assert!(parse_bytes("lots").is_err());
+        assert!(parse_bytes("3 parsecs").is_err());
+    }
+}

@@ -3,9 +3,11 @@
 
 pub mod api;
 pub mod backend;
+pub mod bench;
 pub mod config;
 pub mod engine;
 pub mod kv;
 pub mod metrics;
 pub mod model;
+pub mod server;
 pub mod text;

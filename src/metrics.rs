@@ -36,7 +36,8 @@ const TOKEN_BUCKETS: &[f64] =
 impl Metrics {
     pub fn new(model_name: &str) -> Self {
         let registry = Registry::new();
-        let opts = |name: &str, help: &str| Opts::new(name, help).const_label("model_name", model_name);
+        let opts =
+            |name: &str, help: &str| Opts::new(name, help).const_label("model_name", model_name);
         let hopts = |name: &str, help: &str, buckets: &[f64]| {
             HistogramOpts::new(name, help)
                 .const_label("model_name", model_name)

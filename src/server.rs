@@ -1,0 +1,157 @@
+//! Puts the pieces together: load the model, start the engine thread, serve HTTP.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+
+use crate::api::{router, AppState};
+use crate::config::ServerConfig;
+use crate::engine::{self, EngineHandle};
+use crate::metrics::Metrics;
+use crate::model::fetch::{coserve_home, ensure_default_model, DEFAULT_MODEL_NAME};
+use crate::model::loader::load_model;
+use crate::model::ModelInfo;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Fetch(#[from] crate::model::fetch::FetchError),
+    #[error(transparent)]
+    Model(#[from] crate::model::ModelError),
+    #[error(transparent)]
+    Engine(#[from] crate::engine::EngineStartError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: String, source: std::io::Error },
+    #[error("model loading was interrupted")]
+    Interrupted,
+}
+
+/// A server listening on its address until `shutdown` (or drop of the process).
+pub struct RunningServer {
+    addr: SocketAddr,
+    model_id: String,
+    engine: EngineHandle,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+    engine_thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl RunningServer {
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn model_id(&self) -> &str {
+        &self.model_id
+    }
+
+    /// Stops accepting connections, lets open ones finish, and stops the engine.
+    pub async fn shutdown(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        let _ = (&mut self.task).await;
+        self.engine.shutdown();
+        if let Some(t) = self.engine_thread.take() {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
+    }
+
+    /// Serves until the process receives Ctrl-C or SIGTERM.
+    pub async fn run_until_signal(self) {
+        shutdown_signal().await;
+        tracing::info!("shutting down");
+        self.shutdown().await;
+    }
+}
+
+/// The model path to load: `--model`, or the embedded default (downloaded on first use).
+pub fn resolve_model_path(cfg: &ServerConfig) -> Result<PathBuf, ServerError> {
+    match &cfg.model {
+        Some(p) => Ok(p.clone()),
+        None => Ok(ensure_default_model(&coserve_home())?),
+    }
+}
+
+pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
+    let path = resolve_model_path(&cfg)?;
+    tracing::info!(model = %path.display(), "loading model");
+    let loaded = tokio::task::spawn_blocking(move || load_model(&path))
+        .await
+        .map_err(|_| ServerError::Interrupted)??;
+    let model_id = cfg.served_model_name.clone().unwrap_or_else(|| {
+        if cfg.model.is_none() {
+            DEFAULT_MODEL_NAME.to_string()
+        } else {
+            loaded.default_name.clone()
+        }
+    });
+    let metrics = Arc::new(Metrics::new(&model_id));
+    let started =
+        engine::start(loaded.model, loaded.eos_token_ids, &cfg.engine_config(), metrics.clone())?;
+    tracing::info!(
+        model = %model_id,
+        max_model_len = started.max_model_len,
+        kv_blocks = started.num_blocks,
+        "engine started"
+    );
+    let created = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let state = Arc::new(AppState {
+        engine: started.handle.clone(),
+        tokenizer: Arc::new(loaded.tokenizer),
+        chat_template: loaded.chat_template.map(Arc::new),
+        model: ModelInfo {
+            id: model_id.clone(),
+            created,
+            max_model_len: started.max_model_len,
+            owned_by: "coserve".into(),
+        },
+        metrics,
+        max_body_bytes: cfg.max_request_bytes,
+    });
+    let addr = format!("{}:{}", cfg.host, cfg.port);
+    let listener = TcpListener::bind(&addr)
+        .await
+        .map_err(|source| ServerError::Bind { addr: addr.clone(), source })?;
+    let local = listener.local_addr().map_err(|source| ServerError::Bind { addr, source })?;
+    let (tx, rx) = oneshot::channel::<()>();
+    let app = router(state);
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = rx.await;
+            })
+            .await
+    });
+    tracing::info!(addr = %local, "listening");
+    Ok(RunningServer {
+        addr: local,
+        model_id,
+        engine: started.handle,
+        shutdown: Some(tx),
+        task,
+        engine_thread: Some(started.thread),
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}
