@@ -390,8 +390,7 @@ struct ChatChunks {
 
 impl ChatChunks {
     fn logprobs(&self, tokens: &[super::generation::GeneratedToken]) -> Option<ChatLogprobs> {
-        let token_text = |id| self.tokenizer.token_text(id);
-        self.top_logprobs.map(|k| chat_logprobs(&token_text, tokens, k))
+        self.top_logprobs.map(|k| chat_logprobs(self.tokenizer.as_ref(), tokens, k))
     }
 
     fn chunk(&self, choices: Vec<ChatChunkChoice>, usage: Option<Option<Usage>>) -> Event {

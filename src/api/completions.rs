@@ -383,13 +383,13 @@ impl CompletionChunks {
             }
             let writer =
                 self.writers[index].get_or_insert_with(|| CompletionLogprobsWriter::new(k));
-            let token_text = |id| self.tokenizer.token_text(id);
+            let tokens_of = self.tokenizer.as_ref();
             let mut out = CompletionLogprobs::default();
             if first && self.echo {
                 let lps = delta.prompt_logprobs.as_deref().unwrap_or_default();
-                writer.prompt(&token_text, &prompt.ids, lps, &mut out);
+                writer.prompt(tokens_of, &prompt.ids, lps, &mut out);
             }
-            writer.tokens(&token_text, &delta.tokens, &mut out);
+            writer.tokens(tokens_of, &delta.tokens, &mut out);
             out
         });
         CompletionChoice { text, index, logprobs, finish_reason: delta.finish }

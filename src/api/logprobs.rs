@@ -6,6 +6,24 @@ use utoipa::ToSchema;
 
 use super::generation::GeneratedToken;
 use crate::engine::TokenLogprob;
+use crate::model::tokenizer::Tokenizer;
+
+/// How tokens are shown in logprobs; the tokenizer in production, a table in tests.
+pub trait TokenTexts {
+    /// The token's text (U+FFFD where it holds only part of a UTF-8 sequence).
+    fn text(&self, id: u32) -> String;
+    /// The exact bytes the token stands for.
+    fn bytes(&self, id: u32) -> Option<Vec<u8>>;
+}
+
+impl TokenTexts for Tokenizer {
+    fn text(&self, id: u32) -> String {
+        self.token_text(id)
+    }
+    fn bytes(&self, id: u32) -> Option<Vec<u8>> {
+        self.token_bytes(id)
+    }
+}
 
 /// OpenAI's stand-in for "too unlikely to report"; JSON has no -inf.
 const MIN_LOGPROB: f32 = -9999.0;
@@ -74,40 +92,40 @@ impl CompletionLogprobsWriter {
     /// The echoed prompt's tokens; `logprobs[i]` belongs to `prompt_ids[i]` (the first is None).
     pub fn prompt(
         &mut self,
-        token_text: &impl Fn(u32) -> String,
+        tokens_of: &impl TokenTexts,
         prompt_ids: &[u32],
         logprobs: &[Option<TokenLogprob>],
         out: &mut CompletionLogprobs,
     ) {
         for (i, &id) in prompt_ids.iter().enumerate() {
-            self.push(token_text, id, logprobs.get(i).and_then(Option::as_ref), out);
+            self.push(tokens_of, id, logprobs.get(i).and_then(Option::as_ref), out);
         }
     }
 
     pub fn tokens(
         &mut self,
-        token_text: &impl Fn(u32) -> String,
+        tokens_of: &impl TokenTexts,
         tokens: &[GeneratedToken],
         out: &mut CompletionLogprobs,
     ) {
         for t in tokens {
-            self.push(token_text, t.token_id, t.logprob.as_ref(), out);
+            self.push(tokens_of, t.token_id, t.logprob.as_ref(), out);
         }
     }
 
     fn push(
         &mut self,
-        token_text: &impl Fn(u32) -> String,
+        tokens_of: &impl TokenTexts,
         token_id: u32,
         logprob: Option<&TokenLogprob>,
         out: &mut CompletionLogprobs,
     ) {
-        let text = token_text(token_id);
+        let text = tokens_of.text(token_id);
         out.token_logprobs.push(logprob.map(|lp| clamp(lp.logprob)));
         out.top_logprobs.push(logprob.map(|lp| {
             let mut top = TopMap::default();
             for &(id, value) in lp.top.iter().take(self.top_k) {
-                top.insert(token_text(id), value);
+                top.insert(tokens_of.text(id), value);
             }
             // vLLM also lists the chosen token, so its entry is never missing.
             top.insert(text.clone(), lp.logprob);
@@ -150,7 +168,7 @@ pub struct TopLogprob {
 
 /// Chat logprobs of some generated tokens, with at most `top_k` alternatives each.
 pub fn chat_logprobs(
-    token_text: &impl Fn(u32) -> String,
+    tokens_of: &impl TokenTexts,
     tokens: &[GeneratedToken],
     top_k: usize,
 ) -> ChatLogprobs {
@@ -158,24 +176,20 @@ pub fn chat_logprobs(
         .iter()
         .filter_map(|t| {
             let lp = t.logprob.as_ref()?;
-            let token = token_text(t.token_id);
             let top_logprobs = lp
                 .top
                 .iter()
                 .take(top_k)
-                .map(|&(id, logprob)| {
-                    let token = token_text(id);
-                    TopLogprob {
-                        bytes: Some(token.as_bytes().to_vec()),
-                        token,
-                        logprob: clamp(logprob),
-                    }
+                .map(|&(id, logprob)| TopLogprob {
+                    token: tokens_of.text(id),
+                    logprob: clamp(logprob),
+                    bytes: tokens_of.bytes(id),
                 })
                 .collect();
             Some(ChatTokenLogprob {
-                bytes: Some(token.as_bytes().to_vec()),
-                token,
+                token: tokens_of.text(t.token_id),
                 logprob: clamp(lp.logprob),
+                bytes: tokens_of.bytes(t.token_id),
                 top_logprobs,
             })
         })
@@ -194,8 +208,17 @@ mod tests {
         serde_json::from_str(&serde_json::to_string(value).unwrap()).unwrap()
     }
 
-    fn text(id: u32) -> String {
-        ["a", "bc", "é", "d"].get(id as usize).copied().unwrap_or("?").to_string()
+    /// Token 4 is the first byte of a two-byte character.
+    struct Table;
+
+    impl TokenTexts for Table {
+        fn text(&self, id: u32) -> String {
+            String::from_utf8_lossy(&self.bytes(id).unwrap_or_default()).into_owned()
+        }
+        fn bytes(&self, id: u32) -> Option<Vec<u8>> {
+            let table: [&[u8]; 5] = [b"a", b"bc", "é".as_bytes(), b"d", &[0xC3]];
+            Some(table.get(id as usize).copied().unwrap_or(b"?").to_vec())
+        }
     }
 
     fn lp(id: u32, logprob: f32, top: &[(u32, f32)]) -> TokenLogprob {
@@ -210,8 +233,8 @@ mod tests {
     fn completion_shape_with_echo() {
         let mut out = CompletionLogprobs::default();
         let mut w = CompletionLogprobsWriter::new(1);
-        w.prompt(&text, &[0, 1], &[None, Some(lp(1, -1.0, &[(3, -0.5), (1, -1.0)]))], &mut out);
-        w.tokens(&text, &[gen(2, lp(2, f32::NEG_INFINITY, &[(0, -0.1)]))], &mut out);
+        w.prompt(&Table, &[0, 1], &[None, Some(lp(1, -1.0, &[(3, -0.5), (1, -1.0)]))], &mut out);
+        w.tokens(&Table, &[gen(2, lp(2, f32::NEG_INFINITY, &[(0, -0.1)]))], &mut out);
         let v = wire(&out);
         assert_eq!(
             v,
@@ -228,9 +251,9 @@ mod tests {
     fn completion_offsets_continue_across_chunks() {
         let mut w = CompletionLogprobsWriter::new(0);
         let mut first = CompletionLogprobs::default();
-        w.tokens(&text, &[gen(1, lp(1, -0.2, &[]))], &mut first);
+        w.tokens(&Table, &[gen(1, lp(1, -0.2, &[]))], &mut first);
         let mut second = CompletionLogprobs::default();
-        w.tokens(&text, &[gen(2, lp(2, -0.3, &[])), gen(0, lp(0, -0.4, &[]))], &mut second);
+        w.tokens(&Table, &[gen(2, lp(2, -0.3, &[])), gen(0, lp(0, -0.4, &[]))], &mut second);
         assert_eq!(first.text_offset, vec![0]);
         assert_eq!(second.text_offset, vec![2, 3]);
         // With k = 0 only the chosen token is listed.
@@ -241,14 +264,14 @@ mod tests {
     fn top_map_keeps_the_first_of_equal_texts() {
         let mut out = CompletionLogprobs::default();
         let mut w = CompletionLogprobsWriter::new(3);
-        w.tokens(&text, &[gen(0, lp(0, -0.1, &[(0, -0.1), (9, -2.0), (10, -3.0)]))], &mut out);
+        w.tokens(&Table, &[gen(0, lp(0, -0.1, &[(0, -0.1), (9, -2.0), (10, -3.0)]))], &mut out);
         assert_eq!(out.top_logprobs[0], Some(TopMap(vec![("a".into(), -0.1), ("?".into(), -2.0)])));
     }
 
     #[test]
     fn chat_shape() {
         let tokens = [gen(2, lp(2, -0.25, &[(2, -0.25), (0, -1.5), (1, -2.0)]))];
-        let v = wire(&chat_logprobs(&text, &tokens, 2));
+        let v = wire(&chat_logprobs(&Table, &tokens, 2));
         assert_eq!(
             v,
             json!({
@@ -267,9 +290,17 @@ mod tests {
     }
 
     #[test]
+    fn chat_bytes_are_the_token_bytes() {
+        let tokens = [gen(4, lp(4, -0.5, &[]))];
+        let out = chat_logprobs(&Table, &tokens, 0).content.unwrap();
+        assert_eq!(out[0].token, "\u{FFFD}");
+        assert_eq!(out[0].bytes, Some(vec![0xC3]));
+    }
+
+    #[test]
     fn chat_top_zero_has_empty_alternatives() {
         let tokens = [gen(0, lp(0, -0.5, &[(0, -0.5)]))];
-        let out = chat_logprobs(&text, &tokens, 0);
+        let out = chat_logprobs(&Table, &tokens, 0);
         assert!(out.content.unwrap()[0].top_logprobs.is_empty());
     }
 }
