@@ -262,10 +262,16 @@ impl EngineCore {
     }
 
     /// Ends a sequence (already removed from the scheduler); its blocks free on drop.
-    fn finish(&mut self, s: Sequence, reason: FinishReason, notify: bool) {
+    fn finish(&mut self, mut s: Sequence, reason: FinishReason, notify: bool) {
         if !s.admitted_once {
             self.counters.waiting.fetch_sub(1, Ordering::AcqRel);
         }
+        // Free the blocks and publish the gauges first, so a client that sees its request
+        // finished also sees its resources released.
+        s.blocks = None;
+        self.update_gauges();
+        self.metrics.request_success_total.with_label_values(&[reason.as_str()]).inc();
+        self.metrics.e2e_request_latency_seconds.observe(s.arrival.elapsed().as_secs_f64());
         if notify {
             let _ = s.events.send(EngineEvent::Finished {
                 reason,
@@ -273,10 +279,6 @@ impl EngineCore {
                 completion_tokens: s.num_generated(),
             });
         }
-        self.metrics.request_success_total.with_label_values(&[reason.as_str()]).inc();
-        self.metrics.e2e_request_latency_seconds.observe(s.arrival.elapsed().as_secs_f64());
-        drop(s);
-        self.update_gauges();
     }
 
     fn update_gauges(&self) {
