@@ -86,7 +86,12 @@ async fn official_openai_client_round_trips() {
     let server = TestServer::start_tiny(|_| {}).await;
     let (base, model) = (server.base_url().to_string(), server.model_id().to_string());
     let out = tokio::task::spawn_blocking(move || {
-        Command::new(python()).arg("-c").arg(SCRIPT).env("BASE_URL", base).env("MODEL", model).output()
+        Command::new(python())
+            .arg("-c")
+            .arg(SCRIPT)
+            .env("BASE_URL", base)
+            .env("MODEL", model)
+            .output()
     })
     .await
     .expect("join")

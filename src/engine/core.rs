@@ -67,19 +67,20 @@ impl EngineCore {
         match cmd {
             EngineCommand::Submit { id, request, events } => {
                 let vocab = self.model.config.vocab_size;
-                let err = if request.prompt_ids.is_empty() {
-                    Some("the prompt is empty".to_string())
-                } else if request.prompt_ids.len() >= self.max_model_len {
-                    Some(format!(
-                        "the prompt has {} tokens; this model's maximum context length is {}",
-                        request.prompt_ids.len(),
-                        self.max_model_len
-                    ))
-                } else if let Some(t) = request.prompt_ids.iter().find(|&&t| t as usize >= vocab) {
-                    Some(format!("token id {t} is out of the vocabulary (size {vocab})"))
-                } else {
-                    None
-                };
+                let err =
+                    if request.prompt_ids.is_empty() {
+                        Some("the prompt is empty".to_string())
+                    } else if request.prompt_ids.len() >= self.max_model_len {
+                        Some(format!(
+                            "the prompt has {} tokens; this model's maximum context length is {}",
+                            request.prompt_ids.len(),
+                            self.max_model_len
+                        ))
+                    } else {
+                        request.prompt_ids.iter().find(|&&t| t as usize >= vocab).map(|t| {
+                            format!("token id {t} is out of the vocabulary (size {vocab})")
+                        })
+                    };
                 if let Some(e) = err {
                     self.counters.waiting.fetch_sub(1, Ordering::AcqRel);
                     let _ = events.send(EngineEvent::Error(e));
