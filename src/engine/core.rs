@@ -67,19 +67,20 @@ impl EngineCore {
         match cmd {
             EngineCommand::Submit { id, request, events } => {
                 let vocab = self.model.config.vocab_size;
-                let err = if request.prompt_ids.is_empty() {
-                    Some("the prompt is empty".to_string())
-                } else if request.prompt_ids.len() >= self.max_model_len {
-                    Some(format!(
-                        "the prompt has {} tokens; this model's maximum context length is {}",
-                        request.prompt_ids.len(),
-                        self.max_model_len
-                    ))
-                } else if let Some(t) = request.prompt_ids.iter().find(|&&t| t as usize >= vocab) {
-                    Some(format!("token id {t} is out of the vocabulary (size {vocab})"))
-                } else {
-                    None
-                };
+                let err =
+                    if request.prompt_ids.is_empty() {
+                        Some("the prompt is empty".to_string())
+                    } else if request.prompt_ids.len() >= self.max_model_len {
+                        Some(format!(
+                            "the prompt has {} tokens; this model's maximum context length is {}",
+                            request.prompt_ids.len(),
+                            self.max_model_len
+                        ))
+                    } else {
+                        request.prompt_ids.iter().find(|&&t| t as usize >= vocab).map(|t| {
+                            format!("token id {t} is out of the vocabulary (size {vocab})")
+                        })
+                    };
                 if let Some(e) = err {
                     self.counters.waiting.fetch_sub(1, Ordering::AcqRel);
                     let _ = events.send(EngineEvent::Error(e));
@@ -262,10 +263,16 @@ impl EngineCore {
     }
 
     /// Ends a sequence (already removed from the scheduler); its blocks free on drop.
-    fn finish(&mut self, s: Sequence, reason: FinishReason, notify: bool) {
+    fn finish(&mut self, mut s: Sequence, reason: FinishReason, notify: bool) {
         if !s.admitted_once {
             self.counters.waiting.fetch_sub(1, Ordering::AcqRel);
         }
+        // Free the blocks and publish the gauges first, so a client that sees its request
+        // finished also sees its resources released.
+        s.blocks = None;
+        self.update_gauges();
+        self.metrics.request_success_total.with_label_values(&[reason.as_str()]).inc();
+        self.metrics.e2e_request_latency_seconds.observe(s.arrival.elapsed().as_secs_f64());
         if notify {
             let _ = s.events.send(EngineEvent::Finished {
                 reason,
@@ -273,10 +280,6 @@ impl EngineCore {
                 completion_tokens: s.num_generated(),
             });
         }
-        self.metrics.request_success_total.with_label_values(&[reason.as_str()]).inc();
-        self.metrics.e2e_request_latency_seconds.observe(s.arrival.elapsed().as_secs_f64());
-        drop(s);
-        self.update_gauges();
     }
 
     fn update_gauges(&self) {

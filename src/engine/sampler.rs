@@ -15,8 +15,6 @@ use crate::backend::cpu::exp_shifted;
 
 /// Below this temperature sampling is greedy (as vLLM's `_SAMPLING_EPS`).
 const GREEDY_TEMPERATURE: f32 = 1e-5;
-/// First number of sorted candidates examined for top-p; grown 8x until the mass is reached.
-const TOP_P_FIRST_CANDIDATES: usize = 256;
 
 /// Per-sequence sampling state: its own RNG (seeded from params.seed, else from OS entropy) and token counts for penalties.
 pub struct SamplerState {
@@ -25,9 +23,11 @@ pub struct SamplerState {
     prompt_tokens: Vec<u32>,
     /// How often each generated token occurred.
     output_counts: HashMap<u32, u32>,
-    /// Reused buffers: (logit, id) candidates and softmax weights.
+    /// Reused buffers: (logit, id) candidates, softmax weights, (count, mass) per bucket.
     candidates: Vec<(f32, u32)>,
+    window: Vec<(f32, u32)>,
     weights: Vec<f32>,
+    histogram: Vec<(usize, f64)>,
 }
 
 impl SamplerState {
@@ -47,7 +47,9 @@ impl SamplerState {
             prompt_tokens,
             output_counts: HashMap::new(),
             candidates: Vec::new(),
+            window: Vec::new(),
             weights: Vec::new(),
+            histogram: Vec::new(),
         }
     }
 
@@ -92,7 +94,8 @@ pub fn sample(logits: &mut [f32], params: &SamplingParams, state: &mut SamplerSt
     };
     let logprob = raw.map(|lsm| {
         let original = stash.iter().find(|(t, _)| *t == token_id).map(|(_, l)| *l);
-        lsm.entry(token_id, original.unwrap_or(logits[token_id as usize]))
+        let current = logits.get(token_id as usize).copied().unwrap_or(f32::NEG_INFINITY);
+        lsm.entry(token_id, original.unwrap_or(current))
     });
     Sampled { token_id, logprob }
 }
@@ -114,8 +117,13 @@ impl LogSoftmax {
     fn new(logits: &[f32], top: usize) -> Self {
         let max = logits.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
         let log_z = if max.is_finite() {
-            let mut scratch = vec![0f32; logits.len()];
-            max as f64 + exp_shifted(logits, max, 1.0, &mut scratch).ln()
+            // Chunks through a stack buffer: no vocabulary-sized allocation per call.
+            let mut buf = [0f32; 1024];
+            let sum: f64 = logits
+                .chunks(buf.len())
+                .map(|c| exp_shifted(c, max, 1.0, &mut buf[..c.len()]))
+                .sum();
+            max as f64 + sum.ln()
         } else {
             max as f64
         };
@@ -231,61 +239,140 @@ fn draw(logits: &[f32], params: &SamplingParams, state: &mut SamplerState) -> u3
         return walk(state.weights.iter().copied().enumerate(), u * total).unwrap_or(0) as u32;
     }
 
-    let cands = &mut state.candidates;
-    cands.clear();
-    cands.extend(logits.iter().enumerate().map(|(i, &l)| (l, i as u32)));
-    // Normaliser of the distribution top-p is measured against: the top-k set, or everything.
-    let total = if top_k < vocab {
-        select_sorted(cands, 0, top_k);
-        cands.truncate(top_k);
-        cands.iter().map(|&(l, _)| exp_approx_scaled(l, max, inv_t) as f64).sum::<f64>()
-    } else {
-        state.weights.resize(vocab, 0.0);
-        exp_shifted(logits, max, inv_t, &mut state.weights)
+    let keep = rank_filter(logits, max, inv_t, top_k, top_p, state);
+    // Without top-k, `weights` already holds every token's weight (the same bits).
+    let known = top_k == vocab;
+    let weights = &state.weights;
+    let weight = |&(l, id): &(f32, u32)| match weights.get(id as usize) {
+        Some(&w) if known => w,
+        _ => exp_approx_scaled(l, max, inv_t),
     };
+    // Min-p keeps tokens whose probability is at least min_p times the top one's (weight 1);
+    // the kept set is a rank prefix, so filtering it in any order gives the same set.
+    let kept = state.candidates[..keep].iter().filter_map(|c| {
+        let w = weight(c);
+        (w >= min_p).then_some((c.1 as usize, w))
+    });
+    let kept_mass: f64 = kept.clone().map(|(_, w)| w as f64).sum();
+    walk(kept, u * kept_mass).unwrap_or(0) as u32
+}
 
-    // Walk the ranking, sorting a growing prefix only as far as the filters reach: top-p keeps
-    // a token while the mass before it is below p; min-p keeps tokens whose probability is at
-    // least min_p times the top one's.
-    let p_mass = top_p as f64 * total;
-    let mut sorted = if top_k < vocab { cands.len() } else { 0 };
-    let mut want = TOP_P_FIRST_CANDIDATES.min(cands.len()).max(sorted);
-    let (mut keep, mut kept_mass) = (0, 0f64);
-    'grow: loop {
-        select_sorted(cands, sorted, want);
-        for &(l, _) in &cands[keep..want] {
-            let w = exp_approx_scaled(l, max, inv_t);
-            if (keep > 0 && kept_mass >= p_mass) || w < min_p {
-                break 'grow;
-            }
-            keep += 1;
-            kept_mass += w as f64;
+/// Applies top-k then top-p: leaves the kept (logit, id) pairs in `state.candidates[..n]`, in
+/// a deterministic order, and returns n.
+fn rank_filter(
+    logits: &[f32],
+    max: f32,
+    inv_t: f32,
+    top_k: usize,
+    top_p: f32,
+    state: &mut SamplerState,
+) -> usize {
+    let vocab = logits.len();
+    // Rank only where a filter cuts: a histogram over logit buckets finds the one bucket that
+    // holds the top-k (or top-p) boundary; buckets above it are kept whole, those below dropped.
+    let SamplerState { candidates: cands, window, weights, histogram: hist, .. } = state;
+    let weight = |&(l, _): &(f32, u32)| exp_approx_scaled(l, max, inv_t);
+    hist.clear();
+    hist.resize(NUM_BUCKETS, (0, 0.0));
+    let mut total = 0.0;
+    if top_k < vocab {
+        for &l in logits.iter() {
+            hist[bucket(l, max, inv_t)].0 += 1;
         }
-        sorted = want;
-        if want == cands.len() {
+    } else {
+        weights.resize(vocab, 0.0);
+        total = exp_shifted(logits, max, inv_t, weights);
+        for (&l, &w) in logits.iter().zip(weights.iter()) {
+            let b = &mut hist[bucket(l, max, inv_t)];
+            b.0 += 1;
+            b.1 += w as f64;
+        }
+    }
+    let p_mass = top_p as f64 * total;
+    let (mut count_above, mut mass_above, mut cut) = (0, 0.0, NUM_BUCKETS);
+    for (b, &(count, mass)) in hist.iter().enumerate() {
+        let reached =
+            if top_k < vocab { count_above + count >= top_k } else { mass_above + mass >= p_mass };
+        if reached {
+            cut = b;
             break;
         }
-        want = (want * 8).min(cands.len());
+        count_above += count;
+        mass_above += mass;
     }
-    let kept = cands[..keep].iter().map(|&(l, id)| (id as usize, exp_approx_scaled(l, max, inv_t)));
-    walk(kept, u * kept_mass).unwrap_or(0) as u32
+    cands.clear();
+    window.clear();
+    for (i, &l) in logits.iter().enumerate() {
+        match bucket(l, max, inv_t).cmp(&cut) {
+            Ordering::Less => cands.push((l, i as u32)),
+            Ordering::Equal => window.push((l, i as u32)),
+            Ordering::Greater => {}
+        }
+    }
+    if top_k < vocab {
+        // The pool: the best top_k; top-p then measures mass against the pool's.
+        let rest = top_k - count_above;
+        if rest < window.len() {
+            window.select_nth_unstable_by(rest, by_rank);
+        }
+        cands.extend_from_slice(&window[..rest.min(window.len())]);
+        let pool_mass: f64 = cands.iter().map(|c| weight(c) as f64).sum();
+        if top_p < 1.0 {
+            nucleus(cands, top_p as f64 * pool_mass, weight)
+        } else {
+            cands.len()
+        }
+    } else {
+        let in_window = nucleus(window, p_mass - mass_above, weight);
+        cands.extend_from_slice(&window[..in_window]);
+        cands.len()
+    }
 }
 
 fn exp_approx_scaled(l: f32, max: f32, inv_t: f32) -> f32 {
     crate::backend::cpu::exp_approx((l - max) * inv_t)
 }
 
-/// Puts the elements that rank `from..to` (by `by_rank`) there, sorted; `0..from` must already
-/// hold the best `from`.
-fn select_sorted(cands: &mut [(f32, u32)], from: usize, to: usize) {
-    if to <= from {
-        return;
+/// Histogram buckets per unit of (max - logit) / temperature; 128 units cover every token
+/// with a nonzero weight (e^-87 underflows).
+const BUCKETS_PER_UNIT: f32 = 8.0;
+const NUM_BUCKETS: usize = 1024;
+
+/// 0 for the top logit, then non-decreasing as the logit falls (so buckets follow the rank).
+fn bucket(l: f32, max: f32, inv_t: f32) -> usize {
+    (((max - l) * inv_t * BUCKETS_PER_UNIT) as usize).min(NUM_BUCKETS - 1)
+}
+
+/// Moves the top-p nucleus to the front of `cands` and returns its size: in rank order, a
+/// token is kept while the mass ranked before it is below `p_mass` (the first always is).
+/// Bisects the ranking with partial selections guided by mass, so only a small final window
+/// is ever sorted. The order left is deterministic.
+fn nucleus(cands: &mut [(f32, u32)], p_mass: f64, weight: impl Fn(&(f32, u32)) -> f32) -> usize {
+    const WINDOW: usize = 64;
+    // Invariant: cands[..lo] are the best `lo`, all kept, of mass `before`; cands[..hi] are
+    // the best `hi`, and everything ranked from `hi` on is dropped.
+    let (mut lo, mut hi, mut before) = (0, cands.len(), 0f64);
+    while hi - lo > WINDOW {
+        let mid = lo + (hi - lo) / 2;
+        cands[lo..hi].select_nth_unstable_by(mid - lo, by_rank);
+        let upper: f64 = cands[lo..mid].iter().map(|c| weight(c) as f64).sum();
+        if before + upper >= p_mass {
+            hi = mid;
+        } else {
+            before += upper;
+            lo = mid;
+        }
     }
-    let rest = &mut cands[from..];
-    if to - from < rest.len() {
-        rest.select_nth_unstable_by(to - from - 1, by_rank);
+    cands[lo..hi].sort_unstable_by(by_rank);
+    let mut keep = lo;
+    for c in &cands[lo..hi] {
+        if keep > 0 && before >= p_mass {
+            break;
+        }
+        before += weight(c) as f64;
+        keep += 1;
     }
-    rest[..to - from].sort_unstable_by(by_rank);
+    keep
 }
 
 /// The first id at which the running sum of weights exceeds `target`; the last id with a
@@ -395,11 +482,7 @@ mod tests {
         // 2: prompt+output once, negative -> *2, -0.5, -0.25; 3: untouched.
         assert_eq!(logits, [1.0, 0.75 - 1.0 - 0.25, -2.0 - 0.5 - 0.25, 0.5]);
         assert_eq!(picked, 0);
-        // Without penalties the same state picks the raw argmax.
-        let plain = SamplingParams::greedy(4);
-        let mut plain_state = SamplerState::new(&plain, &[0, 2, 0]);
-        plain_state.observe(1);
-        assert_eq!(sample(&mut [1.0, 1.5, 0.0], &plain, &mut plain_state).token_id, 1);
+        // The repetition penalty alone reaches prompt tokens.
         let mut rep_only = SamplerState::new(&p, &[1]);
         let rp = SamplingParams { frequency_penalty: 0.0, presence_penalty: 0.0, ..p.clone() };
         assert_eq!(sample(&mut [1.0, 1.5, 0.0], &rp, &mut rep_only).token_id, 0);
@@ -414,16 +497,14 @@ mod tests {
     fn top_p_cuts_after_the_mass_is_reached() {
         let base = params(1.0, 3);
         let kept = |top_p: f32| histogram(&tiny(), &SamplingParams { top_p, ..base.clone() }, 4000);
-        let h = kept(0.45);
-        assert_eq!(h, vec![4000, 0, 0, 0]);
+        assert_eq!(kept(0.45), vec![4000, 0, 0, 0]);
         let h = kept(0.7);
         assert_eq!((h[2], h[3]), (0, 0));
         let share = h[0] as f64 / 4000.0;
         assert!((share - 0.5 / 0.8).abs() < 0.03, "renormalised share {share}");
         let h = kept(0.85);
         assert!(h[2] > 0 && h[3] == 0);
-        let h = kept(1.0);
-        assert!(h.iter().all(|&c| c > 0));
+        assert!(kept(1.0).iter().all(|&c| c > 0));
     }
 
     #[test]
@@ -442,32 +523,68 @@ mod tests {
         assert!((share - 0.5 / 0.8).abs() < 0.03, "renormalised share {share}");
     }
 
-    #[test]
-    fn top_p_over_a_large_flat_vocabulary_matches_a_full_sort() {
-        // Flat enough that the nucleus holds thousands of tokens (the sorted prefix must grow).
-        let mut rng = StdRng::seed_from_u64(9);
-        let logits = random_logits(&mut rng, 20_000);
-        let p = SamplingParams { top_p: 0.9, ..params(2.0, 5) };
-        let mut ranked: Vec<(f32, u32)> =
-            logits.iter().enumerate().map(|(i, &l)| (l, i as u32)).collect();
-        ranked.sort_by(by_rank);
-        let w: Vec<f64> =
-            ranked.iter().map(|(l, _)| ((l - ranked[0].0) as f64 / 2.0).exp()).collect();
-        let total: f64 = w.iter().sum();
-        let mut before = 0.0;
-        let mut nucleus = std::collections::HashSet::new();
-        for (i, &(_, id)) in ranked.iter().enumerate() {
-            if before >= 0.9 * total {
-                break;
-            }
-            nucleus.insert(id);
-            before += w[i];
+    /// How many of `w` (weights in rank order) top-p keeps, by the definition.
+    fn nucleus_by_definition(w: &[f64], p_mass: f64) -> usize {
+        let (mut keep, mut before) = (0, 0.0);
+        while keep < w.len() && (keep == 0 || before < p_mass) {
+            before += w[keep];
+            keep += 1;
         }
-        assert!(nucleus.len() > TOP_P_FIRST_CANDIDATES * 8, "nucleus {}", nucleus.len());
+        keep
+    }
+
+    fn ids(cands: &[(f32, u32)]) -> Vec<u32> {
+        let mut ids: Vec<u32> = cands.iter().map(|c| c.1).collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    #[test]
+    fn nucleus_equals_its_definition() {
+        let mut rng = StdRng::seed_from_u64(21);
+        for n in [1usize, 2, 63, 64, 65, 200, 257, 1000, 5000] {
+            for (spread, top_p) in [(0.5f32, 0.3f64), (3.0, 0.9), (10.0, 0.5), (1.0, 0.99)] {
+                let mut cands: Vec<(f32, u32)> =
+                    (0..n).map(|i| (rng.random_range(-spread..spread), i as u32)).collect();
+                let max = cands.iter().fold(f32::NEG_INFINITY, |a, c| a.max(c.0));
+                let weight = |c: &(f32, u32)| exp_approx_scaled(c.0, max, 1.0);
+                let mut ranked = cands.clone();
+                ranked.sort_by(by_rank);
+                let w: Vec<f64> = ranked.iter().map(|c| weight(c) as f64).collect();
+                let p_mass = top_p * w.iter().sum::<f64>();
+                let want = nucleus_by_definition(&w, p_mass);
+                let keep = nucleus(&mut cands, p_mass, weight);
+                assert_eq!(ids(&cands[..keep]), ids(&ranked[..want]), "n {n} top_p {top_p}");
+            }
+        }
+    }
+
+    #[test]
+    fn rank_filter_keeps_exactly_the_top_k_and_nucleus() {
+        let mut rng = StdRng::seed_from_u64(22);
+        let p = SamplingParams::default();
         let mut state = SamplerState::new(&p, &[]);
-        for _ in 0..300 {
-            let t = sample(&mut logits.clone(), &p, &mut state).token_id;
-            assert!(nucleus.contains(&t), "token {t} outside the nucleus");
+        for (vocab, spread) in [(10usize, 1.0f32), (3000, 4.0), (20_000, 12.0), (20_000, 0.5)] {
+            let mut logits = random_logits(&mut rng, vocab);
+            logits.iter_mut().for_each(|l| *l *= spread);
+            logits[vocab / 2] = logits[vocab / 3]; // a tie
+            let max = logits.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
+            let mut ranked: Vec<(f32, u32)> =
+                logits.iter().enumerate().map(|(i, &l)| (l, i as u32)).collect();
+            ranked.sort_by(by_rank);
+            for (t, top_k, top_p) in [(1.0, 5, 1.0), (0.7, 0, 0.9), (1.3, 0, 0.5), (1.0, 40, 0.8)] {
+                let top_k = if top_k == 0 { vocab } else { top_k.min(vocab) };
+                let pool = &ranked[..top_k];
+                let w: Vec<f64> =
+                    pool.iter().map(|c| exp_approx_scaled(c.0, max, 1.0 / t) as f64).collect();
+                let want = nucleus_by_definition(&w, top_p as f64 * w.iter().sum::<f64>());
+                let n = rank_filter(&logits, max, 1.0 / t, top_k, top_p, &mut state);
+                assert_eq!(
+                    ids(&state.candidates[..n]),
+                    ids(&pool[..want]),
+                    "vocab {vocab} spread {spread} t {t} k {top_k} p {top_p}"
+                );
+            }
         }
     }
 

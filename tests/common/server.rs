@@ -25,7 +25,10 @@ impl TestServer {
     }
 
     /// Serves the model at `path` (None: the embedded default model).
-    pub async fn start_path(path: Option<&Path>, configure: impl FnOnce(&mut ServerConfig)) -> Self {
+    pub async fn start_path(
+        path: Option<&Path>,
+        configure: impl FnOnce(&mut ServerConfig),
+    ) -> Self {
         let mut cfg = ServerConfig::for_model(path.map(PathBuf::from));
         cfg.port = 0;
         cfg.threads = 2;

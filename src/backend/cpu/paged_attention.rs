@@ -10,7 +10,7 @@
 
 use rayon::prelude::*;
 
-use super::{dot, exp_approx, has_avx2, scale_in_place, LANES};
+use super::{exp_approx, scale_in_place, Portable, Vector};
 
 /// One sequence's slice of the flattened batch: queries rows q_start..q_start+q_len are the
 /// LAST q_len positions of a context of context_len tokens (so a decode has q_len = 1, a prefill
@@ -95,17 +95,17 @@ pub fn paged_attention(
     }
 
     let ctx = Ctx { q, k_cache, v_cache, shape: *shape, group };
-    let avx2 = has_avx2();
+    #[cfg(target_arch = "x86_64")]
+    let avx2 = super::avx2::Avx2::detect();
     items.par_iter().zip(pieces).for_each_init(Scratch::default, |scratch, (it, piece)| {
         let seq = &seqs[it.seq];
         #[cfg(target_arch = "x86_64")]
-        if avx2 {
-            // SAFETY: the CPU supports AVX2 (detected at run time above).
-            unsafe { attend_tile_avx2(&ctx, seq, it, scratch, piece) };
+        if let Some(v) = avx2 {
+            // SAFETY: `v` proves the CPU has AVX2.
+            unsafe { attend_tile_avx2(v, &ctx, seq, it, scratch, piece) };
             return;
         }
-        let _ = avx2;
-        attend_tile(&ctx, seq, it, scratch, piece);
+        attend_tile(Portable, &ctx, seq, it, scratch, piece);
     });
 
     let piece_row = group * head_dim;
@@ -160,16 +160,31 @@ struct Scratch {
     s: Vec<f32>,
 }
 
+/// `attend_tile` compiled with AVX2 enabled, so the `Avx2` primitives inline into it.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn attend_tile_avx2(ctx: &Ctx, seq: &AttnSeq, it: &Item, sc: &mut Scratch, acc: &mut [f32]) {
-    attend_tile(ctx, seq, it, sc, acc)
+unsafe fn attend_tile_avx2(
+    v: super::avx2::Avx2,
+    ctx: &Ctx,
+    seq: &AttnSeq,
+    it: &Item,
+    sc: &mut Scratch,
+    acc: &mut [f32],
+) {
+    attend_tile(v, ctx, seq, it, sc, acc)
 }
 
 /// Attention of one tile of query rows x the heads of one kv group; `acc` receives the output
 /// laid out [row][group][head_dim].
 #[inline(always)]
-fn attend_tile(ctx: &Ctx, seq: &AttnSeq, it: &Item, sc: &mut Scratch, acc: &mut [f32]) {
+fn attend_tile<V: Vector>(
+    v: V,
+    ctx: &Ctx,
+    seq: &AttnSeq,
+    it: &Item,
+    sc: &mut Scratch,
+    acc: &mut [f32],
+) {
     let AttnShape { num_heads, num_kv_heads, head_dim: d, block_size: bs, scale } = ctx.shape;
     let g = ctx.group;
     let nrows = it.r1 - it.r0;
@@ -193,11 +208,25 @@ fn attend_tile(ctx: &Ctx, seq: &AttnSeq, it: &Item, sc: &mut Scratch, acc: &mut 
     // Position of the tile's first row; rows are consecutive positions.
     let first_pos = seq.context_len - seq.q_len + it.r0;
     let last_pos = first_pos + nrows - 1;
-    for b in 0..=last_pos / bs {
-        let start = b * bs;
+    let last_block = last_pos / bs;
+    let block_rows = |b: usize| {
         let base = seq.block_table[b] as usize * bs * kv_stride + it.kv_head * d;
-        let k_block = &ctx.k_cache[base..base + (bs - 1) * kv_stride + d];
-        let v_block = &ctx.v_cache[base..base + (bs - 1) * kv_stride + d];
+        base..base + (bs - 1) * kv_stride + d
+    };
+    for b in 0..=last_block {
+        let start = b * bs;
+        let k_block = &ctx.k_cache[block_rows(b)];
+        let v_block = &ctx.v_cache[block_rows(b)];
+        // Blocks are scattered, so hardware prefetchers restart at each one: ask for the
+        // next block's rows of this kv head while this one is computed.
+        if b < last_block {
+            let next = block_rows(b + 1);
+            for j in 0..bs {
+                let row = next.start + j * kv_stride..next.start + j * kv_stride + d;
+                v.prefetch(&ctx.k_cache[row.clone()]);
+                v.prefetch(&ctx.v_cache[row]);
+            }
+        }
         // Rows before `start` see nothing of this block.
         let r_first = start.saturating_sub(first_pos);
         for r in r_first..nrows {
@@ -208,7 +237,7 @@ fn attend_tile(ctx: &Ctx, seq: &AttnSeq, it: &Item, sc: &mut Scratch, acc: &mut 
                 let k = &k_block[j * kv_stride..j * kv_stride + d];
                 for h in 0..g {
                     let qv = qv0 + h;
-                    sc.s[qv * bs + j] = dot(&sc.q[qv * d..(qv + 1) * d], k);
+                    sc.s[qv * bs + j] = v.dot(&sc.q[qv * d..(qv + 1) * d], k);
                 }
             }
             for h in 0..g {
@@ -217,9 +246,7 @@ fn attend_tile(ctx: &Ctx, seq: &AttnSeq, it: &Item, sc: &mut Scratch, acc: &mut 
                 let block_max = s.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
                 let m_old = sc.m[qv];
                 let m_new = m_old.max(block_max);
-                for x in s.iter_mut() {
-                    *x = exp_approx(*x - m_new);
-                }
+                v.exp_sub_in_place(s, m_new);
                 let block_sum = s.iter().fold(0f32, |a, &x| a + x);
                 let out = &mut acc[qv * d..(qv + 1) * d];
                 if m_new > m_old && sc.l[qv] != 0.0 {
@@ -230,12 +257,12 @@ fn attend_tile(ctx: &Ctx, seq: &AttnSeq, it: &Item, sc: &mut Scratch, acc: &mut 
                 sc.m[qv] = m_new;
                 sc.l[qv] += block_sum;
             }
-            // Values: per group head, acc[d] += p_j * v_j[d] for j in order, one register
-            // chunk of head_dim at a time so the accumulator stays in registers.
+            // Values: per group head, acc[d] += p_j * v_j[d] for j in order; the block's V rows
+            // stay in L1 across the heads of the group.
             for h in 0..g {
                 let qv = qv0 + h;
                 let p = &sc.s[qv * bs..qv * bs + n];
-                accumulate_values(&mut acc[qv * d..(qv + 1) * d], p, v_block, kv_stride);
+                v.accumulate_rows(&mut acc[qv * d..(qv + 1) * d], p, v_block, kv_stride);
             }
         }
     }
@@ -244,30 +271,4 @@ fn attend_tile(ctx: &Ctx, seq: &AttnSeq, it: &Item, sc: &mut Scratch, acc: &mut 
         let inv = if l > 0.0 { 1.0 / l } else { 0.0 };
         scale_in_place(&mut acc[qv * d..(qv + 1) * d], inv);
     }
-}
-
-/// `out += sum_j p[j] * v_j`, v_j the row at `j * stride` of `v`; order of j fixed per element.
-#[inline(always)]
-fn accumulate_values(out: &mut [f32], p: &[f32], v: &[f32], stride: usize) {
-    let d = out.len();
-    let mut chunks = out.chunks_exact_mut(LANES);
-    let mut c0 = 0;
-    for chunk in chunks.by_ref() {
-        let mut a = [0f32; LANES];
-        a.copy_from_slice(chunk);
-        for (j, &pj) in p.iter().enumerate() {
-            let row = &v[j * stride + c0..j * stride + c0 + LANES];
-            for i in 0..LANES {
-                a[i] += pj * row[i];
-            }
-        }
-        chunk.copy_from_slice(&a);
-        c0 += LANES;
-    }
-    for (i, o) in chunks.into_remainder().iter_mut().enumerate() {
-        for (j, &pj) in p.iter().enumerate() {
-            *o += pj * v[j * stride + c0 + i];
-        }
-    }
-    debug_assert_eq!(c0 + (d % LANES), d);
 }

@@ -1,0 +1,104 @@
+//! The official `openai` Python client against a real server, as users drive it.
+//! Needs a Python with `openai` installed: `$COSERVE_TEST_PYTHON` (set by `.ci/run`, which
+//! creates `.venv`), else `.venv/bin/python`, else `python3`.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use common::server::TestServer;
+
+const SCRIPT: &str = r#"
+import json, os, sys
+import openai
+from openai import OpenAI
+
+client = OpenAI(base_url=os.environ["BASE_URL"] + "/v1", api_key="unused", max_retries=0)
+model = os.environ["MODEL"]
+
+models = client.models.list()
+assert [m.id for m in models.data] == [model], models
+assert client.models.retrieve(model).id == model
+
+c = client.completions.create(model=model, prompt="hello", max_tokens=5, temperature=0, logprobs=2)
+assert c.object == "text_completion" and len(c.choices) == 1, c
+assert c.usage.completion_tokens == len(c.choices[0].logprobs.tokens), c
+assert c.choices[0].finish_reason in ("stop", "length"), c
+batch = client.completions.create(model=model, prompt=["a", "b"], max_tokens=3, n=2, temperature=0)
+assert sorted(ch.index for ch in batch.choices) == [0, 1, 2, 3], batch
+
+pieces, usage = [], None
+for chunk in client.completions.create(model=model, prompt="hello", max_tokens=5, temperature=0,
+                                       stream=True, stream_options={"include_usage": True}):
+    if chunk.usage is not None:
+        usage = chunk.usage
+    for ch in chunk.choices:
+        pieces.append(ch.text)
+assert "".join(pieces) == c.choices[0].text, (pieces, c.choices[0].text)
+assert usage is not None and usage.completion_tokens == c.usage.completion_tokens, usage
+
+messages = [{"role": "user", "content": "hi there"}]
+r = client.chat.completions.create(model=model, messages=messages, max_tokens=6, temperature=0,
+                                   logprobs=True, top_logprobs=3, seed=1)
+assert r.object == "chat.completion" and r.choices[0].message.role == "assistant", r
+assert len(r.choices[0].logprobs.content) == r.usage.completion_tokens, r
+assert all(len(t.top_logprobs) == 3 for t in r.choices[0].logprobs.content), r
+
+roles, text = [], []
+for chunk in client.chat.completions.create(model=model, messages=messages, max_tokens=6,
+                                            temperature=0, seed=1, stream=True):
+    for ch in chunk.choices:
+        if ch.delta.role:
+            roles.append(ch.delta.role)
+        if ch.delta.content:
+            text.append(ch.delta.content)
+assert roles == ["assistant"], roles
+assert "".join(text) == (r.choices[0].message.content or ""), (text, r.choices[0].message.content)
+
+try:
+    client.completions.create(model=model, prompt="x", temperature=-1)
+    raise SystemExit("temperature=-1 was accepted")
+except openai.BadRequestError as e:
+    assert e.status_code == 400 and e.body["param"] == "temperature", e.body
+try:
+    client.completions.create(model="no-such-model", prompt="x")
+    raise SystemExit("an unknown model was accepted")
+except openai.NotFoundError as e:
+    assert e.status_code == 404, e
+print("openai client: all checks passed")
+"#;
+
+fn python() -> PathBuf {
+    if let Some(p) = std::env::var_os("COSERVE_TEST_PYTHON") {
+        return p.into();
+    }
+    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
+    if venv.is_file() {
+        venv
+    } else {
+        PathBuf::from("python3")
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn official_openai_client_round_trips() {
+    let server = TestServer::start_tiny(|_| {}).await;
+    let (base, model) = (server.base_url().to_string(), server.model_id().to_string());
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(python())
+            .arg("-c")
+            .arg(SCRIPT)
+            .env("BASE_URL", base)
+            .env("MODEL", model)
+            .output()
+    })
+    .await
+    .expect("join")
+    .expect("python runs (install it, or run .ci/run which sets up .venv with the openai package)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "openai client checks failed:\n{stdout}\n{stderr}");
+    assert!(stdout.contains("all checks passed"), "{stdout}");
+    server.stop().await;
+}
