@@ -10,7 +10,7 @@ use std::sync::OnceLock;
 use serde_json::{json, Value};
 
 use common::server::TestServer;
-use support::{assert_schema_allowing_null, client, sse_chunks};
+use support::{assert_schema_allowing_null, client, metric, sse_chunks};
 
 struct Shared {
     base: String,
@@ -275,4 +275,43 @@ async fn stream_with_usage_ends_with_a_usage_chunk() {
         let prompt = if i < 2 { "ab" } else { "c" };
         assert!(t.starts_with(prompt), "choice {i} echoes its prompt: {t:?}");
     }
+}
+
+#[tokio::test]
+async fn a_stop_string_finish_counts_as_stop_in_metrics() {
+    let server = TestServer::start_tiny(|_| {}).await;
+    let c = client();
+    let body = |stop: Option<&str>| {
+        let mut b = greedy(json!("The stop test"), 24);
+        b["model"] = json!(server.model_id());
+        if let Some(s) = stop {
+            b["stop"] = json!([s]);
+        }
+        b
+    };
+    let full: Value = c
+        .post(server.url("/v1/completions"))
+        .json(&body(None))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let text = full["choices"][0]["text"].as_str().unwrap().to_string();
+    let stop: String = text.chars().nth(2).map(String::from).unwrap_or_default();
+    let r = c.post(server.url("/v1/completions")).json(&body(Some(&stop))).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let ok =
+        support::wait_for_metrics(&c, server.base_url(), std::time::Duration::from_secs(10), |m| {
+            metric(m, "coserve_request_success_total", &["finished_reason=\"stop\""]) == 1.0
+                && metric(m, "coserve_request_success_total", &["finished_reason=\"length\""])
+                    == 1.0
+                && metric(m, "coserve_kv_cache_usage_perc", &[]) == 0.0
+        })
+        .await;
+    let m = support::metrics_text(&c, server.base_url()).await;
+    assert!(ok, "a stop-string finish must count as stop, not abort:\n{m}");
+    assert_eq!(metric(&m, "coserve_request_success_total", &["finished_reason=\"abort\""]), 0.0);
+    server.stop().await;
 }

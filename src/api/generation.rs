@@ -1,6 +1,6 @@
 //! Turns an engine `RequestStream` into text deltas: detokenizer -> stop matcher -> finish
 //! reason, with the tokens (and their logprobs) behind each delta and the usage counts.
-//! A stop-string match drops the stream at once, which aborts the rest in the engine.
+//! A stop-string match ends the request in the engine at once.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -178,8 +178,10 @@ impl<D: TokenDecoder> Generation<D> {
                     delta.text = text;
                     delta.tokens.push(GeneratedToken { token_id, logprob });
                     if stopped {
-                        // Dropping the unfinished stream aborts the request in the engine.
-                        self.stream = None;
+                        // The engine stops generating at once and counts it as a stop.
+                        if let Some(s) = self.stream.take() {
+                            s.finish_stopped();
+                        }
                         delta.finish = Some(Finish::Stop);
                     }
                     break;
@@ -348,7 +350,10 @@ pub(crate) mod tests {
         assert_eq!(done.text, "Hello w");
         assert_eq!(done.finish, Finish::Stop);
         assert_eq!(done.tokens.len(), 2);
-        assert!(matches!(rx.try_recv(), Ok(EngineCommand::Abort { .. })));
+        assert!(matches!(
+            rx.try_recv(),
+            Ok(EngineCommand::Abort { reason: FinishReason::Stop, .. })
+        ));
     }
 
     #[tokio::test]
@@ -376,7 +381,10 @@ pub(crate) mod tests {
         let mut g = Generation::from_parts(stream, TableDecoder(WORDS.to_vec()), vec![]);
         let _ = g.next().await;
         drop(g);
-        assert!(matches!(rx.try_recv(), Ok(EngineCommand::Abort { .. })));
+        assert!(matches!(
+            rx.try_recv(),
+            Ok(EngineCommand::Abort { reason: FinishReason::Abort, .. })
+        ));
     }
 
     #[tokio::test]

@@ -9,15 +9,25 @@ use axum::Json;
 use serde::Serialize;
 use utoipa::ToSchema;
 
+use super::error::ApiError;
 use super::AppState;
 
 #[utoipa::path(
     get,
     path = "/health",
     tag = "server",
-    responses((status = 200, description = "The server is up"))
+    responses(
+        (status = 200, description = "The server and its engine are up"),
+        (status = 503, description = "The engine has stopped", body = super::error::ErrorResponse)
+    )
 )]
-pub async fn health() {}
+pub async fn health(State(state): State<Arc<AppState>>) -> Result<(), ApiError> {
+    if state.engine.is_running() {
+        Ok(())
+    } else {
+        Err(ApiError::EngineStopped)
+    }
+}
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Version {

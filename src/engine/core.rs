@@ -25,6 +25,8 @@ pub struct EngineCore {
     pub counters: Arc<SharedCounters>,
     pub rx: flume::Receiver<EngineCommand>,
     pub pool: rayon::ThreadPool,
+    /// Commands read ahead of their turn (see `hangup_reason`), handled before new ones.
+    pub deferred: std::collections::VecDeque<EngineCommand>,
 }
 
 impl EngineCore {
@@ -43,7 +45,7 @@ impl EngineCore {
                 }
             }
             let mut stop = false;
-            while let Ok(cmd) = self.rx.try_recv() {
+            while let Some(cmd) = self.deferred.pop_front().or_else(|| self.rx.try_recv().ok()) {
                 if !self.handle(cmd) {
                     stop = true;
                     break;
@@ -95,9 +97,9 @@ impl EngineCore {
                     self.scheduler.waiting.push_back(seq);
                 }
             }
-            EngineCommand::Abort { id } => {
+            EngineCommand::Abort { id, reason } => {
                 if let Some(s) = self.scheduler.remove(id) {
-                    self.finish(s, FinishReason::Abort, false);
+                    self.finish(s, reason, false);
                 }
             }
             EngineCommand::Shutdown => return false,
@@ -160,7 +162,10 @@ impl EngineCore {
                 finished.push((c.seq_id, reason));
             }
         }
-        for (id, reason) in finished {
+        for (id, mut reason) in finished {
+            if reason == FinishReason::Abort {
+                reason = self.hangup_reason(id);
+            }
             if let Some(s) = self.scheduler.remove(id) {
                 self.finish(s, reason, true);
             }
@@ -260,6 +265,19 @@ impl EngineCore {
         } else {
             None
         }
+    }
+
+    /// Why a client hung up. One that matched a stop string sends its stop command before it
+    /// drops its channel, so look for that command before calling it an abort.
+    fn hangup_reason(&mut self, id: u64) -> FinishReason {
+        self.deferred.extend(self.rx.try_iter());
+        self.deferred
+            .iter()
+            .find_map(|c| match c {
+                EngineCommand::Abort { id: i, reason } if *i == id => Some(*reason),
+                _ => None,
+            })
+            .unwrap_or(FinishReason::Abort)
     }
 
     /// Ends a sequence (already removed from the scheduler); its blocks free on drop.

@@ -3,13 +3,22 @@
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use super::request::{EngineEvent, GenerateRequest};
+use super::request::{EngineEvent, FinishReason, GenerateRequest};
 
 /// Commands the engine thread receives.
 #[derive(Debug)]
 pub enum EngineCommand {
-    Submit { id: u64, request: GenerateRequest, events: flume::Sender<EngineEvent> },
-    Abort { id: u64 },
+    Submit {
+        id: u64,
+        request: GenerateRequest,
+        events: flume::Sender<EngineEvent>,
+    },
+    /// Ends a request early: `Abort` when its client left, `Stop` when the client matched a
+    /// stop string (so metrics count it as a normal stop).
+    Abort {
+        id: u64,
+        reason: FinishReason,
+    },
     Shutdown,
 }
 
@@ -66,6 +75,11 @@ impl EngineHandle {
         Ok(RequestStream { id, rx: events_rx, tx: self.tx.clone(), done: false })
     }
 
+    /// False once the engine thread has stopped.
+    pub fn is_running(&self) -> bool {
+        !self.tx.is_disconnected()
+    }
+
     pub fn num_waiting(&self) -> usize {
         self.counters.waiting.load(Ordering::Acquire)
     }
@@ -109,6 +123,15 @@ impl RequestStream {
         ev
     }
 
+    /// Ends the request because its client found a stop string: the engine frees it at once
+    /// and counts it as finished by `stop`.
+    pub fn finish_stopped(mut self) {
+        if !self.done {
+            self.done = true;
+            let _ = self.tx.send(EngineCommand::Abort { id: self.id, reason: FinishReason::Stop });
+        }
+    }
+
     fn observe(&mut self, ev: &Option<EngineEvent>) {
         match ev {
             None | Some(EngineEvent::Finished { .. }) | Some(EngineEvent::Error(_)) => {
@@ -122,7 +145,7 @@ impl RequestStream {
 impl Drop for RequestStream {
     fn drop(&mut self) {
         if !self.done {
-            let _ = self.tx.send(EngineCommand::Abort { id: self.id });
+            let _ = self.tx.send(EngineCommand::Abort { id: self.id, reason: FinishReason::Abort });
         }
     }
 }

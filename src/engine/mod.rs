@@ -114,6 +114,7 @@ pub fn start(
         counters,
         rx,
         pool,
+        deferred: Default::default(),
     };
     let thread = std::thread::Builder::new()
         .name("coserve-engine".into())
