@@ -75,6 +75,7 @@ struct Sample {
     gaps: Vec<Duration>,
     tokens: usize,
     ok: bool,
+    error: Option<String>,
 }
 
 async fn one_request(
@@ -88,17 +89,30 @@ async fn one_request(
         "model": model, "prompt": text, "max_tokens": max_tokens, "temperature": 0.0,
         "ignore_eos": true, "stream": true, "stream_options": {"include_usage": true},
     });
-    let mut s = Sample { ttft: None, gaps: Vec::new(), tokens: 0, ok: false };
+    let mut s = Sample { ttft: None, gaps: Vec::new(), tokens: 0, ok: false, error: None };
     let start = Instant::now();
     let resp = match client.post(format!("{url}/v1/completions")).json(&body).send().await {
         Ok(r) if r.status().is_success() => r,
-        _ => return s,
+        Ok(r) => {
+            s.error = Some(format!("HTTP {}", r.status()));
+            return s;
+        }
+        Err(e) => {
+            s.error = Some(e.to_string());
+            return s;
+        }
     };
     let mut stream = resp.bytes_stream();
     let mut buf = String::new();
     let mut last: Option<Instant> = None;
     while let Some(chunk) = stream.next().await {
-        let Ok(chunk) = chunk else { return s };
+        let chunk = match chunk {
+            Ok(c) => c,
+            Err(e) => {
+                s.error = Some(e.to_string());
+                return s;
+            }
+        };
         buf.push_str(&String::from_utf8_lossy(&chunk));
         while let Some(end) = buf.find("\n\n") {
             let event: String = buf.drain(..end + 2).collect();
@@ -125,6 +139,9 @@ async fn one_request(
                 last = Some(now);
             }
         }
+    }
+    if !s.ok {
+        s.error = Some("the stream ended without [DONE]".into());
     }
     s
 }
@@ -162,10 +179,8 @@ pub async fn run(args: BenchArgs) -> Result<Vec<LevelResult>, String> {
             u
         }
     };
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(256)
-        .build()
-        .map_err(|e| e.to_string())?;
+    let client =
+        reqwest::Client::builder().pool_max_idle_per_host(0).build().map_err(|e| e.to_string())?;
     let model = match &args.request_model {
         Some(m) => m.clone(),
         None => {
@@ -216,6 +231,9 @@ pub async fn run(args: BenchArgs) -> Result<Vec<LevelResult>, String> {
             samples.extend(w.await.unwrap_or_default());
         }
         let wall = start.elapsed().as_secs_f64();
+        if let Some(e) = samples.iter().find_map(|s| s.error.as_ref()) {
+            eprintln!("first error at concurrency {c}: {e}");
+        }
         offset += n;
         let mut ttft: Vec<f64> =
             samples.iter().filter_map(|s| s.ttft).map(|d| d.as_secs_f64() * 1e3).collect();
