@@ -7,7 +7,10 @@
 //! every x86-64 machine, not only batch-invariant on one.
 
 pub mod matmul;
+pub mod matmul_bf16;
 pub mod paged_attention;
+pub mod quant;
+pub mod quant_ggml;
 
 /// Lane count of the vector helpers: two AVX registers or four SSE registers of f32.
 pub(crate) const LANES: usize = 16;
