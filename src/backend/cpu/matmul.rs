@@ -12,13 +12,15 @@ use std::marker::PhantomData;
 
 use rayon::prelude::*;
 
-/// Weight rows per parallel work item: enough to amortise scheduling, small enough to balance.
-pub(crate) const ROWS_PER_TASK: usize = 16;
+/// Weight rows per parallel work item: enough to amortise scheduling, small enough to balance,
+/// and a multiple of the kernels' tile widths.
+pub(crate) const ROWS_PER_TASK: usize = 24;
 
-/// Activation rows per register tile (3 x 4 accumulators plus loads fit the 16 AVX registers).
-const TILE_M: usize = 3;
+/// Activation rows per register tile: 4 x 3 accumulators and 3 weight vectors fit the 16 AVX
+/// registers, and 12 independent FMA chains hide the FMA latency.
+const TILE_M: usize = 4;
 /// Weight rows per register tile.
-const TILE_N: usize = 4;
+const TILE_N: usize = 3;
 
 /// Columns `col0..col0 + n` of an `[m, ld]` row-major output, written by parallel tasks.
 #[derive(Clone, Copy)]

@@ -5,8 +5,8 @@
 //! Work is split over weight rows (each read once for all activation rows); every output is one
 //! `vec_dot` of one weight row and one quantized activation row, and an activation row's
 //! quantization depends only on that row, so results do not depend on the batch size or the
-//! thread count. Q4_1 (the default model's type) has a faster AVX2 path here because candle's
-//! is scalar; it computes the exact same values.
+//! thread count. Q4_1 (the default model's type) has its own kernel (`quant_q4_1`) because
+//! candle's is scalar; it computes the exact same values.
 
 use candle_core::quantized::k_quants::{
     BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K,
@@ -118,13 +118,15 @@ impl<T: Kernel> GgmlRows for GgmlMatrix<T> {
         } else {
             x[..m * k].chunks_exact(k).zip(xq.chunks_exact_mut(bpr)).for_each(quantize);
         }
-        let xq = &xq;
+        let prepared = T::prepare(&xq, bpr);
+        let (xq, prepared) = (&xq, &prepared);
         par_row_tasks(n, |j0, j1| {
+            let mut col = vec![0f32; m];
             for j in j0..j1 {
-                let wr = &self.blocks[j * bpr..(j + 1) * bpr];
-                for (i, yr) in xq.chunks_exact(bpr).enumerate() {
+                T::dot_row(k, &self.blocks[j * bpr..(j + 1) * bpr], xq, bpr, prepared, &mut col);
+                for (i, v) in col.iter().enumerate() {
                     // SAFETY: i < m, j in this task's own rows.
-                    unsafe { out.write(i, j, T::dot(k, wr, yr)) };
+                    unsafe { out.write(i, j, *v) };
                 }
             }
         });
@@ -146,147 +148,67 @@ impl<T: Kernel> GgmlRows for GgmlMatrix<T> {
     }
 }
 
-/// The dot product a block type uses: candle's `vec_dot`, or a faster equal one.
-trait Kernel: GgmlType + 'static {
-    fn dot(k: usize, w: &[Self], y: &[Self::VecDotType]) -> f32 {
-        Self::vec_dot(k, w, y)
-    }
+/// How a block type multiplies one weight row with every quantized activation row.
+pub(crate) trait Kernel: GgmlType + 'static {
+    /// What `dot_row` needs besides the quantized activations, derived once per matmul.
+    type Prepared: Sync;
+
+    fn prepare(xq: &[Self::VecDotType], bpr: usize) -> Self::Prepared;
+
+    /// `out[i]` = the dot product of weight row `w` with activation row `i` of `xq` (`bpr`
+    /// blocks each), `k` values long.
+    fn dot_row(
+        k: usize,
+        w: &[Self],
+        xq: &[Self::VecDotType],
+        bpr: usize,
+        prepared: &Self::Prepared,
+        out: &mut [f32],
+    );
 }
 
-impl Kernel for BlockQ4_0 {}
-impl Kernel for BlockQ5_0 {}
-impl Kernel for BlockQ5_1 {}
-impl Kernel for BlockQ8_0 {}
-impl Kernel for BlockQ8_1 {}
-impl Kernel for BlockQ2K {}
-impl Kernel for BlockQ3K {}
-impl Kernel for BlockQ4K {}
-impl Kernel for BlockQ5K {}
-impl Kernel for BlockQ6K {}
-impl Kernel for BlockQ8K {}
-impl Kernel for f16 {}
+/// Types served by candle's own `vec_dot`, one activation row at a time.
+macro_rules! candle_vec_dot {
+    ($($t:ty),*) => {$(
+        impl Kernel for $t {
+            type Prepared = ();
 
-impl Kernel for BlockQ4_1 {
-    fn dot(_k: usize, w: &[Self], y: &[BlockQ8_1]) -> f32 {
-        #[cfg(target_arch = "x86_64")]
-        if has_avx2_f16c() {
-            // SAFETY: AVX2 and F16C are available.
-            return unsafe { q4_1_avx2::dot(w, y) };
-        }
-        dot_q4_1_q8_1(w, y)
-    }
-}
+            fn prepare(_: &[Self::VecDotType], _: usize) {}
 
-// Byte layout of the blocks (ggml's, `repr(C)` in candle): Q4_1 is d, m (f16) then 16 bytes of
-// nibbles (low nibbles are elements 0..16, high nibbles 16..32); Q8_1 is d, s (f16) then 32 i8.
-const Q4_1_SIZE: usize = 20;
-const Q8_1_SIZE: usize = 36;
-const _: () = assert!(std::mem::size_of::<BlockQ4_1>() == Q4_1_SIZE);
-const _: () = assert!(std::mem::size_of::<BlockQ8_1>() == Q8_1_SIZE);
-
-fn f16_at(p: &[u8], at: usize) -> f32 {
-    f16::from_le_bytes([p[at], p[at + 1]]).to_f32()
-}
-
-fn as_bytes<T>(v: &[T]) -> &[u8] {
-    // SAFETY: the block types are plain data; this views their bytes read-only.
-    unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
-}
-
-/// ggml's `vec_dot_q4_1_q8_1` (candle's scalar version, written over the raw bytes):
-/// per block an exact integer sum, then `sumf += sumi * dw * dy + mw * sy`.
-fn dot_q4_1_q8_1(w: &[BlockQ4_1], y: &[BlockQ8_1]) -> f32 {
-    dot_q4_1_q8_1_from(w, y, 0, 0.0)
-}
-
-/// Continues `dot_q4_1_q8_1`'s running sum `sumf` from block `from` on.
-fn dot_q4_1_q8_1_from(w: &[BlockQ4_1], y: &[BlockQ8_1], from: usize, mut sumf: f32) -> f32 {
-    let (wb, yb) = (as_bytes(w), as_bytes(y));
-    for b in from..w.len().min(y.len()) {
-        let (wq, yq) = (&wb[b * Q4_1_SIZE..(b + 1) * Q4_1_SIZE], &yb[b * Q8_1_SIZE..]);
-        let mut sumi = 0i32;
-        for j in 0..16 {
-            let (lo, hi) = ((wq[4 + j] & 0x0F) as i32, (wq[4 + j] >> 4) as i32);
-            sumi += lo * (yq[4 + j] as i8) as i32 + hi * (yq[20 + j] as i8) as i32;
-        }
-        sumf += sumi as f32 * f16_at(wq, 0) * f16_at(yq, 0) + f16_at(wq, 2) * f16_at(yq, 2);
-    }
-    sumf
-}
-
-#[cfg(target_arch = "x86_64")]
-fn has_avx2_f16c() -> bool {
-    use std::sync::OnceLock;
-    static HAS: OnceLock<bool> = OnceLock::new();
-    *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("f16c"))
-}
-
-#[cfg(target_arch = "x86_64")]
-mod q4_1_avx2 {
-    use std::arch::x86_64::*;
-
-    use super::{BlockQ4_1, BlockQ8_1, Q4_1_SIZE, Q8_1_SIZE};
-
-    /// Exact integer dot product of block `b` as eight i32 lanes.
-    #[inline]
-    #[target_feature(enable = "avx2,f16c")]
-    unsafe fn block_sums(wp: *const u8, yp: *const u8, b: usize) -> __m256i {
-        let q = _mm_loadu_si128(wp.add(b * Q4_1_SIZE + 4) as *const __m128i);
-        let nibbles =
-            _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16::<4>(q), q), _mm256_set1_epi8(0x0F));
-        let yq = _mm256_loadu_si256(yp.add(b * Q8_1_SIZE + 4) as *const __m256i);
-        // Unsigned nibbles x signed bytes: pair sums stay within i16 (2 * 15 * 128).
-        _mm256_madd_epi16(_mm256_maddubs_epi16(nibbles, yq), _mm256_set1_epi16(1))
-    }
-
-    /// The two f16 scales at the start of four blocks `size` bytes apart, as (first, second).
-    #[inline]
-    #[target_feature(enable = "avx2,f16c")]
-    unsafe fn scales4(p: *const u8, size: usize, b: usize) -> (__m128, __m128) {
-        let at = |i: usize| (p.add((b + i) * size) as *const i32).read_unaligned();
-        let pairs = _mm256_cvtph_ps(_mm_set_epi32(at(3), at(2), at(1), at(0)));
-        let (lo, hi) = (_mm256_castps256_ps128(pairs), _mm256_extractf128_ps::<1>(pairs));
-        (_mm_shuffle_ps::<0b10_00_10_00>(lo, hi), _mm_shuffle_ps::<0b11_01_11_01>(lo, hi))
-    }
-
-    /// Same value as `dot_q4_1_q8_1`: integer sums are exact in any order, and the float
-    /// terms are formed (without fusing) and added in the scalar order.
-    #[target_feature(enable = "avx2,f16c")]
-    pub(super) unsafe fn dot(w: &[BlockQ4_1], y: &[BlockQ8_1]) -> f32 {
-        let nb = w.len().min(y.len());
-        let (wp, yp) = (w.as_ptr() as *const u8, y.as_ptr() as *const u8);
-        let mut sumf = 0f32;
-        let mut b = 0;
-        while b + 4 <= nb {
-            let (p0, p1) = (block_sums(wp, yp, b), block_sums(wp, yp, b + 1));
-            let (p2, p3) = (block_sums(wp, yp, b + 2), block_sums(wp, yp, b + 3));
-            let h = _mm256_hadd_epi32(_mm256_hadd_epi32(p0, p1), _mm256_hadd_epi32(p2, p3));
-            let sumi = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256::<1>(h));
-            let (dw, mw) = scales4(wp, Q4_1_SIZE, b);
-            let (dy, sy) = scales4(yp, Q8_1_SIZE, b);
-            let t = _mm_add_ps(
-                _mm_mul_ps(_mm_mul_ps(_mm_cvtepi32_ps(sumi), dw), dy),
-                _mm_mul_ps(mw, sy),
-            );
-            let mut terms = [0f32; 4];
-            _mm_storeu_ps(terms.as_mut_ptr(), t);
-            for v in terms {
-                sumf += v;
+            fn dot_row(
+                k: usize,
+                w: &[Self],
+                xq: &[Self::VecDotType],
+                bpr: usize,
+                _: &(),
+                out: &mut [f32],
+            ) {
+                for (o, y) in out.iter_mut().zip(xq.chunks_exact(bpr)) {
+                    *o = Self::vec_dot(k, w, y);
+                }
             }
-            b += 4;
         }
-        super::dot_q4_1_q8_1_from(w, y, b, sumf)
-    }
+    )*};
 }
+
+candle_vec_dot!(
+    BlockQ4_0, BlockQ5_0, BlockQ5_1, BlockQ8_0, BlockQ8_1, BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K,
+    BlockQ6K, BlockQ8K, f16
+);
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::backend::cpu::matmul::tests::{assert_batch_invariant, assert_close, data};
     use candle_core::quantized::QTensor;
     use candle_core::{Device, Tensor};
 
-    fn quantized(dtype: GgmlDType, rows: usize, cols: usize, seed: u32) -> Box<dyn GgmlRows> {
+    pub(crate) fn quantized(
+        dtype: GgmlDType,
+        rows: usize,
+        cols: usize,
+        seed: u32,
+    ) -> Box<dyn GgmlRows> {
         let t = Tensor::from_vec(data(rows * cols, seed), (rows, cols), &Device::Cpu);
         let q = t.and_then(|t| QTensor::quantize(&t, dtype)).expect("quantize"); // ok: test
         let bytes = q.data().expect("bytes").to_vec(); // ok: test
@@ -319,29 +241,6 @@ mod tests {
     }
 
     #[test]
-    fn q4_1_paths_equal_candle_bit_for_bit() {
-        for nb in [2usize, 4, 6, 18, 48] {
-            let k = nb * 32;
-            let w = quantized(GgmlDType::Q4_1, 3, k, 1);
-            let wb = w.bytes();
-            let mut blocks = vec![BlockQ4_1::zeros(); 3 * nb];
-            // SAFETY: test copy of plain blocks of the same total size.
-            unsafe {
-                std::ptr::copy_nonoverlapping(wb.as_ptr(), blocks.as_mut_ptr() as *mut u8, wb.len())
-            };
-            let x = data(k, 2);
-            let mut y = vec![BlockQ8_1::zeros(); nb];
-            BlockQ8_1::from_float(&x, &mut y);
-            for r in 0..3 {
-                let wr = &blocks[r * nb..(r + 1) * nb];
-                let want = BlockQ4_1::vec_dot(k, wr, &y);
-                assert_eq!(dot_q4_1_q8_1(wr, &y).to_bits(), want.to_bits(), "scalar, {nb} blocks");
-                assert_eq!(BlockQ4_1::dot(k, wr, &y).to_bits(), want.to_bits(), "{nb} blocks");
-            }
-        }
-    }
-
-    #[test]
     fn matches_f64_reference_on_dequantized_weights_and_requantized_activations() {
         let cases: [(GgmlDType, usize); 4] = [
             (GgmlDType::Q8_0, 160),
@@ -359,44 +258,6 @@ mod tests {
                 _ => requantized::<BlockQ6K>(&x, k),
             };
             assert_close(&got, &xq, &dequantized(w.as_ref(), n, k), m, k, n);
-        }
-    }
-
-    /// Q8_1 activations carry their block sum `s` (rounded to f16) for the Q4_1 offset term
-    /// `m · s`, so the reference is llama.cpp's formula over the stored values, in f64:
-    /// `Σ_b dw·dy·Σ qw·qy + mw·sy`.
-    #[test]
-    fn q4_1_matches_f64_block_formula() {
-        for k in [96usize, 576] {
-            let (m, n, nb) = (5, 21, k / 32);
-            let w = quantized(GgmlDType::Q4_1, n, k, 3);
-            let x = data(m * k, 4);
-            let got = mm(w.as_ref(), &x, m, n);
-            let wb = w.bytes();
-            for i in 0..m {
-                let mut y = vec![BlockQ8_1::zeros(); nb];
-                BlockQ8_1::from_float(&x[i * k..(i + 1) * k], &mut y);
-                let yb = as_bytes(&y);
-                for j in 0..n {
-                    let (mut want, mut mag) = (0f64, 0f64);
-                    for b in 0..nb {
-                        let wq = &wb[(j * nb + b) * Q4_1_SIZE..];
-                        let yq = &yb[b * Q8_1_SIZE..];
-                        let sumi: i32 = (0..16)
-                            .map(|t| {
-                                let (lo, hi) = ((wq[4 + t] & 15) as i32, (wq[4 + t] >> 4) as i32);
-                                lo * (yq[4 + t] as i8) as i32 + hi * (yq[20 + t] as i8) as i32
-                            })
-                            .sum();
-                        let scaled = sumi as f64 * f16_at(wq, 0) as f64 * f16_at(yq, 0) as f64;
-                        let offset = f16_at(wq, 2) as f64 * f16_at(yq, 2) as f64;
-                        want += scaled + offset;
-                        mag += scaled.abs() + offset.abs();
-                    }
-                    let g = got[i * n + j] as f64;
-                    assert!((g - want).abs() <= 1e-4 * (1.0 + mag), "{g} vs {want} k={k}");
-                }
-            }
         }
     }
 
