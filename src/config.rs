@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use clap::Args;
 
 use crate::engine::EngineConfig;
+use crate::model::weights::WeightsDtype;
 
 /// Options of `coserve serve`. Every flag can also be set with the environment variable named
 /// in its help; the flag wins.
@@ -58,6 +59,12 @@ pub struct ServerConfig {
     /// Largest accepted request body, e.g. 16MiB.
     #[arg(long, env = "COSERVE_MAX_REQUEST_BYTES", default_value = "16MiB", value_parser = parse_bytes)]
     pub max_request_bytes: usize,
+
+    /// Storage of linear weights: f32 (reference precision), bf16, q8_0, or gguf (keep a GGUF
+    /// file's own quantization; q8_0 for Hugging Face directories). Smaller formats read fewer
+    /// bytes per decode step.
+    #[arg(long, env = "COSERVE_WEIGHTS_DTYPE", value_enum, default_value_t = WeightsDtype::F32)]
+    pub weights_dtype: WeightsDtype,
 }
 
 impl ServerConfig {
@@ -76,6 +83,7 @@ impl ServerConfig {
             block_size: 16,
             threads: 0,
             max_request_bytes: 16 << 20,
+            weights_dtype: WeightsDtype::F32,
         }
     }
 

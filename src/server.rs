@@ -80,7 +80,8 @@ pub fn resolve_model_path(cfg: &ServerConfig) -> Result<PathBuf, ServerError> {
 pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
     let path = resolve_model_path(&cfg)?;
     tracing::info!(model = %path.display(), "loading model");
-    let loaded = tokio::task::spawn_blocking(move || load_model(&path))
+    let dtype = cfg.weights_dtype;
+    let loaded = tokio::task::spawn_blocking(move || load_model(&path, dtype))
         .await
         .map_err(|_| ServerError::Interrupted)??;
     let model_id = cfg.served_model_name.clone().unwrap_or_else(|| {

@@ -9,6 +9,7 @@ use coserve::backend::cpu::paged_attention::AttnSeq;
 use coserve::kv::KvCache;
 use coserve::model::llama::{ForwardBatch, Llama};
 use coserve::model::loader::load_model;
+use coserve::model::weights::WeightsDtype;
 
 use common::dense_llama::dense_logits;
 use common::tiny_model::{write_gguf, write_hf_dir, TinyShape};
@@ -64,8 +65,8 @@ fn gguf_and_hf_load_the_same_model_and_match_dense_forward() {
     ] {
         let sub = dir.path().join(format!("m{}", shape.seed));
         std::fs::create_dir_all(&sub).expect("mkdir");
-        let gguf = load_model(&write_gguf(&sub, &shape)).expect("gguf loads");
-        let hf = load_model(&write_hf_dir(&sub, &shape)).expect("hf loads");
+        let gguf = load_model(&write_gguf(&sub, &shape), WeightsDtype::F32).expect("gguf loads");
+        let hf = load_model(&write_hf_dir(&sub, &shape), WeightsDtype::F32).expect("hf loads");
         assert_eq!(gguf.model.config.tie_word_embeddings, shape.tied);
         let tokens: Vec<u32> = (0..23).map(|i| (i * 37 % 256) as u32).collect();
         let reference = dense_logits(&shape, &tokens);
@@ -85,7 +86,7 @@ fn gguf_and_hf_load_the_same_model_and_match_dense_forward() {
 }
 
 fn err_of(path: &Path) -> String {
-    match load_model(path) {
+    match load_model(path, WeightsDtype::F32) {
         Ok(_) => panic!("{} should not load", path.display()),
         Err(e) => e.to_string(),
     }

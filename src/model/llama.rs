@@ -96,7 +96,7 @@ impl Llama {
 
         let mut h = vec![0f32; t * hs];
         for (row, &tok) in h.chunks_exact_mut(hs).zip(batch.tokens) {
-            row.copy_from_slice(self.embed.row(tok as usize));
+            self.embed.row_into(tok as usize, row);
         }
         let (cos, sin) = self.rope_tables(batch.positions);
         let shape = AttnShape {

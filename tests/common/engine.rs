@@ -11,6 +11,7 @@ use coserve::engine::{
 use coserve::metrics::Metrics;
 use coserve::model::loader::{load_model, LoadedModel};
 use coserve::model::tokenizer::Tokenizer;
+use coserve::model::weights::WeightsDtype;
 
 pub struct TestEngine {
     pub handle: EngineHandle,
@@ -23,8 +24,14 @@ pub struct TestEngine {
 
 impl TestEngine {
     pub fn start(path: &Path, cfg: EngineConfig) -> Self {
+        Self::start_with(path, WeightsDtype::F32, cfg)
+    }
+
+    /// As `start`, with the weights stored as `dtype`.
+    pub fn start_with(path: &Path, dtype: WeightsDtype, cfg: EngineConfig) -> Self {
         let LoadedModel { model, tokenizer, chat_template, eos_token_ids, .. } =
-            load_model(path).unwrap_or_else(|e| panic!("loading {}: {e}", path.display()));
+            load_model(path, dtype)
+                .unwrap_or_else(|e| panic!("loading {} as {dtype}: {e}", path.display()));
         Self::from_parts(model, tokenizer, chat_template, eos_token_ids, cfg)
     }
 

@@ -8,7 +8,11 @@
 //! an exact oracle for the fast one.
 
 pub mod matmul;
+pub mod matmul_bf16;
 pub mod paged_attention;
+pub mod quant;
+pub mod quant_ggml;
+pub mod quant_q4_1;
 
 /// Lane count of the reductions: two AVX registers of f32.
 pub(crate) const LANES: usize = 16;

@@ -1,4 +1,5 @@
-//! GGUF: metadata -> `LlamaConfig`, tensors dequantized to f32, tokenizer and chat template
+//! GGUF: metadata -> `LlamaConfig`, linear weights dequantized and stored as the chosen
+//! `WeightsDtype` (or kept in the file's own encoding for `gguf`), tokenizer and chat template
 //! from `tokenizer.*` metadata.
 
 use std::collections::HashMap;
@@ -6,21 +7,27 @@ use std::fs::File;
 use std::path::Path;
 
 use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::QTensor;
 use candle_core::Device;
 
 use super::{stem, unpermute_rotary_rows, LoadedModel};
+use crate::backend::cpu::quant_ggml::ggml_row_bytes;
 use crate::model::chat_template::ChatTemplate;
 use crate::model::config::{LlamaConfig, RopeScaling};
 use crate::model::llama::{Llama, LlamaLayer};
 use crate::model::tokenizer::Tokenizer;
-use crate::model::weights::WeightMatrix;
+use crate::model::weights::{WeightMatrix, WeightsDtype};
 use crate::model::ModelError;
 
 struct Reader<'a> {
     path: &'a Path,
     file: File,
     content: Content,
+    dtype: WeightsDtype,
 }
+
+/// q/k projections stored in llama.cpp's interleaved rotary order: (heads, head_dim).
+type Rotary = Option<(usize, usize)>;
 
 fn value_usize(v: &Value) -> Option<usize> {
     match v {
@@ -83,21 +90,27 @@ impl Reader<'_> {
         self.content.tensor_infos.contains_key(name)
     }
 
-    /// Dequantized tensor data and its shape (row-major, outermost first).
-    fn tensor(&mut self, name: &str) -> Result<(Vec<f32>, Vec<usize>), ModelError> {
+    /// The tensor as stored in the file.
+    fn qtensor(&mut self, name: &str) -> Result<QTensor, ModelError> {
         if !self.has_tensor(name) {
             return Err(ModelError::invalid(self.path, format!("missing tensor `{name}`")));
         }
-        let q = self
-            .content
+        self.content
             .tensor(&mut self.file, name, &Device::Cpu)
-            .map_err(|e| ModelError::invalid(self.path, format!("tensor `{name}`: {e}")))?;
-        let t = q
-            .dequantize(&Device::Cpu)
+            .map_err(|e| ModelError::invalid(self.path, format!("tensor `{name}`: {e}")))
+    }
+
+    /// Dequantized tensor data and its shape (row-major, outermost first).
+    fn tensor(&mut self, name: &str) -> Result<(Vec<f32>, Vec<usize>), ModelError> {
+        let q = self.qtensor(name)?;
+        Ok((self.dequantize(name, &q)?, q.shape().dims().to_vec()))
+    }
+
+    fn dequantize(&self, name: &str, q: &QTensor) -> Result<Vec<f32>, ModelError> {
+        q.dequantize(&Device::Cpu)
             .and_then(|t| t.flatten_all())
             .and_then(|t| t.to_vec1::<f32>())
-            .map_err(|e| ModelError::invalid(self.path, format!("tensor `{name}`: {e}")))?;
-        Ok((t, q.shape().dims().to_vec()))
+            .map_err(|e| ModelError::invalid(self.path, format!("tensor `{name}`: {e}")))
     }
 
     fn vector(&mut self, name: &str, len: usize) -> Result<Vec<f32>, ModelError> {
@@ -112,22 +125,54 @@ impl Reader<'_> {
     }
 
     fn matrix(&mut self, name: &str, rows: usize, cols: usize) -> Result<WeightMatrix, ModelError> {
-        let (data, shape) = self.tensor(name)?;
-        WeightMatrix::from_f32(data, rows, cols).ok_or_else(|| {
-            ModelError::invalid(
+        self.matrix_rotary(name, rows, cols, None)
+    }
+
+    /// A `[rows, cols]` weight in the reader's storage format; `rotary` rows are put back in
+    /// the half-split layout.
+    fn matrix_rotary(
+        &mut self,
+        name: &str,
+        rows: usize,
+        cols: usize,
+        rotary: Rotary,
+    ) -> Result<WeightMatrix, ModelError> {
+        let q = self.qtensor(name)?;
+        let shape = q.shape().dims().to_vec();
+        if shape != [rows, cols] {
+            return Err(ModelError::invalid(
                 self.path,
                 format!("tensor `{name}` has shape {shape:?}, expected [{rows}, {cols}]"),
-            )
-        })
+            ));
+        }
+        if self.dtype == WeightsDtype::Gguf {
+            let bad =
+                |e: String| ModelError::unsupported(self.path, format!("tensor `{name}`: {e}"));
+            let row_bytes = ggml_row_bytes(q.dtype(), cols).map_err(bad)?;
+            let raw = q
+                .data()
+                .map_err(|e| ModelError::invalid(self.path, format!("tensor `{name}`: {e}")))?;
+            let bytes = match rotary {
+                Some((heads, hd)) => unpermute_rotary_rows(&raw, heads, hd, row_bytes),
+                None => raw.into_owned(),
+            };
+            return WeightMatrix::from_ggml(q.dtype(), &bytes, rows, cols).map_err(bad);
+        }
+        let mut data = self.dequantize(name, &q)?;
+        if let Some((heads, hd)) = rotary {
+            data = unpermute_rotary_rows(&data, heads, hd, cols);
+        }
+        // ok: the shape was checked above, so the element count matches.
+        Ok(WeightMatrix::from_f32_as(data, rows, cols, self.dtype).expect("checked shape"))
     }
 }
 
-pub fn load_gguf(path: &Path) -> Result<LoadedModel, ModelError> {
+pub fn load_gguf(path: &Path, dtype: WeightsDtype) -> Result<LoadedModel, ModelError> {
     let mut file =
         File::open(path).map_err(|source| ModelError::Io { path: path.to_path_buf(), source })?;
     let content = Content::read(&mut file)
         .map_err(|e| ModelError::invalid(path, format!("not a valid GGUF file: {e}")))?;
-    let mut r = Reader { path, file, content };
+    let mut r = Reader { path, file, content, dtype };
 
     let arch = r
         .opt_str("general.architecture")
@@ -151,13 +196,10 @@ pub fn load_gguf(path: &Path) -> Result<LoadedModel, ModelError> {
     let mut layers = Vec::with_capacity(config.num_layers);
     for i in 0..config.num_layers {
         let p = |s: &str| format!("blk.{i}.{s}");
-        let mut q = r.matrix(&p("attn_q.weight"), nh * hd, hs)?;
-        let mut k = r.matrix(&p("attn_k.weight"), nkv * hd, hs)?;
+        let rotary = |heads: usize| permuted_rotary.then_some((heads, hd));
+        let q = r.matrix_rotary(&p("attn_q.weight"), nh * hd, hs, rotary(nh))?;
+        let k = r.matrix_rotary(&p("attn_k.weight"), nkv * hd, hs, rotary(nkv))?;
         let v = r.matrix(&p("attn_v.weight"), nkv * hd, hs)?;
-        if permuted_rotary {
-            q = unpermuted(&q, nh, hd);
-            k = unpermuted(&k, nkv, hd);
-        }
         let qkv_bias = if config.attention_bias {
             let mut bq = r.vector(&p("attn_q.bias"), nh * hd)?;
             let mut bk = r.vector(&p("attn_k.bias"), nkv * hd)?;
@@ -229,13 +271,6 @@ pub(crate) fn chat_template_for(
     let eos =
         tokenizer.eos_token_ids.first().map(|&id| tokenizer.token_text(id)).unwrap_or_default();
     ChatTemplate::new(src, &bos, &eos)
-}
-
-fn unpermuted(m: &WeightMatrix, heads: usize, head_dim: usize) -> WeightMatrix {
-    let data: Vec<f32> = (0..m.rows).flat_map(|r| m.row(r).iter().copied()).collect();
-    let data = unpermute_rotary_rows(&data, heads, head_dim, m.cols);
-    // ok: same element count as the input matrix.
-    WeightMatrix::from_f32(data, m.rows, m.cols).expect("same shape")
 }
 
 fn concat(path: &Path, parts: Vec<WeightMatrix>) -> Result<WeightMatrix, ModelError> {

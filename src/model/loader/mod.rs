@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use super::chat_template::ChatTemplate;
 use super::llama::Llama;
 use super::tokenizer::Tokenizer;
+use super::weights::WeightsDtype;
 use super::ModelError;
 
 /// Everything a served model needs, as loaded from disk.
@@ -22,36 +23,41 @@ pub struct LoadedModel {
     pub source: PathBuf,
 }
 
-/// Loads a GGUF file or a Hugging Face model directory.
-pub fn load_model(path: &Path) -> Result<LoadedModel, ModelError> {
+/// Loads a GGUF file or a Hugging Face model directory, storing linear weights as `dtype`.
+pub fn load_model(path: &Path, dtype: WeightsDtype) -> Result<LoadedModel, ModelError> {
     let meta = std::fs::metadata(path)
         .map_err(|source| ModelError::Io { path: path.to_path_buf(), source })?;
-    if meta.is_dir() {
-        safetensors::load_hf_dir(path)
+    let loaded = if meta.is_dir() {
+        safetensors::load_hf_dir(path, dtype)?
     } else {
-        gguf::load_gguf(path)
-    }
+        gguf::load_gguf(path, dtype)?
+    };
+    tracing::info!(
+        weights_dtype = %dtype,
+        lm_head = loaded.model.lm_head().format(),
+        decode_bytes = loaded.model.weight_bytes(),
+        "weights loaded"
+    );
+    Ok(loaded)
 }
 
 /// The rows of a q or k projection as llama.cpp's converter stores them for its interleaved
 /// rotary layout, put back in the Hugging Face (half-split) layout the forward pass uses.
-pub(crate) fn unpermute_rotary_rows(
-    data: &[f32],
+/// `row_len` elements make one row: f32 values, or the raw bytes of a quantized row (rows of
+/// ggml blocks are independent, so moving whole rows keeps them valid).
+pub(crate) fn unpermute_rotary_rows<T: Clone>(
+    data: &[T],
     num_heads: usize,
     head_dim: usize,
-    cols: usize,
-) -> Vec<f32> {
-    let mut out = vec![0f32; data.len()];
+    row_len: usize,
+) -> Vec<T> {
     let half = head_dim / 2;
-    for h in 0..num_heads {
-        for i in 0..half {
-            for s in 0..2 {
-                let src = h * head_dim + 2 * i + s;
-                let dst = h * head_dim + s * half + i;
-                out[dst * cols..(dst + 1) * cols]
-                    .copy_from_slice(&data[src * cols..(src + 1) * cols]);
-            }
-        }
+    let mut out = Vec::with_capacity(data.len());
+    for dst in 0..num_heads * head_dim {
+        let (h, within) = (dst / head_dim, dst % head_dim);
+        let (s, i) = (within / half, within % half);
+        let src = h * head_dim + 2 * i + s;
+        out.extend_from_slice(&data[src * row_len..(src + 1) * row_len]);
     }
     out
 }

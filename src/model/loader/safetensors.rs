@@ -12,7 +12,7 @@ use super::{stem, LoadedModel};
 use crate::model::config::{LlamaConfig, RopeScaling};
 use crate::model::llama::{Llama, LlamaLayer};
 use crate::model::tokenizer::Tokenizer;
-use crate::model::weights::WeightMatrix;
+use crate::model::weights::{WeightMatrix, WeightsDtype};
 use crate::model::ModelError;
 
 fn read_json(path: &Path) -> Result<Value, ModelError> {
@@ -123,6 +123,7 @@ pub fn parse_config(path: &Path, v: &Value) -> Result<LlamaConfig, ModelError> {
 struct Tensors {
     st: MmapedSafetensors,
     dir: PathBuf,
+    dtype: WeightsDtype,
 }
 
 impl Tensors {
@@ -156,11 +157,21 @@ impl Tensors {
     fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<WeightMatrix, ModelError> {
         let data = self.load(name, rows * cols)?;
         // ok: load() checked the element count.
-        Ok(WeightMatrix::from_f32(data, rows, cols).expect("checked length"))
+        Ok(WeightMatrix::from_f32_as(data, rows, cols, self.dtype).expect("checked length"))
     }
 }
 
-pub fn load_hf_dir(dir: &Path) -> Result<LoadedModel, ModelError> {
+pub fn load_hf_dir(dir: &Path, dtype: WeightsDtype) -> Result<LoadedModel, ModelError> {
+    let dtype = if dtype == WeightsDtype::Gguf {
+        tracing::warn!(
+            model = %dir.display(),
+            "--weights-dtype gguf keeps a GGUF file's quantization; this is a Hugging Face \
+             directory, so weights are quantized to q8_0 instead"
+        );
+        WeightsDtype::Q8_0
+    } else {
+        dtype
+    };
     let config_path = dir.join("config.json");
     let config = parse_config(&config_path, &read_json(&config_path)?)?;
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
@@ -175,7 +186,7 @@ pub fn load_hf_dir(dir: &Path) -> Result<LoadedModel, ModelError> {
     // SAFETY: the files are memory-mapped read-only; we do not modify them while mapped.
     let st = unsafe { MmapedSafetensors::multi(&files) }
         .map_err(|e| ModelError::invalid(dir, format!("invalid safetensors: {e}")))?;
-    let t = Tensors { st, dir: dir.to_path_buf() };
+    let t = Tensors { st, dir: dir.to_path_buf(), dtype };
 
     let (hs, nh, nkv, hd, inter) = (
         config.hidden_size,
