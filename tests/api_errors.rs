@@ -18,6 +18,7 @@ use coserve::engine::handle::SharedCounters;
 use coserve::engine::{EngineCommand, EngineEvent, EngineHandle};
 use coserve::metrics::Metrics;
 use coserve::model::loader::load_model;
+use coserve::model::weights::WeightsDtype;
 use coserve::model::ModelInfo;
 use support::{assert_error, client, sse_payloads};
 
@@ -320,7 +321,8 @@ async fn a_model_without_chat_template_refuses_chat_only() {
 /// The real router over the tiny model's tokenizer, with `engine` as its engine.
 async fn stand_in_server(engine: EngineHandle, max_body_bytes: usize) -> String {
     let dir = tempfile::tempdir().unwrap();
-    let loaded = load_model(&write_gguf(dir.path(), &TinyShape::default())).expect("tiny model");
+    let loaded = load_model(&write_gguf(dir.path(), &TinyShape::default()), WeightsDtype::F32)
+        .expect("tiny model");
     let state = AppState {
         engine,
         tokenizer: Arc::new(loaded.tokenizer),

@@ -107,7 +107,9 @@ fn eos_ends_generation_unless_ignored() {
     // Declare the sixth generated token the model's EOS.
     let eos = free[5];
     let first = free.iter().position(|&t| t == eos).expect("present");
-    let loaded = coserve::model::loader::load_model(&path).expect("load");
+    let loaded =
+        coserve::model::loader::load_model(&path, coserve::model::weights::WeightsDtype::F32)
+            .expect("load");
     let engine = TestEngine::from_parts(
         loaded.model,
         loaded.tokenizer,
@@ -188,4 +190,28 @@ fn bad_prompts_are_errors_not_crashes() {
     }
     // The engine still serves.
     assert_eq!(generate(&engine.handle, vec![1, 2, 3], long(2)).tokens.len(), 2);
+}
+
+#[test]
+fn shutdown_read_ahead_with_a_hangup_still_stops_the_engine() {
+    // A client hangs up (its next token cannot be delivered) while a shutdown is queued
+    // behind its abort: the engine reads both ahead of their turn and must still stop.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write_gguf(dir.path(), &TinyShape::default());
+    let loaded =
+        coserve::model::loader::load_model(&path, coserve::model::weights::WeightsDtype::F32)
+            .expect("load");
+    let metrics = std::sync::Arc::new(coserve::metrics::Metrics::new("test"));
+    let e = coserve::engine::start(loaded.model, vec![], &EngineConfig::default(), metrics)
+        .expect("engine starts");
+    let mut s = e.handle.submit(request(vec![1, 2, 3], long(100_000))).expect("submit");
+    assert!(matches!(s.next_blocking(), Some(EngineEvent::Token { .. })));
+    drop(s);
+    e.handle.shutdown();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = e.thread.join();
+        let _ = tx.send(());
+    });
+    assert!(rx.recv_timeout(Duration::from_secs(20)).is_ok(), "the engine thread did not stop");
 }

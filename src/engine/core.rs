@@ -33,8 +33,9 @@ impl EngineCore {
     /// Runs until shutdown or until every handle is gone.
     pub fn run(mut self) {
         loop {
-            // Block only when idle; otherwise take what has arrived and go on.
-            if !self.scheduler.has_work() {
+            // Block only when idle (no work, nothing read ahead); otherwise take what has
+            // arrived and go on.
+            if !self.scheduler.has_work() && self.deferred.is_empty() {
                 match self.rx.recv() {
                     Ok(cmd) => {
                         if !self.handle(cmd) {
