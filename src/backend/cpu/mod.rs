@@ -11,7 +11,8 @@ pub mod matmul_bf16;
 pub mod paged_attention;
 pub mod quant;
 pub mod quant_ggml;
-pub mod quant_q4_1;
+pub mod quant_ggml_q4_1;
+pub mod quant_ggml_q8_0;
 
 /// Lane count of the vector helpers: two AVX registers or four SSE registers of f32.
 pub(crate) const LANES: usize = 16;
