@@ -197,6 +197,10 @@ fn gguf_mode_keeps_file_types_and_matches_their_dequantized_forward() {
     assert_eq!(layer.w_gate_up.format(), "gguf Q4_1 + gguf Q5_0");
     assert_eq!(native.model.lm_head().format(), "gguf Q8_0");
     assert!(native.model.weight_bytes() * 3 < dense.model.weight_bytes());
+    // A Hugging Face directory has no GGUF types to keep: gguf falls back to q8_0.
+    let hf = load_model(&write_hf_dir(dir.path(), &shape), WeightsDtype::Gguf).expect("hf load");
+    assert_eq!(hf.model.layers[0].wqkv.format(), "q8_0");
+    assert_eq!(hf.model.lm_head().format(), "q8_0");
 
     // Dequantized rows are the f32 load's rows exactly: same block decoding, and q/k rows
     // moved as raw bytes land where the f32 load's un-permutation puts them.

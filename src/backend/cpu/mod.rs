@@ -12,7 +12,8 @@ pub mod matmul_bf16;
 pub mod paged_attention;
 pub mod quant;
 pub mod quant_ggml;
-pub mod quant_q4_1;
+pub mod quant_ggml_q4_1;
+pub mod quant_ggml_q8_0;
 
 /// Lane count of the reductions: two AVX registers of f32.
 pub(crate) const LANES: usize = 16;

@@ -224,6 +224,9 @@ mod avx2 {
         _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(q as *const __m128i)))
     }
 
+    /// Bytes ahead of the current weight block to prefetch (see `matmul.rs`).
+    const PREFETCH: usize = 1024;
+
     /// As `portable_tile`, with fused multiply-adds.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -241,6 +244,9 @@ mod avx2 {
         for b in 0..full {
             for j in 0..C {
                 let blk = &*wp.add(j * bpr + b);
+                _mm_prefetch::<_MM_HINT_T0>(
+                    (blk as *const BlockQ8_0 as *const i8).wrapping_add(PREFETCH),
+                );
                 let q = blk.qs.as_ptr();
                 let (w0, w1, w2, w3) =
                     (widen8(q), widen8(q.add(8)), widen8(q.add(16)), widen8(q.add(24)));

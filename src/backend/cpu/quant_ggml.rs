@@ -5,7 +5,7 @@
 //! Work is split over weight rows (each read once for all activation rows); every output is one
 //! `vec_dot` of one weight row and one quantized activation row, and an activation row's
 //! quantization depends only on that row, so results do not depend on the batch size or the
-//! thread count. Q4_1 (the default model's type) has its own kernel (`quant_q4_1`) because
+//! thread count. Q4_1 (the default model's type) has its own kernel (`quant_ggml_q4_1`) because
 //! candle's is scalar; it computes the exact same values.
 
 use candle_core::quantized::k_quants::{
@@ -192,8 +192,8 @@ macro_rules! candle_vec_dot {
 }
 
 candle_vec_dot!(
-    BlockQ4_0, BlockQ5_0, BlockQ5_1, BlockQ8_0, BlockQ8_1, BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K,
-    BlockQ6K, BlockQ8K, f16
+    BlockQ4_0, BlockQ5_0, BlockQ5_1, BlockQ8_1, BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K,
+    BlockQ8K, f16
 );
 
 #[cfg(test)]

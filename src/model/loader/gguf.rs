@@ -100,12 +100,6 @@ impl Reader<'_> {
             .map_err(|e| ModelError::invalid(self.path, format!("tensor `{name}`: {e}")))
     }
 
-    /// Dequantized tensor data and its shape (row-major, outermost first).
-    fn tensor(&mut self, name: &str) -> Result<(Vec<f32>, Vec<usize>), ModelError> {
-        let q = self.qtensor(name)?;
-        Ok((self.dequantize(name, &q)?, q.shape().dims().to_vec()))
-    }
-
     fn dequantize(&self, name: &str, q: &QTensor) -> Result<Vec<f32>, ModelError> {
         q.dequantize(&Device::Cpu)
             .and_then(|t| t.flatten_all())
@@ -114,7 +108,8 @@ impl Reader<'_> {
     }
 
     fn vector(&mut self, name: &str, len: usize) -> Result<Vec<f32>, ModelError> {
-        let (data, _) = self.tensor(name)?;
+        let q = self.qtensor(name)?;
+        let data = self.dequantize(name, &q)?;
         if data.len() != len {
             return Err(ModelError::invalid(
                 self.path,

@@ -95,6 +95,8 @@ mod avx2 {
 
     /// Activation rows sharing one decoding of a weight block.
     const ROWS: usize = 4;
+    /// Bytes ahead of the current weight block to prefetch (see `matmul.rs`).
+    const PREFETCH: usize = 1024;
 
     #[target_feature(enable = "avx2,f16c")]
     pub(super) unsafe fn dot_row(
@@ -173,6 +175,7 @@ mod avx2 {
         let mut sumf = [0f32; R];
         let mut b = 0;
         while b + 4 <= nb {
+            _mm_prefetch::<_MM_HINT_T0>(wp.add(b * Q4_1_SIZE).wrapping_add(PREFETCH) as *const i8);
             let nib = [nibbles(wp, b), nibbles(wp, b + 1), nibbles(wp, b + 2), nibbles(wp, b + 3)];
             let (dw, mw) = scales4(wp, b);
             for (acc, &(yp, dy, sy)) in sumf.iter_mut().zip(&rows) {
