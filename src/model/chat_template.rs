@@ -107,13 +107,14 @@ impl ChatTemplate {
 }
 
 /// `chat_template` of a tokenizer_config.json: a string, or a list of `{name, template}`
-/// of which "default" is used (as transformers does when no name is asked for).
+/// of which "default" is used (as transformers does when no name is asked for), else the first.
 pub fn source_from_tokenizer_config(config: &serde_json::Value) -> Option<String> {
     match config.get("chat_template")? {
         serde_json::Value::String(s) => Some(s.clone()),
         serde_json::Value::Array(list) => list
             .iter()
             .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+            .or_else(|| list.first())
             .and_then(|t| t.get("template")?.as_str())
             .map(str::to_string),
         _ => None,

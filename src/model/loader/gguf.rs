@@ -262,10 +262,7 @@ pub(crate) fn chat_template_for(
     tokenizer: &Tokenizer,
     src: &str,
 ) -> Result<ChatTemplate, ModelError> {
-    let bos = tokenizer.bos_token_id.map(|id| tokenizer.token_text(id)).unwrap_or_default();
-    let eos =
-        tokenizer.eos_token_ids.first().map(|&id| tokenizer.token_text(id)).unwrap_or_default();
-    ChatTemplate::new(src, &bos, &eos)
+    ChatTemplate::new(src, tokenizer.bos_token().unwrap_or(""), tokenizer.eos_token().unwrap_or(""))
 }
 
 fn concat(path: &Path, parts: Vec<WeightMatrix>) -> Result<WeightMatrix, ModelError> {

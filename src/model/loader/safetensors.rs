@@ -9,6 +9,7 @@ use serde_json::Value;
 
 use super::gguf::chat_template_for;
 use super::{stem, LoadedModel};
+use crate::model::chat_template::source_from_tokenizer_config;
 use crate::model::config::{LlamaConfig, RopeScaling};
 use crate::model::llama::{Llama, LlamaLayer};
 use crate::model::tokenizer::Tokenizer;
@@ -243,7 +244,7 @@ pub fn load_hf_dir(dir: &Path, dtype: WeightsDtype) -> Result<LoadedModel, Model
     let tok_config = tok_config.is_file().then_some(tok_config);
     let tokenizer = Tokenizer::from_hf_files(&dir.join("tokenizer.json"), tok_config.as_deref())?;
     let template_src = match &tok_config {
-        Some(p) => template_from_config(&read_json(p)?),
+        Some(p) => source_from_tokenizer_config(&read_json(p)?),
         None => None,
     }
     .or_else(|| std::fs::read_to_string(dir.join("chat_template.jinja")).ok());
@@ -273,19 +274,4 @@ pub fn load_hf_dir(dir: &Path, dtype: WeightsDtype) -> Result<LoadedModel, Model
         default_name: stem(dir),
         source: dir.to_path_buf(),
     })
-}
-
-/// `chat_template` of tokenizer_config.json: a string, or a list of named templates.
-fn template_from_config(v: &Value) -> Option<String> {
-    match v.get("chat_template")? {
-        Value::String(s) => Some(s.clone()),
-        Value::Array(list) => list
-            .iter()
-            .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
-            .or_else(|| list.first())
-            .and_then(|t| t.get("template"))
-            .and_then(Value::as_str)
-            .map(str::to_string),
-        _ => None,
-    }
 }
