@@ -14,17 +14,12 @@ use coserve::kv::KvCache;
 use coserve::model::llama::{ForwardBatch, Llama};
 use coserve::model::loader::load_model;
 use coserve::model::weights::WeightsDtype;
-use serde_json::Value;
 
 use common::engine::{collect, generate, request, TestEngine};
 use common::tiny_model::{write_gguf, write_hf_dir, TinyShape};
 
 const ALL: [WeightsDtype; 4] =
     [WeightsDtype::F32, WeightsDtype::Bf16, WeightsDtype::Q8_0, WeightsDtype::Gguf];
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().expect("array").iter().map(|x| x.as_u64().expect("id") as u32).collect()
-}
 
 /// What each format must keep on the default model: (format, greedy tokens every prompt
 /// shares with the reference, greedy continuations (of 8) equal in full, bound on the top-5
@@ -53,8 +48,7 @@ const BOUNDS: [(WeightsDtype, usize, usize, f64, usize); 4] = [
 
 #[test]
 fn quantized_formats_stay_close_to_the_reference() {
-    let reference = common::reference();
-    let prompts = reference["prompts"].as_array().expect("prompts");
+    let prompts = common::fixtures::smollm2_fixture().prompts;
     let path = common::default_model_path();
     let mut report = Vec::new();
     for (dtype, min_prefix, min_exact, lp_bound, want_bytes) in BOUNDS {
@@ -73,7 +67,7 @@ fn quantized_formats_stay_close_to_the_reference() {
             .map(|p| {
                 let mut params = SamplingParams::greedy(24);
                 params.ignore_eos = true;
-                engine.handle.submit(request(ids(&p["prompt_ids"]), params)).expect("submit")
+                engine.handle.submit(request(p.prompt_ids.clone(), params)).expect("submit")
             })
             .collect();
         let gens: Vec<Vec<u32>> = streams.into_iter().map(|s| collect(s).tokens).collect();
@@ -82,8 +76,8 @@ fn quantized_formats_stay_close_to_the_reference() {
         let streams: Vec<_> = prompts
             .iter()
             .map(|p| {
-                let mut forced = ids(&p["prompt_ids"]);
-                forced.extend_from_slice(&ids(&p["greedy_ids"])[..8]);
+                let mut forced = p.prompt_ids.clone();
+                forced.extend_from_slice(&p.greedy_ids[..8]);
                 let mut params = SamplingParams::greedy(1);
                 params.prompt_logprobs = Some(20);
                 engine.handle.submit(request(forced, params)).expect("submit")
@@ -93,17 +87,15 @@ fn quantized_formats_stay_close_to_the_reference() {
 
         let (mut exact, mut min_agree, mut worst_lp, mut missing) = (0, usize::MAX, 0f64, 0);
         for ((p, got), f) in prompts.iter().zip(&gens).zip(&forced) {
-            let want = ids(&p["greedy_ids"]);
-            let agree = got.iter().zip(&want).take_while(|(a, b)| a == b).count();
+            let want = &p.greedy_ids;
+            let agree = got.iter().zip(want).take_while(|(a, b)| a == b).count();
             min_agree = min_agree.min(agree);
             exact += usize::from(agree == want.len());
-            let plen = ids(&p["prompt_ids"]).len();
+            let plen = p.prompt_ids.len();
             let lps = f.prompt_logprobs.as_ref().expect("prompt logprobs requested");
-            for (pos, ref_top) in p["top5_logprobs"].as_array().expect("top5").iter().enumerate() {
+            for (pos, ref_top) in p.top5_logprobs.iter().enumerate() {
                 let ours = lps[plen + pos].as_ref().expect("logprobs of a forced token");
-                for pair in ref_top.as_array().expect("pairs") {
-                    let id = pair[0].as_u64().expect("id") as u32;
-                    let lp = pair[1].as_f64().expect("lp");
+                for &(id, lp) in ref_top {
                     match ours.top.iter().find(|(t, _)| *t == id) {
                         Some((_, v)) => worst_lp = worst_lp.max((*v as f64 - lp).abs()),
                         None => missing += 1,

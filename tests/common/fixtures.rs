@@ -21,6 +21,8 @@ pub struct PromptCase {
     pub prompt_ids: Vec<u32>,
     pub greedy_ids: Vec<u32>,
     pub greedy_text: String,
+    /// (token id, logprob) of the 5 most likely tokens at each of the first 8 positions.
+    pub top5_logprobs: Vec<Vec<(u32, f64)>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -48,9 +50,7 @@ pub fn smollm2_fixture() -> Fixture {
 
 /// The default model's path (downloaded on first use) and its GGUF metadata.
 pub fn default_model_metadata() -> (PathBuf, HashMap<String, gguf_file::Value>) {
-    use coserve::model::fetch::{coserve_home, ensure_default_model};
-    let path = ensure_default_model(&coserve_home())
-        .unwrap_or_else(|e| panic!("default model unavailable: {e}"));
+    let path = super::default_model_path();
     let mut file =
         std::fs::File::open(&path).unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
     let content = gguf_file::Content::read(&mut file)
