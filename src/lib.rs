@@ -7,6 +7,7 @@ pub mod bench;
 pub mod config;
 pub mod engine;
 pub mod kv;
+pub mod lora;
 pub mod metrics;
 pub mod model;
 pub mod server;

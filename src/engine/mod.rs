@@ -6,6 +6,7 @@ pub mod request;
 pub mod sampler;
 pub mod scheduler;
 pub mod sequence;
+pub mod training;
 
 use std::sync::Arc;
 use std::thread::JoinHandle;

@@ -6,10 +6,13 @@
 
 use rayon::prelude::*;
 
+use super::activations::{save_rows, Capture};
 use super::config::LlamaConfig;
+use super::lora_apply::{group_slices, lora_expand, lora_shrink, LoraGroup, LoraSlice};
 use super::weights::WeightMatrix;
 use crate::backend::cpu::paged_attention::{paged_attention, AttnSeq, AttnShape};
 use crate::kv::KvCache;
+use crate::lora::TargetModule;
 
 pub struct LlamaLayer {
     pub attn_norm: Vec<f32>,
@@ -84,8 +87,20 @@ impl Llama {
         layers + self.lm_head().size_bytes()
     }
 
-    /// Runs the batch; returns logits `[logits_rows.len(), vocab]`.
+    /// Runs the batch on the base model; returns logits `[logits_rows.len(), vocab]`.
     pub fn forward(&self, batch: &ForwardBatch<'_>, kv: &mut KvCache) -> Vec<f32> {
+        self.forward_with(batch, kv, &[], &mut [])
+    }
+
+    /// Runs the batch with `lora` rows through their adapters, saving what the backward needs
+    /// for the training rows of each capture; returns logits `[logits_rows.len(), vocab]`.
+    pub fn forward_with(
+        &self,
+        batch: &ForwardBatch<'_>,
+        kv: &mut KvCache,
+        lora: &[LoraSlice<'_>],
+        captures: &mut [Capture<'_>],
+    ) -> Vec<f32> {
         let c = &self.config;
         let t = batch.tokens.len();
         let (hs, hd, nh, nkv) = (c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads);
@@ -116,10 +131,32 @@ impl Llama {
         let mut proj = vec![0f32; t * hs];
         let mut gate_up = vec![0f32; t * 2 * inter];
         let mut act = vec![0f32; t * inter];
+        let groups = group_slices(lora);
+        let adapt = |li: usize,
+                     m: TargetModule,
+                     x: &[f32],
+                     out: &mut [f32],
+                     ld: usize,
+                     col0: usize,
+                     captures: &mut [Capture<'_>]| {
+            if groups.is_empty() {
+                return;
+            }
+            let in_dim = m.shape(c).1;
+            let us = lora_shrink(&groups, li, m, x, in_dim);
+            lora_expand(&groups, &us, li, m, out, ld, col0);
+            save_lora_u(&groups, &us, li, m, captures);
+        };
 
         for (li, layer) in self.layers.iter().enumerate() {
+            for cap in captures.iter_mut() {
+                save_rows(&h, hs, &cap.rows, cap.first_pos, &mut cap.acts.layers[li].h_in);
+            }
             rms_norm(&h, &layer.attn_norm, eps, &mut x);
             layer.wqkv.forward(&x, t, &mut qkv);
+            adapt(li, TargetModule::QProj, &x, &mut qkv, qkv_dim, 0, captures);
+            adapt(li, TargetModule::KProj, &x, &mut qkv, qkv_dim, q_dim, captures);
+            adapt(li, TargetModule::VProj, &x, &mut qkv, qkv_dim, q_dim + kv_dim, captures);
             for (i, row) in qkv.chunks_exact_mut(qkv_dim).enumerate() {
                 if let Some(b) = &layer.qkv_bias {
                     row.iter_mut().zip(b).for_each(|(r, b)| *r += b);
@@ -136,14 +173,33 @@ impl Llama {
             kv.write(li, &k, &v, batch.slot_mapping);
             let (kc, vc) = kv.layer(li);
             paged_attention(&q, kc, vc, batch.seqs, &shape, &mut attn);
+            for cap in captures.iter_mut() {
+                let acts = &mut cap.acts.layers[li];
+                save_rows(&q, q_dim, &cap.rows, cap.first_pos, &mut acts.q);
+                save_rows(&attn, q_dim, &cap.rows, cap.first_pos, &mut acts.attn);
+            }
             layer.wo.forward(&attn, t, &mut proj);
+            adapt(li, TargetModule::OProj, &attn, &mut proj, hs, 0, captures);
             add_assign(&mut h, &proj);
 
+            for cap in captures.iter_mut() {
+                save_rows(&h, hs, &cap.rows, cap.first_pos, &mut cap.acts.layers[li].h_mid);
+            }
             rms_norm(&h, &layer.ffn_norm, eps, &mut x);
             layer.w_gate_up.forward(&x, t, &mut gate_up);
+            adapt(li, TargetModule::GateProj, &x, &mut gate_up, 2 * inter, 0, captures);
+            adapt(li, TargetModule::UpProj, &x, &mut gate_up, 2 * inter, inter, captures);
+            for cap in captures.iter_mut() {
+                let acts = &mut cap.acts.layers[li];
+                save_rows(&gate_up, 2 * inter, &cap.rows, cap.first_pos, &mut acts.gate_up);
+            }
             silu_mul(&gate_up, inter, &mut act);
             layer.w_down.forward(&act, t, &mut proj);
+            adapt(li, TargetModule::DownProj, &act, &mut proj, hs, 0, captures);
             add_assign(&mut h, &proj);
+        }
+        for cap in captures.iter_mut() {
+            save_rows(&h, hs, &cap.rows, cap.first_pos, &mut cap.acts.h_final);
         }
 
         let n = batch.logits_rows.len();
@@ -160,7 +216,7 @@ impl Llama {
     }
 
     /// cos and sin of `position * inv_freq`, `[tokens, head_dim / 2]` each.
-    fn rope_tables(&self, positions: &[usize]) -> (Vec<f32>, Vec<f32>) {
+    pub(crate) fn rope_tables(&self, positions: &[usize]) -> (Vec<f32>, Vec<f32>) {
         let half = self.inv_freq.len();
         let mut cos = Vec::with_capacity(positions.len() * half);
         let mut sin = Vec::with_capacity(positions.len() * half);
@@ -177,8 +233,36 @@ impl Llama {
     }
 }
 
+/// Copies each capture's rows of the low-rank activations into its sample buffers.
+fn save_lora_u(
+    groups: &[LoraGroup<'_>],
+    us: &[Vec<f32>],
+    li: usize,
+    m: TargetModule,
+    captures: &mut [Capture<'_>],
+) {
+    for cap in captures.iter_mut() {
+        let dst = &mut cap.acts.layers[li].lora_u[m.index()];
+        if dst.is_empty() {
+            continue;
+        }
+        let r = dst.len() / cap.acts.len.max(1);
+        for (g, u) in groups.iter().zip(us) {
+            if u.is_empty() {
+                continue;
+            }
+            for (i, &row) in g.rows.iter().enumerate() {
+                if cap.rows.contains(&row) {
+                    let pos = cap.first_pos + row - cap.rows.start;
+                    dst[pos * r..(pos + 1) * r].copy_from_slice(&u[i * r..(i + 1) * r]);
+                }
+            }
+        }
+    }
+}
+
 /// Rotates one head in the HF ("neox") layout: dimension i pairs with i + head_dim / 2.
-fn apply_rope(head: &mut [f32], cos: &[f32], sin: &[f32]) {
+pub(crate) fn apply_rope(head: &mut [f32], cos: &[f32], sin: &[f32]) {
     let half = head.len() / 2;
     let (a, b) = head.split_at_mut(half);
     for i in 0..half {
@@ -204,7 +288,7 @@ pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     }
 }
 
-fn silu_mul(gate_up: &[f32], inter: usize, out: &mut [f32]) {
+pub(crate) fn silu_mul(gate_up: &[f32], inter: usize, out: &mut [f32]) {
     let f = |(gu, o): (&[f32], &mut [f32])| {
         let (g, u) = gu.split_at(inter);
         for ((o, g), u) in o.iter_mut().zip(g).zip(u) {

@@ -1,10 +1,15 @@
 //! Models: configuration, loading (GGUF, HF safetensors), tokenizer, chat template, forward.
 
+pub mod activations;
+pub mod attention_backward;
+pub mod backward;
 pub mod chat_template;
 pub mod config;
 pub mod fetch;
 pub mod llama;
 pub mod loader;
+pub mod lora_apply;
+pub mod loss;
 pub mod tokenizer;
 pub mod weights;
 

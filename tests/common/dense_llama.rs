@@ -5,19 +5,19 @@ use candle_core::{DType, Device, Tensor, D};
 
 use super::tiny_model::{hf_tensors, TinyShape};
 
-fn get(ts: &[(String, Vec<usize>, Vec<f32>)], name: &str) -> Tensor {
+pub fn get(ts: &[(String, Vec<usize>, Vec<f32>)], name: &str) -> Tensor {
     let (_, shape, data) =
         ts.iter().find(|(n, _, _)| n == name).unwrap_or_else(|| panic!("{name}"));
     Tensor::from_vec(data.clone(), shape.clone(), &Device::Cpu).expect("tensor")
 }
 
-fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Tensor {
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Tensor {
     let var = x.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
     let normed = x.broadcast_div(&(var + eps).unwrap().sqrt().unwrap()).unwrap();
     normed.broadcast_mul(w).unwrap()
 }
 
-fn rope(x: &Tensor, positions: &[usize], head_dim: usize, theta: f32) -> Tensor {
+pub fn rope(x: &Tensor, positions: &[usize], head_dim: usize, theta: f32) -> Tensor {
     // x: [heads, seq, head_dim], HF half-split layout.
     let half = head_dim / 2;
     let inv: Vec<f32> =

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod dense_llama;
+pub mod dense_lora;
 pub mod engine;
 pub mod fixtures;
 pub mod server;

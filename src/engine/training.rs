@@ -1,0 +1,213 @@
+//! One training sample's life in the engine: forwarded in chunks appended to iterations (over
+//! its own KV blocks, saving pruned activations), then its loss, then its backward a few
+//! layers per iteration, top-down. Its blocks free when the sample is dropped.
+
+use std::ops::Range;
+
+use crate::backend::cpu::paged_attention::AttnSeq;
+use crate::kv::{BlockAllocator, BlockTable, KvCache, OutOfBlocks};
+use crate::lora::LoraWeights;
+use crate::model::activations::{Capture, SavedActivations};
+use crate::model::backward::{backward_layer, BackwardWeights, LayerBackward};
+use crate::model::llama::{ForwardBatch, Llama};
+use crate::model::lora_apply::{LoraSlice, TrainRows};
+use crate::model::loss::{lm_loss, LossStats};
+
+pub struct TrainingSample {
+    pub tokens: Vec<u32>,
+    /// `trained[i]`: token `i` is a loss target.
+    pub trained: Vec<bool>,
+    blocks: BlockTable,
+    slots: Vec<usize>,
+    acts: SavedActivations,
+    /// Tokens forwarded so far.
+    forwarded: usize,
+    dropout_seed: u64,
+    backward: Option<Backward>,
+}
+
+struct Backward {
+    /// Layers still to run; the next one is `remaining - 1`.
+    remaining: usize,
+    /// Gradient w.r.t. the residual stream above layer `remaining - 1`, `[T, hidden]`.
+    dh: Vec<f32>,
+}
+
+impl TrainingSample {
+    /// Takes KV blocks for the whole sample up front, so its forward never waits for blocks.
+    pub fn new(
+        tokens: Vec<u32>,
+        trained: Vec<bool>,
+        allocator: &BlockAllocator,
+        model: &Llama,
+        adapter: &LoraWeights,
+        dropout_seed: u64,
+    ) -> Result<Self, OutOfBlocks> {
+        let mut blocks = BlockTable::new(allocator.clone());
+        blocks.reserve(tokens.len())?;
+        let slots = (0..tokens.len()).map(|p| blocks.slot(p)).collect();
+        let acts = SavedActivations::new(&model.config, adapter, tokens.len());
+        Ok(Self {
+            tokens,
+            trained,
+            blocks,
+            slots,
+            acts,
+            forwarded: 0,
+            dropout_seed,
+            backward: None,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+
+    pub fn forward_remaining(&self) -> usize {
+        self.len() - self.forwarded
+    }
+
+    pub fn forwarded(&self) -> usize {
+        self.forwarded
+    }
+
+    /// Layers of backward still to run (0 before the forward ends and after the backward).
+    pub fn backward_remaining(&self) -> usize {
+        self.backward.as_ref().map_or(0, |b| b.remaining)
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.forward_remaining() == 0 && self.backward.as_ref().is_some_and(|b| b.remaining == 0)
+    }
+
+    pub fn activation_bytes(&self) -> usize {
+        self.acts.bytes()
+    }
+
+    /// Appends the next `n` tokens of the sample to an iteration's inputs.
+    pub fn push_chunk(&self, n: usize, inputs: &mut ChunkInputs) -> Range<usize> {
+        let r0 = inputs.tokens.len();
+        for p in self.forwarded..self.forwarded + n {
+            inputs.tokens.push(self.tokens[p]);
+            inputs.positions.push(p);
+            inputs.slots.push(self.slots[p]);
+        }
+        r0..r0 + n
+    }
+
+    pub fn attn_seq(&self, rows: &Range<usize>) -> AttnSeq<'_> {
+        AttnSeq {
+            q_start: rows.start,
+            q_len: rows.len(),
+            context_len: self.forwarded + rows.len(),
+            block_table: self.blocks.block_ids(),
+        }
+    }
+
+    pub fn lora_slice<'a>(&self, rows: &Range<usize>, adapter: &'a LoraWeights) -> LoraSlice<'a> {
+        LoraSlice {
+            rows: rows.clone(),
+            adapter,
+            train: Some(TrainRows { dropout_seed: self.dropout_seed, first_pos: self.forwarded }),
+        }
+    }
+
+    pub fn capture(&mut self, rows: &Range<usize>) -> Capture<'_> {
+        Capture { rows: rows.clone(), first_pos: self.forwarded, acts: &mut self.acts }
+    }
+
+    /// Records that a chunk of `n` tokens ran.
+    pub fn advance(&mut self, n: usize) {
+        self.forwarded = (self.forwarded + n).min(self.len());
+    }
+
+    /// After the last chunk: the loss over the trained tokens and its gradient, which starts
+    /// the backward. `grad_scale` weights this sample's loss in the optimizer step.
+    pub fn finish_forward(
+        &mut self,
+        model: &Llama,
+        bw: &BackwardWeights,
+        grad_scale: f32,
+    ) -> LossStats {
+        let targets: Vec<Option<u32>> = (0..self.len())
+            .map(|i| {
+                let next = i + 1;
+                (next < self.len() && self.trained[next]).then(|| self.tokens[next])
+            })
+            .collect();
+        let mut dh = vec![0f32; self.len() * model.config.hidden_size];
+        let stats =
+            lm_loss(model, Some(bw), &self.acts.h_final, &targets, grad_scale, Some(&mut dh));
+        self.backward = Some(Backward { remaining: model.layers.len(), dh });
+        stats
+    }
+
+    /// Runs up to `max_layers` layers of the backward; returns how many ran.
+    pub fn backward_layers(
+        &mut self,
+        model: &Llama,
+        bw: &BackwardWeights,
+        kv: &KvCache,
+        adapter: &LoraWeights,
+        grads: &mut LoraWeights,
+        max_layers: usize,
+    ) -> usize {
+        let Some(b) = self.backward.as_mut() else { return 0 };
+        let n = max_layers.min(b.remaining);
+        for _ in 0..n {
+            let li = b.remaining - 1;
+            let lb = LayerBackward {
+                acts: &self.acts,
+                adapter,
+                kv,
+                slots: &self.slots,
+                dropout_seed: self.dropout_seed,
+            };
+            backward_layer(model, bw, li, &lb, grads, &mut b.dh);
+            b.remaining -= 1;
+        }
+        n
+    }
+}
+
+/// The flattened token inputs of one iteration.
+#[derive(Debug, Default)]
+pub struct ChunkInputs {
+    pub tokens: Vec<u32>,
+    pub positions: Vec<usize>,
+    pub slots: Vec<usize>,
+}
+
+/// Forwards the next `n` tokens of `sample` in an iteration of its own (no inference rows).
+pub fn forward_chunk_alone(
+    model: &Llama,
+    kv: &mut KvCache,
+    adapter: &LoraWeights,
+    sample: &mut TrainingSample,
+    n: usize,
+) {
+    let n = n.min(sample.forward_remaining());
+    if n == 0 {
+        return;
+    }
+    let mut inputs = ChunkInputs::default();
+    let rows = sample.push_chunk(n, &mut inputs);
+    let seqs = [sample.attn_seq(&rows)];
+    let lora = [sample.lora_slice(&rows, adapter)];
+    let block_ids = seqs[0].block_table.to_vec();
+    let seqs = [AttnSeq { block_table: &block_ids, ..seqs[0] }];
+    let batch = ForwardBatch {
+        tokens: &inputs.tokens,
+        positions: &inputs.positions,
+        slot_mapping: &inputs.slots,
+        seqs: &seqs,
+        logits_rows: &[],
+    };
+    let mut caps = [sample.capture(&rows)];
+    model.forward_with(&batch, kv, &lora, &mut caps);
+    sample.advance(n);
+}

@@ -1,0 +1,8 @@
+//! LoRA adapters: hyperparameters, weights, dropout masks, the optimizer and the PEFT layout.
+
+pub mod adapter;
+pub mod config;
+pub mod dropout;
+
+pub use adapter::{LoraPair, LoraWeights};
+pub use config::{LoraConfig, LoraConfigError, TargetModule};

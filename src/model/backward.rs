@@ -1,0 +1,286 @@
+//! The token-level backward: one decoder layer at a time over a whole training sample, from
+//! the activations its chunked forward saved, accumulating LoRA gradients and carrying the
+//! gradient w.r.t. the layer input to the next (lower) layer.
+//!
+//! Base weights are frozen, so a frozen projection only propagates `dX = dY · W`; adapted ones
+//! also produce `dA`, `dB`. The forward is `y = x Wᵀ + s · (drop(x) Aᵀ) Bᵀ`.
+
+use rayon::prelude::*;
+
+use super::activations::SavedActivations;
+use super::attention_backward::{attention_backward, AttnBackwardInput};
+use super::llama::{apply_rope, rms_norm, silu_mul, Llama};
+use super::weights::WeightMatrix;
+use crate::backend::cpu::matmul::matmul_t;
+use crate::kv::KvCache;
+use crate::lora::dropout::apply_dropout;
+use crate::lora::{LoraPair, LoraWeights, TargetModule};
+
+/// Transposed f32 copies of the frozen weights, `[in, out]`, so `dY · W` runs on the same
+/// `x · wᵀ` kernel as the forward. Built once, when training first needs them.
+pub struct BackwardWeights {
+    layers: Vec<LayerT>,
+    /// `[hidden, vocab]`.
+    pub head_t: Vec<f32>,
+}
+
+struct LayerT {
+    wqkv: Vec<f32>,
+    wo: Vec<f32>,
+    w_gate_up: Vec<f32>,
+    w_down: Vec<f32>,
+}
+
+fn transposed(w: &WeightMatrix) -> Vec<f32> {
+    let (rows, cols) = (w.rows, w.cols);
+    let mut out = vec![0f32; rows * cols];
+    let mut row = vec![0f32; cols];
+    for r in 0..rows {
+        w.row_into(r, &mut row);
+        for (c, &v) in row.iter().enumerate() {
+            out[c * rows + r] = v;
+        }
+    }
+    out
+}
+
+pub(crate) fn transpose(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0f32; rows * cols];
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c * rows + r] = x[r * cols + c];
+        }
+    }
+    out
+}
+
+impl BackwardWeights {
+    pub fn new(model: &Llama) -> Self {
+        let layers = model
+            .layers
+            .par_iter()
+            .map(|l| LayerT {
+                wqkv: transposed(&l.wqkv),
+                wo: transposed(&l.wo),
+                w_gate_up: transposed(&l.w_gate_up),
+                w_down: transposed(&l.w_down),
+            })
+            .collect();
+        Self { layers, head_t: transposed(model.lm_head()) }
+    }
+
+    pub fn bytes(&self) -> usize {
+        let l: usize = self
+            .layers
+            .iter()
+            .map(|l| l.wqkv.len() + l.wo.len() + l.w_gate_up.len() + l.w_down.len())
+            .sum();
+        (l + self.head_t.len()) * 4
+    }
+}
+
+/// `dx += dy · W` for `W` given transposed as `wt [in, out]`.
+fn propagate(dy: &[f32], wt: &[f32], t: usize, out_dim: usize, in_dim: usize, dx: &mut [f32]) {
+    let mut tmp = vec![0f32; t * in_dim];
+    matmul_t(dy, wt, t, out_dim, in_dim, &mut tmp);
+    dx.iter_mut().zip(&tmp).for_each(|(a, b)| *a += b);
+}
+
+/// Gradient of RMSNorm `y = w ⊙ x / rms(x)`: `dx = r (w⊙dy) − x r³/d Σ(w⊙dy⊙x)`, added to `dx`.
+pub fn rms_norm_backward(x: &[f32], w: &[f32], eps: f32, dy: &[f32], dx: &mut [f32]) {
+    let d = w.len();
+    x.par_chunks_exact(d).zip(dy.par_chunks_exact(d)).zip(dx.par_chunks_exact_mut(d)).for_each(
+        |((xi, dyi), dxi)| {
+            let ss: f32 = xi.iter().map(|v| v * v).sum::<f32>() / d as f32;
+            let r = 1.0 / (ss + eps).sqrt();
+            let dot: f32 = xi.iter().zip(dyi).zip(w).map(|((x, g), w)| x * g * w).sum();
+            let c = r * r * r * dot / d as f32;
+            for ((o, (xv, g)), wv) in dxi.iter_mut().zip(xi.iter().zip(dyi)).zip(w) {
+                *o += r * wv * g - c * xv;
+            }
+        },
+    );
+}
+
+/// The columns `c0..c0 + w` of a `[t, ld]` matrix as a dense `[t, w]` one.
+fn columns(x: &[f32], t: usize, ld: usize, c0: usize, w: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(t * w);
+    for i in 0..t {
+        out.extend_from_slice(&x[i * ld + c0..i * ld + c0 + w]);
+    }
+    out
+}
+
+/// Gradients of one adapted projection over the sample: accumulates `dA`, `dB` into `grad`
+/// and adds the LoRA part of `dX` to `dx`. `x` is the projection's input (before dropout),
+/// `dy` its output gradient, `u` the saved `drop(x) Aᵀ`.
+#[allow(clippy::too_many_arguments)]
+fn lora_backward(
+    pair: &LoraPair,
+    grad: &mut LoraPair,
+    scale: f32,
+    dropout: Option<(f32, u64, usize, usize)>,
+    x: &[f32],
+    dy: &[f32],
+    u: &[f32],
+    t: usize,
+    dx: &mut [f32],
+) {
+    let (r, ind, outd) = (pair.rank(), pair.in_dim, pair.out_dim);
+    // dB += s · dYᵀ u
+    let mut db = vec![0f32; outd * r];
+    matmul_t(&transpose(dy, t, outd), &transpose(u, t, r), outd, t, r, &mut db);
+    grad.b.iter_mut().zip(&db).for_each(|(g, v)| *g += scale * v);
+    // g = s · dY B
+    let mut g = vec![0f32; t * r];
+    matmul_t(dy, &transpose(&pair.b, outd, r), t, outd, r, &mut g);
+    g.iter_mut().for_each(|v| *v *= scale);
+    // dA += gᵀ drop(x)
+    let mut xd = x.to_vec();
+    if let Some((p, seed, layer, module)) = dropout {
+        for (pos, row) in xd.chunks_exact_mut(ind).enumerate() {
+            apply_dropout(row, p, seed, layer, module, pos);
+        }
+    }
+    let mut da = vec![0f32; r * ind];
+    matmul_t(&transpose(&g, t, r), &transpose(&xd, t, ind), r, t, ind, &mut da);
+    grad.a.iter_mut().zip(&da).for_each(|(a, v)| *a += v);
+    // dX += drop'(g A): the mask (and its scale) applies to the gradient as to the input.
+    let mut gx = vec![0f32; t * ind];
+    matmul_t(&g, &transpose(&pair.a, r, ind), t, r, ind, &mut gx);
+    if let Some((p, seed, layer, module)) = dropout {
+        for (pos, row) in gx.chunks_exact_mut(ind).enumerate() {
+            apply_dropout(row, p, seed, layer, module, pos);
+        }
+    }
+    dx.iter_mut().zip(&gx).for_each(|(a, b)| *a += b);
+}
+
+/// The sample's K and V of one layer, positions `0..len`, read through its cache slots.
+fn gather_kv(kv: &KvCache, layer: usize, slots: &[usize]) -> (Vec<f32>, Vec<f32>) {
+    let row = kv.num_kv_heads() * kv.head_dim();
+    let (kc, vc) = kv.layer(layer);
+    let mut k = Vec::with_capacity(slots.len() * row);
+    let mut v = Vec::with_capacity(slots.len() * row);
+    for &s in slots {
+        k.extend_from_slice(&kc[s * row..(s + 1) * row]);
+        v.extend_from_slice(&vc[s * row..(s + 1) * row]);
+    }
+    (k, v)
+}
+
+/// What one layer's backward reads besides the model.
+pub struct LayerBackward<'a> {
+    pub acts: &'a SavedActivations,
+    pub adapter: &'a LoraWeights,
+    pub kv: &'a KvCache,
+    /// Cache slot of each position of the sample.
+    pub slots: &'a [usize],
+    pub dropout_seed: u64,
+}
+
+/// Backward of layer `li`: `dh` holds the gradient w.r.t. the layer's output on entry and
+/// w.r.t. its input on return; LoRA gradients are added to `grads`.
+pub fn backward_layer(
+    model: &Llama,
+    bw: &BackwardWeights,
+    li: usize,
+    lb: &LayerBackward<'_>,
+    grads: &mut LoraWeights,
+    dh: &mut [f32],
+) {
+    let c = &model.config;
+    let t = lb.acts.len;
+    let (hs, hd, nh, nkv) = (c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads);
+    let (q_dim, kv_dim, inter) = (nh * hd, nkv * hd, c.intermediate_size);
+    let qkv_dim = q_dim + 2 * kv_dim;
+    let eps = c.rms_norm_eps as f32;
+    let layer = &model.layers[li];
+    let wt = &bw.layers[li];
+    let acts = &lb.acts.layers[li];
+    let scale = lb.adapter.scale();
+    let p = lb.adapter.config.dropout;
+    let dropout = |m: TargetModule| (p > 0.0).then_some((p, lb.dropout_seed, li, m.index()));
+    let mut adapted =
+        |m: TargetModule, x: &[f32], dy: &[f32], dy_ld: usize, c0: usize, dx: &mut [f32]| {
+            let (Some(pair), Some(Some(grad))) =
+                (lb.adapter.pair(li, m), grads.layers.get_mut(li).map(|l| l[m.index()].as_mut()))
+            else {
+                return;
+            };
+            let dym = columns(dy, t, dy_ld, c0, pair.out_dim);
+            let u = &acts.lora_u[m.index()];
+            lora_backward(pair, grad, scale, dropout(m), x, &dym, u, t, dx);
+        };
+
+    // MLP: h_out = h_mid + down(silu(g) ⊙ u), [g, u] = gate_up(norm(h_mid)).
+    let mut act = vec![0f32; t * inter];
+    silu_mul(&acts.gate_up, inter, &mut act);
+    let mut d_act = vec![0f32; t * inter];
+    propagate(dh, &wt.w_down, t, hs, inter, &mut d_act);
+    adapted(TargetModule::DownProj, &act, dh, hs, 0, &mut d_act);
+    let mut d_gu = vec![0f32; t * 2 * inter];
+    for ((gu, da), dgu) in acts
+        .gate_up
+        .chunks_exact(2 * inter)
+        .zip(d_act.chunks_exact(inter))
+        .zip(d_gu.chunks_exact_mut(2 * inter))
+    {
+        let (g, u) = gu.split_at(inter);
+        let (dg, du) = dgu.split_at_mut(inter);
+        for i in 0..inter {
+            let sig = 1.0 / (1.0 + (-g[i]).exp());
+            let silu = g[i] * sig;
+            du[i] = da[i] * silu;
+            dg[i] = da[i] * u[i] * sig * (1.0 + g[i] * (1.0 - sig));
+        }
+    }
+    let mut x2 = vec![0f32; t * hs];
+    rms_norm(&acts.h_mid, &layer.ffn_norm, eps, &mut x2);
+    let mut dx2 = vec![0f32; t * hs];
+    propagate(&d_gu, &wt.w_gate_up, t, 2 * inter, hs, &mut dx2);
+    adapted(TargetModule::GateProj, &x2, &d_gu, 2 * inter, 0, &mut dx2);
+    adapted(TargetModule::UpProj, &x2, &d_gu, 2 * inter, inter, &mut dx2);
+    rms_norm_backward(&acts.h_mid, &layer.ffn_norm, eps, &dx2, dh);
+
+    // Attention: h_mid = h_in + o(attn(rope(q), rope(k), v)), [q, k, v] = qkv(norm(h_in)).
+    let mut d_attn = vec![0f32; t * q_dim];
+    propagate(dh, &wt.wo, t, hs, q_dim, &mut d_attn);
+    adapted(TargetModule::OProj, &acts.attn, dh, hs, 0, &mut d_attn);
+    let (k, v) = gather_kv(lb.kv, li, lb.slots);
+    let (dq, dk, dv) = attention_backward(&AttnBackwardInput {
+        q: &acts.q,
+        k: &k,
+        v: &v,
+        o: &acts.attn,
+        d_o: &d_attn,
+        len: t,
+        num_heads: nh,
+        num_kv_heads: nkv,
+        head_dim: hd,
+        scale: 1.0 / (hd as f32).sqrt(),
+    });
+    // RoPE is a rotation: its backward rotates by the opposite angle.
+    let positions: Vec<usize> = (0..t).collect();
+    let (cos, sin) = model.rope_tables(&positions);
+    let neg_sin: Vec<f32> = sin.iter().map(|s| -s).collect();
+    let mut d_qkv = vec![0f32; t * qkv_dim];
+    for i in 0..t {
+        let (cs, sn) = (&cos[i * hd / 2..(i + 1) * hd / 2], &neg_sin[i * hd / 2..(i + 1) * hd / 2]);
+        let row = &mut d_qkv[i * qkv_dim..(i + 1) * qkv_dim];
+        row[..q_dim].copy_from_slice(&dq[i * q_dim..(i + 1) * q_dim]);
+        row[q_dim..q_dim + kv_dim].copy_from_slice(&dk[i * kv_dim..(i + 1) * kv_dim]);
+        row[q_dim + kv_dim..].copy_from_slice(&dv[i * kv_dim..(i + 1) * kv_dim]);
+        for head in row[..q_dim + kv_dim].chunks_exact_mut(hd) {
+            apply_rope(head, cs, sn);
+        }
+    }
+    let mut x1 = vec![0f32; t * hs];
+    rms_norm(&acts.h_in, &layer.attn_norm, eps, &mut x1);
+    let mut dx1 = vec![0f32; t * hs];
+    propagate(&d_qkv, &wt.wqkv, t, qkv_dim, hs, &mut dx1);
+    adapted(TargetModule::QProj, &x1, &d_qkv, qkv_dim, 0, &mut dx1);
+    adapted(TargetModule::KProj, &x1, &d_qkv, qkv_dim, q_dim, &mut dx1);
+    adapted(TargetModule::VProj, &x1, &d_qkv, qkv_dim, q_dim + kv_dim, &mut dx1);
+    rms_norm_backward(&acts.h_in, &layer.attn_norm, eps, &dx1, dh);
+}

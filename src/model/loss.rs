@@ -1,0 +1,109 @@
+//! Causal-LM cross-entropy over a training sample and its gradient w.r.t. the final hidden
+//! states, computed over row chunks so the `[tokens, vocab]` logits never exist whole.
+
+use super::backward::{rms_norm_backward, BackwardWeights};
+use super::llama::{rms_norm, Llama};
+use crate::backend::cpu::matmul::matmul_t;
+
+/// Rows of logits computed at once: bounds the logits buffer to `ROWS x vocab` floats.
+const ROWS: usize = 32;
+
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct LossStats {
+    /// Sum of per-token negative log-likelihoods (nats).
+    pub loss_sum: f64,
+    /// Tokens whose argmax prediction equals the target.
+    pub correct: usize,
+    /// Tokens with a target.
+    pub count: usize,
+}
+
+impl LossStats {
+    pub fn add(&mut self, o: &LossStats) {
+        self.loss_sum += o.loss_sum;
+        self.correct += o.correct;
+        self.count += o.count;
+    }
+
+    pub fn mean_loss(&self) -> f64 {
+        if self.count == 0 {
+            0.0
+        } else {
+            self.loss_sum / self.count as f64
+        }
+    }
+
+    pub fn accuracy(&self) -> f64 {
+        if self.count == 0 {
+            0.0
+        } else {
+            self.correct as f64 / self.count as f64
+        }
+    }
+}
+
+/// Loss of predicting `targets[i]` from final hidden row `i` (rows without a target are
+/// skipped). With `bw`, also writes `grad_scale · ∂loss/∂h` into `dh` (`[rows, hidden]`,
+/// zero where there is no target), e.g. `grad_scale = 1 / tokens in the batch` for a mean.
+pub fn lm_loss(
+    model: &Llama,
+    bw: Option<&BackwardWeights>,
+    h: &[f32],
+    targets: &[Option<u32>],
+    grad_scale: f32,
+    mut dh: Option<&mut [f32]>,
+) -> LossStats {
+    let c = &model.config;
+    let hs = c.hidden_size;
+    let eps = c.rms_norm_eps as f32;
+    let head = model.lm_head();
+    let vocab = head.rows;
+    let rows: Vec<(usize, u32)> =
+        targets.iter().enumerate().filter_map(|(i, t)| t.map(|t| (i, t))).collect();
+    let mut stats = LossStats::default();
+    for chunk in rows.chunks(ROWS) {
+        let n = chunk.len();
+        let mut hr = Vec::with_capacity(n * hs);
+        for &(i, _) in chunk {
+            hr.extend_from_slice(&h[i * hs..(i + 1) * hs]);
+        }
+        let mut x = vec![0f32; n * hs];
+        rms_norm(&hr, &model.norm, eps, &mut x);
+        let mut logits = vec![0f32; n * vocab];
+        head.forward(&x, n, &mut logits);
+        for (row, &(_, target)) in logits.chunks_exact_mut(vocab).zip(chunk) {
+            let target = target as usize;
+            let (mut max, mut arg) = (f32::NEG_INFINITY, 0);
+            for (j, &v) in row.iter().enumerate() {
+                if v > max {
+                    (max, arg) = (v, j);
+                }
+            }
+            let sum: f64 = row.iter().map(|&v| ((v - max) as f64).exp()).sum();
+            let lse = max as f64 + sum.ln();
+            let logit = row.get(target).copied().unwrap_or(f32::NEG_INFINITY) as f64;
+            stats.loss_sum += lse - logit;
+            stats.correct += usize::from(arg == target);
+            stats.count += 1;
+            // d loss / d logits = softmax − onehot, scaled; reuses the logits buffer.
+            if bw.is_some() {
+                for v in row.iter_mut() {
+                    *v = (((*v - max) as f64).exp() / sum) as f32 * grad_scale;
+                }
+                if let Some(v) = row.get_mut(target) {
+                    *v -= grad_scale;
+                }
+            }
+        }
+        if let (Some(bw), Some(dh)) = (bw, dh.as_deref_mut()) {
+            let mut dx = vec![0f32; n * hs];
+            matmul_t(&logits, &bw.head_t, n, vocab, hs, &mut dx);
+            let mut dhr = vec![0f32; n * hs];
+            rms_norm_backward(&hr, &model.norm, eps, &dx, &mut dhr);
+            for (k, &(i, _)) in chunk.iter().enumerate() {
+                dh[i * hs..(i + 1) * hs].copy_from_slice(&dhr[k * hs..(k + 1) * hs]);
+            }
+        }
+    }
+    stats
+}
