@@ -279,3 +279,13 @@ fn weights_and_multiple_turns_with_the_default_model() {
     assert!(prompt.contains("Hello.<|im_end|>"), "{prompt}");
     assert!(prompt.ends_with("Bye<|im_end|>\n<|im_start|>assistant\n"), "{prompt}");
 }
+
+#[test]
+fn conversations_starting_with_the_assistant_get_a_hint() {
+    // SmolLM2's template adds its default system prompt only before a first message, so the
+    // empty conversation's generation prompt does not begin the rendered reply.
+    let (tok, template) = default_model();
+    let line = r#"{"messages": [{"role": "assistant", "content": "Hi."}]}"#;
+    let e = parse_training_file(line.as_bytes(), &tok, Some(&template), &OPTS).expect_err("bad");
+    assert!(e.errors[0].reason.contains("start the conversation with a system or user"), "{e}");
+}

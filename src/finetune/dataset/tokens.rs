@@ -105,9 +105,12 @@ pub(crate) fn chat_tokens(
         pending.push_str(context);
         let full = render(i + 1, false)?;
         let Some(reply) = full.strip_prefix(prompt.as_str()) else {
+            // Templates that add a default system prompt do so only once a message exists.
+            let hint =
+                if i == 0 { "; start the conversation with a system or user message" } else { "" };
             return Err(format!(
                 "the chat template's generation prompt is not a prefix of the rendered \
-                 messages[{i}], so the reply cannot be separated from its prompt"
+                 messages[{i}], so the reply cannot be separated from its prompt{hint}"
             ));
         };
         if m.trained {
