@@ -6,6 +6,7 @@ pub mod backend;
 pub mod bench;
 pub mod config;
 pub mod engine;
+pub mod finetune;
 pub mod kv;
 pub mod lora;
 pub mod metrics;

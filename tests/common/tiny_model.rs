@@ -269,3 +269,23 @@ pub fn write_hf_dir(dir: &Path, s: &TinyShape) -> PathBuf {
         .expect("write tokenizer_config");
     out
 }
+
+/// The tiny model's tokenizer and chat template, read back from its GGUF metadata as the
+/// loader reads them.
+pub fn tiny_tokenizer_and_template(
+) -> (coserve::model::tokenizer::Tokenizer, coserve::model::chat_template::ChatTemplate) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write_gguf(dir.path(), &TinyShape::default());
+    let mut file = std::fs::File::open(&path).expect("open gguf");
+    let content = gguf_file::Content::read(&mut file).expect("read gguf");
+    let tok = coserve::model::tokenizer::Tokenizer::from_gguf(&content.metadata, &path)
+        .expect("tiny tokenizer");
+    let template = coserve::model::chat_template::ChatTemplate::from_gguf(
+        &content.metadata,
+        tok.bos_token().unwrap_or_default(),
+        tok.eos_token().unwrap_or_default(),
+    )
+    .expect("tiny chat template")
+    .expect("the tiny model has a chat template");
+    (tok, template)
+}
