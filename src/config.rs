@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 
+use crate::engine::hybrid::{FinetuneMode, TrainingConfig};
 use crate::engine::EngineConfig;
 use crate::model::weights::WeightsDtype;
 
@@ -65,6 +66,37 @@ pub struct ServerConfig {
     /// bytes per decode step.
     #[arg(long, env = "COSERVE_WEIGHTS_DTYPE", value_enum, default_value_t = WeightsDtype::F32)]
     pub weights_dtype: WeightsDtype,
+
+    /// When fine-tuning jobs train: coserve (inside every iteration, within --tpot-slo-ms),
+    /// temporal (only when no inference is pending) or inference-only (jobs stay queued).
+    #[arg(long, env = "COSERVE_FINETUNE_MODE", value_enum, default_value_t = FinetuneMode::Coserve)]
+    pub finetune_mode: FinetuneMode,
+
+    /// Inference latency target per output token, in milliseconds: co-served training fills
+    /// each iteration only up to the time this leaves.
+    #[arg(long, env = "COSERVE_TPOT_SLO_MS", default_value_t = 150)]
+    pub tpot_slo_ms: u64,
+
+    /// Fine-tuning forward tokens per iteration at most.
+    #[arg(long, env = "COSERVE_MAX_TRAIN_TOKENS_PER_ITER", default_value_t = 128)]
+    pub max_train_tokens_per_iter: usize,
+
+    /// Backward layers per iteration at most.
+    #[arg(long, env = "COSERVE_MAX_BWD_LAYERS_PER_ITER", default_value_t = 8)]
+    pub max_bwd_layers_per_iter: usize,
+
+    /// Fraction (0..=1) of those caps given to fine-tuning in every iteration, even when
+    /// inference alone fills the latency target (keeps training alive under saturation).
+    #[arg(long, env = "COSERVE_MIN_FINETUNE_SHARE", default_value_t = 0.0)]
+    pub min_finetune_share: f32,
+
+    /// Optimizer steps between checkpoints (0: only the final one).
+    #[arg(long, env = "COSERVE_CHECKPOINT_EVERY", default_value_t = 50)]
+    pub checkpoint_every: u64,
+
+    /// Fine-tuning jobs trained at the same time; the rest wait queued.
+    #[arg(long, env = "COSERVE_MAX_CONCURRENT_JOBS", default_value_t = 1)]
+    pub max_concurrent_jobs: usize,
 }
 
 impl ServerConfig {
@@ -84,6 +116,13 @@ impl ServerConfig {
             threads: 0,
             max_request_bytes: 16 << 20,
             weights_dtype: WeightsDtype::F32,
+            finetune_mode: FinetuneMode::Coserve,
+            tpot_slo_ms: 150,
+            max_train_tokens_per_iter: 128,
+            max_bwd_layers_per_iter: 8,
+            min_finetune_share: 0.0,
+            checkpoint_every: 50,
+            max_concurrent_jobs: 1,
         }
     }
 
@@ -95,6 +134,13 @@ impl ServerConfig {
             kv_cache_bytes: self.kv_cache_memory,
             block_size: self.block_size,
             threads: self.threads,
+            training: TrainingConfig {
+                mode: self.finetune_mode,
+                tpot_slo: std::time::Duration::from_millis(self.tpot_slo_ms),
+                max_train_tokens_per_iter: self.max_train_tokens_per_iter,
+                max_bwd_layers_per_iter: self.max_bwd_layers_per_iter,
+                min_train_share: self.min_finetune_share.clamp(0.0, 1.0),
+            },
         }
     }
 }

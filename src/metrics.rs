@@ -2,8 +2,8 @@
 //! same names (`vllm:` -> `coserve_`); each carries a constant `model_name` label.
 
 use prometheus::{
-    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    Opts, Registry, TextEncoder,
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 pub struct Metrics {
@@ -21,9 +21,18 @@ pub struct Metrics {
     pub inter_token_latency_seconds: Histogram,
     pub e2e_request_latency_seconds: Histogram,
     pub request_queue_time_seconds: Histogram,
-    /// Label `kind`: decode | prefill (later also train_fwd). Tokens per iteration.
+    /// Label `kind`: decode | prefill | train_fwd. Tokens per iteration.
     pub iteration_tokens: HistogramVec,
     pub iteration_duration_seconds: Histogram,
+    /// Backward layers run in an iteration that trained.
+    pub iteration_bwd_layers: Histogram,
+    /// Label `status`: jobs per status (validating_files, queued, running, ...).
+    pub finetune_jobs: IntGaugeVec,
+    /// Label `job`: tokens forwarded for training.
+    pub finetune_tokens_total: IntCounterVec,
+    /// Label `job`: mean train loss of the last optimizer step.
+    pub finetune_loss: GaugeVec,
+    pub finetune_step_seconds: Histogram,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -111,6 +120,28 @@ impl Metrics {
             iteration_duration_seconds: reg!(Histogram::with_opts(hopts(
                 "coserve_iteration_duration_seconds",
                 "Histogram of the wall time of one engine iteration in seconds.",
+                LATENCY_BUCKETS
+            ))),
+            iteration_bwd_layers: reg!(Histogram::with_opts(hopts(
+                "coserve_iteration_bwd_layers",
+                "Histogram of the number of backward layers run per training iteration.",
+                &[0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0]
+            ))),
+            finetune_jobs: reg!(IntGaugeVec::new(
+                opts("coserve_finetune_jobs", "Number of fine-tuning jobs by status."),
+                &["status"]
+            )),
+            finetune_tokens_total: reg!(IntCounterVec::new(
+                opts("coserve_finetune_tokens_total", "Tokens forwarded for fine-tuning, by job."),
+                &["job"]
+            )),
+            finetune_loss: reg!(GaugeVec::new(
+                opts("coserve_finetune_loss", "Train loss of the last optimizer step, by job."),
+                &["job"]
+            )),
+            finetune_step_seconds: reg!(Histogram::with_opts(hopts(
+                "coserve_finetune_step_seconds",
+                "Histogram of the wall time of one fine-tuning optimizer step in seconds.",
                 LATENCY_BUCKETS
             ))),
             registry,

@@ -113,6 +113,7 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
         },
         metrics,
         max_body_bytes: cfg.max_request_bytes,
+        adapters: Arc::new(crate::lora::AdapterRegistry::new()),
     });
     let addr = format!("{}:{}", cfg.host, cfg.port);
     let listener = TcpListener::bind(&addr)

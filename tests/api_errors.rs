@@ -335,6 +335,7 @@ async fn stand_in_server(engine: EngineHandle, max_body_bytes: usize) -> String 
         },
         metrics: Arc::new(Metrics::new("tiny")),
         max_body_bytes,
+        adapters: Default::default(),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

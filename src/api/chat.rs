@@ -17,7 +17,7 @@ use super::logging::RequestLog;
 use super::logprobs::{chat_logprobs, ChatLogprobs};
 use super::prompt::render_chat;
 use super::sampling::{
-    check_context, check_model, include_usage, sampling_params, seed_for_choice, stop_strings,
+    check_context, include_usage, resolve_model, sampling_params, seed_for_choice, stop_strings,
     validate_max_tokens, validate_n, SamplingInput, Stop, StreamOptions,
 };
 use super::sse::{json_event, stream_choices, ChunkFormat};
@@ -195,7 +195,7 @@ pub async fn create_chat_completion(
     ApiJson(req): ApiJson<ChatCompletionRequest>,
 ) -> Result<Response, ApiError> {
     let arrival = Instant::now();
-    check_model(req.model.as_deref(), &state.model)?;
+    let adapter = resolve_model(req.model.as_deref(), &state)?;
     let Some(template) = state.chat_template.clone() else {
         return Err(ApiError::invalid(
             None,
@@ -227,6 +227,7 @@ pub async fn create_chat_completion(
     let options = TextOptions {
         stops: stop_strings(req.stop.as_ref())?,
         skip_special_tokens: req.skip_special_tokens.unwrap_or(true),
+        adapter,
     };
     let mut params = sampling_params(
         &SamplingInput {
@@ -275,7 +276,7 @@ pub async fn create_chat_completion(
     let mut format = ChatChunks {
         id: format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
         created: unix_now(),
-        model: state.model.id.clone(),
+        model: options.adapter.as_ref().map_or_else(|| state.model.id.clone(), |a| a.id.clone()),
         tokenizer: state.tokenizer.clone(),
         top_logprobs,
         n,

@@ -18,7 +18,7 @@ use super::logging::RequestLog;
 use super::logprobs::{CompletionLogprobs, CompletionLogprobsWriter};
 use super::prompt::{decode_ids, encode_texts};
 use super::sampling::{
-    check_context, check_model, check_token_ids, include_usage, sampling_params, seed_for_choice,
+    check_context, check_token_ids, include_usage, resolve_model, sampling_params, seed_for_choice,
     stop_strings, validate_max_tokens, validate_n, SamplingInput, Stop, StreamOptions,
 };
 use super::sse::{json_event, stream_choices, ChunkFormat};
@@ -186,7 +186,7 @@ pub async fn create_completion(
     ApiJson(req): ApiJson<CompletionRequest>,
 ) -> Result<Response, ApiError> {
     let arrival = Instant::now();
-    check_model(req.model.as_deref(), &state.model)?;
+    let adapter = resolve_model(req.model.as_deref(), &state)?;
     if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::field("suffix", "suffix is not supported."));
     }
@@ -218,6 +218,7 @@ pub async fn create_completion(
     let options = TextOptions {
         stops: stop_strings(req.stop.as_ref())?,
         skip_special_tokens: req.skip_special_tokens.unwrap_or(true),
+        adapter,
     };
     let vocab_size = state.tokenizer.vocab_size();
     let mut params = sampling_params(
@@ -267,7 +268,7 @@ pub async fn create_completion(
     let format = CompletionChunks {
         id: format!("cmpl-{}", uuid::Uuid::new_v4().simple()),
         created: unix_now(),
-        model: state.model.id.clone(),
+        model: options.adapter.as_ref().map_or_else(|| state.model.id.clone(), |a| a.id.clone()),
         tokenizer: state.tokenizer.clone(),
         prompts,
         n,

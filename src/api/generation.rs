@@ -14,6 +14,7 @@ use crate::engine::{
     EngineEvent, EngineHandle, FinishReason, GenerateRequest, RequestStream, SamplingParams,
     TokenLogprob,
 };
+use crate::lora::AdapterLease;
 use crate::model::tokenizer::Tokenizer;
 use crate::text::detokenizer::Detokenizer;
 use crate::text::stop::StopMatcher;
@@ -131,6 +132,8 @@ pub struct Generation<D = Detokenizer> {
 pub struct TextOptions {
     pub stops: Vec<String>,
     pub skip_special_tokens: bool,
+    /// The fine-tuned adapter the request's `model` names, if any.
+    pub adapter: Option<AdapterLease>,
 }
 
 impl Generation<Detokenizer> {
@@ -143,7 +146,12 @@ impl Generation<Detokenizer> {
         options: &TextOptions,
         arrival: Instant,
     ) -> Result<Self, ApiError> {
-        let request = GenerateRequest { prompt_ids: prompt_ids.to_vec(), params, arrival };
+        let request = GenerateRequest {
+            prompt_ids: prompt_ids.to_vec(),
+            params,
+            arrival,
+            adapter: options.adapter.clone(),
+        };
         let stream = engine.submit(request)?;
         let decoder = Detokenizer::new(tokenizer.clone(), prompt_ids, options.skip_special_tokens);
         Ok(Self::from_parts(stream, decoder, options.stops.clone()))
@@ -282,6 +290,7 @@ pub(crate) mod tests {
             prompt_ids: vec![1],
             params: SamplingParams::default(),
             arrival: Instant::now(),
+            adapter: None,
         };
         let stream = engine.submit(request).unwrap();
         let events = match rx.try_recv().unwrap() {

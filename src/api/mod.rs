@@ -27,6 +27,7 @@ use axum::routing::{get, post};
 use axum::Router;
 
 use crate::engine::EngineHandle;
+use crate::lora::AdapterRegistry;
 use crate::metrics::Metrics;
 use crate::model::chat_template::ChatTemplate;
 use crate::model::tokenizer::Tokenizer;
@@ -44,6 +45,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Larger request bodies get 413.
     pub max_body_bytes: usize,
+    /// Fine-tuned adapters served next to the base model.
+    pub adapters: Arc<AdapterRegistry>,
 }
 
 /// The complete HTTP application: every route, the JSON 404/405 fallbacks, the body limit

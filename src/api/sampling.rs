@@ -5,7 +5,9 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::error::ApiError;
+use super::AppState;
 use crate::engine::SamplingParams;
+use crate::lora::AdapterLease;
 use crate::model::ModelInfo;
 
 /// Most choices one request may ask for (`n`, times the prompts of a completions batch).
@@ -200,6 +202,20 @@ pub fn check_model(requested: Option<&str>, model: &ModelInfo) -> Result<(), Api
     match requested {
         Some(m) if m != model.id => Err(ApiError::ModelNotFound(m.to_string())),
         _ => Ok(()),
+    }
+}
+
+/// The base model (`None`) or a lease on the served fine-tuned adapter `requested` names.
+pub fn resolve_model(
+    requested: Option<&str>,
+    state: &AppState,
+) -> Result<Option<AdapterLease>, ApiError> {
+    match requested {
+        Some(m) if m != state.model.id => match state.adapters.get(m) {
+            Some(lease) => Ok(Some(lease)),
+            None => Err(ApiError::ModelNotFound(m.to_string())),
+        },
+        _ => Ok(None),
     }
 }
 

@@ -5,15 +5,21 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
+use super::cost_model::CostModel;
 use super::handle::{EngineCommand, SharedCounters};
+use super::hybrid::{plan_training, FinetuneMode, TrainState, TrainWork, TrainingConfig};
+use super::job::{ActiveJob, JobEvent};
 use super::request::{EngineEvent, FinishReason};
 use super::sampler::{logprobs_of, sample};
 use super::scheduler::{Chunk, Plan, Scheduler};
 use super::sequence::Sequence;
+use super::training::ChunkInputs;
 use crate::backend::cpu::paged_attention::AttnSeq;
 use crate::kv::KvCache;
 use crate::metrics::Metrics;
+use crate::model::backward::BackwardWeights;
 use crate::model::llama::{ForwardBatch, Llama};
+use crate::model::lora_apply::LoraSlice;
 
 pub struct EngineCore {
     pub model: Llama,
@@ -27,6 +33,20 @@ pub struct EngineCore {
     pub pool: rayon::ThreadPool,
     /// Commands read ahead of their turn (see `hangup_reason`), handled before new ones.
     pub deferred: std::collections::VecDeque<EngineCommand>,
+    pub training: TrainingConfig,
+    /// Fine-tuning jobs being trained, served in turn one sample at a time.
+    pub jobs: Vec<ActiveJob>,
+    pub job_turn: usize,
+    /// Built when the first job trains.
+    pub backward_weights: Option<BackwardWeights>,
+    pub cost: CostModel,
+}
+
+/// The fine-tuning part of one iteration: which job and how much of its sample.
+#[derive(Debug, Clone, Copy)]
+struct TrainSlot {
+    job: usize,
+    work: TrainWork,
 }
 
 impl EngineCore {
@@ -35,7 +55,7 @@ impl EngineCore {
         loop {
             // Block only when idle (no work, nothing read ahead); otherwise take what has
             // arrived and go on.
-            if !self.scheduler.has_work() && self.deferred.is_empty() {
+            if !self.has_work() && self.deferred.is_empty() {
                 match self.rx.recv() {
                     Ok(cmd) => {
                         if !self.handle(cmd) {
@@ -55,9 +75,12 @@ impl EngineCore {
             if stop {
                 break;
             }
-            if self.scheduler.has_work() {
+            if self.has_work() {
                 self.step();
             }
+        }
+        for mut job in self.jobs.drain(..) {
+            job.stop();
         }
         // Tell whoever still waits that the engine is gone.
         for s in self.scheduler.running.drain(..).chain(self.scheduler.waiting.drain(..)) {
@@ -94,6 +117,7 @@ impl EngineCore {
                         request.params,
                         events,
                         request.arrival,
+                        request.adapter,
                     );
                     self.scheduler.waiting.push_back(seq);
                 }
@@ -103,9 +127,61 @@ impl EngineCore {
                     self.finish(s, reason, false);
                 }
             }
+            EngineCommand::StartJob(spec) => {
+                let events = spec.events.clone();
+                match ActiveJob::new(*spec, &self.model) {
+                    Ok(job) if !job.finished => self.jobs.push(job),
+                    Ok(_) => {}
+                    Err(e) => {
+                        let _ = events.send(JobEvent::Failed(e));
+                    }
+                }
+            }
+            EngineCommand::StopJob { id } => {
+                if let Some(i) = self.jobs.iter().position(|j| j.id == id) {
+                    self.jobs.remove(i).stop();
+                }
+            }
             EngineCommand::Shutdown => return false,
         }
         true
+    }
+
+    fn trains(&self) -> bool {
+        !self.jobs.is_empty() && self.training.mode != FinetuneMode::InferenceOnly
+    }
+
+    fn has_work(&self) -> bool {
+        self.scheduler.has_work() || self.trains()
+    }
+
+    /// Picks the job whose turn it is (one with a sample that has KV blocks) and sizes its
+    /// work for this iteration.
+    fn plan_train(&mut self, inference_tokens: usize) -> Option<TrainSlot> {
+        if !self.trains() {
+            return None;
+        }
+        let pending = self.scheduler.has_work();
+        let n = self.jobs.len();
+        for k in 0..n {
+            let i = (self.job_turn + k) % n;
+            let job = &mut self.jobs[i];
+            if !job.ensure_sample(&self.model, self.scheduler.allocator()) {
+                continue;
+            }
+            let st = TrainState {
+                forward_remaining: job.forward_remaining(),
+                backward_remaining: job.backward_remaining(),
+                sample_len: job.sample_len(),
+            };
+            let work = plan_training(&self.training, &self.cost, inference_tokens, pending, st);
+            if work == TrainWork::default() {
+                return None;
+            }
+            self.job_turn = i;
+            return Some(TrainSlot { job: i, work });
+        }
+        None
     }
 
     fn step(&mut self) {
@@ -119,9 +195,15 @@ impl EngineCore {
                 .send(EngineEvent::Error("the sequence does not fit in the KV cache".into()));
             self.finish(s, FinishReason::Abort, false);
         }
-        if chunks.is_empty() {
+        let inference_tokens: usize = chunks.iter().map(|c| c.len).sum();
+        let train = self.plan_train(inference_tokens);
+        if chunks.is_empty() && train.is_none() {
             self.update_gauges();
             return;
+        }
+        if train.is_some() && self.backward_weights.is_none() {
+            let model = &self.model;
+            self.backward_weights = Some(self.pool.install(|| BackwardWeights::new(model)));
         }
         for c in &chunks {
             if let Some(s) = self.scheduler.running_mut(c.seq_id) {
@@ -137,7 +219,7 @@ impl EngineCore {
         }
 
         let logits_per_chunk = self.logits_rows_per_chunk(&chunks);
-        let logits = self.forward(&chunks, &logits_per_chunk);
+        let logits = self.forward(&chunks, &logits_per_chunk, train);
         let vocab = self.model.lm_head().rows;
 
         let (mut n_decode, mut n_prefill) = (0usize, 0usize);
@@ -172,9 +254,18 @@ impl EngineCore {
             }
         }
 
+        let (train_fwd, bwd_layer_tokens) = self.after_forward(train);
+
         self.metrics.iteration_tokens.with_label_values(&["decode"]).observe(n_decode as f64);
         self.metrics.iteration_tokens.with_label_values(&["prefill"]).observe(n_prefill as f64);
-        self.metrics.iteration_duration_seconds.observe(started.elapsed().as_secs_f64());
+        if let Some(t) = train {
+            let m = &self.metrics;
+            m.iteration_tokens.with_label_values(&["train_fwd"]).observe(train_fwd as f64);
+            m.iteration_bwd_layers.observe(t.work.backward_layers as f64);
+        }
+        let secs = started.elapsed().as_secs_f64();
+        self.metrics.iteration_duration_seconds.observe(secs);
+        self.cost.observe(n_decode + n_prefill + train_fwd, bwd_layer_tokens, secs);
         self.update_gauges();
     }
 
@@ -189,7 +280,39 @@ impl EngineCore {
             .collect()
     }
 
-    fn forward(&mut self, chunks: &[Chunk], logits_per_chunk: &[usize]) -> Vec<f32> {
+    /// Runs the training work after the forward: the loss when a sample's forward completes,
+    /// then backward layers. Returns (training forward tokens, backward layer-tokens).
+    fn after_forward(&mut self, train: Option<TrainSlot>) -> (usize, usize) {
+        let Some(TrainSlot { job, work }) = train else { return (0, 0) };
+        let (model, kv) = (&self.model, &self.kv);
+        let Some(bw) = self.backward_weights.as_ref() else { return (0, 0) };
+        let Some(j) = self.jobs.get_mut(job) else { return (0, 0) };
+        let mut bwd_layer_tokens = 0;
+        self.pool.install(|| {
+            if work.forward_tokens > 0 && j.forward_remaining() == 0 {
+                j.finish_forward(model, bw);
+            }
+            if work.backward_layers > 0 {
+                let len = j.sample_len();
+                bwd_layer_tokens = len * j.backward(model, bw, kv, work.backward_layers);
+            }
+        });
+        if j.current.is_none() {
+            // Sample done: the next job's turn.
+            self.job_turn = job + 1;
+        }
+        if j.finished {
+            self.jobs.remove(job);
+        }
+        (work.forward_tokens, bwd_layer_tokens)
+    }
+
+    fn forward(
+        &mut self,
+        chunks: &[Chunk],
+        logits_per_chunk: &[usize],
+        train: Option<TrainSlot>,
+    ) -> Vec<f32> {
         let total: usize = chunks.iter().map(|c| c.len).sum();
         let mut tokens = Vec::with_capacity(total);
         let mut positions = Vec::with_capacity(total);
@@ -211,13 +334,45 @@ impl EngineCore {
             spans.push((q_start, c.len, c.start + c.len, c.seq_id));
         }
         let running = &self.scheduler.running;
-        let seqs: Vec<AttnSeq<'_>> = spans
-            .iter()
-            .filter_map(|&(q_start, q_len, context_len, id)| {
-                let table = running.iter().find(|s| s.id == id)?.blocks.as_ref()?;
-                Some(AttnSeq { q_start, q_len, context_len, block_table: table.block_ids() })
-            })
-            .collect();
+        let mut seqs: Vec<AttnSeq<'_>> = Vec::with_capacity(spans.len() + 1);
+        let mut lora: Vec<LoraSlice<'_>> = Vec::new();
+        for &(q_start, q_len, context_len, id) in &spans {
+            let Some(s) = running.iter().find(|s| s.id == id) else { continue };
+            let Some(table) = s.blocks.as_ref() else { continue };
+            seqs.push(AttnSeq { q_start, q_len, context_len, block_table: table.block_ids() });
+            if let Some(a) = &s.adapter {
+                lora.push(LoraSlice {
+                    rows: q_start..q_start + q_len,
+                    adapter: &a.weights,
+                    train: None,
+                });
+            }
+        }
+        // The training chunk goes after every inference row.
+        let mut captures = Vec::new();
+        let mut train_blocks = Vec::new();
+        let mut train_seq = None;
+        if let Some(TrainSlot { job, work }) = train.filter(|t| t.work.forward_tokens > 0) {
+            if let Some(j) = self.jobs.get_mut(job) {
+                if let Some(sample) = j.current.as_mut() {
+                    let mut inputs = ChunkInputs {
+                        tokens: std::mem::take(&mut tokens),
+                        positions: std::mem::take(&mut positions),
+                        slots: std::mem::take(&mut slots),
+                    };
+                    let rows = sample.push_chunk(work.forward_tokens, &mut inputs);
+                    (tokens, positions, slots) = (inputs.tokens, inputs.positions, inputs.slots);
+                    let seq = sample.attn_seq(&rows);
+                    train_blocks = seq.block_table.to_vec();
+                    train_seq = Some((seq.q_start, seq.q_len, seq.context_len));
+                    lora.push(sample.lora_slice(&rows, &j.adapter));
+                    captures.push(sample.capture(&rows));
+                }
+            }
+        }
+        if let Some((q_start, q_len, context_len)) = train_seq {
+            seqs.push(AttnSeq { q_start, q_len, context_len, block_table: &train_blocks });
+        }
         let batch = ForwardBatch {
             tokens: &tokens,
             positions: &positions,
@@ -226,7 +381,14 @@ impl EngineCore {
             logits_rows: &logits_rows,
         };
         let (model, kv) = (&self.model, &mut self.kv);
-        self.pool.install(|| model.forward(&batch, kv))
+        let logits = self.pool.install(|| model.forward_with(&batch, kv, &lora, &mut captures));
+        drop(captures);
+        if let Some(TrainSlot { job, work }) = train {
+            if let Some(s) = self.jobs.get_mut(job).and_then(|j| j.current.as_mut()) {
+                s.advance(work.forward_tokens);
+            }
+        }
+        logits
     }
 
     /// Samples the next token of a sequence from its logits row and sends it; returns why the

@@ -3,6 +3,7 @@
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use super::job::TrainJobSpec;
 use super::request::{EngineEvent, FinishReason, GenerateRequest};
 
 /// Commands the engine thread receives.
@@ -19,7 +20,20 @@ pub enum EngineCommand {
         id: u64,
         reason: FinishReason,
     },
+    /// Starts (or resumes) training a fine-tuning job.
+    StartJob(Box<TrainJobSpec>),
+    /// Stops a job after its last completed optimizer step; it answers `JobEvent::Stopped`.
+    StopJob {
+        id: String,
+    },
+    /// Stops every job (each answers `Stopped` with its state) and then the engine.
     Shutdown,
+}
+
+impl std::fmt::Debug for TrainJobSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TrainJobSpec").field("id", &self.id).field("hyper", &self.hyper).finish()
+    }
 }
 
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
@@ -82,6 +96,18 @@ impl EngineHandle {
 
     pub fn num_waiting(&self) -> usize {
         self.counters.waiting.load(Ordering::Acquire)
+    }
+
+    /// Hands a fine-tuning job to the engine; its progress comes back on `spec.events`.
+    pub fn start_job(&self, spec: TrainJobSpec) -> Result<(), SubmitError> {
+        self.tx
+            .send(EngineCommand::StartJob(Box::new(spec)))
+            .map_err(|_| SubmitError::EngineStopped)
+    }
+
+    /// Asks the engine to stop training a job (pause, cancel); it answers on the job's events.
+    pub fn stop_job(&self, id: &str) {
+        let _ = self.tx.send(EngineCommand::StopJob { id: id.to_string() });
     }
 
     /// Asks the engine thread to stop after its current iteration.

@@ -1,7 +1,10 @@
 //! The engine thread: owns model, KV cache and scheduler; runs one forward per iteration.
 
 pub mod core;
+pub mod cost_model;
 pub mod handle;
+pub mod hybrid;
+pub mod job;
 pub mod request;
 pub mod sampler;
 pub mod scheduler;
@@ -29,6 +32,7 @@ pub struct EngineConfig {
     pub block_size: usize,
     /// Compute threads (0: one per core).
     pub threads: usize,
+    pub training: hybrid::TrainingConfig,
 }
 
 impl Default for EngineConfig {
@@ -40,6 +44,7 @@ impl Default for EngineConfig {
             kv_cache_bytes: 2 << 30,
             block_size: 16,
             threads: 0,
+            training: hybrid::TrainingConfig::default(),
         }
     }
 }
@@ -116,6 +121,11 @@ pub fn start(
         rx,
         pool,
         deferred: Default::default(),
+        training: cfg.training.clone(),
+        jobs: Vec::new(),
+        job_turn: 0,
+        backward_weights: None,
+        cost: cost_model::CostModel::new(),
     };
     let thread = std::thread::Builder::new()
         .name("coserve-engine".into())

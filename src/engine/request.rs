@@ -2,6 +2,8 @@
 
 use std::time::Instant;
 
+use crate::lora::AdapterLease;
+
 /// Sampling and stopping parameters of one sequence, already validated by the API layer.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
@@ -63,6 +65,8 @@ pub struct GenerateRequest {
     pub params: SamplingParams,
     /// When the HTTP request arrived (for queue-time and TTFT metrics).
     pub arrival: Instant,
+    /// The fine-tuned adapter to run through; `None` for the base model.
+    pub adapter: Option<AdapterLease>,
 }
 
 /// Log-probability of one token and, if asked, the most likely alternatives at that position.

@@ -5,6 +5,7 @@ use std::time::Instant;
 use super::request::{EngineEvent, SamplingParams, TokenLogprob};
 use super::sampler::SamplerState;
 use crate::kv::block_table::BlockTable;
+use crate::lora::AdapterLease;
 
 pub struct Sequence {
     pub id: u64,
@@ -25,6 +26,7 @@ pub struct Sequence {
     pub last_token_at: Option<Instant>,
     /// Whether the sequence has ever been scheduled (counted out of the waiting gauge).
     pub admitted_once: bool,
+    pub adapter: Option<AdapterLease>,
 }
 
 impl Sequence {
@@ -34,6 +36,7 @@ impl Sequence {
         params: SamplingParams,
         events: flume::Sender<EngineEvent>,
         arrival: Instant,
+        adapter: Option<AdapterLease>,
     ) -> Self {
         let sampler = SamplerState::new(&params, &prompt);
         let prompt_len = prompt.len();
@@ -51,6 +54,7 @@ impl Sequence {
             first_scheduled: None,
             last_token_at: None,
             admitted_once: false,
+            adapter,
         }
     }
 

@@ -23,6 +23,8 @@ pub struct TrainingSample {
     /// Tokens forwarded so far.
     forwarded: usize,
     dropout_seed: u64,
+    /// Validation: no dropout, loss only.
+    eval: bool,
     backward: Option<Backward>,
 }
 
@@ -55,8 +57,15 @@ impl TrainingSample {
             acts,
             forwarded: 0,
             dropout_seed,
+            eval: false,
             backward: None,
         })
+    }
+
+    /// A sample forwarded only for its loss (validation): no dropout.
+    pub fn for_eval(mut self) -> Self {
+        self.eval = true;
+        self
     }
 
     pub fn len(&self) -> usize {
@@ -112,7 +121,10 @@ impl TrainingSample {
         LoraSlice {
             rows: rows.clone(),
             adapter,
-            train: Some(TrainRows { dropout_seed: self.dropout_seed, first_pos: self.forwarded }),
+            train: (!self.eval).then_some(TrainRows {
+                dropout_seed: self.dropout_seed,
+                first_pos: self.forwarded,
+            }),
         }
     }
 
@@ -125,6 +137,20 @@ impl TrainingSample {
         self.forwarded = (self.forwarded + n).min(self.len());
     }
 
+    fn targets(&self) -> Vec<Option<u32>> {
+        (0..self.len())
+            .map(|i| {
+                let next = i + 1;
+                (next < self.len() && self.trained[next]).then(|| self.tokens[next])
+            })
+            .collect()
+    }
+
+    /// After the last chunk of an evaluation sample: its loss.
+    pub fn eval_loss(&self, model: &Llama) -> LossStats {
+        lm_loss(model, None, &self.acts.h_final, &self.targets(), 0.0, None)
+    }
+
     /// After the last chunk: the loss over the trained tokens and its gradient, which starts
     /// the backward. `grad_scale` weights this sample's loss in the optimizer step.
     pub fn finish_forward(
@@ -133,12 +159,7 @@ impl TrainingSample {
         bw: &BackwardWeights,
         grad_scale: f32,
     ) -> LossStats {
-        let targets: Vec<Option<u32>> = (0..self.len())
-            .map(|i| {
-                let next = i + 1;
-                (next < self.len() && self.trained[next]).then(|| self.tokens[next])
-            })
-            .collect();
+        let targets = self.targets();
         let mut dh = vec![0f32; self.len() * model.config.hidden_size];
         let stats =
             lm_loss(model, Some(bw), &self.acts.h_final, &targets, grad_scale, Some(&mut dh));

@@ -3,6 +3,9 @@
 pub mod adapter;
 pub mod config;
 pub mod dropout;
+pub mod optim;
+pub mod registry;
 
 pub use adapter::{LoraPair, LoraWeights};
 pub use config::{LoraConfig, LoraConfigError, TargetModule};
+pub use registry::{AdapterLease, AdapterRegistry, ServedAdapter};

@@ -73,7 +73,7 @@ pub struct Generation {
 }
 
 pub fn request(prompt_ids: Vec<u32>, params: SamplingParams) -> GenerateRequest {
-    GenerateRequest { prompt_ids, params, arrival: Instant::now() }
+    GenerateRequest { prompt_ids, params, arrival: Instant::now(), adapter: None }
 }
 
 /// Submits and collects one request to the end (blocking).

@@ -1,0 +1,407 @@
+//! A fine-tuning job as the engine runs it: data order, gradient accumulation over a batch of
+//! samples (each forwarded in chunks and back-propagated a few layers at a time, see
+//! `training.rs`), AdamW steps, validation at each epoch end and checkpoints.
+//!
+//! Everything is a function of the seed and the step counter, so a job resumed from a
+//! checkpoint (adapter, optimizer state, step) continues exactly as if never interrupted.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use super::training::TrainingSample;
+use crate::finetune::TrainingExample;
+use crate::kv::{BlockAllocator, KvCache};
+use crate::lora::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule};
+use crate::lora::{LoraConfig, LoraWeights};
+use crate::model::backward::BackwardWeights;
+use crate::model::llama::Llama;
+use crate::model::loss::LossStats;
+
+/// Global gradient-norm clip, as transformers' Trainer defaults to.
+pub const MAX_GRAD_NORM: f32 = 1.0;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainHyper {
+    pub n_epochs: usize,
+    pub batch_size: usize,
+    /// Peak learning rate (after the multiplier).
+    pub learning_rate: f32,
+    pub seed: u64,
+    /// Optimizer steps between checkpoints (0: only at the end).
+    pub checkpoint_every: u64,
+}
+
+/// Where a job resumes: the state saved with a checkpoint.
+#[derive(Clone)]
+pub struct ResumePoint {
+    pub adapter: LoraWeights,
+    pub optimizer: AdamW,
+    /// Optimizer steps already taken.
+    pub step: u64,
+    pub trained_tokens: u64,
+}
+
+/// What the job manager hands the engine.
+pub struct TrainJobSpec {
+    pub id: String,
+    pub train: Arc<Vec<TrainingExample>>,
+    pub validation: Arc<Vec<TrainingExample>>,
+    pub lora: LoraConfig,
+    pub hyper: TrainHyper,
+    pub resume: Option<ResumePoint>,
+    pub events: flume::Sender<JobEvent>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepMetrics {
+    pub step: u64,
+    pub total_steps: u64,
+    /// 1-based epoch the step belongs to.
+    pub epoch: usize,
+    pub train_loss: f64,
+    pub train_accuracy: f64,
+    pub learning_rate: f32,
+    pub grad_norm: f64,
+    /// Tokens forwarded for this step (every token of its samples).
+    pub tokens: u64,
+    /// Trained (loss) tokens so far, the OpenAI `trained_tokens`.
+    pub trained_tokens: u64,
+    pub step_seconds: f64,
+    pub tokens_per_second: f64,
+}
+
+/// A snapshot to save: enough to serve the adapter and to resume training.
+#[derive(Clone)]
+pub struct Checkpoint {
+    pub resume: ResumePoint,
+    pub metrics: Option<StepMetrics>,
+}
+
+/// What the engine reports about a job, in order.
+pub enum JobEvent {
+    Started {
+        total_steps: u64,
+    },
+    Step(StepMetrics),
+    Validation {
+        step: u64,
+        epoch: usize,
+        valid_loss: f64,
+        valid_accuracy: f64,
+    },
+    Checkpoint(Box<Checkpoint>),
+    /// The last step ran; the checkpoint holds the final adapter.
+    Succeeded(Box<Checkpoint>),
+    /// Stopped on request (pause or shutdown) after saving this state.
+    Stopped(Box<Checkpoint>),
+    Failed(String),
+}
+
+/// The permutation of `0..n` used in `epoch` (0-based).
+pub fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
+    let mut rng =
+        ChaCha8Rng::seed_from_u64(seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let mut order: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        let j = rng.random_range(0..=i);
+        order.swap(i, j);
+    }
+    order
+}
+
+enum Phase {
+    Train,
+    /// Forward-only loss over the validation set after an epoch.
+    Validate {
+        next: usize,
+        stats: LossStats,
+        epoch: usize,
+    },
+}
+
+pub struct ActiveJob {
+    pub id: String,
+    train: Arc<Vec<TrainingExample>>,
+    validation: Arc<Vec<TrainingExample>>,
+    hyper: TrainHyper,
+    pub events: flume::Sender<JobEvent>,
+    pub adapter: LoraWeights,
+    grads: LoraWeights,
+    optimizer: AdamW,
+    schedule: LrSchedule,
+    pub step: u64,
+    pub total_steps: u64,
+    steps_per_epoch: u64,
+    /// Example indices of the current step's batch and how many have finished.
+    batch: Vec<usize>,
+    batch_done: usize,
+    batch_target_tokens: usize,
+    batch_stats: LossStats,
+    batch_tokens: u64,
+    step_started: Option<Instant>,
+    trained_tokens: u64,
+    /// The sample in flight (forward or backward).
+    pub current: Option<TrainingSample>,
+    phase: Phase,
+    last_metrics: Option<StepMetrics>,
+    pub finished: bool,
+}
+
+impl ActiveJob {
+    pub fn new(spec: TrainJobSpec, model: &Llama) -> Result<Self, String> {
+        let TrainJobSpec { id, train, validation, lora, hyper, resume, events } = spec;
+        if train.is_empty() {
+            return Err("the training file has no examples".into());
+        }
+        let batch_size = hyper.batch_size.max(1);
+        let steps_per_epoch = train.len().div_ceil(batch_size) as u64;
+        let total_steps = steps_per_epoch * hyper.n_epochs.max(1) as u64;
+        let (adapter, optimizer, step, trained_tokens) = match resume {
+            Some(r) => (r.adapter, r.optimizer, r.step, r.trained_tokens),
+            None => {
+                let a = LoraWeights::init(&lora, &model.config, hyper.seed);
+                let o = AdamW::new(&a, AdamWConfig::default());
+                (a, o, 0, 0)
+            }
+        };
+        let mut grads = adapter.clone();
+        grads.fill_zero();
+        let schedule = LrSchedule { base_lr: hyper.learning_rate, warmup_steps: 0, total_steps };
+        let mut job = Self {
+            id,
+            train,
+            validation,
+            hyper,
+            events,
+            adapter,
+            grads,
+            optimizer,
+            schedule,
+            step,
+            total_steps,
+            steps_per_epoch,
+            batch: Vec::new(),
+            batch_done: 0,
+            batch_target_tokens: 0,
+            batch_stats: LossStats::default(),
+            batch_tokens: 0,
+            step_started: None,
+            trained_tokens,
+            current: None,
+            phase: Phase::Train,
+            last_metrics: None,
+            finished: false,
+        };
+        job.load_batch();
+        let _ = job.events.send(JobEvent::Started { total_steps });
+        if job.step >= job.total_steps {
+            job.succeed();
+        }
+        Ok(job)
+    }
+
+    /// The examples of the current step, from the step counter alone.
+    fn load_batch(&mut self) {
+        self.batch.clear();
+        self.batch_done = 0;
+        self.batch_stats = LossStats::default();
+        self.batch_tokens = 0;
+        self.step_started = None;
+        if self.step >= self.total_steps {
+            return;
+        }
+        let epoch = (self.step / self.steps_per_epoch) as usize;
+        let within = (self.step % self.steps_per_epoch) as usize;
+        let order = epoch_order(self.train.len(), self.hyper.seed, epoch);
+        let bs = self.hyper.batch_size.max(1);
+        let end = ((within + 1) * bs).min(order.len());
+        self.batch = order[within * bs..end].to_vec();
+        // The loss is a mean over every trained token of the batch, as one big micro-batch.
+        self.batch_target_tokens =
+            self.batch.iter().map(|&i| self.train[i].trained_tokens()).sum::<usize>().max(1);
+    }
+
+    fn example(&self) -> Option<&TrainingExample> {
+        match &self.phase {
+            Phase::Train => self.batch.get(self.batch_done).map(|&i| &self.train[i]),
+            Phase::Validate { next, .. } => self.validation.get(*next),
+        }
+    }
+
+    fn dropout_seed(&self) -> u64 {
+        let mut h = self.hyper.seed ^ 0xD1B5_4A32_D192_ED03;
+        for v in [self.step, self.batch_done as u64] {
+            h = (h ^ v).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            h ^= h >> 29;
+        }
+        h
+    }
+
+    /// Makes sure a sample is in flight; false when there is nothing to do or no KV blocks
+    /// for it yet (it waits: training never takes blocks from running inference).
+    pub fn ensure_sample(&mut self, model: &Llama, allocator: &BlockAllocator) -> bool {
+        if self.finished {
+            return false;
+        }
+        if self.current.is_some() {
+            return true;
+        }
+        let seed = self.dropout_seed();
+        let Some(ex) = self.example() else { return false };
+        let (tokens, trained) = (ex.tokens.clone(), ex.trained.clone());
+        match TrainingSample::new(tokens, trained, allocator, model, &self.adapter, seed) {
+            Ok(s) => {
+                let s = if self.is_validating() { s.for_eval() } else { s };
+                self.step_started.get_or_insert_with(Instant::now);
+                self.current = Some(s);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    pub fn is_validating(&self) -> bool {
+        matches!(self.phase, Phase::Validate { .. })
+    }
+
+    /// After the sample's last forward chunk: its loss; in training, the gradient too.
+    pub fn finish_forward(&mut self, model: &Llama, bw: &BackwardWeights) {
+        let Some(s) = self.current.as_mut() else { return };
+        self.batch_tokens += s.len() as u64;
+        match &mut self.phase {
+            Phase::Train => {
+                let scale = 1.0 / self.batch_target_tokens as f32;
+                let stats = s.finish_forward(model, bw, scale);
+                self.batch_stats.add(&stats);
+            }
+            Phase::Validate { next, stats, .. } => {
+                stats.add(&s.eval_loss(model));
+                *next += 1;
+                self.current = None;
+                self.after_validation_sample();
+            }
+        }
+    }
+
+    /// Runs up to `layers` backward layers of the sample in flight; returns how many ran.
+    pub fn backward(
+        &mut self,
+        model: &Llama,
+        bw: &BackwardWeights,
+        kv: &KvCache,
+        layers: usize,
+    ) -> usize {
+        let Some(s) = self.current.as_mut() else { return 0 };
+        let ran = s.backward_layers(model, bw, kv, &self.adapter, &mut self.grads, layers);
+        if s.is_done() {
+            self.current = None;
+            self.batch_done += 1;
+            if self.batch_done >= self.batch.len() {
+                self.optimizer_step();
+            }
+        }
+        ran
+    }
+
+    fn optimizer_step(&mut self) {
+        let lr = self.schedule.lr(self.step);
+        let grad_norm = clip_grad_norm(&mut self.grads, MAX_GRAD_NORM);
+        self.optimizer.step(&mut self.adapter, &self.grads, lr);
+        self.grads.fill_zero();
+        let secs = self.step_started.map_or(0.0, |t| t.elapsed().as_secs_f64());
+        self.trained_tokens += self.batch_stats.count as u64;
+        let epoch = (self.step / self.steps_per_epoch) as usize + 1;
+        self.step += 1;
+        let m = StepMetrics {
+            step: self.step,
+            total_steps: self.total_steps,
+            epoch,
+            train_loss: self.batch_stats.mean_loss(),
+            train_accuracy: self.batch_stats.accuracy(),
+            learning_rate: lr,
+            grad_norm,
+            tokens: self.batch_tokens,
+            trained_tokens: self.trained_tokens,
+            step_seconds: secs,
+            tokens_per_second: if secs > 0.0 { self.batch_tokens as f64 / secs } else { 0.0 },
+        };
+        let _ = self.events.send(JobEvent::Step(m.clone()));
+        self.last_metrics = Some(m);
+        let epoch_end = self.step % self.steps_per_epoch == 0;
+        if self.step >= self.total_steps {
+            // The last epoch's validation runs before the job reports success.
+            if epoch_end && !self.validation.is_empty() {
+                self.phase = Phase::Validate { next: 0, stats: LossStats::default(), epoch };
+            } else {
+                self.succeed();
+            }
+            return;
+        }
+        if self.hyper.checkpoint_every > 0 && self.step % self.hyper.checkpoint_every == 0 {
+            let _ = self.events.send(JobEvent::Checkpoint(Box::new(self.checkpoint())));
+        }
+        if epoch_end && !self.validation.is_empty() {
+            self.phase = Phase::Validate { next: 0, stats: LossStats::default(), epoch };
+        }
+        self.load_batch();
+    }
+
+    fn after_validation_sample(&mut self) {
+        let Phase::Validate { next, stats, epoch } = &self.phase else { return };
+        if *next < self.validation.len() {
+            return;
+        }
+        let _ = self.events.send(JobEvent::Validation {
+            step: self.step,
+            epoch: *epoch,
+            valid_loss: stats.mean_loss(),
+            valid_accuracy: stats.accuracy(),
+        });
+        self.phase = Phase::Train;
+        if self.step >= self.total_steps {
+            self.succeed();
+        }
+    }
+
+    pub fn checkpoint(&self) -> Checkpoint {
+        Checkpoint {
+            resume: ResumePoint {
+                adapter: self.adapter.clone(),
+                optimizer: self.optimizer.clone(),
+                step: self.step,
+                trained_tokens: self.trained_tokens,
+            },
+            metrics: self.last_metrics.clone(),
+        }
+    }
+
+    fn succeed(&mut self) {
+        self.finished = true;
+        self.current = None;
+        let _ = self.events.send(JobEvent::Succeeded(Box::new(self.checkpoint())));
+    }
+
+    /// Stops the job at its last completed step (the partial batch is redone on resume).
+    pub fn stop(&mut self) {
+        self.finished = true;
+        self.current = None;
+        let _ = self.events.send(JobEvent::Stopped(Box::new(self.checkpoint())));
+    }
+
+    /// Forward tokens the sample in flight still needs (0 when it is in its backward).
+    pub fn forward_remaining(&self) -> usize {
+        self.current.as_ref().map_or(0, TrainingSample::forward_remaining)
+    }
+
+    pub fn backward_remaining(&self) -> usize {
+        self.current.as_ref().map_or(0, TrainingSample::backward_remaining)
+    }
+
+    /// Tokens of the sample in flight (the cost of one backward layer scales with it).
+    pub fn sample_len(&self) -> usize {
+        self.current.as_ref().map_or(0, TrainingSample::len)
+    }
+}
