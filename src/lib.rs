@@ -10,4 +10,5 @@ pub mod kv;
 pub mod metrics;
 pub mod model;
 pub mod server;
+pub mod store;
 pub mod text;
