@@ -150,10 +150,11 @@ fn migrate(conn: &mut Connection) -> Result<()> {
     let known = MIGRATIONS.len() as i64;
     let tx = conn.transaction()?;
     let found: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
-    if found > known {
-        return Err(StoreError::SchemaTooNew { found, known });
-    }
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+    let applied = usize::try_from(found)
+        .ok()
+        .filter(|&n| n <= MIGRATIONS.len())
+        .ok_or(StoreError::SchemaTooNew { found, known })?;
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(applied) {
         tx.execute_batch(sql)?;
         tx.pragma_update(None, "user_version", i as i64 + 1)?;
     }

@@ -47,7 +47,7 @@ pub enum StoreError {
     Db(#[from] rusqlite::Error),
     #[error("{context}: {source}")]
     Io { context: String, source: std::io::Error },
-    #[error("the database has schema version {found}, newer than the {known} this build knows")]
+    #[error("the database has schema version {found}; this build knows versions 0 to {known}")]
     SchemaTooNew { found: i64, known: i64 },
     #[error("stored JSON in {column} is invalid: {source}")]
     Json { column: &'static str, source: serde_json::Error },
