@@ -6,6 +6,7 @@ use clap::Args;
 
 use crate::engine::hybrid::{FinetuneMode, TrainingConfig};
 use crate::engine::EngineConfig;
+use crate::model::fetch::coserve_home;
 use crate::model::weights::WeightsDtype;
 
 /// Options of `coserve serve`. Every flag can also be set with the environment variable named
@@ -25,7 +26,8 @@ pub struct ServerConfig {
     #[arg(long, env = "COSERVE_PORT", default_value_t = 8000)]
     pub port: u16,
 
-    /// Directory for durable state (default: $COSERVE_HOME/data).
+    /// Directory for durable state: the SQLite database coserve.db and blobs/ (uploaded files,
+    /// adapters, checkpoints). Default: $COSERVE_HOME/data.
     #[arg(long, env = "COSERVE_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
 
@@ -60,6 +62,10 @@ pub struct ServerConfig {
     /// Largest accepted request body, e.g. 16MiB.
     #[arg(long, env = "COSERVE_MAX_REQUEST_BYTES", default_value = "16MiB", value_parser = parse_bytes)]
     pub max_request_bytes: usize,
+
+    /// Largest file accepted by POST /v1/files, e.g. 512MiB; larger uploads get 413.
+    #[arg(long, env = "COSERVE_MAX_UPLOAD_BYTES", default_value = "512MiB", value_parser = parse_bytes)]
+    pub max_upload_bytes: usize,
 
     /// Storage of linear weights: f32 (reference precision), bf16, q8_0, or gguf (keep a GGUF
     /// file's own quantization; q8_0 for Hugging Face directories). Smaller formats read fewer
@@ -115,6 +121,7 @@ impl ServerConfig {
             block_size: 16,
             threads: 0,
             max_request_bytes: 16 << 20,
+            max_upload_bytes: 512 << 20,
             weights_dtype: WeightsDtype::F32,
             finetune_mode: FinetuneMode::Coserve,
             tpot_slo_ms: 150,
@@ -124,6 +131,11 @@ impl ServerConfig {
             checkpoint_every: 50,
             max_concurrent_jobs: 1,
         }
+    }
+
+    /// `--data-dir`, or `$COSERVE_HOME/data`.
+    pub fn resolved_data_dir(&self) -> PathBuf {
+        self.data_dir.clone().unwrap_or_else(|| coserve_home().join("data"))
     }
 
     pub fn engine_config(&self) -> EngineConfig {

@@ -12,4 +12,5 @@ pub mod lora;
 pub mod metrics;
 pub mod model;
 pub mod server;
+pub mod store;
 pub mod text;

@@ -15,6 +15,7 @@ use crate::metrics::Metrics;
 use crate::model::fetch::{coserve_home, ensure_default_model, DEFAULT_MODEL_NAME};
 use crate::model::loader::load_model;
 use crate::model::ModelInfo;
+use crate::store::Store;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -26,6 +27,8 @@ pub enum ServerError {
     Engine(#[from] crate::engine::EngineStartError),
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: String, source: std::io::Error },
+    #[error("cannot open the data directory {dir}: {source}")]
+    Store { dir: String, source: crate::store::StoreError },
     #[error("model loading was interrupted")]
     Interrupted,
 }
@@ -77,7 +80,20 @@ pub fn resolve_model_path(cfg: &ServerConfig) -> Result<PathBuf, ServerError> {
     }
 }
 
+/// Opens the durable store in the configured data dir (created if missing).
+async fn open_store(cfg: &ServerConfig) -> Result<Arc<Store>, ServerError> {
+    let dir = cfg.resolved_data_dir();
+    tracing::info!(data_dir = %dir.display(), "opening the store");
+    let shown = dir.display().to_string();
+    let opened = tokio::task::spawn_blocking(move || Store::open(&dir))
+        .await
+        .map_err(|_| ServerError::Interrupted)?;
+    opened.map(Arc::new).map_err(|source| ServerError::Store { dir: shown, source })
+}
+
 pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
+    // Before the model: a bad data dir should fail fast, not after a long load.
+    let store = open_store(&cfg).await?;
     let path = resolve_model_path(&cfg)?;
     tracing::info!(model = %path.display(), "loading model");
     let dtype = cfg.weights_dtype;
@@ -114,6 +130,8 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
         metrics,
         max_body_bytes: cfg.max_request_bytes,
         adapters: Arc::new(crate::lora::AdapterRegistry::new()),
+        store,
+        max_upload_bytes: cfg.max_upload_bytes,
     });
     let addr = format!("{}:{}", cfg.host, cfg.port);
     let listener = TcpListener::bind(&addr)

@@ -20,6 +20,7 @@ use coserve::metrics::Metrics;
 use coserve::model::loader::load_model;
 use coserve::model::weights::WeightsDtype;
 use coserve::model::ModelInfo;
+use coserve::store::Store;
 use support::{assert_error, client, sse_payloads};
 
 struct Shared {
@@ -336,6 +337,8 @@ async fn stand_in_server(engine: EngineHandle, max_body_bytes: usize) -> String 
         metrics: Arc::new(Metrics::new("tiny")),
         max_body_bytes,
         adapters: Default::default(),
+        store: Arc::new(Store::open(&dir.path().join("data")).expect("store")),
+        max_upload_bytes: 1 << 20,
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

@@ -22,6 +22,7 @@ fn serve_help_documents_every_flag_and_its_env_var() {
         ("--max-waiting", "COSERVE_MAX_WAITING"),
         ("--kv-cache-memory", "COSERVE_KV_CACHE_MEMORY"),
         ("--threads", "COSERVE_THREADS"),
+        ("--max-upload-bytes", "COSERVE_MAX_UPLOAD_BYTES"),
     ] {
         assert!(help.contains(flag), "{flag} missing from --help:\n{help}");
         assert!(help.contains(env), "{env} missing from --help:\n{help}");
@@ -33,11 +34,29 @@ fn bad_model_and_bad_flags_give_errors_not_panics() {
     let dir = tempfile::tempdir().expect("tempdir");
     let bogus = dir.path().join("bogus.gguf");
     std::fs::write(&bogus, b"GGUF but not really").expect("write");
-    let out =
-        coserve().args(["serve", "--port", "0", "--model"]).arg(&bogus).output().expect("runs");
+    let data = dir.path().join("data");
+    let out = coserve()
+        .args(["serve", "--port", "0", "--data-dir"])
+        .arg(&data)
+        .arg("--model")
+        .arg(&bogus)
+        .output()
+        .expect("runs");
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("bogus.gguf") && !err.contains("panicked"), "{err}");
+
+    // A data dir that cannot be created is a startup error naming it.
+    let out = coserve()
+        .args(["serve", "--port", "0", "--data-dir"])
+        .arg(bogus.join("data"))
+        .arg("--model")
+        .arg(&bogus)
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("data directory") && !err.contains("panicked"), "{err}");
 
     let out = coserve().args(["serve", "--kv-cache-memory", "lots"]).output().expect("runs");
     assert!(!out.status.success());

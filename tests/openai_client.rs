@@ -66,6 +66,37 @@ try:
     raise SystemExit("an unknown model was accepted")
 except openai.NotFoundError as e:
     assert e.status_code == 404, e
+
+import tempfile
+data = b'{"prompt": "a", "completion": "b"}\n'
+with tempfile.NamedTemporaryFile("wb", suffix=".jsonl", delete=False) as t:
+    t.write(data)
+    path = t.name
+with open(path, "rb") as fh:
+    f = client.files.create(file=fh, purpose="fine-tune")
+assert f.object == "file" and f.id.startswith("file-") and f.purpose == "fine-tune", f
+assert f.bytes == len(data) and f.filename == os.path.basename(path), f
+with open(path, "rb") as fh:
+    g = client.files.create(file=("second.jsonl", fh.read()), purpose="fine-tune")
+os.unlink(path)
+assert [x.id for x in client.files.list(purpose="fine-tune").data] == [g.id, f.id]
+# Iterating follows `has_more` and `after` page by page.
+assert [x.id for x in client.files.list(limit=1, order="asc")] == [f.id, g.id]
+assert client.files.retrieve(f.id) == f, client.files.retrieve(f.id)
+assert client.files.content(f.id).content == data
+for x in (f, g):
+    d = client.files.delete(x.id)
+    assert d.deleted and d.id == x.id and d.object == "file", d
+try:
+    client.files.retrieve(f.id)
+    raise SystemExit("a deleted file was found")
+except openai.NotFoundError as e:
+    assert e.status_code == 404, e
+try:
+    client.files.create(file=("x.jsonl", data), purpose="fine-tune-results")
+    raise SystemExit("an upload with purpose fine-tune-results was accepted")
+except openai.BadRequestError as e:
+    assert e.body["param"] == "purpose", e.body
 print("openai client: all checks passed")
 "#;
 

@@ -8,6 +8,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use crate::engine::SubmitError;
+use crate::store::{Entity, StoreError};
 
 /// Seconds a client should wait before retrying when the waiting queue is full.
 const RETRY_AFTER_SECS: &str = "1";
@@ -37,6 +38,9 @@ pub enum ApiError {
     /// A server-side fault that is not the client's doing (e.g. the tokenizer failed).
     #[error("Internal error: {0}")]
     Internal(String),
+    /// Durable state: not found, a bad cursor, an upload too large, or an I/O or database fault.
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 impl ApiError {
@@ -79,6 +83,20 @@ impl ApiError {
             ApiError::Engine(_) | ApiError::Internal(_) => {
                 (StatusCode::INTERNAL_SERVER_ERROR, "server_error", None)
             }
+            ApiError::Store(e) => match e {
+                StoreError::NotFound { kind, .. } => {
+                    (StatusCode::NOT_FOUND, "invalid_request_error", Some(not_found_code(*kind)))
+                }
+                StoreError::UnknownCursor { .. } => {
+                    (StatusCode::BAD_REQUEST, "invalid_request_error", None)
+                }
+                StoreError::TooLarge { .. } => (
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "invalid_request_error",
+                    Some("request_too_large"),
+                ),
+                _ => (StatusCode::INTERNAL_SERVER_ERROR, "server_error", None),
+            },
         }
     }
 
@@ -90,7 +108,22 @@ impl ApiError {
         match self {
             ApiError::InvalidRequest { param, .. } => param.clone(),
             ApiError::ModelNotFound(_) => Some("model".to_string()),
+            ApiError::Store(StoreError::NotFound { kind, .. }) => {
+                Some(not_found_param(*kind).to_string())
+            }
+            ApiError::Store(StoreError::UnknownCursor { .. }) => Some("after".to_string()),
             _ => None,
+        }
+    }
+
+    /// What the client reads: storage faults are described in the log, not to the client,
+    /// since their text holds server paths.
+    fn message(&self) -> String {
+        match self {
+            ApiError::Store(_) if self.status().is_server_error() => {
+                "The server could not access its storage".to_string()
+            }
+            _ => self.to_string(),
         }
     }
 
@@ -99,7 +132,7 @@ impl ApiError {
         let (_, kind, code) = self.classify();
         ErrorResponse {
             error: ErrorBody {
-                message: self.to_string(),
+                message: self.message(),
                 kind: kind.to_string(),
                 param: self.param(),
                 code: code.map(str::to_string),
@@ -114,6 +147,28 @@ impl From<SubmitError> for ApiError {
             SubmitError::QueueFull(n) => ApiError::QueueFull(n),
             SubmitError::EngineStopped => ApiError::EngineStopped,
         }
+    }
+}
+
+/// OpenAI's `code` for an unknown object of each kind.
+fn not_found_code(kind: Entity) -> &'static str {
+    match kind {
+        Entity::File => "file_not_found",
+        Entity::FineTuningJob => "fine_tuning_job_not_found",
+        Entity::JobEvent => "event_not_found",
+        Entity::Checkpoint => "checkpoint_not_found",
+        Entity::Model => "model_not_found",
+    }
+}
+
+/// The request parameter that named the unknown object.
+fn not_found_param(kind: Entity) -> &'static str {
+    match kind {
+        Entity::File => "file_id",
+        Entity::FineTuningJob => "fine_tuning_job_id",
+        Entity::JobEvent => "after",
+        Entity::Checkpoint => "checkpoint_id",
+        Entity::Model => "model",
     }
 }
 
@@ -188,6 +243,31 @@ mod tests {
         let v = json(&e);
         assert_eq!(v["error"]["code"], "model_not_found");
         assert_eq!(v["error"]["param"], "model");
+    }
+
+    #[test]
+    fn store_errors_map_to_openai_errors() {
+        let e = ApiError::from(StoreError::not_found(Entity::File, "file-x"));
+        assert_eq!(e.status(), StatusCode::NOT_FOUND);
+        let v = json(&e);
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+        assert_eq!(v["error"]["code"], "file_not_found");
+        assert_eq!(v["error"]["param"], "file_id");
+        assert_eq!(v["error"]["message"], "No such File object: file-x");
+
+        let e = ApiError::from(StoreError::UnknownCursor { kind: Entity::File, id: "f".into() });
+        assert_eq!(e.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(json(&e)["error"]["param"], "after");
+
+        let e = ApiError::from(StoreError::TooLarge { limit: 10 });
+        assert_eq!(e.status(), StatusCode::PAYLOAD_TOO_LARGE);
+
+        let io = std::io::Error::other("disk on fire");
+        let e = ApiError::from(StoreError::io("write /secret/path", io));
+        assert_eq!(e.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let v = json(&e);
+        assert_eq!(v["error"]["type"], "server_error");
+        assert!(!v["error"]["message"].as_str().unwrap().contains("/secret"), "{v}");
     }
 
     #[test]

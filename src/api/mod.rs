@@ -8,6 +8,7 @@ pub mod chat;
 pub mod completions;
 pub mod error;
 pub mod extract;
+pub mod files;
 pub mod generation;
 pub mod health;
 pub mod logging;
@@ -32,6 +33,7 @@ use crate::metrics::Metrics;
 use crate::model::chat_template::ChatTemplate;
 use crate::model::tokenizer::Tokenizer;
 use crate::model::ModelInfo;
+use crate::store::Store;
 pub use error::ApiError;
 pub use openapi::{openapi, spec_json};
 
@@ -43,22 +45,31 @@ pub struct AppState {
     pub chat_template: Option<Arc<ChatTemplate>>,
     pub model: ModelInfo,
     pub metrics: Arc<Metrics>,
-    /// Larger request bodies get 413.
+    /// Larger request bodies get 413 (except uploads, see `max_upload_bytes`).
     pub max_body_bytes: usize,
     /// Fine-tuned adapters served next to the base model.
     pub adapters: Arc<AdapterRegistry>,
+    /// Durable state: files, jobs and their results.
+    pub store: Arc<Store>,
+    /// Larger uploaded files get 413.
+    pub max_upload_bytes: usize,
 }
 
 /// The complete HTTP application: every route, the JSON 404/405 fallbacks, the body limit
 /// and the per-request log line.
 pub fn router(state: Arc<AppState>) -> Router {
     let body_limit = DefaultBodyLimit::max(state.max_body_bytes);
+    let upload_limit = DefaultBodyLimit::max(files::upload_body_limit(state.max_upload_bytes));
     Router::new()
         .route("/v1/completions", post(completions::create_completion))
         .route("/v1/chat/completions", post(chat::create_chat_completion))
         .route("/v1/models", get(models::list_models))
         // A catch-all, since model ids such as `org/name` contain slashes.
         .route("/v1/models/{*id}", get(models::retrieve_model))
+        // Uploads stream to disk, so their body limit is the (much larger) upload limit.
+        .route("/v1/files", post(files::upload_file).get(files::list_files).layer(upload_limit))
+        .route("/v1/files/{id}", get(files::retrieve_file).delete(files::delete_file))
+        .route("/v1/files/{id}/content", get(files::file_content))
         .route("/health", get(health::health))
         .route("/version", get(health::version))
         .route("/metrics", get(health::metrics))

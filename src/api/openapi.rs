@@ -3,7 +3,7 @@
 
 use utoipa::OpenApi;
 
-use super::{chat, completions, error, generation, health, logprobs, models, sampling};
+use super::{chat, completions, error, files, generation, health, logprobs, models, sampling};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -16,6 +16,11 @@ use super::{chat, completions, error, generation, health, logprobs, models, samp
         chat::create_chat_completion,
         models::list_models,
         models::retrieve_model,
+        files::upload_file,
+        files::list_files,
+        files::retrieve_file,
+        files::delete_file,
+        files::file_content,
         health::health,
         health::version,
         health::metrics,
@@ -48,12 +53,18 @@ use super::{chat, completions, error, generation, health, logprobs, models, samp
         chat::ChatDelta,
         models::ModelList,
         models::ModelObject,
+        files::CreateFileRequest,
+        files::UploadPurpose,
+        files::FileObject,
+        files::FileList,
+        files::DeletedFile,
         health::Version,
     )),
     tags(
         (name = "completions", description = "Text completions"),
         (name = "chat", description = "Chat completions"),
         (name = "models", description = "Served models"),
+        (name = "files", description = "Uploaded files (training data) and job results"),
         (name = "server", description = "Health, version, metrics and this document"),
     )
 )]

@@ -11,7 +11,10 @@ pub struct TestServer {
     server: Option<RunningServer>,
     base_url: String,
     model_id: String,
+    data_dir: PathBuf,
     _dir: Option<tempfile::TempDir>,
+    /// The data dir made for this server, unless `configure` chose one.
+    _data: Option<tempfile::TempDir>,
 }
 
 impl TestServer {
@@ -24,7 +27,8 @@ impl TestServer {
         s
     }
 
-    /// Serves the model at `path` (None: the embedded default model).
+    /// Serves the model at `path` (None: the embedded default model). The server gets a fresh
+    /// temporary data dir unless `configure` sets `data_dir` (e.g. to restart on the same one).
     pub async fn start_path(
         path: Option<&Path>,
         configure: impl FnOnce(&mut ServerConfig),
@@ -33,10 +37,19 @@ impl TestServer {
         cfg.port = 0;
         cfg.threads = 2;
         configure(&mut cfg);
+        let data = match cfg.data_dir {
+            Some(_) => None,
+            None => {
+                let d = tempfile::tempdir().expect("tempdir");
+                cfg.data_dir = Some(d.path().to_path_buf());
+                Some(d)
+            }
+        };
+        let data_dir = cfg.resolved_data_dir();
         let server = coserve::server::start(cfg).await.expect("server starts");
         let base_url = format!("http://{}", server.addr());
         let model_id = server.model_id().to_string();
-        Self { server: Some(server), base_url, model_id, _dir: None }
+        Self { server: Some(server), base_url, model_id, data_dir, _dir: None, _data: data }
     }
 
     pub async fn start_model(path: &Path, configure: impl FnOnce(&mut ServerConfig)) -> Self {
@@ -49,6 +62,11 @@ impl TestServer {
 
     pub fn model_id(&self) -> &str {
         &self.model_id
+    }
+
+    /// Where this server keeps its durable state.
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
     }
 
     pub fn url(&self, path: &str) -> String {
