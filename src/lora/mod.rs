@@ -4,7 +4,12 @@ pub mod adapter;
 pub mod config;
 pub mod dropout;
 pub mod optim;
+pub mod peft_io;
 
 pub use adapter::{LoraPair, LoraWeights};
 pub use config::{LoraConfig, LoraConfigError, TargetModule};
 pub use optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule};
+pub use peft_io::{
+    load_peft, load_training_state, save_peft, save_training_state, PeftError, ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+};
