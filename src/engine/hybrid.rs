@@ -96,9 +96,10 @@ pub fn plan_training(
         }
     };
     if cfg.mode == FinetuneMode::Coserve && cfg.min_train_share > 0.0 {
-        let share = cfg.min_train_share.min(1.0) as f64;
-        tok = tok.max((share * cap_tok as f64).ceil() as usize);
-        layers = layers.max((share * cap_layers as f64).ceil() as usize);
+        // In f32, so 0.1 of 1000 is 100, not 100.0000015 rounded up.
+        let share = cfg.min_train_share.min(1.0);
+        tok = tok.max((share * cap_tok as f32).ceil() as usize);
+        layers = layers.max((share * cap_layers as f32).ceil() as usize);
     }
     TrainWork {
         forward_tokens: tok.min(st.forward_remaining),
