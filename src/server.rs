@@ -11,6 +11,8 @@ use tokio::sync::oneshot;
 use crate::api::{router, AppState};
 use crate::config::ServerConfig;
 use crate::engine::{self, EngineHandle};
+use crate::finetune::manager::{JobManager, ManagerConfig, ManagerDeps};
+use crate::lora::AdapterRegistry;
 use crate::metrics::Metrics;
 use crate::model::fetch::{coserve_home, ensure_default_model, DEFAULT_MODEL_NAME};
 use crate::model::loader::load_model;
@@ -33,11 +35,15 @@ pub enum ServerError {
     Interrupted,
 }
 
+/// How long shutdown waits for running jobs to be checkpointed (SIGTERM must exit in 30 s).
+const JOB_SAVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// A server listening on its address until `shutdown` (or drop of the process).
 pub struct RunningServer {
     addr: SocketAddr,
     model_id: String,
     engine: EngineHandle,
+    jobs: JobManager,
     shutdown: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
     engine_thread: Option<std::thread::JoinHandle<()>>,
@@ -58,7 +64,12 @@ impl RunningServer {
             let _ = tx.send(());
         }
         let _ = (&mut self.task).await;
+        // Running jobs are checkpointed as the engine stops them; wait for those saves.
+        let saved = self.jobs.begin_shutdown();
         self.engine.shutdown();
+        if tokio::time::timeout(JOB_SAVE_TIMEOUT, saved).await.is_err() {
+            tracing::warn!("running fine-tuning jobs were not all checkpointed in time");
+        }
         if let Some(t) = self.engine_thread.take() {
             let _ = tokio::task::spawn_blocking(move || t.join()).await;
         }
@@ -108,6 +119,7 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
         }
     });
     let metrics = Arc::new(Metrics::new(&model_id));
+    let model_config = loaded.model.config.clone();
     let started =
         engine::start(loaded.model, loaded.eos_token_ids, &cfg.engine_config(), metrics.clone())?;
     tracing::info!(
@@ -117,10 +129,36 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
         "engine started"
     );
     let created = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let tokenizer = Arc::new(loaded.tokenizer);
+    let chat_template = loaded.chat_template.map(Arc::new);
+    let adapters = Arc::new(AdapterRegistry::new());
+    let jobs = JobManager::start(
+        ManagerDeps {
+            store: store.clone(),
+            engine: started.handle.clone(),
+            tokenizer: tokenizer.clone(),
+            chat_template: chat_template.clone(),
+            base_model: model_id.clone(),
+            model_config,
+            adapters: adapters.clone(),
+            metrics: metrics.clone(),
+        },
+        ManagerConfig {
+            checkpoint_every: cfg.checkpoint_every,
+            max_concurrent_jobs: cfg.max_concurrent_jobs,
+            mode: cfg.finetune_mode,
+            max_len: started.max_model_len,
+        },
+    )
+    .await
+    .map_err(|source| ServerError::Store {
+        dir: cfg.resolved_data_dir().display().to_string(),
+        source,
+    })?;
     let state = Arc::new(AppState {
         engine: started.handle.clone(),
-        tokenizer: Arc::new(loaded.tokenizer),
-        chat_template: loaded.chat_template.map(Arc::new),
+        tokenizer,
+        chat_template,
         model: ModelInfo {
             id: model_id.clone(),
             created,
@@ -129,7 +167,8 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
         },
         metrics,
         max_body_bytes: cfg.max_request_bytes,
-        adapters: Arc::new(crate::lora::AdapterRegistry::new()),
+        adapters,
+        jobs: jobs.clone(),
         store,
         max_upload_bytes: cfg.max_upload_bytes,
     });
@@ -152,6 +191,7 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
         addr: local,
         model_id,
         engine: started.handle,
+        jobs,
         shutdown: Some(tx),
         task,
         engine_thread: Some(started.thread),

@@ -6,6 +6,9 @@ mod common;
 #[path = "api_support.rs"]
 mod support;
 
+use coserve::engine::hybrid::FinetuneMode;
+use coserve::finetune::manager::{JobManager, ManagerConfig, ManagerDeps};
+use coserve::lora::AdapterRegistry;
 use std::sync::{Arc, OnceLock};
 
 use futures::StreamExt;
@@ -324,20 +327,46 @@ async fn stand_in_server(engine: EngineHandle, max_body_bytes: usize) -> String 
     let dir = tempfile::tempdir().unwrap();
     let loaded = load_model(&write_gguf(dir.path(), &TinyShape::default()), WeightsDtype::F32)
         .expect("tiny model");
+    let store = Arc::new(Store::open(&dir.path().join("data")).expect("store"));
+    let tokenizer = Arc::new(loaded.tokenizer);
+    let chat_template = loaded.chat_template.map(Arc::new);
+    let adapters: Arc<AdapterRegistry> = Default::default();
+    let metrics = Arc::new(Metrics::new("tiny"));
+    let jobs = JobManager::start(
+        ManagerDeps {
+            store: store.clone(),
+            engine: engine.clone(),
+            tokenizer: tokenizer.clone(),
+            chat_template: chat_template.clone(),
+            base_model: "tiny".into(),
+            model_config: loaded.model.config.clone(),
+            adapters: adapters.clone(),
+            metrics: metrics.clone(),
+        },
+        ManagerConfig {
+            checkpoint_every: 0,
+            max_concurrent_jobs: 1,
+            mode: FinetuneMode::Coserve,
+            max_len: 1024,
+        },
+    )
+    .await
+    .expect("job manager");
     let state = AppState {
         engine,
-        tokenizer: Arc::new(loaded.tokenizer),
-        chat_template: loaded.chat_template.map(Arc::new),
+        tokenizer,
+        chat_template,
         model: ModelInfo {
             id: "tiny".into(),
             created: 0,
             max_model_len: 1024,
             owned_by: "t".into(),
         },
-        metrics: Arc::new(Metrics::new("tiny")),
+        metrics,
         max_body_bytes,
-        adapters: Default::default(),
-        store: Arc::new(Store::open(&dir.path().join("data")).expect("store")),
+        adapters,
+        jobs,
+        store,
         max_upload_bytes: 1 << 20,
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

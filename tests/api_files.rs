@@ -9,45 +9,9 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
+use common::multipart::{form, Part, BOUNDARY};
 use common::server::TestServer;
 use support::{assert_error, assert_schema_allowing_null, client};
-
-const BOUNDARY: &str = "coserve-test-boundary-7MA4YWxkTrZu0gW";
-
-enum Part<'a> {
-    Text(&'a str, &'a str),
-    File { name: &'a str, filename: Option<&'a str>, content: &'a [u8] },
-}
-
-/// A multipart/form-data body, built by hand so tests can also send malformed ones.
-fn form(parts: &[Part]) -> Vec<u8> {
-    let mut body = Vec::new();
-    for part in parts {
-        body.extend_from_slice(format!("--{BOUNDARY}\r\n").as_bytes());
-        match part {
-            Part::Text(name, value) => {
-                body.extend_from_slice(
-                    format!("Content-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}")
-                        .as_bytes(),
-                );
-            }
-            Part::File { name, filename, content } => {
-                let filename = filename.map(|f| format!("; filename=\"{f}\"")).unwrap_or_default();
-                body.extend_from_slice(
-                    format!(
-                        "Content-Disposition: form-data; name=\"{name}\"{filename}\r\n\
-                         Content-Type: application/octet-stream\r\n\r\n"
-                    )
-                    .as_bytes(),
-                );
-                body.extend_from_slice(content);
-            }
-        }
-        body.extend_from_slice(b"\r\n");
-    }
-    body.extend_from_slice(format!("--{BOUNDARY}--\r\n").as_bytes());
-    body
-}
 
 async fn post_form(server: &TestServer, parts: &[Part<'_>]) -> reqwest::Response {
     client()

@@ -8,6 +8,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use crate::engine::SubmitError;
+use crate::finetune::manager::ManagerError;
 use crate::store::{Entity, StoreError};
 
 /// Seconds a client should wait before retrying when the waiting queue is full.
@@ -41,6 +42,16 @@ pub enum ApiError {
     /// Durable state: not found, a bad cursor, an upload too large, or an I/O or database fault.
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+impl From<ManagerError> for ApiError {
+    fn from(e: ManagerError) -> Self {
+        match e {
+            ManagerError::Invalid { param, message } => ApiError::InvalidRequest { message, param },
+            ManagerError::Store(s) => ApiError::Store(s),
+            ManagerError::Stopped => ApiError::EngineStopped,
+        }
+    }
 }
 
 impl ApiError {

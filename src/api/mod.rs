@@ -9,6 +9,7 @@ pub mod completions;
 pub mod error;
 pub mod extract;
 pub mod files;
+pub mod fine_tuning;
 pub mod generation;
 pub mod health;
 pub mod logging;
@@ -28,6 +29,7 @@ use axum::routing::{get, post};
 use axum::Router;
 
 use crate::engine::EngineHandle;
+use crate::finetune::manager::JobManager;
 use crate::lora::AdapterRegistry;
 use crate::metrics::Metrics;
 use crate::model::chat_template::ChatTemplate;
@@ -49,6 +51,8 @@ pub struct AppState {
     pub max_body_bytes: usize,
     /// Fine-tuned adapters served next to the base model.
     pub adapters: Arc<AdapterRegistry>,
+    /// Fine-tuning jobs: every change goes through the manager; reads use the store.
+    pub jobs: JobManager,
     /// Durable state: files, jobs and their results.
     pub store: Arc<Store>,
     /// Larger uploaded files get 413.
@@ -65,11 +69,18 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/chat/completions", post(chat::create_chat_completion))
         .route("/v1/models", get(models::list_models))
         // A catch-all, since model ids such as `org/name` contain slashes.
-        .route("/v1/models/{*id}", get(models::retrieve_model))
+        .route("/v1/models/{*id}", get(models::retrieve_model).delete(models::delete_model))
         // Uploads stream to disk, so their body limit is the (much larger) upload limit.
         .route("/v1/files", post(files::upload_file).get(files::list_files).layer(upload_limit))
         .route("/v1/files/{id}", get(files::retrieve_file).delete(files::delete_file))
         .route("/v1/files/{id}/content", get(files::file_content))
+        .route("/v1/fine_tuning/jobs", post(fine_tuning::create_job).get(fine_tuning::list_jobs))
+        .route("/v1/fine_tuning/jobs/{id}", get(fine_tuning::retrieve_job))
+        .route("/v1/fine_tuning/jobs/{id}/cancel", post(fine_tuning::cancel_job))
+        .route("/v1/fine_tuning/jobs/{id}/pause", post(fine_tuning::pause_job))
+        .route("/v1/fine_tuning/jobs/{id}/resume", post(fine_tuning::resume_job))
+        .route("/v1/fine_tuning/jobs/{id}/events", get(fine_tuning::list_events))
+        .route("/v1/fine_tuning/jobs/{id}/checkpoints", get(fine_tuning::list_checkpoints))
         .route("/health", get(health::health))
         .route("/version", get(health::version))
         .route("/metrics", get(health::metrics))

@@ -10,6 +10,7 @@ use utoipa::ToSchema;
 
 use super::error::{ApiError, ErrorResponse};
 use super::AppState;
+use crate::lora::ServedAdapter;
 use crate::model::ModelInfo;
 
 #[derive(Debug, Clone, Copy, Serialize, ToSchema)]
@@ -34,6 +35,9 @@ pub struct ModelObject {
     pub owned_by: String,
     /// Prompt plus completion tokens at most.
     pub max_model_len: usize,
+    /// For a fine-tuned model: the base model it adapts (vLLM's `parent` of a LoRA module).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
 }
 
 impl From<&ModelInfo> for ModelObject {
@@ -44,8 +48,28 @@ impl From<&ModelInfo> for ModelObject {
             created: m.created,
             owned_by: m.owned_by.clone(),
             max_model_len: m.max_model_len,
+            parent: None,
         }
     }
+}
+
+fn adapter_object(a: &ServedAdapter, base: &ModelInfo) -> ModelObject {
+    ModelObject {
+        id: a.id.clone(),
+        object: ModelObjectKind::Model,
+        created: a.created,
+        owned_by: base.owned_by.clone(),
+        max_model_len: base.max_model_len,
+        parent: Some(base.id.clone()),
+    }
+}
+
+/// `DELETE /v1/models/{id}` answer.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct DeletedModel {
+    pub id: String,
+    pub object: ModelObjectKind,
+    pub deleted: bool,
 }
 
 /// OpenAI's `ListModelsResponse`.
@@ -62,7 +86,9 @@ pub struct ModelList {
     responses((status = 200, description = "The served models", body = ModelList))
 )]
 pub async fn list_models(State(state): State<Arc<AppState>>) -> Json<ModelList> {
-    Json(ModelList { object: ListObjectKind::List, data: vec![ModelObject::from(&state.model)] })
+    let mut data = vec![ModelObject::from(&state.model)];
+    data.extend(state.adapters.all().iter().map(|a| adapter_object(a, &state.model)));
+    Json(ModelList { object: ListObjectKind::List, data })
 }
 
 #[utoipa::path(
@@ -80,8 +106,49 @@ pub async fn retrieve_model(
     id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<ModelObject>, ApiError> {
     let Path(id) = id.map_err(|e| ApiError::field("id", e.body_text()))?;
-    if id != state.model.id {
-        return Err(ApiError::ModelNotFound(id));
+    if id == state.model.id {
+        return Ok(Json(ModelObject::from(&state.model)));
     }
-    Ok(Json(ModelObject::from(&state.model)))
+    match state.adapters.get(&id) {
+        Some(a) => Ok(Json(adapter_object(&a, &state.model))),
+        None => Err(ApiError::ModelNotFound(id)),
+    }
+}
+
+#[utoipa::path(
+    delete,
+    path = "/v1/models/{id}",
+    tag = "models",
+    params(("id" = String, Path, description = "A fine-tuned model's id")),
+    responses(
+        (status = 200, description = "Deleted; requests already running on it finish", body = DeletedModel),
+        (status = 400, description = "The base model cannot be deleted", body = ErrorResponse),
+        (status = 404, description = "Unknown model", body = ErrorResponse),
+    )
+)]
+pub async fn delete_model(
+    State(state): State<Arc<AppState>>,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<Json<DeletedModel>, ApiError> {
+    let Path(id) = id.map_err(|e| ApiError::field("id", e.body_text()))?;
+    if id == state.model.id {
+        return Err(ApiError::field("model", "The base model cannot be deleted."));
+    }
+    match state.jobs.delete_model(&id).await {
+        Ok(()) => {}
+        // A checkpoint is served but has no model row: it stays with its job.
+        Err(crate::finetune::manager::ManagerError::Store(
+            crate::store::StoreError::NotFound { .. },
+        )) => {
+            return Err(match state.adapters.get(&id) {
+                Some(_) => ApiError::field(
+                    "model",
+                    "Checkpoints are kept with their job and cannot be deleted on their own.",
+                ),
+                None => ApiError::ModelNotFound(id),
+            })
+        }
+        Err(e) => return Err(e.into()),
+    }
+    Ok(Json(DeletedModel { id, object: ModelObjectKind::Model, deleted: true }))
 }

@@ -3,7 +3,10 @@
 
 use utoipa::OpenApi;
 
-use super::{chat, completions, error, files, generation, health, logprobs, models, sampling};
+use super::{
+    chat, completions, error, files, fine_tuning, generation, health, logprobs, models, sampling,
+};
+use crate::finetune::job_object;
 
 #[derive(OpenApi)]
 #[openapi(
@@ -16,11 +19,20 @@ use super::{chat, completions, error, files, generation, health, logprobs, model
         chat::create_chat_completion,
         models::list_models,
         models::retrieve_model,
+        models::delete_model,
         files::upload_file,
         files::list_files,
         files::retrieve_file,
         files::delete_file,
         files::file_content,
+        fine_tuning::create_job,
+        fine_tuning::list_jobs,
+        fine_tuning::retrieve_job,
+        fine_tuning::cancel_job,
+        fine_tuning::pause_job,
+        fine_tuning::resume_job,
+        fine_tuning::list_events,
+        fine_tuning::list_checkpoints,
         health::health,
         health::version,
         health::metrics,
@@ -53,11 +65,28 @@ use super::{chat, completions, error, files, generation, health, logprobs, model
         chat::ChatDelta,
         models::ModelList,
         models::ModelObject,
+        models::DeletedModel,
         files::CreateFileRequest,
         files::UploadPurpose,
         files::FileObject,
         files::FileList,
         files::DeletedFile,
+        fine_tuning::CreateJobRequest,
+        fine_tuning::MethodRequest,
+        fine_tuning::SupervisedRequest,
+        fine_tuning::LoraRequest,
+        fine_tuning::JobList,
+        fine_tuning::EventList,
+        fine_tuning::CheckpointList,
+        job_object::FineTuningJob,
+        job_object::RequestedHyperparameters,
+        job_object::Hyperparameters,
+        job_object::JobError,
+        job_object::JobStatus,
+        job_object::Method,
+        job_object::SupervisedMethod,
+        job_object::JobEventObject,
+        job_object::CheckpointObject,
         health::Version,
     )),
     tags(
@@ -65,6 +94,7 @@ use super::{chat, completions, error, files, generation, health, logprobs, model
         (name = "chat", description = "Chat completions"),
         (name = "models", description = "Served models"),
         (name = "files", description = "Uploaded files (training data) and job results"),
+        (name = "fine-tuning", description = "Fine-tuning jobs, their events and checkpoints"),
         (name = "server", description = "Health, version, metrics and this document"),
     )
 )]

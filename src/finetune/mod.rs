@@ -2,6 +2,9 @@
 //! the engine trains on token by token (see DESIGN.md, "Token-level fine-tuning").
 
 pub mod dataset;
+pub mod job_object;
+pub mod manager;
+pub mod persist;
 
 pub use dataset::{
     parse_training_file, DatasetError, DatasetOptions, LineError, TrainingExample, MAX_KEPT_ERRORS,

@@ -13,6 +13,8 @@ pub struct ServedAdapter {
     /// The model id clients use (`ft:...`).
     pub id: String,
     pub weights: LoraWeights,
+    /// Unix seconds.
+    pub created: u64,
 }
 
 pub type AdapterLease = Arc<ServedAdapter>;
@@ -28,7 +30,12 @@ impl AdapterRegistry {
     }
 
     pub fn insert(&self, id: String, weights: LoraWeights) -> AdapterLease {
-        let lease = Arc::new(ServedAdapter { id: id.clone(), weights });
+        self.insert_created(id, weights, crate::api::unix_now())
+    }
+
+    /// As `insert`, for an adapter created at `created` (Unix seconds), e.g. reloaded.
+    pub fn insert_created(&self, id: String, weights: LoraWeights, created: u64) -> AdapterLease {
+        let lease = Arc::new(ServedAdapter { id: id.clone(), weights, created });
         self.write().insert(id, lease.clone());
         lease
     }
@@ -44,6 +51,11 @@ impl AdapterRegistry {
 
     pub fn ids(&self) -> Vec<String> {
         self.read().keys().cloned().collect()
+    }
+
+    /// Every served adapter, by id.
+    pub fn all(&self) -> Vec<AdapterLease> {
+        self.read().values().cloned().collect()
     }
 
     // A poisoned lock only means a panic elsewhere while holding it; the map is still valid.
