@@ -97,6 +97,48 @@ try:
     raise SystemExit("an upload with purpose fine-tune-results was accepted")
 except openai.BadRequestError as e:
     assert e.body["param"] == "purpose", e.body
+
+# Fine-tuning, as a user of OpenAI's API would drive it.
+import time
+train = "".join('{"prompt": "fact %d is", "completion": " %d"}\n' % (i, i * 3) for i in range(4))
+tf = client.files.create(file=("train.jsonl", train.encode()), purpose="fine-tune")
+job = client.fine_tuning.jobs.create(
+    model=model, training_file=tf.id, seed=5, suffix="client",
+    method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2, "batch_size": 2}}},
+)
+assert job.object == "fine_tuning.job" and job.status == "validating_files", job
+for _ in range(600):
+    job = client.fine_tuning.jobs.retrieve(job.id)
+    if job.status in ("succeeded", "failed", "cancelled"):
+        break
+    time.sleep(0.05)
+assert job.status == "succeeded", job
+assert job.hyperparameters.n_epochs == 2 and job.hyperparameters.batch_size == 2, job
+assert job.fine_tuned_model.startswith("ft:"), job
+assert job.id in [j.id for j in client.fine_tuning.jobs.list(limit=10)]
+events = list(client.fine_tuning.jobs.list_events(job.id, limit=3))
+assert len(events) > 3 and events[0].message == "The job has successfully completed", events[:3]
+assert all(e.object == "fine_tuning.job.event" for e in events)
+cks = client.fine_tuning.jobs.checkpoints.list(job.id).data
+assert cks and cks[0].step_number == 4 and cks[0].fine_tuning_job_id == job.id, cks
+assert cks[0].fine_tuned_model_checkpoint.endswith(":ckpt-step-4"), cks
+csv = client.files.content(job.result_files[0]).content.decode()
+assert csv.startswith("step,train_loss"), csv
+out = client.completions.create(model=job.fine_tuned_model, prompt="fact 1 is", max_tokens=3)
+assert out.model == job.fine_tuned_model, out
+assert job.fine_tuned_model in [m.id for m in client.models.list()]
+deleted = client.models.delete(job.fine_tuned_model)
+assert deleted.deleted, deleted
+try:
+    client.fine_tuning.jobs.cancel(job.id)
+    raise SystemExit("a finished job was cancelled")
+except openai.BadRequestError as e:
+    assert e.status_code == 400, e
+try:
+    client.fine_tuning.jobs.retrieve("ftjob-missing")
+    raise SystemExit("an unknown job was found")
+except openai.NotFoundError as e:
+    assert e.status_code == 404, e
 print("openai client: all checks passed")
 "#;
 

@@ -4,7 +4,6 @@
 use super::*;
 
 impl Manager {
-
     pub(super) async fn create(&mut self, req: CreateJob) -> Result<FineTuningJob, ManagerError> {
         if req.model != self.deps.base_model {
             return Err(ManagerError::invalid(

@@ -6,7 +6,6 @@ use serde_json::json;
 use super::*;
 
 impl Manager {
-
     pub(super) async fn engine_event(&mut self, id: &str, ev: JobEvent) -> Result<(), StoreError> {
         match ev {
             JobEvent::Started { total_steps } => {

@@ -3,7 +3,6 @@
 use super::*;
 
 impl Manager {
-
     /// Serves every saved model and checkpoint and requeues unfinished jobs.
     pub(super) async fn recover(&mut self) -> Result<(), StoreError> {
         let models = self.store(|s| s.list_models()).await?;
