@@ -13,13 +13,15 @@ pub struct Metrics {
     /// Fraction of KV-cache blocks in use, 0..=1 (vLLM reports a fraction despite the name).
     pub kv_cache_usage_perc: Gauge,
     pub num_preemptions_total: IntCounter,
-    pub prompt_tokens_total: IntCounter,
-    pub generation_tokens_total: IntCounter,
-    /// Label `finished_reason`: stop | length | abort.
+    /// Per-request metrics carry `lora_name`: the fine-tuned model a request used ("" for the
+    /// base model), so traffic per adapter is visible.
+    pub prompt_tokens_total: IntCounterVec,
+    pub generation_tokens_total: IntCounterVec,
+    /// Labels `finished_reason` (stop | length | abort) and `lora_name`.
     pub request_success_total: IntCounterVec,
-    pub time_to_first_token_seconds: Histogram,
+    pub time_to_first_token_seconds: HistogramVec,
     pub inter_token_latency_seconds: Histogram,
-    pub e2e_request_latency_seconds: Histogram,
+    pub e2e_request_latency_seconds: HistogramVec,
     pub request_queue_time_seconds: Histogram,
     /// Label `kind`: decode | prefill | train_fwd. Tokens per iteration.
     pub iteration_tokens: HistogramVec,
@@ -77,33 +79,39 @@ impl Metrics {
                 "coserve_num_preemptions_total",
                 "Cumulative number of preemptions from the engine."
             ))),
-            prompt_tokens_total: reg!(IntCounter::with_opts(opts(
-                "coserve_prompt_tokens_total",
-                "Number of prefill tokens processed."
-            ))),
-            generation_tokens_total: reg!(IntCounter::with_opts(opts(
-                "coserve_generation_tokens_total",
-                "Number of generation tokens processed."
-            ))),
+            prompt_tokens_total: reg!(IntCounterVec::new(
+                opts("coserve_prompt_tokens_total", "Number of prefill tokens processed."),
+                &["lora_name"]
+            )),
+            generation_tokens_total: reg!(IntCounterVec::new(
+                opts("coserve_generation_tokens_total", "Number of generation tokens processed."),
+                &["lora_name"]
+            )),
             request_success_total: reg!(IntCounterVec::new(
                 opts("coserve_request_success_total", "Count of successfully processed requests."),
-                &["finished_reason"]
+                &["finished_reason", "lora_name"]
             )),
-            time_to_first_token_seconds: reg!(Histogram::with_opts(hopts(
-                "coserve_time_to_first_token_seconds",
-                "Histogram of time to first token in seconds.",
-                LATENCY_BUCKETS
-            ))),
+            time_to_first_token_seconds: reg!(HistogramVec::new(
+                hopts(
+                    "coserve_time_to_first_token_seconds",
+                    "Histogram of time to first token in seconds.",
+                    LATENCY_BUCKETS
+                ),
+                &["lora_name"]
+            )),
             inter_token_latency_seconds: reg!(Histogram::with_opts(hopts(
                 "coserve_inter_token_latency_seconds",
                 "Histogram of inter-token latency in seconds.",
                 LATENCY_BUCKETS
             ))),
-            e2e_request_latency_seconds: reg!(Histogram::with_opts(hopts(
-                "coserve_e2e_request_latency_seconds",
-                "Histogram of end to end request latency in seconds.",
-                LATENCY_BUCKETS
-            ))),
+            e2e_request_latency_seconds: reg!(HistogramVec::new(
+                hopts(
+                    "coserve_e2e_request_latency_seconds",
+                    "Histogram of end to end request latency in seconds.",
+                    LATENCY_BUCKETS
+                ),
+                &["lora_name"]
+            )),
             request_queue_time_seconds: reg!(Histogram::with_opts(hopts(
                 "coserve_request_queue_time_seconds",
                 "Histogram of time spent in the waiting queue in seconds.",

@@ -181,6 +181,14 @@ async fn a_job_trains_and_its_model_serves_at_once() {
     let chat =
         json!({"model": ck3, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3});
     assert_eq!(post(&s, "/v1/chat/completions", chat).await.0, 200);
+    // Traffic per adapter is visible in the metrics.
+    let metrics = reqwest::get(s.url("/metrics")).await.unwrap().text().await.unwrap();
+    for lora in [model.as_str(), ck3, ""] {
+        let needle = format!("coserve_generation_tokens_total{{lora_name=\"{lora}\"");
+        assert!(metrics.contains(&needle), "{needle} not in\n{metrics}");
+    }
+    assert!(metrics.contains("coserve_finetune_loss{job=\""), "{metrics}");
+    assert!(metrics.contains("coserve_iteration_tokens_count{kind=\"train_fwd\""), "{metrics}");
 
     // Deleting the fine-tuned model: gone from use and listing; the base cannot be deleted.
     let c = reqwest::Client::new();

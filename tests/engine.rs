@@ -51,7 +51,7 @@ fn dropping_a_stream_aborts_and_frees_blocks() {
     let text = engine.metrics.render();
     assert!(
         text.contains(
-            "coserve_request_success_total{finished_reason=\"abort\",model_name=\"test\"} 1"
+            "coserve_request_success_total{finished_reason=\"abort\",lora_name=\"\",model_name=\"test\"} 1"
         ),
         "{text}"
     );

@@ -402,8 +402,12 @@ impl EngineCore {
         let sampled = sample(&mut row, &s.params, &mut s.sampler);
         let now = Instant::now();
         if s.num_generated() == 0 {
-            metrics.time_to_first_token_seconds.observe((now - s.arrival).as_secs_f64());
-            metrics.prompt_tokens_total.inc_by(s.prompt_len as u64);
+            let lora = [s.lora_name()];
+            metrics
+                .time_to_first_token_seconds
+                .with_label_values(&lora)
+                .observe((now - s.arrival).as_secs_f64());
+            metrics.prompt_tokens_total.with_label_values(&lora).inc_by(s.prompt_len as u64);
             if s.params.prompt_logprobs.is_some() {
                 let lp = std::mem::take(&mut s.prompt_logprobs);
                 if s.events.send(EngineEvent::PromptLogprobs(lp)).is_err() {
@@ -414,7 +418,7 @@ impl EngineCore {
             metrics.inter_token_latency_seconds.observe((now - last).as_secs_f64());
         }
         s.last_token_at = Some(now);
-        metrics.generation_tokens_total.inc();
+        metrics.generation_tokens_total.with_label_values(&[s.lora_name()]).inc();
         let t = sampled.token_id;
         s.tokens.push(t);
         s.sampler.observe(t);
@@ -452,8 +456,10 @@ impl EngineCore {
         // finished also sees its resources released.
         s.blocks = None;
         self.update_gauges();
-        self.metrics.request_success_total.with_label_values(&[reason.as_str()]).inc();
-        self.metrics.e2e_request_latency_seconds.observe(s.arrival.elapsed().as_secs_f64());
+        let lora = s.lora_name();
+        self.metrics.request_success_total.with_label_values(&[reason.as_str(), lora]).inc();
+        let e2e = s.arrival.elapsed().as_secs_f64();
+        self.metrics.e2e_request_latency_seconds.with_label_values(&[lora]).observe(e2e);
         if notify {
             let _ = s.events.send(EngineEvent::Finished {
                 reason,

@@ -58,6 +58,11 @@ impl Sequence {
         }
     }
 
+    /// The `lora_name` metric label: the adapter's model id, or "" for the base model.
+    pub fn lora_name(&self) -> &str {
+        self.adapter.as_ref().map_or("", |a| a.id.as_str())
+    }
+
     pub fn len(&self) -> usize {
         self.tokens.len()
     }
