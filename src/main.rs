@@ -25,6 +25,8 @@ enum Command {
     FetchModel,
     /// Load-test /v1/completions at several concurrency levels.
     Bench(Box<coserve::bench::BenchArgs>),
+    /// Measure LoRA fine-tuning throughput and activation memory through the engine.
+    BenchFinetune(Box<coserve::bench_finetune::BenchFinetuneArgs>),
 }
 
 fn main() -> ExitCode {
@@ -48,6 +50,30 @@ fn main() -> ExitCode {
         },
         Command::Serve(cfg) => serve(*cfg),
         Command::Bench(args) => bench(*args),
+        Command::BenchFinetune(args) => bench_finetune(&args),
+    }
+}
+
+fn bench_finetune(args: &coserve::bench_finetune::BenchFinetuneArgs) -> ExitCode {
+    match coserve::bench_finetune::run(args) {
+        Ok(r) if args.json => match serde_json::to_string(&r) {
+            Ok(text) => {
+                println!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Ok(r) => {
+            r.print_text();
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 
