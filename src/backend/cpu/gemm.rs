@@ -19,6 +19,8 @@ const KC: usize = 256;
 const MC: usize = 288;
 /// Columns of `C` per parallel task (a multiple of `NR`).
 const NC: usize = 96;
+/// Tasks worth splitting a product into when its columns alone give fewer.
+const MIN_TASKS: usize = 8;
 
 /// A read-only `[rows, cols]` matrix: element `(i, j)` is `data[i * rs + j * cs]`.
 #[derive(Clone, Copy, Debug)]
@@ -115,10 +117,18 @@ fn run(
         pa.chunks_exact_mut(MR * k).enumerate().for_each(pack);
     }
     let out = OutPtr(c.as_mut_ptr());
-    let (tm, tn) = (m.div_ceil(MC), n.div_ceil(NC));
+    // Narrow products (LoRA ranks) get their parallelism from rows instead. The split never
+    // changes a result: each element's sum runs over `k` in order within one task.
+    let tn = n.div_ceil(NC);
+    let mc = if parallel && tn < MIN_TASKS {
+        m.div_ceil(MIN_TASKS.div_ceil(tn)).next_multiple_of(MR).clamp(4 * MR, MC)
+    } else {
+        MC
+    };
+    let tm = m.div_ceil(mc);
     let task = |t: usize| {
-        let (i0, j0) = ((t / tn) * MC, (t % tn) * NC);
-        let (i1, j1) = ((i0 + MC).min(m), (j0 + NC).min(n));
+        let (i0, j0) = ((t / tn) * mc, (t % tn) * NC);
+        let (i1, j1) = ((i0 + mc).min(m), (j0 + NC).min(n));
         // SAFETY: tiles of distinct tasks are disjoint and lie inside `c` (checked above).
         unsafe { tile_task(&pa, &b, accumulate, out, ldc, i0..i1, j0..j1, k) };
     };
