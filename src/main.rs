@@ -25,16 +25,22 @@ enum Command {
     FetchModel,
     /// Load-test /v1/completions at several concurrency levels.
     Bench(Box<coserve::bench::BenchArgs>),
+    /// Measure LoRA fine-tuning throughput and activation memory through the engine.
+    BenchFinetune(Box<coserve::bench_finetune::BenchFinetuneArgs>),
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
     let cli = Cli::parse();
+    let logs = tracing_subscriber::fmt().with_env_filter(
+        tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+    );
+    // The benchmark's stdout is its result (e.g. one JSON object); its progress goes to stderr.
+    if matches!(cli.command, Command::BenchFinetune(_)) {
+        logs.with_writer(std::io::stderr).init();
+    } else {
+        logs.init();
+    }
     match cli.command {
         Command::FetchModel => match ensure_default_model(&coserve_home()) {
             Ok(p) => {
@@ -48,6 +54,30 @@ fn main() -> ExitCode {
         },
         Command::Serve(cfg) => serve(*cfg),
         Command::Bench(args) => bench(*args),
+        Command::BenchFinetune(args) => bench_finetune(&args),
+    }
+}
+
+fn bench_finetune(args: &coserve::bench_finetune::BenchFinetuneArgs) -> ExitCode {
+    match coserve::bench_finetune::run(args) {
+        Ok(r) if args.json => match serde_json::to_string(&r) {
+            Ok(text) => {
+                println!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Ok(r) => {
+            r.print_text();
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -1,8 +1,20 @@
 //! Backward of causal attention over one training sample, recomputing softmax from the saved
 //! queries and the sample's keys (flash-attention style): no `tokens²` matrix is kept between
-//! the forward and the backward.
+//! the forward and the backward, and the backward itself holds one `QTILE x tokens` block of
+//! scores per query head at a time.
+//!
+//! Each query head is one parallel task; its query tiles run in order, so every key's and
+//! value's gradient sums the tiles in the same order whatever the thread count, and the heads
+//! of a GQA group are added in head order afterwards.
 
 use rayon::prelude::*;
+
+use crate::backend::cpu::exp_shifted;
+use crate::backend::cpu::gemm::{gemm_serial, MatRef};
+
+/// Query rows per tile: the tile's score block (`QTILE x tokens`) stays in L2 for the
+/// sequence lengths fine-tuning uses, and the GEMMs over it are large enough to run well.
+const QTILE: usize = 64;
 
 /// One sample's attention tensors, every position `0..len`, row-major:
 /// `q`, `o`, `d_o`: `[len, heads, head_dim]`; `k`, `v`: `[len, kv_heads, head_dim]`.
@@ -19,72 +31,85 @@ pub struct AttnBackwardInput<'a> {
     pub scale: f32,
 }
 
+/// One query head's gradients, `[len, head_dim]` each.
+struct HeadGrads {
+    dq: Vec<f32>,
+    dk: Vec<f32>,
+    dv: Vec<f32>,
+}
+
 /// Gradients w.r.t. the (rotated) queries, keys and values: `(dq, dk, dv)`.
 pub fn attention_backward(a: &AttnBackwardInput<'_>) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let (t, nh, nkv, hd) = (a.len, a.num_heads, a.num_kv_heads, a.head_dim);
     let group = nh / nkv.max(1);
     let (q_row, kv_row) = (nh * hd, nkv * hd);
-    // Each kv head's group of query heads is independent: one task per kv head, each writing
-    // its own columns, merged afterwards in a fixed order.
-    let per_head: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = (0..nkv)
-        .into_par_iter()
-        .map(|kvh| {
-            let mut dq = vec![0f32; t * group * hd];
-            let mut dk = vec![0f32; t * hd];
-            let mut dv = vec![0f32; t * hd];
-            let mut p = vec![0f32; t];
-            let key = |j: usize| &a.k[j * kv_row + kvh * hd..j * kv_row + (kvh + 1) * hd];
-            let val = |j: usize| &a.v[j * kv_row + kvh * hd..j * kv_row + (kvh + 1) * hd];
-            for gh in 0..group {
-                let h = kvh * group + gh;
-                for i in 0..t {
-                    let qi = &a.q[i * q_row + h * hd..i * q_row + (h + 1) * hd];
-                    let oi = &a.o[i * q_row + h * hd..i * q_row + (h + 1) * hd];
-                    let doi = &a.d_o[i * q_row + h * hd..i * q_row + (h + 1) * hd];
-                    let mut max = f32::NEG_INFINITY;
-                    for (j, pj) in p[..=i].iter_mut().enumerate() {
-                        *pj = a.scale * dot(qi, key(j));
-                        max = max.max(*pj);
-                    }
-                    let mut sum = 0f32;
-                    for pj in &mut p[..=i] {
-                        *pj = (*pj - max).exp();
-                        sum += *pj;
-                    }
-                    let inv = 1.0 / sum;
-                    let d_i = dot(doi, oi);
-                    let dqi = &mut dq[(i * group + gh) * hd..(i * group + gh + 1) * hd];
-                    for (j, &pj) in p[..=i].iter().enumerate() {
-                        let pj = pj * inv;
-                        let ds = pj * (dot(doi, val(j)) - d_i) * a.scale;
-                        axpy(dqi, ds, key(j));
-                        axpy(&mut dk[j * hd..(j + 1) * hd], ds, qi);
-                        axpy(&mut dv[j * hd..(j + 1) * hd], pj, doi);
-                    }
-                }
-            }
-            (dq, dk, dv)
-        })
-        .collect();
+    let per_head: Vec<HeadGrads> =
+        (0..nh).into_par_iter().map(|h| head_backward(a, h, h / group.max(1))).collect();
     let mut dq = vec![0f32; t * q_row];
     let mut dk = vec![0f32; t * kv_row];
     let mut dv = vec![0f32; t * kv_row];
-    for (kvh, (hq, hk, hv)) in per_head.iter().enumerate() {
+    for (h, g) in per_head.iter().enumerate() {
+        let kvh = h / group.max(1);
         for i in 0..t {
-            let q0 = i * q_row + kvh * group * hd;
-            dq[q0..q0 + group * hd].copy_from_slice(&hq[i * group * hd..(i + 1) * group * hd]);
+            let q0 = i * q_row + h * hd;
+            dq[q0..q0 + hd].copy_from_slice(&g.dq[i * hd..(i + 1) * hd]);
             let k0 = i * kv_row + kvh * hd;
-            dk[k0..k0 + hd].copy_from_slice(&hk[i * hd..(i + 1) * hd]);
-            dv[k0..k0 + hd].copy_from_slice(&hv[i * hd..(i + 1) * hd]);
+            let (src_k, src_v) = (&g.dk[i * hd..(i + 1) * hd], &g.dv[i * hd..(i + 1) * hd]);
+            dk[k0..k0 + hd].iter_mut().zip(src_k).for_each(|(d, s)| *d += s);
+            dv[k0..k0 + hd].iter_mut().zip(src_v).for_each(|(d, s)| *d += s);
         }
     }
     (dq, dk, dv)
 }
 
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
-}
-
-fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
-    y.iter_mut().zip(x).for_each(|(y, x)| *y += a * x);
+/// Query head `h` (reading kv head `kvh`), tile by tile:
+/// `S = s·Q Kᵀ`, `P = softmax(S)` (causal), `dP = dO Vᵀ`, `dS = P ∘ (dP − rowsum(dO ∘ O))`,
+/// `dQ = s·dS K`, `dK += s·dSᵀ Q`, `dV += Pᵀ dO`.
+fn head_backward(a: &AttnBackwardInput<'_>, h: usize, kvh: usize) -> HeadGrads {
+    let (t, hd) = (a.len, a.head_dim);
+    let (q_row, kv_row) = (a.num_heads * hd, a.num_kv_heads * hd);
+    let mut g =
+        HeadGrads { dq: vec![0f32; t * hd], dk: vec![0f32; t * hd], dv: vec![0f32; t * hd] };
+    let mut p = vec![0f32; QTILE * t];
+    let mut dp = vec![0f32; QTILE * t];
+    let mut scores = vec![0f32; t];
+    let mut i0 = 0;
+    while i0 < t {
+        let (i1, rows) = ((i0 + QTILE).min(t), (i0 + QTILE).min(t) - i0);
+        // Keys 0..i1 are all any query of the tile sees.
+        let keys = i1;
+        let q_t = MatRef::columns(&a.q[i0 * q_row..], rows, q_row, h * hd, hd);
+        let do_t = MatRef::columns(&a.d_o[i0 * q_row..], rows, q_row, h * hd, hd);
+        let k_all = MatRef::columns(a.k, keys, kv_row, kvh * hd, hd);
+        let v_all = MatRef::columns(a.v, keys, kv_row, kvh * hd, hd);
+        gemm_serial(a.scale, q_t, k_all.t(), false, &mut p, keys);
+        gemm_serial(1.0, do_t, v_all.t(), false, &mut dp, keys);
+        for r in 0..rows {
+            let i = i0 + r;
+            let (prow, dprow) =
+                (&mut p[r * keys..(r + 1) * keys], &mut dp[r * keys..(r + 1) * keys]);
+            let (seen, masked) = prow.split_at_mut(i + 1);
+            let max = seen.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+            let src = &mut scores[..=i];
+            src.copy_from_slice(seen);
+            let inv = (1.0 / exp_shifted(src, max, 1.0, seen)) as f32;
+            masked.fill(0.0);
+            let oi = &a.o[i * q_row + h * hd..i * q_row + (h + 1) * hd];
+            let doi = &a.d_o[i * q_row + h * hd..i * q_row + (h + 1) * hd];
+            let d_i: f32 = oi.iter().zip(doi).map(|(x, y)| x * y).sum();
+            for (pj, dpj) in seen.iter_mut().zip(dprow.iter_mut()) {
+                *pj *= inv;
+                // dS, kept in the dP buffer.
+                *dpj = *pj * (*dpj - d_i);
+            }
+            dprow[i + 1..].fill(0.0);
+        }
+        let p_m = MatRef::new(&p[..rows * keys], rows, keys);
+        let ds_m = MatRef::new(&dp[..rows * keys], rows, keys);
+        gemm_serial(a.scale, ds_m, k_all, false, &mut g.dq[i0 * hd..], hd);
+        gemm_serial(a.scale, ds_m.t(), q_t, true, &mut g.dk, hd);
+        gemm_serial(1.0, p_m.t(), do_t, true, &mut g.dv, hd);
+        i0 = i1;
+    }
+    g
 }

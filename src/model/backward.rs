@@ -11,45 +11,31 @@ use super::activations::SavedActivations;
 use super::attention_backward::{attention_backward, AttnBackwardInput};
 use super::llama::{apply_rope, rms_norm, silu_mul, Llama};
 use super::weights::WeightMatrix;
-use crate::backend::cpu::matmul::matmul_t;
+use crate::backend::cpu::gemm::{gemm, MatRef};
 use crate::kv::KvCache;
 use crate::lora::dropout::apply_dropout;
 use crate::lora::{LoraPair, LoraWeights, TargetModule};
 
-/// Transposed f32 copies of the frozen weights, `[in, out]`, so `dY · W` runs on the same
-/// `x · wᵀ` kernel as the forward. Built once, when training first needs them.
+/// f32 copies of the frozen weights in their Linear layout `[out, in]`, read by the backward's
+/// `dX = dY · W` GEMMs (whatever format the forward reads). Built once, when training first
+/// needs them.
 pub struct BackwardWeights {
-    layers: Vec<LayerT>,
-    /// `[hidden, vocab]`.
-    pub head_t: Vec<f32>,
+    layers: Vec<LayerW>,
+    /// `[vocab, hidden]`.
+    pub head: Vec<f32>,
 }
 
-struct LayerT {
+struct LayerW {
     wqkv: Vec<f32>,
     wo: Vec<f32>,
     w_gate_up: Vec<f32>,
     w_down: Vec<f32>,
 }
 
-fn transposed(w: &WeightMatrix) -> Vec<f32> {
-    let (rows, cols) = (w.rows, w.cols);
-    let mut out = vec![0f32; rows * cols];
-    let mut row = vec![0f32; cols];
-    for r in 0..rows {
-        w.row_into(r, &mut row);
-        for (c, &v) in row.iter().enumerate() {
-            out[c * rows + r] = v;
-        }
-    }
-    out
-}
-
-pub(crate) fn transpose(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    let mut out = vec![0f32; rows * cols];
-    for r in 0..rows {
-        for c in 0..cols {
-            out[c * rows + r] = x[r * cols + c];
-        }
+fn dense(w: &WeightMatrix) -> Vec<f32> {
+    let mut out = vec![0f32; w.rows * w.cols];
+    for (r, row) in out.chunks_exact_mut(w.cols.max(1)).enumerate() {
+        w.row_into(r, row);
     }
     out
 }
@@ -59,14 +45,14 @@ impl BackwardWeights {
         let layers = model
             .layers
             .par_iter()
-            .map(|l| LayerT {
-                wqkv: transposed(&l.wqkv),
-                wo: transposed(&l.wo),
-                w_gate_up: transposed(&l.w_gate_up),
-                w_down: transposed(&l.w_down),
+            .map(|l| LayerW {
+                wqkv: dense(&l.wqkv),
+                wo: dense(&l.wo),
+                w_gate_up: dense(&l.w_gate_up),
+                w_down: dense(&l.w_down),
             })
             .collect();
-        Self { layers, head_t: transposed(model.lm_head()) }
+        Self { layers, head: dense(model.lm_head()) }
     }
 
     pub fn bytes(&self) -> usize {
@@ -75,15 +61,13 @@ impl BackwardWeights {
             .iter()
             .map(|l| l.wqkv.len() + l.wo.len() + l.w_gate_up.len() + l.w_down.len())
             .sum();
-        (l + self.head_t.len()) * 4
+        (l + self.head.len()) * 4
     }
 }
 
-/// `dx += dy · W` for `W` given transposed as `wt [in, out]`.
-fn propagate(dy: &[f32], wt: &[f32], t: usize, out_dim: usize, in_dim: usize, dx: &mut [f32]) {
-    let mut tmp = vec![0f32; t * in_dim];
-    matmul_t(dy, wt, t, out_dim, in_dim, &mut tmp);
-    dx.iter_mut().zip(&tmp).for_each(|(a, b)| *a += b);
+/// `dx += dy · W` for `dy [t, out]` and `W [out, in]`.
+fn propagate(dy: &[f32], w: &[f32], t: usize, out_dim: usize, in_dim: usize, dx: &mut [f32]) {
+    gemm(1.0, MatRef::new(dy, t, out_dim), MatRef::new(w, out_dim, in_dim), true, dx, in_dim);
 }
 
 /// Gradient of RMSNorm `y = w ⊙ x / rms(x)`: `dx = r (w⊙dy) − x r³/d Σ(w⊙dy⊙x)`, added to `dx`.
@@ -102,18 +86,10 @@ pub fn rms_norm_backward(x: &[f32], w: &[f32], eps: f32, dy: &[f32], dx: &mut [f
     );
 }
 
-/// The columns `c0..c0 + w` of a `[t, ld]` matrix as a dense `[t, w]` one.
-fn columns(x: &[f32], t: usize, ld: usize, c0: usize, w: usize) -> Vec<f32> {
-    let mut out = Vec::with_capacity(t * w);
-    for i in 0..t {
-        out.extend_from_slice(&x[i * ld + c0..i * ld + c0 + w]);
-    }
-    out
-}
-
 /// Gradients of one adapted projection over the sample: accumulates `dA`, `dB` into `grad`
 /// and adds the LoRA part of `dX` to `dx`. `x` is the projection's input (before dropout),
-/// `dy` its output gradient, `u` the saved `drop(x) Aᵀ`.
+/// `dy` its output gradient (a column view of the fused projection's), `u` the saved
+/// `drop(x) Aᵀ`.
 #[allow(clippy::too_many_arguments)]
 fn lora_backward(
     pair: &LoraPair,
@@ -121,39 +97,40 @@ fn lora_backward(
     scale: f32,
     dropout: Option<(f32, u64, usize, usize)>,
     x: &[f32],
-    dy: &[f32],
+    dy: MatRef<'_>,
     u: &[f32],
     t: usize,
     dx: &mut [f32],
 ) {
     let (r, ind, outd) = (pair.rank(), pair.in_dim, pair.out_dim);
     // dB += s · dYᵀ u
-    let mut db = vec![0f32; outd * r];
-    matmul_t(&transpose(dy, t, outd), &transpose(u, t, r), outd, t, r, &mut db);
-    grad.b.iter_mut().zip(&db).for_each(|(g, v)| *g += scale * v);
+    gemm(scale, dy.t(), MatRef::new(u, t, r), true, &mut grad.b, r);
     // g = s · dY B
     let mut g = vec![0f32; t * r];
-    matmul_t(dy, &transpose(&pair.b, outd, r), t, outd, r, &mut g);
-    g.iter_mut().for_each(|v| *v *= scale);
-    // dA += gᵀ drop(x)
-    let mut xd = x.to_vec();
-    if let Some((p, seed, layer, module)) = dropout {
-        for (pos, row) in xd.chunks_exact_mut(ind).enumerate() {
-            apply_dropout(row, p, seed, layer, module, pos);
+    gemm(scale, dy, MatRef::new(&pair.b, outd, r), false, &mut g, r);
+    let g = MatRef::new(&g, t, r);
+    let a = MatRef::new(&pair.a, r, ind);
+    match dropout {
+        None => {
+            // dA += gᵀ x;  dX += g A
+            gemm(1.0, g.t(), MatRef::new(x, t, ind), true, &mut grad.a, ind);
+            gemm(1.0, g, a, true, dx, ind);
+        }
+        Some((p, seed, layer, module)) => {
+            let mut xd = x.to_vec();
+            for (pos, row) in xd.chunks_exact_mut(ind).enumerate() {
+                apply_dropout(row, p, seed, layer, module, pos);
+            }
+            gemm(1.0, g.t(), MatRef::new(&xd, t, ind), true, &mut grad.a, ind);
+            // The mask (and its scale) applies to the gradient as to the input.
+            let mut gx = vec![0f32; t * ind];
+            gemm(1.0, g, a, false, &mut gx, ind);
+            for (pos, row) in gx.chunks_exact_mut(ind).enumerate() {
+                apply_dropout(row, p, seed, layer, module, pos);
+            }
+            dx.iter_mut().zip(&gx).for_each(|(a, b)| *a += b);
         }
     }
-    let mut da = vec![0f32; r * ind];
-    matmul_t(&transpose(&g, t, r), &transpose(&xd, t, ind), r, t, ind, &mut da);
-    grad.a.iter_mut().zip(&da).for_each(|(a, v)| *a += v);
-    // dX += drop'(g A): the mask (and its scale) applies to the gradient as to the input.
-    let mut gx = vec![0f32; t * ind];
-    matmul_t(&g, &transpose(&pair.a, r, ind), t, r, ind, &mut gx);
-    if let Some((p, seed, layer, module)) = dropout {
-        for (pos, row) in gx.chunks_exact_mut(ind).enumerate() {
-            apply_dropout(row, p, seed, layer, module, pos);
-        }
-    }
-    dx.iter_mut().zip(&gx).for_each(|(a, b)| *a += b);
 }
 
 /// The sample's K and V of one layer, positions `0..len`, read through its cache slots.
@@ -208,9 +185,9 @@ pub fn backward_layer(
             else {
                 return;
             };
-            let dym = columns(dy, t, dy_ld, c0, pair.out_dim);
+            let dym = MatRef::columns(dy, t, dy_ld, c0, pair.out_dim);
             let u = &acts.lora_u[m.index()];
-            lora_backward(pair, grad, scale, dropout(m), x, &dym, u, t, dx);
+            lora_backward(pair, grad, scale, dropout(m), x, dym, u, t, dx);
         };
 
     // MLP: h_out = h_mid + down(silu(g) ⊙ u), [g, u] = gate_up(norm(h_mid)).
@@ -235,6 +212,7 @@ pub fn backward_layer(
             dg[i] = da[i] * u[i] * sig * (1.0 + g[i] * (1.0 - sig));
         }
     }
+
     let mut x2 = vec![0f32; t * hs];
     rms_norm(&acts.h_mid, &layer.ffn_norm, eps, &mut x2);
     let mut dx2 = vec![0f32; t * hs];
@@ -260,6 +238,7 @@ pub fn backward_layer(
         head_dim: hd,
         scale: 1.0 / (hd as f32).sqrt(),
     });
+
     // RoPE is a rotation: its backward rotates by the opposite angle.
     let positions: Vec<usize> = (0..t).collect();
     let (cos, sin) = model.rope_tables(&positions);
@@ -275,6 +254,7 @@ pub fn backward_layer(
             apply_rope(head, cs, sn);
         }
     }
+
     let mut x1 = vec![0f32; t * hs];
     rms_norm(&acts.h_in, &layer.attn_norm, eps, &mut x1);
     let mut dx1 = vec![0f32; t * hs];

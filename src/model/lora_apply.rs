@@ -4,7 +4,7 @@
 
 use std::ops::Range;
 
-use crate::backend::cpu::matmul::matmul_t;
+use crate::backend::cpu::gemm::{gemm, MatRef};
 use crate::lora::dropout::apply_dropout;
 use crate::lora::{LoraWeights, TargetModule};
 
@@ -81,7 +81,11 @@ pub fn lora_shrink(
                 }
             }
             let mut u = vec![0f32; g.rows.len() * r];
-            matmul_t(&xg, &pair.a, g.rows.len(), in_dim, r, &mut u);
+            // The rank is too narrow for the weight-row split of `matmul_t`; the GEMM splits
+            // rows instead, and each row's result is still independent of the batch.
+            let (x_m, a_t) =
+                (MatRef::new(&xg, g.rows.len(), in_dim), MatRef::new(&pair.a, r, in_dim).t());
+            gemm(1.0, x_m, a_t, false, &mut u, r);
             u
         })
         .collect()
@@ -101,7 +105,8 @@ pub fn lora_expand(
         let Some(pair) = g.adapter.pair(layer, m) else { continue };
         let (r, od) = (pair.rank(), pair.out_dim);
         let mut y = vec![0f32; g.rows.len() * od];
-        matmul_t(u, &pair.b, g.rows.len(), r, od, &mut y);
+        let (u_m, b_t) = (MatRef::new(u, g.rows.len(), r), MatRef::new(&pair.b, od, r).t());
+        gemm(1.0, u_m, b_t, false, &mut y, od);
         let s = g.adapter.scale();
         for (&row, yr) in g.rows.iter().zip(y.chunks_exact(od)) {
             let dst = &mut out[row * out_ld + col0..row * out_ld + col0 + od];

@@ -1,12 +1,16 @@
 //! Causal-LM cross-entropy over a training sample and its gradient w.r.t. the final hidden
 //! states, computed over row chunks so the `[tokens, vocab]` logits never exist whole.
 
+use rayon::prelude::*;
+
 use super::backward::{rms_norm_backward, BackwardWeights};
 use super::llama::{rms_norm, Llama};
-use crate::backend::cpu::matmul::matmul_t;
+use crate::backend::cpu::exp_shifted;
+use crate::backend::cpu::gemm::{gemm, MatRef};
 
-/// Rows of logits computed at once: bounds the logits buffer to `ROWS x vocab` floats.
-const ROWS: usize = 32;
+/// Rows of logits computed at once: bounds the logits buffer to `ROWS x vocab` floats, while
+/// the head's weights are streamed once per `ROWS` rows.
+const ROWS: usize = 64;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct LossStats {
@@ -71,33 +75,26 @@ pub fn lm_loss(
         rms_norm(&hr, &model.norm, eps, &mut x);
         let mut logits = vec![0f32; n * vocab];
         head.forward(&x, n, &mut logits);
-        for (row, &(_, target)) in logits.chunks_exact_mut(vocab).zip(chunk) {
-            let target = target as usize;
-            let (mut max, mut arg) = (f32::NEG_INFINITY, 0);
-            for (j, &v) in row.iter().enumerate() {
-                if v > max {
-                    (max, arg) = (v, j);
-                }
-            }
-            let sum: f64 = row.iter().map(|&v| ((v - max) as f64).exp()).sum();
-            let lse = max as f64 + sum.ln();
-            let logit = row.get(target).copied().unwrap_or(f32::NEG_INFINITY) as f64;
-            stats.loss_sum += lse - logit;
-            stats.correct += usize::from(arg == target);
+        // Rows are independent; their results are added in row order below.
+        let per_row: Vec<(f64, bool)> = logits
+            .par_chunks_exact_mut(vocab)
+            .zip(chunk)
+            .map_init(
+                || vec![0f32; vocab],
+                |probs, (row, &(_, target))| {
+                    row_loss(row, target as usize, bw.map(|_| grad_scale), probs)
+                },
+            )
+            .collect();
+        for (loss, correct) in per_row {
+            stats.loss_sum += loss;
+            stats.correct += usize::from(correct);
             stats.count += 1;
-            // d loss / d logits = softmax − onehot, scaled; reuses the logits buffer.
-            if bw.is_some() {
-                for v in row.iter_mut() {
-                    *v = (((*v - max) as f64).exp() / sum) as f32 * grad_scale;
-                }
-                if let Some(v) = row.get_mut(target) {
-                    *v -= grad_scale;
-                }
-            }
         }
         if let (Some(bw), Some(dh)) = (bw, dh.as_deref_mut()) {
             let mut dx = vec![0f32; n * hs];
-            matmul_t(&logits, &bw.head_t, n, vocab, hs, &mut dx);
+            let (dl, w) = (MatRef::new(&logits, n, vocab), MatRef::new(&bw.head, vocab, hs));
+            gemm(1.0, dl, w, false, &mut dx, hs);
             let mut dhr = vec![0f32; n * hs];
             rms_norm_backward(&hr, &model.norm, eps, &dx, &mut dhr);
             for (k, &(i, _)) in chunk.iter().enumerate() {
@@ -106,4 +103,33 @@ pub fn lm_loss(
         }
     }
     stats
+}
+
+/// Negative log-likelihood of `target` under one row of logits and whether the argmax hits
+/// it. With `grad_scale`, overwrites the row with `grad_scale · (softmax − onehot)`.
+/// `probs` is scratch of the row's length.
+fn row_loss(
+    row: &mut [f32],
+    target: usize,
+    grad_scale: Option<f32>,
+    probs: &mut [f32],
+) -> (f64, bool) {
+    let (mut max, mut arg) = (f32::NEG_INFINITY, 0);
+    for (j, &v) in row.iter().enumerate() {
+        if v > max {
+            (max, arg) = (v, j);
+        }
+    }
+    let sum = exp_shifted(row, max, 1.0, probs);
+    let lse = max as f64 + sum.ln();
+    let logit = row.get(target).copied().unwrap_or(f32::NEG_INFINITY) as f64;
+    // d loss / d logits = softmax − onehot, scaled; reuses the logits buffer.
+    if let Some(scale) = grad_scale {
+        let k = (scale as f64 / sum) as f32;
+        row.iter_mut().zip(probs.iter()).for_each(|(v, p)| *v = p * k);
+        if let Some(v) = row.get_mut(target) {
+            *v -= scale;
+        }
+    }
+    (lse - logit, arg == target)
 }

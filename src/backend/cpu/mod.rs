@@ -7,6 +7,7 @@
 //! `a * b + c` either). So results are bit-identical on every machine, and the portable copy is
 //! an exact oracle for the fast one.
 
+pub mod gemm;
 pub mod matmul;
 pub mod matmul_bf16;
 pub mod paged_attention;
