@@ -64,21 +64,21 @@ const WORDS: &str =
     the riverbank and a small bird sings about distant mountains green valleys old bridges quiet \
     towns bright lanterns warm bread and long summer evenings by the sea";
 
-fn prompt(i: usize, words: usize) -> String {
+pub(crate) fn prompt(i: usize, words: usize) -> String {
     let pool: Vec<&str> = WORDS.split_whitespace().collect();
     let body: Vec<&str> = (0..words).map(|w| pool[(i * 7 + w * 3) % pool.len()]).collect();
     format!("Story {i}: {}", body.join(" "))
 }
 
-struct Sample {
-    ttft: Option<Duration>,
-    gaps: Vec<Duration>,
-    tokens: usize,
-    ok: bool,
-    error: Option<String>,
+pub(crate) struct Sample {
+    pub ttft: Option<Duration>,
+    pub gaps: Vec<Duration>,
+    pub tokens: usize,
+    pub ok: bool,
+    pub error: Option<String>,
 }
 
-async fn one_request(
+pub(crate) async fn one_request(
     client: &reqwest::Client,
     url: &str,
     model: &str,
@@ -146,7 +146,7 @@ async fn one_request(
     s
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
+pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }

@@ -4,6 +4,7 @@
 pub mod api;
 pub mod backend;
 pub mod bench;
+pub mod bench_coserve;
 pub mod bench_finetune;
 pub mod config;
 pub mod engine;

@@ -27,6 +27,9 @@ enum Command {
     Bench(Box<coserve::bench::BenchArgs>),
     /// Measure LoRA fine-tuning throughput and activation memory through the engine.
     BenchFinetune(Box<coserve::bench_finetune::BenchFinetuneArgs>),
+    /// Co-serving under Poisson inference load: fine-tuning tokens/s and inference latency in
+    /// each fine-tuning mode.
+    BenchCoserve(Box<coserve::bench_coserve::CoserveBenchArgs>),
 }
 
 fn main() -> ExitCode {
@@ -36,7 +39,7 @@ fn main() -> ExitCode {
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
     );
     // The benchmark's stdout is its result (e.g. one JSON object); its progress goes to stderr.
-    if matches!(cli.command, Command::BenchFinetune(_)) {
+    if matches!(cli.command, Command::BenchFinetune(_) | Command::BenchCoserve(_)) {
         logs.with_writer(std::io::stderr).init();
     } else {
         logs.init();
@@ -55,6 +58,18 @@ fn main() -> ExitCode {
         Command::Serve(cfg) => serve(*cfg),
         Command::Bench(args) => bench(*args),
         Command::BenchFinetune(args) => bench_finetune(&args),
+        Command::BenchCoserve(args) => bench_coserve(*args),
+    }
+}
+
+fn bench_coserve(args: coserve::bench_coserve::CoserveBenchArgs) -> ExitCode {
+    let Some(rt) = runtime() else { return ExitCode::FAILURE };
+    match rt.block_on(coserve::bench_coserve::run(args)) {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 
