@@ -90,17 +90,18 @@ async fn upload(client: &reqwest::Client, url: &str, content: String) -> Result<
          --{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"train.jsonl\"\r\n\
          Content-Type: application/octet-stream\r\n\r\n{content}\r\n--{boundary}--\r\n"
     );
-    let v: serde_json::Value = client
+    let req = client
         .post(format!("{url}/v1/files"))
         .header("content-type", format!("multipart/form-data; boundary={boundary}"))
-        .body(body)
-        .send()
-        .await
-        .map_err(|e| e.to_string())?
-        .json()
-        .await
-        .map_err(|e| e.to_string())?;
-    v["id"].as_str().map(str::to_string).ok_or_else(|| format!("upload failed: {v}"))
+        .body(body);
+    created_id(req, "upload failed").await
+}
+
+/// Sends a request that creates an object; returns the object's `id`.
+async fn created_id(req: reqwest::RequestBuilder, what: &str) -> Result<String, String> {
+    let v: serde_json::Value =
+        req.send().await.map_err(|e| e.to_string())?.json().await.map_err(|e| e.to_string())?;
+    v["id"].as_str().map(str::to_string).ok_or_else(|| format!("{what}: {v}"))
 }
 
 async fn start_job(
@@ -113,16 +114,8 @@ async fn start_job(
         "model": model, "training_file": file, "seed": 1,
         "hyperparameters": {"n_epochs": 50, "batch_size": 1},
     });
-    let v: serde_json::Value = client
-        .post(format!("{url}/v1/fine_tuning/jobs"))
-        .json(&body)
-        .send()
+    created_id(client.post(format!("{url}/v1/fine_tuning/jobs")).json(&body), "job not created")
         .await
-        .map_err(|e| e.to_string())?
-        .json()
-        .await
-        .map_err(|e| e.to_string())?;
-    v["id"].as_str().map(str::to_string).ok_or_else(|| format!("job not created: {v}"))
 }
 
 /// Open-loop Poisson arrivals for `seconds`; returns every request's sample.

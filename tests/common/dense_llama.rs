@@ -33,12 +33,44 @@ pub fn rope(x: &Tensor, positions: &[usize], head_dim: usize, theta: f32) -> Ten
     (x.broadcast_mul(&cos).unwrap() + rotated.broadcast_mul(&sin).unwrap()).unwrap()
 }
 
+/// Causal multi-head attention with RoPE over one sequence: `q` `[n, heads * hd]`, `k`, `v`
+/// `[n, kv_heads * hd]` (before RoPE); returns `[n, heads * hd]`. `mask` is `[n, n]`
+/// (0 on and below the diagonal, -inf above).
+pub fn causal_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    (nh, nkv, hd): (usize, usize, usize),
+) -> Tensor {
+    let n = q.dims()[0];
+    let positions: Vec<usize> = (0..n).collect();
+    let q = q.reshape((n, nh, hd)).unwrap().transpose(0, 1).unwrap().contiguous().unwrap();
+    let k = k.reshape((n, nkv, hd)).unwrap().transpose(0, 1).unwrap().contiguous().unwrap();
+    let v = v.reshape((n, nkv, hd)).unwrap().transpose(0, 1).unwrap().contiguous().unwrap();
+    let q = rope(&q, &positions, hd, 10000.0);
+    let k = rope(&k, &positions, hd, 10000.0);
+    let group = nh / nkv;
+    let mut heads = Vec::new();
+    for head in 0..nh {
+        let qh = q.get(head).unwrap();
+        let kh = k.get(head / group).unwrap();
+        let vh = v.get(head / group).unwrap();
+        let scores = (qh.matmul(&kh.t().unwrap()).unwrap() / (hd as f64).sqrt()).unwrap();
+        let scores = scores.broadcast_add(mask).unwrap();
+        let max = scores.max_keepdim(D::Minus1).unwrap().detach();
+        let e = scores.broadcast_sub(&max).unwrap().exp().unwrap();
+        let p = e.broadcast_div(&e.sum_keepdim(D::Minus1).unwrap()).unwrap();
+        heads.push(p.matmul(&vh).unwrap());
+    }
+    Tensor::stack(&heads, 1).unwrap().reshape((n, nh * hd)).unwrap()
+}
+
 /// Logits `[tokens, vocab]` for one sequence, every position.
 pub fn dense_logits(s: &TinyShape, tokens: &[u32]) -> Vec<f32> {
     let ts = hf_tensors(s);
     let n = tokens.len();
     let (hd, nh, nkv) = (s.head_dim(), s.heads, s.kv_heads);
-    let positions: Vec<usize> = (0..n).collect();
     let ids = Tensor::from_vec(tokens.to_vec(), n, &Device::Cpu).unwrap();
     let embed = get(&ts, "model.embed_tokens.weight");
     let mut h = embed.index_select(&ids, 0).unwrap();
@@ -52,25 +84,7 @@ pub fn dense_logits(s: &TinyShape, tokens: &[u32]) -> Vec<f32> {
         let q = x.matmul(&w("self_attn.q_proj.weight").t().unwrap()).unwrap();
         let k = x.matmul(&w("self_attn.k_proj.weight").t().unwrap()).unwrap();
         let v = x.matmul(&w("self_attn.v_proj.weight").t().unwrap()).unwrap();
-        let q = q.reshape((n, nh, hd)).unwrap().transpose(0, 1).unwrap().contiguous().unwrap();
-        let k = k.reshape((n, nkv, hd)).unwrap().transpose(0, 1).unwrap().contiguous().unwrap();
-        let v = v.reshape((n, nkv, hd)).unwrap().transpose(0, 1).unwrap().contiguous().unwrap();
-        let q = rope(&q, &positions, hd, 10000.0);
-        let k = rope(&k, &positions, hd, 10000.0);
-        let group = nh / nkv;
-        let mut heads = Vec::new();
-        for head in 0..nh {
-            let qh = q.get(head).unwrap();
-            let kh = k.get(head / group).unwrap();
-            let vh = v.get(head / group).unwrap();
-            let scores = (qh.matmul(&kh.t().unwrap()).unwrap() / (hd as f64).sqrt()).unwrap();
-            let scores = scores.broadcast_add(&mask).unwrap();
-            let max = scores.max_keepdim(D::Minus1).unwrap();
-            let e = scores.broadcast_sub(&max).unwrap().exp().unwrap();
-            let p = e.broadcast_div(&e.sum_keepdim(D::Minus1).unwrap()).unwrap();
-            heads.push(p.matmul(&vh).unwrap());
-        }
-        let attn = Tensor::stack(&heads, 1).unwrap().reshape((n, nh * hd)).unwrap();
+        let attn = causal_attention(&q, &k, &v, &mask, (nh, nkv, hd));
         let o = attn.matmul(&w("self_attn.o_proj.weight").t().unwrap()).unwrap();
         h = (h + o).unwrap();
         let x = rms_norm(&h, &w("post_attention_layernorm.weight"), 1e-5);

@@ -6,7 +6,7 @@ use candle_core::{Device, Tensor, Var, D};
 use coserve::lora::dropout::apply_dropout;
 use coserve::lora::{LoraWeights, TargetModule};
 
-use super::dense_llama::{get, rms_norm, rope};
+use super::dense_llama::{causal_attention, get, rms_norm};
 use super::tiny_model::{hf_tensors, TinyShape};
 
 pub struct OracleResult {
@@ -30,7 +30,6 @@ pub fn oracle(
     let (hd, nh, nkv) = (s.head_dim(), s.heads, s.kv_heads);
     let scale = adapter.scale() as f64;
     let p = adapter.config.dropout;
-    let positions: Vec<usize> = (0..n).collect();
     let ids = Tensor::from_vec(tokens.to_vec(), n, &dev).unwrap();
     let embed = get(&ts, "model.embed_tokens.weight");
     let mut h = embed.index_select(&ids, 0).unwrap();
@@ -77,25 +76,7 @@ pub fn oracle(
         let q = proj(l, TargetModule::QProj, &x, &w("self_attn.q_proj.weight"));
         let k = proj(l, TargetModule::KProj, &x, &w("self_attn.k_proj.weight"));
         let v = proj(l, TargetModule::VProj, &x, &w("self_attn.v_proj.weight"));
-        let q = q.reshape((n, nh, hd)).unwrap().transpose(0, 1).unwrap().contiguous().unwrap();
-        let k = k.reshape((n, nkv, hd)).unwrap().transpose(0, 1).unwrap().contiguous().unwrap();
-        let v = v.reshape((n, nkv, hd)).unwrap().transpose(0, 1).unwrap().contiguous().unwrap();
-        let q = rope(&q, &positions, hd, 10000.0);
-        let k = rope(&k, &positions, hd, 10000.0);
-        let group = nh / nkv;
-        let mut heads = Vec::new();
-        for head in 0..nh {
-            let qh = q.get(head).unwrap();
-            let kh = k.get(head / group).unwrap();
-            let vh = v.get(head / group).unwrap();
-            let scores = (qh.matmul(&kh.t().unwrap()).unwrap() / (hd as f64).sqrt()).unwrap();
-            let scores = scores.broadcast_add(&mask).unwrap();
-            let max = scores.max_keepdim(D::Minus1).unwrap().detach();
-            let e = scores.broadcast_sub(&max).unwrap().exp().unwrap();
-            let p = e.broadcast_div(&e.sum_keepdim(D::Minus1).unwrap()).unwrap();
-            heads.push(p.matmul(&vh).unwrap());
-        }
-        let attn = Tensor::stack(&heads, 1).unwrap().reshape((n, nh * hd)).unwrap();
+        let attn = causal_attention(&q, &k, &v, &mask, (nh, nkv, hd));
         let o = proj(l, TargetModule::OProj, &attn, &w("self_attn.o_proj.weight"));
         h = (h + o).unwrap();
         let x = rms_norm(&h, &w("post_attention_layernorm.weight"), 1e-5);
