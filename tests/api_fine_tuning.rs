@@ -327,3 +327,31 @@ async fn cancel_pause_and_resume_mid_run() {
     );
     s.stop().await;
 }
+
+#[tokio::test]
+async fn over_long_examples_fail_unless_truncation_is_asked_for() {
+    let s = TestServer::start_tiny(|c| c.kv_cache_memory = 1 << 20).await;
+    let (_, m) = get(&s, &format!("/v1/models/{}", s.model_id())).await;
+    let context = m["max_model_len"].as_u64().unwrap() as usize;
+    // The tiny tokenizer is byte level: one token per byte. Cut, the completion still trains.
+    let long = json!({"prompt": "Q", "completion": "y".repeat(context)}).to_string();
+    let file = format!("{}{long}\n", training_jsonl(2));
+    let f = upload(s.base_url(), "long.jsonl", "fine-tune", file.as_bytes()).await;
+    let fid = f["id"].as_str().unwrap();
+    let job = create(&s, fid, json!({"n_epochs": 1})).await;
+    let failed = wait_for(&s, job["id"].as_str().unwrap(), status_is("failed")).await;
+    assert!(failed["error"]["message"].as_str().unwrap().contains("line 3"), "{failed}");
+
+    let body = json!({"model": s.model_id(), "training_file": fid,
+                      "method": {"type": "supervised", "supervised": {
+                          "hyperparameters": {"n_epochs": 1}, "truncate": true}}});
+    let (st, job) = post(&s, "/v1/fine_tuning/jobs", body).await;
+    assert_eq!(st, 200, "{job}");
+    assert_eq!(job["method"]["supervised"]["truncate"], true);
+    let done = wait_for(&s, job["id"].as_str().unwrap(), |j| {
+        j["status"] == "succeeded" || j["status"] == "failed"
+    })
+    .await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    s.stop().await;
+}

@@ -57,6 +57,8 @@ pub struct SupervisedRequest {
     pub hyperparameters: Option<RequestedHyperparameters>,
     /// Extension: the LoRA adapter trained (default r 16, alpha 32, every linear projection).
     pub lora: Option<LoraRequest>,
+    /// Extension: cut examples longer than the model's context instead of failing the job.
+    pub truncate: Option<bool>,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -140,8 +142,8 @@ fn create_job_request(req: CreateJobRequest) -> Result<CreateJob, ApiError> {
             ));
         }
     }
-    let (hyper, lora) = match req.method {
-        None => (req.hyperparameters.unwrap_or_default(), LoraConfig::default()),
+    let (hyper, lora, truncate) = match req.method {
+        None => (req.hyperparameters.unwrap_or_default(), LoraConfig::default(), false),
         Some(m) => {
             if m.kind != "supervised" {
                 return Err(ApiError::field(
@@ -149,8 +151,11 @@ fn create_job_request(req: CreateJobRequest) -> Result<CreateJob, ApiError> {
                     format!("Method {:?} is not supported; use \"supervised\".", m.kind),
                 ));
             }
-            let sup =
-                m.supervised.unwrap_or(SupervisedRequest { hyperparameters: None, lora: None });
+            let sup = m.supervised.unwrap_or(SupervisedRequest {
+                hyperparameters: None,
+                lora: None,
+                truncate: None,
+            });
             let hyper =
                 match (sup.hyperparameters, req.hyperparameters) {
                     (Some(_), Some(_)) => return Err(ApiError::field(
@@ -161,7 +166,7 @@ fn create_job_request(req: CreateJobRequest) -> Result<CreateJob, ApiError> {
                     (Some(h), None) | (None, Some(h)) => h,
                     (None, None) => RequestedHyperparameters::default(),
                 };
-            (hyper, lora_config(sup.lora)?)
+            (hyper, lora_config(sup.lora)?, sup.truncate.unwrap_or(false))
         }
     };
     Ok(CreateJob {
@@ -173,6 +178,7 @@ fn create_job_request(req: CreateJobRequest) -> Result<CreateJob, ApiError> {
         metadata: req.metadata.filter(|m| !m.is_null()),
         hyperparameters: hyper,
         lora,
+        truncate,
     })
 }
 

@@ -139,6 +139,9 @@ pub struct SupervisedMethod {
     pub hyperparameters: RequestedHyperparameters,
     #[schema(value_type = Object)]
     pub lora: LoraConfig,
+    /// Extension: cut examples longer than the context instead of rejecting them.
+    #[serde(default)]
+    pub truncate: bool,
 }
 
 /// OpenAI's `FineTuningJob`.

@@ -59,6 +59,8 @@ pub struct CreateJob {
     pub metadata: Option<Value>,
     pub hyperparameters: RequestedHyperparameters,
     pub lora: LoraConfig,
+    /// Cut over-long examples at the context length instead of rejecting them.
+    pub truncate: bool,
 }
 
 enum Command {

@@ -68,6 +68,7 @@ impl Manager {
                 supervised: SupervisedMethod {
                     hyperparameters: req.hyperparameters,
                     lora: req.lora,
+                    truncate: req.truncate,
                 },
             },
             user_provided_suffix: req.suffix,
@@ -91,7 +92,8 @@ impl Manager {
     pub(super) fn validate(&self, job: &FineTuningJob) {
         let (store, tx, id) = (self.deps.store.clone(), self.tx.clone(), job.id.clone());
         let (tok, tpl) = (self.deps.tokenizer.clone(), self.deps.chat_template.clone());
-        let opts = DatasetOptions { max_len: self.cfg.max_len, truncate: false };
+        let truncate = job.method.supervised.truncate;
+        let opts = DatasetOptions { max_len: self.cfg.max_len, truncate };
         let files = (job.training_file.clone(), job.validation_file.clone());
         tokio::task::spawn_blocking(move || {
             let read = |file: &str, what: &str| -> Result<Arc<Vec<TrainingExample>>, Vec<String>> {
