@@ -6,7 +6,7 @@ mod common;
 use std::path::PathBuf;
 use std::sync::LazyLock;
 
-use common::fixtures::default_model_metadata;
+use common::fixtures::default_tokenizer_and_template;
 use common::tiny_model::tiny_tokenizer_and_template;
 use coserve::finetune::{
     parse_training_file, DatasetError, DatasetOptions, TrainingExample, MAX_KEPT_ERRORS,
@@ -17,19 +17,6 @@ use coserve::model::tokenizer::Tokenizer;
 const OPTS: DatasetOptions = DatasetOptions { max_len: 512, truncate: false };
 
 static TINY: LazyLock<(Tokenizer, ChatTemplate)> = LazyLock::new(tiny_tokenizer_and_template);
-
-fn default_model() -> (Tokenizer, ChatTemplate) {
-    let (path, metadata) = default_model_metadata();
-    let tok = Tokenizer::from_gguf(&metadata, &path).unwrap_or_else(|e| panic!("tokenizer: {e}"));
-    let template = ChatTemplate::from_gguf(
-        &metadata,
-        tok.bos_token().unwrap_or_default(),
-        tok.eos_token().unwrap_or_default(),
-    )
-    .unwrap_or_else(|e| panic!("template: {e}"))
-    .expect("the default model has a chat template");
-    (tok, template)
-}
 
 fn fixture(name: &str) -> Vec<u8> {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name);
@@ -99,8 +86,8 @@ fn fixtures_with_the_tiny_model() {
 }
 
 #[test]
-fn fixtures_with_the_default_model() {
-    let (tok, template) = default_model();
+fn fixtures_with_the_default_tokenizer_and_template() {
+    let (tok, template) = default_tokenizer_and_template();
     check_fixtures(&tok, &template, "<|im_end|>");
 }
 
@@ -266,8 +253,8 @@ fn truncation_keeps_the_head_while_something_is_trained() {
 }
 
 #[test]
-fn weights_and_multiple_turns_with_the_default_model() {
-    let (tok, template) = default_model();
+fn weights_and_multiple_turns_with_the_default_tokenizer_and_template() {
+    let (tok, template) = default_tokenizer_and_template();
     let line = r#"{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello.", "weight": 0}, {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Goodbye."}, {"role": "user", "content": "dropped"}]}"#;
     let ex = parse_training_file(line.as_bytes(), &tok, Some(&template), &OPTS)
         .unwrap_or_else(|e| panic!("{e}"))
@@ -284,7 +271,7 @@ fn weights_and_multiple_turns_with_the_default_model() {
 fn conversations_starting_with_the_assistant_get_a_hint() {
     // SmolLM2's template adds its default system prompt only before a first message, so the
     // empty conversation's generation prompt does not begin the rendered reply.
-    let (tok, template) = default_model();
+    let (tok, template) = default_tokenizer_and_template();
     let line = r#"{"messages": [{"role": "assistant", "content": "Hi."}]}"#;
     let e = parse_training_file(line.as_bytes(), &tok, Some(&template), &OPTS).expect_err("bad");
     assert!(e.errors[0].reason.contains("start the conversation with a system or user"), "{e}");

@@ -314,9 +314,11 @@ impl EngineCore {
         train: Option<TrainSlot>,
     ) -> Vec<f32> {
         let total: usize = chunks.iter().map(|c| c.len).sum();
-        let mut tokens = Vec::with_capacity(total);
-        let mut positions = Vec::with_capacity(total);
-        let mut slots = Vec::with_capacity(total);
+        let mut inputs = ChunkInputs {
+            tokens: Vec::with_capacity(total),
+            positions: Vec::with_capacity(total),
+            slots: Vec::with_capacity(total),
+        };
         let mut logits_rows = Vec::new();
         let mut spans = Vec::with_capacity(chunks.len());
         for (c, &nrows) in chunks.iter().zip(logits_per_chunk) {
@@ -324,11 +326,11 @@ impl EngineCore {
                 continue;
             };
             let Some(table) = s.blocks.as_ref() else { continue };
-            let q_start = tokens.len();
+            let q_start = inputs.tokens.len();
             for p in c.start..c.start + c.len {
-                tokens.push(s.tokens[p]);
-                positions.push(p);
-                slots.push(table.slot(p));
+                inputs.tokens.push(s.tokens[p]);
+                inputs.positions.push(p);
+                inputs.slots.push(table.slot(p));
             }
             logits_rows.extend((q_start + c.len - nrows)..(q_start + c.len));
             spans.push((q_start, c.len, c.start + c.len, c.seq_id));
@@ -355,13 +357,7 @@ impl EngineCore {
         if let Some(TrainSlot { job, work }) = train.filter(|t| t.work.forward_tokens > 0) {
             if let Some(j) = self.jobs.get_mut(job) {
                 if let Some(sample) = j.current.as_mut() {
-                    let mut inputs = ChunkInputs {
-                        tokens: std::mem::take(&mut tokens),
-                        positions: std::mem::take(&mut positions),
-                        slots: std::mem::take(&mut slots),
-                    };
                     let rows = sample.push_chunk(work.forward_tokens, &mut inputs);
-                    (tokens, positions, slots) = (inputs.tokens, inputs.positions, inputs.slots);
                     let seq = sample.attn_seq(&rows);
                     train_blocks = seq.block_table.to_vec();
                     train_seq = Some((seq.q_start, seq.q_len, seq.context_len));
@@ -374,9 +370,9 @@ impl EngineCore {
             seqs.push(AttnSeq { q_start, q_len, context_len, block_table: &train_blocks });
         }
         let batch = ForwardBatch {
-            tokens: &tokens,
-            positions: &positions,
-            slot_mapping: &slots,
+            tokens: &inputs.tokens,
+            positions: &inputs.positions,
+            slot_mapping: &inputs.slots,
             seqs: &seqs,
             logits_rows: &logits_rows,
         };

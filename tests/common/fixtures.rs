@@ -57,3 +57,19 @@ pub fn default_model_metadata() -> (PathBuf, HashMap<String, gguf_file::Value>) 
         .unwrap_or_else(|e| panic!("reading GGUF {}: {e}", path.display()));
     (path, content.metadata)
 }
+
+/// The default model's tokenizer and chat template, read from its GGUF metadata.
+pub fn default_tokenizer_and_template(
+) -> (coserve::model::tokenizer::Tokenizer, coserve::model::chat_template::ChatTemplate) {
+    let (path, metadata) = default_model_metadata();
+    let tok = coserve::model::tokenizer::Tokenizer::from_gguf(&metadata, &path)
+        .unwrap_or_else(|e| panic!("tokenizer: {e}"));
+    let template = coserve::model::chat_template::ChatTemplate::from_gguf(
+        &metadata,
+        tok.bos_token().unwrap_or_default(),
+        tok.eos_token().unwrap_or_default(),
+    )
+    .unwrap_or_else(|e| panic!("template: {e}"))
+    .expect("the default model has a chat template");
+    (tok, template)
+}
