@@ -3,9 +3,12 @@
 //! [49152, 576] head) for each weight format, at batch 1, 16 and 64. Weights are random values
 //! of the real shapes (the gguf case uses the default file's types: Q4_1 layers, Q8_0 head).
 //! Throughput is reported in weight bytes read per second: decode on a CPU is bound by it.
+//! `f32-rows` is the row-major dot-product kernel (what bf16 uses) on the same f32 weights, for
+//! comparison with the panel-packed f32 kernel in one run.
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
+use coserve::backend::cpu::matmul::matmul_t;
 use coserve::model::weights::{WeightMatrix, WeightsDtype};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use rand::rngs::StdRng;
@@ -75,6 +78,31 @@ fn decode_step(c: &mut Criterion) {
         }
         group.finish();
     }
+    // The same f32 shapes, row-major, through the dot-product kernel.
+    let mut rng = StdRng::seed_from_u64(7);
+    let mut shapes: Vec<(usize, usize)> = (0..LAYERS).flat_map(|_| SHAPES).collect();
+    shapes.push((VOCAB, HIDDEN));
+    let rows: Vec<(usize, usize, Vec<f32>)> =
+        shapes.iter().map(|&(n, k)| (n, k, random(&mut rng, n * k, 0.05))).collect();
+    let bytes: usize = rows.iter().map(|(n, k, _)| n * k * 4).sum();
+    let mut group = c.benchmark_group("decode_step_matmuls/f32-rows");
+    group.sample_size(10);
+    group.throughput(Throughput::Bytes(bytes as u64));
+    for batch in [1usize, 16, 64] {
+        let mut rng = StdRng::seed_from_u64(batch as u64);
+        let x = random(&mut rng, batch * 1536, 1.0);
+        let mut out = vec![0f32; batch * VOCAB];
+        group.bench_with_input(BenchmarkId::from_parameter(batch), &batch, |b, &m| {
+            b.iter(|| {
+                pool.install(|| {
+                    for (n, k, w) in &rows {
+                        matmul_t(&x[..m * k], w, m, *k, *n, &mut out[..m * n]);
+                    }
+                })
+            })
+        });
+    }
+    group.finish();
 }
 
 criterion_group!(benches, decode_step);

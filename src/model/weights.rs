@@ -9,8 +9,9 @@ use std::sync::Arc;
 
 use candle_core::quantized::GgmlDType;
 
-use crate::backend::cpu::matmul::{matmul_t_into, OutView};
+use crate::backend::cpu::matmul::OutView;
 use crate::backend::cpu::matmul_bf16::{bf16_to_f32, matmul_t_bf16, to_bf16, Bf16};
+use crate::backend::cpu::packed::PackedF32;
 use crate::backend::cpu::quant::{
     dequantize_row_q8_0, matmul_t_q8_0, q8_0_blocks_per_row, quantize_q8_0, BlockQ8_0,
 };
@@ -45,7 +46,8 @@ impl std::fmt::Display for WeightsDtype {
 
 #[derive(Clone)]
 enum Storage {
-    F32(Vec<f32>),
+    /// In 16-row panels for the outer-product kernel.
+    F32(PackedF32),
     Bf16(Vec<Bf16>),
     Q8_0(Vec<BlockQ8_0>),
     Ggml(Arc<dyn GgmlRows>),
@@ -69,7 +71,7 @@ impl Part {
 
     fn size_bytes(&self) -> usize {
         match &self.storage {
-            Storage::F32(d) => std::mem::size_of_val(d.as_slice()),
+            Storage::F32(d) => d.size_bytes(),
             Storage::Bf16(d) => std::mem::size_of_val(d.as_slice()),
             Storage::Q8_0(d) => std::mem::size_of_val(d.as_slice()),
             Storage::Ggml(g) => g.bytes().len(),
@@ -108,7 +110,7 @@ impl WeightMatrix {
             return None;
         }
         let storage = match dtype {
-            WeightsDtype::F32 => Storage::F32(data),
+            WeightsDtype::F32 => Storage::F32(PackedF32::pack(&data, rows, cols)?),
             WeightsDtype::Bf16 => Storage::Bf16(to_bf16(&data)),
             WeightsDtype::Q8_0 | WeightsDtype::Gguf => {
                 Storage::Q8_0(quantize_q8_0(&data, rows, cols))
@@ -137,9 +139,12 @@ impl WeightMatrix {
                     ));
                 }
                 if dtype == GgmlDType::F32 {
-                    let values =
-                        bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
-                    Storage::F32(values.collect())
+                    let values: Vec<f32> = bytes
+                        .chunks_exact(4)
+                        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                        .collect();
+                    let packed = PackedF32::pack(&values, rows, cols);
+                    Storage::F32(packed.ok_or_else(|| format!("[{rows}, {cols}] f32 data"))?)
                 } else {
                     Storage::Bf16(
                         bytes
@@ -179,7 +184,7 @@ impl WeightMatrix {
         for part in &self.parts {
             let view = OutView::columns(out, m, ld, col0, part.rows);
             match &part.storage {
-                Storage::F32(w) => matmul_t_into(x, w, m, k, part.rows, view),
+                Storage::F32(w) => w.matmul_t(x, m, view),
                 Storage::Bf16(w) => matmul_t_bf16(x, w, m, k, part.rows, view),
                 Storage::Q8_0(w) => matmul_t_q8_0(x, w, m, k, part.rows, view),
                 Storage::Ggml(g) => g.matmul(x, m, view),
@@ -198,7 +203,7 @@ impl WeightMatrix {
                 continue;
             }
             match &part.storage {
-                Storage::F32(w) => out.copy_from_slice(&w[r * k..(r + 1) * k]),
+                Storage::F32(w) => w.row_into(r, out),
                 Storage::Bf16(w) => {
                     for (o, v) in out.iter_mut().zip(&w[r * k..(r + 1) * k]) {
                         *o = bf16_to_f32(*v);
@@ -229,7 +234,9 @@ impl WeightMatrix {
 fn merge(a: &Part, b: Part, cols: usize) -> Option<Part> {
     let rows = a.rows + b.rows;
     let storage = match (&a.storage, b.storage) {
-        (Storage::F32(x), Storage::F32(y)) => Storage::F32([x.as_slice(), &y].concat()),
+        (Storage::F32(x), Storage::F32(y)) => {
+            Storage::F32(PackedF32::pack(&[x.to_rows(), y.to_rows()].concat(), rows, cols)?)
+        }
         (Storage::Bf16(x), Storage::Bf16(y)) => Storage::Bf16([x.as_slice(), &y].concat()),
         (Storage::Q8_0(x), Storage::Q8_0(y)) => Storage::Q8_0([x.as_slice(), &y].concat()),
         (Storage::Ggml(x), Storage::Ggml(y)) => {
@@ -261,7 +268,8 @@ mod tests {
         let (rows, cols) = (6, 64);
         let make =
             |d| WeightMatrix::from_f32_as(values(rows * cols), rows, cols, d).expect("shape");
-        assert_eq!(make(WeightsDtype::F32).size_bytes(), rows * cols * 4);
+        // f32 is stored in 16-row panels, the last one padded.
+        assert_eq!(make(WeightsDtype::F32).size_bytes(), 16 * cols * 4);
         assert_eq!(make(WeightsDtype::Bf16).size_bytes(), rows * cols * 2);
         assert_eq!(make(WeightsDtype::Q8_0).size_bytes(), rows * 2 * 34);
         let q = WeightMatrix::from_ggml(GgmlDType::Q4_1, &q4_1_bytes(rows, cols), rows, cols);

@@ -10,6 +10,7 @@
 pub mod gemm;
 pub mod matmul;
 pub mod matmul_bf16;
+pub mod packed;
 pub mod paged_attention;
 pub mod quant;
 pub mod quant_ggml;

@@ -1,0 +1,274 @@
+//! f32 weights packed for the inference matmul `y = x · Wᵀ`.
+//!
+//! `W [n, k]` is stored as panels of [`NR`] = 16 consecutive rows, each panel `k` lines of 16
+//! floats: line `c` of panel `p` holds `W[16p..16p + 16][c]`. A register tile then multiplies
+//! up to [`MR`] activation rows by a whole panel as an outer product (one broadcast of
+//! `x[i][c]`, two 8-wide FMAs per row and step), which is what a CPU does fastest:
+//! - batch 1 reads the weights as one sequential stream per thread (decode is bound by it);
+//! - large batches reuse each panel, hot in cache, across all activation rows.
+//!
+//! Every output element is one fused multiply-add chain over `c = 0..k` in order, started at
+//! zero, whatever the batch size, tile height, task split or thread count: a row's result is
+//! bit-identical whether it is computed alone or in a batch (batch invariance), and the
+//! portable path (`f32::mul_add`) matches the AVX2 one bit for bit.
+
+use rayon::prelude::*;
+
+use super::matmul::OutView;
+
+/// Weight rows per panel (two AVX vectors of f32).
+pub const NR: usize = 16;
+/// Activation rows per register tile: 6 x 2 accumulators, 2 weight vectors and a broadcast fit
+/// the 16 AVX registers, and 12 independent FMA chains cover the FMA latency.
+pub const MR: usize = 6;
+/// Bytes of `x` a row block keeps hot in L2 while tasks sweep the panels over it.
+const X_BLOCK_BYTES: usize = 256 * 1024;
+
+/// One 64-byte line: a panel's 16 weights for one input column (aligned so a vector load never
+/// splits a cache line).
+#[derive(Clone, Copy, Default)]
+#[repr(C, align(64))]
+struct Line([f32; NR]);
+
+/// A `[rows, cols]` f32 matrix in 16-row panels (the last one zero-padded).
+#[derive(Clone)]
+pub struct PackedF32 {
+    rows: usize,
+    cols: usize,
+    lines: Vec<Line>,
+}
+
+impl PackedF32 {
+    /// Packs row-major `w [rows, cols]`; `None` if the length does not match.
+    pub fn pack(w: &[f32], rows: usize, cols: usize) -> Option<Self> {
+        if w.len() != rows * cols {
+            return None;
+        }
+        let panels = rows.div_ceil(NR);
+        let mut lines = vec![Line::default(); panels * cols];
+        if cols > 0 {
+            lines.par_chunks_mut(cols).enumerate().for_each(|(p, panel)| {
+                for q in 0..NR.min(rows - p * NR) {
+                    let row = &w[(p * NR + q) * cols..(p * NR + q + 1) * cols];
+                    for (line, v) in panel.iter_mut().zip(row) {
+                        line.0[q] = *v;
+                    }
+                }
+            });
+        }
+        Some(Self { rows, cols, lines })
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Row `r` into `out` (`out.len() == cols`).
+    pub fn row_into(&self, r: usize, out: &mut [f32]) {
+        assert!(r < self.rows && out.len() == self.cols, "row {r} of a packed matrix"); // ok: caller bug
+        let panel = &self.lines[(r / NR) * self.cols..(r / NR + 1) * self.cols];
+        for (o, line) in out.iter_mut().zip(panel) {
+            *o = line.0[r % NR];
+        }
+    }
+
+    /// The matrix row-major again.
+    pub fn to_rows(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.rows * self.cols];
+        for (r, row) in out.chunks_exact_mut(self.cols.max(1)).enumerate() {
+            self.row_into(r, row);
+        }
+        out
+    }
+
+    /// Bytes one product reads (padding included).
+    pub fn size_bytes(&self) -> usize {
+        std::mem::size_of_val(self.lines.as_slice())
+    }
+
+    /// `out[m, rows] = x[m, cols] · selfᵀ` on the current rayon pool.
+    pub fn matmul_t(&self, x: &[f32], m: usize, out: OutView<'_>) {
+        let (k, n) = (self.cols, self.rows);
+        assert!(x.len() >= m * k && out.rows() == m && out.cols() == n, "packed matmul shapes"); // ok: caller bug
+        if m == 0 || n == 0 {
+            return;
+        }
+        let panels = n.div_ceil(NR);
+        // Row blocks sized so that a block of `x` stays in L2; each weight panel then comes
+        // from memory once per block and serves every row of it from cache.
+        let block = (X_BLOCK_BYTES / (4 * k.max(1))).max(MR) / MR * MR;
+        let blocks = m.div_ceil(block);
+        // Small batches stream weights: keep a few panels per task to amortise scheduling.
+        let min_len = if m <= MR { 4 } else { 1 };
+        (0..blocks * panels).into_par_iter().with_min_len(min_len).for_each(|t| {
+            let (b, p) = (t / panels, t % panels);
+            let rows = b * block..((b + 1) * block).min(m);
+            // SAFETY: panel `p` writes only columns 16p..16p+16 of rows in its own block.
+            unsafe { self.panel_task(x, rows, p, &out) };
+        });
+    }
+
+    /// Rows `rows` of `x` against panel `p`, in tiles of up to `MR` rows.
+    ///
+    /// # Safety
+    /// No other task writes the outputs of these rows and this panel concurrently.
+    unsafe fn panel_task(&self, x: &[f32], rows: std::ops::Range<usize>, p: usize, out: &OutView) {
+        let k = self.cols;
+        let panel = &self.lines[p * k..(p + 1) * k];
+        let cols = NR.min(self.rows - p * NR);
+        let mut i = rows.start;
+        while i < rows.end {
+            let r = MR.min(rows.end - i);
+            let mut acc = [[0f32; NR]; MR];
+            tile(&x[i * k..(i + r) * k], r, panel, &mut acc);
+            for (dr, row) in acc.iter().take(r).enumerate() {
+                for (q, v) in row.iter().take(cols).enumerate() {
+                    out.write(i + dr, p * NR + q, *v);
+                }
+            }
+            i += r;
+        }
+    }
+}
+
+/// `acc[r][q] = Σ_c x[r][c] · panel[c][q]` for the `r` rows of `x` (each `panel.len()` long).
+fn tile(x: &[f32], r: usize, panel: &[Line], acc: &mut [[f32; NR]; MR]) {
+    debug_assert_eq!(x.len(), r * panel.len());
+    #[cfg(target_arch = "x86_64")]
+    if super::matmul::has_avx2_fma() {
+        let (xp, pp, k) = (x.as_ptr(), panel.as_ptr(), panel.len());
+        // SAFETY: AVX2 and FMA are available; `x` holds `r * k` floats, `panel` `k` lines.
+        unsafe {
+            match r {
+                1 => avx2::tile::<1>(xp, pp, k, acc),
+                2 => avx2::tile::<2>(xp, pp, k, acc),
+                3 => avx2::tile::<3>(xp, pp, k, acc),
+                4 => avx2::tile::<4>(xp, pp, k, acc),
+                5 => avx2::tile::<5>(xp, pp, k, acc),
+                _ => avx2::tile::<MR>(xp, pp, k, acc),
+            }
+        }
+        return;
+    }
+    portable_tile(x, r, panel, acc);
+}
+
+/// The same chains as the AVX2 tile: `mul_add` rounds once, as FMA does.
+fn portable_tile(x: &[f32], r: usize, panel: &[Line], acc: &mut [[f32; NR]; MR]) {
+    let k = panel.len();
+    for (xr, a) in x.chunks_exact(k.max(1)).take(r).zip(acc.iter_mut()) {
+        for (xv, line) in xr.iter().zip(panel) {
+            for (o, w) in a.iter_mut().zip(&line.0) {
+                *o = xv.mul_add(*w, *o);
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::{Line, MR, NR};
+
+    /// `R` rows of `x` (`k` apart) times a panel of `k` lines, into the first `R` rows of `out`.
+    ///
+    /// # Safety
+    /// AVX2 and FMA are available; `x` holds `R * k` floats and `panel` `k` lines.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn tile<const R: usize>(
+        x: *const f32,
+        panel: *const Line,
+        k: usize,
+        out: &mut [[f32; NR]; MR],
+    ) {
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        for c in 0..k {
+            let w = panel.add(c) as *const f32;
+            let (w0, w1) = (_mm256_load_ps(w), _mm256_load_ps(w.add(8)));
+            for (r, a) in acc.iter_mut().enumerate() {
+                let xv = _mm256_broadcast_ss(&*x.add(r * k + c));
+                a[0] = _mm256_fmadd_ps(xv, w0, a[0]);
+                a[1] = _mm256_fmadd_ps(xv, w1, a[1]);
+            }
+        }
+        for (a, o) in acc.iter().zip(out.iter_mut()) {
+            _mm256_storeu_ps(o.as_mut_ptr(), a[0]);
+            _mm256_storeu_ps(o.as_mut_ptr().add(8), a[1]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::matmul::tests::{assert_batch_invariant, assert_close, data};
+
+    fn product(p: &PackedF32, x: &[f32], m: usize) -> Vec<f32> {
+        let mut out = vec![0f32; m * p.rows()];
+        p.matmul_t(x, m, OutView::new(&mut out, m, p.rows()));
+        out
+    }
+
+    #[test]
+    fn matches_f64_reference_on_odd_shapes() {
+        for &(m, k, n) in &[(1, 8, 1), (3, 13, 7), (5, 64, 37), (17, 100, 33), (2, 576, 70)] {
+            let (x, w) = (data(m * k, 1), data(n * k, 2));
+            let p = PackedF32::pack(&w, n, k).expect("shape");
+            assert_close(&product(&p, &x, m), &x, &w, m, k, n);
+        }
+    }
+
+    #[test]
+    fn row_results_do_not_depend_on_batch_size() {
+        let (k, n) = (99, 45);
+        let p = PackedF32::pack(&data(n * k, 4), n, k).expect("shape");
+        assert_batch_invariant(k, n, |x, m, out| p.matmul_t(x, m, OutView::new(out, m, n)));
+    }
+
+    #[test]
+    fn row_blocks_and_threads_do_not_change_results() {
+        // k large enough that the L2 row block holds fewer rows than m.
+        let (m, k, n) = (40, 4000, 20);
+        let (x, w) = (data(m * k, 5), data(n * k, 6));
+        let p = PackedF32::pack(&w, n, k).expect("shape");
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build();
+            pool.expect("thread pool").install(|| product(&p, &x, m)) // ok: test setup
+        };
+        let one = run(1);
+        assert_eq!(one, run(3));
+        for i in [0, 17, 39] {
+            assert_eq!(product(&p, &x[i * k..(i + 1) * k], 1), one[i * n..(i + 1) * n]);
+        }
+        assert_close(&one, &x, &w, m, k, n);
+    }
+
+    #[test]
+    fn portable_tile_matches_simd_tile_bit_for_bit() {
+        let (k, n) = (77, 16);
+        let x = data(MR * k, 7);
+        let p = PackedF32::pack(&data(n * k, 8), n, k).expect("shape");
+        for r in 1..=MR {
+            let (mut a, mut b) = ([[0f32; NR]; MR], [[0f32; NR]; MR]);
+            tile(&x[..r * k], r, &p.lines, &mut a);
+            portable_tile(&x[..r * k], r, &p.lines, &mut b);
+            assert_eq!(a, b, "{r} rows");
+        }
+    }
+
+    #[test]
+    fn rows_unpack_exactly() {
+        let (n, k) = (37, 9);
+        let w = data(n * k, 9);
+        let p = PackedF32::pack(&w, n, k).expect("shape");
+        assert_eq!(p.to_rows(), w);
+        assert_eq!(p.size_bytes(), 3 * NR * k * 4);
+        assert!(PackedF32::pack(&w[1..], n, k).is_none());
+    }
+}
