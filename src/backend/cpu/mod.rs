@@ -28,6 +28,17 @@ pub(crate) trait Vector: Copy + Send + Sync {
     /// `out[i] += p[j] * rows[j * stride + i]` for j in order, per element. `rows` must hold
     /// `(p.len() - 1) * stride + out.len()` floats (otherwise nothing is added).
     fn accumulate_rows(self, out: &mut [f32], p: &[f32], rows: &[f32], stride: usize);
+    /// `out[j] = self.dot(a, row j)` for row `j` at `rows[j * stride..]`, bit for bit (a kernel
+    /// may reduce several rows at once). `rows` must hold `(out.len() - 1) * stride + a.len()`
+    /// floats (otherwise nothing is written).
+    fn dot_rows(self, a: &[f32], rows: &[f32], stride: usize, out: &mut [f32]) {
+        debug_assert!(rows_fit(a, out, rows, stride));
+        if rows_fit(a, out, rows, stride) {
+            for (j, o) in out.iter_mut().enumerate() {
+                *o = self.dot(a, &rows[j * stride..j * stride + a.len()]);
+            }
+        }
+    }
     /// `x[i] = exp_approx(x[i] - shift)`.
     fn exp_sub_in_place(self, x: &mut [f32], shift: f32);
     /// Hints that `data` will be read soon (no effect on results).
@@ -214,6 +225,15 @@ pub(crate) mod avx2 {
         }
 
         #[inline(always)]
+        fn dot_rows(self, a: &[f32], rows: &[f32], stride: usize, out: &mut [f32]) {
+            debug_assert!(rows_fit(a, out, rows, stride));
+            if rows_fit(a, out, rows, stride) {
+                // SAFETY: AVX2 detected (see `dot`); `rows_fit` bounds every read below.
+                unsafe { dot_rows(a, rows, stride, out) }
+            }
+        }
+
+        #[inline(always)]
         fn exp_sub_in_place(self, x: &mut [f32], shift: f32) {
             // SAFETY: `self` exists only where AVX2 was detected.
             unsafe { exp_sub_in_place(x, shift) }
@@ -284,6 +304,63 @@ pub(crate) mod avx2 {
             sum += x * y;
         }
         sum
+    }
+
+    /// Four `dot`s at once: the same lane sums, then `hsum16`'s tree for the four rows in
+    /// shuffled registers (each addition pairs the same lanes as `hsum16`). Caller checks
+    /// `rows_fit`.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn dot_rows(a: &[f32], rows: &[f32], stride: usize, out: &mut [f32]) {
+        let d = a.len();
+        let body = d / LANES * LANES;
+        let (pa, pr) = (a.as_ptr(), rows.as_ptr());
+        let mut j = 0;
+        while j + 4 <= out.len() {
+            let r = [0, 1, 2, 3].map(|t| pr.add((j + t) * stride));
+            let mut lo = [_mm256_setzero_ps(); 4];
+            let mut hi = [_mm256_setzero_ps(); 4];
+            let mut i = 0;
+            while i < body {
+                let (a0, a1) = (_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pa.add(i + 8)));
+                for t in 0..4 {
+                    lo[t] = _mm256_add_ps(lo[t], _mm256_mul_ps(a0, _mm256_loadu_ps(r[t].add(i))));
+                    hi[t] =
+                        _mm256_add_ps(hi[t], _mm256_mul_ps(a1, _mm256_loadu_ps(r[t].add(i + 8))));
+                }
+                i += LANES;
+            }
+            let v = [0, 1, 2, 3].map(|t| _mm256_add_ps(lo[t], hi[t])); // i += i+8
+                                                                       // i += i+4, two rows per register: [row0 | row1], [row2 | row3].
+            let x01 = _mm256_add_ps(
+                _mm256_permute2f128_ps::<0x20>(v[0], v[1]),
+                _mm256_permute2f128_ps::<0x31>(v[0], v[1]),
+            );
+            let x23 = _mm256_add_ps(
+                _mm256_permute2f128_ps::<0x20>(v[2], v[3]),
+                _mm256_permute2f128_ps::<0x31>(v[2], v[3]),
+            );
+            // i += i+2: lanes [r0.0 r0.1 r2.0 r2.1 | r1.0 r1.1 r3.0 r3.1].
+            let b = _mm256_add_ps(
+                _mm256_shuffle_ps::<0x44>(x01, x23),
+                _mm256_shuffle_ps::<0xEE>(x01, x23),
+            );
+            // i += i+1: rows 0, 2, 1, 3 in lanes 0, 2, 4, 6.
+            let c = _mm256_add_ps(b, _mm256_shuffle_ps::<0xB1>(b, b));
+            let mut lanes = [0f32; 8];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), c);
+            for (t, lane) in [0usize, 4, 2, 6].into_iter().enumerate() {
+                let mut sum = lanes[lane];
+                for (x, y) in a[body..].iter().zip(&rows[(j + t) * stride + body..]) {
+                    sum += x * y;
+                }
+                out[j + t] = sum;
+            }
+            j += 4;
+        }
+        for (jj, o) in out.iter_mut().enumerate().skip(j) {
+            *o = dot(a, &rows[jj * stride..jj * stride + d]);
+        }
     }
 
     /// Caller checks `rows_fit`.
@@ -460,6 +537,15 @@ mod tests {
             let sp = exp_shifted_portable(&x, 30.0, 0.7, &mut op);
             assert!(sa.to_bits() == sp.to_bits() && same_bits(&oa, &op), "exp_shifted {len}");
 
+            for (n, stride) in [(1, len), (5, len + 3), (16, 3 * len), (7, len)] {
+                let rows = random(&mut rng, (n - 1) * stride + len, 1.0);
+                let (mut da, mut dp) = (vec![0f32; n], vec![0f32; n]);
+                v.dot_rows(&a, &rows, stride, &mut da);
+                Portable.dot_rows(&a, &rows, stride, &mut dp);
+                assert!(same_bits(&da, &dp), "dot_rows {len} x {n}");
+                let one = Portable.dot(&a, &rows[(n - 1) * stride..(n - 1) * stride + len]);
+                assert_eq!(one.to_bits(), da[n - 1].to_bits(), "dot_rows is dot {len} x {n}");
+            }
             for (n, stride) in [(1, len), (5, len + 3), (16, 3 * len)] {
                 let rows = random(&mut rng, (n - 1) * stride + len, 1.0);
                 let p = random(&mut rng, n, 1.0);

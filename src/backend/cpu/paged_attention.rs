@@ -232,13 +232,12 @@ fn attend_tile<V: Vector>(
         for r in r_first..nrows {
             let n = (first_pos + r + 1 - start).min(bs);
             let qv0 = r * g;
-            // Scores: each K row is loaded once for all heads of the group.
-            for j in 0..n {
-                let k = &k_block[j * kv_stride..j * kv_stride + d];
-                for h in 0..g {
-                    let qv = qv0 + h;
-                    sc.s[qv * bs + j] = v.dot(&sc.q[qv * d..(qv + 1) * d], k);
-                }
+            // Scores, several keys at a time; the block's K rows stay in L1 across the heads.
+            let k_rows = &k_block[..(n - 1) * kv_stride + d];
+            for h in 0..g {
+                let qv = qv0 + h;
+                let s = &mut sc.s[qv * bs..qv * bs + n];
+                v.dot_rows(&sc.q[qv * d..(qv + 1) * d], k_rows, kv_stride, s);
             }
             for h in 0..g {
                 let qv = qv0 + h;
