@@ -1,5 +1,5 @@
 //! Paged attention micro-benchmark: one layer of the default model's shape (9 heads, 3 kv
-//! heads, head_dim 64, blocks of 16) for a decode batch and for one prefill chunk.
+//! heads, head_dim 64, blocks of 16) for decode batches and for one prefill chunk.
 
 use coserve::backend::cpu::paged_attention::{paged_attention, AttnSeq, AttnShape};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
@@ -44,9 +44,42 @@ fn bench(c: &mut Criterion, name: &str, num_seqs: usize, context_len: usize, q_l
     group.finish();
 }
 
+/// A decode step of `num_seqs` sequences through `layers` layers, each with its own cache, so
+/// K and V come from memory as in a real step rather than from a warm cache.
+fn bench_layers(c: &mut Criterion, name: &str, num_seqs: usize, context_len: usize, layers: usize) {
+    let caches: Vec<_> = (0..layers).map(|_| setup(num_seqs, context_len)).collect();
+    let seqs: Vec<Vec<AttnSeq>> = caches
+        .iter()
+        .map(|(_, _, tables)| {
+            tables
+                .iter()
+                .enumerate()
+                .map(|(i, t)| AttnSeq { q_start: i, q_len: 1, context_len, block_table: t })
+                .collect()
+        })
+        .collect();
+    let mut rng = StdRng::seed_from_u64(1);
+    let row = SHAPE.num_heads * SHAPE.head_dim;
+    let q: Vec<f32> = (0..num_seqs * row).map(|_| rng.random_range(-1.0..1.0)).collect();
+    let mut out = vec![0f32; q.len()];
+    let mut group = c.benchmark_group("paged_attention");
+    group.sample_size(20);
+    group.throughput(Throughput::Elements((num_seqs * layers) as u64));
+    group.bench_function(name, |b| {
+        b.iter(|| {
+            for ((k, v, _), s) in caches.iter().zip(&seqs) {
+                paged_attention(&q, k, v, s, &SHAPE, &mut out);
+            }
+        });
+    });
+    group.finish();
+}
+
 fn benches(c: &mut Criterion) {
     bench(c, "decode_16x512", 16, 512, 1);
     bench(c, "prefill_512", 1, 512, 512);
+    bench(c, "decode_1x1024", 1, 1024, 1);
+    bench_layers(c, "decode_64x160_30_layers", 64, 160, 30);
 }
 
 criterion_group!(paged, benches);
