@@ -157,22 +157,34 @@ unsafe fn tile_task(
 ) {
     let (mc, nc) = (rows.len(), cols.len());
     let np = nc.div_ceil(NR);
-    let mut pb = vec![0f32; np * NR * KC.min(k)];
+    // Row-major `B` (e.g. `W` in `dY·W`) already holds each panel's NR values of a step
+    // contiguously: full panels are read in place (their KC x NR slice stays in L1 across the
+    // row tiles just as a packed copy would) and only a partial last panel is packed.
+    let direct = b.cs == 1;
+    let packed_from = if direct { nc / NR * NR } else { 0 };
+    let mut pb = vec![0f32; (nc - packed_from).div_ceil(NR) * NR * KC.min(k)];
     let mut edge = [0f32; MR * NR];
     let mut p0 = 0;
     while p0 < k {
         let kc = KC.min(k - p0);
-        pack_b(b, cols.start, nc, p0, kc, &mut pb);
+        if packed_from < nc {
+            pack_b(b, cols.start + packed_from, nc - packed_from, p0, kc, &mut pb);
+        }
         let load = accumulate || p0 > 0;
         for jp in 0..np {
             let (j, nr) = (jp * NR, NR.min(nc - jp * NR));
-            let bp = &pb[jp * NR * kc..];
+            let (bp, ldb) = if j < packed_from {
+                // In bounds: rows p0..p0+kc < k and columns up to cols.start+j+NR <= n.
+                (b.data[p0 * b.rs + cols.start + j..].as_ptr(), b.rs)
+            } else {
+                (pb[(j - packed_from) * kc..].as_ptr(), NR)
+            };
             for i in (0..mc).step_by(MR) {
                 let mr = MR.min(mc - i);
                 let ap = &pa[(rows.start + i) * k + p0 * MR..];
                 let dst = out.0.add((rows.start + i) * ldc + cols.start + j);
                 if mr == MR && nr == NR {
-                    kernel(ap, bp, kc, dst, ldc, load);
+                    kernel(ap, bp, ldb, kc, dst, ldc, load);
                 } else {
                     // Partial tile: run the full kernel on a padded copy, write back the part.
                     for r in 0..mr {
@@ -180,7 +192,7 @@ unsafe fn tile_task(
                             edge[r * NR + q] = if load { *dst.add(r * ldc + q) } else { 0.0 };
                         }
                     }
-                    kernel(ap, bp, kc, edge.as_mut_ptr(), NR, true);
+                    kernel(ap, bp, ldb, kc, edge.as_mut_ptr(), NR, true);
                     for r in 0..mr {
                         for q in 0..nr {
                             *dst.add(r * ldc + q) = edge[r * NR + q];
@@ -256,15 +268,25 @@ fn pack_b(b: &MatRef<'_>, j0: usize, nc: usize, p0: usize, kc: usize, out: &mut 
     }
 }
 
-/// One `MR x NR` tile: `C (+)= Apanel · Bpanel` over `kc`.
+/// One `MR x NR` tile: `C (+)= Apanel · Bpanel` over `kc`; step `p` of `B` is the `NR` floats
+/// at `bp + p * ldb`.
 ///
 /// # Safety
-/// `dst` addresses `MR` rows of `NR` floats, `ldc` apart; panels hold `kc` steps.
+/// `dst` addresses `MR` rows of `NR` floats, `ldc` apart; the A panel holds `kc` steps and
+/// `bp` `kc` steps of `NR` floats, `ldb` apart.
 #[inline(always)]
-unsafe fn kernel(ap: &[f32], bp: &[f32], kc: usize, dst: *mut f32, ldc: usize, load: bool) {
+unsafe fn kernel(
+    ap: &[f32],
+    bp: *const f32,
+    ldb: usize,
+    kc: usize,
+    dst: *mut f32,
+    ldc: usize,
+    load: bool,
+) {
     #[cfg(target_arch = "x86_64")]
     if super::matmul::has_avx2_fma() {
-        avx2::kernel(ap.as_ptr(), bp.as_ptr(), kc, dst, ldc, load);
+        avx2::kernel(ap.as_ptr(), bp, ldb, kc, dst, ldc, load);
         return;
     }
     // Portable: the same order without fused multiply-add (so rounding differs from AVX2).
@@ -277,7 +299,8 @@ unsafe fn kernel(ap: &[f32], bp: &[f32], kc: usize, dst: *mut f32, ldc: usize, l
         }
     }
     for p in 0..kc {
-        let (a, b) = (&ap[p * MR..(p + 1) * MR], &bp[p * NR..(p + 1) * NR]);
+        let a = &ap[p * MR..(p + 1) * MR];
+        let b = std::slice::from_raw_parts(bp.add(p * ldb), NR);
         for (r, row) in acc.iter_mut().enumerate() {
             for (q, v) in row.iter_mut().enumerate() {
                 *v += a[r] * b[q];
@@ -295,13 +318,14 @@ unsafe fn kernel(ap: &[f32], bp: &[f32], kc: usize, dst: *mut f32, ldc: usize, l
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{MR, NR};
+    use super::MR;
 
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn kernel(
         ap: *const f32,
         bp: *const f32,
+        ldb: usize,
         kc: usize,
         dst: *mut f32,
         ldc: usize,
@@ -315,8 +339,8 @@ mod avx2 {
             }
         }
         for p in 0..kc {
-            let b0 = _mm256_loadu_ps(bp.add(p * NR));
-            let b1 = _mm256_loadu_ps(bp.add(p * NR + 8));
+            let b0 = _mm256_loadu_ps(bp.add(p * ldb));
+            let b1 = _mm256_loadu_ps(bp.add(p * ldb + 8));
             for (r, row) in c.iter_mut().enumerate() {
                 let a = _mm256_broadcast_ss(&*ap.add(p * MR + r));
                 row[0] = _mm256_fmadd_ps(a, b0, row[0]);
