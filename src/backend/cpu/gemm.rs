@@ -1,8 +1,9 @@
 //! General f32 GEMM for training: `C = β·C + α·op(A)·op(B)` over strided views, so transposed
 //! operands (`dYᵀ·u`, `gᵀ·x`, `dY·W` with `W` in its Linear layout) need no transposed copies.
 //!
-//! Blocked as usual for CPUs: `KC`-deep slices of `A` and `B` are packed into `MR`-row and
-//! `NR`-column panels, and a register-tiled outer-product kernel updates `MR x NR` tiles of `C`.
+//! Blocked as usual for CPUs: `A` is packed into `MR`-row panels, `KC`-deep slices of `B` into
+//! `NR`-column panels (unless `B` is row-major, whose panels are read in place), and a
+//! register-tiled outer-product kernel updates `MR x NR` tiles of `C`.
 //! Every element of `C` is one FMA chain walked over `k` in order, and parallel tasks split
 //! only `m` and `n`, so results never depend on the thread count or the task split.
 //! (The inference kernels in `matmul.rs` keep their own batch-invariant dot-product order.)
