@@ -53,30 +53,39 @@ fn model(dtype: WeightsDtype) -> Vec<WeightMatrix> {
     out
 }
 
+/// One group: `step(x, m, out)` runs every matmul of a decode step at batch `m`.
+fn bench_group(
+    c: &mut Criterion,
+    pool: &rayon::ThreadPool,
+    name: &str,
+    bytes: usize,
+    step: impl Fn(&[f32], usize, &mut [f32]) + Sync,
+) {
+    let mut group = c.benchmark_group(format!("decode_step_matmuls/{name}"));
+    group.sample_size(10);
+    group.throughput(Throughput::Bytes(bytes as u64));
+    for batch in [1usize, 16, 64] {
+        let mut rng = StdRng::seed_from_u64(batch as u64);
+        let x = random(&mut rng, batch * 1536, 1.0);
+        let mut out = vec![0f32; batch * VOCAB];
+        group.bench_with_input(BenchmarkId::from_parameter(batch), &batch, |b, &m| {
+            b.iter(|| pool.install(|| step(&x, m, &mut out)))
+        });
+    }
+    group.finish();
+}
+
 fn decode_step(c: &mut Criterion) {
     let threads = std::env::var("COSERVE_THREADS").ok().and_then(|t| t.parse().ok()).unwrap_or(0);
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("pool");
     for dtype in [WeightsDtype::F32, WeightsDtype::Bf16, WeightsDtype::Q8_0, WeightsDtype::Gguf] {
         let weights = model(dtype);
         let bytes: usize = weights.iter().map(WeightMatrix::size_bytes).sum();
-        let mut group = c.benchmark_group(format!("decode_step_matmuls/{dtype}"));
-        group.sample_size(10);
-        group.throughput(Throughput::Bytes(bytes as u64));
-        for batch in [1usize, 16, 64] {
-            let mut rng = StdRng::seed_from_u64(batch as u64);
-            let x = random(&mut rng, batch * 1536, 1.0);
-            let mut out = vec![0f32; batch * VOCAB];
-            group.bench_with_input(BenchmarkId::from_parameter(batch), &batch, |b, &m| {
-                b.iter(|| {
-                    pool.install(|| {
-                        for w in &weights {
-                            w.forward(&x[..m * w.cols], m, &mut out[..m * w.rows]);
-                        }
-                    })
-                })
-            });
-        }
-        group.finish();
+        bench_group(c, &pool, &dtype.to_string(), bytes, |x, m, out| {
+            for w in &weights {
+                w.forward(&x[..m * w.cols], m, &mut out[..m * w.rows]);
+            }
+        });
     }
     // The same f32 shapes, row-major, through the dot-product kernel.
     let mut rng = StdRng::seed_from_u64(7);
@@ -85,24 +94,11 @@ fn decode_step(c: &mut Criterion) {
     let rows: Vec<(usize, usize, Vec<f32>)> =
         shapes.iter().map(|&(n, k)| (n, k, random(&mut rng, n * k, 0.05))).collect();
     let bytes: usize = rows.iter().map(|(n, k, _)| n * k * 4).sum();
-    let mut group = c.benchmark_group("decode_step_matmuls/f32-rows");
-    group.sample_size(10);
-    group.throughput(Throughput::Bytes(bytes as u64));
-    for batch in [1usize, 16, 64] {
-        let mut rng = StdRng::seed_from_u64(batch as u64);
-        let x = random(&mut rng, batch * 1536, 1.0);
-        let mut out = vec![0f32; batch * VOCAB];
-        group.bench_with_input(BenchmarkId::from_parameter(batch), &batch, |b, &m| {
-            b.iter(|| {
-                pool.install(|| {
-                    for (n, k, w) in &rows {
-                        matmul_t(&x[..m * k], w, m, *k, *n, &mut out[..m * n]);
-                    }
-                })
-            })
-        });
-    }
-    group.finish();
+    bench_group(c, &pool, "f32-rows", bytes, |x, m, out| {
+        for (n, k, w) in &rows {
+            matmul_t(&x[..m * k], w, m, *k, *n, &mut out[..m * n]);
+        }
+    });
 }
 
 criterion_group!(benches, decode_step);
