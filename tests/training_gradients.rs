@@ -6,6 +6,7 @@ mod common;
 
 use common::dense_lora::oracle;
 use common::tiny_model::{write_gguf, write_hf_dir, TinyShape};
+use coserve::bench_finetune::synthetic_tokens as sample_tokens;
 use coserve::engine::training::{forward_chunk_alone, TrainingSample};
 use coserve::kv::{BlockAllocator, KvCache};
 use coserve::lora::{LoraConfig, LoraWeights, TargetModule};
@@ -15,16 +16,6 @@ use coserve::model::loader::load_model;
 use coserve::model::weights::WeightsDtype;
 
 const TOL: f32 = 1e-4;
-
-fn sample_tokens(vocab: usize, n: usize, seed: u64) -> Vec<u32> {
-    let mut x = seed;
-    (0..n)
-        .map(|_| {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((x >> 33) % vocab as u64) as u32
-        })
-        .collect()
-}
 
 /// An adapter with random A and B (a fresh one has B = 0, which would zero every dA).
 fn random_adapter(model: &Llama, config: LoraConfig, seed: u64) -> LoraWeights {
