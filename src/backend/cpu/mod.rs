@@ -3,9 +3,10 @@
 //! Each primitive exists twice: `Portable` (plain Rust, any target) and `Avx2` (`std::arch`
 //! intrinsics, chosen at run time with `is_x86_feature_detected!`; never `target-cpu=native`).
 //! Both perform the same f32 operations in the same order: 16 lane accumulators, one fixed
-//! reduction tree, tails in index order, and no fused multiply-add (Rust does not contract
-//! `a * b + c` either). So results are bit-identical on every machine, and the portable copy is
-//! an exact oracle for the fast one.
+//! reduction tree, tails in index order, and products summed by fused multiply-add where the
+//! primitive says so (`f32::mul_add` in the portable copy, `vfmadd` in the fast one; never left
+//! to the compiler, which does not contract `a * b + c` in Rust). So results are bit-identical
+//! on every machine, and the portable copy is an exact oracle for the fast one.
 
 pub mod gemm;
 pub mod matmul;
@@ -22,11 +23,11 @@ pub(crate) const LANES: usize = 16;
 
 /// The vector primitives kernels are generic over.
 pub(crate) trait Vector: Copy + Send + Sync {
-    /// Dot product: lane `i % 16` sums `a[i] * b[i]` over whole 16-chunks, the lanes are summed
-    /// by `hsum`'s tree, then the tail is added in order.
+    /// Dot product: lane `i % 16` accumulates `a[i] * b[i]` by fused multiply-add over whole
+    /// 16-chunks, the lanes are summed by `hsum`'s tree, then the tail is fused in, in order.
     fn dot(self, a: &[f32], b: &[f32]) -> f32;
-    /// `out[i] += p[j] * rows[j * stride + i]` for j in order, per element. `rows` must hold
-    /// `(p.len() - 1) * stride + out.len()` floats (otherwise nothing is added).
+    /// `out[i] = fma(p[j], rows[j * stride + i], out[i])` for j in order, per element. `rows` must
+    /// hold `(p.len() - 1) * stride + out.len()` floats (otherwise nothing is added).
     fn accumulate_rows(self, out: &mut [f32], p: &[f32], rows: &[f32], stride: usize);
     /// `out[j] = self.dot(a, row j)` for row `j` at `rows[j * stride..]`, bit for bit (a kernel
     /// may reduce several rows at once). `rows` must hold `(out.len() - 1) * stride + a.len()`
@@ -39,8 +40,12 @@ pub(crate) trait Vector: Copy + Send + Sync {
             }
         }
     }
-    /// `x[i] = exp_approx(x[i] - shift)`.
-    fn exp_sub_in_place(self, x: &mut [f32], shift: f32);
+    /// The largest element (`-inf` for none). Exact, so the order of comparisons is free; the
+    /// copies agree on NaN-free input.
+    fn max(self, x: &[f32]) -> f32;
+    /// `x[i] = exp_approx(x[i] - shift)`; returns their sum: lane `i % 8` over whole 8-chunks,
+    /// summed by `hsum8`'s tree, then the tail in order.
+    fn exp_sub_sum(self, x: &mut [f32], shift: f32) -> f32;
     /// Hints that `data` will be read soon (no effect on results).
     fn prefetch(self, _data: &[f32]) {}
 }
@@ -63,6 +68,14 @@ fn hsum<T: Copy + std::ops::AddAssign>(mut acc: [T; LANES]) -> T {
     acc[0]
 }
 
+/// Sums 8 lanes in a fixed tree order: i += i+4, i += i+2, i += i+1.
+#[inline(always)]
+fn hsum8(acc: [f32; 8]) -> f32 {
+    let a: [f32; 4] = std::array::from_fn(|i| acc[i] + acc[i + 4]);
+    let b = [a[0] + a[2], a[1] + a[3]];
+    b[0] + b[1]
+}
+
 fn rows_fit(out: &[f32], p: &[f32], rows: &[f32], stride: usize) -> bool {
     p.is_empty() || rows.len() >= (p.len() - 1) * stride + out.len()
 }
@@ -77,13 +90,13 @@ impl Vector for Portable {
             (a.split_first_chunk::<LANES>(), b.split_first_chunk::<LANES>())
         {
             for i in 0..LANES {
-                acc[i] += x[i] * y[i];
+                acc[i] = x[i].mul_add(y[i], acc[i]);
             }
             (a, b) = (ra, rb);
         }
         let mut sum = hsum(acc);
         for (x, y) in a.iter().zip(b) {
-            sum += x * y;
+            sum = x.mul_add(*y, sum);
         }
         sum
     }
@@ -96,16 +109,32 @@ impl Vector for Portable {
         }
         for (i, o) in out.iter_mut().enumerate() {
             for (j, &pj) in p.iter().enumerate() {
-                *o += pj * rows[j * stride + i];
+                *o = pj.mul_add(rows[j * stride + i], *o);
             }
         }
     }
 
     #[inline(always)]
-    fn exp_sub_in_place(self, x: &mut [f32], shift: f32) {
-        for v in x {
-            *v = exp_approx(*v - shift);
+    fn max(self, x: &[f32]) -> f32 {
+        x.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b))
+    }
+
+    #[inline(always)]
+    fn exp_sub_sum(self, x: &mut [f32], shift: f32) -> f32 {
+        let mut acc = [0f32; 8];
+        let mut chunks = x.chunks_exact_mut(8);
+        for c in chunks.by_ref() {
+            for (a, v) in acc.iter_mut().zip(c) {
+                *v = exp_approx(*v - shift);
+                *a += *v;
+            }
         }
+        let mut sum = hsum8(acc);
+        for v in chunks.into_remainder() {
+            *v = exp_approx(*v - shift);
+            sum += *v;
+        }
+        sum
     }
 }
 
@@ -185,13 +214,14 @@ pub(crate) fn exp_shifted(x: &[f32], shift: f32, scale: f32, out: &mut [f32]) ->
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx2 {
-    //! The AVX2 copies: the same operations as `Portable`, eight lanes per instruction.
+    //! The AVX2 copies: the same operations as `Portable`, eight lanes per instruction. The
+    //! proof type also vouches for FMA, which every AVX2 CPU in use has.
 
     use std::arch::x86_64::*;
 
     use super::{rows_fit, Vector, EXP_HI, EXP_LO, EXP_POLY, LANES, LN2_HI, LN2_LO, LOG2E, ROUND};
 
-    /// Proof that the CPU has AVX2: only `detect` makes one.
+    /// Proof that the CPU has AVX2 and FMA: only `detect` makes one.
     #[derive(Debug, Clone, Copy)]
     pub(crate) struct Avx2 {
         _private: (),
@@ -199,7 +229,8 @@ pub(crate) mod avx2 {
 
     impl Avx2 {
         pub(crate) fn detect() -> Option<Self> {
-            is_x86_feature_detected!("avx2").then_some(Self { _private: () })
+            (is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+                .then_some(Self { _private: () })
         }
 
         pub(crate) fn exp_shifted(self, x: &[f32], shift: f32, scale: f32, out: &mut [f32]) -> f64 {
@@ -234,9 +265,15 @@ pub(crate) mod avx2 {
         }
 
         #[inline(always)]
-        fn exp_sub_in_place(self, x: &mut [f32], shift: f32) {
+        fn max(self, x: &[f32]) -> f32 {
             // SAFETY: `self` exists only where AVX2 was detected.
-            unsafe { exp_sub_in_place(x, shift) }
+            unsafe { max(x) }
+        }
+
+        #[inline(always)]
+        fn exp_sub_sum(self, x: &mut [f32], shift: f32) -> f32 {
+            // SAFETY: `self` exists only where AVX2 was detected.
+            unsafe { exp_sub_sum(x, shift) }
         }
 
         #[inline(always)]
@@ -286,22 +323,21 @@ pub(crate) mod avx2 {
     }
 
     #[inline]
-    #[target_feature(enable = "avx2")]
+    #[target_feature(enable = "avx2,fma")]
     unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
         let n = a.len().min(b.len());
         let (pa, pb) = (a.as_ptr(), b.as_ptr());
         let (mut lo, mut hi) = (_mm256_setzero_ps(), _mm256_setzero_ps());
         let mut i = 0;
         while i + LANES <= n {
-            let x0 = _mm256_mul_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)));
-            let x1 = _mm256_mul_ps(_mm256_loadu_ps(pa.add(i + 8)), _mm256_loadu_ps(pb.add(i + 8)));
-            lo = _mm256_add_ps(lo, x0);
-            hi = _mm256_add_ps(hi, x1);
+            lo = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), lo);
+            hi =
+                _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i + 8)), _mm256_loadu_ps(pb.add(i + 8)), hi);
             i += LANES;
         }
         let mut sum = hsum16(lo, hi);
         for (x, y) in a[i..n].iter().zip(&b[i..n]) {
-            sum += x * y;
+            sum = x.mul_add(*y, sum);
         }
         sum
     }
@@ -310,7 +346,7 @@ pub(crate) mod avx2 {
     /// shuffled registers (each addition pairs the same lanes as `hsum16`). Caller checks
     /// `rows_fit`.
     #[inline]
-    #[target_feature(enable = "avx2")]
+    #[target_feature(enable = "avx2,fma")]
     unsafe fn dot_rows(a: &[f32], rows: &[f32], stride: usize, out: &mut [f32]) {
         let d = a.len();
         let body = d / LANES * LANES;
@@ -324,9 +360,8 @@ pub(crate) mod avx2 {
             while i < body {
                 let (a0, a1) = (_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pa.add(i + 8)));
                 for t in 0..4 {
-                    lo[t] = _mm256_add_ps(lo[t], _mm256_mul_ps(a0, _mm256_loadu_ps(r[t].add(i))));
-                    hi[t] =
-                        _mm256_add_ps(hi[t], _mm256_mul_ps(a1, _mm256_loadu_ps(r[t].add(i + 8))));
+                    lo[t] = _mm256_fmadd_ps(a0, _mm256_loadu_ps(r[t].add(i)), lo[t]);
+                    hi[t] = _mm256_fmadd_ps(a1, _mm256_loadu_ps(r[t].add(i + 8)), hi[t]);
                 }
                 i += LANES;
             }
@@ -352,7 +387,7 @@ pub(crate) mod avx2 {
             for (t, lane) in [0usize, 4, 2, 6].into_iter().enumerate() {
                 let mut sum = lanes[lane];
                 for (x, y) in a[body..].iter().zip(&rows[(j + t) * stride + body..]) {
-                    sum += x * y;
+                    sum = x.mul_add(*y, sum);
                 }
                 out[j + t] = sum;
             }
@@ -365,7 +400,7 @@ pub(crate) mod avx2 {
 
     /// Caller checks `rows_fit`.
     #[inline]
-    #[target_feature(enable = "avx2")]
+    #[target_feature(enable = "avx2,fma")]
     unsafe fn accumulate_rows(out: &mut [f32], p: &[f32], rows: &[f32], stride: usize) {
         const REGS: usize = 8; // 64 floats of `out` stay in registers across j
         let d = out.len();
@@ -379,7 +414,7 @@ pub(crate) mod avx2 {
             for (j, &pj) in p.iter().enumerate() {
                 let (w, row) = (_mm256_set1_ps(pj), pr.add(j * stride + c0));
                 for (k, a) in acc.iter_mut().enumerate() {
-                    *a = _mm256_add_ps(*a, _mm256_mul_ps(w, _mm256_loadu_ps(row.add(8 * k))));
+                    *a = _mm256_fmadd_ps(w, _mm256_loadu_ps(row.add(8 * k)), *a);
                 }
             }
             for (k, a) in acc.iter().enumerate() {
@@ -391,29 +426,53 @@ pub(crate) mod avx2 {
             let mut a = _mm256_loadu_ps(po.add(c0));
             for (j, &pj) in p.iter().enumerate() {
                 let row = _mm256_loadu_ps(pr.add(j * stride + c0));
-                a = _mm256_add_ps(a, _mm256_mul_ps(_mm256_set1_ps(pj), row));
+                a = _mm256_fmadd_ps(_mm256_set1_ps(pj), row, a);
             }
             _mm256_storeu_ps(po.add(c0), a);
             c0 += 8;
         }
         for i in c0..d {
             for (j, &pj) in p.iter().enumerate() {
-                *po.add(i) += pj * *pr.add(j * stride + i);
+                *po.add(i) = pj.mul_add(*pr.add(j * stride + i), *po.add(i));
             }
         }
     }
 
     #[inline]
     #[target_feature(enable = "avx2")]
-    unsafe fn exp_sub_in_place(x: &mut [f32], shift: f32) {
+    unsafe fn max(x: &[f32]) -> f32 {
+        let mut m = _mm256_set1_ps(f32::NEG_INFINITY);
+        let mut chunks = x.chunks_exact(8);
+        for c in chunks.by_ref() {
+            m = _mm256_max_ps(m, _mm256_loadu_ps(c.as_ptr()));
+        }
+        let h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+        let h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+        let mut best = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+        for &v in chunks.remainder() {
+            best = best.max(v);
+        }
+        best
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn exp_sub_sum(x: &mut [f32], shift: f32) -> f32 {
+        let mut acc = _mm256_setzero_ps();
         let mut chunks = x.chunks_exact_mut(8);
         for c in chunks.by_ref() {
-            let v = _mm256_sub_ps(_mm256_loadu_ps(c.as_ptr()), _mm256_set1_ps(shift));
-            _mm256_storeu_ps(c.as_mut_ptr(), exp8(v));
+            let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(c.as_ptr()), _mm256_set1_ps(shift)));
+            _mm256_storeu_ps(c.as_mut_ptr(), e);
+            acc = _mm256_add_ps(acc, e);
         }
+        let h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps::<1>(acc)); // i += i+4
+        let h = _mm_add_ps(h, _mm_movehl_ps(h, h)); // i += i+2
+        let mut sum = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h))); // i += i+1
         for v in chunks.into_remainder() {
             *v = super::exp_approx(*v - shift);
+            sum += *v;
         }
+        sum
     }
 
     #[target_feature(enable = "avx2")]
@@ -491,6 +550,13 @@ mod tests {
         let (d, stride, n) = (5, 7, 3);
         let rows = random(&mut rng, (n - 1) * stride + d, 1.0);
         let p = random(&mut rng, n, 1.0);
+        let mut x = random(&mut rng, 21, 5.0);
+        let exact_max = x.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        assert_eq!(Portable.max(&x), exact_max);
+        let expected: Vec<f64> = x.iter().map(|v| ((*v - exact_max) as f64).exp()).collect();
+        let sum = Portable.exp_sub_sum(&mut x, exact_max);
+        assert!((sum as f64 - expected.iter().sum::<f64>()).abs() < 1e-5);
+        assert!(x.iter().zip(&expected).all(|(a, b)| (*a as f64 - b).abs() < 1e-6));
         let mut out = vec![1.0f32; d];
         Portable.accumulate_rows(&mut out, &p, &rows, stride);
         for (i, o) in out.iter().enumerate() {
@@ -527,10 +593,11 @@ mod tests {
                 x[1] = -200.0;
                 x[2] = 0.0;
             }
+            assert_eq!(v.max(&x).to_bits(), Portable.max(&x).to_bits(), "max {len}");
             let (mut xa, mut xp) = (x.clone(), x.clone());
-            v.exp_sub_in_place(&mut xa, 1.5);
-            Portable.exp_sub_in_place(&mut xp, 1.5);
-            assert!(same_bits(&xa, &xp), "exp {len}");
+            let sa = v.exp_sub_sum(&mut xa, 1.5);
+            let sp = Portable.exp_sub_sum(&mut xp, 1.5);
+            assert!(same_bits(&xa, &xp) && sa.to_bits() == sp.to_bits(), "exp_sub_sum {len}");
 
             let (mut oa, mut op) = (vec![0f32; len], vec![0f32; len]);
             let sa = v.exp_shifted(&x, 30.0, 0.7, &mut oa);

@@ -101,7 +101,7 @@ pub fn paged_attention(
         let seq = &seqs[it.seq];
         #[cfg(target_arch = "x86_64")]
         if let Some(v) = avx2 {
-            // SAFETY: `v` proves the CPU has AVX2.
+            // SAFETY: `v` proves the CPU has AVX2 and FMA.
             unsafe { attend_tile_avx2(v, &ctx, seq, it, scratch, piece) };
             return;
         }
@@ -160,9 +160,9 @@ struct Scratch {
     s: Vec<f32>,
 }
 
-/// `attend_tile` compiled with AVX2 enabled, so the `Avx2` primitives inline into it.
+/// `attend_tile` compiled with AVX2 and FMA enabled, so the `Avx2` primitives inline into it.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,fma")]
 unsafe fn attend_tile_avx2(
     v: super::avx2::Avx2,
     ctx: &Ctx,
@@ -242,11 +242,9 @@ fn attend_tile<V: Vector>(
             for h in 0..g {
                 let qv = qv0 + h;
                 let s = &mut sc.s[qv * bs..qv * bs + n];
-                let block_max = s.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
                 let m_old = sc.m[qv];
-                let m_new = m_old.max(block_max);
-                v.exp_sub_in_place(s, m_new);
-                let block_sum = s.iter().fold(0f32, |a, &x| a + x);
+                let m_new = m_old.max(v.max(s));
+                let block_sum = v.exp_sub_sum(s, m_new);
                 let out = &mut acc[qv * d..(qv + 1) * d];
                 if m_new > m_old && sc.l[qv] != 0.0 {
                     let alpha = exp_approx(m_old - m_new);
