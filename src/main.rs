@@ -30,6 +30,32 @@ enum Command {
     /// Co-serving under Poisson inference load: fine-tuning tokens/s and inference latency in
     /// each fine-tuning mode.
     BenchCoserve(Box<coserve::bench_coserve::CoserveBenchArgs>),
+    /// CUDA kernels (`kernels/*.cu`, embedded in the binary).
+    Kernels {
+        #[command(subcommand)]
+        action: KernelsAction,
+    },
+    /// Run every CUDA kernel on the GPU against its CPU twin: one line a check, then a JSON
+    /// summary.
+    Selftest {
+        /// cuda, cuda:N or auto.
+        #[arg(long, env = "COSERVE_DEVICE", default_value = "cuda")]
+        device: String,
+        /// Also write the JSON summary to this file.
+        #[arg(long)]
+        json: Option<std::path::PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum KernelsAction {
+    /// Compile every kernel with NVRTC for sm_80 and sm_90 (no GPU needed; the toolkit is found
+    /// at $CUDA_HOME, $CUDA_PATH or /usr/local/cuda). Fails on any compile error.
+    Check {
+        /// Also write each PTX to this folder, as `<file>-<arch>.ptx`.
+        #[arg(long)]
+        ptx_dir: Option<std::path::PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -59,6 +85,90 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench(*args),
         Command::BenchFinetune(args) => bench_finetune(&args),
         Command::BenchCoserve(args) => bench_coserve(*args),
+        Command::Kernels { action: KernelsAction::Check { ptx_dir } } => {
+            kernels_check(ptx_dir.as_deref())
+        }
+        Command::Selftest { device, json } => selftest(&device, json.as_deref()),
+    }
+}
+
+fn kernels_check(ptx_dir: Option<&std::path::Path>) -> ExitCode {
+    use coserve::backend::cuda::{kernels, toolkit::Toolkit};
+    let toolkit = match Toolkit::find() {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    println!("toolkit: {}", toolkit.home.display());
+    let mut failed = 0;
+    if let Some(dir) = ptx_dir {
+        if let Err(e) = std::fs::create_dir_all(dir) {
+            eprintln!("error: {}: {e}", dir.display());
+            return ExitCode::FAILURE;
+        }
+    }
+    for r in kernels::check_all(&toolkit) {
+        match r.outcome {
+            Ok(ptx) => {
+                println!("ok    {:<20} {}  ({} bytes of PTX)", r.file, r.arch, ptx.len());
+                if let Some(dir) = ptx_dir {
+                    let path =
+                        dir.join(format!("{}-{}.ptx", r.file.trim_end_matches(".cu"), r.arch));
+                    if let Err(e) = std::fs::write(&path, ptx) {
+                        eprintln!("error: {}: {e}", path.display());
+                        failed += 1;
+                    }
+                }
+            }
+            Err(e) => {
+                failed += 1;
+                println!("FAIL  {:<20} {}\n{e}", r.file, r.arch);
+            }
+        }
+    }
+    if failed > 0 {
+        eprintln!("error: {failed} kernel compilation(s) failed");
+        return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
+}
+
+fn selftest(device: &str, json: Option<&std::path::Path>) -> ExitCode {
+    use coserve::backend::cuda::{selftest, DeviceSpec};
+    let report = device.parse::<DeviceSpec>().and_then(|spec| selftest::run(spec, &coserve_home()));
+    let report = match report {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    println!("device: {} ({})", report.device, report.arch);
+    for c in &report.checks {
+        let status = if c.passed { "ok  " } else { "FAIL" };
+        println!(
+            "{status}  {:<34} max |gpu - cpu| {:.3e}, {:.2} of tolerance  {}{}",
+            c.kernel,
+            c.max_abs_error,
+            c.worst_ratio,
+            c.shape,
+            c.error.as_deref().map(|e| format!("\n      {e}")).unwrap_or_default()
+        );
+    }
+    let text = serde_json::to_string(&report).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"));
+    println!("{text}");
+    if let Some(path) = json {
+        if let Err(e) = std::fs::write(path, &text) {
+            eprintln!("error: {}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+    }
+    if report.failed > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
     }
 }
 

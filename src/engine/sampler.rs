@@ -199,7 +199,7 @@ fn apply_penalties(
 }
 
 /// Index of the largest logit, ties to the lowest id.
-fn argmax(logits: &[f32]) -> u32 {
+pub(crate) fn argmax(logits: &[f32]) -> u32 {
     let mut best = 0;
     for (i, &l) in logits.iter().enumerate() {
         if l > logits[best] {

@@ -64,18 +64,42 @@ impl AdamW {
             .tensors_mut()
             .zip(grads.tensors())
             .zip(self.m.tensors_mut().zip(self.v.tensors_mut()));
+        let scalars = AdamWScalars { beta1, beta2, eps, weight_decay, decay, step_size, bc2_sqrt };
         for ((p, g), (m, v)) in tensors {
-            assert!(p.len() == g.len() && p.len() == m.len() && p.len() == v.len());
-            for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
-                if weight_decay != 0.0 {
-                    *p *= decay;
-                }
-                *m = lerp(*m, g, 1.0 - beta1);
-                *v = *v * beta2 + (1.0 - beta2) * g * g;
-                let denom = v.sqrt() / bc2_sqrt + eps;
-                *p += -step_size * (*m / denom);
-            }
+            adamw_update(p, g, m, v, &scalars);
         }
+    }
+}
+
+/// The per-step constants of one AdamW update.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWScalars {
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    /// `1 - lr * weight_decay`.
+    pub decay: f32,
+    /// `lr / (1 - beta1^t)`.
+    pub step_size: f32,
+    /// `sqrt(1 - beta2^t)`.
+    pub bc2_sqrt: f32,
+}
+
+/// One AdamW update of a tensor, element by element (the CPU twin of the `adamw_f32` kernel).
+///
+/// # Panics
+/// If the four slices differ in length (a caller bug).
+pub fn adamw_update(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], s: &AdamWScalars) {
+    assert!(p.len() == g.len() && p.len() == m.len() && p.len() == v.len());
+    for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+        if s.weight_decay != 0.0 {
+            *p *= s.decay;
+        }
+        *m = lerp(*m, g, 1.0 - s.beta1);
+        *v = *v * s.beta2 + (1.0 - s.beta2) * g * g;
+        let denom = v.sqrt() / s.bc2_sqrt + s.eps;
+        *p += -s.step_size * (*m / denom);
     }
 }
 

@@ -108,7 +108,7 @@ pub fn lm_loss(
 /// Negative log-likelihood of `target` under one row of logits and whether the argmax hits
 /// it. With `grad_scale`, overwrites the row with `grad_scale · (softmax − onehot)`.
 /// `probs` is scratch of the row's length.
-fn row_loss(
+pub(crate) fn row_loss(
     row: &mut [f32],
     target: usize,
     grad_scale: Option<f32>,

@@ -1,0 +1,255 @@
+//! Checks of the kernels a forward pass runs.
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::{cfg, compare, n32, random_bf16, Check, Gpu, BF16_ATOL, BF16_RTOL};
+use crate::backend::cuda::twins;
+use crate::backend::cuda::CudaError;
+use cudarc::driver::PushKernelArg;
+
+pub(super) fn check_norm(gpu: &mut Gpu, checks: &mut Vec<Check>) -> Result<(), CudaError> {
+    let mut rng = StdRng::seed_from_u64(1);
+    let eps = 1e-5f32;
+    for (rows, hidden) in [(1usize, 576usize), (7, 4096)] {
+        let x = random_bf16(&mut rng, rows * hidden, 2.0);
+        let w = random_bf16(&mut rng, hidden, 1.0);
+        let mut residual = random_bf16(&mut rng, rows * hidden, 2.0);
+        let shape = format!("rows={rows} hidden={hidden}");
+        let (dx, dw) = (gpu.up_bf16(&x)?, gpu.up_bf16(&w)?);
+        let mut dres = gpu.up_bf16(&residual)?;
+        let mut dout = gpu.zeros::<u16>(rows * hidden)?;
+        let h = hidden as i32;
+        let f = gpu.func("norm.cu", "rms_norm_bf16")?;
+        let mut b = gpu.stream.launch_builder(&f);
+        b.arg(&dx).arg(&dw).arg(&mut dout).arg(&h).arg(&eps);
+        // SAFETY: argument list matches rms_norm_bf16; buffers hold rows * hidden elements.
+        unsafe { b.launch(cfg((n32(rows), 1, 1), 256)) }?;
+        let got = gpu.down_bf16(&dout, rows * hidden)?;
+        compare(
+            checks,
+            "rms_norm_bf16",
+            shape.clone(),
+            &got,
+            &twins::rms_norm(&x, &w, eps),
+            BF16_RTOL,
+            BF16_ATOL,
+        );
+
+        let f = gpu.func("norm.cu", "add_rms_norm_bf16")?;
+        let mut b = gpu.stream.launch_builder(&f);
+        b.arg(&mut dres).arg(&dx).arg(&dw).arg(&mut dout).arg(&h).arg(&eps);
+        // SAFETY: argument list matches add_rms_norm_bf16.
+        unsafe { b.launch(cfg((n32(rows), 1, 1), 256)) }?;
+        let want = twins::add_rms_norm(&mut residual, &x, &w, eps);
+        let got = gpu.down_bf16(&dout, rows * hidden)?;
+        compare(checks, "add_rms_norm_bf16", shape.clone(), &got, &want, BF16_RTOL, BF16_ATOL);
+        let got_res = gpu.down_bf16(&dres, rows * hidden)?;
+        compare(
+            checks,
+            "add_rms_norm_bf16 (residual)",
+            shape,
+            &got_res,
+            &residual,
+            BF16_RTOL,
+            BF16_ATOL,
+        );
+    }
+    Ok(())
+}
+
+pub(super) fn check_rope(gpu: &mut Gpu, checks: &mut Vec<Check>) -> Result<(), CudaError> {
+    let mut rng = StdRng::seed_from_u64(2);
+    let positions = [0usize, 1, 17, 300, 4000];
+    let slots: [i64; 5] = [3, -1, 10, 63, 0];
+    let num_slots = 64;
+    for (num_heads, num_kv_heads, head_dim) in [(9usize, 3usize, 64usize), (32, 8, 128)] {
+        let tokens = positions.len();
+        let half = head_dim / 2;
+        let inv_freq: Vec<f32> =
+            (0..half).map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / head_dim as f32)).collect();
+        let (mut cos, mut sin) = (Vec::new(), Vec::new());
+        for &p in &positions {
+            for &f in &inv_freq {
+                let angle = (p as f32 * f) as f64;
+                cos.push(angle.cos() as f32);
+                sin.push(angle.sin() as f32);
+            }
+        }
+        let kv_row = num_kv_heads * head_dim;
+        let mut q = random_bf16(&mut rng, tokens * num_heads * head_dim, 2.0);
+        let mut k = random_bf16(&mut rng, tokens * kv_row, 2.0);
+        let v = random_bf16(&mut rng, tokens * kv_row, 2.0);
+        let (mut dq, mut dk, dv) = (gpu.up_bf16(&q)?, gpu.up_bf16(&k)?, gpu.up_bf16(&v)?);
+        let (dcos, dsin, dslots) = (gpu.up(&cos)?, gpu.up(&sin)?, gpu.up(&slots)?);
+        let mut dkc = gpu.zeros::<u16>(num_slots * kv_row)?;
+        let mut dvc = gpu.zeros::<u16>(num_slots * kv_row)?;
+        let (nh, nkv, hd) = (num_heads as i32, num_kv_heads as i32, head_dim as i32);
+        let f = gpu.func("rope_kv.cu", "rope_kv_write_bf16")?;
+        let mut b = gpu.stream.launch_builder(&f);
+        b.arg(&mut dq).arg(&mut dk).arg(&dv).arg(&dcos).arg(&dsin).arg(&dslots);
+        b.arg(&mut dkc).arg(&mut dvc).arg(&nh).arg(&nkv).arg(&hd);
+        // SAFETY: argument list matches rope_kv_write_bf16; every slot is below num_slots.
+        unsafe { b.launch(cfg((n32(tokens), 1, 1), 256)) }?;
+        let (mut kc, mut vc) = (vec![0f32; num_slots * kv_row], vec![0f32; num_slots * kv_row]);
+        let shape_t = twins::RopeShape { num_heads, num_kv_heads, head_dim };
+        twins::rope_kv_write(&mut q, &mut k, &v, &cos, &sin, &slots, &mut kc, &mut vc, shape_t);
+        let shape = format!("tokens={tokens} heads={num_heads}/{num_kv_heads} head_dim={head_dim}");
+        for (what, dev, want) in
+            [("q", &dq, &q), ("k", &dk, &k), ("k cache", &dkc, &kc), ("v cache", &dvc, &vc)]
+        {
+            let got = gpu.down_bf16(dev, want.len())?;
+            compare(
+                checks,
+                &format!("rope_kv_write_bf16 ({what})"),
+                shape.clone(),
+                &got,
+                want,
+                BF16_RTOL,
+                BF16_ATOL,
+            );
+        }
+    }
+    Ok(())
+}
+
+pub(super) fn check_silu(gpu: &mut Gpu, checks: &mut Vec<Check>) -> Result<(), CudaError> {
+    let mut rng = StdRng::seed_from_u64(3);
+    for (rows, inter) in [(3usize, 1536usize), (2, 14336)] {
+        let gu = random_bf16(&mut rng, rows * 2 * inter, 4.0);
+        let dgu = gpu.up_bf16(&gu)?;
+        let mut dout = gpu.zeros::<u16>(rows * inter)?;
+        let (r, i) = (rows as i32, inter as i32);
+        let f = gpu.func("activation.cu", "silu_mul_bf16")?;
+        let mut b = gpu.stream.launch_builder(&f);
+        b.arg(&dgu).arg(&mut dout).arg(&r).arg(&i);
+        // SAFETY: argument list matches silu_mul_bf16 (grid-stride loop over rows * inter).
+        unsafe { b.launch(cfg((n32((rows * inter).div_ceil(256).min(4096)), 1, 1), 256)) }?;
+        let got = gpu.down_bf16(&dout, rows * inter)?;
+        let shape = format!("rows={rows} inter={inter}");
+        compare(
+            checks,
+            "silu_mul_bf16",
+            shape,
+            &got,
+            &twins::silu_mul(&gu, inter),
+            BF16_RTOL,
+            BF16_ATOL,
+        );
+    }
+    Ok(())
+}
+
+pub(super) fn check_embedding(gpu: &mut Gpu, checks: &mut Vec<Check>) -> Result<(), CudaError> {
+    let mut rng = StdRng::seed_from_u64(4);
+    let (vocab, hidden) = (1000usize, 576usize);
+    let table = random_bf16(&mut rng, vocab * hidden, 1.0);
+    let ids: [u32; 5] = [0, 999, 5, 1000, 42];
+    let (dt, dids) = (gpu.up_bf16(&table)?, gpu.up(&ids)?);
+    let mut dout = gpu.zeros::<u16>(ids.len() * hidden)?;
+    let (h, v) = (hidden as i32, vocab as u32);
+    let f = gpu.func("activation.cu", "embedding_bf16")?;
+    let mut b = gpu.stream.launch_builder(&f);
+    b.arg(&dids).arg(&dt).arg(&mut dout).arg(&h).arg(&v);
+    // SAFETY: argument list matches embedding_bf16; out has ids.len() rows.
+    unsafe { b.launch(cfg((n32(ids.len()), 1, 1), 256)) }?;
+    let got = gpu.down_bf16(&dout, ids.len() * hidden)?;
+    let shape = format!("ids={} vocab={vocab} hidden={hidden} (one id out of range)", ids.len());
+    compare(
+        checks,
+        "embedding_bf16",
+        shape,
+        &got,
+        &twins::embedding(&ids, &table, hidden),
+        0.0,
+        0.0,
+    );
+    Ok(())
+}
+
+pub(super) fn check_attention(gpu: &mut Gpu, checks: &mut Vec<Check>) -> Result<(), CudaError> {
+    use crate::backend::cpu::paged_attention::{AttnSeq, AttnShape};
+    let mut rng = StdRng::seed_from_u64(5);
+    // (q_len, context_len): decodes short and long, a prefill chunk, a whole prompt.
+    let seq_shapes = [(1usize, 1usize), (1, 17), (5, 40), (1, 2000), (33, 33)];
+    for (num_heads, num_kv_heads, head_dim) in [(9usize, 3usize, 64usize), (32, 8, 128)] {
+        let bs = 16usize;
+        let blocks_per: Vec<usize> = seq_shapes.iter().map(|&(_, c)| c.div_ceil(bs)).collect();
+        let num_blocks: usize = blocks_per.iter().sum();
+        let mut ids: Vec<u32> = (0..num_blocks as u32).collect();
+        for i in (1..ids.len()).rev() {
+            ids.swap(i, rng.random_range(0..=i));
+        }
+        let max_blocks = blocks_per.iter().copied().max().unwrap_or(1);
+        let mut tables = vec![0i32; seq_shapes.len() * max_blocks];
+        let (mut row_seq, mut row_pos, mut host_tables) = (Vec::new(), Vec::new(), Vec::new());
+        let mut next = 0;
+        for (s, (&(q_len, ctx), &nb)) in seq_shapes.iter().zip(&blocks_per).enumerate() {
+            let t: Vec<u32> = ids[next..next + nb].to_vec();
+            next += nb;
+            for (j, &b) in t.iter().enumerate() {
+                tables[s * max_blocks + j] = b as i32;
+            }
+            host_tables.push(t);
+            for r in 0..q_len {
+                row_seq.push(s as i32);
+                row_pos.push((ctx - q_len + r) as i32);
+            }
+        }
+        let rows = row_seq.len();
+        let kv_len = num_blocks * bs * num_kv_heads * head_dim;
+        let q = random_bf16(&mut rng, rows * num_heads * head_dim, 1.0);
+        let kc = random_bf16(&mut rng, kv_len, 1.0);
+        let vc = random_bf16(&mut rng, kv_len, 1.0);
+        let scale = 1.0 / (head_dim as f32).sqrt();
+        let shape = AttnShape { num_heads, num_kv_heads, head_dim, block_size: bs, scale };
+        let mut q_start = 0;
+        let seqs: Vec<AttnSeq> = seq_shapes
+            .iter()
+            .zip(&host_tables)
+            .map(|(&(q_len, context_len), t)| {
+                let s = AttnSeq { q_start, q_len, context_len, block_table: t };
+                q_start += q_len;
+                s
+            })
+            .collect();
+        let want = twins::attention(&q, &kc, &vc, &seqs, &shape);
+        let (dq, dk, dv) = (gpu.up_bf16(&q)?, gpu.up_bf16(&kc)?, gpu.up_bf16(&vc)?);
+        let (dseq, dpos, dtab) = (gpu.up(&row_seq)?, gpu.up(&row_pos)?, gpu.up(&tables)?);
+        let max_ctx = seq_shapes.iter().map(|s| s.1).max().unwrap_or(1);
+        for partition in [64usize, 512, 1 << 20] {
+            let parts = max_ctx.div_ceil(partition);
+            let mut pm = gpu.zeros::<f32>(rows * num_heads * parts)?;
+            let mut pl = gpu.zeros::<f32>(rows * num_heads * parts)?;
+            let mut po = gpu.zeros::<f32>(rows * num_heads * parts * head_dim)?;
+            let mut dout = gpu.zeros::<u16>(rows * num_heads * head_dim)?;
+            let (mb, nh, nkv, hd, bsz) = (
+                max_blocks as i32,
+                num_heads as i32,
+                num_kv_heads as i32,
+                head_dim as i32,
+                bs as i32,
+            );
+            let (ps, np) = (partition.min(i32::MAX as usize) as i32, parts as i32);
+            let f = gpu.func("paged_attention.cu", "paged_attention_partial_bf16")?;
+            let mut b = gpu.stream.launch_builder(&f);
+            b.arg(&dq).arg(&dk).arg(&dv).arg(&dseq).arg(&dpos).arg(&dtab).arg(&mb);
+            b.arg(&mut pm).arg(&mut pl).arg(&mut po).arg(&nh).arg(&nkv).arg(&hd).arg(&bsz);
+            b.arg(&ps).arg(&scale);
+            // SAFETY: argument list matches paged_attention_partial_bf16; partial buffers hold
+            // rows * heads * parts entries; 128 threads = ATTN_WARPS warps.
+            unsafe { b.launch(cfg((n32(num_heads), n32(rows), n32(parts)), 128)) }?;
+            let f = gpu.func("paged_attention.cu", "paged_attention_combine_bf16")?;
+            let mut b = gpu.stream.launch_builder(&f);
+            b.arg(&pm).arg(&pl).arg(&po).arg(&mut dout).arg(&nh).arg(&hd).arg(&np);
+            // SAFETY: argument list matches paged_attention_combine_bf16.
+            unsafe { b.launch(cfg((n32(num_heads), n32(rows), 1), 128)) }?;
+            let got = gpu.down_bf16(&dout, want.len())?;
+            let shape = format!(
+                "heads={num_heads}/{num_kv_heads} head_dim={head_dim} seqs(q_len,ctx)={seq_shapes:?} partitions={parts}"
+            );
+            compare(checks, "paged_attention_bf16", shape, &got, &want, BF16_RTOL, BF16_ATOL);
+        }
+    }
+    Ok(())
+}

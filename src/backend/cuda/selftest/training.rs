@@ -1,0 +1,161 @@
+//! Checks of the kernels sampling and training run.
+
+use cudarc::driver::{CudaSlice, DevicePtr, PushKernelArg};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::{cfg, compare, n32, random_bf16, Check, Gpu, BF16_ATOL, BF16_RTOL};
+use crate::backend::cuda::twins;
+use crate::backend::cuda::CudaError;
+
+pub(super) fn check_argmax(gpu: &mut Gpu, checks: &mut Vec<Check>) -> Result<(), CudaError> {
+    let mut rng = StdRng::seed_from_u64(6);
+    for vocab in [49152usize, 128256] {
+        let rows = 4;
+        let logits: Vec<f32> = (0..rows * vocab).map(|_| rng.random_range(-10.0..10.0)).collect();
+        let dl = gpu.up(&logits)?;
+        let (mut dids, mut dlp) = (gpu.zeros::<u32>(rows)?, gpu.zeros::<f32>(rows)?);
+        let v = vocab as i32;
+        let f = gpu.func("sampling.cu", "argmax_logprob_f32")?;
+        let mut b = gpu.stream.launch_builder(&f);
+        b.arg(&dl).arg(&v).arg(&mut dids).arg(&mut dlp);
+        // SAFETY: argument list matches argmax_logprob_f32; 1024 threads, its shared arrays' size.
+        unsafe { b.launch(cfg((n32(rows), 1, 1), 1024)) }?;
+        let (ids, lps) = (gpu.down(&dids)?, gpu.down(&dlp)?);
+        let want: Vec<(u32, f32)> = logits.chunks_exact(vocab).map(twins::argmax_logprob).collect();
+        let got_ids: Vec<f32> = ids.iter().take(rows).map(|&i| i as f32).collect();
+        let want_ids: Vec<f32> = want.iter().map(|w| w.0 as f32).collect();
+        let shape = format!("rows={rows} vocab={vocab}");
+        compare(checks, "argmax_logprob_f32 (ids)", shape.clone(), &got_ids, &want_ids, 0.0, 0.0);
+        let want_lp: Vec<f32> = want.iter().map(|w| w.1).collect();
+        compare(checks, "argmax_logprob_f32 (logprobs)", shape, &lps[..rows], &want_lp, 1e-4, 1e-4);
+    }
+    Ok(())
+}
+
+pub(super) fn check_cross_entropy(gpu: &mut Gpu, checks: &mut Vec<Check>) -> Result<(), CudaError> {
+    let mut rng = StdRng::seed_from_u64(7);
+    let vocab = 49152usize;
+    let targets: [i32; 3] = [5, -1, 49151];
+    let scales: [f32; 3] = [0.5, 1.0, 0.25];
+    let mut logits: Vec<f32> = (0..3 * vocab).map(|_| rng.random_range(-8.0..8.0)).collect();
+    let (mut dl, dt, ds) = (gpu.up(&logits)?, gpu.up(&targets)?, gpu.up(&scales)?);
+    let mut dloss = gpu.zeros::<f32>(3)?;
+    let v = vocab as i32;
+    let f = gpu.func("cross_entropy.cu", "cross_entropy_f32")?;
+    let mut b = gpu.stream.launch_builder(&f);
+    b.arg(&mut dl).arg(&dt).arg(&ds).arg(&mut dloss).arg(&v);
+    // SAFETY: argument list matches cross_entropy_f32; three rows of vocab logits.
+    unsafe { b.launch(cfg((3, 1, 1), 512)) }?;
+    let want_loss: Vec<f32> = logits
+        .chunks_exact_mut(vocab)
+        .zip(targets.iter().zip(&scales))
+        .map(|(row, (&t, &s))| twins::cross_entropy(row, t, s))
+        .collect();
+    let shape = format!("rows=3 vocab={vocab} (one row without a target)");
+    compare(
+        checks,
+        "cross_entropy_f32 (loss)",
+        shape.clone(),
+        &gpu.down(&dloss)?[..3],
+        &want_loss,
+        1e-4,
+        1e-5,
+    );
+    compare(checks, "cross_entropy_f32 (grad)", shape, &gpu.down(&dl)?, &logits, 1e-3, 1e-4);
+    Ok(())
+}
+
+pub(super) fn check_lora(gpu: &mut Gpu, checks: &mut Vec<Check>) -> Result<(), CudaError> {
+    let mut rng = StdRng::seed_from_u64(8);
+    for (in_dim, out_dim) in [(576usize, 1536usize), (4096, 1024)] {
+        let slots: [i32; 6] = [0, 1, -1, 1, 0, -1];
+        let adapters: Vec<twins::TwinAdapter> = [(8usize, 2.0f32), (16, 0.5)]
+            .iter()
+            .map(|&(rank, scale)| twins::TwinAdapter {
+                a: (0..rank * in_dim).map(|_| rng.random_range(-0.1..0.1)).collect(),
+                b: (0..out_dim * rank).map(|_| rng.random_range(-0.1..0.1)).collect(),
+                rank,
+                scale,
+            })
+            .collect();
+        let tokens = slots.len();
+        let x = random_bf16(&mut rng, tokens * in_dim, 1.0);
+        let mut y = random_bf16(&mut rng, tokens * out_dim, 1.0);
+        let a_dev: Vec<CudaSlice<f32>> =
+            adapters.iter().map(|a| gpu.up(&a.a)).collect::<Result<_, _>>()?;
+        let b_dev: Vec<CudaSlice<f32>> =
+            adapters.iter().map(|a| gpu.up(&a.b)).collect::<Result<_, _>>()?;
+        let ptrs = |v: &[CudaSlice<f32>]| -> Vec<u64> {
+            v.iter().map(|s| s.device_ptr(&gpu.stream).0).collect()
+        };
+        let (a_ptrs, b_ptrs) = (ptrs(&a_dev), ptrs(&b_dev));
+        let ranks: Vec<i32> = adapters.iter().map(|a| a.rank as i32).collect();
+        let scales: Vec<f32> = adapters.iter().map(|a| a.scale).collect();
+        let max_rank = 16usize;
+        let (dx, dslots, dranks, dscales) =
+            (gpu.up_bf16(&x)?, gpu.up(&slots)?, gpu.up(&ranks)?, gpu.up(&scales)?);
+        let (dap, dbp) = (gpu.up(&a_ptrs)?, gpu.up(&b_ptrs)?);
+        let mut dy = gpu.up_bf16(&y)?;
+        let mut du = gpu.zeros::<f32>(tokens * max_rank)?;
+        let (ind, outd, mr) = (in_dim as i32, out_dim as i32, max_rank as i32);
+        let f = gpu.func("lora.cu", "lora_shrink_bf16")?;
+        let mut b = gpu.stream.launch_builder(&f);
+        b.arg(&dx).arg(&dap).arg(&dranks).arg(&dslots).arg(&mut du).arg(&ind).arg(&mr);
+        // SAFETY: argument list matches lora_shrink_bf16; 4 warps per block, one per rank row.
+        unsafe { b.launch(cfg((n32(tokens), n32(max_rank.div_ceil(4)), 1), 128)) }?;
+        let f = gpu.func("lora.cu", "lora_expand_bf16")?;
+        let mut b = gpu.stream.launch_builder(&f);
+        b.arg(&du)
+            .arg(&dbp)
+            .arg(&dranks)
+            .arg(&dscales)
+            .arg(&dslots)
+            .arg(&mut dy)
+            .arg(&outd)
+            .arg(&mr);
+        // SAFETY: argument list matches lora_expand_bf16; the A/B buffers outlive the launch.
+        unsafe { b.launch(cfg((n32(tokens), n32(out_dim.div_ceil(256)), 1), 256)) }?;
+        twins::lora(&x, &mut y, &slots, &adapters, in_dim, out_dim);
+        let got = gpu.down_bf16(&dy, y.len())?;
+        let shape =
+            format!("tokens={tokens} in={in_dim} out={out_dim} ranks=8,16 (two tokens without)");
+        compare(checks, "lora_shrink_expand_bf16", shape, &got, &y, BF16_RTOL, BF16_ATOL);
+    }
+    Ok(())
+}
+
+pub(super) fn check_adamw(gpu: &mut Gpu, checks: &mut Vec<Check>) -> Result<(), CudaError> {
+    use crate::lora::optim::{adamw_update, AdamWScalars};
+    let mut rng = StdRng::seed_from_u64(9);
+    let n = 10_000usize;
+    let mut p: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+    let g: Vec<f32> = (0..n).map(|_| rng.random_range(-1e-2..1e-2)).collect();
+    let mut m: Vec<f32> = (0..n).map(|_| rng.random_range(-1e-3..1e-3)).collect();
+    let mut v: Vec<f32> = (0..n).map(|_| rng.random_range(0.0..1e-5)).collect();
+    let (lr, t) = (2e-4f32, 3f64);
+    let (beta1, beta2, eps, weight_decay) = (0.9f32, 0.999f32, 1e-8f32, 0.01f32);
+    let s = AdamWScalars {
+        beta1,
+        beta2,
+        eps,
+        weight_decay,
+        decay: 1.0 - lr * weight_decay,
+        step_size: (lr as f64 / (1.0 - (beta1 as f64).powf(t))) as f32,
+        bc2_sqrt: (1.0 - (beta2 as f64).powf(t)).sqrt() as f32,
+    };
+    let (mut dp, dg, mut dm, mut dv) = (gpu.up(&p)?, gpu.up(&g)?, gpu.up(&m)?, gpu.up(&v)?);
+    let nn = n;
+    let f = gpu.func("adamw.cu", "adamw_f32")?;
+    let mut b = gpu.stream.launch_builder(&f);
+    b.arg(&mut dp).arg(&dg).arg(&mut dm).arg(&mut dv).arg(&nn);
+    b.arg(&s.beta1).arg(&s.beta2).arg(&s.eps).arg(&s.decay).arg(&s.step_size).arg(&s.bc2_sqrt);
+    // SAFETY: argument list matches adamw_f32 (size_t n, then six floats).
+    unsafe { b.launch(cfg((n32(n.div_ceil(256)), 1, 1), 256)) }?;
+    adamw_update(&mut p, &g, &mut m, &mut v, &s);
+    let shape = format!("n={n} step=3 weight_decay={weight_decay}");
+    compare(checks, "adamw_f32 (params)", shape.clone(), &gpu.down(&dp)?, &p, 1e-6, 1e-7);
+    compare(checks, "adamw_f32 (exp_avg)", shape.clone(), &gpu.down(&dm)?, &m, 1e-5, 1e-6);
+    compare(checks, "adamw_f32 (exp_avg_sq)", shape, &gpu.down(&dv)?, &v, 1e-5, 1e-6);
+    Ok(())
+}

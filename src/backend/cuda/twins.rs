@@ -1,0 +1,192 @@
+//! The CPU twin of each CUDA kernel: the CPU path's own function where one exists, applied to
+//! the same bf16-rounded inputs and rounded where the kernel stores bf16, so a kernel and its
+//! twin differ only by fp32 summation order and `expf` flavour.
+
+use half::bf16;
+
+use crate::backend::cpu::paged_attention::{paged_attention, AttnSeq, AttnShape};
+
+/// Rounds to the nearest bf16, as the device stores activations.
+pub fn round_bf16(x: f32) -> f32 {
+    bf16::from_f32(x).to_f32()
+}
+
+pub fn round_all(x: &mut [f32]) {
+    x.iter_mut().for_each(|v| *v = round_bf16(*v));
+}
+
+/// `rms_norm_bf16`.
+pub fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+    let mut out = vec![0f32; x.len()];
+    crate::model::llama::rms_norm(x, w, eps, &mut out);
+    round_all(&mut out);
+    out
+}
+
+/// `add_rms_norm_bf16`: updates `residual` and returns the normalised rows.
+pub fn add_rms_norm(residual: &mut [f32], x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+    residual.iter_mut().zip(x).for_each(|(r, v)| *r = round_bf16(*r + v));
+    rms_norm(residual, w, eps)
+}
+
+/// Shapes of `rope_kv_write_bf16`.
+#[derive(Debug, Clone, Copy)]
+pub struct RopeShape {
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// `rope_kv_write_bf16`: rotates `q` and `k` in place and writes k and v rows to their slots.
+#[allow(clippy::too_many_arguments)]
+pub fn rope_kv_write(
+    q: &mut [f32],
+    k: &mut [f32],
+    v: &[f32],
+    cos: &[f32],
+    sin: &[f32],
+    slots: &[i64],
+    k_cache: &mut [f32],
+    v_cache: &mut [f32],
+    s: RopeShape,
+) {
+    let (hd, half) = (s.head_dim, s.head_dim / 2);
+    let kv_row = s.num_kv_heads * hd;
+    for (t, &slot) in slots.iter().enumerate() {
+        let (c, sn) = (&cos[t * half..(t + 1) * half], &sin[t * half..(t + 1) * half]);
+        let qs = &mut q[t * s.num_heads * hd..(t + 1) * s.num_heads * hd];
+        let ks = &mut k[t * kv_row..(t + 1) * kv_row];
+        for head in qs.chunks_exact_mut(hd).chain(ks.chunks_exact_mut(hd)) {
+            crate::model::llama::apply_rope(head, c, sn);
+            round_all(head);
+        }
+        if let Ok(slot) = usize::try_from(slot) {
+            k_cache[slot * kv_row..(slot + 1) * kv_row].copy_from_slice(ks);
+            v_cache[slot * kv_row..(slot + 1) * kv_row]
+                .copy_from_slice(&v[t * kv_row..(t + 1) * kv_row]);
+        }
+    }
+}
+
+/// `silu_mul_bf16`.
+pub fn silu_mul(gate_up: &[f32], inter: usize) -> Vec<f32> {
+    let mut out = vec![0f32; gate_up.len() / 2];
+    crate::model::llama::silu_mul(gate_up, inter, &mut out);
+    round_all(&mut out);
+    out
+}
+
+/// `embedding_bf16`: rows of `table`, zeros for an id outside it.
+pub fn embedding(ids: &[u32], table: &[f32], hidden: usize) -> Vec<f32> {
+    let vocab = table.len() / hidden;
+    let mut out = vec![0f32; ids.len() * hidden];
+    for (o, &id) in out.chunks_exact_mut(hidden).zip(ids) {
+        if (id as usize) < vocab {
+            o.copy_from_slice(&table[id as usize * hidden..(id as usize + 1) * hidden]);
+        }
+    }
+    out
+}
+
+/// `paged_attention_partial_bf16` + `paged_attention_combine_bf16`.
+pub fn attention(
+    q: &[f32],
+    k_cache: &[f32],
+    v_cache: &[f32],
+    seqs: &[AttnSeq],
+    shape: &AttnShape,
+) -> Vec<f32> {
+    let mut out = vec![0f32; q.len()];
+    paged_attention(q, k_cache, v_cache, seqs, shape, &mut out);
+    round_all(&mut out);
+    out
+}
+
+/// `argmax_logprob_f32`: the greedy id and its log-probability.
+pub fn argmax_logprob(row: &[f32]) -> (u32, f32) {
+    let id = crate::engine::sampler::argmax(row);
+    (id, crate::engine::sampler::logprobs_of(row, id, 0).logprob)
+}
+
+/// `cross_entropy_f32`: the loss; `row` becomes `scale * (softmax - onehot)`. A target outside
+/// the row gives loss 0 and a zero gradient, as the kernel does.
+pub fn cross_entropy(row: &mut [f32], target: i32, scale: f32) -> f32 {
+    match usize::try_from(target).ok().filter(|&t| t < row.len()) {
+        Some(t) => {
+            let mut probs = vec![0f32; row.len()];
+            crate::model::loss::row_loss(row, t, Some(scale), &mut probs).0 as f32
+        }
+        None => {
+            row.fill(0.0);
+            0.0
+        }
+    }
+}
+
+/// One adapter of `lora_shrink_bf16` / `lora_expand_bf16`: A `[rank, in]`, B `[out, rank]`.
+#[derive(Debug, Clone)]
+pub struct TwinAdapter {
+    pub a: Vec<f32>,
+    pub b: Vec<f32>,
+    pub rank: usize,
+    pub scale: f32,
+}
+
+/// `lora_shrink_bf16` then `lora_expand_bf16`: `y[t] += scale * B (A x[t])` for each token with
+/// an adapter slot; `y` is stored in bf16.
+pub fn lora(
+    x: &[f32],
+    y: &mut [f32],
+    slots: &[i32],
+    adapters: &[TwinAdapter],
+    in_dim: usize,
+    out_dim: usize,
+) {
+    for (t, &slot) in slots.iter().enumerate() {
+        let Some(ad) = usize::try_from(slot).ok().and_then(|s| adapters.get(s)) else { continue };
+        let xr = &x[t * in_dim..(t + 1) * in_dim];
+        let u: Vec<f32> = (0..ad.rank)
+            .map(|r| ad.a[r * in_dim..(r + 1) * in_dim].iter().zip(xr).map(|(a, x)| a * x).sum())
+            .collect();
+        for (n, yv) in y[t * out_dim..(t + 1) * out_dim].iter_mut().enumerate() {
+            let s: f32 =
+                ad.b[n * ad.rank..(n + 1) * ad.rank].iter().zip(&u).map(|(b, u)| b * u).sum();
+            *yv = round_bf16(*yv + ad.scale * s);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lora_twin_adds_the_low_rank_product_per_token() {
+        // in 2, out 2, rank 1: A = [1, 2], B = [[3], [4]], scale 0.5.
+        let ad = TwinAdapter { a: vec![1.0, 2.0], b: vec![3.0, 4.0], rank: 1, scale: 0.5 };
+        let x = [1.0, 1.0, 5.0, 5.0];
+        let mut y = [1.0, 1.0, 1.0, 1.0];
+        lora(&x, &mut y, &[0, -1], &[ad], 2, 2);
+        // token 0: A x = 3, B * 3 = [9, 12], * 0.5 = [4.5, 6]; token 1 has no adapter.
+        assert_eq!(y, [5.5, 7.0, 1.0, 1.0]);
+    }
+
+    #[test]
+    fn cross_entropy_twin_matches_the_formula() {
+        let mut row = vec![1.0f32, 2.0, 3.0];
+        let loss = cross_entropy(&mut row, 2, 1.0);
+        let z: f32 = [1.0f32, 2.0, 3.0].iter().map(|v| v.exp()).sum();
+        assert!((loss - (z.ln() - 3.0)).abs() < 1e-5);
+        assert!((row[0] - 1f32.exp() / z).abs() < 1e-5);
+        assert!((row[2] - (3f32.exp() / z - 1.0)).abs() < 1e-5);
+        let mut row = vec![1.0f32, 2.0];
+        assert_eq!(cross_entropy(&mut row, -1, 1.0), 0.0);
+        assert_eq!(row, [0.0, 0.0]);
+    }
+
+    #[test]
+    fn embedding_twin_zeroes_unknown_ids() {
+        let table = [1.0, 2.0, 3.0, 4.0];
+        assert_eq!(embedding(&[1, 7, 0], &table, 2), [3.0, 4.0, 0.0, 0.0, 1.0, 2.0]);
+    }
+}
