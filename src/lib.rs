@@ -5,6 +5,7 @@ pub mod api;
 pub mod backend;
 pub mod bench;
 pub mod bench_coserve;
+pub mod bench_decode;
 pub mod bench_finetune;
 pub mod config;
 pub mod engine;

@@ -30,6 +30,8 @@ enum Command {
     /// Co-serving under Poisson inference load: fine-tuning tokens/s and inference latency in
     /// each fine-tuning mode.
     BenchCoserve(Box<coserve::bench_coserve::CoserveBenchArgs>),
+    /// Time one decode step at several batch sizes against its memory-bandwidth floor.
+    BenchDecode(Box<coserve::bench_decode::BenchDecodeArgs>),
     /// CUDA kernels (`kernels/*.cu`, embedded in the binary).
     Kernels {
         #[command(subcommand)]
@@ -65,7 +67,10 @@ fn main() -> ExitCode {
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
     );
     // The benchmark's stdout is its result (e.g. one JSON object); its progress goes to stderr.
-    if matches!(cli.command, Command::BenchFinetune(_) | Command::BenchCoserve(_)) {
+    if matches!(
+        cli.command,
+        Command::BenchFinetune(_) | Command::BenchCoserve(_) | Command::BenchDecode(_)
+    ) {
         logs.with_writer(std::io::stderr).init();
     } else {
         logs.init();
@@ -85,10 +90,34 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench(*args),
         Command::BenchFinetune(args) => bench_finetune(&args),
         Command::BenchCoserve(args) => bench_coserve(*args),
+        Command::BenchDecode(args) => bench_decode(&args),
         Command::Kernels { action: KernelsAction::Check { ptx_dir } } => {
             kernels_check(ptx_dir.as_deref())
         }
         Command::Selftest { device, json } => selftest(&device, json.as_deref()),
+    }
+}
+
+fn bench_decode(args: &coserve::bench_decode::BenchDecodeArgs) -> ExitCode {
+    match coserve::bench_decode::run(args) {
+        Ok(r) if args.json => match serde_json::to_string(&r) {
+            Ok(text) => {
+                println!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Ok(r) => {
+            r.print_text();
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

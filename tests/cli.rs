@@ -67,3 +67,41 @@ fn bad_model_and_bad_flags_give_errors_not_panics() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("many"));
 }
+
+#[test]
+fn bench_decode_runs_dummy_weights_and_rejects_bad_sizes() {
+    let out = coserve()
+        .args(["bench-decode", "--dummy-weights", "smollm2-135m", "--batch", "1,3"])
+        .args(["--context", "20", "--steps", "1", "--threads", "2", "--json"])
+        .output()
+        .expect("runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_str(&stdout).expect("one JSON object");
+    assert_eq!(v["model"], "dummy smollm2-135m");
+    assert_eq!(v["context"], 20);
+    let steps = v["steps"].as_array().expect("steps");
+    assert_eq!(steps.len(), 2);
+    for (s, batch) in steps.iter().zip([1, 3]) {
+        assert_eq!(s["batch"], batch);
+        assert!(s["step_ms"].as_f64().is_some_and(|t| t > 0.0), "{s}");
+        // Weights (f32, tied embeddings) plus 21 cached rows per sequence of K and V.
+        let kv = batch * 21 * 30 * 2 * 3 * 64 * 4;
+        assert_eq!(s["bytes_read"].as_u64(), Some(537_919_488 + kv as u64), "{s}");
+    }
+
+    for (args, msg) in [
+        (&["--batch", "0"][..], "every --batch must be at least 1"),
+        (&["--context", "100000"][..], "leaves no room for a decode"),
+        (&["--steps", "0"][..], "--steps must be at least 1"),
+    ] {
+        let out = coserve()
+            .args(["bench-decode", "--dummy-weights", "smollm2-135m"])
+            .args(args)
+            .output()
+            .expect("runs");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(msg), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}

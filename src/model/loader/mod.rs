@@ -1,5 +1,6 @@
 //! Model loading from GGUF files and Hugging Face directories.
 
+pub mod dummy;
 pub mod gguf;
 pub mod safetensors;
 

@@ -1,0 +1,254 @@
+//! `coserve bench-decode`: the time of one decode step of a batch at a given context, next to
+//! its memory-bandwidth floor (every weight and every cached K/V row read once per step).
+//!
+//! It drives the model directly: the KV cache of each sequence is filled with random rows
+//! instead of being prefilled, so a long context costs no prefill time. Works on the real
+//! model or on `--dummy-weights` of a larger shape.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use rand::{Rng, SeedableRng};
+use rayon::prelude::*;
+use serde::Serialize;
+
+use crate::backend::cpu::paged_attention::AttnSeq;
+use crate::kv::KvCache;
+use crate::model::fetch::{coserve_home, ensure_default_model, FetchError};
+use crate::model::llama::{ForwardBatch, Llama};
+use crate::model::loader::dummy::DummyModel;
+use crate::model::loader::load_model;
+use crate::model::weights::WeightsDtype;
+use crate::model::ModelError;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchDecodeArgs {
+    /// GGUF file or Hugging Face model directory (default: the embedded default model).
+    #[arg(long, conflicts_with = "dummy_weights")]
+    pub model: Option<PathBuf>,
+    /// A model of this real shape with random weights instead of a file.
+    #[arg(long, value_enum)]
+    pub dummy_weights: Option<DummyModel>,
+    #[arg(long, value_enum, default_value_t = WeightsDtype::F32)]
+    pub weights_dtype: WeightsDtype,
+    /// Decode batch sizes, comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
+    pub batch: Vec<usize>,
+    /// Tokens already in each sequence's cache.
+    #[arg(long, default_value_t = 1024)]
+    pub context: usize,
+    /// Timed steps per batch size (after one untimed step).
+    #[arg(long, default_value_t = 5)]
+    pub steps: usize,
+    /// Compute threads (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BenchDecodeError {
+    #[error(transparent)]
+    Fetch(#[from] FetchError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error("{0} must be at least 1")]
+    Zero(&'static str),
+    #[error("--context {context} leaves no room for a decode in the model's {max} positions")]
+    TooLong { context: usize, max: usize },
+    #[error("cannot start {threads} compute threads: {detail}")]
+    Threads { threads: usize, detail: String },
+}
+
+#[derive(Debug, Serialize)]
+pub struct DecodeStep {
+    pub batch: usize,
+    /// Median over the timed steps.
+    pub step_ms: f64,
+    pub tokens_per_s: f64,
+    /// Weight bytes plus the K/V bytes the step reads.
+    pub bytes_read: usize,
+    /// `bytes_read` at the measured read bandwidth.
+    pub floor_ms: f64,
+    /// `floor_ms / step_ms`.
+    pub fraction_of_floor: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BenchDecodeResult {
+    pub model: String,
+    pub weights_dtype: String,
+    pub threads: usize,
+    pub context: usize,
+    pub weight_bytes: usize,
+    /// Sum of a 512 MiB buffer on the same threads, bytes per second.
+    pub read_bandwidth_bytes_per_s: f64,
+    pub steps: Vec<DecodeStep>,
+}
+
+impl BenchDecodeResult {
+    pub fn print_text(&self) {
+        println!(
+            "{} ({}), {} threads, context {}: weights {:.1} MB, read bandwidth {:.1} GB/s",
+            self.model,
+            self.weights_dtype,
+            self.threads,
+            self.context,
+            self.weight_bytes as f64 / 1e6,
+            self.read_bandwidth_bytes_per_s / 1e9
+        );
+        println!(" batch   step ms     tok/s   floor ms   of floor");
+        for s in &self.steps {
+            println!(
+                "{:>6} {:>9.2} {:>9.1} {:>10.2} {:>9.0}%",
+                s.batch,
+                s.step_ms,
+                s.tokens_per_s,
+                s.floor_ms,
+                100.0 * s.fraction_of_floor
+            );
+        }
+    }
+}
+
+pub fn run(args: &BenchDecodeArgs) -> Result<BenchDecodeResult, BenchDecodeError> {
+    if args.steps == 0 {
+        return Err(BenchDecodeError::Zero("--steps"));
+    }
+    if args.batch.contains(&0) {
+        return Err(BenchDecodeError::Zero("every --batch"));
+    }
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(args.threads)
+        .thread_name(|i| format!("coserve-compute-{i}"))
+        .build()
+        .map_err(|e| BenchDecodeError::Threads { threads: args.threads, detail: e.to_string() })?;
+    let (model, name) = match args.dummy_weights {
+        Some(d) => (pool.install(|| d.build(args.weights_dtype, 0)), format!("dummy {d}")),
+        None => {
+            let path = match &args.model {
+                Some(p) => p.clone(),
+                None => ensure_default_model(&coserve_home())?,
+            };
+            let loaded = pool.install(|| load_model(&path, args.weights_dtype))?;
+            (loaded.model, loaded.default_name)
+        }
+    };
+    let max = model.config.max_position_embeddings;
+    if args.context + 1 > max {
+        return Err(BenchDecodeError::TooLong { context: args.context, max });
+    }
+    pool.install(|| {
+        let bandwidth = read_bandwidth();
+        let steps = args
+            .batch
+            .iter()
+            .map(|&b| decode_step(&model, b, args.context, args.steps, bandwidth))
+            .collect();
+        Ok(BenchDecodeResult {
+            model: name,
+            weights_dtype: args.weights_dtype.to_string(),
+            threads: pool.current_num_threads(),
+            context: args.context,
+            weight_bytes: model.weight_bytes(),
+            read_bandwidth_bytes_per_s: bandwidth,
+            steps,
+        })
+    })
+}
+
+/// Times `steps` decode steps of `batch` sequences whose caches hold `context` random rows.
+fn decode_step(
+    model: &Llama,
+    batch: usize,
+    context: usize,
+    steps: usize,
+    bandwidth: f64,
+) -> DecodeStep {
+    let c = &model.config;
+    let bs = 16;
+    let blocks_per_seq = (context + 1).div_ceil(bs);
+    let mut kv = KvCache::new(c.num_layers, batch * blocks_per_seq, bs, c.num_kv_heads, c.head_dim);
+    let row = c.num_kv_heads * c.head_dim;
+    let tables: Vec<Vec<u32>> = (0..batch)
+        .map(|s| ((s * blocks_per_seq) as u32..((s + 1) * blocks_per_seq) as u32).collect())
+        .collect();
+    let slot = |s: usize, pos: usize| tables[s][pos / bs] as usize * bs + pos % bs;
+    // Fill the contexts a sequence at a time, so the scratch stays one context long.
+    let slots_of: Vec<Vec<usize>> =
+        (0..batch).map(|s| (0..context).map(|p| slot(s, p)).collect()).collect();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+    let mut k = vec![0f32; context * row];
+    for layer in 0..c.num_layers {
+        for slots in &slots_of {
+            k.iter_mut().for_each(|v| *v = rng.random_range(-1.0..1.0));
+            kv.write(layer, &k, &k, slots);
+        }
+    }
+    let tokens: Vec<u32> = (0..batch).map(|_| rng.random_range(0..c.vocab_size as u32)).collect();
+    let positions = vec![context; batch];
+    let slot_mapping: Vec<usize> = (0..batch).map(|s| slot(s, context)).collect();
+    let seqs: Vec<AttnSeq> = tables
+        .iter()
+        .enumerate()
+        .map(|(s, t)| AttnSeq { q_start: s, q_len: 1, context_len: context + 1, block_table: t })
+        .collect();
+    let logits_rows: Vec<usize> = (0..batch).collect();
+    let fb = ForwardBatch {
+        tokens: &tokens,
+        positions: &positions,
+        slot_mapping: &slot_mapping,
+        seqs: &seqs,
+        logits_rows: &logits_rows,
+    };
+    model.forward(&fb, &mut kv); // untimed: first touches
+    let mut times: Vec<f64> = (0..steps)
+        .map(|_| {
+            let t = Instant::now();
+            std::hint::black_box(model.forward(&fb, &mut kv));
+            t.elapsed().as_secs_f64()
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    let step = times[times.len() / 2];
+    let kv_bytes = batch * (context + 1) * c.num_layers * 2 * row * std::mem::size_of::<f32>();
+    let bytes_read = model.weight_bytes() + kv_bytes;
+    let floor = bytes_read as f64 / bandwidth;
+    DecodeStep {
+        batch,
+        step_ms: step * 1e3,
+        tokens_per_s: batch as f64 / step,
+        bytes_read,
+        floor_ms: floor * 1e3,
+        fraction_of_floor: floor / step,
+    }
+}
+
+/// Read bandwidth of the current pool: the median of five sums of a 512 MiB buffer.
+fn read_bandwidth() -> f64 {
+    const BYTES: usize = 512 << 20;
+    let data: Vec<f32> = (0..BYTES / 4).into_par_iter().map(|i| (i % 7) as f32).collect();
+    let mut rates: Vec<f64> = (0..5)
+        .map(|_| {
+            let t = Instant::now();
+            let s: f32 = data
+                .par_chunks(1 << 16)
+                .map(|c| {
+                    // 32 independent lanes (four vectors of adds in flight) so the adds never
+                    // limit the loads.
+                    let mut acc = [0f32; 32];
+                    for v in c.chunks_exact(32) {
+                        acc.iter_mut().zip(v).for_each(|(a, x)| *a += x);
+                    }
+                    acc.iter().sum::<f32>()
+                })
+                .sum();
+            std::hint::black_box(s);
+            BYTES as f64 / t.elapsed().as_secs_f64()
+        })
+        .collect();
+    rates.sort_by(f64::total_cmp);
+    rates[2]
+}
