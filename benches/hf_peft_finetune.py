@@ -8,6 +8,10 @@ projections by default), and trains micro-batches of `--batch-size` x `--seq-len
 AdamW: one forward + backward over the whole micro-batch, then one optimizer step. Prints one
 JSON object with forwarded tokens/s (median over the timed steps) and peak RSS.
 
+On a GPU: `--device cuda --dummy-shape llama-3-8b --seq-len 1024 --batch-size 1` builds a model
+of that real shape with random bf16 weights directly on the device (no download), the
+baseline for `coserve`'s GPU fine-tuning numbers; tokens/s then counts after a device sync.
+
 Setup (outside the repository; only PyPI is needed):
     python3 -m venv /work/hfvenv
     /work/hfvenv/bin/pip install torch transformers peft gguf
@@ -23,6 +27,44 @@ import sys
 import time
 
 ALL_MODULES = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+
+# The shapes of coserve's `--dummy-weights` (src/model/loader/dummy.rs), as config.json has them.
+DUMMY_SHAPES = {
+    "llama-3-8b": ("llama", dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                                 num_hidden_layers=32, num_attention_heads=32,
+                                 num_key_value_heads=8, rope_theta=500000.0,
+                                 max_position_embeddings=8192, tie_word_embeddings=False)),
+    "llama-2-7b": ("llama", dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                                 num_hidden_layers=32, num_attention_heads=32,
+                                 num_key_value_heads=32, rope_theta=10000.0,
+                                 max_position_embeddings=4096, tie_word_embeddings=False)),
+    "qwen2.5-14b": ("qwen2", dict(vocab_size=152064, hidden_size=5120, intermediate_size=13824,
+                                  num_hidden_layers=48, num_attention_heads=40,
+                                  num_key_value_heads=8, rope_theta=1000000.0,
+                                  max_position_embeddings=32768, tie_word_embeddings=False)),
+    "smollm2-135m": ("llama", dict(vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                                   num_hidden_layers=30, num_attention_heads=9,
+                                   num_key_value_heads=3, rope_theta=100000.0,
+                                   max_position_embeddings=8192, tie_word_embeddings=True)),
+}
+
+
+def dummy_model(name, dtype, device, attn_implementation):
+    """A model of a real shape with random weights, created on `device` in `dtype`."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    family, shape = DUMMY_SHAPES[name]
+    config_cls, model_cls = {
+        "llama": (LlamaConfig, LlamaForCausalLM),
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    }[family]
+    config = config_cls(**shape, attn_implementation=attn_implementation)
+    torch.set_default_dtype(dtype)
+    with torch.device(device):
+        model = model_cls(config)
+    torch.set_default_dtype(torch.float32)
+    return model
 
 
 def default_model():
@@ -58,6 +100,11 @@ def main():
     p.add_argument("--target-modules", default=ALL_MODULES)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--attn-implementation", default="sdpa", choices=["sdpa", "eager"])
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"],
+                   help="weights and activations (default: float32 on cpu, bfloat16 on cuda)")
+    p.add_argument("--dummy-shape", choices=sorted(DUMMY_SHAPES),
+                   help="random weights of this shape instead of --model")
     args = p.parse_args()
 
     import torch
@@ -67,12 +114,18 @@ def main():
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(os.path.abspath(args.model)),
-        gguf_file=os.path.basename(args.model),
-        dtype=torch.float32,
-        attn_implementation=args.attn_implementation,
-    )
+    dtype_name = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
+    dtype = getattr(torch, dtype_name)
+    if args.dummy_shape:
+        model = dummy_model(args.dummy_shape, dtype, args.device, args.attn_implementation)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            os.path.dirname(os.path.abspath(args.model)),
+            gguf_file=os.path.basename(args.model),
+            dtype=dtype,
+            attn_implementation=args.attn_implementation,
+        ).to(args.device)
+    on_gpu = args.device.startswith("cuda")
     lora = LoraConfig(
         r=args.rank,
         lora_alpha=args.alpha,
@@ -93,7 +146,9 @@ def main():
             synthetic_tokens(vocab, args.seq_len, step * args.batch_size + b + 1)
             for b in range(args.batch_size)
         ]
-        batch = torch.tensor(ids, dtype=torch.long)
+        batch = torch.tensor(ids, dtype=torch.long, device=args.device)
+        if on_gpu:
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
         out = model(input_ids=batch, labels=batch)
         out.loss.backward()
@@ -102,6 +157,8 @@ def main():
         )
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if on_gpu:
+            torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         losses.append(out.loss.item())
         print(f"step {step + 1}: {dt:.2f} s, loss {losses[-1]:.4f}", file=sys.stderr)
@@ -116,6 +173,9 @@ def main():
                 "system": "hf-peft",
                 "torch": torch.__version__,
                 "threads": args.threads,
+                "device": torch.cuda.get_device_name() if on_gpu else "cpu",
+                "dtype": dtype_name,
+                "model": args.dummy_shape and f"dummy {args.dummy_shape}" or args.model,
                 "attn_implementation": args.attn_implementation,
                 "seq_len": args.seq_len,
                 "batch_size": args.batch_size,
@@ -128,6 +188,7 @@ def main():
                 "step_seconds": times,
                 "final_loss": losses[-1],
                 "peak_rss_mib": peak_rss_mib(),
+                "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20 if on_gpu else None,
             }
         )
     )

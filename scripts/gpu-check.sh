@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# The GPU check, in two halves: build on a machine with Rust, run on any Linux machine with an
+# NVIDIA GPU (driver, CUDA toolkit with NVRTC, and Python with torch, transformers and peft; no
+# Rust, no network).
+#
+#   scripts/gpu-check.sh build           # builds target/release/coserve
+#   scripts/gpu-check.sh run [BINARY]    # nvidia-smi, kernels check, selftest, benchmarks
+#
+# `run` writes its results to $OUT (default gpu-results/): nvidia-smi.txt, kernels-check.txt,
+# selftest.json, bandwidth.json, hf-peft.json, and a log per step. It goes on after a failed
+# step and exits non-zero if any failed. The toolkit is found at $CUDA_HOME, $CUDA_PATH or
+# /usr/local/cuda.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+case "${1:-run}" in
+build)
+  cargo build --release
+  ls -l target/release/coserve
+  ;;
+run)
+  BIN=${2:-target/release/coserve}
+  OUT=${OUT:-gpu-results}
+  PYTHON=${PYTHON:-python3}
+  mkdir -p "$OUT"
+  failed=0
+  # step NAME OUTFILE COMMAND...: runs COMMAND with stdout to OUTFILE and stderr to NAME.log.
+  step() {
+    local name=$1 out=$2
+    shift 2
+    echo "== $name"
+    local t0=$SECONDS
+    "$@" >"$out" 2>"$OUT/$name.log"
+    local rc=$?
+    echo "$name: exit $rc after $((SECONDS - t0)) s"
+    tail -n 40 "$out" "$OUT/$name.log"
+    [ "$rc" -eq 0 ] || failed=1
+  }
+
+  step nvidia-smi "$OUT/nvidia-smi.txt" nvidia-smi
+  step kernels-check "$OUT/kernels-check.txt" "$BIN" kernels check --ptx-dir "$OUT/ptx"
+  step selftest "$OUT/selftest.txt" "$BIN" selftest --device cuda --json "$OUT/selftest.json"
+
+  # Device-to-device copy bandwidth: the floor of a decode step is the bytes it reads over it.
+  step bandwidth "$OUT/bandwidth.json" "$PYTHON" - <<'PY'
+import json, statistics, torch
+n = 1 << 30
+a = torch.empty(n, dtype=torch.uint8, device="cuda")
+b = torch.empty_like(a)
+for _ in range(3):
+    b.copy_(a)
+torch.cuda.synchronize()
+times = []
+for _ in range(20):
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s.record(); b.copy_(a); e.record(); e.synchronize()
+    times.append(s.elapsed_time(e) / 1e3)
+t = statistics.median(times)
+# A copy reads n bytes and writes n bytes.
+print(json.dumps({"device": torch.cuda.get_device_name(), "copy_bytes": n,
+                  "median_s": t, "read_plus_write_bytes_per_s": 2 * n / t}))
+PY
+
+  # The HF PEFT baseline of the fine-tuning target: Llama-3-8B shape, sequence 1024, r=16,
+  # all linear projections, bf16.
+  step hf-peft "$OUT/hf-peft.json" timeout 300 "$PYTHON" benches/hf_peft_finetune.py \
+    --device cuda --dummy-shape llama-3-8b --seq-len 1024 --batch-size 1 \
+    --steps 5 --warmup-steps 2 --threads 8
+
+  echo "== results in $OUT"
+  ls -l "$OUT"
+  exit "$failed"
+  ;;
+*)
+  echo "usage: $0 build | run [BINARY]" >&2
+  exit 2
+  ;;
+esac
