@@ -19,6 +19,8 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
+// Block reductions use full-warp shuffles: blockDim must be a multiple of 32.
+
 // Sum over the whole block; every thread gets the result. `scratch` holds 32 floats.
 __device__ float block_sum(float v, float* scratch) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;

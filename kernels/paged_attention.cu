@@ -12,8 +12,9 @@
 // q: [rows, num_heads, head_dim]; k_cache, v_cache: [blocks, block_size, num_kv_heads, head_dim];
 // row_seq[row]: the row's sequence; row_pos[row]: its position; block_tables:
 // [seqs, max_blocks]; part_m, part_l: [rows, num_heads, partitions];
-// part_o: [rows, num_heads, partitions, head_dim]. head_dim must be a multiple of 32, at most
-// 32 * ATTN_MAX_DIMS_PER_LANE. CPU twin: backend::cpu::paged_attention::paged_attention.
+// part_o: [rows, num_heads, partitions, head_dim]. The host must check: head_dim a multiple of
+// 32 and at most 32 * ATTN_MAX_DIMS_PER_LANE; num_heads a multiple of num_kv_heads; rows at most
+// 65535 per launch (grid.y). CPU twin: backend::cpu::paged_attention::paged_attention.
 
 #define ATTN_WARPS 4
 #define ATTN_MAX_DIMS_PER_LANE 8

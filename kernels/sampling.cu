@@ -1,5 +1,6 @@
 // Greedy sampling on the device: per row of logits, the argmax (lowest id on ties) and its
 // log-probability, so only an id and a float come back to the host. One block per row.
+// Launch with exactly 1024 threads (the shared arrays and the tree reduction assume it).
 // CPU twin: the sampler's argmax and logprobs_of.
 
 extern "C" __global__ void argmax_logprob_f32(const float* __restrict__ logits, int vocab,

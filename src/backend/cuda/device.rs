@@ -88,6 +88,21 @@ pub fn cuda_device_count() -> Result<usize, CudaError> {
     }
 }
 
+/// The CUDA version the driver supports, as (major, minor): 13000 from the driver is (13, 0).
+pub fn driver_cuda_version() -> Result<(i32, i32), CudaError> {
+    // SAFETY: probing only; cudarc would panic without the library.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err(CudaError::NoDriver);
+    }
+    let mut v = 0;
+    // SAFETY: one out-parameter, written by the driver.
+    let r = unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut v) };
+    if r != cudarc::driver::sys::CUresult::CUDA_SUCCESS {
+        return Err(CudaError::Driver(format!("cuDriverGetVersion: {r:?}")));
+    }
+    Ok((v / 1000, v % 1000 / 10))
+}
+
 impl DeviceSpec {
     /// The device this spec names on this machine. `cuda` without a driver or GPU is an error;
     /// `auto` then falls back to the CPU.

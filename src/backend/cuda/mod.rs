@@ -30,6 +30,11 @@ pub enum CudaError {
     Driver(String),
     #[error("--device cuda:{ordinal} asked for, but this machine has {count} CUDA device(s)")]
     NoSuchDevice { ordinal: usize, count: usize },
+    #[error(
+        "NVRTC {nvrtc:?} writes PTX newer than this driver (CUDA {driver:?}) can load; use a \
+         toolkit no newer than the driver (CUDA_HOME) or update the driver"
+    )]
+    NvrtcNewerThanDriver { nvrtc: (i32, i32), driver: (i32, i32) },
     #[error("kernel {file} does not compile for {arch}:\n{log}")]
     Compile { file: String, arch: String, log: String },
     #[error("kernel cache {path}: {detail}")]

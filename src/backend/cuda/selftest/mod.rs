@@ -52,6 +52,12 @@ pub fn run(spec: DeviceSpec, home: &Path) -> Result<Report, CudaError> {
         return Err(CudaError::NotCuda("the selftest (CUDA kernels against their CPU twins)"));
     };
     let toolkit = Toolkit::find()?;
+    // PTX from a newer NVRTC than the driver fails to load in every module: say so once, up front.
+    toolkit.load_nvrtc()?;
+    let (nvrtc, driver) = (super::kernels::nvrtc_version()?, super::device::driver_cuda_version()?);
+    if nvrtc > driver {
+        return Err(CudaError::NvrtcNewerThanDriver { nvrtc, driver });
+    }
     let ctx = CudaContext::new(*ordinal)?;
     let mut gpu = Gpu {
         stream: ctx.default_stream(),
@@ -74,7 +80,9 @@ pub fn run(spec: DeviceSpec, home: &Path) -> Result<Report, CudaError> {
         ("adamw_f32", training::check_adamw),
     ];
     for (name, suite) in suites {
-        if let Err(e) = suite(&mut gpu, &mut checks) {
+        // Synchronise after each suite so an asynchronous fault is reported against it.
+        let outcome = suite(&mut gpu, &mut checks).and_then(|()| Ok(gpu.stream.synchronize()?));
+        if let Err(e) = outcome {
             checks.push(Check {
                 kernel: name.into(),
                 shape: String::new(),

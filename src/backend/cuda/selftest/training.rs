@@ -86,10 +86,12 @@ pub(super) fn check_lora(gpu: &mut Gpu, checks: &mut Vec<Check>) -> Result<(), C
             adapters.iter().map(|a| gpu.up(&a.a)).collect::<Result<_, _>>()?;
         let b_dev: Vec<CudaSlice<f32>> =
             adapters.iter().map(|a| gpu.up(&a.b)).collect::<Result<_, _>>()?;
-        let ptrs = |v: &[CudaSlice<f32>]| -> Vec<u64> {
-            v.iter().map(|s| s.device_ptr(&gpu.stream).0).collect()
-        };
-        let (a_ptrs, b_ptrs) = (ptrs(&a_dev), ptrs(&b_dev));
+        // Keep each pointer's guard alive until the kernels are queued.
+        let stream = gpu.stream.clone();
+        let a_guarded: Vec<_> = a_dev.iter().map(|s| s.device_ptr(&stream)).collect();
+        let b_guarded: Vec<_> = b_dev.iter().map(|s| s.device_ptr(&stream)).collect();
+        let a_ptrs: Vec<u64> = a_guarded.iter().map(|g| g.0).collect();
+        let b_ptrs: Vec<u64> = b_guarded.iter().map(|g| g.0).collect();
         let ranks: Vec<i32> = adapters.iter().map(|a| a.rank as i32).collect();
         let scales: Vec<f32> = adapters.iter().map(|a| a.scale).collect();
         let max_rank = 16usize;
@@ -116,6 +118,7 @@ pub(super) fn check_lora(gpu: &mut Gpu, checks: &mut Vec<Check>) -> Result<(), C
             .arg(&mr);
         // SAFETY: argument list matches lora_expand_bf16; the A/B buffers outlive the launch.
         unsafe { b.launch(cfg((n32(tokens), n32(out_dim.div_ceil(256)), 1), 256)) }?;
+        drop((a_guarded, b_guarded));
         twins::lora(&x, &mut y, &slots, &adapters, in_dim, out_dim);
         let got = gpu.down_bf16(&dy, y.len())?;
         let shape =
