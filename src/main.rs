@@ -99,26 +99,7 @@ fn main() -> ExitCode {
 }
 
 fn bench_decode(args: &coserve::bench_decode::BenchDecodeArgs) -> ExitCode {
-    match coserve::bench_decode::run(args) {
-        Ok(r) if args.json => match serde_json::to_string(&r) {
-            Ok(text) => {
-                println!("{text}");
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("error: {e}");
-                ExitCode::FAILURE
-            }
-        },
-        Ok(r) => {
-            r.print_text();
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    report(coserve::bench_decode::run(args), args.json, |r| r.print_text())
 }
 
 fn kernels_check(ptx_dir: Option<&std::path::Path>) -> ExitCode {
@@ -213,10 +194,19 @@ fn bench_coserve(args: coserve::bench_coserve::CoserveBenchArgs) -> ExitCode {
 }
 
 fn bench_finetune(args: &coserve::bench_finetune::BenchFinetuneArgs) -> ExitCode {
-    match coserve::bench_finetune::run(args) {
-        Ok(r) if args.json => match serde_json::to_string(&r) {
-            Ok(text) => {
-                println!("{text}");
+    report(coserve::bench_finetune::run(args), args.json, |r| r.print_text())
+}
+
+/// Prints a benchmark's result as one JSON object or as text, or its error.
+fn report<T: serde::Serialize, E: std::fmt::Display>(
+    result: Result<T, E>,
+    json: bool,
+    text: impl FnOnce(&T),
+) -> ExitCode {
+    match result {
+        Ok(r) if json => match serde_json::to_string(&r) {
+            Ok(line) => {
+                println!("{line}");
                 ExitCode::SUCCESS
             }
             Err(e) => {
@@ -225,7 +215,7 @@ fn bench_finetune(args: &coserve::bench_finetune::BenchFinetuneArgs) -> ExitCode
             }
         },
         Ok(r) => {
-            r.print_text();
+            text(&r);
             ExitCode::SUCCESS
         }
         Err(e) => {
