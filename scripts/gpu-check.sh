@@ -37,7 +37,21 @@ run)
     [ "$rc" -eq 0 ] || failed=1
   }
 
+  # No toolkit at $CUDA_HOME, $CUDA_PATH or /usr/local/cuda: take the one PyPI's CUDA 13
+  # packages put next to Python's torch, if there is one.
+  if [ -z "${CUDA_HOME:-}${CUDA_PATH:-}" ] && [ ! -e /usr/local/cuda/include/cuda_bf16.h ]; then
+    pypi_cuda=$("$PYTHON" -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13"))' 2>/dev/null)
+    [ -n "$pypi_cuda" ] && [ -e "$pypi_cuda/include/cuda_bf16.h" ] && export CUDA_HOME=$pypi_cuda
+  fi
+
   step nvidia-smi "$OUT/nvidia-smi.txt" nvidia-smi
+  step environment "$OUT/environment.txt" bash -c '
+    echo "CUDA_HOME=${CUDA_HOME:-} CUDA_PATH=${CUDA_PATH:-}"; uname -a; nproc
+    command -v nvcc && nvcc --version
+    for d in "${CUDA_HOME:-}" "${CUDA_PATH:-}" /usr/local/cuda; do
+      [ -d "$d" ] && ls -l "$d"/lib64/ "$d"/lib/ 2>/dev/null | grep -E "nvrtc|cublas"
+    done
+    true'
   step kernels-check "$OUT/kernels-check.txt" "$BIN" kernels check --ptx-dir "$OUT/ptx"
   step selftest "$OUT/selftest.txt" "$BIN" selftest --device cuda --json "$OUT/selftest.json"
 
