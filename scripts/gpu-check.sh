@@ -6,8 +6,9 @@
 #   scripts/gpu-check.sh build           # builds target/release/coserve
 #   scripts/gpu-check.sh run [BINARY]    # nvidia-smi, kernels check, selftest, benchmarks
 #
-# `run` writes its results to $OUT (default gpu-results/): nvidia-smi.txt, kernels-check.txt,
-# selftest.json, bandwidth.json, hf-peft.json, and a log per step. It goes on after a failed
+# `run` writes its results to $OUT (default gpu-results/): nvidia-smi.txt, environment.txt,
+# kernels-check.txt, selftest.json, bench-decode.json, bandwidth.json, hf-peft.json, and a log
+# per step. It goes on after a failed
 # step and exits non-zero if any failed. The toolkit is found at $CUDA_HOME, $CUDA_PATH or
 # /usr/local/cuda.
 set -uo pipefail
@@ -55,7 +56,12 @@ run)
   step kernels-check "$OUT/kernels-check.txt" "$BIN" kernels check --ptx-dir "$OUT/ptx"
   step selftest "$OUT/selftest.txt" "$BIN" selftest --device cuda --json "$OUT/selftest.json"
 
-  # Device-to-device copy bandwidth: the floor of a decode step is the bytes it reads over it.
+  # Decode steps of Llama-3-8B-shaped random bf16 weights made on the device, context 1024,
+  # next to the bandwidth floor (bytes of weights and K/V read / device-to-device copy rate).
+  step bench-decode "$OUT/bench-decode.json" "$BIN" bench-decode --device cuda \
+    --dummy-weights llama-3-8b --batch 1,16,64,256 --context 1024 --steps 10 --json
+
+  # Device-to-device copy bandwidth as PyTorch measures it, beside coserve's own measurement.
   step bandwidth "$OUT/bandwidth.json" "$PYTHON" - <<'PY'
 import json, statistics, torch
 n = 1 << 30

@@ -13,6 +13,7 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::backend::cpu::paged_attention::AttnSeq;
+use crate::backend::cuda::{DeviceSpec, ResolvedDevice};
 use crate::kv::KvCache;
 use crate::model::fetch::{coserve_home, ensure_default_model, FetchError};
 use crate::model::llama::{ForwardBatch, Llama};
@@ -46,6 +47,10 @@ pub struct BenchDecodeArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+    /// cpu, cuda, cuda:N or auto. On a GPU the model is `--dummy-weights` in bf16, made on
+    /// the device.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +65,10 @@ pub enum BenchDecodeError {
     TooLong { context: usize, max: usize },
     #[error("cannot start {threads} compute threads: {detail}")]
     Threads { threads: usize, detail: String },
+    #[error(transparent)]
+    Cuda(#[from] crate::backend::cuda::CudaError),
+    #[error("on a GPU, bench-decode runs --dummy-weights models only")]
+    GpuNeedsDummy,
 }
 
 #[derive(Debug, Serialize)]
@@ -79,11 +88,13 @@ pub struct DecodeStep {
 #[derive(Debug, Serialize)]
 pub struct BenchDecodeResult {
     pub model: String,
+    pub device: String,
     pub weights_dtype: String,
     pub threads: usize,
     pub context: usize,
     pub weight_bytes: usize,
-    /// Sum of a 512 MiB buffer on the same threads, bytes per second.
+    /// CPU: sum of a 512 MiB buffer on the same threads; GPU: a 1 GiB device-to-device copy,
+    /// bytes read plus written. Bytes per second.
     pub read_bandwidth_bytes_per_s: f64,
     pub steps: Vec<DecodeStep>,
 }
@@ -91,9 +102,10 @@ pub struct BenchDecodeResult {
 impl BenchDecodeResult {
     pub fn print_text(&self) {
         println!(
-            "{} ({}), {} threads, context {}: weights {:.1} MB, read bandwidth {:.1} GB/s",
+            "{} ({}) on {}, {} threads, context {}: weights {:.1} MB, bandwidth {:.1} GB/s",
             self.model,
             self.weights_dtype,
+            self.device,
             self.threads,
             self.context,
             self.weight_bytes as f64 / 1e6,
@@ -119,6 +131,19 @@ pub fn run(args: &BenchDecodeArgs) -> Result<BenchDecodeResult, BenchDecodeError
     }
     if args.batch.contains(&0) {
         return Err(BenchDecodeError::Zero("every --batch"));
+    }
+    let spec: DeviceSpec = args.device.parse()?;
+    if let ResolvedDevice::Cuda { .. } = spec.resolve()? {
+        let model = args.dummy_weights.ok_or(BenchDecodeError::GpuNeedsDummy)?;
+        let home = coserve_home();
+        return Ok(crate::backend::cuda::bench::run(
+            spec,
+            &home,
+            model,
+            &args.batch,
+            args.context,
+            args.steps,
+        )?);
     }
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(args.threads)
@@ -149,6 +174,7 @@ pub fn run(args: &BenchDecodeArgs) -> Result<BenchDecodeResult, BenchDecodeError
             .collect();
         Ok(BenchDecodeResult {
             model: name,
+            device: "cpu".into(),
             weights_dtype: args.weights_dtype.to_string(),
             threads: pool.current_num_threads(),
             context: args.context,

@@ -87,4 +87,13 @@ fn gpu_commands_fail_clearly_without_a_gpu() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("expected cpu, cuda, cuda:N or auto"), "{err}");
+
+    let out = Command::new(env!("CARGO_BIN_EXE_coserve"))
+        .args(["bench-decode", "--device", "cuda", "--dummy-weights", "llama-3-8b"])
+        .output()
+        .expect("runs");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("no CUDA driver") || err.contains("0 CUDA device"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
 }

@@ -4,7 +4,11 @@
 //! One binary serves CPU-only and GPU machines: nothing here is needed to build, and nothing is
 //! loaded until a command asks for CUDA.
 
+pub mod bench;
+pub mod decoder;
 pub mod device;
+pub mod gemm;
+pub mod gpu;
 pub mod kernels;
 pub mod selftest;
 pub mod toolkit;
@@ -43,10 +47,20 @@ pub enum CudaError {
     NotCuda(&'static str),
     #[error("invalid --device {0:?}: expected cpu, cuda, cuda:N or auto")]
     BadDeviceSpec(String),
+    #[error("{0}")]
+    Blas(String),
+    #[error("{0}")]
+    Shape(String),
 }
 
 impl From<cudarc::driver::DriverError> for CudaError {
     fn from(e: cudarc::driver::DriverError) -> Self {
         Self::Driver(e.to_string())
+    }
+}
+
+impl From<cudarc::cublaslt::result::CublasError> for CudaError {
+    fn from(e: cudarc::cublaslt::result::CublasError) -> Self {
+        Self::Blas(format!("cuBLASLt error: {e}"))
     }
 }

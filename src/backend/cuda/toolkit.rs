@@ -98,6 +98,37 @@ impl Toolkit {
     }
 }
 
+/// Opens cuBLASLt for the rest of the process: from the toolkit's `lib64/` or `lib/` by absolute
+/// path when it is there (so no `LD_LIBRARY_PATH` is needed), else wherever the system loader
+/// finds it. cudarc would panic on a missing library; this is the check that keeps it from
+/// getting that far.
+pub fn load_cublaslt(toolkit: &Toolkit) -> Result<(), CudaError> {
+    static LOADED: OnceLock<Result<(), String>> = OnceLock::new();
+    LOADED
+        .get_or_init(|| {
+            let dirs = [toolkit.home.join("lib64"), toolkit.home.join("lib")];
+            if let Some(lib) = dirs.iter().find_map(|d| newest_versioned(d, "libcublasLt.so.")) {
+                // SAFETY: as for NVRTC: only the library's initialisers run; the handle is
+                // kept for the life of the process.
+                match unsafe { libloading::Library::new(&lib) } {
+                    Ok(l) => std::mem::forget(l),
+                    Err(e) => return Err(format!("{}: {e}", lib.display())),
+                }
+            }
+            // SAFETY: only probes whether the library can be opened.
+            if unsafe { cudarc::cublaslt::sys::is_culib_present() } {
+                Ok(())
+            } else {
+                Err(format!(
+                    "no libcublasLt.so.* in {}/lib64 or lib, nor on the loader's path",
+                    toolkit.home.display()
+                ))
+            }
+        })
+        .clone()
+        .map_err(|detail| CudaError::Blas(format!("could not load cuBLASLt: {detail}")))
+}
+
 /// The file in `dir` named `prefix` + version with the highest version (`libnvrtc.so.13` over
 /// `libnvrtc.so.12`); alternative builds such as `libnvrtc.alt.so.13` do not match the prefix.
 fn newest_versioned(dir: &Path, prefix: &str) -> Option<PathBuf> {

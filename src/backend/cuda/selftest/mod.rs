@@ -2,24 +2,19 @@
 //! compares it with its CPU twin (`twins`) on the same bf16-rounded inputs.
 
 mod layers;
+mod model;
 mod training;
 
-use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
 
-use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr, LaunchConfig,
-    ValidAsZeroBits,
-};
 use rand::rngs::StdRng;
 use rand::Rng;
 use serde::Serialize;
 
-use super::kernels::{KernelCache, KERNEL_FILES};
-use super::toolkit::Toolkit;
+use super::decoder::cuda::CudaOps;
+pub(super) use super::gpu::{cfg, n32, Gpu};
 use super::twins::round_bf16;
-use super::{CudaError, DeviceSpec, ResolvedDevice};
+use super::{CudaError, DeviceSpec};
 
 /// One comparison of a kernel output with its twin.
 #[derive(Debug, Clone, Serialize)]
@@ -47,26 +42,7 @@ pub struct Report {
 /// Compiles the kernels for the device named by `spec` and checks each one. Fails only when
 /// there is no GPU or toolkit; a failing kernel is a failed check in the report.
 pub fn run(spec: DeviceSpec, home: &Path) -> Result<Report, CudaError> {
-    let device = spec.resolve()?;
-    let (ResolvedDevice::Cuda { ordinal, .. }, Some(arch)) = (&device, device.arch()) else {
-        return Err(CudaError::NotCuda("the selftest (CUDA kernels against their CPU twins)"));
-    };
-    let toolkit = Toolkit::find()?;
-    // PTX from a newer NVRTC than the driver fails to load in every module: say so once, up front.
-    toolkit.load_nvrtc()?;
-    let (nvrtc, driver) = (super::kernels::nvrtc_version()?, super::device::driver_cuda_version()?);
-    if nvrtc > driver {
-        return Err(CudaError::NvrtcNewerThanDriver { nvrtc, driver });
-    }
-    let ctx = CudaContext::new(*ordinal)?;
-    let mut gpu = Gpu {
-        stream: ctx.default_stream(),
-        ctx,
-        toolkit,
-        cache: KernelCache::new(home),
-        arch: arch.clone(),
-        modules: HashMap::new(),
-    };
+    let mut gpu = Gpu::open(spec, home, "the selftest (CUDA kernels against their CPU twins)")?;
     let mut checks = Vec::new();
     let suites: [(&str, Suite); 9] = [
         ("rms_norm_bf16", layers::check_norm),
@@ -81,87 +57,45 @@ pub fn run(spec: DeviceSpec, home: &Path) -> Result<Report, CudaError> {
     ];
     for (name, suite) in suites {
         // Synchronise after each suite so an asynchronous fault is reported against it.
-        let outcome = suite(&mut gpu, &mut checks).and_then(|()| Ok(gpu.stream.synchronize()?));
-        if let Err(e) = outcome {
-            checks.push(Check {
-                kernel: name.into(),
-                shape: String::new(),
-                max_abs_error: f64::NAN,
-                worst_ratio: f64::NAN,
-                passed: false,
-                error: Some(e.to_string()),
-            });
+        let outcome = suite(&mut gpu, &mut checks).and_then(|()| gpu.sync());
+        record_failure(&mut checks, name, outcome);
+    }
+    let (device, arch) = (gpu.device.to_string(), gpu.arch.clone());
+    // Then the pieces built on the kernels: cuBLASLt and the whole decoder.
+    match CudaOps::new(gpu) {
+        Err(e) => record_failure(&mut checks, "decoder_ops", Err(e)),
+        Ok(mut ops) => {
+            let suites: [(&str, OpsSuite); 3] = [
+                ("fill_uniform_bf16", model::check_fill),
+                ("gemm_bf16", model::check_gemm),
+                ("decoder_end_to_end", model::check_decoder),
+            ];
+            for (name, suite) in suites {
+                let outcome = suite(&mut ops, &mut checks).and_then(|()| ops.gpu.sync());
+                record_failure(&mut checks, name, outcome);
+            }
         }
     }
     let passed = checks.iter().filter(|c| c.passed).count();
-    Ok(Report { device: device.to_string(), arch, failed: checks.len() - passed, passed, checks })
+    Ok(Report { device, arch, failed: checks.len() - passed, passed, checks })
 }
 
+/// A suite that stopped with an error counts as one failed check.
+fn record_failure(checks: &mut Vec<Check>, name: &str, outcome: Result<(), CudaError>) {
+    if let Err(e) = outcome {
+        checks.push(Check {
+            kernel: name.into(),
+            shape: String::new(),
+            max_abs_error: f64::NAN,
+            worst_ratio: f64::NAN,
+            passed: false,
+            error: Some(e.to_string()),
+        });
+    }
+}
+
+type OpsSuite = fn(&mut CudaOps, &mut Vec<Check>) -> Result<(), CudaError>;
 type Suite = fn(&mut Gpu, &mut Vec<Check>) -> Result<(), CudaError>;
-
-pub(super) struct Gpu {
-    ctx: Arc<CudaContext>,
-    pub(super) stream: Arc<CudaStream>,
-    toolkit: Toolkit,
-    cache: KernelCache,
-    arch: String,
-    modules: HashMap<&'static str, Arc<CudaModule>>,
-}
-
-impl Gpu {
-    pub(super) fn func(
-        &mut self,
-        file: &'static str,
-        name: &str,
-    ) -> Result<CudaFunction, CudaError> {
-        if !self.modules.contains_key(file) {
-            let kf = KERNEL_FILES
-                .iter()
-                .find(|k| k.name == file)
-                .ok_or_else(|| CudaError::Driver(format!("no kernel file {file}")))?;
-            let ptx = self.cache.ptx(&self.toolkit, kf, &self.arch)?;
-            let module = self.ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx))?;
-            self.modules.insert(file, module);
-        }
-        Ok(self.modules[file].load_function(name)?)
-    }
-
-    pub(super) fn up<T: DeviceRepr>(&self, x: &[T]) -> Result<CudaSlice<T>, CudaError> {
-        Ok(self.stream.clone_htod(x)?)
-    }
-
-    pub(super) fn zeros<T: DeviceRepr + ValidAsZeroBits>(
-        &self,
-        n: usize,
-    ) -> Result<CudaSlice<T>, CudaError> {
-        Ok(self.stream.alloc_zeros(n.max(1))?)
-    }
-
-    pub(super) fn down<T: DeviceRepr + Default + Clone>(
-        &self,
-        x: &CudaSlice<T>,
-    ) -> Result<Vec<T>, CudaError> {
-        Ok(self.stream.clone_dtoh(x)?)
-    }
-
-    pub(super) fn up_bf16(&self, x: &[f32]) -> Result<CudaSlice<u16>, CudaError> {
-        let bits: Vec<u16> = x.iter().map(|v| half::bf16::from_f32(*v).to_bits()).collect();
-        self.up(&bits)
-    }
-
-    pub(super) fn down_bf16(&self, x: &CudaSlice<u16>, len: usize) -> Result<Vec<f32>, CudaError> {
-        let bits = self.down(x)?;
-        Ok(bits.iter().take(len).map(|b| half::bf16::from_bits(*b).to_f32()).collect())
-    }
-}
-
-pub(super) fn cfg(grid: (u32, u32, u32), block: u32) -> LaunchConfig {
-    LaunchConfig { grid_dim: grid, block_dim: (block, 1, 1), shared_mem_bytes: 0 }
-}
-
-pub(super) fn n32(n: usize) -> u32 {
-    u32::try_from(n).unwrap_or(u32::MAX)
-}
 
 /// Uniform values in (-range, range), rounded to bf16 so host and device start equal.
 pub(super) fn random_bf16(rng: &mut StdRng, n: usize, range: f32) -> Vec<f32> {

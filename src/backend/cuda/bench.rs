@@ -1,0 +1,103 @@
+//! `coserve bench-decode --device cuda`: decode steps of `--dummy-weights` models in bf16 on
+//! the GPU, next to the memory-bandwidth floor (weights and cached K/V read once per step, at
+//! the measured device-to-device copy bandwidth).
+
+use std::path::Path;
+use std::time::Instant;
+
+use rand::{Rng, SeedableRng};
+
+use super::decoder::cuda::CudaOps;
+use super::decoder::{forward, DecoderShape, DecoderWeights, Scratch, SeqRows, StepBatch};
+use super::gpu::Gpu;
+use super::{CudaError, DeviceSpec};
+use crate::bench_decode::{BenchDecodeResult, DecodeStep};
+use crate::model::loader::dummy::DummyModel;
+
+const BLOCK_SIZE: usize = 16;
+
+pub fn run(
+    spec: DeviceSpec,
+    home: &Path,
+    model: DummyModel,
+    batches: &[usize],
+    context: usize,
+    steps: usize,
+) -> Result<BenchDecodeResult, CudaError> {
+    let config = model.config();
+    let s = DecoderShape::new(&config, BLOCK_SIZE)?;
+    if context + 1 > config.max_position_embeddings {
+        return Err(CudaError::Shape(format!(
+            "--context {context} leaves no room for a decode in {model}'s {} positions",
+            config.max_position_embeddings
+        )));
+    }
+    let gpu = Gpu::open(spec, home, "bench-decode on a GPU")?;
+    let device = gpu.device.to_string();
+    let mut ops = CudaOps::new(gpu)?;
+    let weights = ops.dummy_weights(&s, 1)?;
+    let inv_freq = config.rope_inv_freq();
+    let bandwidth = ops.copy_bandwidth()?;
+    let bytes: usize = DecoderWeights::<()>::layout(&s).iter().map(|t| 2 * t.0).sum();
+    let embed_bytes = 2 * s.vocab * s.hidden;
+    let mut out = Vec::new();
+    for &batch in batches {
+        let blocks_per_seq = (context + 1).div_ceil(BLOCK_SIZE);
+        let blocks = batch * blocks_per_seq;
+        let mut caches = Vec::with_capacity(s.layers);
+        for l in 0..s.layers {
+            let mut c = ops.cache(&s, blocks)?;
+            ops.fill(&mut c.k, 1000 + 2 * l as u64, 1.0, 0.0)?;
+            ops.fill(&mut c.v, 1001 + 2 * l as u64, 1.0, 0.0)?;
+            caches.push(c);
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(batch as u64);
+        let seqs = (0..batch)
+            .map(|i| SeqRows {
+                tokens: vec![rng.random_range(0..s.vocab as u32)],
+                start: context,
+                block_table: ((i * blocks_per_seq) as u32..((i + 1) * blocks_per_seq) as u32)
+                    .collect(),
+            })
+            .collect();
+        let step_batch = StepBatch::new(seqs, BLOCK_SIZE)?;
+        let mut scratch = Scratch::new(&mut ops, &s, batch)?;
+        // Untimed: plans the products and warms the caches.
+        for _ in 0..2 {
+            forward(&mut ops, &s, &weights, &inv_freq, &mut caches, &step_batch, &mut scratch)?;
+        }
+        let mut times = Vec::with_capacity(steps);
+        for _ in 0..steps {
+            // A whole step: batch upload, forward, greedy ids back on the host.
+            let t = Instant::now();
+            forward(&mut ops, &s, &weights, &inv_freq, &mut caches, &step_batch, &mut scratch)?;
+            times.push(t.elapsed().as_secs_f64());
+        }
+        times.sort_by(f64::total_cmp);
+        let step = times[times.len() / 2];
+        let kv_bytes = batch * (context + 1) * s.layers * 2 * s.kv_dim() * 2;
+        // Each row reads one embedding row, not the table.
+        let bytes_read = bytes - embed_bytes + batch * s.hidden * 2 + kv_bytes;
+        let floor = bytes_read as f64 / bandwidth;
+        out.push(DecodeStep {
+            batch,
+            step_ms: step * 1e3,
+            tokens_per_s: batch as f64 / step,
+            bytes_read,
+            floor_ms: floor * 1e3,
+            fraction_of_floor: floor / step,
+        });
+        drop(caches);
+        ops.gpu.sync()?;
+    }
+    Ok(BenchDecodeResult {
+        model: format!("dummy {model}"),
+        device,
+        weights_dtype: "bf16".into(),
+        threads: 0,
+        context,
+        weight_bytes: bytes,
+        read_bandwidth_bytes_per_s: bandwidth,
+        steps: out,
+    })
+}

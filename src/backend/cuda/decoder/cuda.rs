@@ -1,0 +1,363 @@
+//! [`DecoderOps`] on a CUDA device: the kernels of `kernels/*.cu` and cuBLASLt.
+
+use cudarc::driver::sys::{CUdevice_attribute, CUevent_flags};
+use cudarc::driver::{CudaFunction, CudaSlice, PushKernelArg};
+
+use super::{DecoderOps, DecoderShape, DecoderWeights, StepBatch};
+use crate::backend::cuda::gemm::{addr, Gemm, OutType};
+use crate::backend::cuda::gpu::{cfg, n32, Gpu};
+use crate::backend::cuda::CudaError;
+
+/// The kernels a forward launches, looked up once.
+struct Kernels {
+    embedding: CudaFunction,
+    rms_norm: CudaFunction,
+    add_rms_norm: CudaFunction,
+    rope_kv_write: CudaFunction,
+    attn_partial: CudaFunction,
+    attn_combine: CudaFunction,
+    silu_mul: CudaFunction,
+    argmax: CudaFunction,
+    fill: CudaFunction,
+}
+
+pub struct CudaOps {
+    pub gpu: Gpu,
+    gemm: Gemm,
+    k: Kernels,
+    sms: usize,
+    /// Split-K partials of attention, grown to the largest forward seen.
+    part_ml: (CudaSlice<f32>, CudaSlice<f32>),
+    part_o: CudaSlice<f32>,
+}
+
+/// A batch on the device.
+pub struct CudaStep {
+    rows: usize,
+    tokens: CudaSlice<u32>,
+    cos: CudaSlice<f32>,
+    sin: CudaSlice<f32>,
+    slots: CudaSlice<i64>,
+    row_seq: CudaSlice<i32>,
+    row_pos: CudaSlice<i32>,
+    tables: CudaSlice<i32>,
+    max_blocks: usize,
+    max_context: usize,
+}
+
+/// One layer's K and V cache, `[slots, kv_heads, head_dim]` bf16 each.
+pub struct CudaCache {
+    pub k: CudaSlice<u16>,
+    pub v: CudaSlice<u16>,
+}
+
+type R = Result<(), CudaError>;
+
+/// Threads per block of the row kernels (a multiple of 32, as the block reductions need).
+const ROW_THREADS: u32 = 256;
+/// `paged_attention_partial_bf16` is written for 4 warps.
+const ATTN_THREADS: u32 = 128;
+
+impl CudaOps {
+    pub fn new(mut gpu: Gpu) -> Result<Self, CudaError> {
+        let k = Kernels {
+            embedding: gpu.func("activation.cu", "embedding_bf16")?,
+            rms_norm: gpu.func("norm.cu", "rms_norm_bf16")?,
+            add_rms_norm: gpu.func("norm.cu", "add_rms_norm_bf16")?,
+            rope_kv_write: gpu.func("rope_kv.cu", "rope_kv_write_bf16")?,
+            attn_partial: gpu.func("paged_attention.cu", "paged_attention_partial_bf16")?,
+            attn_combine: gpu.func("paged_attention.cu", "paged_attention_combine_bf16")?,
+            silu_mul: gpu.func("activation.cu", "silu_mul_bf16")?,
+            argmax: gpu.func("sampling.cu", "argmax_logprob_f32")?,
+            fill: gpu.func("init.cu", "fill_uniform_bf16")?,
+        };
+        let gemm = Gemm::new(&gpu.toolkit, gpu.stream.clone())?;
+        let sms =
+            gpu.ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
+        let part_ml = (gpu.zeros::<f32>(1)?, gpu.zeros::<f32>(1)?);
+        let part_o = gpu.zeros::<f32>(1)?;
+        Ok(Self { gemm, k, sms: sms.max(1) as usize, part_ml, part_o, gpu })
+    }
+
+    /// `out[i] = offset + scale * u(seed, i)`, u uniform in [-1, 1).
+    pub fn fill(&mut self, out: &mut CudaSlice<u16>, seed: u64, scale: f32, offset: f32) -> R {
+        let n = out.len() as u64;
+        let grid = n32(out.len().div_ceil(ROW_THREADS as usize).clamp(1, 32 * self.sms));
+        let mut b = self.gpu.stream.launch_builder(&self.k.fill);
+        b.arg(out).arg(&n).arg(&seed).arg(&scale).arg(&offset);
+        // SAFETY: argument list matches fill_uniform_bf16; it writes out[0..n) only.
+        unsafe { b.launch(cfg((grid, 1, 1), ROW_THREADS)) }?;
+        Ok(())
+    }
+
+    /// A model of shape `s` with random weights made on the device.
+    pub fn dummy_weights(
+        &mut self,
+        s: &DecoderShape,
+        seed: u64,
+    ) -> Result<DecoderWeights<CudaSlice<u16>>, CudaError> {
+        let mut tensors = Vec::new();
+        for (i, (n, scale, offset)) in DecoderWeights::<()>::layout(s).into_iter().enumerate() {
+            // SAFETY: filled completely right below, before any read.
+            let mut t = unsafe { self.gpu.stream.alloc::<u16>(n.max(1)) }?;
+            self.fill(&mut t, seed.wrapping_add(i as u64), scale, offset)?;
+            tensors.push(t);
+        }
+        DecoderWeights::from_tensors(s, tensors)
+    }
+
+    /// One layer's cache of `blocks` blocks, zeroed.
+    pub fn cache(&mut self, s: &DecoderShape, blocks: usize) -> Result<CudaCache, CudaError> {
+        let n = blocks * s.block_size * s.kv_dim();
+        Ok(CudaCache { k: self.gpu.zeros(n)?, v: self.gpu.zeros(n)? })
+    }
+
+    /// Device-to-device copy bandwidth, bytes read plus bytes written per second: the median
+    /// of ten copies of 1 GiB, timed by events on the stream.
+    pub fn copy_bandwidth(&mut self) -> Result<f64, CudaError> {
+        const BYTES: usize = 1 << 30;
+        let src = self.gpu.zeros::<u8>(BYTES)?;
+        let mut dst = self.gpu.zeros::<u8>(BYTES)?;
+        for _ in 0..3 {
+            self.gpu.stream.memcpy_dtod(&src, &mut dst)?;
+        }
+        let mut rates = Vec::new();
+        for _ in 0..10 {
+            let start = self.gpu.stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+            self.gpu.stream.memcpy_dtod(&src, &mut dst)?;
+            let end = self.gpu.stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+            let ms = start.elapsed_ms(&end)? as f64;
+            rates.push(2.0 * BYTES as f64 / (ms / 1e3));
+        }
+        rates.sort_by(f64::total_cmp);
+        Ok(rates[rates.len() / 2])
+    }
+
+    /// Split-K partitions for a forward of `rows` rows: enough blocks to fill the SMs a few
+    /// times over, no partition under 64 keys.
+    fn partitions(&self, rows: usize, heads: usize, max_context: usize) -> (usize, usize) {
+        let want = (4 * self.sms).div_ceil((rows * heads).max(1));
+        let parts = want.clamp(1, max_context.div_ceil(64).max(1));
+        let size = max_context.div_ceil(parts).max(1);
+        (max_context.div_ceil(size).max(1), size)
+    }
+}
+
+impl DecoderOps for CudaOps {
+    type Weight = CudaSlice<u16>;
+    type Act = CudaSlice<u16>;
+    type Logits = CudaSlice<f32>;
+    type Step = CudaStep;
+    type Cache = CudaCache;
+
+    fn act(&mut self, n: usize) -> Result<CudaSlice<u16>, CudaError> {
+        self.gpu.zeros(n)
+    }
+
+    fn logits(&mut self, n: usize) -> Result<CudaSlice<f32>, CudaError> {
+        self.gpu.zeros(n)
+    }
+
+    fn upload(&mut self, b: &StepBatch, cos: &[f32], sin: &[f32]) -> Result<CudaStep, CudaError> {
+        let g = &self.gpu;
+        Ok(CudaStep {
+            rows: b.rows(),
+            tokens: g.up(&b.tokens)?,
+            cos: g.up(cos)?,
+            sin: g.up(sin)?,
+            slots: g.up(&b.slots)?,
+            row_seq: g.up(&b.row_seq)?,
+            row_pos: g.up(&b.row_pos)?,
+            tables: g.up(&b.block_tables)?,
+            max_blocks: b.max_blocks,
+            max_context: b.max_context,
+        })
+    }
+
+    fn embedding(
+        &mut self,
+        st: &CudaStep,
+        table: &CudaSlice<u16>,
+        out: &mut CudaSlice<u16>,
+        s: &DecoderShape,
+    ) -> R {
+        let (h, v) = (s.hidden as i32, s.vocab as u32);
+        let mut b = self.gpu.stream.launch_builder(&self.k.embedding);
+        b.arg(&st.tokens).arg(table).arg(out).arg(&h).arg(&v);
+        // SAFETY: argument list matches embedding_bf16; out holds rows * hidden.
+        unsafe { b.launch(cfg((n32(st.rows), 1, 1), ROW_THREADS)) }?;
+        Ok(())
+    }
+
+    fn rms_norm(
+        &mut self,
+        x: &CudaSlice<u16>,
+        w: &CudaSlice<u16>,
+        out: &mut CudaSlice<u16>,
+        rows: usize,
+        s: &DecoderShape,
+    ) -> R {
+        let h = s.hidden as i32;
+        let mut b = self.gpu.stream.launch_builder(&self.k.rms_norm);
+        b.arg(x).arg(w).arg(out).arg(&h).arg(&s.eps);
+        // SAFETY: argument list matches rms_norm_bf16; both buffers hold rows * hidden.
+        unsafe { b.launch(cfg((n32(rows), 1, 1), ROW_THREADS)) }?;
+        Ok(())
+    }
+
+    fn add_rms_norm(
+        &mut self,
+        residual: &mut CudaSlice<u16>,
+        x: &CudaSlice<u16>,
+        w: &CudaSlice<u16>,
+        out: &mut CudaSlice<u16>,
+        rows: usize,
+        s: &DecoderShape,
+    ) -> R {
+        let h = s.hidden as i32;
+        let mut b = self.gpu.stream.launch_builder(&self.k.add_rms_norm);
+        b.arg(residual).arg(x).arg(w).arg(out).arg(&h).arg(&s.eps);
+        // SAFETY: argument list matches add_rms_norm_bf16; all buffers hold rows * hidden.
+        unsafe { b.launch(cfg((n32(rows), 1, 1), ROW_THREADS)) }?;
+        Ok(())
+    }
+
+    fn matmul(
+        &mut self,
+        x: &CudaSlice<u16>,
+        w: &CudaSlice<u16>,
+        row0: usize,
+        y: &mut CudaSlice<u16>,
+        (m, n, k): (usize, usize, usize),
+    ) -> R {
+        check_len(x.len(), m * k, "matmul input")?;
+        check_len(w.len(), (row0 + n) * k, "matmul weight")?;
+        check_len(y.len(), m * n, "matmul output")?;
+        let st = &self.gpu.stream;
+        let (xp, wp, yp) = (addr(x, st, 0), addr(w, st, row0 * k), addr(y, st, 0));
+        // SAFETY: the lengths were checked above; all three live until the stream runs it
+        // (the caller holds them for the whole forward, which ends in a synchronising copy).
+        unsafe { self.gemm.matmul(xp, wp, yp, (m, n, k), OutType::Bf16) }
+    }
+
+    fn matmul_logits(
+        &mut self,
+        x: &CudaSlice<u16>,
+        w: &CudaSlice<u16>,
+        y: &mut CudaSlice<f32>,
+        (m, n, k): (usize, usize, usize),
+    ) -> R {
+        check_len(x.len(), m * k, "logits input")?;
+        check_len(w.len(), n * k, "lm_head")?;
+        check_len(y.len(), m * n, "logits")?;
+        let st = &self.gpu.stream;
+        let (xp, wp, yp) = (addr(x, st, 0), addr(w, st, 0), addr(y, st, 0));
+        // SAFETY: as in `matmul`.
+        unsafe { self.gemm.matmul(xp, wp, yp, (m, n, k), OutType::F32) }
+    }
+
+    fn rope_kv_write(
+        &mut self,
+        st: &CudaStep,
+        q: &mut CudaSlice<u16>,
+        k: &mut CudaSlice<u16>,
+        v: &CudaSlice<u16>,
+        cache: &mut CudaCache,
+        s: &DecoderShape,
+    ) -> R {
+        let (nh, nkv, hd) = (s.heads as i32, s.kv_heads as i32, s.head_dim as i32);
+        let mut b = self.gpu.stream.launch_builder(&self.k.rope_kv_write);
+        b.arg(q).arg(k).arg(v).arg(&st.cos).arg(&st.sin).arg(&st.slots);
+        b.arg(&mut cache.k).arg(&mut cache.v).arg(&nh).arg(&nkv).arg(&hd);
+        // SAFETY: argument list matches rope_kv_write_bf16; every slot lies in the cache (the
+        // batch's block tables were built against it).
+        unsafe { b.launch(cfg((n32(st.rows), 1, 1), ROW_THREADS)) }?;
+        Ok(())
+    }
+
+    fn attention(
+        &mut self,
+        st: &CudaStep,
+        q: &CudaSlice<u16>,
+        cache: &CudaCache,
+        out: &mut CudaSlice<u16>,
+        s: &DecoderShape,
+    ) -> R {
+        let (parts, size) = self.partitions(st.rows, s.heads, st.max_context);
+        let n_ml = st.rows * s.heads * parts;
+        if self.part_ml.0.len() < n_ml {
+            self.part_ml = (self.gpu.zeros(n_ml)?, self.gpu.zeros(n_ml)?);
+        }
+        if self.part_o.len() < n_ml * s.head_dim {
+            self.part_o = self.gpu.zeros(n_ml * s.head_dim)?;
+        }
+        let (mb, nh, nkv, hd, bs) = (
+            st.max_blocks as i32,
+            s.heads as i32,
+            s.kv_heads as i32,
+            s.head_dim as i32,
+            s.block_size as i32,
+        );
+        let (ps, np) = (size as i32, parts as i32);
+        let scale = 1.0 / (s.head_dim as f32).sqrt();
+        let (pm, pl) = &mut self.part_ml;
+        let mut b = self.gpu.stream.launch_builder(&self.k.attn_partial);
+        b.arg(q).arg(&cache.k).arg(&cache.v).arg(&st.row_seq).arg(&st.row_pos).arg(&st.tables);
+        b.arg(&mb).arg(&mut *pm).arg(&mut *pl).arg(&mut self.part_o).arg(&nh).arg(&nkv).arg(&hd);
+        b.arg(&bs).arg(&ps).arg(&scale);
+        // SAFETY: argument list matches paged_attention_partial_bf16; the partials hold
+        // rows * heads * parts entries; DecoderShape checked head_dim and the head ratio.
+        unsafe { b.launch(cfg((n32(s.heads), n32(st.rows), n32(parts)), ATTN_THREADS)) }?;
+        let mut b = self.gpu.stream.launch_builder(&self.k.attn_combine);
+        b.arg(&*pm).arg(&*pl).arg(&self.part_o).arg(out).arg(&nh).arg(&hd).arg(&np);
+        // SAFETY: argument list matches paged_attention_combine_bf16.
+        unsafe { b.launch(cfg((n32(s.heads), n32(st.rows), 1), ATTN_THREADS)) }?;
+        Ok(())
+    }
+
+    fn silu_mul(
+        &mut self,
+        gate_up: &CudaSlice<u16>,
+        out: &mut CudaSlice<u16>,
+        rows: usize,
+        inter: usize,
+    ) -> R {
+        let (r, i) = (rows as i32, inter as i32);
+        let grid = n32((rows * inter).div_ceil(ROW_THREADS as usize).clamp(1, 32 * self.sms));
+        let mut b = self.gpu.stream.launch_builder(&self.k.silu_mul);
+        b.arg(gate_up).arg(out).arg(&r).arg(&i);
+        // SAFETY: argument list matches silu_mul_bf16 (a grid-stride loop over rows * inter).
+        unsafe { b.launch(cfg((grid, 1, 1), ROW_THREADS)) }?;
+        Ok(())
+    }
+
+    fn argmax(
+        &mut self,
+        logits: &CudaSlice<f32>,
+        rows: usize,
+        vocab: usize,
+    ) -> Result<Vec<(u32, f32)>, CudaError> {
+        let (mut ids, mut lps) = (self.gpu.zeros::<u32>(rows)?, self.gpu.zeros::<f32>(rows)?);
+        let v = vocab as i32;
+        let mut b = self.gpu.stream.launch_builder(&self.k.argmax);
+        b.arg(logits).arg(&v).arg(&mut ids).arg(&mut lps);
+        // SAFETY: argument list matches argmax_logprob_f32, launched with the 1024 threads its
+        // shared arrays are sized for.
+        unsafe { b.launch(cfg((n32(rows), 1, 1), 1024)) }?;
+        let (ids, lps) = (self.gpu.down(&ids)?, self.gpu.down(&lps)?);
+        Ok(ids.into_iter().zip(lps).take(rows).collect())
+    }
+
+    fn logits_to_host(&mut self, logits: &CudaSlice<f32>, n: usize) -> Result<Vec<f32>, CudaError> {
+        let mut v = self.gpu.down(logits)?;
+        v.truncate(n);
+        Ok(v)
+    }
+}
+
+fn check_len(have: usize, need: usize, what: &str) -> R {
+    if have < need {
+        return Err(CudaError::Shape(format!("{what}: {have} elements where {need} are needed")));
+    }
+    Ok(())
+}

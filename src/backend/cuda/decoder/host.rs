@@ -1,0 +1,312 @@
+//! [`DecoderOps`] on the host through the kernels' CPU twins: the oracle of the CUDA decoder.
+//! Slow (plain loops) and meant for small models.
+
+use super::{DecoderOps, DecoderShape, StepBatch};
+use crate::backend::cpu::paged_attention::{AttnSeq, AttnShape};
+use crate::backend::cuda::twins::{self, round_bf16};
+use crate::backend::cuda::CudaError;
+
+pub struct HostOps;
+
+pub struct HostStep {
+    batch: StepBatch,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+/// One layer's K and V, `[slots, kv_heads, head_dim]` each.
+pub struct HostCache {
+    pub k: Vec<f32>,
+    pub v: Vec<f32>,
+}
+
+type R = Result<(), CudaError>;
+
+fn put(out: &mut [f32], v: &[f32]) {
+    out[..v.len()].copy_from_slice(v);
+}
+
+impl DecoderOps for HostOps {
+    type Weight = Vec<f32>;
+    type Act = Vec<f32>;
+    type Logits = Vec<f32>;
+    type Step = HostStep;
+    type Cache = HostCache;
+
+    fn act(&mut self, n: usize) -> Result<Vec<f32>, CudaError> {
+        Ok(vec![0.0; n])
+    }
+
+    fn logits(&mut self, n: usize) -> Result<Vec<f32>, CudaError> {
+        Ok(vec![0.0; n])
+    }
+
+    fn upload(
+        &mut self,
+        batch: &StepBatch,
+        cos: &[f32],
+        sin: &[f32],
+    ) -> Result<HostStep, CudaError> {
+        Ok(HostStep { batch: batch.clone(), cos: cos.to_vec(), sin: sin.to_vec() })
+    }
+
+    fn embedding(
+        &mut self,
+        step: &HostStep,
+        table: &Vec<f32>,
+        out: &mut Vec<f32>,
+        s: &DecoderShape,
+    ) -> R {
+        put(out, &twins::embedding(&step.batch.tokens, table, s.hidden));
+        Ok(())
+    }
+
+    fn rms_norm(
+        &mut self,
+        x: &Vec<f32>,
+        w: &Vec<f32>,
+        out: &mut Vec<f32>,
+        rows: usize,
+        s: &DecoderShape,
+    ) -> R {
+        put(out, &twins::rms_norm(&x[..rows * s.hidden], w, s.eps));
+        Ok(())
+    }
+
+    fn add_rms_norm(
+        &mut self,
+        residual: &mut Vec<f32>,
+        x: &Vec<f32>,
+        w: &Vec<f32>,
+        out: &mut Vec<f32>,
+        rows: usize,
+        s: &DecoderShape,
+    ) -> R {
+        let n = rows * s.hidden;
+        put(out, &twins::add_rms_norm(&mut residual[..n], &x[..n], w, s.eps));
+        Ok(())
+    }
+
+    fn matmul(
+        &mut self,
+        x: &Vec<f32>,
+        w: &Vec<f32>,
+        row0: usize,
+        y: &mut Vec<f32>,
+        (m, n, k): (usize, usize, usize),
+    ) -> R {
+        matmul(x, &w[row0 * k..(row0 + n) * k], y, (m, n, k));
+        y[..m * n].iter_mut().for_each(|v| *v = round_bf16(*v));
+        Ok(())
+    }
+
+    fn matmul_logits(
+        &mut self,
+        x: &Vec<f32>,
+        w: &Vec<f32>,
+        y: &mut Vec<f32>,
+        mnk: (usize, usize, usize),
+    ) -> R {
+        matmul(x, w, y, mnk);
+        Ok(())
+    }
+
+    fn rope_kv_write(
+        &mut self,
+        step: &HostStep,
+        q: &mut Vec<f32>,
+        k: &mut Vec<f32>,
+        v: &Vec<f32>,
+        cache: &mut HostCache,
+        s: &DecoderShape,
+    ) -> R {
+        let rows = step.batch.rows();
+        let shape =
+            twins::RopeShape { num_heads: s.heads, num_kv_heads: s.kv_heads, head_dim: s.head_dim };
+        twins::rope_kv_write(
+            &mut q[..rows * s.q_dim()],
+            &mut k[..rows * s.kv_dim()],
+            &v[..rows * s.kv_dim()],
+            &step.cos,
+            &step.sin,
+            &step.batch.slots,
+            &mut cache.k,
+            &mut cache.v,
+            shape,
+        );
+        Ok(())
+    }
+
+    fn attention(
+        &mut self,
+        step: &HostStep,
+        q: &Vec<f32>,
+        cache: &HostCache,
+        out: &mut Vec<f32>,
+        s: &DecoderShape,
+    ) -> R {
+        let mut q_start = 0;
+        let seqs: Vec<AttnSeq> = step
+            .batch
+            .seqs
+            .iter()
+            .map(|sr| {
+                let a = AttnSeq {
+                    q_start,
+                    q_len: sr.tokens.len(),
+                    context_len: sr.start + sr.tokens.len(),
+                    block_table: &sr.block_table,
+                };
+                q_start += sr.tokens.len();
+                a
+            })
+            .collect();
+        let shape = AttnShape {
+            num_heads: s.heads,
+            num_kv_heads: s.kv_heads,
+            head_dim: s.head_dim,
+            block_size: s.block_size,
+            scale: 1.0 / (s.head_dim as f32).sqrt(),
+        };
+        let rows = step.batch.rows();
+        put(out, &twins::attention(&q[..rows * s.q_dim()], &cache.k, &cache.v, &seqs, &shape));
+        Ok(())
+    }
+
+    fn silu_mul(&mut self, gate_up: &Vec<f32>, out: &mut Vec<f32>, rows: usize, inter: usize) -> R {
+        put(out, &twins::silu_mul(&gate_up[..rows * 2 * inter], inter));
+        Ok(())
+    }
+
+    fn argmax(
+        &mut self,
+        logits: &Vec<f32>,
+        rows: usize,
+        vocab: usize,
+    ) -> Result<Vec<(u32, f32)>, CudaError> {
+        Ok(logits[..rows * vocab].chunks_exact(vocab).map(twins::argmax_logprob).collect())
+    }
+
+    fn logits_to_host(&mut self, logits: &Vec<f32>, n: usize) -> Result<Vec<f32>, CudaError> {
+        Ok(logits[..n].to_vec())
+    }
+}
+
+/// `y[m, n] = x[m, k] · w[n, k]ᵀ` with fp32 sums.
+pub fn matmul(x: &[f32], w: &[f32], y: &mut [f32], (m, n, k): (usize, usize, usize)) {
+    for (xr, yr) in x[..m * k].chunks_exact(k).zip(y.chunks_exact_mut(n)) {
+        for (yv, wr) in yr.iter_mut().zip(w.chunks_exact(k)) {
+            *yv = xr.iter().zip(wr).map(|(a, b)| a * b).sum();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cuda::decoder::{
+        fill_uniform_host, forward, DecoderWeights, Scratch, SeqRows,
+    };
+    use crate::kv::KvCache;
+    use crate::model::config::LlamaConfig;
+    use crate::model::llama::{ForwardBatch, Llama, LlamaLayer};
+    use crate::model::weights::WeightMatrix;
+
+    /// The decoder through the twins equals the CPU model path on the same weights, up to the
+    /// bf16 roundings of its activations: this is what makes it the GPU decoder's oracle.
+    #[test]
+    fn host_decoder_matches_the_cpu_model() {
+        let config = LlamaConfig {
+            architecture: "llama".into(),
+            vocab_size: 300,
+            hidden_size: 128,
+            intermediate_size: 256,
+            num_layers: 2,
+            num_heads: 4,
+            num_kv_heads: 2,
+            head_dim: 32,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10_000.0,
+            rope_scaling: None,
+            max_position_embeddings: 256,
+            tie_word_embeddings: false,
+            attention_bias: false,
+        };
+        let s = DecoderShape::new(&config, 16).unwrap();
+        let tensors: Vec<Vec<f32>> = DecoderWeights::<()>::layout(&s)
+            .into_iter()
+            .enumerate()
+            .map(|(i, (n, scale, offset))| fill_uniform_host(n, i as u64, scale, offset))
+            .collect();
+        let w = DecoderWeights::from_tensors(&s, tensors).unwrap();
+        let m = |t: &Vec<f32>, rows: usize| {
+            WeightMatrix::from_f32(t.clone(), rows, t.len() / rows).unwrap()
+        };
+        let layers = w
+            .layers
+            .iter()
+            .map(|l| LlamaLayer {
+                attn_norm: l.attn_norm.clone(),
+                wqkv: m(&l.qkv, s.qkv_rows()),
+                qkv_bias: None,
+                wo: m(&l.o, s.hidden),
+                ffn_norm: l.mlp_norm.clone(),
+                w_gate_up: m(&l.gate_up, 2 * s.inter),
+                w_down: m(&l.down, s.hidden),
+            })
+            .collect();
+        let inv_freq = config.rope_inv_freq();
+        let llama = Llama::new(
+            config,
+            m(&w.embed, s.vocab),
+            layers,
+            w.norm.clone(),
+            Some(m(&w.lm_head, s.vocab)),
+            None,
+        );
+
+        // Two sequences: a 37-token prompt and a 5-token prompt, over blocks 3,0,5 and 1.
+        let seqs = vec![
+            SeqRows {
+                tokens: (0..37).map(|i| (i * 7 % 300) as u32).collect(),
+                start: 0,
+                block_table: vec![3, 0, 5],
+            },
+            SeqRows { tokens: vec![9, 8, 7, 6, 5], start: 0, block_table: vec![1] },
+        ];
+        let batch = StepBatch::new(seqs, 16).unwrap();
+        let slots = 6 * 16 * s.kv_dim();
+        let mut caches: Vec<HostCache> =
+            (0..2).map(|_| HostCache { k: vec![0.0; slots], v: vec![0.0; slots] }).collect();
+        let mut ops = HostOps;
+        let mut sc = Scratch::new(&mut ops, &s, batch.rows()).unwrap();
+        let ids = forward(&mut ops, &s, &w, &inv_freq, &mut caches, &batch, &mut sc).unwrap();
+        let got = ops.logits_to_host(&sc.logits, batch.rows() * s.vocab).unwrap();
+
+        let mut kv = KvCache::new(2, 6, 16, s.kv_heads, s.head_dim);
+        let tables: Vec<Vec<u32>> = batch.seqs.iter().map(|q| q.block_table.clone()).collect();
+        let attn = [
+            AttnSeq { q_start: 0, q_len: 37, context_len: 37, block_table: &tables[0] },
+            AttnSeq { q_start: 37, q_len: 5, context_len: 5, block_table: &tables[1] },
+        ];
+        let slot_mapping: Vec<usize> = batch.slots.iter().map(|&v| v as usize).collect();
+        let rows: Vec<usize> = (0..batch.rows()).collect();
+        let fb = ForwardBatch {
+            tokens: &batch.tokens,
+            positions: &batch.positions,
+            slot_mapping: &slot_mapping,
+            seqs: &attn,
+            logits_rows: &rows,
+        };
+        let want = llama.forward(&fb, &mut kv);
+        let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let worst = got.iter().zip(&want).map(|(g, w)| (g - w).abs()).fold(0f32, f32::max);
+        // bf16 activations against f32 ones: a few bf16 steps of the logits' scale.
+        assert!(worst <= scale / 64.0, "max |host - cpu| {worst}, logits scale {scale}");
+        assert!(scale > 0.5, "degenerate logits {scale}");
+        let greedy: Vec<u32> =
+            want.chunks_exact(s.vocab).map(crate::engine::sampler::argmax).collect();
+        let same = ids.iter().zip(&greedy).filter(|(a, b)| a.0 == **b).count();
+        assert!(same * 10 >= greedy.len() * 9, "{same} of {} greedy ids agree", greedy.len());
+    }
+}

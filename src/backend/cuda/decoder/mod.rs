@@ -1,0 +1,478 @@
+//! The Llama decoder's forward pass on a device, written once against [`DecoderOps`]: the CUDA
+//! kernels and cuBLASLt (`cuda::CudaOps`) run it for real, the kernels' CPU twins
+//! (`host::HostOps`) run the same sequence of operations as its oracle.
+//!
+//! bf16 weights and activations, fp32 accumulation, a paged bf16 KV cache. Rows of one forward
+//! may mix decodes and prompt chunks of any sequences.
+
+pub mod cuda;
+pub mod host;
+
+use crate::model::config::LlamaConfig;
+
+use super::CudaError;
+
+/// What the decoder needs of a model's config, checked against the kernels' limits.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecoderShape {
+    pub vocab: usize,
+    pub hidden: usize,
+    pub inter: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub eps: f32,
+    pub block_size: usize,
+}
+
+impl DecoderShape {
+    pub fn new(c: &LlamaConfig, block_size: usize) -> Result<Self, CudaError> {
+        let bad = |why: String| Err(CudaError::Shape(why));
+        if c.attention_bias {
+            return bad("the CUDA decoder has no attention biases yet (Qwen2)".into());
+        }
+        if c.head_dim % 32 != 0 || c.head_dim > 256 || c.head_dim == 0 {
+            return bad(format!("head_dim {} is not a multiple of 32 up to 256", c.head_dim));
+        }
+        if c.num_kv_heads == 0 || c.num_heads % c.num_kv_heads != 0 {
+            return bad(format!("{} heads do not share {} kv heads", c.num_heads, c.num_kv_heads));
+        }
+        if c.hidden_size == 0 || c.intermediate_size == 0 || c.vocab_size == 0 || block_size == 0 {
+            return bad("empty model dimension".into());
+        }
+        Ok(Self {
+            vocab: c.vocab_size,
+            hidden: c.hidden_size,
+            inter: c.intermediate_size,
+            layers: c.num_layers,
+            heads: c.num_heads,
+            kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+            eps: c.rms_norm_eps as f32,
+            block_size,
+        })
+    }
+
+    pub fn q_dim(&self) -> usize {
+        self.heads * self.head_dim
+    }
+
+    pub fn kv_dim(&self) -> usize {
+        self.kv_heads * self.head_dim
+    }
+
+    /// Rows of the fused q/k/v weight.
+    pub fn qkv_rows(&self) -> usize {
+        self.q_dim() + 2 * self.kv_dim()
+    }
+}
+
+/// One layer. `qkv` is `[q_dim + 2 kv_dim, hidden]` (q rows, then k, then v); `gate_up` is
+/// `[2 inter, hidden]` (gate rows, then up), the layout `silu_mul_bf16` reads.
+pub struct LayerWeights<W> {
+    pub attn_norm: W,
+    pub qkv: W,
+    pub o: W,
+    pub mlp_norm: W,
+    pub gate_up: W,
+    pub down: W,
+}
+
+pub struct DecoderWeights<W> {
+    pub embed: W,
+    pub layers: Vec<LayerWeights<W>>,
+    pub norm: W,
+    pub lm_head: W,
+}
+
+impl<W> DecoderWeights<W> {
+    /// Every tensor with its element count and its random-init scale and offset, in a fixed
+    /// order (the order seeds are handed out in).
+    pub fn layout(s: &DecoderShape) -> Vec<(usize, f32, f32)> {
+        let uniform = |k: usize| (3.0 / k as f32).sqrt(); // unit variance out for unit in
+        let mut t = vec![(s.vocab * s.hidden, 1.0, 0.0)];
+        for _ in 0..s.layers {
+            t.push((s.hidden, 0.1, 1.0));
+            t.push((s.qkv_rows() * s.hidden, uniform(s.hidden), 0.0));
+            t.push((s.hidden * s.q_dim(), uniform(s.q_dim()), 0.0));
+            t.push((s.hidden, 0.1, 1.0));
+            t.push((2 * s.inter * s.hidden, uniform(s.hidden), 0.0));
+            t.push((s.hidden * s.inter, uniform(s.inter), 0.0));
+        }
+        t.push((s.hidden, 0.1, 1.0));
+        t.push((s.vocab * s.hidden, uniform(s.hidden), 0.0));
+        t
+    }
+
+    /// Builds the weights from tensors in [`Self::layout`] order.
+    pub fn from_tensors(s: &DecoderShape, tensors: Vec<W>) -> Result<Self, CudaError> {
+        if tensors.len() != 6 * s.layers + 3 {
+            return Err(CudaError::Shape(format!(
+                "{} tensors for {} layers",
+                tensors.len(),
+                s.layers
+            )));
+        }
+        let mut it = tensors.into_iter();
+        let mut next = || it.next().ok_or_else(|| CudaError::Shape("too few tensors".into()));
+        let embed = next()?;
+        let mut layers = Vec::with_capacity(s.layers);
+        for _ in 0..s.layers {
+            layers.push(LayerWeights {
+                attn_norm: next()?,
+                qkv: next()?,
+                o: next()?,
+                mlp_norm: next()?,
+                gate_up: next()?,
+                down: next()?,
+            });
+        }
+        Ok(Self { embed, layers, norm: next()?, lm_head: next()? })
+    }
+
+    /// Every tensor, in [`Self::layout`] order.
+    pub fn tensors(&self) -> Vec<&W> {
+        let mut t = vec![&self.embed];
+        for l in &self.layers {
+            t.extend([&l.attn_norm, &l.qkv, &l.o, &l.mlp_norm, &l.gate_up, &l.down]);
+        }
+        t.extend([&self.norm, &self.lm_head]);
+        t
+    }
+}
+
+/// The rows of one sequence in a forward: `tokens` at positions `start..start + tokens.len()`,
+/// its cache reached through `block_table`.
+#[derive(Debug, Clone)]
+pub struct SeqRows {
+    pub tokens: Vec<u32>,
+    pub start: usize,
+    pub block_table: Vec<u32>,
+}
+
+/// One forward's rows, flattened as the kernels read them.
+#[derive(Debug, Clone)]
+pub struct StepBatch {
+    pub seqs: Vec<SeqRows>,
+    pub tokens: Vec<u32>,
+    pub positions: Vec<usize>,
+    /// Cache slot of each row's K and V.
+    pub slots: Vec<i64>,
+    pub row_seq: Vec<i32>,
+    pub row_pos: Vec<i32>,
+    /// `[seqs, max_blocks]`, zero-padded.
+    pub block_tables: Vec<i32>,
+    pub max_blocks: usize,
+    /// The longest context a row attends to (its position + 1).
+    pub max_context: usize,
+}
+
+impl StepBatch {
+    pub fn new(seqs: Vec<SeqRows>, block_size: usize) -> Result<Self, CudaError> {
+        let max_blocks = seqs.iter().map(|s| s.block_table.len()).max().unwrap_or(0).max(1);
+        let mut b = Self {
+            tokens: Vec::new(),
+            positions: Vec::new(),
+            slots: Vec::new(),
+            row_seq: Vec::new(),
+            row_pos: Vec::new(),
+            block_tables: vec![0; seqs.len() * max_blocks],
+            max_blocks,
+            max_context: 0,
+            seqs: Vec::new(),
+        };
+        let too_big = |what: &str| CudaError::Shape(format!("{what} does not fit an i32"));
+        for (si, s) in seqs.iter().enumerate() {
+            for (j, &blk) in s.block_table.iter().enumerate() {
+                b.block_tables[si * max_blocks + j] =
+                    i32::try_from(blk).map_err(|_| too_big("a block id"))?;
+            }
+            for (r, &t) in s.tokens.iter().enumerate() {
+                let pos = s.start + r;
+                let blk = s.block_table.get(pos / block_size).ok_or_else(|| {
+                    CudaError::Shape(format!("position {pos} is past its block table"))
+                })?;
+                b.tokens.push(t);
+                b.positions.push(pos);
+                b.slots.push(i64::from(*blk) * block_size as i64 + (pos % block_size) as i64);
+                b.row_seq.push(i32::try_from(si).map_err(|_| too_big("a sequence index"))?);
+                b.row_pos.push(i32::try_from(pos).map_err(|_| too_big("a position"))?);
+                b.max_context = b.max_context.max(pos + 1);
+            }
+        }
+        // grid.y of the attention launch.
+        if b.tokens.len() > 65_535 {
+            return Err(CudaError::Shape(format!(
+                "{} rows in one forward (at most 65535)",
+                b.tokens.len()
+            )));
+        }
+        b.seqs = seqs;
+        Ok(b)
+    }
+
+    pub fn rows(&self) -> usize {
+        self.tokens.len()
+    }
+}
+
+/// cos and sin of `position * inv_freq`, `[rows, head_dim / 2]` each, as the CPU path makes
+/// them (`Llama::rope_tables`).
+pub fn rope_tables(inv_freq: &[f32], positions: &[usize]) -> (Vec<f32>, Vec<f32>) {
+    let mut cos = Vec::with_capacity(positions.len() * inv_freq.len());
+    let mut sin = Vec::with_capacity(positions.len() * inv_freq.len());
+    for &p in positions {
+        for &f in inv_freq {
+            let angle = (p as f32 * f) as f64;
+            cos.push(angle.cos() as f32);
+            sin.push(angle.sin() as f32);
+        }
+    }
+    (cos, sin)
+}
+
+type R = Result<(), CudaError>;
+
+/// The operations of a forward. Buffers hold at least as many rows as any forward run on them;
+/// an operation on `rows` rows uses the first `rows` of each.
+pub trait DecoderOps {
+    /// A bf16 weight tensor.
+    type Weight;
+    /// bf16 activations.
+    type Act;
+    /// fp32 logits.
+    type Logits;
+    /// A batch made ready for the operations.
+    type Step;
+    /// One layer's K and V cache: `[slots, kv_heads, head_dim]` each.
+    type Cache;
+
+    fn act(&mut self, n: usize) -> Result<Self::Act, CudaError>;
+    fn logits(&mut self, n: usize) -> Result<Self::Logits, CudaError>;
+    fn upload(
+        &mut self,
+        batch: &StepBatch,
+        cos: &[f32],
+        sin: &[f32],
+    ) -> Result<Self::Step, CudaError>;
+    fn embedding(
+        &mut self,
+        step: &Self::Step,
+        table: &Self::Weight,
+        out: &mut Self::Act,
+        s: &DecoderShape,
+    ) -> R;
+    #[allow(clippy::too_many_arguments)]
+    fn rms_norm(
+        &mut self,
+        x: &Self::Act,
+        w: &Self::Weight,
+        out: &mut Self::Act,
+        rows: usize,
+        s: &DecoderShape,
+    ) -> R;
+    #[allow(clippy::too_many_arguments)]
+    fn add_rms_norm(
+        &mut self,
+        residual: &mut Self::Act,
+        x: &Self::Act,
+        w: &Self::Weight,
+        out: &mut Self::Act,
+        rows: usize,
+        s: &DecoderShape,
+    ) -> R;
+    /// `y[m, n] = x[m, k] · w[row0 .. row0 + n, k]ᵀ`.
+    fn matmul(
+        &mut self,
+        x: &Self::Act,
+        w: &Self::Weight,
+        row0: usize,
+        y: &mut Self::Act,
+        mnk: (usize, usize, usize),
+    ) -> R;
+    fn matmul_logits(
+        &mut self,
+        x: &Self::Act,
+        w: &Self::Weight,
+        y: &mut Self::Logits,
+        mnk: (usize, usize, usize),
+    ) -> R;
+    #[allow(clippy::too_many_arguments)]
+    fn rope_kv_write(
+        &mut self,
+        step: &Self::Step,
+        q: &mut Self::Act,
+        k: &mut Self::Act,
+        v: &Self::Act,
+        cache: &mut Self::Cache,
+        s: &DecoderShape,
+    ) -> R;
+    fn attention(
+        &mut self,
+        step: &Self::Step,
+        q: &Self::Act,
+        cache: &Self::Cache,
+        out: &mut Self::Act,
+        s: &DecoderShape,
+    ) -> R;
+    fn silu_mul(
+        &mut self,
+        gate_up: &Self::Act,
+        out: &mut Self::Act,
+        rows: usize,
+        inter: usize,
+    ) -> R;
+    /// Greedy id and its log-probability per row.
+    fn argmax(
+        &mut self,
+        logits: &Self::Logits,
+        rows: usize,
+        vocab: usize,
+    ) -> Result<Vec<(u32, f32)>, CudaError>;
+    fn logits_to_host(&mut self, logits: &Self::Logits, n: usize) -> Result<Vec<f32>, CudaError>;
+}
+
+/// Activation buffers of a forward of up to `rows` rows.
+pub struct Scratch<O: DecoderOps> {
+    pub rows: usize,
+    x: O::Act,
+    h: O::Act,
+    q: O::Act,
+    k: O::Act,
+    v: O::Act,
+    attn: O::Act,
+    o: O::Act,
+    gate_up: O::Act,
+    act: O::Act,
+    down: O::Act,
+    pub logits: O::Logits,
+}
+
+impl<O: DecoderOps> Scratch<O> {
+    pub fn new(ops: &mut O, s: &DecoderShape, rows: usize) -> Result<Self, CudaError> {
+        Ok(Self {
+            rows,
+            x: ops.act(rows * s.hidden)?,
+            h: ops.act(rows * s.hidden)?,
+            q: ops.act(rows * s.q_dim())?,
+            k: ops.act(rows * s.kv_dim())?,
+            v: ops.act(rows * s.kv_dim())?,
+            attn: ops.act(rows * s.q_dim())?,
+            o: ops.act(rows * s.hidden)?,
+            gate_up: ops.act(rows * 2 * s.inter)?,
+            act: ops.act(rows * s.inter)?,
+            down: ops.act(rows * s.hidden)?,
+            logits: ops.logits(rows * s.vocab)?,
+        })
+    }
+}
+
+/// One forward over `batch`: writes each row's K and V into `caches` (one per layer), leaves
+/// every row's logits in `scratch.logits` and returns each row's greedy id and logprob.
+pub fn forward<O: DecoderOps>(
+    ops: &mut O,
+    s: &DecoderShape,
+    w: &DecoderWeights<O::Weight>,
+    inv_freq: &[f32],
+    caches: &mut [O::Cache],
+    batch: &StepBatch,
+    sc: &mut Scratch<O>,
+) -> Result<Vec<(u32, f32)>, CudaError> {
+    let rows = batch.rows();
+    if rows > sc.rows || caches.len() != w.layers.len() {
+        return Err(CudaError::Shape(format!(
+            "{rows} rows for scratch of {}, {} caches for {} layers",
+            sc.rows,
+            caches.len(),
+            w.layers.len()
+        )));
+    }
+    let (cos, sin) = rope_tables(inv_freq, &batch.positions);
+    let step = ops.upload(batch, &cos, &sin)?;
+    let (hid, qd, kvd) = (s.hidden, s.q_dim(), s.kv_dim());
+    ops.embedding(&step, &w.embed, &mut sc.x, s)?;
+    for (l, (lw, cache)) in w.layers.iter().zip(caches.iter_mut()).enumerate() {
+        // The MLP output of the layer before joins the residual stream here.
+        if l == 0 {
+            ops.rms_norm(&sc.x, &lw.attn_norm, &mut sc.h, rows, s)?;
+        } else {
+            ops.add_rms_norm(&mut sc.x, &sc.down, &lw.attn_norm, &mut sc.h, rows, s)?;
+        }
+        ops.matmul(&sc.h, &lw.qkv, 0, &mut sc.q, (rows, qd, hid))?;
+        ops.matmul(&sc.h, &lw.qkv, qd, &mut sc.k, (rows, kvd, hid))?;
+        ops.matmul(&sc.h, &lw.qkv, qd + kvd, &mut sc.v, (rows, kvd, hid))?;
+        ops.rope_kv_write(&step, &mut sc.q, &mut sc.k, &sc.v, cache, s)?;
+        ops.attention(&step, &sc.q, cache, &mut sc.attn, s)?;
+        ops.matmul(&sc.attn, &lw.o, 0, &mut sc.o, (rows, hid, qd))?;
+        ops.add_rms_norm(&mut sc.x, &sc.o, &lw.mlp_norm, &mut sc.h, rows, s)?;
+        ops.matmul(&sc.h, &lw.gate_up, 0, &mut sc.gate_up, (rows, 2 * s.inter, hid))?;
+        ops.silu_mul(&sc.gate_up, &mut sc.act, rows, s.inter)?;
+        ops.matmul(&sc.act, &lw.down, 0, &mut sc.down, (rows, hid, s.inter))?;
+    }
+    if w.layers.is_empty() {
+        ops.rms_norm(&sc.x, &w.norm, &mut sc.h, rows, s)?;
+    } else {
+        ops.add_rms_norm(&mut sc.x, &sc.down, &w.norm, &mut sc.h, rows, s)?;
+    }
+    ops.matmul_logits(&sc.h, &w.lm_head, &mut sc.logits, (rows, s.vocab, hid))?;
+    ops.argmax(&sc.logits, rows, s.vocab)
+}
+
+/// The CPU twin of `fill_uniform_bf16`: the same hash, so the same values before rounding.
+pub fn fill_uniform_host(n: usize, seed: u64, scale: f32, offset: f32) -> Vec<f32> {
+    fn splitmix64(mut x: u64) -> u64 {
+        x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        x ^ (x >> 31)
+    }
+    (0..n as u64)
+        .map(|i| {
+            let h = splitmix64(seed ^ splitmix64(i));
+            let u = (h >> 40) as f32 * (1.0 / 16_777_216.0);
+            super::twins::round_bf16(offset + scale * (2.0 * u - 1.0))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn step_batch_flattens_rows_and_slots() {
+        let seqs = vec![
+            SeqRows { tokens: vec![5, 6, 7], start: 15, block_table: vec![4, 9] },
+            SeqRows { tokens: vec![1], start: 0, block_table: vec![2] },
+        ];
+        let b = StepBatch::new(seqs, 16).unwrap();
+        assert_eq!(b.positions, [15, 16, 17, 0]);
+        assert_eq!(b.slots, [4 * 16 + 15, 9 * 16, 9 * 16 + 1, 2 * 16]);
+        assert_eq!(b.row_seq, [0, 0, 0, 1]);
+        assert_eq!(b.block_tables, [4, 9, 2, 0]);
+        assert_eq!(b.max_context, 18);
+        let past = vec![SeqRows { tokens: vec![1], start: 16, block_table: vec![0] }];
+        assert!(StepBatch::new(past, 16).is_err());
+    }
+
+    #[test]
+    fn fill_twin_is_uniform_in_range() {
+        let v = fill_uniform_host(10_000, 3, 0.5, 1.0);
+        assert!(v.iter().all(|&x| (0.5..=1.5).contains(&x)));
+        let mean = v.iter().sum::<f32>() / v.len() as f32;
+        assert!((mean - 1.0).abs() < 0.02, "{mean}");
+        assert_ne!(fill_uniform_host(4, 1, 1.0, 0.0), fill_uniform_host(4, 2, 1.0, 0.0));
+    }
+
+    #[test]
+    fn layout_matches_the_parameter_count() {
+        use crate::model::loader::dummy::DummyModel;
+        let s = DecoderShape::new(&DummyModel::Llama3_8b.config(), 16).unwrap();
+        let n: usize = DecoderWeights::<()>::layout(&s).iter().map(|t| t.0).sum();
+        // Llama-3-8B: 8.03 B parameters.
+        assert!((8.02e9..8.04e9).contains(&(n as f64)), "{n}");
+        let q = DecoderShape::new(&DummyModel::Qwen2_5_14b.config(), 16);
+        assert!(q.unwrap_err().to_string().contains("bias"));
+    }
+}

@@ -1,0 +1,164 @@
+//! Checks of what is built on the kernels: random weights, cuBLASLt products, and the whole
+//! decoder on a small random model against the same decoder run through the CPU twins.
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::{compare, random_bf16, Check, BF16_ATOL, BF16_RTOL};
+use crate::backend::cuda::decoder::cuda::CudaOps;
+use crate::backend::cuda::decoder::host::{HostCache, HostOps};
+use crate::backend::cuda::decoder::{
+    fill_uniform_host, forward, DecoderOps, DecoderShape, DecoderWeights, Scratch, SeqRows,
+    StepBatch,
+};
+use crate::backend::cuda::CudaError;
+
+pub(super) fn check_fill(ops: &mut CudaOps, checks: &mut Vec<Check>) -> Result<(), CudaError> {
+    for (n, seed, scale, offset) in [(10_000usize, 42u64, 0.5f32, 1.0f32), (3, 7, 0.02, 0.0)] {
+        let mut t = ops.gpu.zeros::<u16>(n)?;
+        ops.fill(&mut t, seed, scale, offset)?;
+        let got = ops.gpu.down_bf16(&t, n)?;
+        let want = fill_uniform_host(n, seed, scale, offset);
+        let shape = format!("n={n} seed={seed} scale={scale} offset={offset}");
+        // One bf16 rounding apart at most (the device may fuse the multiply-add).
+        compare(checks, "fill_uniform_bf16", shape, &got, &want, BF16_RTOL, 0.0);
+    }
+    Ok(())
+}
+
+pub(super) fn check_gemm(ops: &mut CudaOps, checks: &mut Vec<Check>) -> Result<(), CudaError> {
+    let mut rng = StdRng::seed_from_u64(11);
+    // (m, n, k, first weight row): a decode GEMV, odd sizes, a batch, a prefill chunk.
+    for (m, n, k, row0) in [
+        (1usize, 4096usize, 4096usize, 0usize),
+        (7, 1000, 576, 3),
+        (64, 3072, 1024, 0),
+        (300, 512, 2048, 16),
+    ] {
+        let x = random_bf16(&mut rng, m * k, 1.0);
+        let w = random_bf16(&mut rng, (row0 + n) * k, 1.0 / (k as f32).sqrt());
+        let want: Vec<f64> = x
+            .chunks_exact(k)
+            .flat_map(|xr| {
+                w[row0 * k..].chunks_exact(k).map(move |wr| {
+                    xr.iter().zip(wr).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>()
+                })
+            })
+            .collect();
+        let (dx, dw) = (ops.gpu.up_bf16(&x)?, ops.gpu.up_bf16(&w)?);
+        let mut dy = ops.gpu.zeros::<u16>(m * n)?;
+        ops.matmul(&dx, &dw, row0, &mut dy, (m, n, k))?;
+        let got = ops.gpu.down_bf16(&dy, m * n)?;
+        let want_bf16: Vec<f32> =
+            want.iter().map(|&v| crate::backend::cuda::twins::round_bf16(v as f32)).collect();
+        let shape = format!("m={m} n={n} k={k} weight rows from {row0}");
+        compare(checks, "gemm_bf16", shape.clone(), &got, &want_bf16, BF16_RTOL, BF16_ATOL);
+        if row0 == 0 {
+            let mut dl = ops.gpu.zeros::<f32>(m * n)?;
+            ops.matmul_logits(&dx, &dw, &mut dl, (m, n, k))?;
+            let got = ops.gpu.down(&dl)?;
+            let want_f32: Vec<f32> = want.iter().map(|&v| v as f32).collect();
+            compare(checks, "gemm_bf16_f32_out", shape, &got[..m * n], &want_f32, 1e-3, 1e-3);
+        }
+    }
+    Ok(())
+}
+
+/// Logits after two layers of bf16 activations: each layer's roundings may land on either
+/// side, so allow a few bf16 steps of the logits' scale.
+const E2E_RTOL: f64 = 1.0 / 32.0;
+const E2E_ATOL: f64 = 1.0 / 64.0;
+
+pub(super) fn check_decoder(ops: &mut CudaOps, checks: &mut Vec<Check>) -> Result<(), CudaError> {
+    let s = DecoderShape {
+        vocab: 1000,
+        hidden: 256,
+        inter: 512,
+        layers: 2,
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 64,
+        eps: 1e-5,
+        block_size: 16,
+    };
+    let inv_freq: Vec<f32> = (0..s.head_dim / 2)
+        .map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / s.head_dim as f32))
+        .collect();
+    let weights = ops.dummy_weights(&s, 7)?;
+    let host_tensors = weights
+        .tensors()
+        .iter()
+        .map(|t| ops.gpu.down_bf16(t, t.len()))
+        .collect::<Result<_, _>>()?;
+    let host_weights = DecoderWeights::from_tensors(&s, host_tensors)?;
+
+    // Sequence A: a 150-token prompt over shuffled blocks (long enough for split-K in its
+    // decodes); sequence B: a 6-token prompt. Then three decode steps of both.
+    let num_blocks = 12;
+    let mut rng = StdRng::seed_from_u64(12);
+    let mut blocks: Vec<u32> = (0..num_blocks as u32).collect();
+    for i in (1..blocks.len()).rev() {
+        blocks.swap(i, rng.random_range(0..=i));
+    }
+    let tables = [blocks[..10].to_vec(), blocks[10..11].to_vec()];
+    let prompts: [Vec<u32>; 2] = [
+        (0..150).map(|_| rng.random_range(0..s.vocab as u32)).collect(),
+        (0..6).map(|_| rng.random_range(0..s.vocab as u32)).collect(),
+    ];
+    let slots = num_blocks * s.block_size * s.kv_dim();
+    let mut gpu_caches =
+        (0..s.layers).map(|_| ops.cache(&s, num_blocks)).collect::<Result<Vec<_>, _>>()?;
+    let mut host_caches: Vec<HostCache> =
+        (0..s.layers).map(|_| HostCache { k: vec![0.0; slots], v: vec![0.0; slots] }).collect();
+    let rows = prompts.iter().map(Vec::len).sum();
+    let mut host = HostOps;
+    let mut gsc = Scratch::new(ops, &s, rows)?;
+    let mut hsc = Scratch::new(&mut host, &s, rows)?;
+
+    let mut seqs: Vec<SeqRows> = prompts
+        .iter()
+        .zip(&tables)
+        .map(|(p, t)| SeqRows { tokens: p.clone(), start: 0, block_table: t.clone() })
+        .collect();
+    for step in 0..4 {
+        let batch = StepBatch::new(seqs.clone(), s.block_size)?;
+        let n = batch.rows();
+        let got_ids = forward(ops, &s, &weights, &inv_freq, &mut gpu_caches, &batch, &mut gsc)?;
+        let want_ids =
+            forward(&mut host, &s, &host_weights, &inv_freq, &mut host_caches, &batch, &mut hsc)?;
+        let got = ops.logits_to_host(&gsc.logits, n * s.vocab)?;
+        let want = host.logits_to_host(&hsc.logits, n * s.vocab)?;
+        let what = if step == 0 { "prompts 150 + 6" } else { "decodes of both" };
+        let shape = format!("step {step} ({what}), {n} rows, 2 layers hidden 256 heads 4/2");
+        compare(
+            checks,
+            "decoder_end_to_end (logits)",
+            shape.clone(),
+            &got,
+            &want,
+            E2E_RTOL,
+            E2E_ATOL,
+        );
+        // Greedy ids must agree wherever the CPU's choice is clear of the tolerance.
+        let scale = want.iter().fold(0f32, |a, v| a.max(v.abs())) as f64;
+        let (mut g, mut w) = (Vec::new(), Vec::new());
+        for (r, row) in want.chunks_exact(s.vocab).enumerate() {
+            let mut sorted = row.to_vec();
+            sorted.sort_by(|a, b| b.total_cmp(a));
+            if ((sorted[0] - sorted[1]) as f64) > 2.0 * E2E_ATOL * scale {
+                g.push(got_ids[r].0 as f32);
+                w.push(want_ids[r].0 as f32);
+            }
+        }
+        let shape = format!("{shape}, {} of {n} rows clear", g.len());
+        compare(checks, "decoder_end_to_end (greedy ids)", shape, &g, &w, 0.0, 0.0);
+        // Next: each sequence decodes the CPU's greedy token after its last row.
+        let mut last = 0;
+        for sr in seqs.iter_mut() {
+            last += sr.tokens.len();
+            sr.start += sr.tokens.len();
+            sr.tokens = vec![want_ids[last - 1].0];
+        }
+    }
+    Ok(())
+}
