@@ -4,7 +4,8 @@
 //
 // Split-K: the keys of a row are cut into partitions of `partition_size`; grid
 // (num_heads, rows, partitions), one block of ATTN_WARPS warps per (head, row, partition). Each
-// warp walks every ATTN_WARPS-th key of the partition with an online softmax; the warps then
+// warp walks every ATTN_WARPS-th key of the partition, ATTN_KEYS at a time, with an online
+// softmax; the warps then
 // merge in shared memory and the block writes its partial (max, sum, unnormalised output).
 // `paged_attention_combine_bf16` merges the partitions of a row. With one partition the merge
 // is trivial, so short contexts pay almost nothing for it.
@@ -18,6 +19,7 @@
 
 #define ATTN_WARPS 4
 #define ATTN_MAX_DIMS_PER_LANE 8
+#define ATTN_KEYS 4
 
 extern "C" __global__ void paged_attention_partial_bf16(
     const bf16* __restrict__ q, const bf16* __restrict__ k_cache, const bf16* __restrict__ v_cache,
@@ -46,21 +48,49 @@ extern "C" __global__ void paged_attention_partial_bf16(
     }
     float m = NEG_INF, l = 0.f;
     const size_t kv_row = (size_t)num_kv_heads * head_dim;
-    for (int j = start + warp; j < end; j += ATTN_WARPS) {
-        const size_t base = ((size_t)table[j / block_size] * block_size + j % block_size) * kv_row
-                            + (size_t)kv_head * head_dim;
-        float s = 0.f;
+    // ATTN_KEYS keys per warp per step, all their K and V loads issued before any is used:
+    // one key at a time leaves each warp waiting out a full memory latency per key.
+    for (int j0 = start + warp; j0 < end; j0 += ATTN_WARPS * ATTN_KEYS) {
+        float s[ATTN_KEYS];
+        float vv[ATTN_KEYS][ATTN_MAX_DIMS_PER_LANE];
 #pragma unroll
-        for (int i = 0; i < ATTN_MAX_DIMS_PER_LANE; ++i)
-            if (i < dims) s += qv[i] * ld(k_cache[base + lane + 32 * i]);
-        s = warp_sum(s);
-        const float m_new = fmaxf(m, s);
-        const float alpha = __expf(m - m_new);  // 0 on the first key (m = -inf)
-        const float p = __expf(s - m_new);
-        l = l * alpha + p;
+        for (int u = 0; u < ATTN_KEYS; ++u) {
+            const int j = j0 + u * ATTN_WARPS;
+            const bool valid = j < end;  // the same for the whole warp
+            const size_t base =
+                valid ? ((size_t)table[j / block_size] * block_size + j % block_size) * kv_row
+                            + (size_t)kv_head * head_dim
+                      : 0;
+            float d = 0.f;
 #pragma unroll
-        for (int i = 0; i < ATTN_MAX_DIMS_PER_LANE; ++i)
-            if (i < dims) acc[i] = acc[i] * alpha + p * ld(v_cache[base + lane + 32 * i]);
+            for (int i = 0; i < ATTN_MAX_DIMS_PER_LANE; ++i) {
+                const bool here = valid && i < dims;
+                d += here ? qv[i] * ld(k_cache[base + lane + 32 * i]) : 0.f;
+                vv[u][i] = here ? ld(v_cache[base + lane + 32 * i]) : 0.f;
+            }
+            s[u] = valid ? d : NEG_INF;
+        }
+#pragma unroll
+        for (int u = 0; u < ATTN_KEYS; ++u)
+            if (j0 + u * ATTN_WARPS < end) s[u] = warp_sum(s[u]);
+        float m_new = m;
+#pragma unroll
+        for (int u = 0; u < ATTN_KEYS; ++u) m_new = fmaxf(m_new, s[u]);
+        const float alpha = __expf(m - m_new);  // 0 on the first keys (m = -inf)
+        float p[ATTN_KEYS], psum = 0.f;
+#pragma unroll
+        for (int u = 0; u < ATTN_KEYS; ++u) {
+            p[u] = __expf(s[u] - m_new);  // 0 for a key past the end (s = -inf)
+            psum += p[u];
+        }
+        l = l * alpha + psum;
+#pragma unroll
+        for (int i = 0; i < ATTN_MAX_DIMS_PER_LANE; ++i) {
+            float a = acc[i] * alpha;
+#pragma unroll
+            for (int u = 0; u < ATTN_KEYS; ++u) a += p[u] * vv[u][i];
+            acc[i] = a;
+        }
         m = m_new;
     }
 

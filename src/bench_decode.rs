@@ -83,6 +83,13 @@ pub struct DecodeStep {
     pub floor_ms: f64,
     /// `floor_ms / step_ms`.
     pub fraction_of_floor: f64,
+    /// GPU: milliseconds per kind of operation in one more (profiled) step.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gpu_ms_by_op: Option<Vec<(String, f64)>>,
+    /// GPU, batches of at most 8: the same step with cuBLASLt for the products that `gemv.cu`
+    /// otherwise does.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub step_ms_cublaslt_only: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -121,6 +128,9 @@ impl BenchDecodeResult {
                 s.floor_ms,
                 100.0 * s.fraction_of_floor
             );
+            for (op, ms) in s.gpu_ms_by_op.iter().flatten() {
+                println!("        {op:<24} {ms:>8.3} ms");
+            }
         }
     }
 }
@@ -249,6 +259,8 @@ fn decode_step(
         bytes_read,
         floor_ms: floor * 1e3,
         fraction_of_floor: floor / step,
+        gpu_ms_by_op: None,
+        step_ms_cublaslt_only: None,
     }
 }
 

@@ -1,7 +1,7 @@
 //! [`DecoderOps`] on a CUDA device: the kernels of `kernels/*.cu` and cuBLASLt.
 
 use cudarc::driver::sys::{CUdevice_attribute, CUevent_flags};
-use cudarc::driver::{CudaFunction, CudaSlice, PushKernelArg};
+use cudarc::driver::{CudaEvent, CudaFunction, CudaSlice, PushKernelArg};
 
 use super::{DecoderOps, DecoderShape, DecoderWeights, StepBatch};
 use crate::backend::cuda::gemm::{addr, Gemm, OutType};
@@ -19,6 +19,8 @@ struct Kernels {
     silu_mul: CudaFunction,
     argmax: CudaFunction,
     fill: CudaFunction,
+    gemv: CudaFunction,
+    gemv_f32: CudaFunction,
 }
 
 pub struct CudaOps {
@@ -29,6 +31,10 @@ pub struct CudaOps {
     /// Split-K partials of attention, grown to the largest forward seen.
     part_ml: (CudaSlice<f32>, CudaSlice<f32>),
     part_o: CudaSlice<f32>,
+    /// Products of at most `GEMV_MAX_M` rows go to `gemv.cu` rather than cuBLASLt.
+    pub use_gemv: bool,
+    /// Named events of a profiled forward (`start_profile`).
+    profile: Option<Vec<(&'static str, CudaEvent)>>,
 }
 
 /// A batch on the device.
@@ -57,6 +63,8 @@ type R = Result<(), CudaError>;
 const ROW_THREADS: u32 = 256;
 /// `paged_attention_partial_bf16` is written for 4 warps.
 const ATTN_THREADS: u32 = 128;
+/// `gemv.cu`'s row limit.
+const GEMV_MAX_M: usize = 8;
 
 impl CudaOps {
     pub fn new(mut gpu: Gpu) -> Result<Self, CudaError> {
@@ -70,13 +78,43 @@ impl CudaOps {
             silu_mul: gpu.func("activation.cu", "silu_mul_bf16")?,
             argmax: gpu.func("sampling.cu", "argmax_logprob_f32")?,
             fill: gpu.func("init.cu", "fill_uniform_bf16")?,
+            gemv: gpu.func("gemv.cu", "gemv_bf16")?,
+            gemv_f32: gpu.func("gemv.cu", "gemv_bf16_f32")?,
         };
         let gemm = Gemm::new(&gpu.toolkit, gpu.stream.clone())?;
         let sms =
             gpu.ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
         let part_ml = (gpu.zeros::<f32>(1)?, gpu.zeros::<f32>(1)?);
         let part_o = gpu.zeros::<f32>(1)?;
-        Ok(Self { gemm, k, sms: sms.max(1) as usize, part_ml, part_o, gpu })
+        Ok(Self {
+            gemm,
+            k,
+            sms: sms.max(1) as usize,
+            part_ml,
+            part_o,
+            gpu,
+            profile: None,
+            use_gemv: true,
+        })
+    }
+
+    /// Records an event at each `mark` from now on.
+    pub fn start_profile(&mut self) {
+        self.profile = Some(Vec::new());
+    }
+
+    /// GPU milliseconds between each mark and the next, summed by name in first-seen order.
+    pub fn finish_profile(&mut self) -> Result<Vec<(String, f64)>, CudaError> {
+        let events = self.profile.take().unwrap_or_default();
+        let mut out: Vec<(String, f64)> = Vec::new();
+        for pair in events.windows(2) {
+            let ms = pair[0].1.elapsed_ms(&pair[1].1)? as f64;
+            match out.iter_mut().find(|(n, _)| n == pair[0].0) {
+                Some(e) => e.1 += ms,
+                None => out.push((pair[0].0.to_string(), ms)),
+            }
+        }
+        Ok(out)
     }
 
     /// `out[i] = offset + scale * u(seed, i)`, u uniform in [-1, 1).
@@ -133,6 +171,36 @@ impl CudaOps {
         Ok(rates[rates.len() / 2])
     }
 
+    /// Whether `gemv.cu` takes this product: few rows, whole 16-byte loads.
+    fn gemv_fits(&self, m: usize, k: usize, x: u64, w: u64) -> bool {
+        self.use_gemv && m <= GEMV_MAX_M && k % 8 == 0 && x % 16 == 0 && w % 16 == 0
+    }
+
+    /// `y = x · wᵀ` by `gemv.cu`, on addresses the caller checked against the lengths.
+    fn gemv(
+        &mut self,
+        out: OutType,
+        x: u64,
+        w: u64,
+        y: u64,
+        (m, n, k): (usize, usize, usize),
+    ) -> R {
+        let f = match out {
+            OutType::Bf16 => &self.k.gemv,
+            OutType::F32 => &self.k.gemv_f32,
+        };
+        let (mi, ni, ki) = (m as i32, n as i32, k as i32);
+        let warps_per_block = (ROW_THREADS / 32) as usize;
+        let grid = n32(n.div_ceil(warps_per_block));
+        let mut b = self.gpu.stream.launch_builder(f);
+        b.arg(&x).arg(&w).arg(&y).arg(&mi).arg(&ni).arg(&ki);
+        // SAFETY: argument list matches gemv_bf16 / gemv_bf16_f32 (pointers passed by value);
+        // the caller checked the buffers hold m * k, n * k and m * n elements, and gemv_fits
+        // the row count, k and the alignment.
+        unsafe { b.launch(cfg((grid, 1, 1), ROW_THREADS)) }?;
+        Ok(())
+    }
+
     /// Split-K partitions for a forward of `rows` rows: enough blocks to fill the SMs a few
     /// times over, no partition under 64 keys.
     fn partitions(&self, rows: usize, heads: usize, max_context: usize) -> (usize, usize) {
@@ -149,6 +217,13 @@ impl DecoderOps for CudaOps {
     type Logits = CudaSlice<f32>;
     type Step = CudaStep;
     type Cache = CudaCache;
+
+    fn mark(&mut self, name: &'static str) -> R {
+        if let Some(p) = &mut self.profile {
+            p.push((name, self.gpu.stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?));
+        }
+        Ok(())
+    }
 
     fn act(&mut self, n: usize) -> Result<CudaSlice<u16>, CudaError> {
         self.gpu.zeros(n)
@@ -235,6 +310,9 @@ impl DecoderOps for CudaOps {
         check_len(y.len(), m * n, "matmul output")?;
         let st = &self.gpu.stream;
         let (xp, wp, yp) = (addr(x, st, 0), addr(w, st, row0 * k), addr(y, st, 0));
+        if self.gemv_fits(m, k, xp, wp) {
+            return self.gemv(OutType::Bf16, xp, wp, yp, (m, n, k));
+        }
         // SAFETY: the lengths were checked above; all three live until the stream runs it
         // (the caller holds them for the whole forward, which ends in a synchronising copy).
         unsafe { self.gemm.matmul(xp, wp, yp, (m, n, k), OutType::Bf16) }
@@ -252,6 +330,9 @@ impl DecoderOps for CudaOps {
         check_len(y.len(), m * n, "logits")?;
         let st = &self.gpu.stream;
         let (xp, wp, yp) = (addr(x, st, 0), addr(w, st, 0), addr(y, st, 0));
+        if self.gemv_fits(m, k, xp, wp) {
+            return self.gemv(OutType::F32, xp, wp, yp, (m, n, k));
+        }
         // SAFETY: as in `matmul`.
         unsafe { self.gemm.matmul(xp, wp, yp, (m, n, k), OutType::F32) }
     }

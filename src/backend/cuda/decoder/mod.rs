@@ -248,6 +248,11 @@ pub trait DecoderOps {
     /// One layer's K and V cache: `[slots, kv_heads, head_dim]` each.
     type Cache;
 
+    /// Marks the start of the next stretch of operations, named for a time breakdown (no-op
+    /// unless the implementation is profiling).
+    fn mark(&mut self, _name: &'static str) -> R {
+        Ok(())
+    }
     fn act(&mut self, n: usize) -> Result<Self::Act, CudaError>;
     fn logits(&mut self, n: usize) -> Result<Self::Logits, CudaError>;
     fn upload(
@@ -389,34 +394,49 @@ pub fn forward<O: DecoderOps>(
         )));
     }
     let (cos, sin) = rope_tables(inv_freq, &batch.positions);
+    ops.mark("upload + embedding")?;
     let step = ops.upload(batch, &cos, &sin)?;
     let (hid, qd, kvd) = (s.hidden, s.q_dim(), s.kv_dim());
     ops.embedding(&step, &w.embed, &mut sc.x, s)?;
     for (l, (lw, cache)) in w.layers.iter().zip(caches.iter_mut()).enumerate() {
         // The MLP output of the layer before joins the residual stream here.
+        ops.mark("norms")?;
         if l == 0 {
             ops.rms_norm(&sc.x, &lw.attn_norm, &mut sc.h, rows, s)?;
         } else {
             ops.add_rms_norm(&mut sc.x, &sc.down, &lw.attn_norm, &mut sc.h, rows, s)?;
         }
+        ops.mark("qkv gemm")?;
         ops.matmul(&sc.h, &lw.qkv, 0, &mut sc.q, (rows, qd, hid))?;
         ops.matmul(&sc.h, &lw.qkv, qd, &mut sc.k, (rows, kvd, hid))?;
         ops.matmul(&sc.h, &lw.qkv, qd + kvd, &mut sc.v, (rows, kvd, hid))?;
+        ops.mark("rope + kv write")?;
         ops.rope_kv_write(&step, &mut sc.q, &mut sc.k, &sc.v, cache, s)?;
+        ops.mark("attention")?;
         ops.attention(&step, &sc.q, cache, &mut sc.attn, s)?;
+        ops.mark("o gemm")?;
         ops.matmul(&sc.attn, &lw.o, 0, &mut sc.o, (rows, hid, qd))?;
+        ops.mark("norms")?;
         ops.add_rms_norm(&mut sc.x, &sc.o, &lw.mlp_norm, &mut sc.h, rows, s)?;
+        ops.mark("gate_up gemm")?;
         ops.matmul(&sc.h, &lw.gate_up, 0, &mut sc.gate_up, (rows, 2 * s.inter, hid))?;
+        ops.mark("silu_mul")?;
         ops.silu_mul(&sc.gate_up, &mut sc.act, rows, s.inter)?;
+        ops.mark("down gemm")?;
         ops.matmul(&sc.act, &lw.down, 0, &mut sc.down, (rows, hid, s.inter))?;
     }
+    ops.mark("norms")?;
     if w.layers.is_empty() {
         ops.rms_norm(&sc.x, &w.norm, &mut sc.h, rows, s)?;
     } else {
         ops.add_rms_norm(&mut sc.x, &sc.down, &w.norm, &mut sc.h, rows, s)?;
     }
+    ops.mark("lm_head gemm")?;
     ops.matmul_logits(&sc.h, &w.lm_head, &mut sc.logits, (rows, s.vocab, hid))?;
-    ops.argmax(&sc.logits, rows, s.vocab)
+    ops.mark("argmax + ids to host")?;
+    let ids = ops.argmax(&sc.logits, rows, s.vocab)?;
+    ops.mark("end")?;
+    Ok(ids)
 }
 
 /// The CPU twin of `fill_uniform_bf16`: the same hash, so the same values before rounding.
