@@ -2,24 +2,41 @@
 // row attends causally to key positions 0..=its position of its own sequence, read through the
 // sequence's block table (GQA: query head h reads kv head h / (num_heads / num_kv_heads)).
 //
-// Split-K: the keys of a row are cut into partitions of `partition_size`; grid
-// (num_heads, rows, partitions), one block of ATTN_WARPS warps per (head, row, partition). Each
-// warp walks every ATTN_WARPS-th key of the partition, ATTN_KEYS at a time, with an online
-// softmax; the warps then
-// merge in shared memory and the block writes its partial (max, sum, unnormalised output).
-// `paged_attention_combine_bf16` merges the partitions of a row. With one partition the merge
-// is trivial, so short contexts pay almost nothing for it.
+// Split-K: the keys of a row are cut into partitions of `partition_size` (at most
+// ATTN_MAX_KEYS); grid (num_heads, rows, partitions), one block of ATTN_THREADS threads per
+// (head, row, partition), in three phases:
+//  1. scores: a group of G threads takes one key, each thread one 16-byte piece (8 dims) of
+//     it, so a warp reads 32 / G keys at once; every group issues ATTN_UNROLL keys' loads
+//     before reducing any, so many loads are in flight (one key at a time per warp left each
+//     warp waiting out a memory latency per key);
+//  2. the partition's maximum and sum of exponents, over the scores in shared memory;
+//  3. the weighted sum of V, laid out as phase 1, then summed over the groups.
+// The block writes its partial (max, sum, unnormalised output);
+// `paged_attention_combine_bf16` merges the partitions of a row.
 //
 // q: [rows, num_heads, head_dim]; k_cache, v_cache: [blocks, block_size, num_kv_heads, head_dim];
 // row_seq[row]: the row's sequence; row_pos[row]: its position; block_tables:
 // [seqs, max_blocks]; part_m, part_l: [rows, num_heads, partitions];
 // part_o: [rows, num_heads, partitions, head_dim]. The host must check: head_dim a multiple of
-// 32 and at most 32 * ATTN_MAX_DIMS_PER_LANE; num_heads a multiple of num_kv_heads; rows at most
-// 65535 per launch (grid.y). CPU twin: backend::cpu::paged_attention::paged_attention.
+// 8 and at most 256 (G = head_dim / 8 rounded up to a power of two, at most 32), q and the
+// caches 16-byte aligned; num_heads a multiple of num_kv_heads; partition_size at most
+// ATTN_MAX_KEYS; rows at most 65535 per launch (grid.y); ATTN_THREADS threads per block.
+// CPU twin: backend::cpu::paged_attention::paged_attention.
 
-#define ATTN_WARPS 4
-#define ATTN_MAX_DIMS_PER_LANE 8
-#define ATTN_KEYS 4
+#define ATTN_THREADS 128
+#define ATTN_MAX_KEYS 512
+#define ATTN_UNROLL 4  // also the literal of the "#pragma unroll 4" in phase 3
+
+// The two bf16 halves of a 32-bit word, exactly, as floats.
+__device__ __forceinline__ float bf16_lo(unsigned int u) { return __uint_as_float(u << 16); }
+__device__ __forceinline__ float bf16_hi(unsigned int u) { return __uint_as_float(u & 0xffff0000u); }
+
+__device__ __forceinline__ void unpack8(const uint4 v, float* f) {
+    f[0] = bf16_lo(v.x); f[1] = bf16_hi(v.x);
+    f[2] = bf16_lo(v.y); f[3] = bf16_hi(v.y);
+    f[4] = bf16_lo(v.z); f[5] = bf16_hi(v.z);
+    f[6] = bf16_lo(v.w); f[7] = bf16_hi(v.w);
+}
 
 extern "C" __global__ void paged_attention_partial_bf16(
     const bf16* __restrict__ q, const bf16* __restrict__ k_cache, const bf16* __restrict__ v_cache,
@@ -28,97 +45,112 @@ extern "C" __global__ void paged_attention_partial_bf16(
     float* __restrict__ part_l, float* __restrict__ part_o, int num_heads, int num_kv_heads,
     int head_dim, int block_size, int partition_size, float scale) {
     const int head = blockIdx.x, row = blockIdx.y, part = blockIdx.z;
-    const int partitions = gridDim.z;
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int dims = head_dim / 32;
+    const size_t slot = ((size_t)row * num_heads + head) * gridDim.z + part;
     const int kv_head = head / (num_heads / num_kv_heads);
     const int pos = row_pos[row];
     const int* table = block_tables + (size_t)row_seq[row] * max_blocks;
     const int start = part * partition_size;
-    const int end = min(start + partition_size, pos + 1);
-
-    float qv[ATTN_MAX_DIMS_PER_LANE], acc[ATTN_MAX_DIMS_PER_LANE];
-    const bf16* qr = q + ((size_t)row * num_heads + head) * head_dim;
-    // Loops over ATTN_MAX_DIMS_PER_LANE with a guard (not up to `dims`) unroll fully, so qv and
-    // acc live in registers rather than local memory.
-#pragma unroll
-    for (int i = 0; i < ATTN_MAX_DIMS_PER_LANE; ++i) {
-        qv[i] = i < dims ? ld(qr[lane + 32 * i]) * scale : 0.f;
-        acc[i] = 0.f;
+    const int n = min(start + partition_size, pos + 1) - start;  // keys in this partition
+    if (n <= 0) {  // a partition past this row's position: nothing to add
+        if (threadIdx.x == 0) {
+            part_m[slot] = NEG_INF;
+            part_l[slot] = 0.f;
+        }
+        for (int d = threadIdx.x; d < head_dim; d += blockDim.x) part_o[slot * head_dim + d] = 0.f;
+        return;
     }
-    float m = NEG_INF, l = 0.f;
+    const int chunks = head_dim >> 3;
+    int g = 1;
+    while (g < chunks) g <<= 1;
+    const int lane_g = threadIdx.x & (g - 1), group = threadIdx.x / g, groups = blockDim.x / g;
+    const bool has_chunk = lane_g < chunks;
     const size_t kv_row = (size_t)num_kv_heads * head_dim;
-    // ATTN_KEYS keys per warp per step, all their K and V loads issued before any is used:
-    // one key at a time leaves each warp waiting out a full memory latency per key.
-    for (int j0 = start + warp; j0 < end; j0 += ATTN_WARPS * ATTN_KEYS) {
-        float s[ATTN_KEYS];
-        float vv[ATTN_KEYS][ATTN_MAX_DIMS_PER_LANE];
+    const size_t head_off = (size_t)kv_head * head_dim + (size_t)lane_g * 8;
+
+    __shared__ float scores[ATTN_MAX_KEYS];
+    __shared__ float scratch[32];
+    __shared__ float sums[ATTN_THREADS * 8];  // groups * head_dim <= ATTN_THREADS * 8
+
+    float qf[8];
+    if (has_chunk) {
+        unpack8(*reinterpret_cast<const uint4*>(q + ((size_t)row * num_heads + head) * head_dim
+                                                + (size_t)lane_g * 8),
+                qf);
 #pragma unroll
-        for (int u = 0; u < ATTN_KEYS; ++u) {
-            const int j = j0 + u * ATTN_WARPS;
-            const bool valid = j < end;  // the same for the whole warp
-            const size_t base =
-                valid ? ((size_t)table[j / block_size] * block_size + j % block_size) * kv_row
-                            + (size_t)kv_head * head_dim
-                      : 0;
-            float d = 0.f;
+        for (int e = 0; e < 8; ++e) qf[e] *= scale;
+    } else {
 #pragma unroll
-            for (int i = 0; i < ATTN_MAX_DIMS_PER_LANE; ++i) {
-                const bool here = valid && i < dims;
-                d += here ? qv[i] * ld(k_cache[base + lane + 32 * i]) : 0.f;
-                vv[u][i] = here ? ld(v_cache[base + lane + 32 * i]) : 0.f;
-            }
-            s[u] = valid ? d : NEG_INF;
-        }
-#pragma unroll
-        for (int u = 0; u < ATTN_KEYS; ++u)
-            if (j0 + u * ATTN_WARPS < end) s[u] = warp_sum(s[u]);
-        float m_new = m;
-#pragma unroll
-        for (int u = 0; u < ATTN_KEYS; ++u) m_new = fmaxf(m_new, s[u]);
-        const float alpha = __expf(m - m_new);  // 0 on the first keys (m = -inf)
-        float p[ATTN_KEYS], psum = 0.f;
-#pragma unroll
-        for (int u = 0; u < ATTN_KEYS; ++u) {
-            p[u] = __expf(s[u] - m_new);  // 0 for a key past the end (s = -inf)
-            psum += p[u];
-        }
-        l = l * alpha + psum;
-#pragma unroll
-        for (int i = 0; i < ATTN_MAX_DIMS_PER_LANE; ++i) {
-            float a = acc[i] * alpha;
-#pragma unroll
-            for (int u = 0; u < ATTN_KEYS; ++u) a += p[u] * vv[u][i];
-            acc[i] = a;
-        }
-        m = m_new;
+        for (int e = 0; e < 8; ++e) qf[e] = 0.f;
     }
 
-    // Merge the warps: shared [warp] maxima and sums, [warp][head_dim] outputs.
-    __shared__ float sm[ATTN_WARPS], sl[ATTN_WARPS];
-    __shared__ float so[ATTN_WARPS][32 * ATTN_MAX_DIMS_PER_LANE];
-    if (lane == 0) {
-        sm[warp] = m;
-        sl[warp] = l;
-    }
+    // 1. Scores. The loop bounds are the same for every thread, so every lane reaches the
+    // shuffles.
+    for (int i0 = 0; i0 < n; i0 += ATTN_UNROLL * groups) {
+        uint4 kv[ATTN_UNROLL];
 #pragma unroll
-    for (int i = 0; i < ATTN_MAX_DIMS_PER_LANE; ++i)
-        if (i < dims) so[warp][lane + 32 * i] = acc[i];
-    __syncthreads();
-    float mm = NEG_INF;
-    for (int w = 0; w < ATTN_WARPS; ++w) mm = fmaxf(mm, sm[w]);
-    const size_t slot = ((size_t)row * num_heads + head) * partitions + part;
-    if (threadIdx.x == 0) {
-        float ll = 0.f;
-        for (int w = 0; w < ATTN_WARPS; ++w) ll += (sm[w] == NEG_INF) ? 0.f : sl[w] * __expf(sm[w] - mm);
-        part_m[slot] = mm;
-        part_l[slot] = ll;
+        for (int u = 0; u < ATTN_UNROLL; ++u) {
+            const int i = i0 + u * groups + group;
+            kv[u] = make_uint4(0u, 0u, 0u, 0u);
+            if (i < n && has_chunk) {
+                const int j = start + i;
+                const size_t base =
+                    ((size_t)table[j / block_size] * block_size + j % block_size) * kv_row;
+                kv[u] = *reinterpret_cast<const uint4*>(k_cache + base + head_off);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < ATTN_UNROLL; ++u) {
+            float kf[8];
+            unpack8(kv[u], kf);
+            float s = 0.f;
+#pragma unroll
+            for (int e = 0; e < 8; ++e) s = fmaf(qf[e], kf[e], s);
+            for (int o = g >> 1; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+            const int i = i0 + u * groups + group;
+            if (i < n && lane_g == 0) scores[i] = s;
+        }
     }
+    __syncthreads();
+
+    // 2. Maximum and sum of exponents; scores become unnormalised probabilities.
+    float mx = NEG_INF;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) mx = fmaxf(mx, scores[i]);
+    mx = block_max(mx, scratch);
+    float sum = 0.f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        const float p = __expf(scores[i] - mx);
+        scores[i] = p;
+        sum += p;
+    }
+    sum = block_sum(sum, scratch);  // its barriers also publish the probabilities
+
+    // 3. Weighted sum of V: each thread 8 dims of the keys of its group, then over groups.
+    float acc[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) acc[e] = 0.f;
+    if (has_chunk) {
+#pragma unroll 4
+        for (int i = group; i < n; i += groups) {
+            const int j = start + i;
+            const size_t base = ((size_t)table[j / block_size] * block_size + j % block_size) * kv_row;
+            float vf[8];
+            unpack8(*reinterpret_cast<const uint4*>(v_cache + base + head_off), vf);
+            const float p = scores[i];
+#pragma unroll
+            for (int e = 0; e < 8; ++e) acc[e] = fmaf(p, vf[e], acc[e]);
+        }
+#pragma unroll
+        for (int e = 0; e < 8; ++e) sums[group * head_dim + lane_g * 8 + e] = acc[e];
+    }
+    __syncthreads();
     for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
         float o = 0.f;
-        for (int w = 0; w < ATTN_WARPS; ++w)
-            if (sm[w] != NEG_INF) o += so[w][d] * __expf(sm[w] - mm);
+        for (int gr = 0; gr < groups; ++gr) o += sums[gr * head_dim + d];
         part_o[slot * head_dim + d] = o;
+    }
+    if (threadIdx.x == 0) {
+        part_m[slot] = mx;
+        part_l[slot] = sum;
     }
 }
 

@@ -86,10 +86,6 @@ pub struct DecodeStep {
     /// GPU: milliseconds per kind of operation in one more (profiled) step.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gpu_ms_by_op: Option<Vec<(String, f64)>>,
-    /// GPU, batches of at most 8: the same step with cuBLASLt for the products that `gemv.cu`
-    /// otherwise does.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub step_ms_cublaslt_only: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -260,7 +256,6 @@ fn decode_step(
         floor_ms: floor * 1e3,
         fraction_of_floor: floor / step,
         gpu_ms_by_op: None,
-        step_ms_cublaslt_only: None,
     }
 }
 

@@ -75,35 +75,6 @@ pub fn run(
         }
         times.sort_by(f64::total_cmp);
         let step = times[times.len() / 2];
-        // Side by side in the same process: the same step with cuBLASLt for every product.
-        let cublaslt_ms = if batch <= 8 {
-            ops.use_gemv = false;
-            let mut t = Vec::with_capacity(steps);
-            for i in 0..steps + 1 {
-                let t0 = Instant::now();
-                let r = forward(
-                    &mut ops,
-                    &s,
-                    &weights,
-                    &inv_freq,
-                    &mut caches,
-                    &step_batch,
-                    &mut scratch,
-                );
-                if i > 0 {
-                    t.push(t0.elapsed().as_secs_f64());
-                }
-                if let Err(e) = r {
-                    ops.use_gemv = true;
-                    return Err(e);
-                }
-            }
-            ops.use_gemv = true;
-            t.sort_by(f64::total_cmp);
-            Some(t[t.len() / 2] * 1e3)
-        } else {
-            None
-        };
         ops.start_profile();
         forward(&mut ops, &s, &weights, &inv_freq, &mut caches, &step_batch, &mut scratch)?;
         let by_op = ops.finish_profile()?;
@@ -119,7 +90,6 @@ pub fn run(
             floor_ms: floor * 1e3,
             fraction_of_floor: floor / step,
             gpu_ms_by_op: Some(by_op),
-            step_ms_cublaslt_only: cublaslt_ms,
         });
         drop(caches);
         ops.gpu.sync()?;

@@ -42,7 +42,6 @@ pub const KERNEL_FILES: &[KernelFile] = &[
     kernel_file!("lora.cu", ["lora_shrink_bf16", "lora_expand_bf16"]),
     kernel_file!("adamw.cu", ["adamw_f32"]),
     kernel_file!("init.cu", ["fill_uniform_bf16"]),
-    kernel_file!("gemv.cu", ["gemv_bf16", "gemv_bf16_f32"]),
 ];
 
 /// The architectures `coserve kernels check` compiles for: A100 and H100.

@@ -37,7 +37,25 @@ pub struct RopeShape {
     pub head_dim: usize,
 }
 
-/// `rope_kv_write_bf16`: rotates `q` and `k` in place and writes k and v rows to their slots.
+/// The q, k and v parts of `tokens` rows of a fused q/k/v projection (`q_dim + 2 kv_dim` wide).
+pub fn split_qkv(
+    qkv: &[f32],
+    tokens: usize,
+    q_dim: usize,
+    kv_dim: usize,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let width = q_dim + 2 * kv_dim;
+    let (mut q, mut k, mut v) = (Vec::new(), Vec::new(), Vec::new());
+    for row in qkv[..tokens * width].chunks_exact(width) {
+        q.extend_from_slice(&row[..q_dim]);
+        k.extend_from_slice(&row[q_dim..q_dim + kv_dim]);
+        v.extend_from_slice(&row[q_dim + kv_dim..]);
+    }
+    (q, k, v)
+}
+
+/// `rope_kv_write_bf16` (on q, k and v split from the fused rows): rotates `q` and `k` in place
+/// and writes k and v rows to their slots.
 #[allow(clippy::too_many_arguments)]
 pub fn rope_kv_write(
     q: &mut [f32],

@@ -19,8 +19,6 @@ struct Kernels {
     silu_mul: CudaFunction,
     argmax: CudaFunction,
     fill: CudaFunction,
-    gemv: CudaFunction,
-    gemv_f32: CudaFunction,
 }
 
 pub struct CudaOps {
@@ -31,8 +29,6 @@ pub struct CudaOps {
     /// Split-K partials of attention, grown to the largest forward seen.
     part_ml: (CudaSlice<f32>, CudaSlice<f32>),
     part_o: CudaSlice<f32>,
-    /// Products of at most `GEMV_MAX_M` rows go to `gemv.cu` rather than cuBLASLt.
-    pub use_gemv: bool,
     /// Named events of a profiled forward (`start_profile`).
     profile: Option<Vec<(&'static str, CudaEvent)>>,
 }
@@ -61,10 +57,13 @@ type R = Result<(), CudaError>;
 
 /// Threads per block of the row kernels (a multiple of 32, as the block reductions need).
 const ROW_THREADS: u32 = 256;
-/// `paged_attention_partial_bf16` is written for 4 warps.
+/// The per-row kernels of a decode step have one block per row: with few rows, a wide block
+/// is all the parallelism there is.
+const WIDE_ROW_THREADS: u32 = 1024;
+/// `paged_attention_partial_bf16`'s ATTN_THREADS.
 const ATTN_THREADS: u32 = 128;
-/// `gemv.cu`'s row limit.
-const GEMV_MAX_M: usize = 8;
+/// `paged_attention_partial_bf16` keeps a partition's scores in shared memory: ATTN_MAX_KEYS.
+const ATTN_MAX_KEYS: usize = 512;
 
 impl CudaOps {
     pub fn new(mut gpu: Gpu) -> Result<Self, CudaError> {
@@ -78,24 +77,13 @@ impl CudaOps {
             silu_mul: gpu.func("activation.cu", "silu_mul_bf16")?,
             argmax: gpu.func("sampling.cu", "argmax_logprob_f32")?,
             fill: gpu.func("init.cu", "fill_uniform_bf16")?,
-            gemv: gpu.func("gemv.cu", "gemv_bf16")?,
-            gemv_f32: gpu.func("gemv.cu", "gemv_bf16_f32")?,
         };
         let gemm = Gemm::new(&gpu.toolkit, gpu.stream.clone())?;
         let sms =
             gpu.ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
         let part_ml = (gpu.zeros::<f32>(1)?, gpu.zeros::<f32>(1)?);
         let part_o = gpu.zeros::<f32>(1)?;
-        Ok(Self {
-            gemm,
-            k,
-            sms: sms.max(1) as usize,
-            part_ml,
-            part_o,
-            gpu,
-            profile: None,
-            use_gemv: true,
-        })
+        Ok(Self { gemm, k, sms: sms.max(1) as usize, part_ml, part_o, gpu, profile: None })
     }
 
     /// Records an event at each `mark` from now on.
@@ -171,43 +159,10 @@ impl CudaOps {
         Ok(rates[rates.len() / 2])
     }
 
-    /// Whether `gemv.cu` takes this product: few rows, whole 16-byte loads.
-    fn gemv_fits(&self, m: usize, k: usize, x: u64, w: u64) -> bool {
-        self.use_gemv && m <= GEMV_MAX_M && k % 8 == 0 && x % 16 == 0 && w % 16 == 0
-    }
-
-    /// `y = x · wᵀ` by `gemv.cu`, on addresses the caller checked against the lengths.
-    fn gemv(
-        &mut self,
-        out: OutType,
-        x: u64,
-        w: u64,
-        y: u64,
-        (m, n, k): (usize, usize, usize),
-    ) -> R {
-        let f = match out {
-            OutType::Bf16 => &self.k.gemv,
-            OutType::F32 => &self.k.gemv_f32,
-        };
-        let (mi, ni, ki) = (m as i32, n as i32, k as i32);
-        let warps_per_block = (ROW_THREADS / 32) as usize;
-        let grid = n32(n.div_ceil(warps_per_block));
-        let mut b = self.gpu.stream.launch_builder(f);
-        b.arg(&x).arg(&w).arg(&y).arg(&mi).arg(&ni).arg(&ki);
-        // SAFETY: argument list matches gemv_bf16 / gemv_bf16_f32 (pointers passed by value);
-        // the caller checked the buffers hold m * k, n * k and m * n elements, and gemv_fits
-        // the row count, k and the alignment.
-        unsafe { b.launch(cfg((grid, 1, 1), ROW_THREADS)) }?;
-        Ok(())
-    }
-
     /// Split-K partitions for a forward of `rows` rows: enough blocks to fill the SMs a few
-    /// times over, no partition under 64 keys.
+    /// times over, no partition under 64 keys or over the kernel's ATTN_MAX_KEYS.
     fn partitions(&self, rows: usize, heads: usize, max_context: usize) -> (usize, usize) {
-        let want = (4 * self.sms).div_ceil((rows * heads).max(1));
-        let parts = want.clamp(1, max_context.div_ceil(64).max(1));
-        let size = max_context.div_ceil(parts).max(1);
-        (max_context.div_ceil(size).max(1), size)
+        partitions(self.sms, rows, heads, max_context)
     }
 }
 
@@ -276,7 +231,7 @@ impl DecoderOps for CudaOps {
         let mut b = self.gpu.stream.launch_builder(&self.k.rms_norm);
         b.arg(x).arg(w).arg(out).arg(&h).arg(&s.eps);
         // SAFETY: argument list matches rms_norm_bf16; both buffers hold rows * hidden.
-        unsafe { b.launch(cfg((n32(rows), 1, 1), ROW_THREADS)) }?;
+        unsafe { b.launch(cfg((n32(rows), 1, 1), WIDE_ROW_THREADS)) }?;
         Ok(())
     }
 
@@ -293,7 +248,7 @@ impl DecoderOps for CudaOps {
         let mut b = self.gpu.stream.launch_builder(&self.k.add_rms_norm);
         b.arg(residual).arg(x).arg(w).arg(out).arg(&h).arg(&s.eps);
         // SAFETY: argument list matches add_rms_norm_bf16; all buffers hold rows * hidden.
-        unsafe { b.launch(cfg((n32(rows), 1, 1), ROW_THREADS)) }?;
+        unsafe { b.launch(cfg((n32(rows), 1, 1), WIDE_ROW_THREADS)) }?;
         Ok(())
     }
 
@@ -310,9 +265,6 @@ impl DecoderOps for CudaOps {
         check_len(y.len(), m * n, "matmul output")?;
         let st = &self.gpu.stream;
         let (xp, wp, yp) = (addr(x, st, 0), addr(w, st, row0 * k), addr(y, st, 0));
-        if self.gemv_fits(m, k, xp, wp) {
-            return self.gemv(OutType::Bf16, xp, wp, yp, (m, n, k));
-        }
         // SAFETY: the lengths were checked above; all three live until the stream runs it
         // (the caller holds them for the whole forward, which ends in a synchronising copy).
         unsafe { self.gemm.matmul(xp, wp, yp, (m, n, k), OutType::Bf16) }
@@ -330,9 +282,6 @@ impl DecoderOps for CudaOps {
         check_len(y.len(), m * n, "logits")?;
         let st = &self.gpu.stream;
         let (xp, wp, yp) = (addr(x, st, 0), addr(w, st, 0), addr(y, st, 0));
-        if self.gemv_fits(m, k, xp, wp) {
-            return self.gemv(OutType::F32, xp, wp, yp, (m, n, k));
-        }
         // SAFETY: as in `matmul`.
         unsafe { self.gemm.matmul(xp, wp, yp, (m, n, k), OutType::F32) }
     }
@@ -340,19 +289,22 @@ impl DecoderOps for CudaOps {
     fn rope_kv_write(
         &mut self,
         st: &CudaStep,
-        q: &mut CudaSlice<u16>,
-        k: &mut CudaSlice<u16>,
-        v: &CudaSlice<u16>,
+        qkv: &CudaSlice<u16>,
+        q_out: &mut CudaSlice<u16>,
         cache: &mut CudaCache,
         s: &DecoderShape,
     ) -> R {
+        check_len(qkv.len(), st.rows * s.qkv_rows(), "qkv")?;
+        check_len(q_out.len(), st.rows * s.q_dim(), "q")?;
         let (nh, nkv, hd) = (s.heads as i32, s.kv_heads as i32, s.head_dim as i32);
+        let stride = s.qkv_rows() as i32;
         let mut b = self.gpu.stream.launch_builder(&self.k.rope_kv_write);
-        b.arg(q).arg(k).arg(v).arg(&st.cos).arg(&st.sin).arg(&st.slots);
+        b.arg(qkv).arg(&stride).arg(q_out).arg(&st.cos).arg(&st.sin).arg(&st.slots);
         b.arg(&mut cache.k).arg(&mut cache.v).arg(&nh).arg(&nkv).arg(&hd);
-        // SAFETY: argument list matches rope_kv_write_bf16; every slot lies in the cache (the
-        // batch's block tables were built against it).
-        unsafe { b.launch(cfg((n32(st.rows), 1, 1), ROW_THREADS)) }?;
+        // SAFETY: argument list matches rope_kv_write_bf16; qkv and q_out hold the rows (checked
+        // above) and every slot lies in the cache (the batch's block tables were built against
+        // it).
+        unsafe { b.launch(cfg((n32(st.rows), 1, 1), WIDE_ROW_THREADS)) }?;
         Ok(())
     }
 
@@ -436,9 +388,34 @@ impl DecoderOps for CudaOps {
     }
 }
 
+/// (partitions, keys per partition) of attention over `max_context` keys.
+fn partitions(sms: usize, rows: usize, heads: usize, max_context: usize) -> (usize, usize) {
+    let want = (4 * sms).div_ceil((rows * heads).max(1));
+    let parts = want.clamp(1, max_context.div_ceil(64).max(1));
+    let size = max_context.div_ceil(parts).clamp(1, ATTN_MAX_KEYS);
+    (max_context.div_ceil(size).max(1), size)
+}
+
 fn check_len(have: usize, need: usize, what: &str) -> R {
     if have < need {
         return Err(CudaError::Shape(format!("{what}: {have} elements where {need} are needed")));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn partitions_cover_the_context_within_the_kernel_limit() {
+        for (rows, heads, ctx) in
+            [(1, 32, 1025), (256, 32, 1025), (1, 9, 1), (7, 4, 150), (2, 4, 5000)]
+        {
+            let (parts, size) = super::partitions(132, rows, heads, ctx);
+            assert!((1..=super::ATTN_MAX_KEYS).contains(&size), "{size}");
+            assert!(parts * size >= ctx && (parts - 1) * size < ctx, "{parts} x {size} for {ctx}");
+        }
+        // One sequence: many partitions; a big batch: as few as the limit allows.
+        assert!(super::partitions(132, 1, 32, 1025).0 >= 8);
+        assert_eq!(super::partitions(132, 256, 32, 1025).0, 3);
+    }
 }

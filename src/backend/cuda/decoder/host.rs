@@ -114,19 +114,19 @@ impl DecoderOps for HostOps {
     fn rope_kv_write(
         &mut self,
         step: &HostStep,
-        q: &mut Vec<f32>,
-        k: &mut Vec<f32>,
-        v: &Vec<f32>,
+        qkv: &Vec<f32>,
+        q_out: &mut Vec<f32>,
         cache: &mut HostCache,
         s: &DecoderShape,
     ) -> R {
         let rows = step.batch.rows();
+        let (mut q, mut k, v) = twins::split_qkv(qkv, rows, s.q_dim(), s.kv_dim());
         let shape =
             twins::RopeShape { num_heads: s.heads, num_kv_heads: s.kv_heads, head_dim: s.head_dim };
         twins::rope_kv_write(
-            &mut q[..rows * s.q_dim()],
-            &mut k[..rows * s.kv_dim()],
-            &v[..rows * s.kv_dim()],
+            &mut q,
+            &mut k,
+            &v,
             &step.cos,
             &step.sin,
             &step.batch.slots,
@@ -134,6 +134,7 @@ impl DecoderOps for HostOps {
             &mut cache.v,
             shape,
         );
+        put(q_out, &q);
         Ok(())
     }
 

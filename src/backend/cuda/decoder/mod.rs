@@ -304,12 +304,13 @@ pub trait DecoderOps {
         mnk: (usize, usize, usize),
     ) -> R;
     #[allow(clippy::too_many_arguments)]
+    /// Rotates q and k of the fused projection `qkv` (`[rows, qkv_rows]`): q into `q_out`
+    /// (`[rows, q_dim]`), k with v into the cache.
     fn rope_kv_write(
         &mut self,
         step: &Self::Step,
-        q: &mut Self::Act,
-        k: &mut Self::Act,
-        v: &Self::Act,
+        qkv: &Self::Act,
+        q_out: &mut Self::Act,
         cache: &mut Self::Cache,
         s: &DecoderShape,
     ) -> R;
@@ -343,9 +344,8 @@ pub struct Scratch<O: DecoderOps> {
     pub rows: usize,
     x: O::Act,
     h: O::Act,
+    qkv: O::Act,
     q: O::Act,
-    k: O::Act,
-    v: O::Act,
     attn: O::Act,
     o: O::Act,
     gate_up: O::Act,
@@ -360,9 +360,8 @@ impl<O: DecoderOps> Scratch<O> {
             rows,
             x: ops.act(rows * s.hidden)?,
             h: ops.act(rows * s.hidden)?,
+            qkv: ops.act(rows * s.qkv_rows())?,
             q: ops.act(rows * s.q_dim())?,
-            k: ops.act(rows * s.kv_dim())?,
-            v: ops.act(rows * s.kv_dim())?,
             attn: ops.act(rows * s.q_dim())?,
             o: ops.act(rows * s.hidden)?,
             gate_up: ops.act(rows * 2 * s.inter)?,
@@ -396,7 +395,7 @@ pub fn forward<O: DecoderOps>(
     let (cos, sin) = rope_tables(inv_freq, &batch.positions);
     ops.mark("upload + embedding")?;
     let step = ops.upload(batch, &cos, &sin)?;
-    let (hid, qd, kvd) = (s.hidden, s.q_dim(), s.kv_dim());
+    let (hid, qd) = (s.hidden, s.q_dim());
     ops.embedding(&step, &w.embed, &mut sc.x, s)?;
     for (l, (lw, cache)) in w.layers.iter().zip(caches.iter_mut()).enumerate() {
         // The MLP output of the layer before joins the residual stream here.
@@ -407,11 +406,9 @@ pub fn forward<O: DecoderOps>(
             ops.add_rms_norm(&mut sc.x, &sc.down, &lw.attn_norm, &mut sc.h, rows, s)?;
         }
         ops.mark("qkv gemm")?;
-        ops.matmul(&sc.h, &lw.qkv, 0, &mut sc.q, (rows, qd, hid))?;
-        ops.matmul(&sc.h, &lw.qkv, qd, &mut sc.k, (rows, kvd, hid))?;
-        ops.matmul(&sc.h, &lw.qkv, qd + kvd, &mut sc.v, (rows, kvd, hid))?;
+        ops.matmul(&sc.h, &lw.qkv, 0, &mut sc.qkv, (rows, s.qkv_rows(), hid))?;
         ops.mark("rope + kv write")?;
-        ops.rope_kv_write(&step, &mut sc.q, &mut sc.k, &sc.v, cache, s)?;
+        ops.rope_kv_write(&step, &sc.qkv, &mut sc.q, cache, s)?;
         ops.mark("attention")?;
         ops.attention(&step, &sc.q, cache, &mut sc.attn, s)?;
         ops.mark("o gemm")?;

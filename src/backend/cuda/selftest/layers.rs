@@ -76,18 +76,20 @@ pub(super) fn check_rope(gpu: &mut Gpu, checks: &mut Vec<Check>) -> Result<(), C
                 sin.push(angle.sin() as f32);
             }
         }
-        let kv_row = num_kv_heads * head_dim;
-        let mut q = random_bf16(&mut rng, tokens * num_heads * head_dim, 2.0);
-        let mut k = random_bf16(&mut rng, tokens * kv_row, 2.0);
-        let v = random_bf16(&mut rng, tokens * kv_row, 2.0);
-        let (mut dq, mut dk, dv) = (gpu.up_bf16(&q)?, gpu.up_bf16(&k)?, gpu.up_bf16(&v)?);
+        let (q_dim, kv_row) = (num_heads * head_dim, num_kv_heads * head_dim);
+        // A fused projection row, q then k then v.
+        let qkv = random_bf16(&mut rng, tokens * (q_dim + 2 * kv_row), 2.0);
+        let (mut q, mut k, v) = twins::split_qkv(&qkv, tokens, q_dim, kv_row);
+        let dqkv = gpu.up_bf16(&qkv)?;
+        let mut dq = gpu.zeros::<u16>(tokens * q_dim)?;
         let (dcos, dsin, dslots) = (gpu.up(&cos)?, gpu.up(&sin)?, gpu.up(&slots)?);
         let mut dkc = gpu.zeros::<u16>(num_slots * kv_row)?;
         let mut dvc = gpu.zeros::<u16>(num_slots * kv_row)?;
         let (nh, nkv, hd) = (num_heads as i32, num_kv_heads as i32, head_dim as i32);
+        let stride = (q_dim + 2 * kv_row) as i32;
         let f = gpu.func("rope_kv.cu", "rope_kv_write_bf16")?;
         let mut b = gpu.stream.launch_builder(&f);
-        b.arg(&mut dq).arg(&mut dk).arg(&dv).arg(&dcos).arg(&dsin).arg(&dslots);
+        b.arg(&dqkv).arg(&stride).arg(&mut dq).arg(&dcos).arg(&dsin).arg(&dslots);
         b.arg(&mut dkc).arg(&mut dvc).arg(&nh).arg(&nkv).arg(&hd);
         // SAFETY: argument list matches rope_kv_write_bf16; every slot is below num_slots.
         unsafe { b.launch(cfg((n32(tokens), 1, 1), 256)) }?;
@@ -95,9 +97,7 @@ pub(super) fn check_rope(gpu: &mut Gpu, checks: &mut Vec<Check>) -> Result<(), C
         let shape_t = twins::RopeShape { num_heads, num_kv_heads, head_dim };
         twins::rope_kv_write(&mut q, &mut k, &v, &cos, &sin, &slots, &mut kc, &mut vc, shape_t);
         let shape = format!("tokens={tokens} heads={num_heads}/{num_kv_heads} head_dim={head_dim}");
-        for (what, dev, want) in
-            [("q", &dq, &q), ("k", &dk, &k), ("k cache", &dkc, &kc), ("v cache", &dvc, &vc)]
-        {
+        for (what, dev, want) in [("q", &dq, &q), ("k cache", &dkc, &kc), ("v cache", &dvc, &vc)] {
             let got = gpu.down_bf16(dev, want.len())?;
             compare(
                 checks,
@@ -217,7 +217,8 @@ pub(super) fn check_attention(gpu: &mut Gpu, checks: &mut Vec<Check>) -> Result<
         let (dq, dk, dv) = (gpu.up_bf16(&q)?, gpu.up_bf16(&kc)?, gpu.up_bf16(&vc)?);
         let (dseq, dpos, dtab) = (gpu.up(&row_seq)?, gpu.up(&row_pos)?, gpu.up(&tables)?);
         let max_ctx = seq_shapes.iter().map(|s| s.1).max().unwrap_or(1);
-        for partition in [64usize, 512, 1 << 20] {
+        // Partitions of at most ATTN_MAX_KEYS (512) keys.
+        for partition in [64usize, 200, 512] {
             let parts = max_ctx.div_ceil(partition);
             let mut pm = gpu.zeros::<f32>(rows * num_heads * parts)?;
             let mut pl = gpu.zeros::<f32>(rows * num_heads * parts)?;
@@ -237,7 +238,7 @@ pub(super) fn check_attention(gpu: &mut Gpu, checks: &mut Vec<Check>) -> Result<
             b.arg(&mut pm).arg(&mut pl).arg(&mut po).arg(&nh).arg(&nkv).arg(&hd).arg(&bsz);
             b.arg(&ps).arg(&scale);
             // SAFETY: argument list matches paged_attention_partial_bf16; partial buffers hold
-            // rows * heads * parts entries; 128 threads = ATTN_WARPS warps.
+            // rows * heads * parts entries; 128 threads = ATTN_THREADS.
             unsafe { b.launch(cfg((n32(num_heads), n32(rows), n32(parts)), 128)) }?;
             let f = gpu.func("paged_attention.cu", "paged_attention_combine_bf16")?;
             let mut b = gpu.stream.launch_builder(&f);

@@ -50,34 +50,16 @@ pub(super) fn check_gemm(ops: &mut CudaOps, checks: &mut Vec<Check>) -> Result<(
             want.iter().map(|&v| crate::backend::cuda::twins::round_bf16(v as f32)).collect();
         let want_f32: Vec<f32> = want.iter().map(|&v| v as f32).collect();
         let shape = format!("m={m} n={n} k={k} weight rows from {row0}");
-        // Few rows go to gemv.cu; check cuBLASLt on them too.
-        let paths: &[(bool, &str)] =
-            if m <= 8 { &[(true, "gemv"), (false, "gemm")] } else { &[(true, "gemm")] };
-        for &(use_gemv, name) in paths {
-            ops.use_gemv = use_gemv;
-            let mut dy = ops.gpu.zeros::<u16>(m * n)?;
-            let run = ops.matmul(&dx, &dw, row0, &mut dy, (m, n, k));
-            let got = run.and_then(|()| ops.gpu.down_bf16(&dy, m * n));
-            let got = match got {
-                Ok(g) => g,
-                Err(e) => {
-                    ops.use_gemv = true;
-                    return Err(e);
-                }
-            };
-            let what = format!("{name}_bf16");
-            compare(checks, &what, shape.clone(), &got, &want_bf16, BF16_RTOL, BF16_ATOL);
-            if row0 == 0 {
-                let mut dl = ops.gpu.zeros::<f32>(m * n)?;
-                let run = ops.matmul_logits(&dx, &dw, &mut dl, (m, n, k));
-                let got = run.and_then(|()| ops.gpu.down(&dl));
-                ops.use_gemv = true;
-                let got = got?;
-                let what = format!("{name}_bf16_f32_out");
-                compare(checks, &what, shape.clone(), &got[..m * n], &want_f32, 1e-3, 1e-3);
-            }
+        let mut dy = ops.gpu.zeros::<u16>(m * n)?;
+        ops.matmul(&dx, &dw, row0, &mut dy, (m, n, k))?;
+        let got = ops.gpu.down_bf16(&dy, m * n)?;
+        compare(checks, "gemm_bf16", shape.clone(), &got, &want_bf16, BF16_RTOL, BF16_ATOL);
+        if row0 == 0 {
+            let mut dl = ops.gpu.zeros::<f32>(m * n)?;
+            ops.matmul_logits(&dx, &dw, &mut dl, (m, n, k))?;
+            let got = ops.gpu.down(&dl)?;
+            compare(checks, "gemm_bf16_f32_out", shape, &got[..m * n], &want_f32, 1e-3, 1e-3);
         }
-        ops.use_gemv = true;
     }
     Ok(())
 }
