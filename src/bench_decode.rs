@@ -86,6 +86,11 @@ pub struct DecodeStep {
     /// GPU: milliseconds per kind of operation in one more (profiled) step.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gpu_ms_by_op: Option<Vec<(String, f64)>>,
+    /// GPU: the same step replayed as one CUDA graph (batch upload and ids download included).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cuda_graph_step_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cuda_graph_fraction_of_floor: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -124,6 +129,9 @@ impl BenchDecodeResult {
                 s.floor_ms,
                 100.0 * s.fraction_of_floor
             );
+            if let (Some(ms), Some(f)) = (s.cuda_graph_step_ms, s.cuda_graph_fraction_of_floor) {
+                println!("        as a CUDA graph: {ms:.2} ms, {:.0}% of floor", 100.0 * f);
+            }
             for (op, ms) in s.gpu_ms_by_op.iter().flatten() {
                 println!("        {op:<24} {ms:>8.3} ms");
             }
@@ -256,6 +264,8 @@ fn decode_step(
         floor_ms: floor * 1e3,
         fraction_of_floor: floor / step,
         gpu_ms_by_op: None,
+        cuda_graph_step_ms: None,
+        cuda_graph_fraction_of_floor: None,
     }
 }
 

@@ -1,7 +1,7 @@
 //! [`DecoderOps`] on a CUDA device: the kernels of `kernels/*.cu` and cuBLASLt.
 
 use cudarc::driver::sys::{CUdevice_attribute, CUevent_flags};
-use cudarc::driver::{CudaEvent, CudaFunction, CudaSlice, PushKernelArg};
+use cudarc::driver::{CudaEvent, CudaFunction, CudaGraph, CudaSlice, PushKernelArg};
 
 use super::{DecoderOps, DecoderShape, DecoderWeights, StepBatch};
 use crate::backend::cuda::gemm::{addr, Gemm, OutType};
@@ -159,6 +159,50 @@ impl CudaOps {
         Ok(rates[rates.len() / 2])
     }
 
+    /// Copies `batch` into the buffers of `step` in place (a captured forward reads them at
+    /// fixed addresses). The batch must have the same shape as the one `step` was made from.
+    pub fn upload_into(
+        &mut self,
+        step: &mut CudaStep,
+        b: &StepBatch,
+        cos: &[f32],
+        sin: &[f32],
+    ) -> R {
+        if b.rows() != step.rows
+            || b.max_blocks != step.max_blocks
+            || b.max_context != step.max_context
+            || b.block_tables.len() != step.tables.len()
+            || cos.len() != step.cos.len()
+        {
+            return Err(CudaError::Shape("a captured forward replayed on another shape".into()));
+        }
+        let st = &self.gpu.stream;
+        st.memcpy_htod(&b.tokens, &mut step.tokens)?;
+        st.memcpy_htod(cos, &mut step.cos)?;
+        st.memcpy_htod(sin, &mut step.sin)?;
+        st.memcpy_htod(&b.slots, &mut step.slots)?;
+        st.memcpy_htod(&b.row_seq, &mut step.row_seq)?;
+        st.memcpy_htod(&b.row_pos, &mut step.row_pos)?;
+        st.memcpy_htod(&b.block_tables, &mut step.tables)?;
+        Ok(())
+    }
+
+    /// Records what `f` puts on the stream as a CUDA graph instead of running it. `f` must not
+    /// allocate, copy to or from the host, or wait: run it once uncaptured first, so every
+    /// buffer and cuBLASLt plan it needs exists.
+    pub fn capture(&mut self, f: impl FnOnce(&mut Self) -> R) -> Result<CudaGraph, CudaError> {
+        use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+        self.gpu.stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
+        let recorded = f(self);
+        // End the capture whatever happened, so the stream is usable again.
+        let graph = self
+            .gpu
+            .stream
+            .end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH);
+        recorded?;
+        graph?.ok_or_else(|| CudaError::Driver("stream capture recorded nothing".into()))
+    }
+
     /// Split-K partitions for a forward of `rows` rows: enough blocks to fill the SMs a few
     /// times over, no partition under 64 keys or over the kernel's ATTN_MAX_KEYS.
     fn partitions(&self, rows: usize, heads: usize, max_context: usize) -> (usize, usize) {
@@ -172,6 +216,7 @@ impl DecoderOps for CudaOps {
     type Logits = CudaSlice<f32>;
     type Step = CudaStep;
     type Cache = CudaCache;
+    type Ids = (CudaSlice<u32>, CudaSlice<f32>);
 
     fn mark(&mut self, name: &'static str) -> R {
         if let Some(p) = &mut self.profile {
@@ -364,21 +409,38 @@ impl DecoderOps for CudaOps {
         Ok(())
     }
 
+    fn ids(&mut self, rows: usize) -> Result<(CudaSlice<u32>, CudaSlice<f32>), CudaError> {
+        Ok((self.gpu.zeros(rows)?, self.gpu.zeros(rows)?))
+    }
+
     fn argmax(
         &mut self,
         logits: &CudaSlice<f32>,
         rows: usize,
         vocab: usize,
-    ) -> Result<Vec<(u32, f32)>, CudaError> {
-        let (mut ids, mut lps) = (self.gpu.zeros::<u32>(rows)?, self.gpu.zeros::<f32>(rows)?);
+        (ids, lps): &mut (CudaSlice<u32>, CudaSlice<f32>),
+    ) -> R {
+        check_len(ids.len().min(lps.len()), rows, "ids")?;
         let v = vocab as i32;
         let mut b = self.gpu.stream.launch_builder(&self.k.argmax);
-        b.arg(logits).arg(&v).arg(&mut ids).arg(&mut lps);
+        b.arg(logits).arg(&v).arg(ids).arg(lps);
         // SAFETY: argument list matches argmax_logprob_f32, launched with the 1024 threads its
-        // shared arrays are sized for.
+        // shared arrays are sized for; ids and lps hold `rows` entries (checked).
         unsafe { b.launch(cfg((n32(rows), 1, 1), 1024)) }?;
-        let (ids, lps) = (self.gpu.down(&ids)?, self.gpu.down(&lps)?);
+        Ok(())
+    }
+
+    fn read_ids(
+        &mut self,
+        (ids, lps): &(CudaSlice<u32>, CudaSlice<f32>),
+        rows: usize,
+    ) -> Result<Vec<(u32, f32)>, CudaError> {
+        let (ids, lps) = (self.gpu.down(ids)?, self.gpu.down(lps)?);
         Ok(ids.into_iter().zip(lps).take(rows).collect())
+    }
+
+    fn rows(&self, step: &CudaStep) -> usize {
+        step.rows
     }
 
     fn logits_to_host(&mut self, logits: &CudaSlice<f32>, n: usize) -> Result<Vec<f32>, CudaError> {

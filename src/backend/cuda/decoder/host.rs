@@ -32,6 +32,7 @@ impl DecoderOps for HostOps {
     type Logits = Vec<f32>;
     type Step = HostStep;
     type Cache = HostCache;
+    type Ids = Vec<(u32, f32)>;
 
     fn act(&mut self, n: usize) -> Result<Vec<f32>, CudaError> {
         Ok(vec![0.0; n])
@@ -179,13 +180,32 @@ impl DecoderOps for HostOps {
         Ok(())
     }
 
+    fn ids(&mut self, rows: usize) -> Result<Vec<(u32, f32)>, CudaError> {
+        Ok(vec![(0, 0.0); rows])
+    }
+
     fn argmax(
         &mut self,
         logits: &Vec<f32>,
         rows: usize,
         vocab: usize,
+        out: &mut Vec<(u32, f32)>,
+    ) -> R {
+        let ids = logits[..rows * vocab].chunks_exact(vocab).map(twins::argmax_logprob);
+        out.iter_mut().zip(ids).for_each(|(o, i)| *o = i);
+        Ok(())
+    }
+
+    fn read_ids(
+        &mut self,
+        ids: &Vec<(u32, f32)>,
+        rows: usize,
     ) -> Result<Vec<(u32, f32)>, CudaError> {
-        Ok(logits[..rows * vocab].chunks_exact(vocab).map(twins::argmax_logprob).collect())
+        Ok(ids[..rows].to_vec())
+    }
+
+    fn rows(&self, step: &HostStep) -> usize {
+        step.batch.rows()
     }
 
     fn logits_to_host(&mut self, logits: &Vec<f32>, n: usize) -> Result<Vec<f32>, CudaError> {

@@ -247,6 +247,8 @@ pub trait DecoderOps {
     type Step;
     /// One layer's K and V cache: `[slots, kv_heads, head_dim]` each.
     type Cache;
+    /// Greedy ids and log-probabilities of a forward's rows.
+    type Ids;
 
     /// Marks the start of the next stretch of operations, named for a time breakdown (no-op
     /// unless the implementation is profiling).
@@ -329,13 +331,20 @@ pub trait DecoderOps {
         rows: usize,
         inter: usize,
     ) -> R;
-    /// Greedy id and its log-probability per row.
+    /// Where a forward leaves each row's greedy id and its log-probability.
+    fn ids(&mut self, rows: usize) -> Result<Self::Ids, CudaError>;
+    /// Greedy id and its log-probability per row, into `out`.
     fn argmax(
         &mut self,
         logits: &Self::Logits,
         rows: usize,
         vocab: usize,
-    ) -> Result<Vec<(u32, f32)>, CudaError>;
+        out: &mut Self::Ids,
+    ) -> R;
+    /// The first `rows` of `ids` on the host (waits for the forward that writes them).
+    fn read_ids(&mut self, ids: &Self::Ids, rows: usize) -> Result<Vec<(u32, f32)>, CudaError>;
+    /// Rows of a batch made ready.
+    fn rows(&self, step: &Self::Step) -> usize;
     fn logits_to_host(&mut self, logits: &Self::Logits, n: usize) -> Result<Vec<f32>, CudaError>;
 }
 
@@ -352,6 +361,7 @@ pub struct Scratch<O: DecoderOps> {
     act: O::Act,
     down: O::Act,
     pub logits: O::Logits,
+    pub ids: O::Ids,
 }
 
 impl<O: DecoderOps> Scratch<O> {
@@ -368,6 +378,7 @@ impl<O: DecoderOps> Scratch<O> {
             act: ops.act(rows * s.inter)?,
             down: ops.act(rows * s.hidden)?,
             logits: ops.logits(rows * s.vocab)?,
+            ids: ops.ids(rows)?,
         })
     }
 }
@@ -383,7 +394,27 @@ pub fn forward<O: DecoderOps>(
     batch: &StepBatch,
     sc: &mut Scratch<O>,
 ) -> Result<Vec<(u32, f32)>, CudaError> {
-    let rows = batch.rows();
+    let (cos, sin) = rope_tables(inv_freq, &batch.positions);
+    ops.mark("upload + embedding")?;
+    let step = ops.upload(batch, &cos, &sin)?;
+    forward_on_device(ops, s, w, caches, &step, sc)?;
+    ops.mark("ids to host")?;
+    let ids = ops.read_ids(&sc.ids, batch.rows())?;
+    ops.mark("end")?;
+    Ok(ids)
+}
+
+/// The part of a forward that runs on the device alone, from the uploaded batch to the greedy
+/// ids in `scratch.ids`: no host copy and no wait, so it can be captured and replayed.
+pub fn forward_on_device<O: DecoderOps>(
+    ops: &mut O,
+    s: &DecoderShape,
+    w: &DecoderWeights<O::Weight>,
+    caches: &mut [O::Cache],
+    step: &O::Step,
+    sc: &mut Scratch<O>,
+) -> R {
+    let rows = ops.rows(step);
     if rows > sc.rows || caches.len() != w.layers.len() {
         return Err(CudaError::Shape(format!(
             "{rows} rows for scratch of {}, {} caches for {} layers",
@@ -392,11 +423,8 @@ pub fn forward<O: DecoderOps>(
             w.layers.len()
         )));
     }
-    let (cos, sin) = rope_tables(inv_freq, &batch.positions);
-    ops.mark("upload + embedding")?;
-    let step = ops.upload(batch, &cos, &sin)?;
     let (hid, qd) = (s.hidden, s.q_dim());
-    ops.embedding(&step, &w.embed, &mut sc.x, s)?;
+    ops.embedding(step, &w.embed, &mut sc.x, s)?;
     for (l, (lw, cache)) in w.layers.iter().zip(caches.iter_mut()).enumerate() {
         // The MLP output of the layer before joins the residual stream here.
         ops.mark("norms")?;
@@ -408,9 +436,9 @@ pub fn forward<O: DecoderOps>(
         ops.mark("qkv gemm")?;
         ops.matmul(&sc.h, &lw.qkv, 0, &mut sc.qkv, (rows, s.qkv_rows(), hid))?;
         ops.mark("rope + kv write")?;
-        ops.rope_kv_write(&step, &sc.qkv, &mut sc.q, cache, s)?;
+        ops.rope_kv_write(step, &sc.qkv, &mut sc.q, cache, s)?;
         ops.mark("attention")?;
-        ops.attention(&step, &sc.q, cache, &mut sc.attn, s)?;
+        ops.attention(step, &sc.q, cache, &mut sc.attn, s)?;
         ops.mark("o gemm")?;
         ops.matmul(&sc.attn, &lw.o, 0, &mut sc.o, (rows, hid, qd))?;
         ops.mark("norms")?;
@@ -430,10 +458,8 @@ pub fn forward<O: DecoderOps>(
     }
     ops.mark("lm_head gemm")?;
     ops.matmul_logits(&sc.h, &w.lm_head, &mut sc.logits, (rows, s.vocab, hid))?;
-    ops.mark("argmax + ids to host")?;
-    let ids = ops.argmax(&sc.logits, rows, s.vocab)?;
-    ops.mark("end")?;
-    Ok(ids)
+    ops.mark("argmax")?;
+    ops.argmax(&sc.logits, rows, s.vocab, &mut sc.ids)
 }
 
 /// The CPU twin of `fill_uniform_bf16`: the same hash, so the same values before rounding.

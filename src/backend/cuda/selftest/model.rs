@@ -8,8 +8,8 @@ use super::{compare, random_bf16, Check, BF16_ATOL, BF16_RTOL};
 use crate::backend::cuda::decoder::cuda::CudaOps;
 use crate::backend::cuda::decoder::host::{HostCache, HostOps};
 use crate::backend::cuda::decoder::{
-    fill_uniform_host, forward, DecoderOps, DecoderShape, DecoderWeights, Scratch, SeqRows,
-    StepBatch,
+    fill_uniform_host, forward, forward_on_device, rope_tables, DecoderOps, DecoderShape,
+    DecoderWeights, Scratch, SeqRows, StepBatch,
 };
 use crate::backend::cuda::CudaError;
 
@@ -152,6 +152,19 @@ pub(super) fn check_decoder(ops: &mut CudaOps, checks: &mut Vec<Check>) -> Resul
         }
         let shape = format!("{shape}, {} of {n} rows clear", g.len());
         compare(checks, "decoder_end_to_end (greedy ids)", shape, &g, &w, 0.0, 0.0);
+        if step == 3 {
+            check_replay(
+                ops,
+                &s,
+                &weights,
+                &inv_freq,
+                &mut gpu_caches,
+                &batch,
+                &mut gsc,
+                &got,
+                checks,
+            )?;
+        }
         // Next: each sequence decodes the CPU's greedy token after its last row.
         let mut last = 0;
         for sr in seqs.iter_mut() {
@@ -160,5 +173,33 @@ pub(super) fn check_decoder(ops: &mut CudaOps, checks: &mut Vec<Check>) -> Resul
             sr.tokens = vec![want_ids[last - 1].0];
         }
     }
+    Ok(())
+}
+
+/// The last decode step again, captured as a CUDA graph and replayed: the logits must equal
+/// the eager run's exactly (same kernels, same inputs, same order).
+#[allow(clippy::too_many_arguments)]
+fn check_replay(
+    ops: &mut CudaOps,
+    s: &DecoderShape,
+    weights: &DecoderWeights<cudarc::driver::CudaSlice<u16>>,
+    inv_freq: &[f32],
+    caches: &mut [crate::backend::cuda::decoder::cuda::CudaCache],
+    batch: &StepBatch,
+    sc: &mut Scratch<CudaOps>,
+    eager: &[f32],
+    checks: &mut Vec<Check>,
+) -> Result<(), CudaError> {
+    let (cos, sin) = rope_tables(inv_freq, &batch.positions);
+    let mut step = ops.upload(batch, &cos, &sin)?;
+    let graph = ops.capture(|o| forward_on_device(o, s, weights, caches, &step, sc))?;
+    // Replayed twice, with the batch copied in again between, as a server would.
+    for _ in 0..2 {
+        ops.upload_into(&mut step, batch, &cos, &sin)?;
+        graph.launch()?;
+    }
+    let got = ops.logits_to_host(&sc.logits, batch.rows() * s.vocab)?;
+    let shape = format!("{} decode rows, replayed twice", batch.rows());
+    compare(checks, "decoder_cuda_graph (logits)", shape, &got, eager, 0.0, 0.0);
     Ok(())
 }
