@@ -46,7 +46,8 @@ impl Gpu {
         // tracking has nothing to order; leaving it on would record an event per argument.
         unsafe { ctx.disable_event_tracking() };
         Ok(Self {
-            stream: ctx.default_stream(),
+            // A stream of its own: the legacy default stream cannot be captured into a graph.
+            stream: ctx.new_stream()?,
             ctx,
             toolkit,
             arch,
