@@ -91,6 +91,9 @@ pub struct DecodeStep {
     pub cuda_graph_step_ms: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cuda_graph_fraction_of_floor: Option<f64>,
+    /// GPU: why the CUDA graph replay could not be measured, if it could not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cuda_graph_error: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -131,6 +134,9 @@ impl BenchDecodeResult {
             );
             if let (Some(ms), Some(f)) = (s.cuda_graph_step_ms, s.cuda_graph_fraction_of_floor) {
                 println!("        as a CUDA graph: {ms:.2} ms, {:.0}% of floor", 100.0 * f);
+            }
+            if let Some(e) = &s.cuda_graph_error {
+                println!("        as a CUDA graph: failed: {e}");
             }
             for (op, ms) in s.gpu_ms_by_op.iter().flatten() {
                 println!("        {op:<24} {ms:>8.3} ms");
@@ -266,6 +272,7 @@ fn decode_step(
         gpu_ms_by_op: None,
         cuda_graph_step_ms: None,
         cuda_graph_fraction_of_floor: None,
+        cuda_graph_error: None,
     }
 }
 

@@ -79,29 +79,18 @@ pub fn run(
         times.sort_by(f64::total_cmp);
         let step = times[times.len() / 2];
         // The same step replayed as one CUDA graph: the batch copied into fixed buffers, every
-        // launch of the forward recorded once.
-        let graph_ms = {
-            let (cos, sin) = rope_tables(&inv_freq, &step_batch.positions);
-            let mut step = ops.upload(&step_batch, &cos, &sin)?;
-            forward_on_device(&mut ops, &s, &weights, &mut caches, &step, &mut scratch)?;
-            ops.gpu.sync()?;
-            let graph = ops.capture(|o| {
-                forward_on_device(o, &s, &weights, &mut caches, &step, &mut scratch)
-            })?;
-            let mut times = Vec::with_capacity(steps);
-            for i in 0..steps + 2 {
-                let t = Instant::now();
-                let (cos, sin) = rope_tables(&inv_freq, &step_batch.positions);
-                ops.upload_into(&mut step, &step_batch, &cos, &sin)?;
-                graph.launch()?;
-                std::hint::black_box(ops.read_ids(&scratch.ids, batch)?);
-                if i >= 2 {
-                    times.push(t.elapsed().as_secs_f64());
-                }
-            }
-            times.sort_by(f64::total_cmp);
-            times[times.len() / 2] * 1e3
-        };
+        // launch of the forward recorded once. A failure here is reported, not fatal.
+        let graph = graph_step(
+            &mut ops,
+            &s,
+            &weights,
+            &inv_freq,
+            &mut caches,
+            &step_batch,
+            &mut scratch,
+            steps,
+        );
+        ops.gpu.sync()?;
         ops.start_profile();
         forward(&mut ops, &s, &weights, &inv_freq, &mut caches, &step_batch, &mut scratch)?;
         let by_op = ops.finish_profile()?;
@@ -117,8 +106,9 @@ pub fn run(
             floor_ms: floor * 1e3,
             fraction_of_floor: floor / step,
             gpu_ms_by_op: Some(by_op),
-            cuda_graph_step_ms: Some(graph_ms),
-            cuda_graph_fraction_of_floor: Some(floor / (graph_ms / 1e3)),
+            cuda_graph_step_ms: graph.as_ref().ok().copied(),
+            cuda_graph_fraction_of_floor: graph.as_ref().ok().map(|ms| floor / (ms / 1e3)),
+            cuda_graph_error: graph.err().map(|e| e.to_string()),
         });
         drop(caches);
         ops.gpu.sync()?;
@@ -133,4 +123,37 @@ pub fn run(
         read_bandwidth_bytes_per_s: bandwidth,
         steps: out,
     })
+}
+
+/// Median milliseconds of `steps` decode steps replayed as a CUDA graph: batch upload into
+/// fixed buffers, graph launch, greedy ids back on the host.
+#[allow(clippy::too_many_arguments)]
+fn graph_step(
+    ops: &mut CudaOps,
+    s: &DecoderShape,
+    weights: &DecoderWeights<cudarc::driver::CudaSlice<u16>>,
+    inv_freq: &[f32],
+    caches: &mut [super::decoder::cuda::CudaCache],
+    batch: &StepBatch,
+    scratch: &mut Scratch<CudaOps>,
+    steps: usize,
+) -> Result<f64, CudaError> {
+    let (cos, sin) = rope_tables(inv_freq, &batch.positions);
+    let mut step = ops.upload(batch, &cos, &sin)?;
+    forward_on_device(ops, s, weights, caches, &step, scratch)?;
+    ops.gpu.sync()?;
+    let graph = ops.capture(|o| forward_on_device(o, s, weights, caches, &step, scratch))?;
+    let mut times = Vec::with_capacity(steps);
+    for i in 0..steps + 2 {
+        let t = Instant::now();
+        let (cos, sin) = rope_tables(inv_freq, &batch.positions);
+        ops.upload_into(&mut step, batch, &cos, &sin)?;
+        graph.launch()?;
+        std::hint::black_box(ops.read_ids(&scratch.ids, batch.rows())?);
+        if i >= 2 {
+            times.push(t.elapsed().as_secs_f64());
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2] * 1e3)
 }
