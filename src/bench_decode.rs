@@ -47,8 +47,8 @@ pub struct BenchDecodeArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
-    /// cpu, cuda, cuda:N or auto. On a GPU the model is `--dummy-weights` in bf16, made on
-    /// the device.
+    /// cpu, cuda, cuda:N or auto. On a GPU the model runs in bf16 (`--weights-dtype` is for
+    /// the CPU); `--dummy-weights` are made on the device.
     #[arg(long, default_value = "cpu")]
     pub device: String,
 }
@@ -67,8 +67,6 @@ pub enum BenchDecodeError {
     Threads { threads: usize, detail: String },
     #[error(transparent)]
     Cuda(#[from] crate::backend::cuda::CudaError),
-    #[error("on a GPU, bench-decode runs --dummy-weights models only")]
-    GpuNeedsDummy,
 }
 
 #[derive(Debug, Serialize)]
@@ -154,12 +152,28 @@ pub fn run(args: &BenchDecodeArgs) -> Result<BenchDecodeResult, BenchDecodeError
     }
     let spec: DeviceSpec = args.device.parse()?;
     if let ResolvedDevice::Cuda { .. } = spec.resolve()? {
-        let model = args.dummy_weights.ok_or(BenchDecodeError::GpuNeedsDummy)?;
+        use crate::backend::cuda::bench::GpuModel;
         let home = coserve_home();
+        let source = match args.dummy_weights {
+            Some(d) => GpuModel::Dummy(d),
+            None => {
+                let path = match &args.model {
+                    Some(p) => p.clone(),
+                    None => ensure_default_model(&home)?,
+                };
+                // Dequantized to f32 on the host, then rounded to bf16 for the device.
+                let loaded = load_model(&path, WeightsDtype::F32)?;
+                let model = crate::backend::cuda::decoder::from_model::from_llama(
+                    &loaded.model,
+                    crate::backend::cuda::bench::BLOCK_SIZE,
+                )?;
+                GpuModel::Host { name: loaded.default_name, model: Box::new(model) }
+            }
+        };
         return Ok(crate::backend::cuda::bench::run(
             spec,
             &home,
-            model,
+            source,
             &args.batch,
             args.context,
             args.steps,

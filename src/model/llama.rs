@@ -68,6 +68,12 @@ impl Llama {
         Self { config, embed, layers, norm, lm_head, inv_freq }
     }
 
+    /// RoPE inverse frequencies, one per pair of dimensions (scaling and the file's frequency
+    /// factors applied).
+    pub fn inv_freq(&self) -> &[f32] {
+        &self.inv_freq
+    }
+
     pub fn lm_head(&self) -> &WeightMatrix {
         self.lm_head.as_ref().unwrap_or(&self.embed)
     }

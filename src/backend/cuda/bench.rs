@@ -1,5 +1,5 @@
-//! `coserve bench-decode --device cuda`: decode steps of `--dummy-weights` models in bf16 on
-//! the GPU, next to the memory-bandwidth floor (weights and cached K/V read once per step, at
+//! `coserve bench-decode --device cuda`: decode steps of a model in bf16 on the GPU (random
+//! weights of a real shape made on the device, or a loaded model's weights copied there), next to the memory-bandwidth floor (weights and cached K/V read once per step, at
 //! the measured device-to-device copy bandwidth).
 
 use std::path::Path;
@@ -8,6 +8,7 @@ use std::time::Instant;
 use rand::{Rng, SeedableRng};
 
 use super::decoder::cuda::CudaOps;
+use super::decoder::from_model::HostModel;
 use super::decoder::{
     forward, forward_on_device, rope_tables, DecoderOps, DecoderShape, DecoderWeights, Scratch,
     SeqRows, StepBatch,
@@ -17,29 +18,46 @@ use super::{CudaError, DeviceSpec};
 use crate::bench_decode::{BenchDecodeResult, DecodeStep};
 use crate::model::loader::dummy::DummyModel;
 
-const BLOCK_SIZE: usize = 16;
+pub const BLOCK_SIZE: usize = 16;
+
+/// The model a GPU benchmark runs.
+pub enum GpuModel {
+    /// Random weights of a real shape, made on the device.
+    Dummy(DummyModel),
+    /// A loaded model's weights, copied to the device.
+    Host { name: String, model: Box<HostModel> },
+}
 
 pub fn run(
     spec: DeviceSpec,
     home: &Path,
-    model: DummyModel,
+    source: GpuModel,
     batches: &[usize],
     context: usize,
     steps: usize,
 ) -> Result<BenchDecodeResult, CudaError> {
-    let config = model.config();
-    let s = DecoderShape::new(&config, BLOCK_SIZE)?;
-    if context + 1 > config.max_position_embeddings {
-        return Err(CudaError::Shape(format!(
-            "--context {context} leaves no room for a decode in {model}'s {} positions",
-            config.max_position_embeddings
-        )));
-    }
     let gpu = Gpu::open(spec, home, "bench-decode on a GPU")?;
     let device = gpu.device.to_string();
     let mut ops = CudaOps::new(gpu)?;
-    let weights = ops.dummy_weights(&s, 1)?;
-    let inv_freq = config.rope_inv_freq();
+    let (name, s, weights, inv_freq, max_positions) = match source {
+        GpuModel::Dummy(model) => {
+            let config = model.config();
+            let s = DecoderShape::new(&config, BLOCK_SIZE)?;
+            let weights = ops.dummy_weights(&s, 1)?;
+            let max = config.max_position_embeddings;
+            (format!("dummy {model}"), s, weights, config.rope_inv_freq(), max)
+        }
+        GpuModel::Host { name, model } => {
+            let weights = ops.upload_weights(&model.shape, &model.weights)?;
+            let HostModel { shape, inv_freq, max_positions, .. } = *model;
+            (name, shape, weights, inv_freq, max_positions)
+        }
+    };
+    if context + 1 > max_positions {
+        return Err(CudaError::Shape(format!(
+            "--context {context} leaves no room for a decode in {name}'s {max_positions} positions"
+        )));
+    }
     let bandwidth = ops.copy_bandwidth()?;
     let bytes: usize = DecoderWeights::<()>::layout(&s).iter().map(|t| 2 * t.0).sum();
     let embed_bytes = 2 * s.vocab * s.hidden;
@@ -114,7 +132,7 @@ pub fn run(
         ops.gpu.sync()?;
     }
     Ok(BenchDecodeResult {
-        model: format!("dummy {model}"),
+        model: name,
         device,
         weights_dtype: "bf16".into(),
         threads: 0,

@@ -132,6 +132,16 @@ impl CudaOps {
         DecoderWeights::from_tensors(s, tensors)
     }
 
+    /// Host weights (bf16 values held as f32) copied to the device as bf16.
+    pub fn upload_weights(
+        &mut self,
+        s: &DecoderShape,
+        w: &DecoderWeights<Vec<f32>>,
+    ) -> Result<DecoderWeights<CudaSlice<u16>>, CudaError> {
+        let tensors = w.tensors().iter().map(|t| self.gpu.up_bf16(t)).collect::<Result<_, _>>()?;
+        DecoderWeights::from_tensors(s, tensors)
+    }
+
     /// One layer's cache of `blocks` blocks, zeroed.
     pub fn cache(&mut self, s: &DecoderShape, blocks: usize) -> Result<CudaCache, CudaError> {
         let n = blocks * s.block_size * s.kv_dim();

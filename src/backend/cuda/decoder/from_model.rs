@@ -1,0 +1,69 @@
+//! A loaded model's weights in the decoder's layout, rounded to bf16: what the GPU decoder is
+//! given (uploaded as they are) and what its CPU-twin oracle runs on.
+
+use rayon::prelude::*;
+
+use super::{DecoderShape, DecoderWeights, LayerWeights};
+use crate::backend::cuda::twins::round_bf16;
+use crate::backend::cuda::CudaError;
+use crate::model::llama::Llama;
+use crate::model::weights::WeightMatrix;
+
+/// A model as the decoder takes it, on the host.
+pub struct HostModel {
+    pub shape: DecoderShape,
+    /// Row-major, each value rounded to bf16.
+    pub weights: DecoderWeights<Vec<f32>>,
+    /// RoPE inverse frequencies.
+    pub inv_freq: Vec<f32>,
+    pub max_positions: usize,
+}
+
+/// `model` in the decoder's layout, with `block_size`-token cache blocks.
+pub fn from_llama(model: &Llama, block_size: usize) -> Result<HostModel, CudaError> {
+    let s = DecoderShape::new(&model.config, block_size)?;
+    let want = |w: &WeightMatrix, rows: usize, cols: usize, what: &str| {
+        if w.rows == rows && w.cols == cols {
+            Ok(dense_bf16(w))
+        } else {
+            Err(CudaError::Shape(format!(
+                "{what} is {}x{}, the config says {rows}x{cols}",
+                w.rows, w.cols
+            )))
+        }
+    };
+    let norm = |v: &[f32]| v.iter().map(|&x| round_bf16(x)).collect::<Vec<f32>>();
+    let mut layers = Vec::with_capacity(model.layers.len());
+    for (i, l) in model.layers.iter().enumerate() {
+        layers.push(LayerWeights {
+            attn_norm: norm(&l.attn_norm),
+            qkv: want(&l.wqkv, s.qkv_rows(), s.hidden, &format!("layer {i} qkv"))?,
+            o: want(&l.wo, s.hidden, s.q_dim(), &format!("layer {i} o"))?,
+            mlp_norm: norm(&l.ffn_norm),
+            gate_up: want(&l.w_gate_up, 2 * s.inter, s.hidden, &format!("layer {i} gate_up"))?,
+            down: want(&l.w_down, s.hidden, s.inter, &format!("layer {i} down"))?,
+        });
+    }
+    let embed = want(&model.embed, s.vocab, s.hidden, "the embedding")?;
+    let lm_head = match &model.lm_head {
+        Some(h) => want(h, s.vocab, s.hidden, "the output head")?,
+        None => embed.clone(), // tied
+    };
+    let weights = DecoderWeights { embed, layers, norm: norm(&model.norm), lm_head };
+    Ok(HostModel {
+        shape: s,
+        weights,
+        inv_freq: model.inv_freq().to_vec(),
+        max_positions: model.config.max_position_embeddings,
+    })
+}
+
+/// Every row of `w` dequantized and rounded to bf16.
+fn dense_bf16(w: &WeightMatrix) -> Vec<f32> {
+    let mut out = vec![0f32; w.rows * w.cols];
+    out.par_chunks_mut(w.cols.max(1)).enumerate().for_each(|(r, row)| {
+        w.row_into(r, row);
+        row.iter_mut().for_each(|v| *v = round_bf16(*v));
+    });
+    out
+}
