@@ -86,6 +86,25 @@ pub fn rms_norm_backward(x: &[f32], w: &[f32], eps: f32, dy: &[f32], dx: &mut [f
     );
 }
 
+/// Gradient of `act = silu(g) ⊙ u` over fused `[g | u]` rows: writes `d_gate_up`
+/// (`[rows, 2 inter]`) from `d_act` (`[rows, inter]`).
+pub fn silu_mul_backward(gate_up: &[f32], d_act: &[f32], inter: usize, d_gate_up: &mut [f32]) {
+    for ((gu, da), dgu) in gate_up
+        .chunks_exact(2 * inter)
+        .zip(d_act.chunks_exact(inter))
+        .zip(d_gate_up.chunks_exact_mut(2 * inter))
+    {
+        let (g, u) = gu.split_at(inter);
+        let (dg, du) = dgu.split_at_mut(inter);
+        for i in 0..inter {
+            let sig = 1.0 / (1.0 + (-g[i]).exp());
+            let silu = g[i] * sig;
+            du[i] = da[i] * silu;
+            dg[i] = da[i] * u[i] * sig * (1.0 + g[i] * (1.0 - sig));
+        }
+    }
+}
+
 /// Gradients of one adapted projection over the sample: accumulates `dA`, `dB` into `grad`
 /// and adds the LoRA part of `dX` to `dx`. `x` is the projection's input (before dropout),
 /// `dy` its output gradient (a column view of the fused projection's), `u` the saved
@@ -197,21 +216,7 @@ pub fn backward_layer(
     propagate(dh, &wt.w_down, t, hs, inter, &mut d_act);
     adapted(TargetModule::DownProj, &act, dh, hs, 0, &mut d_act);
     let mut d_gu = vec![0f32; t * 2 * inter];
-    for ((gu, da), dgu) in acts
-        .gate_up
-        .chunks_exact(2 * inter)
-        .zip(d_act.chunks_exact(inter))
-        .zip(d_gu.chunks_exact_mut(2 * inter))
-    {
-        let (g, u) = gu.split_at(inter);
-        let (dg, du) = dgu.split_at_mut(inter);
-        for i in 0..inter {
-            let sig = 1.0 / (1.0 + (-g[i]).exp());
-            let silu = g[i] * sig;
-            du[i] = da[i] * silu;
-            dg[i] = da[i] * u[i] * sig * (1.0 + g[i] * (1.0 - sig));
-        }
-    }
+    silu_mul_backward(&acts.gate_up, &d_act, inter, &mut d_gu);
 
     let mut x2 = vec![0f32; t * hs];
     rms_norm(&acts.h_mid, &layer.ffn_norm, eps, &mut x2);

@@ -42,6 +42,10 @@ pub const KERNEL_FILES: &[KernelFile] = &[
     kernel_file!("lora.cu", ["lora_shrink_bf16", "lora_expand_bf16"]),
     kernel_file!("adamw.cu", ["adamw_f32"]),
     kernel_file!("init.cu", ["fill_uniform_bf16"]),
+    kernel_file!(
+        "backward.cu",
+        ["rms_norm_backward_f32", "silu_mul_backward_f32", "rope_backward_f32"]
+    ),
 ];
 
 /// The architectures `coserve kernels check` compiles for: A100 and H100.

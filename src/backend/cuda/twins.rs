@@ -94,6 +94,31 @@ pub fn silu_mul(gate_up: &[f32], inter: usize) -> Vec<f32> {
     out
 }
 
+/// `rms_norm_backward_f32`: adds the input gradient of `rms_norm(x) * w` to `dx`.
+pub fn rms_norm_backward(x: &[f32], w: &[f32], eps: f32, dy: &[f32], dx: &mut [f32]) {
+    crate::model::backward::rms_norm_backward(x, w, eps, dy, dx);
+}
+
+/// `silu_mul_backward_f32`.
+pub fn silu_mul_backward(gate_up: &[f32], d_act: &[f32], inter: usize) -> Vec<f32> {
+    let mut out = vec![0f32; gate_up.len()];
+    crate::model::backward::silu_mul_backward(gate_up, d_act, inter, &mut out);
+    out
+}
+
+/// `rope_backward_f32`: rotates the q and k heads of each `stride`-wide row by −angle.
+pub fn rope_backward(d_qkv: &mut [f32], stride: usize, cos: &[f32], sin: &[f32], s: RopeShape) {
+    let half = s.head_dim / 2;
+    let neg_sin: Vec<f32> = sin.iter().map(|v| -v).collect();
+    for (t, row) in d_qkv.chunks_exact_mut(stride).enumerate() {
+        let (c, sn) = (&cos[t * half..(t + 1) * half], &neg_sin[t * half..(t + 1) * half]);
+        for head in row[..(s.num_heads + s.num_kv_heads) * s.head_dim].chunks_exact_mut(s.head_dim)
+        {
+            crate::model::llama::apply_rope(head, c, sn);
+        }
+    }
+}
+
 /// `embedding_bf16`: rows of `table`, zeros for an id outside it.
 pub fn embedding(ids: &[u32], table: &[f32], hidden: usize) -> Vec<f32> {
     let vocab = table.len() / hidden;

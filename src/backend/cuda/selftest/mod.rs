@@ -1,6 +1,7 @@
 //! `coserve selftest --device cuda`: runs every kernel on the GPU at several shapes and
 //! compares it with its CPU twin (`twins`) on the same bf16-rounded inputs.
 
+mod backward;
 mod layers;
 mod model;
 mod training;
@@ -44,7 +45,7 @@ pub struct Report {
 pub fn run(spec: DeviceSpec, home: &Path) -> Result<Report, CudaError> {
     let mut gpu = Gpu::open(spec, home, "the selftest (CUDA kernels against their CPU twins)")?;
     let mut checks = Vec::new();
-    let suites: [(&str, Suite); 9] = [
+    let suites: [(&str, Suite); 10] = [
         ("rms_norm_bf16", layers::check_norm),
         ("rope_kv_write_bf16", layers::check_rope),
         ("silu_mul_bf16", layers::check_silu),
@@ -54,6 +55,7 @@ pub fn run(spec: DeviceSpec, home: &Path) -> Result<Report, CudaError> {
         ("cross_entropy_f32", training::check_cross_entropy),
         ("lora_bf16", training::check_lora),
         ("adamw_f32", training::check_adamw),
+        ("backward_f32", backward::check_backward),
     ];
     for (name, suite) in suites {
         // Synchronise after each suite so an asynchronous fault is reported against it.

@@ -1,0 +1,90 @@
+//! Checks of the backward kernels fine-tuning needs, against the CPU training path's own
+//! functions on the same bf16-rounded activations.
+
+use cudarc::driver::PushKernelArg;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::{cfg, compare, n32, random_bf16, Check, Gpu};
+use crate::backend::cuda::twins;
+use crate::backend::cuda::CudaError;
+
+/// fp32 gradients: the kernels and twins differ only by summation order and `expf` flavour.
+const F32_RTOL: f64 = 1e-4;
+const F32_ATOL: f64 = 1e-5;
+
+fn random_f32(rng: &mut StdRng, n: usize, range: f32) -> Vec<f32> {
+    (0..n).map(|_| rng.random_range(-range..range)).collect()
+}
+
+pub(super) fn check_backward(gpu: &mut Gpu, checks: &mut Vec<Check>) -> Result<(), CudaError> {
+    let mut rng = StdRng::seed_from_u64(21);
+    let eps = 1e-5f32;
+    for (rows, hidden) in [(3usize, 576usize), (5, 4096)] {
+        let x = random_bf16(&mut rng, rows * hidden, 2.0);
+        let w = random_bf16(&mut rng, hidden, 1.0);
+        let dy = random_f32(&mut rng, rows * hidden, 1.0);
+        let mut dx = random_f32(&mut rng, rows * hidden, 1.0); // added to, not overwritten
+        let mut gdx = gpu.up(&dx)?;
+        let (gx, gw, gdy) = (gpu.up_bf16(&x)?, gpu.up_bf16(&w)?, gpu.up(&dy)?);
+        let h = hidden as i32;
+        let f = gpu.func("backward.cu", "rms_norm_backward_f32")?;
+        let mut b = gpu.stream.launch_builder(&f);
+        b.arg(&gx).arg(&gw).arg(&gdy).arg(&mut gdx).arg(&h).arg(&eps);
+        // SAFETY: argument list matches rms_norm_backward_f32; all buffers hold rows * hidden.
+        unsafe { b.launch(cfg((n32(rows), 1, 1), 256)) }?;
+        twins::rms_norm_backward(&x, &w, eps, &dy, &mut dx);
+        let got = gpu.down(&gdx)?;
+        let shape = format!("rows={rows} hidden={hidden} (added to a nonzero dx)");
+        compare(checks, "rms_norm_backward_f32", shape, &got, &dx, F32_RTOL, F32_ATOL);
+    }
+
+    for (rows, inter) in [(3usize, 1536usize), (2, 14336)] {
+        let gu = random_bf16(&mut rng, rows * 2 * inter, 4.0);
+        let da = random_f32(&mut rng, rows * inter, 1.0);
+        let (ggu, gda) = (gpu.up_bf16(&gu)?, gpu.up(&da)?);
+        let mut gout = gpu.zeros::<f32>(rows * 2 * inter)?;
+        let (r, i) = (rows as i32, inter as i32);
+        let f = gpu.func("backward.cu", "silu_mul_backward_f32")?;
+        let mut b = gpu.stream.launch_builder(&f);
+        b.arg(&ggu).arg(&gda).arg(&mut gout).arg(&r).arg(&i);
+        // SAFETY: argument list matches silu_mul_backward_f32 (grid-stride over rows * inter).
+        unsafe { b.launch(cfg((n32((rows * inter).div_ceil(256).min(4096)), 1, 1), 256)) }?;
+        let got = gpu.down(&gout)?;
+        let want = twins::silu_mul_backward(&gu, &da, inter);
+        let shape = format!("rows={rows} inter={inter}");
+        compare(checks, "silu_mul_backward_f32", shape, &got, &want, F32_RTOL, F32_ATOL);
+    }
+
+    let positions = [0usize, 1, 17, 300, 4000];
+    for (num_heads, num_kv_heads, head_dim) in [(9usize, 3usize, 64usize), (32, 8, 128)] {
+        let (tokens, half) = (positions.len(), head_dim / 2);
+        let (mut cos, mut sin) = (Vec::new(), Vec::new());
+        for &p in &positions {
+            for i in 0..half {
+                let f = 1.0 / 10000f32.powf(2.0 * i as f32 / head_dim as f32);
+                let angle = (p as f32 * f) as f64;
+                cos.push(angle.cos() as f32);
+                sin.push(angle.sin() as f32);
+            }
+        }
+        // Rows of q, k and v gradients; v's part must come back untouched.
+        let stride = (num_heads + 2 * num_kv_heads) * head_dim;
+        let mut d = random_f32(&mut rng, tokens * stride, 1.0);
+        let mut gd = gpu.up(&d)?;
+        let (gcos, gsin) = (gpu.up(&cos)?, gpu.up(&sin)?);
+        let (st, nh, nkv, hd) =
+            (stride as i32, num_heads as i32, num_kv_heads as i32, head_dim as i32);
+        let f = gpu.func("backward.cu", "rope_backward_f32")?;
+        let mut b = gpu.stream.launch_builder(&f);
+        b.arg(&mut gd).arg(&st).arg(&gcos).arg(&gsin).arg(&nh).arg(&nkv).arg(&hd);
+        // SAFETY: argument list matches rope_backward_f32; d holds tokens rows of `stride`.
+        unsafe { b.launch(cfg((n32(tokens), 1, 1), 256)) }?;
+        let shape_t = twins::RopeShape { num_heads, num_kv_heads, head_dim };
+        twins::rope_backward(&mut d, stride, &cos, &sin, shape_t);
+        let got = gpu.down(&gd)?;
+        let shape = format!("tokens={tokens} heads={num_heads}/{num_kv_heads} head_dim={head_dim}");
+        compare(checks, "rope_backward_f32", shape, &got, &d, F32_RTOL, F32_ATOL);
+    }
+    Ok(())
+}
