@@ -46,6 +46,10 @@ pub const KERNEL_FILES: &[KernelFile] = &[
         "backward.cu",
         ["rms_norm_backward_f32", "silu_mul_backward_f32", "rope_backward_f32"]
     ),
+    kernel_file!(
+        "attention_backward.cu",
+        ["attention_backward_dq_f32", "attention_backward_dkv_f32"]
+    ),
 ];
 
 /// The architectures `coserve kernels check` compiles for: A100 and H100.

@@ -88,3 +88,62 @@ pub(super) fn check_backward(gpu: &mut Gpu, checks: &mut Vec<Check>) -> Result<(
     }
     Ok(())
 }
+
+pub(super) fn check_attention_backward(
+    gpu: &mut Gpu,
+    checks: &mut Vec<Check>,
+) -> Result<(), CudaError> {
+    use crate::model::attention_backward::{attention_backward, AttnBackwardInput};
+    let mut rng = StdRng::seed_from_u64(22);
+    for (len, nh, nkv, hd) in [(37usize, 4usize, 2usize, 64usize), (300, 32, 8, 128)] {
+        let q = random_bf16(&mut rng, len * nh * hd, 1.0);
+        let k = random_bf16(&mut rng, len * nkv * hd, 1.0);
+        let v = random_bf16(&mut rng, len * nkv * hd, 1.0);
+        let o = random_bf16(&mut rng, len * nh * hd, 1.0);
+        let d_o = random_f32(&mut rng, len * nh * hd, 1.0);
+        let scale = 1.0 / (hd as f32).sqrt();
+        let (want_dq, want_dk, want_dv) = attention_backward(&AttnBackwardInput {
+            q: &q,
+            k: &k,
+            v: &v,
+            o: &o,
+            d_o: &d_o,
+            len,
+            num_heads: nh,
+            num_kv_heads: nkv,
+            head_dim: hd,
+            scale,
+        });
+        let (gq, gk, gv, go) =
+            (gpu.up_bf16(&q)?, gpu.up_bf16(&k)?, gpu.up_bf16(&v)?, gpu.up_bf16(&o)?);
+        let gdo = gpu.up(&d_o)?;
+        let mut gdq = gpu.zeros::<f32>(len * nh * hd)?;
+        let (mut glse, mut gdelta) = (gpu.zeros::<f32>(len * nh)?, gpu.zeros::<f32>(len * nh)?);
+        let (mut gdk, mut gdv) =
+            (gpu.zeros::<f32>(len * nkv * hd)?, gpu.zeros::<f32>(len * nkv * hd)?);
+        let (l, h, kv, d) = (len as i32, nh as i32, nkv as i32, hd as i32);
+        let f = gpu.func("attention_backward.cu", "attention_backward_dq_f32")?;
+        let mut b = gpu.stream.launch_builder(&f);
+        b.arg(&gq).arg(&gk).arg(&gv).arg(&go).arg(&gdo).arg(&mut gdq).arg(&mut glse);
+        b.arg(&mut gdelta).arg(&l).arg(&h).arg(&kv).arg(&d).arg(&scale);
+        // SAFETY: argument list matches attention_backward_dq_f32; len <= AB_MAX_LEN, head_dim
+        // a multiple of 32 up to 256, AB_THREADS threads.
+        unsafe { b.launch(cfg((n32(nh), n32(len), 1), 128)) }?;
+        let f = gpu.func("attention_backward.cu", "attention_backward_dkv_f32")?;
+        let mut b = gpu.stream.launch_builder(&f);
+        b.arg(&gq).arg(&gk).arg(&gv).arg(&gdo).arg(&glse).arg(&gdelta).arg(&mut gdk);
+        b.arg(&mut gdv).arg(&l).arg(&h).arg(&kv).arg(&d).arg(&scale);
+        // SAFETY: argument list matches attention_backward_dkv_f32, as above.
+        unsafe { b.launch(cfg((n32(nkv), n32(len), 1), 128)) }?;
+        let shape = format!("len={len} heads={nh}/{nkv} head_dim={hd}");
+        // Sums over up to `len` keys or queries: fp32, in another order than the twin's GEMMs.
+        for (what, dev, want) in
+            [("dq", &gdq, &want_dq), ("dk", &gdk, &want_dk), ("dv", &gdv, &want_dv)]
+        {
+            let got = gpu.down(dev)?;
+            let name = format!("attention_backward_f32 ({what})");
+            compare(checks, &name, shape.clone(), &got, want, 1e-3, 1e-3);
+        }
+    }
+    Ok(())
+}

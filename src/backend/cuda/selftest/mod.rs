@@ -45,7 +45,7 @@ pub struct Report {
 pub fn run(spec: DeviceSpec, home: &Path) -> Result<Report, CudaError> {
     let mut gpu = Gpu::open(spec, home, "the selftest (CUDA kernels against their CPU twins)")?;
     let mut checks = Vec::new();
-    let suites: [(&str, Suite); 10] = [
+    let suites: [(&str, Suite); 11] = [
         ("rms_norm_bf16", layers::check_norm),
         ("rope_kv_write_bf16", layers::check_rope),
         ("silu_mul_bf16", layers::check_silu),
@@ -56,6 +56,7 @@ pub fn run(spec: DeviceSpec, home: &Path) -> Result<Report, CudaError> {
         ("lora_bf16", training::check_lora),
         ("adamw_f32", training::check_adamw),
         ("backward_f32", backward::check_backward),
+        ("attention_backward_f32", backward::check_attention_backward),
     ];
     for (name, suite) in suites {
         // Synchronise after each suite so an asynchronous fault is reported against it.
