@@ -221,7 +221,9 @@ fn alignment(p: CUdeviceptr) -> u32 {
     1u32 << p.trailing_zeros().min(8)
 }
 
-/// The device address of a buffer, `offset` elements in.
+/// The device address of a buffer, `offset` elements in. The guard cudarc returns is dropped at
+/// once: with event tracking off (`Gpu::open`) it does nothing, and keeping the buffer alive
+/// while the stream uses the address is the caller's job.
 pub fn addr<T>(x: &CudaSlice<T>, stream: &CudaStream, offset: usize) -> CUdeviceptr {
     let (p, _guard) = cudarc::driver::DevicePtr::device_ptr(x, stream);
     p + (offset * size_of::<T>()) as CUdeviceptr

@@ -29,6 +29,8 @@ pub struct CudaOps {
     /// Split-K partials of attention, grown to the largest forward seen.
     part_ml: (CudaSlice<f32>, CudaSlice<f32>),
     part_o: CudaSlice<f32>,
+    /// Set while a forward is being captured: nothing may be allocated then.
+    capturing: bool,
     /// Named events of a profiled forward (`start_profile`).
     profile: Option<Vec<(&'static str, CudaEvent)>>,
 }
@@ -45,6 +47,7 @@ pub struct CudaStep {
     tables: CudaSlice<i32>,
     max_blocks: usize,
     max_context: usize,
+    blocks_needed: usize,
 }
 
 /// One layer's K and V cache, `[slots, kv_heads, head_dim]` bf16 each.
@@ -83,7 +86,16 @@ impl CudaOps {
             gpu.ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
         let part_ml = (gpu.zeros::<f32>(1)?, gpu.zeros::<f32>(1)?);
         let part_o = gpu.zeros::<f32>(1)?;
-        Ok(Self { gemm, k, sms: sms.max(1) as usize, part_ml, part_o, gpu, profile: None })
+        Ok(Self {
+            gemm,
+            k,
+            sms: sms.max(1) as usize,
+            part_ml,
+            part_o,
+            gpu,
+            profile: None,
+            capturing: false,
+        })
     }
 
     /// Records an event at each `mark` from now on.
@@ -182,7 +194,9 @@ impl CudaOps {
             || b.max_blocks != step.max_blocks
             || b.max_context != step.max_context
             || b.block_tables.len() != step.tables.len()
+            || b.blocks_needed > step.blocks_needed
             || cos.len() != step.cos.len()
+            || sin.len() != step.sin.len()
         {
             return Err(CudaError::Shape("a captured forward replayed on another shape".into()));
         }
@@ -199,11 +213,19 @@ impl CudaOps {
 
     /// Records what `f` puts on the stream as a CUDA graph instead of running it. `f` must not
     /// allocate, copy to or from the host, or wait: run it once uncaptured first, so every
-    /// buffer and cuBLASLt plan it needs exists.
+    /// buffer and cuBLASLt plan it needs exists (attention refuses to grow its buffers during a
+    /// capture). The graph holds raw addresses of the weights, caches, scratch, step and this
+    /// value's attention partials: replay it only while all of them live, and before any
+    /// larger forward regrows the partials.
     pub fn capture(&mut self, f: impl FnOnce(&mut Self) -> R) -> Result<CudaGraph, CudaError> {
         use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+        if self.profile.is_some() {
+            return Err(CudaError::Driver("a profiled forward cannot be captured".into()));
+        }
         self.gpu.stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
+        self.capturing = true;
         let recorded = f(self);
+        self.capturing = false;
         // End the capture whatever happened, so the stream is usable again.
         let graph = self
             .gpu
@@ -256,6 +278,7 @@ impl DecoderOps for CudaOps {
             tables: g.up(&b.block_tables)?,
             max_blocks: b.max_blocks,
             max_context: b.max_context,
+            blocks_needed: b.blocks_needed,
         })
     }
 
@@ -320,8 +343,9 @@ impl DecoderOps for CudaOps {
         check_len(y.len(), m * n, "matmul output")?;
         let st = &self.gpu.stream;
         let (xp, wp, yp) = (addr(x, st, 0), addr(w, st, row0 * k), addr(y, st, 0));
-        // SAFETY: the lengths were checked above; all three live until the stream runs it
-        // (the caller holds them for the whole forward, which ends in a synchronising copy).
+        // SAFETY: the lengths were checked above. The buffers are borrowed for this call only:
+        // callers keep them alive until the stream has run the product (`forward` ends in a
+        // synchronising copy; a captured graph must not outlive them, see `capture`).
         unsafe { self.gemm.matmul(xp, wp, yp, (m, n, k), OutType::Bf16) }
     }
 
@@ -349,6 +373,7 @@ impl DecoderOps for CudaOps {
         cache: &mut CudaCache,
         s: &DecoderShape,
     ) -> R {
+        check_cache(cache, st, s)?;
         check_len(qkv.len(), st.rows * s.qkv_rows(), "qkv")?;
         check_len(q_out.len(), st.rows * s.q_dim(), "q")?;
         let (nh, nkv, hd) = (s.heads as i32, s.kv_heads as i32, s.head_dim as i32);
@@ -356,9 +381,8 @@ impl DecoderOps for CudaOps {
         let mut b = self.gpu.stream.launch_builder(&self.k.rope_kv_write);
         b.arg(qkv).arg(&stride).arg(q_out).arg(&st.cos).arg(&st.sin).arg(&st.slots);
         b.arg(&mut cache.k).arg(&mut cache.v).arg(&nh).arg(&nkv).arg(&hd);
-        // SAFETY: argument list matches rope_kv_write_bf16; qkv and q_out hold the rows (checked
-        // above) and every slot lies in the cache (the batch's block tables were built against
-        // it).
+        // SAFETY: argument list matches rope_kv_write_bf16; qkv and q_out hold the rows and the
+        // cache holds every block the batch's tables reach (both checked above).
         unsafe { b.launch(cfg((n32(st.rows), 1, 1), WIDE_ROW_THREADS)) }?;
         Ok(())
     }
@@ -372,7 +396,16 @@ impl DecoderOps for CudaOps {
         s: &DecoderShape,
     ) -> R {
         let (parts, size) = self.partitions(st.rows, s.heads, st.max_context);
+        check_cache(cache, st, s)?;
         let n_ml = st.rows * s.heads * parts;
+        let grow = self.part_ml.0.len() < n_ml || self.part_o.len() < n_ml * s.head_dim;
+        if grow && self.capturing {
+            return Err(CudaError::Shape(
+                "attention would grow its buffers while being captured: run the forward once \
+                 uncaptured first"
+                    .into(),
+            ));
+        }
         if self.part_ml.0.len() < n_ml {
             self.part_ml = (self.gpu.zeros(n_ml)?, self.gpu.zeros(n_ml)?);
         }
@@ -466,6 +499,18 @@ fn partitions(sms: usize, rows: usize, heads: usize, max_context: usize) -> (usi
     let parts = want.clamp(1, max_context.div_ceil(64).max(1));
     let size = max_context.div_ceil(parts).clamp(1, ATTN_MAX_KEYS);
     (max_context.div_ceil(size).max(1), size)
+}
+
+/// The cache holds every block the batch's tables reach, K and V alike.
+fn check_cache(cache: &CudaCache, st: &CudaStep, s: &DecoderShape) -> R {
+    let blocks = cache.k.len() / (s.block_size * s.kv_dim()).max(1);
+    if cache.k.len() != cache.v.len() || blocks < st.blocks_needed {
+        return Err(CudaError::Shape(format!(
+            "the batch reaches block {} of a {blocks}-block cache",
+            st.blocks_needed.saturating_sub(1)
+        )));
+    }
+    Ok(())
 }
 
 fn check_len(have: usize, need: usize, what: &str) -> R {

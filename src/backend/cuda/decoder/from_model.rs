@@ -32,14 +32,21 @@ pub fn from_llama(model: &Llama, block_size: usize) -> Result<HostModel, CudaErr
             )))
         }
     };
-    let norm = |v: &[f32]| v.iter().map(|&x| round_bf16(x)).collect::<Vec<f32>>();
+    let hidden = s.hidden;
+    let norm = |v: &[f32], what: &str| {
+        if v.len() == hidden {
+            Ok(v.iter().map(|&x| round_bf16(x)).collect::<Vec<f32>>())
+        } else {
+            Err(CudaError::Shape(format!("{what} has {} weights for hidden {hidden}", v.len())))
+        }
+    };
     let mut layers = Vec::with_capacity(model.layers.len());
     for (i, l) in model.layers.iter().enumerate() {
         layers.push(LayerWeights {
-            attn_norm: norm(&l.attn_norm),
+            attn_norm: norm(&l.attn_norm, &format!("layer {i} attn_norm"))?,
             qkv: want(&l.wqkv, s.qkv_rows(), s.hidden, &format!("layer {i} qkv"))?,
             o: want(&l.wo, s.hidden, s.q_dim(), &format!("layer {i} o"))?,
-            mlp_norm: norm(&l.ffn_norm),
+            mlp_norm: norm(&l.ffn_norm, &format!("layer {i} ffn_norm"))?,
             gate_up: want(&l.w_gate_up, 2 * s.inter, s.hidden, &format!("layer {i} gate_up"))?,
             down: want(&l.w_down, s.hidden, s.inter, &format!("layer {i} down"))?,
         });
@@ -49,7 +56,8 @@ pub fn from_llama(model: &Llama, block_size: usize) -> Result<HostModel, CudaErr
         Some(h) => want(h, s.vocab, s.hidden, "the output head")?,
         None => embed.clone(), // tied
     };
-    let weights = DecoderWeights { embed, layers, norm: norm(&model.norm), lm_head };
+    let weights =
+        DecoderWeights { embed, layers, norm: norm(&model.norm, "the final norm")?, lm_head };
     Ok(HostModel {
         shape: s,
         weights,

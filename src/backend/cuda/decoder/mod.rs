@@ -29,20 +29,12 @@ pub struct DecoderShape {
 
 impl DecoderShape {
     pub fn new(c: &LlamaConfig, block_size: usize) -> Result<Self, CudaError> {
-        let bad = |why: String| Err(CudaError::Shape(why));
         if c.attention_bias {
-            return bad("the CUDA decoder has no attention biases yet (Qwen2)".into());
+            return Err(CudaError::Shape(
+                "the CUDA decoder has no attention biases yet (Qwen2)".into(),
+            ));
         }
-        if c.head_dim % 32 != 0 || c.head_dim > 256 || c.head_dim == 0 {
-            return bad(format!("head_dim {} is not a multiple of 32 up to 256", c.head_dim));
-        }
-        if c.num_kv_heads == 0 || c.num_heads % c.num_kv_heads != 0 {
-            return bad(format!("{} heads do not share {} kv heads", c.num_heads, c.num_kv_heads));
-        }
-        if c.hidden_size == 0 || c.intermediate_size == 0 || c.vocab_size == 0 || block_size == 0 {
-            return bad("empty model dimension".into());
-        }
-        Ok(Self {
+        let s = Self {
             vocab: c.vocab_size,
             hidden: c.hidden_size,
             inter: c.intermediate_size,
@@ -52,7 +44,25 @@ impl DecoderShape {
             head_dim: c.head_dim,
             eps: c.rms_norm_eps as f32,
             block_size,
-        })
+        };
+        s.check()?;
+        Ok(s)
+    }
+
+    /// The limits the kernels rely on (checked again by every forward, since the fields are
+    /// public).
+    pub fn check(&self) -> Result<(), CudaError> {
+        let bad = |why: String| Err(CudaError::Shape(why));
+        if self.head_dim % 32 != 0 || self.head_dim > 256 || self.head_dim == 0 {
+            return bad(format!("head_dim {} is not a multiple of 32 up to 256", self.head_dim));
+        }
+        if self.kv_heads == 0 || self.heads % self.kv_heads != 0 {
+            return bad(format!("{} heads do not share {} kv heads", self.heads, self.kv_heads));
+        }
+        if self.hidden == 0 || self.inter == 0 || self.vocab == 0 || self.block_size == 0 {
+            return bad("empty model dimension".into());
+        }
+        Ok(())
     }
 
     pub fn q_dim(&self) -> usize {
@@ -167,6 +177,8 @@ pub struct StepBatch {
     pub max_blocks: usize,
     /// The longest context a row attends to (its position + 1).
     pub max_context: usize,
+    /// Blocks the tables reach (the highest block id + 1): a cache must hold at least these.
+    pub blocks_needed: usize,
 }
 
 impl StepBatch {
@@ -181,11 +193,13 @@ impl StepBatch {
             block_tables: vec![0; seqs.len() * max_blocks],
             max_blocks,
             max_context: 0,
+            blocks_needed: 0,
             seqs: Vec::new(),
         };
         let too_big = |what: &str| CudaError::Shape(format!("{what} does not fit an i32"));
         for (si, s) in seqs.iter().enumerate() {
             for (j, &blk) in s.block_table.iter().enumerate() {
+                b.blocks_needed = b.blocks_needed.max(blk as usize + 1);
                 b.block_tables[si * max_blocks + j] =
                     i32::try_from(blk).map_err(|_| too_big("a block id"))?;
             }
@@ -203,6 +217,9 @@ impl StepBatch {
             }
         }
         // grid.y of the attention launch.
+        if b.tokens.is_empty() {
+            return Err(CudaError::Shape("a forward of no rows".into()));
+        }
         if b.tokens.len() > 65_535 {
             return Err(CudaError::Shape(format!(
                 "{} rows in one forward (at most 65535)",
@@ -395,6 +412,13 @@ pub fn forward<O: DecoderOps>(
     batch: &StepBatch,
     sc: &mut Scratch<O>,
 ) -> Result<Vec<(u32, f32)>, CudaError> {
+    if inv_freq.len() != s.head_dim / 2 {
+        return Err(CudaError::Shape(format!(
+            "{} RoPE frequencies for head_dim {}",
+            inv_freq.len(),
+            s.head_dim
+        )));
+    }
     let (cos, sin) = rope_tables(inv_freq, &batch.positions);
     ops.mark("upload + embedding")?;
     let step = ops.upload(batch, &cos, &sin)?;
@@ -415,6 +439,7 @@ pub fn forward_on_device<O: DecoderOps>(
     step: &O::Step,
     sc: &mut Scratch<O>,
 ) -> R {
+    s.check()?;
     let rows = ops.rows(step);
     if rows > sc.rows || caches.len() != w.layers.len() {
         return Err(CudaError::Shape(format!(
@@ -496,6 +521,8 @@ mod tests {
         assert_eq!(b.row_seq, [0, 0, 0, 1]);
         assert_eq!(b.block_tables, [4, 9, 2, 0]);
         assert_eq!(b.max_context, 18);
+        assert_eq!(b.blocks_needed, 10);
+        assert!(StepBatch::new(Vec::new(), 16).is_err());
         let past = vec![SeqRows { tokens: vec![1], start: 16, block_table: vec![0] }];
         assert!(StepBatch::new(past, 16).is_err());
     }
