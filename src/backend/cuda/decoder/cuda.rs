@@ -235,6 +235,29 @@ impl CudaOps {
         graph?.ok_or_else(|| CudaError::Driver("stream capture recorded nothing".into()))
     }
 
+    /// `y[m, n] = x[m, k] · w[row0 .. row0 + n, k]ᵀ` by cuBLASLt, `y` of the element type `out`
+    /// names.
+    fn product<T>(
+        &mut self,
+        x: &CudaSlice<u16>,
+        w: &CudaSlice<u16>,
+        row0: usize,
+        y: &mut CudaSlice<T>,
+        (m, n, k): (usize, usize, usize),
+        out: OutType,
+    ) -> R {
+        check_len(x.len(), m * k, "product input")?;
+        check_len(w.len(), (row0 + n) * k, "product weight")?;
+        check_len(y.len(), m * n, "product output")?;
+        let st = &self.gpu.stream;
+        let (xp, wp, yp) = (addr(x, st, 0), addr(w, st, row0 * k), addr(y, st, 0));
+        // SAFETY: the lengths were checked above and `out` is `y`'s element type (the callers
+        // pair them). The buffers are borrowed for this call only: callers keep them alive until
+        // the stream has run the product (`forward` ends in a synchronising copy; a captured
+        // graph must not outlive them, see `capture`).
+        unsafe { self.gemm.matmul(xp, wp, yp, (m, n, k), out) }
+    }
+
     /// Split-K partitions for a forward of `rows` rows: enough blocks to fill the SMs a few
     /// times over, no partition under 64 keys or over the kernel's ATTN_MAX_KEYS.
     fn partitions(&self, rows: usize, heads: usize, max_context: usize) -> (usize, usize) {
@@ -336,17 +359,9 @@ impl DecoderOps for CudaOps {
         w: &CudaSlice<u16>,
         row0: usize,
         y: &mut CudaSlice<u16>,
-        (m, n, k): (usize, usize, usize),
+        mnk: (usize, usize, usize),
     ) -> R {
-        check_len(x.len(), m * k, "matmul input")?;
-        check_len(w.len(), (row0 + n) * k, "matmul weight")?;
-        check_len(y.len(), m * n, "matmul output")?;
-        let st = &self.gpu.stream;
-        let (xp, wp, yp) = (addr(x, st, 0), addr(w, st, row0 * k), addr(y, st, 0));
-        // SAFETY: the lengths were checked above. The buffers are borrowed for this call only:
-        // callers keep them alive until the stream has run the product (`forward` ends in a
-        // synchronising copy; a captured graph must not outlive them, see `capture`).
-        unsafe { self.gemm.matmul(xp, wp, yp, (m, n, k), OutType::Bf16) }
+        self.product(x, w, row0, y, mnk, OutType::Bf16)
     }
 
     fn matmul_logits(
@@ -354,15 +369,9 @@ impl DecoderOps for CudaOps {
         x: &CudaSlice<u16>,
         w: &CudaSlice<u16>,
         y: &mut CudaSlice<f32>,
-        (m, n, k): (usize, usize, usize),
+        mnk: (usize, usize, usize),
     ) -> R {
-        check_len(x.len(), m * k, "logits input")?;
-        check_len(w.len(), n * k, "lm_head")?;
-        check_len(y.len(), m * n, "logits")?;
-        let st = &self.gpu.stream;
-        let (xp, wp, yp) = (addr(x, st, 0), addr(w, st, 0), addr(y, st, 0));
-        // SAFETY: as in `matmul`.
-        unsafe { self.gemm.matmul(xp, wp, yp, (m, n, k), OutType::F32) }
+        self.product(x, w, 0, y, mnk, OutType::F32)
     }
 
     fn rope_kv_write(
