@@ -94,6 +94,26 @@ pub struct DecodeStep {
     pub cuda_graph_error: Option<String>,
 }
 
+impl DecodeStep {
+    /// A step of `batch` rows taking `step_s` seconds and reading `bytes_read` bytes, next to
+    /// its floor at `bandwidth` bytes per second.
+    pub fn new(batch: usize, step_s: f64, bytes_read: usize, bandwidth: f64) -> Self {
+        let floor = bytes_read as f64 / bandwidth;
+        Self {
+            batch,
+            step_ms: step_s * 1e3,
+            tokens_per_s: batch as f64 / step_s,
+            bytes_read,
+            floor_ms: floor * 1e3,
+            fraction_of_floor: floor / step_s,
+            gpu_ms_by_op: None,
+            cuda_graph_step_ms: None,
+            cuda_graph_fraction_of_floor: None,
+            cuda_graph_error: None,
+        }
+    }
+}
+
 #[derive(Debug, Serialize)]
 pub struct BenchDecodeResult {
     pub model: String,
@@ -275,19 +295,7 @@ fn decode_step(
     let step = times[times.len() / 2];
     let kv_bytes = batch * (context + 1) * c.num_layers * 2 * row * std::mem::size_of::<f32>();
     let bytes_read = model.weight_bytes() + kv_bytes;
-    let floor = bytes_read as f64 / bandwidth;
-    DecodeStep {
-        batch,
-        step_ms: step * 1e3,
-        tokens_per_s: batch as f64 / step,
-        bytes_read,
-        floor_ms: floor * 1e3,
-        fraction_of_floor: floor / step,
-        gpu_ms_by_op: None,
-        cuda_graph_step_ms: None,
-        cuda_graph_fraction_of_floor: None,
-        cuda_graph_error: None,
-    }
+    DecodeStep::new(batch, step, bytes_read, bandwidth)
 }
 
 /// Read bandwidth of the current pool: the median of five sums of a 512 MiB buffer.

@@ -117,16 +117,11 @@ pub fn run(
         let bytes_read = bytes - embed_bytes + batch * s.hidden * 2 + kv_bytes;
         let floor = bytes_read as f64 / bandwidth;
         out.push(DecodeStep {
-            batch,
-            step_ms: step * 1e3,
-            tokens_per_s: batch as f64 / step,
-            bytes_read,
-            floor_ms: floor * 1e3,
-            fraction_of_floor: floor / step,
             gpu_ms_by_op: Some(by_op),
             cuda_graph_step_ms: graph.as_ref().ok().copied(),
             cuda_graph_fraction_of_floor: graph.as_ref().ok().map(|ms| floor / (ms / 1e3)),
             cuda_graph_error: graph.err().map(|e| e.to_string()),
+            ..DecodeStep::new(batch, step, bytes_read, bandwidth)
         });
         drop(caches);
         ops.gpu.sync()?;
