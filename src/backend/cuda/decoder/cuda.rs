@@ -154,12 +154,6 @@ impl CudaOps {
         DecoderWeights::from_tensors(s, tensors)
     }
 
-    /// One layer's cache of `blocks` blocks, zeroed.
-    pub fn cache(&mut self, s: &DecoderShape, blocks: usize) -> Result<CudaCache, CudaError> {
-        let n = blocks * s.block_size * s.kv_dim();
-        Ok(CudaCache { k: self.gpu.zeros(n)?, v: self.gpu.zeros(n)? })
-    }
-
     /// Device-to-device copy bandwidth, bytes read plus bytes written per second: the median
     /// of ten copies of 1 GiB, timed by events on the stream.
     pub fn copy_bandwidth(&mut self) -> Result<f64, CudaError> {
@@ -286,6 +280,11 @@ impl DecoderOps for CudaOps {
 
     fn logits(&mut self, n: usize) -> Result<CudaSlice<f32>, CudaError> {
         self.gpu.zeros(n)
+    }
+
+    fn cache(&mut self, s: &DecoderShape, blocks: usize) -> Result<CudaCache, CudaError> {
+        let n = blocks * s.block_size * s.kv_dim();
+        Ok(CudaCache { k: self.gpu.zeros(n)?, v: self.gpu.zeros(n)? })
     }
 
     fn upload(&mut self, b: &StepBatch, cos: &[f32], sin: &[f32]) -> Result<CudaStep, CudaError> {
@@ -461,6 +460,34 @@ impl DecoderOps for CudaOps {
         Ok(())
     }
 
+    fn gather_rows(
+        &mut self,
+        x: &CudaSlice<u16>,
+        x_rows: usize,
+        rows: &[u32],
+        out: &mut CudaSlice<u16>,
+        width: usize,
+    ) -> R {
+        check_len(x.len(), x_rows * width, "gathered activations")?;
+        check_len(out.len(), rows.len() * width, "gather output")?;
+        if rows.is_empty() {
+            return Ok(());
+        }
+        // The embedding gather with the activations as its table: an index past `x_rows`
+        // gives a zero row there, so refuse it here instead.
+        if let Some(r) = rows.iter().find(|&&r| r as usize >= x_rows) {
+            return Err(CudaError::Shape(format!("gather of row {r} of {x_rows}")));
+        }
+        let idx = self.gpu.up(rows)?;
+        let (w, n) = (i32::try_from(width).unwrap_or(i32::MAX), n32(x_rows));
+        let mut b = self.gpu.stream.launch_builder(&self.k.embedding);
+        b.arg(&idx).arg(x).arg(out).arg(&w).arg(&n);
+        // SAFETY: argument list matches embedding_bf16; `x` holds x_rows * width and `out`
+        // rows.len() * width elements (checked).
+        unsafe { b.launch(cfg((n32(rows.len()), 1, 1), ROW_THREADS)) }?;
+        Ok(())
+    }
+
     fn ids(&mut self, rows: usize) -> Result<(CudaSlice<u32>, CudaSlice<f32>), CudaError> {
         Ok((self.gpu.zeros(rows)?, self.gpu.zeros(rows)?))
     }
@@ -496,9 +523,8 @@ impl DecoderOps for CudaOps {
     }
 
     fn logits_to_host(&mut self, logits: &CudaSlice<f32>, n: usize) -> Result<Vec<f32>, CudaError> {
-        let mut v = self.gpu.down(logits)?;
-        v.truncate(n);
-        Ok(v)
+        check_len(logits.len(), n, "logits")?;
+        Ok(self.gpu.stream.clone_dtoh(&logits.slice(..n))?)
     }
 }
 

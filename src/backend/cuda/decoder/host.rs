@@ -42,6 +42,11 @@ impl DecoderOps for HostOps {
         Ok(vec![0.0; n])
     }
 
+    fn cache(&mut self, s: &DecoderShape, blocks: usize) -> Result<HostCache, CudaError> {
+        let n = blocks * s.block_size * s.kv_dim();
+        Ok(HostCache { k: vec![0.0; n], v: vec![0.0; n] })
+    }
+
     fn upload(
         &mut self,
         batch: &StepBatch,
@@ -180,6 +185,21 @@ impl DecoderOps for HostOps {
         Ok(())
     }
 
+    fn gather_rows(
+        &mut self,
+        x: &Vec<f32>,
+        x_rows: usize,
+        rows: &[u32],
+        out: &mut Vec<f32>,
+        width: usize,
+    ) -> R {
+        if let Some(r) = rows.iter().find(|&&r| r as usize >= x_rows) {
+            return Err(CudaError::Shape(format!("gather of row {r} of {x_rows}")));
+        }
+        put(out, &twins::embedding(rows, &x[..x_rows * width], width));
+        Ok(())
+    }
+
     fn ids(&mut self, rows: usize) -> Result<Vec<(u32, f32)>, CudaError> {
         Ok(vec![(0, 0.0); rows])
     }
@@ -209,7 +229,10 @@ impl DecoderOps for HostOps {
     }
 
     fn logits_to_host(&mut self, logits: &Vec<f32>, n: usize) -> Result<Vec<f32>, CudaError> {
-        Ok(logits[..n].to_vec())
+        logits
+            .get(..n)
+            .map(<[f32]>::to_vec)
+            .ok_or_else(|| CudaError::Shape(format!("{n} logits of a buffer of {}", logits.len())))
     }
 }
 

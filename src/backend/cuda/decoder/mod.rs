@@ -8,6 +8,7 @@
 pub mod cuda;
 pub mod from_model;
 pub mod host;
+pub mod runner;
 
 use crate::model::config::LlamaConfig;
 
@@ -275,6 +276,8 @@ pub trait DecoderOps {
     }
     fn act(&mut self, n: usize) -> Result<Self::Act, CudaError>;
     fn logits(&mut self, n: usize) -> Result<Self::Logits, CudaError>;
+    /// One layer's cache of `blocks` blocks, zeroed.
+    fn cache(&mut self, s: &DecoderShape, blocks: usize) -> Result<Self::Cache, CudaError>;
     fn upload(
         &mut self,
         batch: &StepBatch,
@@ -349,6 +352,16 @@ pub trait DecoderOps {
         rows: usize,
         inter: usize,
     ) -> R;
+    /// `out[i] = x[rows[i]]`, rows `width` wide; `x` has `x_rows` rows (indices past it are
+    /// refused).
+    fn gather_rows(
+        &mut self,
+        x: &Self::Act,
+        x_rows: usize,
+        rows: &[u32],
+        out: &mut Self::Act,
+        width: usize,
+    ) -> R;
     /// Where a forward leaves each row's greedy id and its log-probability.
     fn ids(&mut self, rows: usize) -> Result<Self::Ids, CudaError>;
     /// Greedy id and its log-probability per row, into `out`.
@@ -412,13 +425,7 @@ pub fn forward<O: DecoderOps>(
     batch: &StepBatch,
     sc: &mut Scratch<O>,
 ) -> Result<Vec<(u32, f32)>, CudaError> {
-    if inv_freq.len() != s.head_dim / 2 {
-        return Err(CudaError::Shape(format!(
-            "{} RoPE frequencies for head_dim {}",
-            inv_freq.len(),
-            s.head_dim
-        )));
-    }
+    check_inv_freq(s, inv_freq)?;
     let (cos, sin) = rope_tables(inv_freq, &batch.positions);
     ops.mark("upload + embedding")?;
     let step = ops.upload(batch, &cos, &sin)?;
@@ -439,6 +446,79 @@ pub fn forward_on_device<O: DecoderOps>(
     step: &O::Step,
     sc: &mut Scratch<O>,
 ) -> R {
+    let rows = layers_on_device(ops, s, w, caches, step, sc)?;
+    ops.mark("lm_head gemm")?;
+    ops.matmul_logits(&sc.h, &w.lm_head, &mut sc.logits, (rows, s.vocab, s.hidden))?;
+    ops.mark("argmax")?;
+    ops.argmax(&sc.logits, rows, s.vocab, &mut sc.ids)
+}
+
+/// One forward over `batch` that returns the fp32 logits of the rows `logits_rows` (indices into
+/// the batch's rows, in the order wanted), `[logits_rows.len(), vocab]`: what a server samples
+/// from. The output head runs on those rows only.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_logits<O: DecoderOps>(
+    ops: &mut O,
+    s: &DecoderShape,
+    w: &DecoderWeights<O::Weight>,
+    inv_freq: &[f32],
+    caches: &mut [O::Cache],
+    batch: &StepBatch,
+    sc: &mut Scratch<O>,
+    logits_rows: &[u32],
+) -> Result<Vec<f32>, CudaError> {
+    let rows = batch.rows();
+    if let Some(&r) = logits_rows.iter().find(|&&r| r as usize >= rows) {
+        return Err(CudaError::Shape(format!("logits of row {r} of a {rows}-row forward")));
+    }
+    if logits_rows.len() > sc.rows {
+        return Err(CudaError::Shape(format!(
+            "{} logits rows for scratch of {}",
+            logits_rows.len(),
+            sc.rows
+        )));
+    }
+    check_inv_freq(s, inv_freq)?;
+    let (cos, sin) = rope_tables(inv_freq, &batch.positions);
+    let step = ops.upload(batch, &cos, &sin)?;
+    layers_on_device(ops, s, w, caches, &step, sc)?;
+    let n = logits_rows.len();
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    // A decode-only batch samples every row in order: no gather.
+    let all = n == rows && logits_rows.iter().enumerate().all(|(i, &r)| r as usize == i);
+    let x = if all {
+        &sc.h
+    } else {
+        ops.gather_rows(&sc.h, rows, logits_rows, &mut sc.o, s.hidden)?;
+        &sc.o
+    };
+    ops.matmul_logits(x, &w.lm_head, &mut sc.logits, (n, s.vocab, s.hidden))?;
+    ops.logits_to_host(&sc.logits, n * s.vocab)
+}
+
+fn check_inv_freq(s: &DecoderShape, inv_freq: &[f32]) -> R {
+    if inv_freq.len() != s.head_dim / 2 {
+        return Err(CudaError::Shape(format!(
+            "{} RoPE frequencies for head_dim {}",
+            inv_freq.len(),
+            s.head_dim
+        )));
+    }
+    Ok(())
+}
+
+/// Every layer and the final norm: leaves each row's normalised last hidden state in
+/// `scratch.h` and returns the number of rows.
+fn layers_on_device<O: DecoderOps>(
+    ops: &mut O,
+    s: &DecoderShape,
+    w: &DecoderWeights<O::Weight>,
+    caches: &mut [O::Cache],
+    step: &O::Step,
+    sc: &mut Scratch<O>,
+) -> Result<usize, CudaError> {
     s.check()?;
     let rows = ops.rows(step);
     if rows > sc.rows || caches.len() != w.layers.len() {
@@ -482,10 +562,7 @@ pub fn forward_on_device<O: DecoderOps>(
     } else {
         ops.add_rms_norm(&mut sc.x, &sc.down, &w.norm, &mut sc.h, rows, s)?;
     }
-    ops.mark("lm_head gemm")?;
-    ops.matmul_logits(&sc.h, &w.lm_head, &mut sc.logits, (rows, s.vocab, hid))?;
-    ops.mark("argmax")?;
-    ops.argmax(&sc.logits, rows, s.vocab, &mut sc.ids)
+    Ok(rows)
 }
 
 /// The CPU twin of `fill_uniform_bf16`: the same hash, so the same values before rounding.

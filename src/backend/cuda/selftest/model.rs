@@ -8,8 +8,8 @@ use super::{compare, random_bf16, Check, BF16_ATOL, BF16_RTOL};
 use crate::backend::cuda::decoder::cuda::CudaOps;
 use crate::backend::cuda::decoder::host::{HostCache, HostOps};
 use crate::backend::cuda::decoder::{
-    fill_uniform_host, forward, forward_on_device, rope_tables, DecoderOps, DecoderShape,
-    DecoderWeights, Scratch, SeqRows, StepBatch,
+    fill_uniform_host, forward, forward_logits, forward_on_device, rope_tables, DecoderOps,
+    DecoderShape, DecoderWeights, Scratch, SeqRows, StepBatch,
 };
 use crate::backend::cuda::CudaError;
 
@@ -139,6 +139,28 @@ pub(super) fn check_decoder(ops: &mut CudaOps, checks: &mut Vec<Check>) -> Resul
             E2E_RTOL,
             E2E_ATOL,
         );
+        if step == 0 {
+            // The serving path: the output head on the last row of each prompt only.
+            let last = [prompts[0].len() as u32 - 1, n as u32 - 1];
+            let want_rows: Vec<f32> = last
+                .iter()
+                .flat_map(|&r| &want[r as usize * s.vocab..(r as usize + 1) * s.vocab])
+                .copied()
+                .collect();
+            let (w, c) = (&weights, &mut gpu_caches);
+            match forward_logits(ops, &s, w, &inv_freq, c, &batch, &mut gsc, &last) {
+                Ok(got) => compare(
+                    checks,
+                    "decoder_serving_rows (logits)",
+                    format!("rows {last:?} of {n} gathered"),
+                    &got,
+                    &want_rows,
+                    E2E_RTOL,
+                    E2E_ATOL,
+                ),
+                Err(e) => checks.push(failed("decoder_serving_rows (logits)", e)),
+            }
+        }
         // Greedy ids must agree wherever the CPU's choice is clear of the tolerance.
         let scale = want.iter().fold(0f32, |a, v| a.max(v.abs())) as f64;
         let (mut g, mut w) = (Vec::new(), Vec::new());
@@ -166,14 +188,7 @@ pub(super) fn check_decoder(ops: &mut CudaOps, checks: &mut Vec<Check>) -> Resul
                 checks,
             );
             if let Err(e) = replay {
-                checks.push(Check {
-                    kernel: "decoder_cuda_graph (logits)".into(),
-                    shape: String::new(),
-                    max_abs_error: f64::NAN,
-                    worst_ratio: f64::NAN,
-                    passed: false,
-                    error: Some(e.to_string()),
-                });
+                checks.push(failed("decoder_cuda_graph (logits)", e));
             }
         }
         // Next: each sequence decodes the CPU's greedy token after its last row.
@@ -185,6 +200,18 @@ pub(super) fn check_decoder(ops: &mut CudaOps, checks: &mut Vec<Check>) -> Resul
         }
     }
     Ok(())
+}
+
+/// A check that could not run to its comparison.
+fn failed(kernel: &str, e: CudaError) -> Check {
+    Check {
+        kernel: kernel.into(),
+        shape: String::new(),
+        max_abs_error: f64::NAN,
+        worst_ratio: f64::NAN,
+        passed: false,
+        error: Some(e.to_string()),
+    }
 }
 
 /// The last decode step again, captured as a CUDA graph and replayed: the logits must equal

@@ -1,0 +1,190 @@
+//! The decoder as the engine runs it: weights, one KV cache per layer addressed by the engine's
+//! block tables, and scratch grown to the largest forward seen.
+
+use std::path::Path;
+
+use super::cuda::CudaOps;
+use super::{
+    forward_logits, DecoderOps, DecoderShape, DecoderWeights, Scratch, SeqRows, StepBatch,
+};
+use crate::backend::cuda::gpu::Gpu;
+use crate::backend::cuda::{CudaError, DeviceSpec};
+use crate::model::llama::{ForwardBatch, Llama};
+
+/// A model that runs an iteration's forward on a device with a KV cache of its own, laid out in
+/// the engine's blocks. What the engine needs of it, object-safe. Not `Send`: it is built on
+/// the thread that uses it, as device handles belong to one thread.
+pub trait DeviceModel {
+    /// The logits `[batch.logits_rows.len(), vocab]` of one iteration's rows; every row's K and
+    /// V are written to its slot on the way.
+    fn forward(&mut self, batch: &ForwardBatch<'_>) -> Result<Vec<f32>, CudaError>;
+}
+
+pub struct DeviceDecoder<O: DecoderOps> {
+    ops: O,
+    shape: DecoderShape,
+    weights: DecoderWeights<O::Weight>,
+    inv_freq: Vec<f32>,
+    caches: Vec<O::Cache>,
+    scratch: Option<Scratch<O>>,
+    num_blocks: usize,
+}
+
+impl<O: DecoderOps> DeviceDecoder<O> {
+    /// Allocates a cache of `num_blocks` blocks per layer.
+    pub fn new(
+        mut ops: O,
+        shape: DecoderShape,
+        weights: DecoderWeights<O::Weight>,
+        inv_freq: Vec<f32>,
+        num_blocks: usize,
+    ) -> Result<Self, CudaError> {
+        shape.check()?;
+        if inv_freq.len() != shape.head_dim / 2 || weights.layers.len() != shape.layers {
+            return Err(CudaError::Shape(format!(
+                "{} RoPE frequencies and {} layers for head_dim {} and {} layers",
+                inv_freq.len(),
+                weights.layers.len(),
+                shape.head_dim,
+                shape.layers
+            )));
+        }
+        let caches =
+            (0..shape.layers).map(|_| ops.cache(&shape, num_blocks)).collect::<Result<_, _>>()?;
+        Ok(Self { ops, shape, weights, inv_freq, caches, scratch: None, num_blocks })
+    }
+
+    /// Bytes one cache block takes: bf16 K and V of every layer.
+    pub fn bytes_per_block(s: &DecoderShape) -> usize {
+        2 * s.layers * s.block_size * s.kv_dim() * std::mem::size_of::<u16>()
+    }
+
+    /// One forward over `seqs`, returning the logits of `logits_rows` (rows of the flattened
+    /// batch, sequences in order).
+    pub fn forward_rows(
+        &mut self,
+        seqs: Vec<SeqRows>,
+        logits_rows: &[u32],
+    ) -> Result<Vec<f32>, CudaError> {
+        let batch = StepBatch::new(seqs, self.shape.block_size)?;
+        if batch.blocks_needed > self.num_blocks {
+            return Err(CudaError::Shape(format!(
+                "the batch reaches block {} of a {}-block cache",
+                batch.blocks_needed - 1,
+                self.num_blocks
+            )));
+        }
+        let rows = batch.rows();
+        if self.scratch.as_ref().is_none_or(|sc| sc.rows < rows) {
+            // Grow by powers of two so that a run of longer prompt chunks reallocates rarely;
+            // the old buffers go first.
+            self.scratch = None;
+            let want = rows.next_power_of_two().max(16);
+            self.scratch = Some(Scratch::new(&mut self.ops, &self.shape, want)?);
+        }
+        let Some(sc) = self.scratch.as_mut() else {
+            return Err(CudaError::Shape("no scratch".into()));
+        };
+        let (s, w) = (&self.shape, &self.weights);
+        forward_logits(
+            &mut self.ops,
+            s,
+            w,
+            &self.inv_freq,
+            &mut self.caches,
+            &batch,
+            sc,
+            logits_rows,
+        )
+    }
+}
+
+/// `model` on CUDA device `ordinal`: its weights rounded to bf16 and uploaded, with a cache of
+/// `num_blocks` blocks of `block_size` tokens per layer. Kernels compile into `home`'s cache.
+pub fn open_cuda(
+    ordinal: usize,
+    home: &Path,
+    model: &Llama,
+    block_size: usize,
+    num_blocks: usize,
+) -> Result<DeviceDecoder<CudaOps>, CudaError> {
+    let super::from_model::HostModel { shape, weights, inv_freq, .. } =
+        super::from_model::from_llama(model, block_size)?;
+    let mut ops = CudaOps::new(Gpu::open(DeviceSpec::Cuda(ordinal), home, "serve")?)?;
+    let on_device = ops.upload_weights(&shape, &weights)?;
+    drop(weights);
+    DeviceDecoder::new(ops, shape, on_device, inv_freq, num_blocks)
+}
+
+impl<O: DecoderOps> DeviceModel for DeviceDecoder<O> {
+    fn forward(&mut self, batch: &ForwardBatch<'_>) -> Result<Vec<f32>, CudaError> {
+        let (seqs, logits_rows) = step_rows(batch)?;
+        self.forward_rows(seqs, &logits_rows)
+    }
+}
+
+/// The engine's flattened batch as the decoder's sequences, with its logits rows renumbered to
+/// the decoder's row order (sequences one after another, in the order of `batch.seqs`).
+fn step_rows(batch: &ForwardBatch<'_>) -> Result<(Vec<SeqRows>, Vec<u32>), CudaError> {
+    let mut row_map = vec![u32::MAX; batch.tokens.len()];
+    let mut seqs = Vec::with_capacity(batch.seqs.len());
+    let mut next = 0u32;
+    for s in batch.seqs {
+        let tokens = batch.tokens.get(s.q_start..s.q_start + s.q_len).ok_or_else(|| {
+            CudaError::Shape(format!(
+                "rows {}..+{} of a {}-row batch",
+                s.q_start,
+                s.q_len,
+                batch.tokens.len()
+            ))
+        })?;
+        let start = s.context_len.checked_sub(s.q_len).ok_or_else(|| {
+            CudaError::Shape(format!("{} rows in a context of {}", s.q_len, s.context_len))
+        })?;
+        for slot in &mut row_map[s.q_start..s.q_start + s.q_len] {
+            *slot = next;
+            next += 1;
+        }
+        seqs.push(SeqRows { tokens: tokens.to_vec(), start, block_table: s.block_table.to_vec() });
+    }
+    let logits_rows = batch
+        .logits_rows
+        .iter()
+        .map(|&r| match row_map.get(r) {
+            Some(&m) if m != u32::MAX => Ok(m),
+            _ => Err(CudaError::Shape(format!("logits of row {r}, which no sequence owns"))),
+        })
+        .collect::<Result<_, _>>()?;
+    Ok((seqs, logits_rows))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::paged_attention::AttnSeq;
+
+    #[test]
+    fn engine_rows_map_to_decoder_rows() {
+        let (t0, t1) = ([7u32, 8], [3u32, 4]);
+        // The second sequence's rows come first in the engine's batch.
+        let tables = [vec![5u32], vec![1u32, 2]];
+        let seqs = [
+            AttnSeq { q_start: 2, q_len: 2, context_len: 2, block_table: &tables[0] },
+            AttnSeq { q_start: 0, q_len: 2, context_len: 20, block_table: &tables[1] },
+        ];
+        let tokens = [t1[0], t1[1], t0[0], t0[1]];
+        let batch = ForwardBatch {
+            tokens: &tokens,
+            positions: &[18, 19, 0, 1],
+            slot_mapping: &[],
+            seqs: &seqs,
+            logits_rows: &[1, 3],
+        };
+        let (rows, logits) = step_rows(&batch).unwrap();
+        assert_eq!(rows[0].tokens, t0);
+        assert_eq!((rows[1].tokens.as_slice(), rows[1].start), (&t1[..], 18));
+        assert_eq!(logits, [3, 1]);
+        let bad = ForwardBatch { logits_rows: &[4], ..batch };
+        assert!(step_rows(&bad).is_err());
+    }
+}
