@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 
+use crate::backend::cuda::DeviceSpec;
 use crate::engine::hybrid::{FinetuneMode, TrainingConfig};
 use crate::engine::EngineConfig;
 use crate::model::fetch::coserve_home;
@@ -34,6 +35,12 @@ pub struct ServerConfig {
     /// Model id clients use in `model` (default: the model's own name).
     #[arg(long, env = "COSERVE_SERVED_MODEL_NAME")]
     pub served_model_name: Option<String>,
+
+    /// Where to compute: cpu, cuda, cuda:N, or auto (CUDA when a driver and a GPU are
+    /// present, else the CPU). On a GPU the server runs inference on the base model in bf16;
+    /// fine-tuning and fine-tuned models need the CPU for now, so that is the default.
+    #[arg(long, env = "COSERVE_DEVICE", default_value = "cpu", value_parser = parse_device)]
+    pub device: DeviceSpec,
 
     /// Token budget of one iteration (decode tokens plus prefill chunks).
     #[arg(long, env = "COSERVE_MAX_NUM_BATCHED_TOKENS", default_value_t = 512)]
@@ -114,6 +121,7 @@ impl ServerConfig {
             port: 8000,
             data_dir: None,
             served_model_name: None,
+            device: DeviceSpec::Cpu,
             max_num_batched_tokens: 512,
             max_num_seqs: 64,
             max_waiting: 256,
@@ -155,6 +163,10 @@ impl ServerConfig {
             },
         }
     }
+}
+
+fn parse_device(s: &str) -> Result<DeviceSpec, String> {
+    s.parse().map_err(|e: crate::backend::cuda::CudaError| e.to_string())
 }
 
 /// Parses sizes such as `2GiB`, `512MiB`, `1.5GB`, `4096` (bytes).

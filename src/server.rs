@@ -9,8 +9,11 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
 use crate::api::{router, AppState};
+use crate::backend::cuda::decoder::runner::{open_cuda, DeviceModel};
+use crate::backend::cuda::ResolvedDevice;
 use crate::config::ServerConfig;
-use crate::engine::{self, EngineHandle};
+use crate::engine::hybrid::FinetuneMode;
+use crate::engine::{self, Backend, EngineHandle};
 use crate::finetune::manager::{JobManager, ManagerConfig, ManagerDeps};
 use crate::lora::AdapterRegistry;
 use crate::metrics::Metrics;
@@ -27,12 +30,35 @@ pub enum ServerError {
     Model(#[from] crate::model::ModelError),
     #[error(transparent)]
     Engine(#[from] crate::engine::EngineStartError),
+    #[error(transparent)]
+    Device(#[from] crate::backend::cuda::CudaError),
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: String, source: std::io::Error },
     #[error("cannot open the data directory {dir}: {source}")]
     Store { dir: String, source: crate::store::StoreError },
     #[error("model loading was interrupted")]
     Interrupted,
+}
+
+/// The engine's backend for `device`: a CUDA device gets the model as a bf16 decoder, set up on
+/// the engine thread.
+fn backend_for(device: &ResolvedDevice) -> Backend {
+    match device {
+        ResolvedDevice::Cpu => Backend::Cpu,
+        ResolvedDevice::Cuda { ordinal, name, .. } => {
+            let ordinal = *ordinal;
+            let home = coserve_home();
+            Backend::Device {
+                name: format!("cuda:{ordinal} ({name})"),
+                kv_bytes_per_element: std::mem::size_of::<u16>(),
+                build: Box::new(move |model, cache| {
+                    let d = open_cuda(ordinal, &home, &model, cache.block_size, cache.num_blocks)
+                        .map_err(|e| e.to_string())?;
+                    Ok(Box::new(d) as Box<dyn DeviceModel>)
+                }),
+            }
+        }
+    }
 }
 
 /// How long shutdown waits for running jobs to be checkpointed (SIGTERM must exit in 30 s).
@@ -103,8 +129,24 @@ async fn open_store(cfg: &ServerConfig) -> Result<Arc<Store>, ServerError> {
 }
 
 pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
-    // Before the model: a bad data dir should fail fast, not after a long load.
+    start_on(cfg, None).await
+}
+
+/// As [`start`], computing on `backend` instead of the one `--device` names (`None`: that one).
+pub async fn start_on(
+    cfg: ServerConfig,
+    backend: Option<Backend>,
+) -> Result<RunningServer, ServerError> {
+    // Before the model: a bad data dir or device should fail fast, not after a long load.
     let store = open_store(&cfg).await?;
+    let backend = match backend {
+        Some(b) => b,
+        None => backend_for(&cfg.device.resolve()?),
+    };
+    let device = match &backend {
+        Backend::Cpu => "cpu".to_string(),
+        Backend::Device { name, .. } => name.clone(),
+    };
     let path = resolve_model_path(&cfg)?;
     tracing::info!(model = %path.display(), "loading model");
     let dtype = cfg.weights_dtype;
@@ -120,10 +162,20 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
     });
     let metrics = Arc::new(Metrics::new(&model_id));
     let model_config = loaded.model.config.clone();
-    let started =
-        engine::start(loaded.model, loaded.eos_token_ids, &cfg.engine_config(), metrics.clone())?;
+    let engine_cfg = cfg.engine_config();
+    let started = engine::start_on(
+        loaded.model,
+        loaded.eos_token_ids,
+        &engine_cfg,
+        metrics.clone(),
+        backend,
+    )?;
+    if let Some(why) = &started.no_training_reason {
+        tracing::warn!("{why}");
+    }
     tracing::info!(
         model = %model_id,
+        device = %device,
         max_model_len = started.max_model_len,
         kv_blocks = started.num_blocks,
         "engine started"
@@ -146,7 +198,12 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
         ManagerConfig {
             checkpoint_every: cfg.checkpoint_every,
             max_concurrent_jobs: cfg.max_concurrent_jobs,
-            mode: cfg.finetune_mode,
+            // Without training on this backend, jobs already queued stay queued.
+            mode: if started.no_training_reason.is_some() {
+                FinetuneMode::InferenceOnly
+            } else {
+                cfg.finetune_mode
+            },
             max_len: started.max_model_len,
         },
     )
@@ -171,6 +228,7 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
         jobs: jobs.clone(),
         store,
         max_upload_bytes: cfg.max_upload_bytes,
+        no_training_reason: started.no_training_reason.clone(),
     });
     let addr = format!("{}:{}", cfg.host, cfg.port);
     let listener = TcpListener::bind(&addr)

@@ -368,6 +368,7 @@ async fn stand_in_server(engine: EngineHandle, max_body_bytes: usize) -> String 
         jobs,
         store,
         max_upload_bytes: 1 << 20,
+        no_training_reason: None,
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

@@ -88,6 +88,21 @@ fn gpu_commands_fail_clearly_without_a_gpu() {
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("expected cpu, cuda, cuda:N or auto"), "{err}");
 
+    // `serve` checks the device before it loads a model or opens its data dir.
+    let data = tempfile::tempdir().expect("tempdir");
+    for (device, want) in [("cuda", "no CUDA driver"), ("cuda:nine", "expected cpu, cuda")] {
+        let out = Command::new(env!("CARGO_BIN_EXE_coserve"))
+            .args(["serve", "--port", "0", "--device", device, "--model", "/nonexistent.gguf"])
+            .arg("--data-dir")
+            .arg(data.path())
+            .output()
+            .expect("runs");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{err}");
+        assert!(err.contains(want) || err.contains("0 CUDA device"), "{device}: {err}");
+        assert!(!err.contains("panicked") && !err.contains("nonexistent"), "{err}");
+    }
+
     let out = Command::new(env!("CARGO_BIN_EXE_coserve"))
         .args(["bench-decode", "--device", "cuda", "--dummy-weights", "llama-3-8b"])
         .output()

@@ -197,6 +197,9 @@ pub async fn create_job(
     ApiJson(req): ApiJson<CreateJobRequest>,
 ) -> Result<Json<FineTuningJob>, ApiError> {
     let req = create_job_request(req)?;
+    if let Some(why) = &state.no_training_reason {
+        return Err(ApiError::invalid(None, why.clone()));
+    }
     Ok(Json(state.jobs.create(req).await?))
 }
 

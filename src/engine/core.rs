@@ -15,15 +15,42 @@ use super::scheduler::{Chunk, Plan, Scheduler};
 use super::sequence::Sequence;
 use super::training::ChunkInputs;
 use crate::backend::cpu::paged_attention::AttnSeq;
+use crate::backend::cuda::decoder::runner::DeviceModel;
 use crate::kv::KvCache;
 use crate::metrics::Metrics;
 use crate::model::backward::BackwardWeights;
 use crate::model::llama::{ForwardBatch, Llama};
 use crate::model::lora_apply::LoraSlice;
 
+/// What the engine computes on.
+// One per engine, never moved after start: boxing the model would buy nothing.
+#[allow(clippy::large_enum_variant)]
+pub enum Compute {
+    /// The CPU model and its KV cache: inference, adapters and fine-tuning.
+    Host { model: Llama, kv: KvCache },
+    /// A device model with its own KV cache: inference on the base model.
+    Device { model: Box<dyn DeviceModel>, name: String },
+}
+
+impl Compute {
+    /// Why fine-tuning and adapters are unavailable here (`None`: they are available).
+    pub fn no_training_reason(&self) -> Option<String> {
+        match self {
+            Self::Host { .. } => None,
+            Self::Device { name, .. } => Some(format!(
+                "fine-tuning and fine-tuned models run on the CPU backend only for now; this \
+                 server computes on {name} (start it with --device cpu)"
+            )),
+        }
+    }
+}
+
 pub struct EngineCore {
-    pub model: Llama,
-    pub kv: KvCache,
+    pub compute: Compute,
+    /// Token ids a prompt may hold.
+    pub vocab_size: usize,
+    /// Logits per row (the output head's rows).
+    pub logits_width: usize,
     pub scheduler: Scheduler,
     pub eos_token_ids: Vec<u32>,
     pub max_model_len: usize,
@@ -92,7 +119,7 @@ impl EngineCore {
     fn handle(&mut self, cmd: EngineCommand) -> bool {
         match cmd {
             EngineCommand::Submit { id, request, events } => {
-                let vocab = self.model.config.vocab_size;
+                let vocab = self.vocab_size;
                 let err =
                     if request.prompt_ids.is_empty() {
                         Some("the prompt is empty".to_string())
@@ -102,6 +129,10 @@ impl EngineCore {
                             request.prompt_ids.len(),
                             self.max_model_len
                         ))
+                    } else if let Some(why) =
+                        request.adapter.as_ref().and(self.compute.no_training_reason())
+                    {
+                        Some(why)
                     } else {
                         request.prompt_ids.iter().find(|&&t| t as usize >= vocab).map(|t| {
                             format!("token id {t} is out of the vocabulary (size {vocab})")
@@ -129,7 +160,12 @@ impl EngineCore {
             }
             EngineCommand::StartJob(spec) => {
                 let events = spec.events.clone();
-                match ActiveJob::new(*spec, &self.model) {
+                let Compute::Host { model, .. } = &self.compute else {
+                    let why = self.compute.no_training_reason().unwrap_or_default();
+                    let _ = events.send(JobEvent::Failed(why));
+                    return true;
+                };
+                match ActiveJob::new(*spec, model) {
                     Ok(job) if !job.finished => self.jobs.push(job),
                     Ok(_) => {}
                     Err(e) => {
@@ -161,12 +197,13 @@ impl EngineCore {
         if !self.trains() {
             return None;
         }
+        let Compute::Host { model, .. } = &self.compute else { return None };
         let pending = self.scheduler.has_work();
         let n = self.jobs.len();
         for k in 0..n {
             let i = (self.job_turn + k) % n;
             let job = &mut self.jobs[i];
-            if !job.ensure_sample(&self.model, self.scheduler.allocator()) {
+            if !job.ensure_sample(model, self.scheduler.allocator()) {
                 continue;
             }
             let st = TrainState {
@@ -201,8 +238,9 @@ impl EngineCore {
             self.update_gauges();
             return;
         }
-        if train.is_some() && self.backward_weights.is_none() {
-            let model = &self.model;
+        if let (Some(_), None, Compute::Host { model, .. }) =
+            (train, &self.backward_weights, &self.compute)
+        {
             self.backward_weights = Some(self.pool.install(|| BackwardWeights::new(model)));
         }
         for c in &chunks {
@@ -219,8 +257,14 @@ impl EngineCore {
         }
 
         let logits_per_chunk = self.logits_rows_per_chunk(&chunks);
-        let logits = self.forward(&chunks, &logits_per_chunk, train);
-        let vocab = self.model.lm_head().rows;
+        let logits = match self.forward(&chunks, &logits_per_chunk, train) {
+            Ok(l) => l,
+            Err(e) => {
+                self.fail_batch(&chunks, &e);
+                return;
+            }
+        };
+        let vocab = self.logits_width;
 
         let (mut n_decode, mut n_prefill) = (0usize, 0usize);
         let mut row = 0;
@@ -284,7 +328,7 @@ impl EngineCore {
     /// then backward layers. Returns (training forward tokens, backward layer-tokens).
     fn after_forward(&mut self, train: Option<TrainSlot>) -> (usize, usize) {
         let Some(TrainSlot { job, work }) = train else { return (0, 0) };
-        let (model, kv) = (&self.model, &self.kv);
+        let Compute::Host { model, kv } = &self.compute else { return (0, 0) };
         let Some(bw) = self.backward_weights.as_ref() else { return (0, 0) };
         let Some(j) = self.jobs.get_mut(job) else { return (0, 0) };
         let mut bwd_layer_tokens = 0;
@@ -307,12 +351,27 @@ impl EngineCore {
         (work.forward_tokens, bwd_layer_tokens)
     }
 
+    /// Ends every sequence of a batch whose forward failed (a device error): each gets the error
+    /// and frees its blocks; the engine goes on with the next iteration.
+    fn fail_batch(&mut self, chunks: &[Chunk], error: &str) {
+        tracing::error!(error, sequences = chunks.len(), "forward failed");
+        for c in chunks {
+            if let Some(s) = self.scheduler.remove(c.seq_id) {
+                let _ = s.events.send(EngineEvent::Error(format!("the forward failed: {error}")));
+                self.finish(s, FinishReason::Abort, false);
+            }
+        }
+        self.update_gauges();
+    }
+
+    /// One forward over the iteration's rows: the logits of the rows `logits_per_chunk` asks
+    /// for, in chunk order.
     fn forward(
         &mut self,
         chunks: &[Chunk],
         logits_per_chunk: &[usize],
         train: Option<TrainSlot>,
-    ) -> Vec<f32> {
+    ) -> Result<Vec<f32>, String> {
         let total: usize = chunks.iter().map(|c| c.len).sum();
         let mut inputs = ChunkInputs {
             tokens: Vec::with_capacity(total),
@@ -376,15 +435,20 @@ impl EngineCore {
             seqs: &seqs,
             logits_rows: &logits_rows,
         };
-        let (model, kv) = (&self.model, &mut self.kv);
-        let logits = self.pool.install(|| model.forward_with(&batch, kv, &lora, &mut captures));
+        let logits = match &mut self.compute {
+            Compute::Host { model, kv } => {
+                let model = &*model;
+                self.pool.install(|| model.forward_with(&batch, kv, &lora, &mut captures))
+            }
+            Compute::Device { model, .. } => model.forward(&batch).map_err(|e| e.to_string())?,
+        };
         drop(captures);
         if let Some(TrainSlot { job, work }) = train {
             if let Some(s) = self.jobs.get_mut(job).and_then(|j| j.current.as_mut()) {
                 s.advance(work.forward_tokens);
             }
         }
-        logits
+        Ok(logits)
     }
 
     /// Samples the next token of a sequence from its logits row and sends it; returns why the

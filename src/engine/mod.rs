@@ -17,11 +17,32 @@ use std::thread::JoinHandle;
 pub use handle::{EngineCommand, EngineHandle, RequestStream, SubmitError};
 pub use request::{EngineEvent, FinishReason, GenerateRequest, SamplingParams, TokenLogprob};
 
+use crate::backend::cuda::decoder::runner::DeviceModel;
 use crate::kv::block_allocator::BlockAllocator;
 use crate::kv::KvCache;
 use crate::metrics::Metrics;
 use crate::model::llama::Llama;
 use scheduler::{Scheduler, SchedulerConfig};
+
+/// The KV cache a device model must hold: the engine's blocks.
+#[derive(Debug, Clone, Copy)]
+pub struct CacheGeometry {
+    pub block_size: usize,
+    pub num_blocks: usize,
+}
+
+/// Builds a device model from the loaded model.
+pub type DeviceBuilder =
+    Box<dyn FnOnce(Llama, CacheGeometry) -> Result<Box<dyn DeviceModel>, String> + Send>;
+
+/// Where the engine computes.
+pub enum Backend {
+    /// The CPU: inference, adapters and fine-tuning.
+    Cpu,
+    /// A device, for inference on the base model. `build` runs on the engine thread, the one
+    /// that uses the device; `kv_bytes_per_element` sizes its cache from `--kv-cache-memory`.
+    Device { name: String, kv_bytes_per_element: usize, build: DeviceBuilder },
+}
 
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
@@ -59,6 +80,8 @@ pub enum EngineStartError {
     Threads(String),
     #[error("could not start the engine thread: {0}")]
     Spawn(std::io::Error),
+    #[error("could not set up the model on {device}: {message}")]
+    Device { device: String, message: String },
 }
 
 /// A started engine.
@@ -68,14 +91,27 @@ pub struct Engine {
     /// Longest sequence (prompt + generated) the engine accepts.
     pub max_model_len: usize,
     pub num_blocks: usize,
+    /// Why fine-tuning and adapters are unavailable on this backend (`None`: available).
+    pub no_training_reason: Option<String>,
 }
 
-/// Starts the engine thread around a loaded model.
+/// Starts the engine thread around a loaded model, computing on the CPU.
 pub fn start(
     model: Llama,
     eos_token_ids: Vec<u32>,
     cfg: &EngineConfig,
     metrics: Arc<Metrics>,
+) -> Result<Engine, EngineStartError> {
+    start_on(model, eos_token_ids, cfg, metrics, Backend::Cpu)
+}
+
+/// Starts the engine thread around a loaded model, computing on `backend`.
+pub fn start_on(
+    model: Llama,
+    eos_token_ids: Vec<u32>,
+    cfg: &EngineConfig,
+    metrics: Arc<Metrics>,
+    backend: Backend,
 ) -> Result<Engine, EngineStartError> {
     for (v, name) in [
         (cfg.max_num_batched_tokens, "--max-num-batched-tokens"),
@@ -87,14 +123,22 @@ pub fn start(
         }
     }
     let c = &model.config;
-    let per_block =
+    let f32_block =
         KvCache::bytes_per_block(c.num_layers, cfg.block_size, c.num_kv_heads, c.head_dim);
+    let per_block = match &backend {
+        Backend::Cpu => f32_block,
+        Backend::Device { kv_bytes_per_element, .. } => {
+            f32_block / std::mem::size_of::<f32>() * kv_bytes_per_element
+        }
+    };
     let num_blocks = cfg.kv_cache_bytes / per_block.max(1);
     if num_blocks == 0 {
         return Err(EngineStartError::CacheTooSmall { bytes: cfg.kv_cache_bytes, per_block });
     }
     let max_model_len = c.max_position_embeddings.min(num_blocks * cfg.block_size);
-    let kv = KvCache::new(c.num_layers, num_blocks, cfg.block_size, c.num_kv_heads, c.head_dim);
+    let (vocab_size, logits_width) = (c.vocab_size, model.lm_head().rows);
+    let (num_layers, block_size, kv_heads, head_dim) =
+        (c.num_layers, cfg.block_size, c.num_kv_heads, c.head_dim);
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(cfg.threads)
         .thread_name(|i| format!("coserve-compute-{i}"))
@@ -110,26 +154,63 @@ pub fn start(
         },
         BlockAllocator::new(num_blocks, cfg.block_size),
     );
-    let core = core::EngineCore {
-        model,
-        kv,
-        scheduler,
-        eos_token_ids,
-        max_model_len,
-        metrics,
-        counters,
-        rx,
-        pool,
-        deferred: Default::default(),
-        training: cfg.training.clone(),
-        jobs: Vec::new(),
-        job_turn: 0,
-        backward_weights: None,
-        cost: cost_model::CostModel::new(),
+    let training = cfg.training.clone();
+    // The compute is set up on the engine thread; its outcome comes back before `start` returns.
+    let (ready_tx, ready_rx) = flume::bounded::<Result<Option<String>, EngineStartError>>(1);
+    let run = move || {
+        let compute = match backend {
+            Backend::Cpu => core::Compute::Host {
+                model,
+                kv: KvCache::new(num_layers, num_blocks, block_size, kv_heads, head_dim),
+            },
+            Backend::Device { name, build, .. } => {
+                match build(model, CacheGeometry { block_size, num_blocks }) {
+                    Ok(model) => core::Compute::Device { model, name },
+                    Err(message) => {
+                        let _ =
+                            ready_tx.send(Err(EngineStartError::Device { device: name, message }));
+                        return;
+                    }
+                }
+            }
+        };
+        let _ = ready_tx.send(Ok(compute.no_training_reason()));
+        let core = core::EngineCore {
+            compute,
+            vocab_size,
+            logits_width,
+            scheduler,
+            eos_token_ids,
+            max_model_len,
+            metrics,
+            counters,
+            rx,
+            pool,
+            deferred: Default::default(),
+            training,
+            jobs: Vec::new(),
+            job_turn: 0,
+            backward_weights: None,
+            cost: cost_model::CostModel::new(),
+        };
+        core.run();
     };
     let thread = std::thread::Builder::new()
         .name("coserve-engine".into())
-        .spawn(move || core.run())
+        .spawn(run)
         .map_err(EngineStartError::Spawn)?;
-    Ok(Engine { handle, thread, max_model_len, num_blocks })
+    let no_training_reason = match ready_rx.recv() {
+        Ok(Ok(reason)) => reason,
+        Ok(Err(e)) => {
+            let _ = thread.join();
+            return Err(e);
+        }
+        Err(_) => {
+            let _ = thread.join();
+            return Err(EngineStartError::Spawn(std::io::Error::other(
+                "the engine thread ended while starting",
+            )));
+        }
+    };
+    Ok(Engine { handle, thread, max_model_len, num_blocks, no_training_reason })
 }

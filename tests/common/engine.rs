@@ -35,6 +35,14 @@ impl TestEngine {
         Self::from_parts(model, tokenizer, chat_template, eos_token_ids, cfg)
     }
 
+    /// As `start`, computing on `backend`.
+    pub fn start_on(path: &Path, cfg: EngineConfig, backend: engine::Backend) -> Self {
+        let LoadedModel { model, tokenizer, chat_template, eos_token_ids, .. } =
+            load_model(path, WeightsDtype::F32)
+                .unwrap_or_else(|e| panic!("loading {}: {e}", path.display()));
+        Self::from_parts_on(model, tokenizer, chat_template, eos_token_ids, cfg, backend)
+    }
+
     pub fn from_parts(
         model: coserve::model::llama::Llama,
         tokenizer: Tokenizer,
@@ -42,8 +50,20 @@ impl TestEngine {
         eos: Vec<u32>,
         cfg: EngineConfig,
     ) -> Self {
+        Self::from_parts_on(model, tokenizer, chat_template, eos, cfg, engine::Backend::Cpu)
+    }
+
+    pub fn from_parts_on(
+        model: coserve::model::llama::Llama,
+        tokenizer: Tokenizer,
+        chat_template: Option<coserve::model::chat_template::ChatTemplate>,
+        eos: Vec<u32>,
+        cfg: EngineConfig,
+        backend: engine::Backend,
+    ) -> Self {
         let metrics = Arc::new(Metrics::new("test"));
-        let e = engine::start(model, eos, &cfg, metrics.clone()).expect("engine starts");
+        let e =
+            engine::start_on(model, eos, &cfg, metrics.clone(), backend).expect("engine starts");
         Self {
             handle: e.handle,
             tokenizer: Arc::new(tokenizer),

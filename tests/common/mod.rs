@@ -3,6 +3,7 @@
 
 pub mod dense_llama;
 pub mod dense_lora;
+pub mod device;
 pub mod engine;
 pub mod fixtures;
 pub mod multipart;

@@ -33,6 +33,15 @@ impl TestServer {
         path: Option<&Path>,
         configure: impl FnOnce(&mut ServerConfig),
     ) -> Self {
+        Self::start_path_on(path, configure, None).await
+    }
+
+    /// As `start_path`, computing on `backend` (`None`: the one the config names).
+    pub async fn start_path_on(
+        path: Option<&Path>,
+        configure: impl FnOnce(&mut ServerConfig),
+        backend: Option<coserve::engine::Backend>,
+    ) -> Self {
         let mut cfg = ServerConfig::for_model(path.map(PathBuf::from));
         cfg.port = 0;
         cfg.threads = 2;
@@ -46,7 +55,7 @@ impl TestServer {
             }
         };
         let data_dir = cfg.resolved_data_dir();
-        let server = coserve::server::start(cfg).await.expect("server starts");
+        let server = coserve::server::start_on(cfg, backend).await.expect("server starts");
         let base_url = format!("http://{}", server.addr());
         let model_id = server.model_id().to_string();
         Self { server: Some(server), base_url, model_id, data_dir, _dir: None, _data: data }
