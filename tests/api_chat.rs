@@ -167,6 +167,21 @@ async fn logprobs_follow_the_chat_shape() {
         assert!(top[0]["logprob"].as_f64() >= top[1]["logprob"].as_f64());
     }
 
+    // The same reply with tokens named by id: same values, `token_id:N` names.
+    let mut body = greedy(messages(), 5);
+    body["logprobs"] = json!(true);
+    body["top_logprobs"] = json!(2);
+    body["return_tokens_as_token_ids"] = json!(true);
+    let by_id = chat(body).await;
+    let named = by_id["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    for (a, b) in content.iter().zip(named) {
+        assert_eq!(a["logprob"], b["logprob"]);
+        assert_eq!(a["bytes"], b["bytes"], "bytes stay the token's own");
+        let id = b["token"].as_str().unwrap().strip_prefix("token_id:").expect("named by id");
+        assert!(id.parse::<u32>().is_ok(), "{b}");
+        assert_eq!(b["top_logprobs"][0]["token"], b["token"]);
+    }
+
     let mut body = greedy(messages(), 2);
     body["logprobs"] = json!(true);
     let v = chat(body).await;

@@ -211,6 +211,34 @@ async fn echo_with_logprobs_scores_the_prompt() {
 }
 
 #[tokio::test]
+async fn tokens_can_be_named_by_id() {
+    let ids = [40u32, 41, 97, 98];
+    let mut body = greedy(json!(ids), 3);
+    body["echo"] = json!(true);
+    body["logprobs"] = json!(2);
+    let by_text = complete_allowing_null(body.clone(), ECHO_NULLS).await;
+    body["return_tokens_as_token_ids"] = json!(true);
+    let by_id = complete_allowing_null(body, ECHO_NULLS).await;
+    let (t, i) = (&by_text["choices"][0], &by_id["choices"][0]);
+    assert_eq!(t["text"], i["text"]);
+    let lp = &i["logprobs"];
+    check_completion_logprobs(lp, 4 + 3, 2);
+    let names: Vec<&str> =
+        lp["tokens"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
+    let want: Vec<String> = ids.iter().map(|id| format!("token_id:{id}")).collect();
+    assert_eq!(names[..4], want);
+    assert!(names
+        .iter()
+        .all(|n| n.strip_prefix("token_id:").is_some_and(|d| d.parse::<u32>().is_ok())));
+    for top in lp["top_logprobs"].as_array().unwrap().iter().skip(1) {
+        assert!(top.as_object().unwrap().keys().all(|k| k.starts_with("token_id:")), "{top}");
+    }
+    // Offsets still count the text.
+    assert_eq!(lp["text_offset"], t["logprobs"]["text_offset"]);
+    assert_eq!(lp["token_logprobs"], t["logprobs"]["token_logprobs"]);
+}
+
+#[tokio::test]
 async fn stop_strings_cut_the_text() {
     let full = complete(greedy(json!("The stop test"), 24)).await;
     let text = full["choices"][0]["text"].as_str().unwrap().to_string();

@@ -14,7 +14,7 @@ use super::error::{ApiError, ErrorResponse};
 use super::extract::ApiJson;
 use super::generation::{merge, Delta, Finish, Generation, TextOptions, Usage};
 use super::logging::RequestLog;
-use super::logprobs::{chat_logprobs, ChatLogprobs};
+use super::logprobs::{chat_logprobs, ChatLogprobs, TokenNames};
 use super::prompt::render_chat;
 use super::sampling::{
     check_context, include_usage, resolve_model, sampling_params, seed_for_choice, stop_strings,
@@ -87,6 +87,8 @@ pub struct ChatCompletionRequest {
     pub stop_token_ids: Option<Vec<u32>>,
     pub ignore_eos: Option<bool>,
     pub skip_special_tokens: Option<bool>,
+    /// vLLM: name tokens in logprobs `token_id:{id}` instead of by their text.
+    pub return_tokens_as_token_ids: Option<bool>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, ToSchema)]
@@ -278,6 +280,7 @@ pub async fn create_chat_completion(
         created: unix_now(),
         model: options.adapter.as_ref().map_or_else(|| state.model.id.clone(), |a| a.id.clone()),
         tokenizer: state.tokenizer.clone(),
+        tokens_as_ids: req.return_tokens_as_token_ids.unwrap_or(false),
         top_logprobs,
         n,
         include_usage,
@@ -384,6 +387,8 @@ struct ChatChunks {
     created: u64,
     model: String,
     tokenizer: Arc<Tokenizer>,
+    /// Name logprobs tokens by id (`return_tokens_as_token_ids`).
+    tokens_as_ids: bool,
     top_logprobs: Option<usize>,
     n: usize,
     include_usage: bool,
@@ -391,7 +396,8 @@ struct ChatChunks {
 
 impl ChatChunks {
     fn logprobs(&self, tokens: &[super::generation::GeneratedToken]) -> Option<ChatLogprobs> {
-        self.top_logprobs.map(|k| chat_logprobs(self.tokenizer.as_ref(), tokens, k))
+        let names = TokenNames { tokenizer: &self.tokenizer, as_ids: self.tokens_as_ids };
+        self.top_logprobs.map(|k| chat_logprobs(&names, tokens, k))
     }
 
     fn chunk(&self, choices: Vec<ChatChunkChoice>, usage: Option<Option<Usage>>) -> Event {

@@ -15,7 +15,7 @@ use super::error::{ApiError, ErrorResponse};
 use super::extract::ApiJson;
 use super::generation::{merge, Delta, Finish, Generation, TextOptions, Usage};
 use super::logging::RequestLog;
-use super::logprobs::{CompletionLogprobs, CompletionLogprobsWriter};
+use super::logprobs::{CompletionLogprobs, CompletionLogprobsWriter, TokenNames};
 use super::prompt::{decode_ids, encode_texts};
 use super::sampling::{
     check_context, check_token_ids, include_usage, resolve_model, sampling_params, seed_for_choice,
@@ -122,6 +122,8 @@ pub struct CompletionRequest {
     pub ignore_eos: Option<bool>,
     /// vLLM: leave special tokens out of the text (default true).
     pub skip_special_tokens: Option<bool>,
+    /// vLLM: name tokens in logprobs `token_id:{id}` instead of by their text.
+    pub return_tokens_as_token_ids: Option<bool>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, ToSchema)]
@@ -270,6 +272,7 @@ pub async fn create_completion(
         created: unix_now(),
         model: options.adapter.as_ref().map_or_else(|| state.model.id.clone(), |a| a.id.clone()),
         tokenizer: state.tokenizer.clone(),
+        tokens_as_ids: req.return_tokens_as_token_ids.unwrap_or(false),
         prompts,
         n,
         echo,
@@ -357,6 +360,8 @@ struct CompletionChunks {
     created: u64,
     model: String,
     tokenizer: Arc<Tokenizer>,
+    /// Name logprobs tokens by id (`return_tokens_as_token_ids`).
+    tokens_as_ids: bool,
     prompts: Vec<PreparedPrompt>,
     n: usize,
     echo: bool,
@@ -384,13 +389,13 @@ impl CompletionChunks {
             }
             let writer =
                 self.writers[index].get_or_insert_with(|| CompletionLogprobsWriter::new(k));
-            let tokens_of = self.tokenizer.as_ref();
+            let tokens_of = TokenNames { tokenizer: &self.tokenizer, as_ids: self.tokens_as_ids };
             let mut out = CompletionLogprobs::default();
             if first && self.echo {
                 let lps = delta.prompt_logprobs.as_deref().unwrap_or_default();
-                writer.prompt(tokens_of, &prompt.ids, lps, &mut out);
+                writer.prompt(&tokens_of, &prompt.ids, lps, &mut out);
             }
-            writer.tokens(tokens_of, &delta.tokens, &mut out);
+            writer.tokens(&tokens_of, &delta.tokens, &mut out);
             out
         });
         CompletionChoice { text, index, logprobs, finish_reason: delta.finish }

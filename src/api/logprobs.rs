@@ -14,6 +14,10 @@ pub trait TokenTexts {
     fn text(&self, id: u32) -> String;
     /// The exact bytes the token stands for.
     fn bytes(&self, id: u32) -> Option<Vec<u8>>;
+    /// How the token is named in logprobs (its text unless asked otherwise).
+    fn label(&self, id: u32) -> String {
+        self.text(id)
+    }
 }
 
 impl TokenTexts for Tokenizer {
@@ -22,6 +26,29 @@ impl TokenTexts for Tokenizer {
     }
     fn bytes(&self, id: u32) -> Option<Vec<u8>> {
         self.token_bytes(id)
+    }
+}
+
+/// The tokenizer's texts, with tokens named `token_id:{id}` when a request asks for ids
+/// (vLLM's `return_tokens_as_token_ids`: exact ids where texts are ambiguous).
+pub struct TokenNames<'a> {
+    pub tokenizer: &'a Tokenizer,
+    pub as_ids: bool,
+}
+
+impl TokenTexts for TokenNames<'_> {
+    fn text(&self, id: u32) -> String {
+        self.tokenizer.token_text(id)
+    }
+    fn bytes(&self, id: u32) -> Option<Vec<u8>> {
+        self.tokenizer.token_bytes(id)
+    }
+    fn label(&self, id: u32) -> String {
+        if self.as_ids {
+            format!("token_id:{id}")
+        } else {
+            self.text(id)
+        }
     }
 }
 
@@ -120,20 +147,21 @@ impl CompletionLogprobsWriter {
         logprob: Option<&TokenLogprob>,
         out: &mut CompletionLogprobs,
     ) {
-        let text = tokens_of.text(token_id);
+        let label = tokens_of.label(token_id);
         out.token_logprobs.push(logprob.map(|lp| clamp(lp.logprob)));
         out.top_logprobs.push(logprob.map(|lp| {
             let mut top = TopMap::default();
             for &(id, value) in lp.top.iter().take(self.top_k) {
-                top.insert(tokens_of.text(id), value);
+                top.insert(tokens_of.label(id), value);
             }
             // vLLM also lists the chosen token, so its entry is never missing.
-            top.insert(text.clone(), lp.logprob);
+            top.insert(label.clone(), lp.logprob);
             top
         }));
+        // Offsets count the text itself, however tokens are named.
         out.text_offset.push(self.offset);
-        self.offset += text.chars().count();
-        out.tokens.push(text);
+        self.offset += tokens_of.text(token_id).chars().count();
+        out.tokens.push(label);
     }
 }
 
@@ -181,13 +209,13 @@ pub fn chat_logprobs(
                 .iter()
                 .take(top_k)
                 .map(|&(id, logprob)| TopLogprob {
-                    token: tokens_of.text(id),
+                    token: tokens_of.label(id),
                     logprob: clamp(logprob),
                     bytes: tokens_of.bytes(id),
                 })
                 .collect();
             Some(ChatTokenLogprob {
-                token: tokens_of.text(t.token_id),
+                token: tokens_of.label(t.token_id),
                 logprob: clamp(lp.logprob),
                 bytes: tokens_of.bytes(t.token_id),
                 top_logprobs,
