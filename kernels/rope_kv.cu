@@ -6,6 +6,8 @@
 // cos, sin: [tokens, head_dim / 2] (computed on the host, as the CPU path does);
 // slots: [tokens], the cache slot (block * block_size + offset) of each token, -1 for none;
 // k_cache, v_cache: [slots, num_kv_heads, head_dim]. The rotated k goes to the cache only.
+// bias: [num_heads + 2 num_kv_heads, head_dim], added to q, k and v before anything else when
+// has_bias (Qwen2's attention biases), in fp32 as the CPU path adds them.
 // CPU twin: model::llama::apply_rope, then a copy into the slot.
 
 extern "C" __global__ void rope_kv_write_bf16(const bf16* __restrict__ qkv, int qkv_stride,
@@ -14,6 +16,7 @@ extern "C" __global__ void rope_kv_write_bf16(const bf16* __restrict__ qkv, int 
                                               const float* __restrict__ sin,
                                               const long long* __restrict__ slots,
                                               bf16* __restrict__ k_cache, bf16* __restrict__ v_cache,
+                                              const bf16* __restrict__ bias, int has_bias,
                                               int num_heads, int num_kv_heads, int head_dim) {
     const int t = blockIdx.x;
     const int half = head_dim / 2;
@@ -30,7 +33,13 @@ extern "C" __global__ void rope_kv_write_bf16(const bf16* __restrict__ qkv, int 
         const int kh = h - num_heads;
         if (is_k && slot < 0) continue;
         const bf16* src = is_k ? k + (size_t)kh * head_dim : q + (size_t)h * head_dim;
-        const float x0 = ld(src[d]), x1 = ld(src[d + half]);
+        float x0 = ld(src[d]), x1 = ld(src[d + half]);
+        if (has_bias) {
+            // Bias rows follow the projection's: q heads, then k heads.
+            const bf16* b = bias + (size_t)h * head_dim;
+            x0 += ld(b[d]);
+            x1 += ld(b[d + half]);
+        }
         bf16* dst = is_k ? k_cache + ((size_t)slot * num_kv_heads + kh) * head_dim
                          : q_out + ((size_t)t * num_heads + h) * head_dim;
         dst[d] = st(x0 * c[d] - x1 * s[d]);
@@ -38,6 +47,8 @@ extern "C" __global__ void rope_kv_write_bf16(const bf16* __restrict__ qkv, int 
     }
     if (slot >= 0) {
         const int row = num_kv_heads * head_dim;
-        for (int i = threadIdx.x; i < row; i += blockDim.x) v_cache[(size_t)slot * row + i] = v[i];
+        const bf16* vb = bias + (size_t)(num_heads + num_kv_heads) * head_dim;
+        for (int i = threadIdx.x; i < row; i += blockDim.x)
+            v_cache[(size_t)slot * row + i] = has_bias ? st(ld(v[i]) + ld(vb[i])) : v[i];
     }
 }

@@ -67,21 +67,41 @@ pub fn rope_kv_write(
     k_cache: &mut [f32],
     v_cache: &mut [f32],
     s: RopeShape,
+    bias: Option<&[f32]>,
 ) {
     let (hd, half) = (s.head_dim, s.head_dim / 2);
-    let kv_row = s.num_kv_heads * hd;
+    let (q_row, kv_row) = (s.num_heads * hd, s.num_kv_heads * hd);
+    let add = |x: &mut [f32], b: Option<&[f32]>| {
+        if let Some(b) = b {
+            x.iter_mut().zip(b).for_each(|(x, b)| *x += b);
+        }
+    };
+    let (qb, kb, vb) = match bias {
+        Some(b) => (
+            Some(&b[..q_row]),
+            Some(&b[q_row..q_row + kv_row]),
+            Some(&b[q_row + kv_row..q_row + 2 * kv_row]),
+        ),
+        None => (None, None, None),
+    };
     for (t, &slot) in slots.iter().enumerate() {
         let (c, sn) = (&cos[t * half..(t + 1) * half], &sin[t * half..(t + 1) * half]);
-        let qs = &mut q[t * s.num_heads * hd..(t + 1) * s.num_heads * hd];
+        let qs = &mut q[t * q_row..(t + 1) * q_row];
+        add(qs, qb);
         let ks = &mut k[t * kv_row..(t + 1) * kv_row];
+        add(ks, kb);
         for head in qs.chunks_exact_mut(hd).chain(ks.chunks_exact_mut(hd)) {
             crate::model::llama::apply_rope(head, c, sn);
             round_all(head);
         }
         if let Ok(slot) = usize::try_from(slot) {
             k_cache[slot * kv_row..(slot + 1) * kv_row].copy_from_slice(ks);
-            v_cache[slot * kv_row..(slot + 1) * kv_row]
-                .copy_from_slice(&v[t * kv_row..(t + 1) * kv_row]);
+            let vd = &mut v_cache[slot * kv_row..(slot + 1) * kv_row];
+            vd.copy_from_slice(&v[t * kv_row..(t + 1) * kv_row]);
+            if vb.is_some() {
+                add(vd, vb);
+                round_all(vd);
+            }
         }
     }
 }

@@ -377,6 +377,7 @@ impl DecoderOps for CudaOps {
         &mut self,
         st: &CudaStep,
         qkv: &CudaSlice<u16>,
+        bias: Option<&CudaSlice<u16>>,
         q_out: &mut CudaSlice<u16>,
         cache: &mut CudaCache,
         s: &DecoderShape,
@@ -384,13 +385,20 @@ impl DecoderOps for CudaOps {
         check_cache(cache, st, s)?;
         check_len(qkv.len(), st.rows * s.qkv_rows(), "qkv")?;
         check_len(q_out.len(), st.rows * s.q_dim(), "q")?;
+        if let Some(b) = bias {
+            check_len(b.len(), s.qkv_rows(), "q/k/v bias")?;
+        }
         let (nh, nkv, hd) = (s.heads as i32, s.kv_heads as i32, s.head_dim as i32);
         let stride = s.qkv_rows() as i32;
+        let has_bias = i32::from(bias.is_some());
         let mut b = self.gpu.stream.launch_builder(&self.k.rope_kv_write);
         b.arg(qkv).arg(&stride).arg(q_out).arg(&st.cos).arg(&st.sin).arg(&st.slots);
-        b.arg(&mut cache.k).arg(&mut cache.v).arg(&nh).arg(&nkv).arg(&hd);
-        // SAFETY: argument list matches rope_kv_write_bf16; qkv and q_out hold the rows and the
-        // cache holds every block the batch's tables reach (both checked above).
+        // Without a bias the kernel reads none: any valid pointer stands in.
+        b.arg(&mut cache.k).arg(&mut cache.v).arg(bias.unwrap_or(qkv)).arg(&has_bias);
+        b.arg(&nh).arg(&nkv).arg(&hd);
+        // SAFETY: argument list matches rope_kv_write_bf16; qkv and q_out hold the rows, the
+        // bias (when there is one) qkv_rows values, and the cache every block the batch's
+        // tables reach (all checked above).
         unsafe { b.launch(cfg((n32(st.rows), 1, 1), WIDE_ROW_THREADS)) }?;
         Ok(())
     }

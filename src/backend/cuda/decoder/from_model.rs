@@ -45,6 +45,19 @@ pub fn from_llama(model: &Llama, block_size: usize) -> Result<HostModel, CudaErr
         layers.push(LayerWeights {
             attn_norm: norm(&l.attn_norm, &format!("layer {i} attn_norm"))?,
             qkv: want(&l.wqkv, s.qkv_rows(), s.hidden, &format!("layer {i} qkv"))?,
+            qkv_bias: match (&l.qkv_bias, s.qkv_bias) {
+                (Some(b), true) if b.len() == s.qkv_rows() => {
+                    Some(b.iter().map(|&x| round_bf16(x)).collect())
+                }
+                (None, false) => None,
+                (b, _) => {
+                    return Err(CudaError::Shape(format!(
+                        "layer {i} has {} q/k/v biases where the config asks for {}",
+                        b.as_ref().map_or(0, Vec::len),
+                        if s.qkv_bias { s.qkv_rows() } else { 0 }
+                    )))
+                }
+            },
             o: want(&l.wo, s.hidden, s.q_dim(), &format!("layer {i} o"))?,
             mlp_norm: norm(&l.ffn_norm, &format!("layer {i} ffn_norm"))?,
             gate_up: want(&l.w_gate_up, 2 * s.inter, s.hidden, &format!("layer {i} gate_up"))?,

@@ -121,6 +121,7 @@ impl DecoderOps for HostOps {
         &mut self,
         step: &HostStep,
         qkv: &Vec<f32>,
+        bias: Option<&Vec<f32>>,
         q_out: &mut Vec<f32>,
         cache: &mut HostCache,
         s: &DecoderShape,
@@ -139,6 +140,7 @@ impl DecoderOps for HostOps {
             &mut cache.k,
             &mut cache.v,
             shape,
+            bias.map(Vec::as_slice),
         );
         put(q_out, &q);
         Ok(())
@@ -272,6 +274,15 @@ mod tests {
     /// bf16 roundings of its activations: this is what makes it the GPU decoder's oracle.
     #[test]
     fn host_decoder_matches_the_cpu_model() {
+        host_decoder_matches_the_cpu_model_with(false);
+    }
+
+    #[test]
+    fn host_decoder_with_qkv_biases_matches_the_cpu_model() {
+        host_decoder_matches_the_cpu_model_with(true);
+    }
+
+    fn host_decoder_matches_the_cpu_model_with(attention_bias: bool) {
         let config = LlamaConfig {
             architecture: "llama".into(),
             vocab_size: 300,
@@ -286,7 +297,7 @@ mod tests {
             rope_scaling: None,
             max_position_embeddings: 256,
             tie_word_embeddings: false,
-            attention_bias: false,
+            attention_bias,
         };
         let s = DecoderShape::new(&config, 16).unwrap();
         let tensors: Vec<Vec<f32>> = DecoderWeights::<()>::layout(&s)
@@ -304,7 +315,7 @@ mod tests {
             .map(|l| LlamaLayer {
                 attn_norm: l.attn_norm.clone(),
                 wqkv: m(&l.qkv, s.qkv_rows()),
-                qkv_bias: None,
+                qkv_bias: l.qkv_bias.clone(),
                 wo: m(&l.o, s.hidden),
                 ffn_norm: l.mlp_norm.clone(),
                 w_gate_up: m(&l.gate_up, 2 * s.inter),

@@ -26,15 +26,12 @@ pub struct DecoderShape {
     pub head_dim: usize,
     pub eps: f32,
     pub block_size: usize,
+    /// q, k and v projections with biases (Qwen2).
+    pub qkv_bias: bool,
 }
 
 impl DecoderShape {
     pub fn new(c: &LlamaConfig, block_size: usize) -> Result<Self, CudaError> {
-        if c.attention_bias {
-            return Err(CudaError::Shape(
-                "the CUDA decoder has no attention biases yet (Qwen2)".into(),
-            ));
-        }
         let s = Self {
             vocab: c.vocab_size,
             hidden: c.hidden_size,
@@ -45,6 +42,7 @@ impl DecoderShape {
             head_dim: c.head_dim,
             eps: c.rms_norm_eps as f32,
             block_size,
+            qkv_bias: c.attention_bias,
         };
         s.check()?;
         Ok(s)
@@ -80,11 +78,13 @@ impl DecoderShape {
     }
 }
 
-/// One layer. `qkv` is `[q_dim + 2 kv_dim, hidden]` (q rows, then k, then v); `gate_up` is
-/// `[2 inter, hidden]` (gate rows, then up), the layout `silu_mul_bf16` reads.
+/// One layer. `qkv` is `[q_dim + 2 kv_dim, hidden]` (q rows, then k, then v), `qkv_bias` its
+/// bias where the shape has one; `gate_up` is `[2 inter, hidden]` (gate rows, then up), the
+/// layout `silu_mul_bf16` reads.
 pub struct LayerWeights<W> {
     pub attn_norm: W,
     pub qkv: W,
+    pub qkv_bias: Option<W>,
     pub o: W,
     pub mlp_norm: W,
     pub gate_up: W,
@@ -107,6 +107,9 @@ impl<W> DecoderWeights<W> {
         for _ in 0..s.layers {
             t.push((s.hidden, 0.1, 1.0));
             t.push((s.qkv_rows() * s.hidden, uniform(s.hidden), 0.0));
+            if s.qkv_bias {
+                t.push((s.qkv_rows(), 0.1, 0.0));
+            }
             t.push((s.hidden * s.q_dim(), uniform(s.q_dim()), 0.0));
             t.push((s.hidden, 0.1, 1.0));
             t.push((2 * s.inter * s.hidden, uniform(s.hidden), 0.0));
@@ -119,7 +122,8 @@ impl<W> DecoderWeights<W> {
 
     /// Builds the weights from tensors in [`Self::layout`] order.
     pub fn from_tensors(s: &DecoderShape, tensors: Vec<W>) -> Result<Self, CudaError> {
-        if tensors.len() != 6 * s.layers + 3 {
+        let per_layer = 6 + usize::from(s.qkv_bias);
+        if tensors.len() != per_layer * s.layers + 3 {
             return Err(CudaError::Shape(format!(
                 "{} tensors for {} layers",
                 tensors.len(),
@@ -134,6 +138,7 @@ impl<W> DecoderWeights<W> {
             layers.push(LayerWeights {
                 attn_norm: next()?,
                 qkv: next()?,
+                qkv_bias: if s.qkv_bias { Some(next()?) } else { None },
                 o: next()?,
                 mlp_norm: next()?,
                 gate_up: next()?,
@@ -147,7 +152,9 @@ impl<W> DecoderWeights<W> {
     pub fn tensors(&self) -> Vec<&W> {
         let mut t = vec![&self.embed];
         for l in &self.layers {
-            t.extend([&l.attn_norm, &l.qkv, &l.o, &l.mlp_norm, &l.gate_up, &l.down]);
+            t.extend([&l.attn_norm, &l.qkv]);
+            t.extend(&l.qkv_bias);
+            t.extend([&l.o, &l.mlp_norm, &l.gate_up, &l.down]);
         }
         t.extend([&self.norm, &self.lm_head]);
         t
@@ -327,12 +334,13 @@ pub trait DecoderOps {
         mnk: (usize, usize, usize),
     ) -> R;
     #[allow(clippy::too_many_arguments)]
-    /// Rotates q and k of the fused projection `qkv` (`[rows, qkv_rows]`): q into `q_out`
-    /// (`[rows, q_dim]`), k with v into the cache.
+    /// Rotates q and k of the fused projection `qkv` (`[rows, qkv_rows]`), `bias` added first:
+    /// q into `q_out` (`[rows, q_dim]`), k with v into the cache.
     fn rope_kv_write(
         &mut self,
         step: &Self::Step,
         qkv: &Self::Act,
+        bias: Option<&Self::Weight>,
         q_out: &mut Self::Act,
         cache: &mut Self::Cache,
         s: &DecoderShape,
@@ -542,7 +550,7 @@ fn layers_on_device<O: DecoderOps>(
         ops.mark("qkv gemm")?;
         ops.matmul(&sc.h, &lw.qkv, 0, &mut sc.qkv, (rows, s.qkv_rows(), hid))?;
         ops.mark("rope + kv write")?;
-        ops.rope_kv_write(step, &sc.qkv, &mut sc.q, cache, s)?;
+        ops.rope_kv_write(step, &sc.qkv, lw.qkv_bias.as_ref(), &mut sc.q, cache, s)?;
         ops.mark("attention")?;
         ops.attention(step, &sc.q, cache, &mut sc.attn, s)?;
         ops.mark("o gemm")?;
@@ -620,7 +628,9 @@ mod tests {
         let n: usize = DecoderWeights::<()>::layout(&s).iter().map(|t| t.0).sum();
         // Llama-3-8B: 8.03 B parameters.
         assert!((8.02e9..8.04e9).contains(&(n as f64)), "{n}");
-        let q = DecoderShape::new(&DummyModel::Qwen2_5_14b.config(), 16);
-        assert!(q.unwrap_err().to_string().contains("bias"));
+        let q = DecoderShape::new(&DummyModel::Qwen2_5_14b.config(), 16).unwrap();
+        let n: usize = DecoderWeights::<()>::layout(&q).iter().map(|t| t.0).sum();
+        // Qwen2.5-14B: 14.77 B parameters, q/k/v biases included.
+        assert!(q.qkv_bias && (14.76e9..14.78e9).contains(&(n as f64)), "{n}");
     }
 }

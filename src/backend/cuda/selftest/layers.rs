@@ -63,7 +63,10 @@ pub(super) fn check_rope(gpu: &mut Gpu, checks: &mut Vec<Check>) -> Result<(), C
     let positions = [0usize, 1, 17, 300, 4000];
     let slots: [i64; 5] = [3, -1, 10, 63, 0];
     let num_slots = 64;
-    for (num_heads, num_kv_heads, head_dim) in [(9usize, 3usize, 64usize), (32, 8, 128)] {
+    // The last shape with Qwen2's attention biases.
+    for (num_heads, num_kv_heads, head_dim, with_bias) in
+        [(9usize, 3usize, 64usize, false), (32, 8, 128, false), (40, 8, 128, true)]
+    {
         let tokens = positions.len();
         let half = head_dim / 2;
         let inv_freq: Vec<f32> =
@@ -80,6 +83,8 @@ pub(super) fn check_rope(gpu: &mut Gpu, checks: &mut Vec<Check>) -> Result<(), C
         // A fused projection row, q then k then v.
         let qkv = random_bf16(&mut rng, tokens * (q_dim + 2 * kv_row), 2.0);
         let (mut q, mut k, v) = twins::split_qkv(&qkv, tokens, q_dim, kv_row);
+        let bias = random_bf16(&mut rng, if with_bias { q_dim + 2 * kv_row } else { 1 }, 1.0);
+        let (dbias, has_bias) = (gpu.up_bf16(&bias)?, i32::from(with_bias));
         let dqkv = gpu.up_bf16(&qkv)?;
         let mut dq = gpu.zeros::<u16>(tokens * q_dim)?;
         let (dcos, dsin, dslots) = (gpu.up(&cos)?, gpu.up(&sin)?, gpu.up(&slots)?);
@@ -90,13 +95,18 @@ pub(super) fn check_rope(gpu: &mut Gpu, checks: &mut Vec<Check>) -> Result<(), C
         let f = gpu.func("rope_kv.cu", "rope_kv_write_bf16")?;
         let mut b = gpu.stream.launch_builder(&f);
         b.arg(&dqkv).arg(&stride).arg(&mut dq).arg(&dcos).arg(&dsin).arg(&dslots);
-        b.arg(&mut dkc).arg(&mut dvc).arg(&nh).arg(&nkv).arg(&hd);
-        // SAFETY: argument list matches rope_kv_write_bf16; every slot is below num_slots.
+        b.arg(&mut dkc).arg(&mut dvc).arg(&dbias).arg(&has_bias).arg(&nh).arg(&nkv).arg(&hd);
+        // SAFETY: argument list matches rope_kv_write_bf16; every slot is below num_slots; the
+        // bias is read only with has_bias, and then holds q_dim + 2 kv_row values.
         unsafe { b.launch(cfg((n32(tokens), 1, 1), 256)) }?;
         let (mut kc, mut vc) = (vec![0f32; num_slots * kv_row], vec![0f32; num_slots * kv_row]);
         let shape_t = twins::RopeShape { num_heads, num_kv_heads, head_dim };
-        twins::rope_kv_write(&mut q, &mut k, &v, &cos, &sin, &slots, &mut kc, &mut vc, shape_t);
-        let shape = format!("tokens={tokens} heads={num_heads}/{num_kv_heads} head_dim={head_dim}");
+        let b = with_bias.then_some(bias.as_slice());
+        twins::rope_kv_write(&mut q, &mut k, &v, &cos, &sin, &slots, &mut kc, &mut vc, shape_t, b);
+        let shape = format!(
+            "tokens={tokens} heads={num_heads}/{num_kv_heads} head_dim={head_dim}{}",
+            if with_bias { " with biases" } else { "" }
+        );
         for (what, dev, want) in [("q", &dq, &q), ("k cache", &dkc, &kc), ("v cache", &dvc, &vc)] {
             let got = gpu.down_bf16(dev, want.len())?;
             compare(

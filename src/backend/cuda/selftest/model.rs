@@ -80,6 +80,8 @@ pub(super) fn check_decoder(ops: &mut CudaOps, checks: &mut Vec<Check>) -> Resul
         head_dim: 64,
         eps: 1e-5,
         block_size: 16,
+        // With Qwen2's q/k/v biases: the path without them is the same minus one addition.
+        qkv_bias: true,
     };
     let inv_freq: Vec<f32> = (0..s.head_dim / 2)
         .map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / s.head_dim as f32))
