@@ -19,6 +19,7 @@ import argparse
 import concurrent.futures
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -137,6 +138,8 @@ def main():
     ap.add_argument("--start-timeout", type=float, default=180)
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
+    # A timeout's SIGTERM must still stop the server (the `finally` below).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(124))
 
     result = {"device": args.device, "prompts": len(PROMPTS), "new_tokens": NEW_TOKENS}
     ok = True
@@ -172,7 +175,7 @@ def main():
                 generated = [int(n.removeprefix("token_id:")) for n in names]
                 g = gaps(model, ids, generated)
                 worst = max([worst] + g)
-                per_prompt.append({"tokens": len(generated), "max_gap": round(max(g), 5),
+                per_prompt.append({"tokens": len(generated), "max_gap": round(max(g, default=0), 5),
                                    "text": body["choices"][0]["text"]})
                 ok = ok and len(generated) == NEW_TOKENS
             result["max_gap_nats"] = round(worst, 5)

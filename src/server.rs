@@ -52,8 +52,9 @@ fn backend_for(device: &ResolvedDevice) -> Backend {
                 name: format!("cuda:{ordinal} ({name})"),
                 kv_bytes_per_element: std::mem::size_of::<u16>(),
                 build: Box::new(move |model, cache| {
-                    let d = open_cuda(ordinal, &home, &model, cache.block_size, cache.num_blocks)
-                        .map_err(|e| e.to_string())?;
+                    let (b, n, r) = (cache.block_size, cache.num_blocks, cache.max_rows);
+                    let d =
+                        open_cuda(ordinal, &home, &model, b, n, r).map_err(|e| e.to_string())?;
                     Ok(Box::new(d) as Box<dyn DeviceModel>)
                 }),
             }

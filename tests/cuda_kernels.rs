@@ -88,7 +88,7 @@ fn gpu_commands_fail_clearly_without_a_gpu() {
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("expected cpu, cuda, cuda:N or auto"), "{err}");
 
-    // `serve` checks the device before it loads a model or opens its data dir.
+    // `serve` checks the device before it loads a model.
     let data = tempfile::tempdir().expect("tempdir");
     for (device, want) in [("cuda", "no CUDA driver"), ("cuda:nine", "expected cpu, cuda")] {
         let out = Command::new(env!("CARGO_BIN_EXE_coserve"))

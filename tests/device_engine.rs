@@ -10,7 +10,11 @@ use coserve::backend::cuda::decoder::host::HostOps;
 use coserve::backend::cuda::decoder::runner::DeviceDecoder;
 use coserve::backend::cuda::decoder::SeqRows;
 use coserve::backend::cuda::twins::argmax_logprob;
-use coserve::engine::{EngineConfig, SamplingParams};
+use std::sync::Arc;
+
+use coserve::engine::sampler::logprobs_of;
+use coserve::engine::{EngineConfig, EngineEvent, SamplingParams};
+use coserve::lora::{LoraConfig, LoraWeights, ServedAdapter};
 use coserve::model::loader::load_model;
 use coserve::model::weights::WeightsDtype;
 use serde_json::{json, Value};
@@ -42,7 +46,7 @@ fn decoder_alone(path: &std::path::Path, prompt: &[u32]) -> Vec<u32> {
     let h = from_llama(&model, 16).expect("decoder weights");
     let vocab = h.shape.vocab;
     let blocks = (prompt.len() + NEW_TOKENS).div_ceil(16);
-    let mut d = DeviceDecoder::new(HostOps, h.shape, h.weights, h.inv_freq, blocks).unwrap();
+    let mut d = DeviceDecoder::new(HostOps, h.shape, h.weights, h.inv_freq, blocks, 256).unwrap();
     // Blocks in reverse order, so a slot is never its row's position by accident.
     let table: Vec<u32> = (0..blocks as u32).rev().collect();
     let (mut tokens, mut start) = (prompt.to_vec(), 0);
@@ -101,17 +105,91 @@ fn the_device_engine_serves_what_the_decoder_computes_alone() {
 fn prompt_logprobs_come_from_every_row_of_the_device_forward() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = write_gguf(dir.path(), &shape());
+    let prompt: Vec<u32> = (0..21).map(|j| (j * 13 % 256) as u32).collect();
+    // The decoder alone: the logits of every prompt row, row r scoring token r + 1.
+    let want: Vec<f32> = {
+        let model = load_model(&path, WeightsDtype::F32).expect("tiny model").model;
+        let h = from_llama(&model, 16).expect("decoder weights");
+        let vocab = h.shape.vocab;
+        let mut d = DeviceDecoder::new(HostOps, h.shape, h.weights, h.inv_freq, 2, 64).unwrap();
+        let seq = SeqRows { tokens: prompt.clone(), start: 0, block_table: vec![1, 0] };
+        let rows: Vec<u32> = (0..prompt.len() as u32).collect();
+        let logits = d.forward_rows(vec![seq], &rows).expect("forward");
+        (0..prompt.len() - 1)
+            .map(|r| logprobs_of(&logits[r * vocab..(r + 1) * vocab], prompt[r + 1], 0).logprob)
+            .collect()
+    };
+
+    // Served in chunks of 8 next to another prompt, so each forward gathers some rows only.
     let cfg = EngineConfig { max_num_batched_tokens: 8, ..EngineConfig::default() };
     let engine = TestEngine::start_on(&path, cfg, twin_backend());
-    let prompt: Vec<u32> = (0..21).map(|j| (j * 13 % 256) as u32).collect();
+    let other = engine.handle.submit(request(prompts()[2].clone(), params())).expect("submit");
     let mut p = params();
     p.prompt_logprobs = Some(0);
     let g = collect(engine.handle.submit(request(prompt.clone(), p)).expect("submit"));
+    collect(other);
     let lp = g.prompt_logprobs.expect("prompt logprobs");
     assert_eq!(lp.len(), prompt.len());
     assert!(lp[0].is_none(), "the first token has no logprob");
-    assert!(lp[1..].iter().all(|l| l.as_ref().is_some_and(|l| l.logprob <= 0.0)));
+    for (r, (got, want)) in lp[1..].iter().zip(&want).enumerate() {
+        let got = got.as_ref().expect("a logprob").logprob;
+        assert!((got - want).abs() < 1e-6, "prompt token {}: {got} vs {want}", r + 1);
+    }
     assert_eq!(g.tokens, decoder_alone(&path, &prompt), "the greedy tokens of the same prompt");
+}
+
+#[test]
+fn fine_tuned_models_are_refused_on_a_device() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write_gguf(dir.path(), &shape());
+    let model = load_model(&path, WeightsDtype::F32).expect("tiny model").model;
+    let weights = LoraWeights::zeros(&LoraConfig::default(), &model.config);
+    let lease = Arc::new(ServedAdapter { id: "ft:tiny:x".into(), weights, created: 0 });
+    let engine = TestEngine::start_on(&path, EngineConfig::default(), twin_backend());
+    let mut req = request(vec![1, 2, 3], params());
+    req.adapter = Some(lease);
+    let mut stream = engine.handle.submit(req).expect("submit");
+    match stream.next_blocking() {
+        Some(EngineEvent::Error(e)) => {
+            assert!(e.contains(TWIN_DEVICE) && e.contains("--device cpu"), "{e}")
+        }
+        other => panic!("expected an error, got {other:?}"),
+    }
+    // The base model still serves.
+    let g = collect(engine.handle.submit(request(vec![1, 2, 3], params())).expect("submit"));
+    assert_eq!(g.tokens.len(), NEW_TOKENS);
+}
+
+#[test]
+fn greedy_picks_on_the_device_equal_the_host_samplers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write_gguf(dir.path(), &shape());
+    let engine = TestEngine::start_on(&path, EngineConfig::default(), twin_backend());
+    // Plain greedy (picked on the device, with the chosen token's logprob) and greedy with one
+    // alternative (whole logits rows to the host sampler), the same prompts side by side.
+    let run = |logprobs: usize| -> Vec<_> {
+        let streams: Vec<_> = prompts()
+            .into_iter()
+            .map(|p| {
+                let mut params = params();
+                params.logprobs = Some(logprobs);
+                engine.handle.submit(request(p, params)).expect("submit")
+            })
+            .collect();
+        streams.into_iter().map(collect).collect()
+    };
+    let (device, host) = (run(0), run(1));
+    for (i, (d, h)) in device.iter().zip(&host).enumerate() {
+        assert_eq!(d.tokens, h.tokens, "prompt {i}");
+        for (a, b) in d.logprobs.iter().zip(&h.logprobs) {
+            let (a, b) = (a.as_ref().expect("logprob"), b.as_ref().expect("logprob"));
+            assert_eq!(a.token_id, b.token_id);
+            assert!((a.logprob - b.logprob).abs() < 1e-5, "{a:?} {b:?}");
+            assert!(a.top.is_empty() && b.top.len() == 1);
+        }
+    }
+    let p = prompts().swap_remove(1);
+    assert_eq!(device[1].tokens, decoder_alone(&path, &p));
 }
 
 #[tokio::test]

@@ -9,13 +9,15 @@ use super::cost_model::CostModel;
 use super::handle::{EngineCommand, SharedCounters};
 use super::hybrid::{plan_training, FinetuneMode, TrainState, TrainWork, TrainingConfig};
 use super::job::{ActiveJob, JobEvent};
+use super::request::TokenLogprob;
 use super::request::{EngineEvent, FinishReason};
-use super::sampler::{logprobs_of, sample};
+use super::sampler::{is_plain_greedy, logprobs_of, sample, Sampled};
 use super::scheduler::{Chunk, Plan, Scheduler};
 use super::sequence::Sequence;
 use super::training::ChunkInputs;
 use crate::backend::cpu::paged_attention::AttnSeq;
 use crate::backend::cuda::decoder::runner::DeviceModel;
+use crate::backend::cuda::decoder::{RowsOut, Want};
 use crate::kv::KvCache;
 use crate::metrics::Metrics;
 use crate::model::backward::BackwardWeights;
@@ -67,6 +69,12 @@ pub struct EngineCore {
     /// Built when the first job trains.
     pub backward_weights: Option<BackwardWeights>,
     pub cost: CostModel,
+}
+
+/// How a sequence's next token is chosen: from its logits row, or as the device picked it.
+enum Pick<'a> {
+    Logits(&'a [f32]),
+    Greedy(u32, f32),
 }
 
 /// The fine-tuning part of one iteration: which job and how much of its sample.
@@ -257,8 +265,9 @@ impl EngineCore {
         }
 
         let logits_per_chunk = self.logits_rows_per_chunk(&chunks);
-        let logits = match self.forward(&chunks, &logits_per_chunk, train) {
-            Ok(l) => l,
+        let want = self.want(&chunks, &logits_per_chunk);
+        let out = match self.forward(&chunks, &logits_per_chunk, train, want) {
+            Ok(out) => out,
             Err(e) => {
                 self.fail_batch(&chunks, &e);
                 return;
@@ -270,7 +279,7 @@ impl EngineCore {
         let mut row = 0;
         let mut finished = Vec::new();
         for (c, &nrows) in chunks.iter().zip(&logits_per_chunk) {
-            let rows = &logits[row * vocab..(row + nrows) * vocab];
+            let first = row;
             row += nrows;
             let Some(s) = self.scheduler.running_mut(c.seq_id) else { continue };
             if s.is_decode() {
@@ -279,13 +288,20 @@ impl EngineCore {
                 n_prefill += c.len;
             }
             s.num_computed += c.len;
-            if s.wants_prompt_logprobs() {
-                collect_prompt_logprobs(s, c, rows, vocab);
+            if let (true, RowsOut::Logits(l)) = (s.wants_prompt_logprobs(), &out) {
+                collect_prompt_logprobs(s, c, &l[first * vocab..row * vocab], vocab);
             }
-            if !c.sample {
+            if !c.sample || nrows == 0 {
                 continue;
             }
-            if let Some(reason) = self.emit_token(c.seq_id, &rows[(nrows - 1) * vocab..]) {
+            let pick = match &out {
+                RowsOut::Logits(l) => Pick::Logits(&l[(row - 1) * vocab..row * vocab]),
+                RowsOut::Greedy(g) => match g.get(row - 1) {
+                    Some(&(id, logprob)) => Pick::Greedy(id, logprob),
+                    None => continue,
+                },
+            };
+            if let Some(reason) = self.emit_token(c.seq_id, pick) {
                 finished.push((c.seq_id, reason));
             }
         }
@@ -311,6 +327,24 @@ impl EngineCore {
         self.metrics.iteration_duration_seconds.observe(secs);
         self.cost.observe(n_decode + n_prefill + train_fwd, bwd_layer_tokens, secs);
         self.update_gauges();
+    }
+
+    /// Greedy picks on the device when every row to sample is a plain argmax: only ids and
+    /// logprobs then come back instead of whole rows of logits. The CPU samples from its
+    /// logits in place.
+    fn want(&self, chunks: &[Chunk], logits_per_chunk: &[usize]) -> Want {
+        if !matches!(self.compute, Compute::Device { .. }) {
+            return Want::Logits;
+        }
+        let running = &self.scheduler.running;
+        let plain = chunks.iter().zip(logits_per_chunk).filter(|(_, &n)| n > 0).all(|(c, _)| {
+            running.iter().find(|s| s.id == c.seq_id).is_some_and(|s| is_plain_greedy(&s.params))
+        });
+        if plain {
+            Want::Greedy
+        } else {
+            Want::Logits
+        }
     }
 
     /// Logits rows each chunk needs: all its rows for prompt logprobs, else one if it samples.
@@ -364,14 +398,15 @@ impl EngineCore {
         self.update_gauges();
     }
 
-    /// One forward over the iteration's rows: the logits of the rows `logits_per_chunk` asks
-    /// for, in chunk order.
+    /// One forward over the iteration's rows: for the rows `logits_per_chunk` asks for, in
+    /// chunk order, their logits or (on a device, when `want` says so) their greedy picks.
     fn forward(
         &mut self,
         chunks: &[Chunk],
         logits_per_chunk: &[usize],
         train: Option<TrainSlot>,
-    ) -> Result<Vec<f32>, String> {
+        want: Want,
+    ) -> Result<RowsOut, String> {
         let total: usize = chunks.iter().map(|c| c.len).sum();
         let mut inputs = ChunkInputs {
             tokens: Vec::with_capacity(total),
@@ -438,9 +473,13 @@ impl EngineCore {
         let logits = match &mut self.compute {
             Compute::Host { model, kv } => {
                 let model = &*model;
-                self.pool.install(|| model.forward_with(&batch, kv, &lora, &mut captures))
+                RowsOut::Logits(
+                    self.pool.install(|| model.forward_with(&batch, kv, &lora, &mut captures)),
+                )
             }
-            Compute::Device { model, .. } => model.forward(&batch).map_err(|e| e.to_string())?,
+            Compute::Device { model, .. } => {
+                model.forward(&batch, want).map_err(|e| e.to_string())?
+            }
         };
         drop(captures);
         if let Some(TrainSlot { job, work }) = train {
@@ -451,15 +490,25 @@ impl EngineCore {
         Ok(logits)
     }
 
-    /// Samples the next token of a sequence from its logits row and sends it; returns why the
-    /// sequence finished, if it did.
-    fn emit_token(&mut self, id: u64, logits: &[f32]) -> Option<FinishReason> {
+    /// Samples the next token of a sequence (or takes the device's greedy pick) and sends it;
+    /// returns why the sequence finished, if it did.
+    fn emit_token(&mut self, id: u64, pick: Pick<'_>) -> Option<FinishReason> {
         let eos = &self.eos_token_ids;
         let max_model_len = self.max_model_len;
         let metrics = self.metrics.clone();
         let s = self.scheduler.running_mut(id)?;
-        let mut row = logits.to_vec();
-        let sampled = sample(&mut row, &s.params, &mut s.sampler);
+        let sampled = match pick {
+            Pick::Logits(logits) => sample(&mut logits.to_vec(), &s.params, &mut s.sampler),
+            // Only plain greedy sequences get here (see `want`): the pick is the argmax.
+            Pick::Greedy(token_id, logprob) => Sampled {
+                token_id,
+                logprob: s.params.logprobs.map(|_| TokenLogprob {
+                    token_id,
+                    logprob,
+                    top: Vec::new(),
+                }),
+            },
+        };
         let now = Instant::now();
         if s.num_generated() == 0 {
             let lora = [s.lora_name()];

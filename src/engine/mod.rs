@@ -24,11 +24,13 @@ use crate::metrics::Metrics;
 use crate::model::llama::Llama;
 use scheduler::{Scheduler, SchedulerConfig};
 
-/// The KV cache a device model must hold: the engine's blocks.
+/// What a device model must hold: the engine's KV blocks, and forwards of up to `max_rows`
+/// rows (the iteration's token budget).
 #[derive(Debug, Clone, Copy)]
 pub struct CacheGeometry {
     pub block_size: usize,
     pub num_blocks: usize,
+    pub max_rows: usize,
 }
 
 /// Builds a device model from the loaded model.
@@ -139,6 +141,7 @@ pub fn start_on(
     let (vocab_size, logits_width) = (c.vocab_size, model.lm_head().rows);
     let (num_layers, block_size, kv_heads, head_dim) =
         (c.num_layers, cfg.block_size, c.num_kv_heads, c.head_dim);
+    let max_rows = cfg.max_num_batched_tokens;
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(cfg.threads)
         .thread_name(|i| format!("coserve-compute-{i}"))
@@ -164,7 +167,7 @@ pub fn start_on(
                 kv: KvCache::new(num_layers, num_blocks, block_size, kv_heads, head_dim),
             },
             Backend::Device { name, build, .. } => {
-                match build(model, CacheGeometry { block_size, num_blocks }) {
+                match build(model, CacheGeometry { block_size, num_blocks, max_rows }) {
                     Ok(model) => core::Compute::Device { model, name },
                     Err(message) => {
                         let _ =

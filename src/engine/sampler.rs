@@ -198,6 +198,17 @@ fn apply_penalties(
     }
 }
 
+/// Whether sampling is a plain argmax of the raw logits: greedy, no penalty, at most the chosen
+/// token's logprob and no prompt logprobs. A device then picks the token itself.
+pub fn is_plain_greedy(p: &SamplingParams) -> bool {
+    p.temperature < GREEDY_TEMPERATURE
+        && (p.repetition_penalty == 1.0 || p.repetition_penalty <= 0.0)
+        && p.frequency_penalty == 0.0
+        && p.presence_penalty == 0.0
+        && p.logprobs.unwrap_or(0) == 0
+        && p.prompt_logprobs.is_none()
+}
+
 /// Index of the largest logit, ties to the lowest id.
 pub(crate) fn argmax(logits: &[f32]) -> u32 {
     let mut best = 0;

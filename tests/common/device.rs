@@ -15,7 +15,8 @@ pub fn twin_backend() -> Backend {
         kv_bytes_per_element: 2,
         build: Box::new(|model, cache| {
             let h = from_llama(&model, cache.block_size).map_err(|e| e.to_string())?;
-            let d = DeviceDecoder::new(HostOps, h.shape, h.weights, h.inv_freq, cache.num_blocks)
+            let (n, r) = (cache.num_blocks, cache.max_rows);
+            let d = DeviceDecoder::new(HostOps, h.shape, h.weights, h.inv_freq, n, r)
                 .map_err(|e| e.to_string())?;
             Ok(Box::new(d) as Box<dyn DeviceModel>)
         }),

@@ -21,6 +21,23 @@ pub struct HostModel {
 
 /// `model` in the decoder's layout, with `block_size`-token cache blocks.
 pub fn from_llama(model: &Llama, block_size: usize) -> Result<HostModel, CudaError> {
+    let (shape, weights) = convert(model, block_size, Ok)?;
+    Ok(HostModel {
+        shape,
+        weights,
+        inv_freq: model.inv_freq().to_vec(),
+        max_positions: model.config.max_position_embeddings,
+    })
+}
+
+/// Every tensor of `model` in the decoder's layout (dequantized, rounded to bf16), each handed
+/// to `place` as soon as it is made, so that at most one host copy exists at a time (a GPU
+/// upload frees it at once). A tied output head is made a second time.
+pub fn convert<W>(
+    model: &Llama,
+    block_size: usize,
+    mut place: impl FnMut(Vec<f32>) -> Result<W, CudaError>,
+) -> Result<(DecoderShape, DecoderWeights<W>), CudaError> {
     let s = DecoderShape::new(&model.config, block_size)?;
     let want = |w: &WeightMatrix, rows: usize, cols: usize, what: &str| {
         if w.rows == rows && w.cols == cols {
@@ -40,43 +57,42 @@ pub fn from_llama(model: &Llama, block_size: usize) -> Result<HostModel, CudaErr
             Err(CudaError::Shape(format!("{what} has {} weights for hidden {hidden}", v.len())))
         }
     };
+    let embed = place(want(&model.embed, s.vocab, s.hidden, "the embedding")?)?;
     let mut layers = Vec::with_capacity(model.layers.len());
     for (i, l) in model.layers.iter().enumerate() {
+        let qkv_bias = match (&l.qkv_bias, s.qkv_bias) {
+            (Some(b), true) if b.len() == s.qkv_rows() => {
+                Some(place(b.iter().map(|&x| round_bf16(x)).collect())?)
+            }
+            (None, false) => None,
+            (b, _) => {
+                return Err(CudaError::Shape(format!(
+                    "layer {i} has {} q/k/v biases where the config asks for {}",
+                    b.as_ref().map_or(0, Vec::len),
+                    if s.qkv_bias { s.qkv_rows() } else { 0 }
+                )))
+            }
+        };
         layers.push(LayerWeights {
-            attn_norm: norm(&l.attn_norm, &format!("layer {i} attn_norm"))?,
-            qkv: want(&l.wqkv, s.qkv_rows(), s.hidden, &format!("layer {i} qkv"))?,
-            qkv_bias: match (&l.qkv_bias, s.qkv_bias) {
-                (Some(b), true) if b.len() == s.qkv_rows() => {
-                    Some(b.iter().map(|&x| round_bf16(x)).collect())
-                }
-                (None, false) => None,
-                (b, _) => {
-                    return Err(CudaError::Shape(format!(
-                        "layer {i} has {} q/k/v biases where the config asks for {}",
-                        b.as_ref().map_or(0, Vec::len),
-                        if s.qkv_bias { s.qkv_rows() } else { 0 }
-                    )))
-                }
-            },
-            o: want(&l.wo, s.hidden, s.q_dim(), &format!("layer {i} o"))?,
-            mlp_norm: norm(&l.ffn_norm, &format!("layer {i} ffn_norm"))?,
-            gate_up: want(&l.w_gate_up, 2 * s.inter, s.hidden, &format!("layer {i} gate_up"))?,
-            down: want(&l.w_down, s.hidden, s.inter, &format!("layer {i} down"))?,
+            attn_norm: place(norm(&l.attn_norm, &format!("layer {i} attn_norm"))?)?,
+            qkv: place(want(&l.wqkv, s.qkv_rows(), s.hidden, &format!("layer {i} qkv"))?)?,
+            qkv_bias,
+            o: place(want(&l.wo, s.hidden, s.q_dim(), &format!("layer {i} o"))?)?,
+            mlp_norm: place(norm(&l.ffn_norm, &format!("layer {i} ffn_norm"))?)?,
+            gate_up: place(want(
+                &l.w_gate_up,
+                2 * s.inter,
+                s.hidden,
+                &format!("layer {i} gate_up"),
+            )?)?,
+            down: place(want(&l.w_down, s.hidden, s.inter, &format!("layer {i} down"))?)?,
         });
     }
-    let embed = want(&model.embed, s.vocab, s.hidden, "the embedding")?;
-    let lm_head = match &model.lm_head {
-        Some(h) => want(h, s.vocab, s.hidden, "the output head")?,
-        None => embed.clone(), // tied
-    };
-    let weights =
-        DecoderWeights { embed, layers, norm: norm(&model.norm, "the final norm")?, lm_head };
-    Ok(HostModel {
-        shape: s,
-        weights,
-        inv_freq: model.inv_freq().to_vec(),
-        max_positions: model.config.max_position_embeddings,
-    })
+    let norm = place(norm(&model.norm, "the final norm")?)?;
+    // Tied: the embedding again.
+    let head = model.lm_head.as_ref().unwrap_or(&model.embed);
+    let lm_head = place(want(head, s.vocab, s.hidden, "the output head")?)?;
+    Ok((s, DecoderWeights { embed, layers, norm, lm_head }))
 }
 
 /// Every row of `w` dequantized and rounded to bf16.

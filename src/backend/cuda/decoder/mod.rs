@@ -461,11 +461,27 @@ pub fn forward_on_device<O: DecoderOps>(
     ops.argmax(&sc.logits, rows, s.vocab, &mut sc.ids)
 }
 
-/// One forward over `batch` that returns the fp32 logits of the rows `logits_rows` (indices into
-/// the batch's rows, in the order wanted), `[logits_rows.len(), vocab]`: what a server samples
-/// from. The output head runs on those rows only.
+/// What a serving forward brings back to the host for its sampled rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Want {
+    /// Every logit, fp32: the host samples.
+    Logits,
+    /// The greedy id and its log-probability, picked on the device.
+    Greedy,
+}
+
+/// Rows a serving forward returns: `[rows, vocab]` logits, or `(id, logprob)` per row.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RowsOut {
+    Logits(Vec<f32>),
+    Greedy(Vec<(u32, f32)>),
+}
+
+/// One forward over `batch` that returns, for the rows `logits_rows` (indices into the batch's
+/// rows, in the order wanted), what `want` asks for: what a server samples from. The output
+/// head runs on those rows only.
 #[allow(clippy::too_many_arguments)]
-pub fn forward_logits<O: DecoderOps>(
+pub fn forward_rows<O: DecoderOps>(
     ops: &mut O,
     s: &DecoderShape,
     w: &DecoderWeights<O::Weight>,
@@ -474,7 +490,8 @@ pub fn forward_logits<O: DecoderOps>(
     batch: &StepBatch,
     sc: &mut Scratch<O>,
     logits_rows: &[u32],
-) -> Result<Vec<f32>, CudaError> {
+    want: Want,
+) -> Result<RowsOut, CudaError> {
     let rows = batch.rows();
     if let Some(&r) = logits_rows.iter().find(|&&r| r as usize >= rows) {
         return Err(CudaError::Shape(format!("logits of row {r} of a {rows}-row forward")));
@@ -491,19 +508,44 @@ pub fn forward_logits<O: DecoderOps>(
     let step = ops.upload(batch, &cos, &sin)?;
     layers_on_device(ops, s, w, caches, &step, sc)?;
     let n = logits_rows.len();
-    if n == 0 {
-        return Ok(Vec::new());
+    if n > 0 {
+        // A decode-only batch samples every row in order: no gather.
+        let all = n == rows && logits_rows.iter().enumerate().all(|(i, &r)| r as usize == i);
+        let x = if all {
+            &sc.h
+        } else {
+            ops.gather_rows(&sc.h, rows, logits_rows, &mut sc.o, s.hidden)?;
+            &sc.o
+        };
+        ops.matmul_logits(x, &w.lm_head, &mut sc.logits, (n, s.vocab, s.hidden))?;
     }
-    // A decode-only batch samples every row in order: no gather.
-    let all = n == rows && logits_rows.iter().enumerate().all(|(i, &r)| r as usize == i);
-    let x = if all {
-        &sc.h
-    } else {
-        ops.gather_rows(&sc.h, rows, logits_rows, &mut sc.o, s.hidden)?;
-        &sc.o
-    };
-    ops.matmul_logits(x, &w.lm_head, &mut sc.logits, (n, s.vocab, s.hidden))?;
-    ops.logits_to_host(&sc.logits, n * s.vocab)
+    Ok(match want {
+        Want::Logits if n == 0 => RowsOut::Logits(Vec::new()),
+        Want::Logits => RowsOut::Logits(ops.logits_to_host(&sc.logits, n * s.vocab)?),
+        Want::Greedy if n == 0 => RowsOut::Greedy(Vec::new()),
+        Want::Greedy => {
+            ops.argmax(&sc.logits, n, s.vocab, &mut sc.ids)?;
+            RowsOut::Greedy(ops.read_ids(&sc.ids, n)?)
+        }
+    })
+}
+
+/// [`forward_rows`] returning every logit of the rows.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_logits<O: DecoderOps>(
+    ops: &mut O,
+    s: &DecoderShape,
+    w: &DecoderWeights<O::Weight>,
+    inv_freq: &[f32],
+    caches: &mut [O::Cache],
+    batch: &StepBatch,
+    sc: &mut Scratch<O>,
+    logits_rows: &[u32],
+) -> Result<Vec<f32>, CudaError> {
+    match forward_rows(ops, s, w, inv_freq, caches, batch, sc, logits_rows, Want::Logits)? {
+        RowsOut::Logits(l) => Ok(l),
+        RowsOut::Greedy(_) => Err(CudaError::Shape("greedy rows where logits were asked".into())),
+    }
 }
 
 fn check_inv_freq(s: &DecoderShape, inv_freq: &[f32]) -> R {

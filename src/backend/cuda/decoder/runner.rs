@@ -5,7 +5,8 @@ use std::path::Path;
 
 use super::cuda::CudaOps;
 use super::{
-    forward_logits, DecoderOps, DecoderShape, DecoderWeights, Scratch, SeqRows, StepBatch,
+    forward_rows, DecoderOps, DecoderShape, DecoderWeights, RowsOut, Scratch, SeqRows, StepBatch,
+    Want,
 };
 use crate::backend::cuda::gpu::Gpu;
 use crate::backend::cuda::{CudaError, DeviceSpec};
@@ -15,10 +16,14 @@ use crate::model::llama::{ForwardBatch, Llama};
 /// the engine's blocks. What the engine needs of it, object-safe. Not `Send`: it is built on
 /// the thread that uses it, as device handles belong to one thread.
 pub trait DeviceModel {
-    /// The logits `[batch.logits_rows.len(), vocab]` of one iteration's rows; every row's K and
-    /// V are written to its slot on the way.
-    fn forward(&mut self, batch: &ForwardBatch<'_>) -> Result<Vec<f32>, CudaError>;
+    /// One iteration's forward: every row's K and V written to its slot, and for each of
+    /// `batch.logits_rows`, its logits (`Want::Logits`, `[rows, vocab]`) or its greedy id
+    /// and log-probability picked on the device (`Want::Greedy`).
+    fn forward(&mut self, batch: &ForwardBatch<'_>, want: Want) -> Result<RowsOut, CudaError>;
 }
+
+/// Rows one forward may have: the attention launch's grid.y.
+pub const MAX_ROWS: usize = 65_535;
 
 pub struct DeviceDecoder<O: DecoderOps> {
     ops: O,
@@ -31,13 +36,15 @@ pub struct DeviceDecoder<O: DecoderOps> {
 }
 
 impl<O: DecoderOps> DeviceDecoder<O> {
-    /// Allocates a cache of `num_blocks` blocks per layer.
+    /// Allocates a cache of `num_blocks` blocks per layer and scratch for forwards of up to
+    /// `max_rows` rows, so that a device too small fails here rather than on some later batch.
     pub fn new(
         mut ops: O,
         shape: DecoderShape,
         weights: DecoderWeights<O::Weight>,
         inv_freq: Vec<f32>,
         num_blocks: usize,
+        max_rows: usize,
     ) -> Result<Self, CudaError> {
         shape.check()?;
         if inv_freq.len() != shape.head_dim / 2 || weights.layers.len() != shape.layers {
@@ -49,9 +56,16 @@ impl<O: DecoderOps> DeviceDecoder<O> {
                 shape.layers
             )));
         }
+        if max_rows == 0 || max_rows > MAX_ROWS {
+            return Err(CudaError::Shape(format!(
+                "forwards of {max_rows} rows (the device takes 1 to {MAX_ROWS}: lower \
+                 --max-num-batched-tokens)"
+            )));
+        }
         let caches =
             (0..shape.layers).map(|_| ops.cache(&shape, num_blocks)).collect::<Result<_, _>>()?;
-        Ok(Self { ops, shape, weights, inv_freq, caches, scratch: None, num_blocks })
+        let scratch = Some(Scratch::new(&mut ops, &shape, max_rows)?);
+        Ok(Self { ops, shape, weights, inv_freq, caches, scratch, num_blocks })
     }
 
     /// Bytes one cache block takes: bf16 K and V of every layer.
@@ -66,6 +80,21 @@ impl<O: DecoderOps> DeviceDecoder<O> {
         seqs: Vec<SeqRows>,
         logits_rows: &[u32],
     ) -> Result<Vec<f32>, CudaError> {
+        match self.forward_seqs(seqs, logits_rows, Want::Logits)? {
+            RowsOut::Logits(l) => Ok(l),
+            RowsOut::Greedy(_) => {
+                Err(CudaError::Shape("greedy rows where logits were asked".into()))
+            }
+        }
+    }
+
+    /// One forward over `seqs`, returning what `want` asks for of `logits_rows`.
+    pub fn forward_seqs(
+        &mut self,
+        seqs: Vec<SeqRows>,
+        logits_rows: &[u32],
+        want: Want,
+    ) -> Result<RowsOut, CudaError> {
         let batch = StepBatch::new(seqs, self.shape.block_size)?;
         if batch.blocks_needed > self.num_blocks {
             return Err(CudaError::Shape(format!(
@@ -76,50 +105,40 @@ impl<O: DecoderOps> DeviceDecoder<O> {
         }
         let rows = batch.rows();
         if self.scratch.as_ref().is_none_or(|sc| sc.rows < rows) {
-            // Grow by powers of two so that a run of longer prompt chunks reallocates rarely;
-            // the old buffers go first.
+            // More rows than the engine's budget (a caller of its own): grow, old buffers first.
             self.scratch = None;
-            let want = rows.next_power_of_two().max(16);
-            self.scratch = Some(Scratch::new(&mut self.ops, &self.shape, want)?);
+            self.scratch = Some(Scratch::new(&mut self.ops, &self.shape, rows.min(MAX_ROWS))?);
         }
         let Some(sc) = self.scratch.as_mut() else {
             return Err(CudaError::Shape("no scratch".into()));
         };
         let (s, w) = (&self.shape, &self.weights);
-        forward_logits(
-            &mut self.ops,
-            s,
-            w,
-            &self.inv_freq,
-            &mut self.caches,
-            &batch,
-            sc,
-            logits_rows,
-        )
+        let (f, c) = (&self.inv_freq, &mut self.caches);
+        forward_rows(&mut self.ops, s, w, f, c, &batch, sc, logits_rows, want)
     }
 }
 
-/// `model` on CUDA device `ordinal`: its weights rounded to bf16 and uploaded, with a cache of
-/// `num_blocks` blocks of `block_size` tokens per layer. Kernels compile into `home`'s cache.
+/// `model` on CUDA device `ordinal`: its weights rounded to bf16 and uploaded one tensor at a
+/// time, a cache of `num_blocks` blocks of `block_size` tokens per layer and scratch for
+/// `max_rows` rows. Kernels compile into `home`'s cache.
 pub fn open_cuda(
     ordinal: usize,
     home: &Path,
     model: &Llama,
     block_size: usize,
     num_blocks: usize,
+    max_rows: usize,
 ) -> Result<DeviceDecoder<CudaOps>, CudaError> {
-    let super::from_model::HostModel { shape, weights, inv_freq, .. } =
-        super::from_model::from_llama(model, block_size)?;
-    let mut ops = CudaOps::new(Gpu::open(DeviceSpec::Cuda(ordinal), home, "serve")?)?;
-    let on_device = ops.upload_weights(&shape, &weights)?;
-    drop(weights);
-    DeviceDecoder::new(ops, shape, on_device, inv_freq, num_blocks)
+    let ops = CudaOps::new(Gpu::open(DeviceSpec::Cuda(ordinal), home, "serve")?)?;
+    let (shape, weights) = super::from_model::convert(model, block_size, |t| ops.gpu.up_bf16(&t))?;
+    let inv_freq = model.inv_freq().to_vec();
+    DeviceDecoder::new(ops, shape, weights, inv_freq, num_blocks, max_rows)
 }
 
 impl<O: DecoderOps> DeviceModel for DeviceDecoder<O> {
-    fn forward(&mut self, batch: &ForwardBatch<'_>) -> Result<Vec<f32>, CudaError> {
+    fn forward(&mut self, batch: &ForwardBatch<'_>, want: Want) -> Result<RowsOut, CudaError> {
         let (seqs, logits_rows) = step_rows(batch)?;
-        self.forward_rows(seqs, &logits_rows)
+        self.forward_seqs(seqs, &logits_rows, want)
     }
 }
 

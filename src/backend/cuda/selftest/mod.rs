@@ -68,10 +68,11 @@ pub fn run(spec: DeviceSpec, home: &Path) -> Result<Report, CudaError> {
     match CudaOps::new(gpu) {
         Err(e) => record_failure(&mut checks, "decoder_ops", Err(e)),
         Ok(mut ops) => {
-            let suites: [(&str, OpsSuite); 3] = [
+            let suites: [(&str, OpsSuite); 4] = [
                 ("fill_uniform_bf16", model::check_fill),
                 ("gemm_bf16", model::check_gemm),
                 ("decoder_end_to_end", model::check_decoder),
+                ("decoder_end_to_end (q/k/v biases)", model::check_decoder_with_biases),
             ];
             for (name, suite) in suites {
                 let outcome = suite(&mut ops, &mut checks).and_then(|()| ops.gpu.sync());
