@@ -12,9 +12,13 @@ use coserve::backend::cuda::decoder::SeqRows;
 use coserve::backend::cuda::twins::argmax_logprob;
 use std::sync::Arc;
 
+use coserve::backend::cuda::decoder::runner::DeviceModel;
+use coserve::backend::cuda::decoder::{RowsOut, Want};
+use coserve::backend::cuda::CudaError;
 use coserve::engine::sampler::logprobs_of;
-use coserve::engine::{EngineConfig, EngineEvent, SamplingParams};
+use coserve::engine::{Backend, EngineConfig, EngineEvent, SamplingParams};
 use coserve::lora::{LoraConfig, LoraWeights, ServedAdapter};
+use coserve::model::llama::ForwardBatch;
 use coserve::model::loader::load_model;
 use coserve::model::weights::WeightsDtype;
 use serde_json::{json, Value};
@@ -190,6 +194,62 @@ fn greedy_picks_on_the_device_equal_the_host_samplers() {
     }
     let p = prompts().swap_remove(1);
     assert_eq!(device[1].tokens, decoder_alone(&path, &p));
+}
+
+/// A device that faults for good on its third forward, as a poisoned CUDA context does.
+struct FaultingDevice {
+    inner: Box<dyn DeviceModel>,
+    forwards: usize,
+}
+
+impl DeviceModel for FaultingDevice {
+    fn forward(&mut self, batch: &ForwardBatch<'_>, want: Want) -> Result<RowsOut, CudaError> {
+        self.forwards += 1;
+        if self.forwards >= 3 {
+            return Err(CudaError::Driver("CUDA_ERROR_ILLEGAL_ADDRESS".into()));
+        }
+        self.inner.forward(batch, want)
+    }
+
+    fn check(&mut self) -> Result<(), CudaError> {
+        if self.forwards >= 3 {
+            Err(CudaError::Driver("CUDA_ERROR_ILLEGAL_ADDRESS".into()))
+        } else {
+            self.inner.check()
+        }
+    }
+}
+
+#[test]
+fn a_device_that_faults_for_good_stops_the_engine() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write_gguf(dir.path(), &shape());
+    let Backend::Device { name, kv_bytes_per_element, build } = twin_backend() else {
+        unreachable!("the twin backend is a device")
+    };
+    let build: coserve::engine::DeviceBuilder = Box::new(move |model, cache| {
+        let inner = build(model, cache)?;
+        Ok(Box::new(FaultingDevice { inner, forwards: 0 }) as Box<dyn DeviceModel>)
+    });
+    let backend = Backend::Device { name, kv_bytes_per_element, build };
+    let engine = TestEngine::start_on(&path, EngineConfig::default(), backend);
+    let mut stream = engine.handle.submit(request(vec![5, 6, 7], params())).expect("submit");
+    let mut tokens = 0;
+    let error = loop {
+        match stream.next_blocking() {
+            Some(EngineEvent::Token { .. }) => tokens += 1,
+            Some(EngineEvent::Error(e)) => break e,
+            other => panic!("expected tokens, then an error: {other:?}"),
+        }
+    };
+    assert_eq!(tokens, 2, "two forwards worked");
+    assert!(error.contains("ILLEGAL_ADDRESS"), "{error}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while engine.handle.is_running() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert!(!engine.handle.is_running(), "the engine stops, so /health answers 503");
+    assert!(engine.handle.submit(request(vec![1], params())).is_err());
 }
 
 #[tokio::test]

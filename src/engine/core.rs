@@ -69,6 +69,8 @@ pub struct EngineCore {
     /// Built when the first job trains.
     pub backward_weights: Option<BackwardWeights>,
     pub cost: CostModel,
+    /// Set when the device failed for good: the engine stops (and `/health` says so).
+    pub stop_reason: Option<String>,
 }
 
 /// How a sequence's next token is chosen: from its logits row, or as the device picked it.
@@ -113,13 +115,20 @@ impl EngineCore {
             if self.has_work() {
                 self.step();
             }
+            if self.stop_reason.is_some() {
+                break;
+            }
         }
         for mut job in self.jobs.drain(..) {
             job.stop();
         }
         // Tell whoever still waits that the engine is gone.
+        let why = match &self.stop_reason {
+            Some(r) => format!("the engine stopped: {r}"),
+            None => "the engine stopped".into(),
+        };
         for s in self.scheduler.running.drain(..).chain(self.scheduler.waiting.drain(..)) {
-            let _ = s.events.send(EngineEvent::Error("the engine stopped".into()));
+            let _ = s.events.send(EngineEvent::Error(why.clone()));
         }
     }
 
@@ -387,6 +396,7 @@ impl EngineCore {
 
     /// Ends every sequence of a batch whose forward failed (a device error): each gets the error
     /// and frees its blocks; the engine goes on with the next iteration.
+    /// If the device no longer works at all, the engine stops.
     fn fail_batch(&mut self, chunks: &[Chunk], error: &str) {
         tracing::error!(error, sequences = chunks.len(), "forward failed");
         for c in chunks {
@@ -396,6 +406,12 @@ impl EngineCore {
             }
         }
         self.update_gauges();
+        if let Compute::Device { model, name } = &mut self.compute {
+            if let Err(e) = model.check() {
+                tracing::error!(device = %name, error = %e, "the device failed; the engine stops");
+                self.stop_reason = Some(format!("{name} failed: {e}"));
+            }
+        }
     }
 
     /// One forward over the iteration's rows: for the rows `logits_per_chunk` asks for, in

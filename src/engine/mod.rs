@@ -195,6 +195,7 @@ pub fn start_on(
             job_turn: 0,
             backward_weights: None,
             cost: cost_model::CostModel::new(),
+            stop_reason: None,
         };
         core.run();
     };

@@ -530,6 +530,10 @@ impl DecoderOps for CudaOps {
         step.rows
     }
 
+    fn sync(&mut self) -> R {
+        self.gpu.sync()
+    }
+
     fn logits_to_host(&mut self, logits: &CudaSlice<f32>, n: usize) -> Result<Vec<f32>, CudaError> {
         check_len(logits.len(), n, "logits")?;
         Ok(self.gpu.stream.clone_dtoh(&logits.slice(..n))?)

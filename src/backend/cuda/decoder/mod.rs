@@ -385,6 +385,10 @@ pub trait DecoderOps {
     /// Rows of a batch made ready.
     fn rows(&self, step: &Self::Step) -> usize;
     fn logits_to_host(&mut self, logits: &Self::Logits, n: usize) -> Result<Vec<f32>, CudaError>;
+    /// Waits for the work queued so far; reports a fault of the device.
+    fn sync(&mut self) -> R {
+        Ok(())
+    }
 }
 
 /// Activation buffers of a forward of up to `rows` rows.

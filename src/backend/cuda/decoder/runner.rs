@@ -20,6 +20,9 @@ pub trait DeviceModel {
     /// `batch.logits_rows`, its logits (`Want::Logits`, `[rows, vocab]`) or its greedy id
     /// and log-probability picked on the device (`Want::Greedy`).
     fn forward(&mut self, batch: &ForwardBatch<'_>, want: Want) -> Result<RowsOut, CudaError>;
+    /// Whether the device still works after a failed forward (a fault that poisons the
+    /// context, such as an illegal address, fails every later call too).
+    fn check(&mut self) -> Result<(), CudaError>;
 }
 
 /// Rows one forward may have: the attention launch's grid.y.
@@ -139,6 +142,10 @@ impl<O: DecoderOps> DeviceModel for DeviceDecoder<O> {
     fn forward(&mut self, batch: &ForwardBatch<'_>, want: Want) -> Result<RowsOut, CudaError> {
         let (seqs, logits_rows) = step_rows(batch)?;
         self.forward_seqs(seqs, &logits_rows, want)
+    }
+
+    fn check(&mut self) -> Result<(), CudaError> {
+        self.ops.sync()
     }
 }
 
