@@ -7,7 +7,8 @@
 #   scripts/gpu-check.sh run [BINARY]    # nvidia-smi, kernels check, selftest, serve, benchmarks
 #
 # `run` writes its results to $OUT (default gpu-results/): nvidia-smi.txt, environment.txt,
-# kernels-check.txt, selftest.json, serve.json (with the server's log serve-cuda.log),
+# kernels-check.txt, selftest.json, serve-llama.json and serve-qwen2.json (with the servers'
+# logs),
 # bench-decode.json, bandwidth.json, hf-peft.json, and a log per step. It goes on after a failed
 # step and exits non-zero if any failed. The toolkit is found at $CUDA_HOME, $CUDA_PATH or
 # /usr/local/cuda.
@@ -56,10 +57,12 @@ run)
   step kernels-check "$OUT/kernels-check.txt" "$BIN" kernels check --ptx-dir "$OUT/ptx"
   step selftest "$OUT/selftest.txt" "$BIN" selftest --device cuda --json "$OUT/selftest.json"
 
-  # `coserve serve --device cuda` over HTTP on a small random model made with transformers,
-  # every generated token scored by transformers in f32.
-  step serve "$OUT/serve.json" timeout 300 "$PYTHON" scripts/serve_check.py --bin "$BIN" \
-    --device cuda --out "$OUT"
+  # `coserve serve --device cuda` over HTTP on small random models made with transformers (a
+  # Llama, and a Qwen2 with q/k/v biases), every generated token scored by transformers in f32.
+  for arch in llama qwen2; do
+    step "serve-$arch" "$OUT/serve-$arch.json" timeout 300 "$PYTHON" scripts/serve_check.py \
+      --bin "$BIN" --device cuda --arch "$arch" --out "$OUT"
+  done
 
   # Decode steps of Llama-3-8B-shaped random bf16 weights made on the device, context 1024,
   # next to the bandwidth floor (bytes of weights and K/V read / device-to-device copy rate).

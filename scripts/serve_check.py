@@ -39,10 +39,10 @@ PROMPTS = [
 NEW_TOKENS = 16
 
 
-def make_model(d, seed):
+def make_model(d, seed, arch="llama"):
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     corpus = [p * 3 for p in PROMPTS] + [
         "the cat sat on the mat and the dog ran in the park " * 4,
@@ -64,14 +64,23 @@ def make_model(d, seed):
 
     torch.manual_seed(seed)
     # Wide initial weights: clear logit margins, so bf16 rounding rarely flips a greedy choice.
-    cfg = LlamaConfig(
+    config, model_class = {"llama": (LlamaConfig, LlamaForCausalLM),
+                           "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[arch]
+    cfg = config(
         vocab_size=tok.get_vocab_size(), hidden_size=256, intermediate_size=512,
         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=10000.0,
         tie_word_embeddings=False, initializer_range=0.08,
         eos_token_id=tok.token_to_id("<|endoftext|>"), bos_token_id=None,
     )
-    model = LlamaForCausalLM(cfg).float().eval()
+    model = model_class(cfg).float().eval()
+    if arch == "qwen2":
+        # Qwen2's q/k/v biases start at zero: make them count.
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj,
+                             layer.self_attn.v_proj):
+                    proj.bias.uniform_(-0.5, 0.5)
     model.save_pretrained(d, safe_serialization=True)
     return tok, model
 
@@ -107,7 +116,8 @@ def request(url, body=None, timeout=120):
 def serve(args, model_dir, home):
     port = free_port()
     env = dict(os.environ, COSERVE_HOME=home, RUST_LOG=os.environ.get("RUST_LOG", "info"))
-    log = open(os.path.join(args.out, f"serve-{args.device.replace(':', '-')}.log"), "w")
+    name = f"serve-{args.device.replace(':', '-')}-{args.arch}.log"
+    log = open(os.path.join(args.out, name), "w")
     cmd = [args.bin, "serve", "--model", model_dir, "--device", args.device, "--port", str(port),
            "--data-dir", os.path.join(home, "data"), "--kv-cache-memory", "256MiB"]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -130,6 +140,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin", default="target/release/coserve")
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--arch", default="llama", choices=["llama", "qwen2"],
+                    help="qwen2: with q/k/v biases")
     ap.add_argument("--out", default=".")
     ap.add_argument("--seed", type=int, default=3)
     ap.add_argument("--max-gap", type=float, default=None,
@@ -141,12 +153,13 @@ def main():
     # A timeout's SIGTERM must still stop the server (the `finally` below).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(124))
 
-    result = {"device": args.device, "prompts": len(PROMPTS), "new_tokens": NEW_TOKENS}
+    result = {"device": args.device, "arch": args.arch, "prompts": len(PROMPTS),
+              "new_tokens": NEW_TOKENS}
     ok = True
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = os.path.join(tmp, "model")
         os.makedirs(model_dir)
-        tok, model = make_model(model_dir, args.seed)
+        tok, model = make_model(model_dir, args.seed, args.arch)
         prompt_ids = [tok.encode(p).ids for p in PROMPTS]
         max_gap = args.max_gap if args.max_gap is not None else (
             1e-3 if args.device == "cpu" else 0.25)
