@@ -8,9 +8,8 @@
 #
 # `run` writes its results to $OUT (default gpu-results/): nvidia-smi.txt, environment.txt,
 # kernels-check.txt, selftest.json, serve-llama.json and serve-qwen2.json (with the servers'
-# logs),
-# bench-decode.json, bandwidth.json, hf-peft.json, and a log per step. It goes on after a failed
-# step and exits non-zero if any failed. The toolkit is found at $CUDA_HOME, $CUDA_PATH or
+# logs), bench-decode.json, bandwidth.json, hf-peft.json, and a log per step. It goes on after a
+# failed step and exits non-zero if any failed. The toolkit is found at $CUDA_HOME, $CUDA_PATH or
 # /usr/local/cuda.
 set -uo pipefail
 cd "$(dirname "$0")/.."
