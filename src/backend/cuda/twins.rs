@@ -204,6 +204,7 @@ pub fn lora(
     adapters: &[TwinAdapter],
     in_dim: usize,
     out_dim: usize,
+    (ld, col0): (usize, usize),
 ) {
     for (t, &slot) in slots.iter().enumerate() {
         let Some(ad) = usize::try_from(slot).ok().and_then(|s| adapters.get(s)) else { continue };
@@ -211,7 +212,8 @@ pub fn lora(
         let u: Vec<f32> = (0..ad.rank)
             .map(|r| ad.a[r * in_dim..(r + 1) * in_dim].iter().zip(xr).map(|(a, x)| a * x).sum())
             .collect();
-        for (n, yv) in y[t * out_dim..(t + 1) * out_dim].iter_mut().enumerate() {
+        let row = &mut y[t * ld + col0..t * ld + col0 + out_dim];
+        for (n, yv) in row.iter_mut().enumerate() {
             let s: f32 =
                 ad.b[n * ad.rank..(n + 1) * ad.rank].iter().zip(&u).map(|(b, u)| b * u).sum();
             *yv = round_bf16(*yv + ad.scale * s);
@@ -229,7 +231,7 @@ mod tests {
         let ad = TwinAdapter { a: vec![1.0, 2.0], b: vec![3.0, 4.0], rank: 1, scale: 0.5 };
         let x = [1.0, 1.0, 5.0, 5.0];
         let mut y = [1.0, 1.0, 1.0, 1.0];
-        lora(&x, &mut y, &[0, -1], &[ad], 2, 2);
+        lora(&x, &mut y, &[0, -1], &[ad], 2, 2, (2, 0));
         // token 0: A x = 3, B * 3 = [9, 12], * 0.5 = [4.5, 6]; token 1 has no adapter.
         assert_eq!(y, [5.5, 7.0, 1.0, 1.0]);
     }

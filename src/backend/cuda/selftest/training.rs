@@ -81,7 +81,9 @@ pub(super) fn check_lora(gpu: &mut Gpu, checks: &mut Vec<Check>) -> Result<(), C
             .collect();
         let tokens = slots.len();
         let x = random_bf16(&mut rng, tokens * in_dim, 1.0);
-        let mut y = random_bf16(&mut rng, tokens * out_dim, 1.0);
+        // The adapted columns are a block of a wider fused output (as k in q/k/v).
+        let (ld, col0) = (out_dim + 96, 64usize);
+        let mut y = random_bf16(&mut rng, tokens * ld, 1.0);
         let a_dev: Vec<CudaSlice<f32>> =
             adapters.iter().map(|a| gpu.up(&a.a)).collect::<Result<_, _>>()?;
         let b_dev: Vec<CudaSlice<f32>> =
@@ -100,29 +102,26 @@ pub(super) fn check_lora(gpu: &mut Gpu, checks: &mut Vec<Check>) -> Result<(), C
         let (dap, dbp) = (gpu.up(&a_ptrs)?, gpu.up(&b_ptrs)?);
         let mut dy = gpu.up_bf16(&y)?;
         let mut du = gpu.zeros::<f32>(tokens * max_rank)?;
-        let (ind, outd, mr) = (in_dim as i32, out_dim as i32, max_rank as i32);
+        let (ind, outd, mr, ldi) = (in_dim as i32, out_dim as i32, max_rank as i32, ld as i32);
         let f = gpu.func("lora.cu", "lora_shrink_bf16")?;
         let mut b = gpu.stream.launch_builder(&f);
         b.arg(&dx).arg(&dap).arg(&dranks).arg(&dslots).arg(&mut du).arg(&ind).arg(&mr);
         // SAFETY: argument list matches lora_shrink_bf16; 4 warps per block, one per rank row.
         unsafe { b.launch(cfg((n32(tokens), n32(max_rank.div_ceil(4)), 1), 128)) }?;
         let f = gpu.func("lora.cu", "lora_expand_bf16")?;
+        let mut dy_cols = dy.slice_mut(col0..);
         let mut b = gpu.stream.launch_builder(&f);
-        b.arg(&du)
-            .arg(&dbp)
-            .arg(&dranks)
-            .arg(&dscales)
-            .arg(&dslots)
-            .arg(&mut dy)
-            .arg(&outd)
-            .arg(&mr);
-        // SAFETY: argument list matches lora_expand_bf16; the A/B buffers outlive the launch.
+        b.arg(&du).arg(&dbp).arg(&dranks).arg(&dscales).arg(&dslots).arg(&mut dy_cols);
+        b.arg(&outd).arg(&ldi).arg(&mr);
+        // SAFETY: argument list matches lora_expand_bf16; the A/B buffers outlive the launch;
+        // row t's columns col0..col0 + out_dim lie inside y (t * ld + col0 + out_dim <= len).
         unsafe { b.launch(cfg((n32(tokens), n32(out_dim.div_ceil(256)), 1), 256)) }?;
+        drop(dy_cols);
         drop((a_guarded, b_guarded));
-        twins::lora(&x, &mut y, &slots, &adapters, in_dim, out_dim);
+        twins::lora(&x, &mut y, &slots, &adapters, in_dim, out_dim, (ld, col0));
         let got = gpu.down_bf16(&dy, y.len())?;
         let shape =
-            format!("tokens={tokens} in={in_dim} out={out_dim} ranks=8,16 (two tokens without)");
+            format!("tokens={tokens} in={in_dim} out={out_dim} at column {col0} of {ld}, ranks=8,16 (two tokens without)");
         compare(checks, "lora_shrink_expand_bf16", shape, &got, &y, BF16_RTOL, BF16_ATOL);
     }
     Ok(())
