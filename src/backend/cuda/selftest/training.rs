@@ -109,14 +109,15 @@ pub(super) fn check_lora(gpu: &mut Gpu, checks: &mut Vec<Check>) -> Result<(), C
         // SAFETY: argument list matches lora_shrink_bf16; 4 warps per block, one per rank row.
         unsafe { b.launch(cfg((n32(tokens), n32(max_rank.div_ceil(4)), 1), 128)) }?;
         let f = gpu.func("lora.cu", "lora_expand_bf16")?;
-        let mut dy_cols = dy.slice_mut(col0..);
-        let mut b = gpu.stream.launch_builder(&f);
-        b.arg(&du).arg(&dbp).arg(&dranks).arg(&dscales).arg(&dslots).arg(&mut dy_cols);
-        b.arg(&outd).arg(&ldi).arg(&mr);
-        // SAFETY: argument list matches lora_expand_bf16; the A/B buffers outlive the launch;
-        // row t's columns col0..col0 + out_dim lie inside y (t * ld + col0 + out_dim <= len).
-        unsafe { b.launch(cfg((n32(tokens), n32(out_dim.div_ceil(256)), 1), 256)) }?;
-        drop(dy_cols);
+        {
+            let mut dy_cols = dy.slice_mut(col0..);
+            let mut b = gpu.stream.launch_builder(&f);
+            b.arg(&du).arg(&dbp).arg(&dranks).arg(&dscales).arg(&dslots).arg(&mut dy_cols);
+            b.arg(&outd).arg(&ldi).arg(&mr);
+            // SAFETY: argument list matches lora_expand_bf16; the A/B buffers outlive the
+            // launch; row t's columns col0..col0 + out_dim lie inside y.
+            unsafe { b.launch(cfg((n32(tokens), n32(out_dim.div_ceil(256)), 1), 256)) }?;
+        }
         drop((a_guarded, b_guarded));
         twins::lora(&x, &mut y, &slots, &adapters, in_dim, out_dim, (ld, col0));
         let got = gpu.down_bf16(&dy, y.len())?;
