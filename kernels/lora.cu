@@ -26,14 +26,14 @@ extern "C" __global__ void lora_shrink_bf16(const bf16* __restrict__ x,
     if (lane == 0) u[(size_t)t * max_rank + r] = s;
 }
 
-// y[t, n] += scales[slot] * sum_r u[t, r] * B[n, r], rows of y `ld` apart (a column block of
+// y[t, n] += scales[slot] * sum_r u[t, r] * B[n, r], rows of y `y_stride` apart (a column block of
 // a fused projection's output); grid (tokens, ceil(out_dim / threads)).
 extern "C" __global__ void lora_expand_bf16(const float* __restrict__ u,
                                             const unsigned long long* __restrict__ b_ptrs,
                                             const int* __restrict__ ranks,
                                             const float* __restrict__ scales,
                                             const int* __restrict__ slots, bf16* __restrict__ y,
-                                            int out_dim, int ld, int max_rank) {
+                                            int out_dim, int y_stride, int max_rank) {
     const int t = blockIdx.x;
     const int n = blockIdx.y * blockDim.x + threadIdx.x;
     const int slot = slots[t];
@@ -43,6 +43,6 @@ extern "C" __global__ void lora_expand_bf16(const float* __restrict__ u,
     const float* ur = u + (size_t)t * max_rank;
     float s = 0.f;
     for (int r = 0; r < rank; ++r) s += ur[r] * b[r];
-    bf16* yr = y + (size_t)t * ld;
+    bf16* yr = y + (size_t)t * y_stride;
     yr[n] = st(ld(yr[n]) + scales[slot] * s);
 }

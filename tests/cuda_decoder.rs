@@ -36,7 +36,7 @@ fn bf16_decoder_on_the_default_model_follows_the_reference() {
             let blocks = tokens.len().div_ceil(16) as u32;
             let block_table = (next_block..next_block + blocks).collect();
             next_block += blocks;
-            SeqRows { tokens, start: 0, block_table }
+            SeqRows { adapter: None, tokens, start: 0, block_table }
         })
         .collect();
     let batch = StepBatch::new(seqs, 16).expect("batch");

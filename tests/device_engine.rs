@@ -57,7 +57,8 @@ fn decoder_alone(path: &std::path::Path, prompt: &[u32]) -> Vec<u32> {
     let mut out = Vec::new();
     while out.len() < NEW_TOKENS {
         let rows = tokens.len();
-        let seq = SeqRows { tokens: tokens.clone(), start, block_table: table.clone() };
+        let seq =
+            SeqRows { adapter: None, tokens: tokens.clone(), start, block_table: table.clone() };
         let logits = d.forward_rows(vec![seq], &[rows as u32 - 1]).expect("forward");
         assert_eq!(logits.len(), vocab);
         let next = argmax_logprob(&logits).0;
@@ -116,7 +117,8 @@ fn prompt_logprobs_come_from_every_row_of_the_device_forward() {
         let h = from_llama(&model, 16).expect("decoder weights");
         let vocab = h.shape.vocab;
         let mut d = DeviceDecoder::new(HostOps, h.shape, h.weights, h.inv_freq, 2, 64).unwrap();
-        let seq = SeqRows { tokens: prompt.clone(), start: 0, block_table: vec![1, 0] };
+        let seq =
+            SeqRows { adapter: None, tokens: prompt.clone(), start: 0, block_table: vec![1, 0] };
         let rows: Vec<u32> = (0..prompt.len() as u32).collect();
         let logits = d.forward_rows(vec![seq], &rows).expect("forward");
         (0..prompt.len() - 1)

@@ -75,6 +75,7 @@ pub fn run(
         let mut rng = rand::rngs::StdRng::seed_from_u64(batch as u64);
         let seqs = (0..batch)
             .map(|i| SeqRows {
+                adapter: None,
                 tokens: vec![rng.random_range(0..s.vocab as u32)],
                 start: context,
                 block_table: ((i * blocks_per_seq) as u32..((i + 1) * blocks_per_seq) as u32)

@@ -1,8 +1,9 @@
 //! [`DecoderOps`] on a CUDA device: the kernels of `kernels/*.cu` and cuBLASLt.
 
 use cudarc::driver::sys::{CUdevice_attribute, CUevent_flags};
-use cudarc::driver::{CudaEvent, CudaFunction, CudaGraph, CudaSlice, PushKernelArg};
+use cudarc::driver::{CudaEvent, CudaFunction, CudaGraph, CudaSlice, DevicePtr, PushKernelArg};
 
+use super::lora::{LoraDims, SlotWeights};
 use super::{DecoderOps, DecoderShape, DecoderWeights, StepBatch};
 use crate::backend::cuda::gemm::{addr, Gemm, OutType};
 use crate::backend::cuda::gpu::{cfg, n32, Gpu};
@@ -19,6 +20,8 @@ struct Kernels {
     silu_mul: CudaFunction,
     argmax: CudaFunction,
     fill: CudaFunction,
+    lora_shrink: CudaFunction,
+    lora_expand: CudaFunction,
 }
 
 pub struct CudaOps {
@@ -29,6 +32,8 @@ pub struct CudaOps {
     /// Split-K partials of attention, grown to the largest forward seen.
     part_ml: (CudaSlice<f32>, CudaSlice<f32>),
     part_o: CudaSlice<f32>,
+    /// LoRA's low-rank activations `[rows, max_rank]`, grown to the largest forward seen.
+    lora_u: CudaSlice<f32>,
     /// Set while a forward is being captured: nothing may be allocated then.
     capturing: bool,
     /// Named events of a profiled forward (`start_profile`).
@@ -44,10 +49,24 @@ pub struct CudaStep {
     slots: CudaSlice<i64>,
     row_seq: CudaSlice<i32>,
     row_pos: CudaSlice<i32>,
+    row_slots: CudaSlice<i32>,
     tables: CudaSlice<i32>,
     max_blocks: usize,
     max_context: usize,
     blocks_needed: usize,
+    slots_needed: usize,
+}
+
+/// One projection's LoRA weights for every adapter slot: fp32 A and B on the device and the
+/// tables the kernels index by slot (a slot without the projection has rank 0).
+pub struct CudaLoraTable {
+    /// Owns what `a_ptrs` and `b_ptrs` point at.
+    _weights: Vec<CudaSlice<f32>>,
+    a_ptrs: CudaSlice<u64>,
+    b_ptrs: CudaSlice<u64>,
+    ranks: CudaSlice<i32>,
+    scales: CudaSlice<f32>,
+    slots: usize,
 }
 
 /// One layer's K and V cache, `[slots, kv_heads, head_dim]` bf16 each.
@@ -80,13 +99,17 @@ impl CudaOps {
             silu_mul: gpu.func("activation.cu", "silu_mul_bf16")?,
             argmax: gpu.func("sampling.cu", "argmax_logprob_f32")?,
             fill: gpu.func("init.cu", "fill_uniform_bf16")?,
+            lora_shrink: gpu.func("lora.cu", "lora_shrink_bf16")?,
+            lora_expand: gpu.func("lora.cu", "lora_expand_bf16")?,
         };
         let gemm = Gemm::new(&gpu.toolkit, gpu.stream.clone())?;
         let sms =
             gpu.ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
         let part_ml = (gpu.zeros::<f32>(1)?, gpu.zeros::<f32>(1)?);
         let part_o = gpu.zeros::<f32>(1)?;
+        let lora_u = gpu.zeros::<f32>(1)?;
         Ok(Self {
+            lora_u,
             gemm,
             k,
             sms: sms.max(1) as usize,
@@ -189,6 +212,7 @@ impl CudaOps {
             || b.max_context != step.max_context
             || b.block_tables.len() != step.tables.len()
             || b.blocks_needed > step.blocks_needed
+            || b.slots_needed > step.slots_needed
             || cos.len() != step.cos.len()
             || sin.len() != step.sin.len()
         {
@@ -201,6 +225,7 @@ impl CudaOps {
         st.memcpy_htod(&b.slots, &mut step.slots)?;
         st.memcpy_htod(&b.row_seq, &mut step.row_seq)?;
         st.memcpy_htod(&b.row_pos, &mut step.row_pos)?;
+        st.memcpy_htod(&b.row_slots, &mut step.row_slots)?;
         st.memcpy_htod(&b.block_tables, &mut step.tables)?;
         Ok(())
     }
@@ -266,6 +291,7 @@ impl DecoderOps for CudaOps {
     type Step = CudaStep;
     type Cache = CudaCache;
     type Ids = (CudaSlice<u32>, CudaSlice<f32>);
+    type LoraTable = CudaLoraTable;
 
     fn mark(&mut self, name: &'static str) -> R {
         if let Some(p) = &mut self.profile {
@@ -280,6 +306,76 @@ impl DecoderOps for CudaOps {
 
     fn logits(&mut self, n: usize) -> Result<CudaSlice<f32>, CudaError> {
         self.gpu.zeros(n)
+    }
+
+    fn lora_table(
+        &mut self,
+        slots: &[Option<SlotWeights<'_>>],
+    ) -> Result<CudaLoraTable, CudaError> {
+        let g = &self.gpu;
+        let (mut weights, mut a_ptrs, mut b_ptrs) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut ranks, mut scales) = (Vec::new(), Vec::new());
+        for slot in slots {
+            let Some(w) = slot else {
+                a_ptrs.push(0);
+                b_ptrs.push(0);
+                ranks.push(0);
+                scales.push(0.0);
+                continue;
+            };
+            let (a, b) = (g.up(w.a)?, g.up(w.b)?);
+            a_ptrs.push(a.device_ptr(&g.stream).0);
+            b_ptrs.push(b.device_ptr(&g.stream).0);
+            ranks.push(i32::try_from(w.rank).map_err(|_| CudaError::Shape("a LoRA rank".into()))?);
+            scales.push(w.scale);
+            weights.extend([a, b]);
+        }
+        Ok(CudaLoraTable {
+            slots: slots.len(),
+            _weights: weights,
+            a_ptrs: g.up(&a_ptrs)?,
+            b_ptrs: g.up(&b_ptrs)?,
+            ranks: g.up(&ranks)?,
+            scales: g.up(&scales)?,
+        })
+    }
+
+    fn lora(
+        &mut self,
+        st: &CudaStep,
+        x: &CudaSlice<u16>,
+        t: &CudaLoraTable,
+        y: &mut CudaSlice<u16>,
+        d: LoraDims,
+    ) -> R {
+        let rows = st.rows;
+        check_len(x.len(), rows * d.in_dim, "LoRA input")?;
+        check_len(y.len(), rows.saturating_sub(1) * d.ld + d.col0 + d.out_dim, "LoRA output")?;
+        if d.col0 + d.out_dim > d.ld || d.max_rank == 0 || rows == 0 || st.slots_needed > t.slots {
+            return Err(CudaError::Shape(format!("a LoRA update of {d:?} on {rows} rows")));
+        }
+        if self.lora_u.len() < rows * d.max_rank {
+            if self.capturing {
+                return Err(CudaError::Shape("LoRA scratch would grow during a capture".into()));
+            }
+            self.lora_u = self.gpu.zeros(rows * d.max_rank)?;
+        }
+        let (ind, outd, ld, mr) =
+            (d.in_dim as i32, d.out_dim as i32, d.ld as i32, d.max_rank as i32);
+        let mut b = self.gpu.stream.launch_builder(&self.k.lora_shrink);
+        b.arg(x).arg(&t.a_ptrs).arg(&t.ranks).arg(&st.row_slots).arg(&mut self.lora_u);
+        b.arg(&ind).arg(&mr);
+        // SAFETY: argument list matches lora_shrink_bf16 (4 warps a block, one per rank row);
+        // every slot a row names has a table entry, u holds rows * max_rank (checked above).
+        unsafe { b.launch(cfg((n32(rows), n32(d.max_rank.div_ceil(4)), 1), 128)) }?;
+        let mut cols = y.slice_mut(d.col0..);
+        let mut b = self.gpu.stream.launch_builder(&self.k.lora_expand);
+        b.arg(&self.lora_u).arg(&t.b_ptrs).arg(&t.ranks).arg(&t.scales).arg(&st.row_slots);
+        b.arg(&mut cols).arg(&outd).arg(&ld).arg(&mr);
+        // SAFETY: argument list matches lora_expand_bf16; row t writes columns
+        // col0..col0 + out_dim of a row ld wide, inside y (checked above).
+        unsafe { b.launch(cfg((n32(rows), n32(d.out_dim.div_ceil(256)), 1), 256)) }?;
+        Ok(())
     }
 
     fn cache(&mut self, s: &DecoderShape, blocks: usize) -> Result<CudaCache, CudaError> {
@@ -297,10 +393,12 @@ impl DecoderOps for CudaOps {
             slots: g.up(&b.slots)?,
             row_seq: g.up(&b.row_seq)?,
             row_pos: g.up(&b.row_pos)?,
+            row_slots: g.up(&b.row_slots)?,
             tables: g.up(&b.block_tables)?,
             max_blocks: b.max_blocks,
             max_context: b.max_context,
             blocks_needed: b.blocks_needed,
+            slots_needed: b.slots_needed,
         })
     }
 

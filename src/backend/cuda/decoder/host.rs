@@ -1,6 +1,7 @@
 //! [`DecoderOps`] on the host through the kernels' CPU twins: the oracle of the CUDA decoder.
 //! Slow (plain loops) and meant for small models.
 
+use super::lora::{LoraDims, SlotWeights};
 use super::{DecoderOps, DecoderShape, StepBatch};
 use crate::backend::cpu::paged_attention::{AttnSeq, AttnShape};
 use crate::backend::cuda::twins::{self, round_bf16};
@@ -33,6 +34,7 @@ impl DecoderOps for HostOps {
     type Step = HostStep;
     type Cache = HostCache;
     type Ids = Vec<(u32, f32)>;
+    type LoraTable = Vec<twins::TwinAdapter>;
 
     fn act(&mut self, n: usize) -> Result<Vec<f32>, CudaError> {
         Ok(vec![0.0; n])
@@ -40,6 +42,43 @@ impl DecoderOps for HostOps {
 
     fn logits(&mut self, n: usize) -> Result<Vec<f32>, CudaError> {
         Ok(vec![0.0; n])
+    }
+
+    fn lora_table(
+        &mut self,
+        slots: &[Option<SlotWeights<'_>>],
+    ) -> Result<Vec<twins::TwinAdapter>, CudaError> {
+        Ok(slots
+            .iter()
+            .map(|w| match w {
+                Some(w) => twins::TwinAdapter {
+                    a: w.a.to_vec(),
+                    b: w.b.to_vec(),
+                    rank: w.rank,
+                    scale: w.scale,
+                },
+                // Rank 0: the kernels add nothing for it.
+                None => twins::TwinAdapter { a: Vec::new(), b: Vec::new(), rank: 0, scale: 0.0 },
+            })
+            .collect())
+    }
+
+    fn lora(
+        &mut self,
+        step: &HostStep,
+        x: &Vec<f32>,
+        table: &Vec<twins::TwinAdapter>,
+        y: &mut Vec<f32>,
+        d: LoraDims,
+    ) -> R {
+        let rows = step.batch.rows();
+        let slots = &step.batch.row_slots;
+        if slots.iter().any(|&s| s >= 0 && s as usize >= table.len()) {
+            return Err(CudaError::Shape("a row names an adapter slot past the table".into()));
+        }
+        let x = &x[..rows * d.in_dim];
+        twins::lora(x, y, slots, table, d.in_dim, d.out_dim, (d.ld, d.col0));
+        Ok(())
     }
 
     fn cache(&mut self, s: &DecoderShape, blocks: usize) -> Result<HostCache, CudaError> {
@@ -262,27 +301,48 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::cuda::decoder::lora::LoraSet;
     use crate::backend::cuda::decoder::{
-        fill_uniform_host, forward, DecoderWeights, Scratch, SeqRows,
+        fill_uniform_host, forward, forward_rows, DecoderWeights, RowsOut, Scratch, SeqRows, Want,
     };
     use crate::kv::KvCache;
+    use crate::lora::{LoraConfig, LoraWeights, TargetModule};
     use crate::model::config::LlamaConfig;
     use crate::model::llama::{ForwardBatch, Llama, LlamaLayer};
+    use crate::model::lora_apply::LoraSlice;
     use crate::model::weights::WeightMatrix;
 
     /// The decoder through the twins equals the CPU model path on the same weights, up to the
     /// bf16 roundings of its activations: this is what makes it the GPU decoder's oracle.
     #[test]
     fn host_decoder_matches_the_cpu_model() {
-        host_decoder_matches_the_cpu_model_with(false);
+        host_decoder_matches_the_cpu_model_with(false, false);
     }
 
     #[test]
     fn host_decoder_with_qkv_biases_matches_the_cpu_model() {
-        host_decoder_matches_the_cpu_model_with(true);
+        host_decoder_matches_the_cpu_model_with(true, false);
     }
 
-    fn host_decoder_matches_the_cpu_model_with(attention_bias: bool) {
+    /// Two adapters of different ranks and projections, one per sequence.
+    #[test]
+    fn host_decoder_with_adapters_matches_the_cpu_model() {
+        host_decoder_matches_the_cpu_model_with(false, true);
+    }
+
+    fn adapter(config: &LlamaConfig, r: usize, targets: &[TargetModule], seed: u64) -> LoraWeights {
+        let lc =
+            LoraConfig { r, alpha: 2.0 * r as f32, dropout: 0.0, target_modules: targets.to_vec() };
+        let mut w = LoraWeights::zeros(&lc, config);
+        for (i, p) in w.pairs_mut().enumerate() {
+            let sa = 1.0 / (p.in_dim as f32).sqrt();
+            p.a = fill_uniform_host(p.a.len(), seed + 2 * i as u64, sa, 0.0);
+            p.b = fill_uniform_host(p.b.len(), seed + 2 * i as u64 + 1, 0.05, 0.0);
+        }
+        w
+    }
+
+    fn host_decoder_matches_the_cpu_model_with(attention_bias: bool, adapters: bool) {
         let config = LlamaConfig {
             architecture: "llama".into(),
             vocab_size: 300,
@@ -332,14 +392,27 @@ mod tests {
             None,
         );
 
-        // Two sequences: a 37-token prompt and a 5-token prompt, over blocks 3,0,5 and 1.
+        let lora = adapters.then(|| {
+            use TargetModule::*;
+            let c = &llama.config;
+            [adapter(c, 4, &TargetModule::ALL, 100), adapter(c, 8, &[QProj, VProj, DownProj], 200)]
+        });
+        // Two sequences: a 37-token prompt and a 5-token prompt, over blocks 3,0,5 and 1; with
+        // adapters, the first through slot 1 and the second through slot 0.
+        let slot = |i: u32| lora.as_ref().map(|_| i);
         let seqs = vec![
             SeqRows {
+                adapter: slot(1),
                 tokens: (0..37).map(|i| (i * 7 % 300) as u32).collect(),
                 start: 0,
                 block_table: vec![3, 0, 5],
             },
-            SeqRows { tokens: vec![9, 8, 7, 6, 5], start: 0, block_table: vec![1] },
+            SeqRows {
+                adapter: slot(0),
+                tokens: vec![9, 8, 7, 6, 5],
+                start: 0,
+                block_table: vec![1],
+            },
         ];
         let batch = StepBatch::new(seqs, 16).unwrap();
         let slots = 6 * 16 * s.kv_dim();
@@ -347,8 +420,32 @@ mod tests {
             (0..2).map(|_| HostCache { k: vec![0.0; slots], v: vec![0.0; slots] }).collect();
         let mut ops = HostOps;
         let mut sc = Scratch::new(&mut ops, &s, batch.rows()).unwrap();
-        let ids = forward(&mut ops, &s, &w, &inv_freq, &mut caches, &batch, &mut sc).unwrap();
-        let got = ops.logits_to_host(&sc.logits, batch.rows() * s.vocab).unwrap();
+        let (ids, got) = match &lora {
+            None => {
+                let ids = forward(&mut ops, &s, &w, &inv_freq, &mut caches, &batch, &mut sc);
+                (ids.unwrap(), ops.logits_to_host(&sc.logits, batch.rows() * s.vocab).unwrap())
+            }
+            Some(ads) => {
+                let set = LoraSet::new(&mut ops, &s, &[&ads[0], &ads[1]]).unwrap();
+                let rows: Vec<u32> = (0..batch.rows() as u32).collect();
+                let (c, f) = (&mut caches, &inv_freq);
+                let out = forward_rows(
+                    &mut ops,
+                    &s,
+                    &w,
+                    f,
+                    c,
+                    &batch,
+                    &mut sc,
+                    &rows,
+                    Want::Logits,
+                    Some(&set),
+                );
+                let Ok(RowsOut::Logits(l)) = out else { panic!("logits") };
+                let ids = l.chunks_exact(s.vocab).map(twins::argmax_logprob).collect();
+                (ids, l)
+            }
+        };
 
         let mut kv = KvCache::new(2, 6, 16, s.kv_heads, s.head_dim);
         let tables: Vec<Vec<u32>> = batch.seqs.iter().map(|q| q.block_table.clone()).collect();
@@ -365,7 +462,24 @@ mod tests {
             seqs: &attn,
             logits_rows: &rows,
         };
-        let want = llama.forward(&fb, &mut kv);
+        let want = match &lora {
+            None => llama.forward(&fb, &mut kv),
+            Some(ads) => {
+                let slices = [
+                    LoraSlice { rows: 0..37, adapter: &ads[1], train: None },
+                    LoraSlice { rows: 37..42, adapter: &ads[0], train: None },
+                ];
+                llama.forward_with(&fb, &mut kv, &slices, &mut [])
+            }
+        };
+        if lora.is_some() {
+            // The adapters matter: without them the logits move by more than the tolerance.
+            let mut kv0 = KvCache::new(2, 6, 16, s.kv_heads, s.head_dim);
+            let base = llama.forward(&fb, &mut kv0);
+            let moved = base.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
+            assert!(moved > scale / 16.0, "adapters moved the logits by only {moved}");
+        }
         let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
         let worst = got.iter().zip(&want).map(|(g, w)| (g - w).abs()).fold(0f32, f32::max);
         // bf16 activations against f32 ones: a few bf16 steps of the logits' scale.

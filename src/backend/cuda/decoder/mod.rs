@@ -8,9 +8,12 @@
 pub mod cuda;
 pub mod from_model;
 pub mod host;
+pub mod lora;
 pub mod runner;
 
+use crate::lora::TargetModule;
 use crate::model::config::LlamaConfig;
+use lora::LoraSet;
 
 use super::CudaError;
 
@@ -162,12 +165,14 @@ impl<W> DecoderWeights<W> {
 }
 
 /// The rows of one sequence in a forward: `tokens` at positions `start..start + tokens.len()`,
-/// its cache reached through `block_table`.
+/// its cache reached through `block_table`, through the LoRA adapter in slot `adapter` of the
+/// forward's [`lora::LoraSet`] if any.
 #[derive(Debug, Clone)]
 pub struct SeqRows {
     pub tokens: Vec<u32>,
     pub start: usize,
     pub block_table: Vec<u32>,
+    pub adapter: Option<u32>,
 }
 
 /// One forward's rows, flattened as the kernels read them.
@@ -180,6 +185,8 @@ pub struct StepBatch {
     pub slots: Vec<i64>,
     pub row_seq: Vec<i32>,
     pub row_pos: Vec<i32>,
+    /// Each row's adapter slot, -1 for the base model.
+    pub row_slots: Vec<i32>,
     /// `[seqs, max_blocks]`, zero-padded.
     pub block_tables: Vec<i32>,
     pub max_blocks: usize,
@@ -187,6 +194,8 @@ pub struct StepBatch {
     pub max_context: usize,
     /// Blocks the tables reach (the highest block id + 1): a cache must hold at least these.
     pub blocks_needed: usize,
+    /// Adapter slots the rows name (the highest slot + 1): a LoRA table must hold these.
+    pub slots_needed: usize,
 }
 
 impl StepBatch {
@@ -198,10 +207,12 @@ impl StepBatch {
             slots: Vec::new(),
             row_seq: Vec::new(),
             row_pos: Vec::new(),
+            row_slots: Vec::new(),
             block_tables: vec![0; seqs.len() * max_blocks],
             max_blocks,
             max_context: 0,
             blocks_needed: 0,
+            slots_needed: 0,
             seqs: Vec::new(),
         };
         let too_big = |what: &str| CudaError::Shape(format!("{what} does not fit an i32"));
@@ -221,6 +232,9 @@ impl StepBatch {
                 b.slots.push(i64::from(*blk) * block_size as i64 + (pos % block_size) as i64);
                 b.row_seq.push(i32::try_from(si).map_err(|_| too_big("a sequence index"))?);
                 b.row_pos.push(i32::try_from(pos).map_err(|_| too_big("a position"))?);
+                let slot = s.adapter.map_or(Ok(-1), i32::try_from);
+                b.row_slots.push(slot.map_err(|_| too_big("an adapter slot"))?);
+                b.slots_needed = b.slots_needed.max(s.adapter.map_or(0, |a| a as usize + 1));
                 b.max_context = b.max_context.max(pos + 1);
             }
         }
@@ -275,6 +289,8 @@ pub trait DecoderOps {
     type Cache;
     /// Greedy ids and log-probabilities of a forward's rows.
     type Ids;
+    /// The adapters' weights for one projection of one layer.
+    type LoraTable;
 
     /// Marks the start of the next stretch of operations, named for a time breakdown (no-op
     /// unless the implementation is profiling).
@@ -285,6 +301,22 @@ pub trait DecoderOps {
     fn logits(&mut self, n: usize) -> Result<Self::Logits, CudaError>;
     /// One layer's cache of `blocks` blocks, zeroed.
     fn cache(&mut self, s: &DecoderShape, blocks: usize) -> Result<Self::Cache, CudaError>;
+    /// The LoRA weights of one projection of one layer for every adapter slot, `None` where
+    /// that adapter leaves the projection alone.
+    fn lora_table(
+        &mut self,
+        slots: &[Option<lora::SlotWeights<'_>>],
+    ) -> Result<Self::LoraTable, CudaError>;
+    /// `y[t, col0..col0 + out] += scale · B (A x[t])` for each row with an adapter slot, rows of
+    /// `y` `ld` apart.
+    fn lora(
+        &mut self,
+        step: &Self::Step,
+        x: &Self::Act,
+        table: &Self::LoraTable,
+        y: &mut Self::Act,
+        dims: lora::LoraDims,
+    ) -> R;
     fn upload(
         &mut self,
         batch: &StepBatch,
@@ -437,11 +469,26 @@ pub fn forward<O: DecoderOps>(
     batch: &StepBatch,
     sc: &mut Scratch<O>,
 ) -> Result<Vec<(u32, f32)>, CudaError> {
+    forward_with(ops, s, w, inv_freq, caches, batch, sc, None)
+}
+
+/// [`forward`] with the rows' adapters.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_with<O: DecoderOps>(
+    ops: &mut O,
+    s: &DecoderShape,
+    w: &DecoderWeights<O::Weight>,
+    inv_freq: &[f32],
+    caches: &mut [O::Cache],
+    batch: &StepBatch,
+    sc: &mut Scratch<O>,
+    lora: Option<&LoraSet<O::LoraTable>>,
+) -> Result<Vec<(u32, f32)>, CudaError> {
     check_inv_freq(s, inv_freq)?;
     let (cos, sin) = rope_tables(inv_freq, &batch.positions);
     ops.mark("upload + embedding")?;
     let step = ops.upload(batch, &cos, &sin)?;
-    forward_on_device(ops, s, w, caches, &step, sc)?;
+    forward_on_device_with(ops, s, w, caches, &step, sc, lora)?;
     ops.mark("ids to host")?;
     let ids = ops.read_ids(&sc.ids, batch.rows())?;
     ops.mark("end")?;
@@ -458,7 +505,20 @@ pub fn forward_on_device<O: DecoderOps>(
     step: &O::Step,
     sc: &mut Scratch<O>,
 ) -> R {
-    let rows = layers_on_device(ops, s, w, caches, step, sc)?;
+    forward_on_device_with(ops, s, w, caches, step, sc, None)
+}
+
+/// [`forward_on_device`] with the rows' adapters.
+pub fn forward_on_device_with<O: DecoderOps>(
+    ops: &mut O,
+    s: &DecoderShape,
+    w: &DecoderWeights<O::Weight>,
+    caches: &mut [O::Cache],
+    step: &O::Step,
+    sc: &mut Scratch<O>,
+    lora: Option<&LoraSet<O::LoraTable>>,
+) -> R {
+    let rows = layers_on_device(ops, s, w, caches, step, sc, lora)?;
     ops.mark("lm_head gemm")?;
     ops.matmul_logits(&sc.h, &w.lm_head, &mut sc.logits, (rows, s.vocab, s.hidden))?;
     ops.mark("argmax")?;
@@ -495,6 +555,7 @@ pub fn forward_rows<O: DecoderOps>(
     sc: &mut Scratch<O>,
     logits_rows: &[u32],
     want: Want,
+    lora: Option<&LoraSet<O::LoraTable>>,
 ) -> Result<RowsOut, CudaError> {
     let rows = batch.rows();
     if let Some(&r) = logits_rows.iter().find(|&&r| r as usize >= rows) {
@@ -510,7 +571,7 @@ pub fn forward_rows<O: DecoderOps>(
     check_inv_freq(s, inv_freq)?;
     let (cos, sin) = rope_tables(inv_freq, &batch.positions);
     let step = ops.upload(batch, &cos, &sin)?;
-    layers_on_device(ops, s, w, caches, &step, sc)?;
+    layers_on_device(ops, s, w, caches, &step, sc, lora)?;
     let n = logits_rows.len();
     if n > 0 {
         // A decode-only batch samples every row in order: no gather.
@@ -546,7 +607,7 @@ pub fn forward_logits<O: DecoderOps>(
     sc: &mut Scratch<O>,
     logits_rows: &[u32],
 ) -> Result<Vec<f32>, CudaError> {
-    match forward_rows(ops, s, w, inv_freq, caches, batch, sc, logits_rows, Want::Logits)? {
+    match forward_rows(ops, s, w, inv_freq, caches, batch, sc, logits_rows, Want::Logits, None)? {
         RowsOut::Logits(l) => Ok(l),
         RowsOut::Greedy(_) => Err(CudaError::Shape("greedy rows where logits were asked".into())),
     }
@@ -564,7 +625,7 @@ fn check_inv_freq(s: &DecoderShape, inv_freq: &[f32]) -> R {
 }
 
 /// Every layer and the final norm: leaves each row's normalised last hidden state in
-/// `scratch.h` and returns the number of rows.
+/// `scratch.h` and returns the number of rows. Rows with an adapter slot get its LoRA updates.
 fn layers_on_device<O: DecoderOps>(
     ops: &mut O,
     s: &DecoderShape,
@@ -572,6 +633,7 @@ fn layers_on_device<O: DecoderOps>(
     caches: &mut [O::Cache],
     step: &O::Step,
     sc: &mut Scratch<O>,
+    lora: Option<&LoraSet<O::LoraTable>>,
 ) -> Result<usize, CudaError> {
     s.check()?;
     let rows = ops.rows(step);
@@ -595,20 +657,36 @@ fn layers_on_device<O: DecoderOps>(
         }
         ops.mark("qkv gemm")?;
         ops.matmul(&sc.h, &lw.qkv, 0, &mut sc.qkv, (rows, s.qkv_rows(), hid))?;
+        for m in [TargetModule::QProj, TargetModule::KProj, TargetModule::VProj] {
+            if let Some((t, d)) = lora.and_then(|set| set.table(s, l, m)) {
+                ops.lora(step, &sc.h, t, &mut sc.qkv, d)?;
+            }
+        }
         ops.mark("rope + kv write")?;
         ops.rope_kv_write(step, &sc.qkv, lw.qkv_bias.as_ref(), &mut sc.q, cache, s)?;
         ops.mark("attention")?;
         ops.attention(step, &sc.q, cache, &mut sc.attn, s)?;
         ops.mark("o gemm")?;
         ops.matmul(&sc.attn, &lw.o, 0, &mut sc.o, (rows, hid, qd))?;
+        if let Some((t, d)) = lora.and_then(|set| set.table(s, l, TargetModule::OProj)) {
+            ops.lora(step, &sc.attn, t, &mut sc.o, d)?;
+        }
         ops.mark("norms")?;
         ops.add_rms_norm(&mut sc.x, &sc.o, &lw.mlp_norm, &mut sc.h, rows, s)?;
         ops.mark("gate_up gemm")?;
         ops.matmul(&sc.h, &lw.gate_up, 0, &mut sc.gate_up, (rows, 2 * s.inter, hid))?;
+        for m in [TargetModule::GateProj, TargetModule::UpProj] {
+            if let Some((t, d)) = lora.and_then(|set| set.table(s, l, m)) {
+                ops.lora(step, &sc.h, t, &mut sc.gate_up, d)?;
+            }
+        }
         ops.mark("silu_mul")?;
         ops.silu_mul(&sc.gate_up, &mut sc.act, rows, s.inter)?;
         ops.mark("down gemm")?;
         ops.matmul(&sc.act, &lw.down, 0, &mut sc.down, (rows, hid, s.inter))?;
+        if let Some((t, d)) = lora.and_then(|set| set.table(s, l, TargetModule::DownProj)) {
+            ops.lora(step, &sc.act, t, &mut sc.down, d)?;
+        }
     }
     ops.mark("norms")?;
     if w.layers.is_empty() {
@@ -643,8 +721,8 @@ mod tests {
     #[test]
     fn step_batch_flattens_rows_and_slots() {
         let seqs = vec![
-            SeqRows { tokens: vec![5, 6, 7], start: 15, block_table: vec![4, 9] },
-            SeqRows { tokens: vec![1], start: 0, block_table: vec![2] },
+            SeqRows { adapter: None, tokens: vec![5, 6, 7], start: 15, block_table: vec![4, 9] },
+            SeqRows { adapter: None, tokens: vec![1], start: 0, block_table: vec![2] },
         ];
         let b = StepBatch::new(seqs, 16).unwrap();
         assert_eq!(b.positions, [15, 16, 17, 0]);
@@ -654,7 +732,8 @@ mod tests {
         assert_eq!(b.max_context, 18);
         assert_eq!(b.blocks_needed, 10);
         assert!(StepBatch::new(Vec::new(), 16).is_err());
-        let past = vec![SeqRows { tokens: vec![1], start: 16, block_table: vec![0] }];
+        let past =
+            vec![SeqRows { adapter: None, tokens: vec![1], start: 16, block_table: vec![0] }];
         assert!(StepBatch::new(past, 16).is_err());
     }
 

@@ -117,7 +117,7 @@ impl<O: DecoderOps> DeviceDecoder<O> {
         };
         let (s, w) = (&self.shape, &self.weights);
         let (f, c) = (&self.inv_freq, &mut self.caches);
-        forward_rows(&mut self.ops, s, w, f, c, &batch, sc, logits_rows, want)
+        forward_rows(&mut self.ops, s, w, f, c, &batch, sc, logits_rows, want, None)
     }
 }
 
@@ -171,7 +171,12 @@ fn step_rows(batch: &ForwardBatch<'_>) -> Result<(Vec<SeqRows>, Vec<u32>), CudaE
             *slot = next;
             next += 1;
         }
-        seqs.push(SeqRows { tokens: tokens.to_vec(), start, block_table: s.block_table.to_vec() });
+        seqs.push(SeqRows {
+            tokens: tokens.to_vec(),
+            start,
+            block_table: s.block_table.to_vec(),
+            adapter: None,
+        });
     }
     let logits_rows = batch
         .logits_rows

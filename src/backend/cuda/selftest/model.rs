@@ -7,11 +7,13 @@ use rand::{Rng, SeedableRng};
 use super::{compare, random_bf16, Check, BF16_ATOL, BF16_RTOL};
 use crate::backend::cuda::decoder::cuda::CudaOps;
 use crate::backend::cuda::decoder::host::{HostCache, HostOps};
+use crate::backend::cuda::decoder::lora::{LoraDims, LoraSet};
 use crate::backend::cuda::decoder::{
-    fill_uniform_host, forward, forward_logits, forward_on_device, rope_tables, DecoderOps,
-    DecoderShape, DecoderWeights, Scratch, SeqRows, StepBatch,
+    fill_uniform_host, forward_on_device, forward_rows, forward_with, rope_tables, DecoderOps,
+    DecoderShape, DecoderWeights, RowsOut, Scratch, SeqRows, StepBatch, Want,
 };
 use crate::backend::cuda::CudaError;
+use crate::lora::{LoraConfig, LoraPair, LoraWeights, TargetModule};
 
 pub(super) fn check_fill(ops: &mut CudaOps, checks: &mut Vec<Check>) -> Result<(), CudaError> {
     for (n, seed, scale, offset) in [(10_000usize, 42u64, 0.5f32, 1.0f32), (3, 7, 0.02, 0.0)] {
@@ -132,21 +134,33 @@ fn decoder_checks(
     let mut gsc = Scratch::new(ops, &s, rows)?;
     let mut hsc = Scratch::new(&mut host, &s, rows)?;
 
+    // With biases, also an adapter (rank 8 on every projection) on the long sequence.
+    let adapter = qkv_bias.then(|| random_adapter(&s, 8, &mut rng));
+    let gpu_lora = adapter.as_ref().map(|a| LoraSet::new(ops, &s, &[a])).transpose()?;
+    let host_lora = adapter.as_ref().map(|a| LoraSet::new(&mut host, &s, &[a])).transpose()?;
     let mut seqs: Vec<SeqRows> = prompts
         .iter()
         .zip(&tables)
-        .map(|(p, t)| SeqRows { tokens: p.clone(), start: 0, block_table: t.clone() })
+        .enumerate()
+        .map(|(i, (p, t))| SeqRows {
+            adapter: (i == 0 && adapter.is_some()).then_some(0),
+            tokens: p.clone(),
+            start: 0,
+            block_table: t.clone(),
+        })
         .collect();
     for step in 0..4 {
         let batch = StepBatch::new(seqs.clone(), s.block_size)?;
         let n = batch.rows();
-        let got_ids = forward(ops, &s, &weights, &inv_freq, &mut gpu_caches, &batch, &mut gsc)?;
-        let want_ids =
-            forward(&mut host, &s, &host_weights, &inv_freq, &mut host_caches, &batch, &mut hsc)?;
+        let (gl, hl) = (gpu_lora.as_ref(), host_lora.as_ref());
+        let got_ids =
+            forward_with(ops, &s, &weights, &inv_freq, &mut gpu_caches, &batch, &mut gsc, gl)?;
+        let (hw, hc) = (&host_weights, &mut host_caches);
+        let want_ids = forward_with(&mut host, &s, hw, &inv_freq, hc, &batch, &mut hsc, hl)?;
         let got = ops.logits_to_host(&gsc.logits, n * s.vocab)?;
         let want = host.logits_to_host(&hsc.logits, n * s.vocab)?;
         let what = if step == 0 { "prompts 150 + 6" } else { "decodes of both" };
-        let biases = if qkv_bias { ", q/k/v biases" } else { "" };
+        let biases = if qkv_bias { ", q/k/v biases, an adapter on the 150" } else { "" };
         let shape =
             format!("step {step} ({what}), {n} rows, 2 layers hidden 256 heads 4/2{biases}");
         compare(
@@ -167,8 +181,12 @@ fn decoder_checks(
                 .copied()
                 .collect();
             let (w, c) = (&weights, &mut gpu_caches);
-            match forward_logits(ops, &s, w, &inv_freq, c, &batch, &mut gsc, &last) {
-                Ok(got) => compare(
+            let out =
+                forward_rows(ops, &s, w, &inv_freq, c, &batch, &mut gsc, &last, Want::Logits, gl);
+            match out {
+                Ok(RowsOut::Greedy(_)) => checks
+                    .push(failed("decoder_serving_rows (logits)", CudaError::Shape("ids".into()))),
+                Ok(RowsOut::Logits(got)) => compare(
                     checks,
                     "decoder_serving_rows (logits)",
                     format!("rows {last:?} of {n} gathered"),
@@ -219,6 +237,23 @@ fn decoder_checks(
         }
     }
     Ok(())
+}
+
+/// An adapter of rank `r` on every projection, random A and B, PEFT layouts.
+fn random_adapter(s: &DecoderShape, r: usize, rng: &mut StdRng) -> LoraWeights {
+    let config =
+        LoraConfig { r, alpha: 16.0, dropout: 0.0, target_modules: TargetModule::ALL.to_vec() };
+    let layers = (0..s.layers)
+        .map(|_| {
+            TargetModule::ALL.map(|m| {
+                let d = LoraDims::of(s, m, r);
+                let a = (0..r * d.in_dim).map(|_| rng.random_range(-0.05..0.05)).collect();
+                let b = (0..d.out_dim * r).map(|_| rng.random_range(-0.05..0.05)).collect();
+                Some(LoraPair { in_dim: d.in_dim, out_dim: d.out_dim, a, b })
+            })
+        })
+        .collect();
+    LoraWeights { config, layers }
 }
 
 /// A check that could not run to its comparison.
