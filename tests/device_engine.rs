@@ -12,12 +12,12 @@ use coserve::backend::cuda::decoder::SeqRows;
 use coserve::backend::cuda::twins::argmax_logprob;
 use std::sync::Arc;
 
-use coserve::backend::cuda::decoder::runner::DeviceModel;
+use coserve::backend::cuda::decoder::runner::{AdapterRows, DeviceModel};
 use coserve::backend::cuda::decoder::{RowsOut, Want};
 use coserve::backend::cuda::CudaError;
 use coserve::engine::sampler::logprobs_of;
 use coserve::engine::{Backend, EngineConfig, EngineEvent, SamplingParams};
-use coserve::lora::{LoraConfig, LoraWeights, ServedAdapter};
+use coserve::lora::{AdapterLease, LoraConfig, LoraWeights, ServedAdapter};
 use coserve::model::llama::ForwardBatch;
 use coserve::model::loader::load_model;
 use coserve::model::weights::WeightsDtype;
@@ -46,6 +46,15 @@ fn prompts() -> Vec<Vec<u32>> {
 /// Greedy tokens of `prompt` from the decoder alone: the prompt in one forward, then one
 /// forward per token, on a cache of its own.
 fn decoder_alone(path: &std::path::Path, prompt: &[u32]) -> Vec<u32> {
+    decoder_alone_with(path, prompt, None)
+}
+
+/// As `decoder_alone`, through `adapter`.
+fn decoder_alone_with(
+    path: &std::path::Path,
+    prompt: &[u32],
+    adapter: Option<&AdapterLease>,
+) -> Vec<u32> {
     let model = load_model(path, WeightsDtype::F32).expect("tiny model").model;
     let h = from_llama(&model, 16).expect("decoder weights");
     let vocab = h.shape.vocab;
@@ -53,12 +62,13 @@ fn decoder_alone(path: &std::path::Path, prompt: &[u32]) -> Vec<u32> {
     let mut d = DeviceDecoder::new(HostOps, h.shape, h.weights, h.inv_freq, blocks, 256).unwrap();
     // Blocks in reverse order, so a slot is never its row's position by accident.
     let table: Vec<u32> = (0..blocks as u32).rev().collect();
+    let slot = adapter.map(|a| d.place_adapters(&[a]).expect("placed")[0]);
     let (mut tokens, mut start) = (prompt.to_vec(), 0);
     let mut out = Vec::new();
     while out.len() < NEW_TOKENS {
         let rows = tokens.len();
         let seq =
-            SeqRows { adapter: None, tokens: tokens.clone(), start, block_table: table.clone() };
+            SeqRows { adapter: slot, tokens: tokens.clone(), start, block_table: table.clone() };
         let logits = d.forward_rows(vec![seq], &[rows as u32 - 1]).expect("forward");
         assert_eq!(logits.len(), vocab);
         let next = argmax_logprob(&logits).0;
@@ -144,26 +154,49 @@ fn prompt_logprobs_come_from_every_row_of_the_device_forward() {
     assert_eq!(g.tokens, decoder_alone(&path, &prompt), "the greedy tokens of the same prompt");
 }
 
+/// A served adapter of rank `r` on every projection, with weights that change the outputs.
+fn adapter(model: &coserve::model::config::LlamaConfig, r: usize, seed: u64) -> AdapterLease {
+    let config = LoraConfig { r, alpha: 2.0 * r as f32, ..LoraConfig::default() };
+    let mut weights = LoraWeights::zeros(&config, model);
+    for (i, p) in weights.pairs_mut().enumerate() {
+        let wave = |n: usize, k: u64, amp: f32| -> Vec<f32> {
+            (0..n).map(|j| amp * ((j as f32 * 0.37 + (seed + k) as f32 * 1.3).sin())).collect()
+        };
+        let amp = 1.0 / (p.in_dim as f32).sqrt();
+        p.a = wave(p.a.len(), 2 * i as u64, amp);
+        p.b = wave(p.b.len(), 2 * i as u64 + 1, 1.0);
+    }
+    Arc::new(ServedAdapter { id: format!("ft:tiny:{seed}"), weights, created: 0 })
+}
+
 #[test]
-fn fine_tuned_models_are_refused_on_a_device() {
+fn fine_tuned_models_are_served_on_a_device() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = write_gguf(dir.path(), &shape());
     let model = load_model(&path, WeightsDtype::F32).expect("tiny model").model;
-    let weights = LoraWeights::zeros(&LoraConfig::default(), &model.config);
-    let lease = Arc::new(ServedAdapter { id: "ft:tiny:x".into(), weights, created: 0 });
-    let engine = TestEngine::start_on(&path, EngineConfig::default(), twin_backend());
-    let mut req = request(vec![1, 2, 3], params());
-    req.adapter = Some(lease);
-    let mut stream = engine.handle.submit(req).expect("submit");
-    match stream.next_blocking() {
-        Some(EngineEvent::Error(e)) => {
-            assert!(e.contains(TWIN_DEVICE) && e.contains("--device cpu"), "{e}")
-        }
-        other => panic!("expected an error, got {other:?}"),
+    let adapters = [None, Some(adapter(&model.config, 4, 1)), Some(adapter(&model.config, 8, 2))];
+    let prompt = prompts().swap_remove(2);
+    let alone: Vec<Vec<u32>> =
+        adapters.iter().map(|a| decoder_alone_with(&path, &prompt, a.as_ref())).collect();
+    assert_ne!(alone[0], alone[1], "the adapter changes the tokens");
+    assert_ne!(alone[1], alone[2]);
+
+    // The three in one batch, twice each, chunked: rows of different adapters side by side.
+    let cfg = EngineConfig { max_num_batched_tokens: 32, ..EngineConfig::default() };
+    let engine = TestEngine::start_on(&path, cfg, twin_backend());
+    let streams: Vec<_> = adapters
+        .iter()
+        .chain(&adapters)
+        .map(|a| {
+            let mut req = request(prompt.clone(), params());
+            req.adapter = a.clone();
+            engine.handle.submit(req).expect("submit")
+        })
+        .collect();
+    let served: Vec<Vec<u32>> = streams.into_iter().map(|s| collect(s).tokens).collect();
+    for (i, got) in served.iter().enumerate() {
+        assert_eq!(got, &alone[i % 3], "request {i} (adapter {})", i % 3);
     }
-    // The base model still serves.
-    let g = collect(engine.handle.submit(request(vec![1, 2, 3], params())).expect("submit"));
-    assert_eq!(g.tokens.len(), NEW_TOKENS);
 }
 
 #[test]
@@ -205,12 +238,17 @@ struct FaultingDevice {
 }
 
 impl DeviceModel for FaultingDevice {
-    fn forward(&mut self, batch: &ForwardBatch<'_>, want: Want) -> Result<RowsOut, CudaError> {
+    fn forward(
+        &mut self,
+        batch: &ForwardBatch<'_>,
+        adapters: &[AdapterRows<'_>],
+        want: Want,
+    ) -> Result<RowsOut, CudaError> {
         self.forwards += 1;
         if self.forwards >= 3 {
             return Err(CudaError::Driver("CUDA_ERROR_ILLEGAL_ADDRESS".into()));
         }
-        self.inner.forward(batch, want)
+        self.inner.forward(batch, adapters, want)
     }
 
     fn check(&mut self) -> Result<(), CudaError> {

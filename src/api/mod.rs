@@ -57,7 +57,7 @@ pub struct AppState {
     pub store: Arc<Store>,
     /// Larger uploaded files get 413.
     pub max_upload_bytes: usize,
-    /// Why this server cannot fine-tune or serve fine-tuned models (its backend), if it cannot.
+    /// Why this server cannot fine-tune (its backend), if it cannot.
     pub no_training_reason: Option<String>,
 }
 

@@ -212,9 +212,6 @@ pub fn resolve_model(
 ) -> Result<Option<AdapterLease>, ApiError> {
     match requested {
         Some(m) if m != state.model.id => match state.adapters.get(m) {
-            Some(_) if state.no_training_reason.is_some() => {
-                Err(ApiError::field("model", state.no_training_reason.clone().unwrap_or_default()))
-            }
             Some(lease) => Ok(Some(lease)),
             None => Err(ApiError::ModelNotFound(m.to_string())),
         },

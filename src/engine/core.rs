@@ -16,7 +16,7 @@ use super::scheduler::{Chunk, Plan, Scheduler};
 use super::sequence::Sequence;
 use super::training::ChunkInputs;
 use crate::backend::cpu::paged_attention::AttnSeq;
-use crate::backend::cuda::decoder::runner::DeviceModel;
+use crate::backend::cuda::decoder::runner::{AdapterRows, DeviceModel};
 use crate::backend::cuda::decoder::{RowsOut, Want};
 use crate::kv::KvCache;
 use crate::metrics::Metrics;
@@ -30,18 +30,18 @@ use crate::model::lora_apply::LoraSlice;
 pub enum Compute {
     /// The CPU model and its KV cache: inference, adapters and fine-tuning.
     Host { model: Llama, kv: KvCache },
-    /// A device model with its own KV cache: inference on the base model.
+    /// A device model with its own KV cache: inference, on the base model and adapters.
     Device { model: Box<dyn DeviceModel>, name: String },
 }
 
 impl Compute {
-    /// Why fine-tuning and adapters are unavailable here (`None`: they are available).
+    /// Why fine-tuning is unavailable here (`None`: it is available).
     pub fn no_training_reason(&self) -> Option<String> {
         match self {
             Self::Host { .. } => None,
             Self::Device { name, .. } => Some(format!(
-                "fine-tuning and fine-tuned models run on the CPU backend only for now; this \
-                 server computes on {name} (start it with --device cpu)"
+                "fine-tuning runs on the CPU backend only for now; this server computes on \
+                 {name} (start it with --device cpu to train)"
             )),
         }
     }
@@ -146,10 +146,6 @@ impl EngineCore {
                             request.prompt_ids.len(),
                             self.max_model_len
                         ))
-                    } else if let Some(why) =
-                        request.adapter.as_ref().and(self.compute.no_training_reason())
-                    {
-                        Some(why)
                     } else {
                         request.prompt_ids.iter().find(|&&t| t as usize >= vocab).map(|t| {
                             format!("token id {t} is out of the vocabulary (size {vocab})")
@@ -448,16 +444,15 @@ impl EngineCore {
         let running = &self.scheduler.running;
         let mut seqs: Vec<AttnSeq<'_>> = Vec::with_capacity(spans.len() + 1);
         let mut lora: Vec<LoraSlice<'_>> = Vec::new();
+        let mut device_lora: Vec<AdapterRows<'_>> = Vec::new();
         for &(q_start, q_len, context_len, id) in &spans {
             let Some(s) = running.iter().find(|s| s.id == id) else { continue };
             let Some(table) = s.blocks.as_ref() else { continue };
             seqs.push(AttnSeq { q_start, q_len, context_len, block_table: table.block_ids() });
             if let Some(a) = &s.adapter {
-                lora.push(LoraSlice {
-                    rows: q_start..q_start + q_len,
-                    adapter: &a.weights,
-                    train: None,
-                });
+                let rows = q_start..q_start + q_len;
+                lora.push(LoraSlice { rows: rows.clone(), adapter: &a.weights, train: None });
+                device_lora.push(AdapterRows { rows, adapter: a });
             }
         }
         // The training chunk goes after every inference row.
@@ -494,7 +489,7 @@ impl EngineCore {
                 )
             }
             Compute::Device { model, .. } => {
-                model.forward(&batch, want).map_err(|e| e.to_string())?
+                model.forward(&batch, &device_lora, want).map_err(|e| e.to_string())?
             }
         };
         drop(captures);

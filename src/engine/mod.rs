@@ -41,7 +41,7 @@ pub type DeviceBuilder =
 pub enum Backend {
     /// The CPU: inference, adapters and fine-tuning.
     Cpu,
-    /// A device, for inference on the base model. `build` runs on the engine thread, the one
+    /// A device, for inference (base model and adapters). `build` runs on the engine thread, the one
     /// that uses the device; `kv_bytes_per_element` sizes its cache from `--kv-cache-memory`.
     Device { name: String, kv_bytes_per_element: usize, build: DeviceBuilder },
 }
@@ -93,7 +93,7 @@ pub struct Engine {
     /// Longest sequence (prompt + generated) the engine accepts.
     pub max_model_len: usize,
     pub num_blocks: usize,
-    /// Why fine-tuning and adapters are unavailable on this backend (`None`: available).
+    /// Why fine-tuning is unavailable on this backend (`None`: available).
     pub no_training_reason: Option<String>,
 }
 

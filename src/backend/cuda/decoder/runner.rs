@@ -1,16 +1,27 @@
 //! The decoder as the engine runs it: weights, one KV cache per layer addressed by the engine's
 //! block tables, and scratch grown to the largest forward seen.
 
+use std::ops::Range;
 use std::path::Path;
+use std::sync::Arc;
 
 use super::cuda::CudaOps;
+use super::lora::LoraSet;
 use super::{
     forward_rows, DecoderOps, DecoderShape, DecoderWeights, RowsOut, Scratch, SeqRows, StepBatch,
     Want,
 };
 use crate::backend::cuda::gpu::Gpu;
 use crate::backend::cuda::{CudaError, DeviceSpec};
+use crate::lora::AdapterLease;
 use crate::model::llama::{ForwardBatch, Llama};
+
+/// Rows of a forward that run through a served adapter: one whole sequence's rows, as the
+/// engine sends them.
+pub struct AdapterRows<'a> {
+    pub rows: Range<usize>,
+    pub adapter: &'a AdapterLease,
+}
 
 /// A model that runs an iteration's forward on a device with a KV cache of its own, laid out in
 /// the engine's blocks. What the engine needs of it, object-safe. Not `Send`: it is built on
@@ -18,8 +29,14 @@ use crate::model::llama::{ForwardBatch, Llama};
 pub trait DeviceModel {
     /// One iteration's forward: every row's K and V written to its slot, and for each of
     /// `batch.logits_rows`, its logits (`Want::Logits`, `[rows, vocab]`) or its greedy id
-    /// and log-probability picked on the device (`Want::Greedy`).
-    fn forward(&mut self, batch: &ForwardBatch<'_>, want: Want) -> Result<RowsOut, CudaError>;
+    /// and log-probability picked on the device (`Want::Greedy`). The rows of `adapters` run
+    /// through those adapters.
+    fn forward(
+        &mut self,
+        batch: &ForwardBatch<'_>,
+        adapters: &[AdapterRows<'_>],
+        want: Want,
+    ) -> Result<RowsOut, CudaError>;
     /// Whether the device still works after a failed forward (a fault that poisons the
     /// context, such as an illegal address, fails every later call too).
     fn check(&mut self) -> Result<(), CudaError>;
@@ -27,6 +44,8 @@ pub trait DeviceModel {
 
 /// Rows one forward may have: the attention launch's grid.y.
 pub const MAX_ROWS: usize = 65_535;
+/// Adapters kept on the device beyond those a forward needs (still served, just not in it).
+const MAX_RESIDENT: usize = 16;
 
 pub struct DeviceDecoder<O: DecoderOps> {
     ops: O,
@@ -36,6 +55,9 @@ pub struct DeviceDecoder<O: DecoderOps> {
     caches: Vec<O::Cache>,
     scratch: Option<Scratch<O>>,
     num_blocks: usize,
+    /// Adapters on the device in slot order, and their tables.
+    resident: Vec<AdapterLease>,
+    lora: Option<LoraSet<O::LoraTable>>,
 }
 
 impl<O: DecoderOps> DeviceDecoder<O> {
@@ -68,7 +90,17 @@ impl<O: DecoderOps> DeviceDecoder<O> {
         let caches =
             (0..shape.layers).map(|_| ops.cache(&shape, num_blocks)).collect::<Result<_, _>>()?;
         let scratch = Some(Scratch::new(&mut ops, &shape, max_rows)?);
-        Ok(Self { ops, shape, weights, inv_freq, caches, scratch, num_blocks })
+        Ok(Self {
+            ops,
+            shape,
+            weights,
+            inv_freq,
+            caches,
+            scratch,
+            num_blocks,
+            resident: Vec::new(),
+            lora: None,
+        })
     }
 
     /// Bytes one cache block takes: bf16 K and V of every layer.
@@ -117,7 +149,44 @@ impl<O: DecoderOps> DeviceDecoder<O> {
         };
         let (s, w) = (&self.shape, &self.weights);
         let (f, c) = (&self.inv_freq, &mut self.caches);
-        forward_rows(&mut self.ops, s, w, f, c, &batch, sc, logits_rows, want, None)
+        let lora = self.lora.as_ref();
+        forward_rows(&mut self.ops, s, w, f, c, &batch, sc, logits_rows, want, lora)
+    }
+
+    /// The slot of each of `needed` (distinct adapters), uploading them when one is not on
+    /// the device yet. Adapters no one else holds any more (deleted, and no request left on
+    /// them) are dropped then.
+    pub fn place_adapters(&mut self, needed: &[&AdapterLease]) -> Result<Vec<u32>, CudaError> {
+        let here =
+            |set: &[AdapterLease], a: &AdapterLease| set.iter().position(|r| Arc::ptr_eq(r, a));
+        if needed.iter().any(|a| here(&self.resident, a).is_none()) {
+            let mut next: Vec<AdapterLease> = Vec::new();
+            for a in needed {
+                if here(&next, a).is_none() {
+                    next.push(Arc::clone(a));
+                }
+            }
+            for r in &self.resident {
+                if next.len() < MAX_RESIDENT && Arc::strong_count(r) > 1 && here(&next, r).is_none()
+                {
+                    next.push(Arc::clone(r));
+                }
+            }
+            // The old tables go first.
+            self.lora = None;
+            self.resident = Vec::new();
+            let weights: Vec<_> = next.iter().map(|a| &a.weights).collect();
+            self.lora = Some(LoraSet::new(&mut self.ops, &self.shape, &weights)?);
+            self.resident = next;
+        }
+        needed
+            .iter()
+            .map(|a| {
+                let slot = here(&self.resident, a)
+                    .ok_or_else(|| CudaError::Shape("an adapter not placed".into()))?;
+                u32::try_from(slot).map_err(|_| CudaError::Shape("an adapter slot".into()))
+            })
+            .collect()
     }
 }
 
@@ -139,8 +208,27 @@ pub fn open_cuda(
 }
 
 impl<O: DecoderOps> DeviceModel for DeviceDecoder<O> {
-    fn forward(&mut self, batch: &ForwardBatch<'_>, want: Want) -> Result<RowsOut, CudaError> {
-        let (seqs, logits_rows) = step_rows(batch)?;
+    fn forward(
+        &mut self,
+        batch: &ForwardBatch<'_>,
+        adapters: &[AdapterRows<'_>],
+        want: Want,
+    ) -> Result<RowsOut, CudaError> {
+        let (mut seqs, logits_rows) = step_rows(batch)?;
+        if !adapters.is_empty() {
+            let leases: Vec<&AdapterLease> = adapters.iter().map(|a| a.adapter).collect();
+            let slots = self.place_adapters(&leases)?;
+            for (a, slot) in adapters.iter().zip(slots) {
+                let i = batch.seqs.iter().position(|s| (s.q_start..s.q_start + s.q_len) == a.rows);
+                let Some(i) = i else {
+                    return Err(CudaError::Shape(format!(
+                        "adapter rows {:?} are no sequence's",
+                        a.rows
+                    )));
+                };
+                seqs[i].adapter = Some(slot);
+            }
+        }
         self.forward_seqs(seqs, &logits_rows, want)
     }
 
