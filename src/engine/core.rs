@@ -5,6 +5,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
+pub use super::compute::Compute;
 use super::cost_model::CostModel;
 use super::handle::{EngineCommand, SharedCounters};
 use super::hybrid::{plan_training, FinetuneMode, TrainState, TrainWork, TrainingConfig};
@@ -16,36 +17,12 @@ use super::scheduler::{Chunk, Plan, Scheduler};
 use super::sequence::Sequence;
 use super::training::ChunkInputs;
 use crate::backend::cpu::paged_attention::AttnSeq;
-use crate::backend::cuda::decoder::runner::{AdapterRows, DeviceModel};
+use crate::backend::cuda::decoder::runner::AdapterRows;
 use crate::backend::cuda::decoder::{RowsOut, Want};
-use crate::kv::KvCache;
 use crate::metrics::Metrics;
 use crate::model::backward::BackwardWeights;
-use crate::model::llama::{ForwardBatch, Llama};
+use crate::model::llama::ForwardBatch;
 use crate::model::lora_apply::LoraSlice;
-
-/// What the engine computes on.
-// One per engine, never moved after start: boxing the model would buy nothing.
-#[allow(clippy::large_enum_variant)]
-pub enum Compute {
-    /// The CPU model and its KV cache: inference, adapters and fine-tuning.
-    Host { model: Llama, kv: KvCache },
-    /// A device model with its own KV cache: inference, on the base model and adapters.
-    Device { model: Box<dyn DeviceModel>, name: String },
-}
-
-impl Compute {
-    /// Why fine-tuning is unavailable here (`None`: it is available).
-    pub fn no_training_reason(&self) -> Option<String> {
-        match self {
-            Self::Host { .. } => None,
-            Self::Device { name, .. } => Some(format!(
-                "fine-tuning runs on the CPU backend only for now; this server computes on \
-                 {name} (start it with --device cpu to train)"
-            )),
-        }
-    }
-}
 
 pub struct EngineCore {
     pub compute: Compute,

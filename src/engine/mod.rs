@@ -1,5 +1,6 @@
 //! The engine thread: owns model, KV cache and scheduler; runs one forward per iteration.
 
+pub mod compute;
 pub mod core;
 pub mod cost_model;
 pub mod handle;

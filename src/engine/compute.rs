@@ -1,0 +1,28 @@
+//! What the engine computes on: the CPU model with its KV cache, or a device model.
+
+use crate::backend::cuda::decoder::runner::DeviceModel;
+use crate::kv::KvCache;
+use crate::model::llama::Llama;
+
+/// What the engine computes on.
+// One per engine, never moved after start: boxing the model would buy nothing.
+#[allow(clippy::large_enum_variant)]
+pub enum Compute {
+    /// The CPU model and its KV cache: inference, adapters and fine-tuning.
+    Host { model: Llama, kv: KvCache },
+    /// A device model with its own KV cache: inference, on the base model and adapters.
+    Device { model: Box<dyn DeviceModel>, name: String },
+}
+
+impl Compute {
+    /// Why fine-tuning is unavailable here (`None`: it is available).
+    pub fn no_training_reason(&self) -> Option<String> {
+        match self {
+            Self::Host { .. } => None,
+            Self::Device { name, .. } => Some(format!(
+                "fine-tuning runs on the CPU backend only for now; this server computes on \
+                 {name} (start it with --device cpu to train)"
+            )),
+        }
+    }
+}
