@@ -42,6 +42,11 @@ pub struct ServerConfig {
     #[arg(long, env = "COSERVE_DEVICE", default_value = "cpu", value_parser = parse_device)]
     pub device: DeviceSpec,
 
+    /// LoRA adapters in the PEFT layout (adapter_config.json and adapter_model.safetensors) to
+    /// serve from the start, as NAME=DIR, comma-separated; clients send NAME as `model`.
+    #[arg(long = "lora-modules", env = "COSERVE_LORA_MODULES", value_delimiter = ',', value_parser = parse_lora_module)]
+    pub lora_modules: Vec<(String, PathBuf)>,
+
     /// Token budget of one iteration (decode tokens plus prefill chunks).
     #[arg(long, env = "COSERVE_MAX_NUM_BATCHED_TOKENS", default_value_t = 512)]
     pub max_num_batched_tokens: usize,
@@ -122,6 +127,7 @@ impl ServerConfig {
             data_dir: None,
             served_model_name: None,
             device: DeviceSpec::Cpu,
+            lora_modules: Vec::new(),
             max_num_batched_tokens: 512,
             max_num_seqs: 64,
             max_waiting: 256,
@@ -162,6 +168,15 @@ impl ServerConfig {
                 min_train_share: self.min_finetune_share.clamp(0.0, 1.0),
             },
         }
+    }
+}
+
+fn parse_lora_module(s: &str) -> Result<(String, PathBuf), String> {
+    match s.split_once('=') {
+        Some((name, dir)) if !name.trim().is_empty() && !dir.trim().is_empty() => {
+            Ok((name.trim().to_string(), PathBuf::from(dir.trim())))
+        }
+        _ => Err(format!("`{s}` is not NAME=DIR")),
     }
 }
 

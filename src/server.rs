@@ -15,7 +15,7 @@ use crate::config::ServerConfig;
 use crate::engine::hybrid::FinetuneMode;
 use crate::engine::{self, Backend, EngineHandle};
 use crate::finetune::manager::{JobManager, ManagerConfig, ManagerDeps};
-use crate::lora::AdapterRegistry;
+use crate::lora::{load_peft, AdapterRegistry};
 use crate::metrics::Metrics;
 use crate::model::fetch::{coserve_home, ensure_default_model, DEFAULT_MODEL_NAME};
 use crate::model::loader::load_model;
@@ -38,6 +38,8 @@ pub enum ServerError {
     Store { dir: String, source: crate::store::StoreError },
     #[error("model loading was interrupted")]
     Interrupted,
+    #[error("cannot serve the LoRA adapter {name} from {dir}: {message}")]
+    LoraModule { name: String, dir: String, message: String },
 }
 
 /// The engine's backend for `device`: a CUDA device gets the model as a bf16 decoder, set up on
@@ -163,6 +165,20 @@ pub async fn start_on(
     });
     let metrics = Arc::new(Metrics::new(&model_id));
     let model_config = loaded.model.config.clone();
+    // Read the adapters before the engine starts: a bad one should fail fast.
+    let mut modules = Vec::new();
+    for (name, dir) in &cfg.lora_modules {
+        let fail = |message: String| ServerError::LoraModule {
+            name: name.clone(),
+            dir: dir.display().to_string(),
+            message,
+        };
+        if *name == model_id || modules.iter().any(|(n, _)| n == name) {
+            return Err(fail("the name is already served".into()));
+        }
+        let weights = load_peft(dir, &model_config).map_err(|e| fail(e.to_string()))?;
+        modules.push((name.clone(), weights));
+    }
     let engine_cfg = cfg.engine_config();
     let started = engine::start_on(
         loaded.model,
@@ -185,6 +201,10 @@ pub async fn start_on(
     let tokenizer = Arc::new(loaded.tokenizer);
     let chat_template = loaded.chat_template.map(Arc::new);
     let adapters = Arc::new(AdapterRegistry::new());
+    for (name, weights) in modules {
+        tracing::info!(adapter = %name, "serving LoRA adapter");
+        adapters.insert(name, weights);
+    }
     let jobs = JobManager::start(
         ManagerDeps {
             store: store.clone(),

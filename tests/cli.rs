@@ -18,6 +18,7 @@ fn serve_help_documents_every_flag_and_its_env_var() {
         ("--data-dir", "COSERVE_DATA_DIR"),
         ("--served-model-name", "COSERVE_SERVED_MODEL_NAME"),
         ("--device", "COSERVE_DEVICE"),
+        ("--lora-modules", "COSERVE_LORA_MODULES"),
         ("--max-num-batched-tokens", "COSERVE_MAX_NUM_BATCHED_TOKENS"),
         ("--max-num-seqs", "COSERVE_MAX_NUM_SEQS"),
         ("--max-waiting", "COSERVE_MAX_WAITING"),
