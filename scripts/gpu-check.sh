@@ -57,7 +57,8 @@ run)
   step selftest "$OUT/selftest.txt" "$BIN" selftest --device cuda --json "$OUT/selftest.json"
 
   # `coserve serve --device cuda` over HTTP on small random models made with transformers (a
-  # Llama, and a Qwen2 with q/k/v biases), every generated token scored by transformers in f32.
+  # Llama, and a Qwen2 with q/k/v biases) and a PEFT adapter served next to the base model,
+  # every generated token scored by transformers and PEFT in f32.
   for arch in llama qwen2; do
     step "serve-$arch" "$OUT/serve-$arch.json" timeout 300 "$PYTHON" scripts/serve_check.py \
       --bin "$BIN" --device cuda --arch "$arch" --out "$OUT"

@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """`coserve serve` end to end on a device, against HF transformers on the same small model.
 
-Makes a small random Llama (Hugging Face layout, byte-level BPE tokenizer trained on the spot:
-no download), starts `coserve serve --model DIR --device DEVICE` on it, sends greedy requests
-concurrently over HTTP (prompts as token ids, generated ids back through
-`return_tokens_as_token_ids`), then scores every generated token with transformers in f32,
+Makes a small random Llama or Qwen2 (Hugging Face layout, byte-level BPE tokenizer trained on
+the spot: no download) and a random PEFT LoRA adapter for it, starts
+`coserve serve --model DIR --device DEVICE --lora-modules tuned=ADAPTER`, sends greedy requests
+concurrently over HTTP (every other one through the adapter; prompts as token ids, generated
+ids back through `return_tokens_as_token_ids`), then scores every generated token with
+transformers (and PEFT for the adapter's) in f32,
 teacher-forced on the same ids: each must be the reference's most likely token or within
 --max-gap nats of it (bf16 on a GPU rounds; a wrong position, cache block or row would cost
 nats). Also checks /metrics and that a fine-tuning request gets an OpenAI-shaped error (a GPU
@@ -37,6 +39,7 @@ PROMPTS = [
     "a",
 ]
 NEW_TOKENS = 16
+ADAPTER = "tuned"
 
 
 def make_model(d, seed, arch="llama"):
@@ -85,6 +88,26 @@ def make_model(d, seed, arch="llama"):
     return tok, model
 
 
+def make_adapter(model, d, seed):
+    """A PEFT LoRA adapter (r 8, every projection) for `model`, saved to `d`; B is random, not
+    PEFT's zeros, so that it changes the outputs. Returns the adapted model (a copy)."""
+    import copy
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed + 1)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    tuned = get_peft_model(copy.deepcopy(model), LoraConfig(
+        r=8, lora_alpha=16, lora_dropout=0.0, target_modules=targets))
+    with torch.no_grad():
+        for name, p in tuned.named_parameters():
+            if "lora_B" in name:
+                p.uniform_(-0.1, 0.1)
+    tuned.save_pretrained(d)
+    return tuned.eval()
+
+
 def gaps(model, prompt_ids, generated):
     """Per generated token: the reference's best log-probability minus the token's, f32,
     teacher-forced on prompt + generated."""
@@ -119,7 +142,8 @@ def serve(args, model_dir, home):
     name = f"serve-{args.device.replace(':', '-')}-{args.arch}.log"
     log = open(os.path.join(args.out, name), "w")
     cmd = [args.bin, "serve", "--model", model_dir, "--device", args.device, "--port", str(port),
-           "--data-dir", os.path.join(home, "data"), "--kv-cache-memory", "256MiB"]
+           "--data-dir", os.path.join(home, "data"), "--kv-cache-memory", "256MiB",
+           "--lora-modules", f"{ADAPTER}={os.path.join(home, 'adapter')}"]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + args.start_timeout
@@ -160,7 +184,10 @@ def main():
         model_dir = os.path.join(tmp, "model")
         os.makedirs(model_dir)
         tok, model = make_model(model_dir, args.seed, args.arch)
+        tuned = make_adapter(model, os.path.join(tmp, "adapter"), args.seed)
         prompt_ids = [tok.encode(p).ids for p in PROMPTS]
+        # Every other prompt goes through the adapter, in the same batches as the base model's.
+        use_adapter = [i % 2 == 1 for i in range(len(PROMPTS))]
         max_gap = args.max_gap if args.max_gap is not None else (
             1e-3 if args.device == "cpu" else 0.25)
         t0 = time.time()
@@ -171,27 +198,36 @@ def main():
             body_model = models["data"][0]["id"] if status == 200 else "model"
             t0 = time.time()
             with concurrent.futures.ThreadPoolExecutor(len(PROMPTS)) as pool:
-                def complete(ids):
-                    body = {"model": body_model, "prompt": ids, "max_tokens": NEW_TOKENS,
-                            "temperature": 0, "ignore_eos": True, "logprobs": 0,
-                            "return_tokens_as_token_ids": True}
+                def complete(job):
+                    ids, adapted = job
+                    body = {"model": ADAPTER if adapted else body_model, "prompt": ids,
+                            "max_tokens": NEW_TOKENS, "temperature": 0, "ignore_eos": True,
+                            "logprobs": 0, "return_tokens_as_token_ids": True}
                     return request(base + "/v1/completions", body)
-                answers = list(pool.map(complete, prompt_ids))
+                answers = list(pool.map(complete, zip(prompt_ids, use_adapter)))
             result["concurrent_s"] = round(time.time() - t0, 3)
-            worst, per_prompt = 0.0, []
-            for ids, (status, body) in zip(prompt_ids, answers):
+            worst, per_prompt, base_gap = 0.0, [], 0.0
+            for ids, adapted, (status, body) in zip(prompt_ids, use_adapter, answers):
                 if status != 200:
                     ok = False
                     per_prompt.append({"error": f"HTTP {status}: {body}"})
                     continue
                 names = body["choices"][0]["logprobs"]["tokens"]
                 generated = [int(n.removeprefix("token_id:")) for n in names]
-                g = gaps(model, ids, generated)
+                g = gaps(tuned if adapted else model, ids, generated)
+                if adapted:
+                    # Scored by the base model instead, the adapter's tokens must trail it.
+                    off = max(gaps(model, ids, generated), default=0.0)
+                    base_gap = max(base_gap, off)
                 worst = max([worst] + g)
-                per_prompt.append({"tokens": len(generated), "max_gap": round(max(g, default=0), 5),
+                per_prompt.append({"adapter": adapted, "tokens": len(generated),
+                                   "max_gap": round(max(g, default=0), 5),
                                    "text": body["choices"][0]["text"]})
                 ok = ok and len(generated) == NEW_TOKENS
             result["max_gap_nats"] = round(worst, 5)
+            # That the adapter is applied at all: the base model disagrees with its tokens.
+            result["adapter_tokens_gap_under_base_nats"] = round(base_gap, 3)
+            ok = ok and base_gap > 1.0
             result["max_gap_bound"] = max_gap
             result["per_prompt"] = per_prompt
             ok = ok and worst <= max_gap
