@@ -6,15 +6,14 @@ the spot: no download) and a random PEFT LoRA adapter for it, starts
 `coserve serve --model DIR --device DEVICE --lora-modules tuned=ADAPTER`, sends greedy requests
 concurrently over HTTP (every other one through the adapter; prompts as token ids, generated
 ids back through `return_tokens_as_token_ids`), then scores every generated token with
-transformers (and PEFT for the adapter's) in f32,
-teacher-forced on the same ids: each must be the reference's most likely token or within
---max-gap nats of it (bf16 on a GPU rounds; a wrong position, cache block or row would cost
-nats). Also checks /metrics and that a fine-tuning request gets an OpenAI-shaped error (a GPU
+transformers (and PEFT for the adapter's) in f32, teacher-forced on the same ids: each must be
+the reference's most likely token or within --max-gap nats of it (bf16 on a GPU rounds; a
+wrong position, cache block, row or adapter slot would cost nats). Also checks /metrics and that a fine-tuning request gets an OpenAI-shaped error (a GPU
 server refuses it). Prints one JSON object; exits non-zero on any failure.
 
     python3 scripts/serve_check.py --bin target/release/coserve --device cuda
 
-Needs torch, transformers and tokenizers; runs on a CPU too (--device cpu).
+Needs torch, transformers, tokenizers and peft; runs on a CPU too (--device cpu).
 """
 
 import argparse
