@@ -94,7 +94,7 @@ pub fn forward_on_device<O: DecoderOps>(
 }
 
 /// [`forward_on_device`] with the rows' adapters.
-pub fn forward_on_device_with<O: DecoderOps>(
+fn forward_on_device_with<O: DecoderOps>(
     ops: &mut O,
     s: &DecoderShape,
     w: &DecoderWeights<O::Weight>,
@@ -178,24 +178,6 @@ pub fn forward_rows<O: DecoderOps>(
             RowsOut::Greedy(ops.read_ids(&sc.ids, n)?)
         }
     })
-}
-
-/// [`forward_rows`] returning every logit of the rows.
-#[allow(clippy::too_many_arguments)]
-pub fn forward_logits<O: DecoderOps>(
-    ops: &mut O,
-    s: &DecoderShape,
-    w: &DecoderWeights<O::Weight>,
-    inv_freq: &[f32],
-    caches: &mut [O::Cache],
-    batch: &StepBatch,
-    sc: &mut Scratch<O>,
-    logits_rows: &[u32],
-) -> Result<Vec<f32>, CudaError> {
-    match forward_rows(ops, s, w, inv_freq, caches, batch, sc, logits_rows, Want::Logits, None)? {
-        RowsOut::Logits(l) => Ok(l),
-        RowsOut::Greedy(_) => Err(CudaError::Shape("greedy rows where logits were asked".into())),
-    }
 }
 
 fn check_inv_freq(s: &DecoderShape, inv_freq: &[f32]) -> R {

@@ -12,10 +12,7 @@ pub mod host;
 pub mod lora;
 pub mod runner;
 
-pub use forward::{
-    forward, forward_logits, forward_on_device, forward_on_device_with, forward_rows, forward_with,
-    RowsOut, Scratch, Want,
-};
+pub use forward::{forward, forward_on_device, forward_rows, forward_with, RowsOut, Scratch, Want};
 
 use crate::model::config::LlamaConfig;
 
