@@ -103,11 +103,6 @@ impl<O: DecoderOps> DeviceDecoder<O> {
         })
     }
 
-    /// Bytes one cache block takes: bf16 K and V of every layer.
-    pub fn bytes_per_block(s: &DecoderShape) -> usize {
-        2 * s.layers * s.block_size * s.kv_dim() * std::mem::size_of::<u16>()
-    }
-
     /// One forward over `seqs`, returning the logits of `logits_rows` (rows of the flattened
     /// batch, sequences in order).
     pub fn forward_rows(
