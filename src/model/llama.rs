@@ -223,20 +223,25 @@ impl Llama {
 
     /// cos and sin of `position * inv_freq`, `[tokens, head_dim / 2]` each.
     pub(crate) fn rope_tables(&self, positions: &[usize]) -> (Vec<f32>, Vec<f32>) {
-        let half = self.inv_freq.len();
-        let mut cos = Vec::with_capacity(positions.len() * half);
-        let mut sin = Vec::with_capacity(positions.len() * half);
-        for &p in positions {
-            for &f in &self.inv_freq {
-                // f64 keeps large positions accurate; the reference computes these in f32
-                // from an f32 product, so round the angle to f32 first to match it.
-                let angle = (p as f32 * f) as f64;
-                cos.push(angle.cos() as f32);
-                sin.push(angle.sin() as f32);
-            }
-        }
-        (cos, sin)
+        rope_tables(&self.inv_freq, positions)
     }
+}
+
+/// cos and sin of `position * inv_freq`, `[positions, inv_freq.len()]` each: the one table
+/// both the CPU model and the device decoder rotate with.
+pub fn rope_tables(inv_freq: &[f32], positions: &[usize]) -> (Vec<f32>, Vec<f32>) {
+    let mut cos = Vec::with_capacity(positions.len() * inv_freq.len());
+    let mut sin = Vec::with_capacity(positions.len() * inv_freq.len());
+    for &p in positions {
+        for &f in inv_freq {
+            // f64 keeps large positions accurate; the reference computes these in f32 from an
+            // f32 product, so round the angle to f32 first to match it.
+            let angle = (p as f32 * f) as f64;
+            cos.push(angle.cos() as f32);
+            sin.push(angle.sin() as f32);
+        }
+    }
+    (cos, sin)
 }
 
 /// Copies each capture's rows of the low-rank activations into its sample buffers.

@@ -12,6 +12,7 @@ pub mod host;
 pub mod lora;
 pub mod runner;
 
+pub use crate::model::llama::rope_tables;
 pub use forward::{forward, forward_on_device, forward_rows, forward_with, RowsOut, Scratch, Want};
 
 use crate::model::config::LlamaConfig;
@@ -256,21 +257,6 @@ impl StepBatch {
     pub fn rows(&self) -> usize {
         self.tokens.len()
     }
-}
-
-/// cos and sin of `position * inv_freq`, `[rows, head_dim / 2]` each, as the CPU path makes
-/// them (`Llama::rope_tables`).
-pub fn rope_tables(inv_freq: &[f32], positions: &[usize]) -> (Vec<f32>, Vec<f32>) {
-    let mut cos = Vec::with_capacity(positions.len() * inv_freq.len());
-    let mut sin = Vec::with_capacity(positions.len() * inv_freq.len());
-    for &p in positions {
-        for &f in inv_freq {
-            let angle = (p as f32 * f) as f64;
-            cos.push(angle.cos() as f32);
-            sin.push(angle.sin() as f32);
-        }
-    }
-    (cos, sin)
 }
 
 type R = Result<(), CudaError>;
