@@ -6,7 +6,8 @@
 // row's log-sum-exp and rowsum(dO ∘ O); `attention_backward_dkv_f32`, one block per (kv head,
 // key), recomputes P and dS from those and writes dK and dV.
 // q, o, d_o: [len, num_heads, head_dim]; k, v: [len, num_kv_heads, head_dim]; lse, delta:
-// [len, num_heads]. The host must check: len at most AB_MAX_LEN; head_dim a multiple of 32 and
+// [len, num_heads]. dq, dk and dv rows are `d_stride` apart, so they can be column blocks of one
+// fused [len, q | k | v] gradient (the layout the q/k/v projection's backward reads). The host must check: len at most AB_MAX_LEN; head_dim a multiple of 32 and
 // at most 32 * AB_MAX_DIMS_PER_LANE; num_heads a multiple of num_kv_heads; len at most 65535
 // (grid.y); blockDim AB_THREADS.
 // CPU twin: model::attention_backward::attention_backward.
@@ -20,7 +21,7 @@ extern "C" __global__ void attention_backward_dq_f32(
     const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
     const bf16* __restrict__ o, const float* __restrict__ d_o, float* __restrict__ dq,
     float* __restrict__ lse_out, float* __restrict__ delta_out, int len, int num_heads,
-    int num_kv_heads, int head_dim, float scale) {
+    int num_kv_heads, int head_dim, float scale, int d_stride) {
     const int h = blockIdx.x, i = blockIdx.y;
     const int kvh = h / (num_heads / num_kv_heads);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, dims = head_dim / 32;
@@ -68,7 +69,7 @@ extern "C" __global__ void attention_backward_dq_f32(
     for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
         float acc = 0.f;
         for (int j = 0; j <= i; ++j) acc += ds[j] * ld(k[((size_t)j * num_kv_heads + kvh) * head_dim + d]);
-        dq[qoff + d] = scale * acc;
+        dq[(size_t)i * d_stride + h * head_dim + d] = scale * acc;
     }
     if (threadIdx.x == 0) {
         lse_out[(size_t)i * num_heads + h] = lse;
@@ -80,7 +81,7 @@ extern "C" __global__ void attention_backward_dkv_f32(
     const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
     const float* __restrict__ d_o, const float* __restrict__ lse, const float* __restrict__ delta,
     float* __restrict__ dk, float* __restrict__ dv, int len, int num_heads, int num_kv_heads,
-    int head_dim, float scale) {
+    int head_dim, float scale, int d_stride) {
     const int kvh = blockIdx.x, j = blockIdx.y;
     const int group = num_heads / num_kv_heads;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, dims = head_dim / 32;
@@ -137,7 +138,8 @@ extern "C" __global__ void attention_backward_dkv_f32(
             sk += red_k[w][d];
             sv += red_v[w][d];
         }
-        dk[koff + d] = sk;
-        dv[koff + d] = sv;
+        const size_t doff = (size_t)j * d_stride + kvh * head_dim + d;
+        dk[doff] = sk;
+        dv[doff] = sv;
     }
 }

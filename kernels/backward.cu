@@ -65,3 +65,30 @@ extern "C" __global__ void rope_backward_f32(float* __restrict__ d_qkv, int stri
         base[d + half] = x1 * c[d] - x0 * s[d];
     }
 }
+
+// y = bf16(x): fp32 gradients rounded for a bf16 GEMM input (grid-stride).
+extern "C" __global__ void f32_to_bf16(const float* __restrict__ x, bf16* __restrict__ y, size_t n) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x)
+        y[i] = st(x[i]);
+}
+
+// *out += Σ x² (grid-stride, a block sum then one atomic per block; *out zeroed by the host).
+// Feeds gradient-norm clipping. blockDim a multiple of 32.
+extern "C" __global__ void sum_squares_f32(const float* __restrict__ x, size_t n,
+                                           float* __restrict__ out) {
+    __shared__ float scratch[32];
+    float s = 0.f;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x)
+        s += x[i] * x[i];
+    s = block_sum(s, scratch);
+    if (threadIdx.x == 0) atomicAdd(out, s);
+}
+
+// x *= s (grid-stride): gradients scaled by the clipping factor.
+extern "C" __global__ void scale_f32(float* __restrict__ x, size_t n, float s) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x)
+        x[i] *= s;
+}

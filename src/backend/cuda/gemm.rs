@@ -1,9 +1,10 @@
 //! Matrix products through cuBLASLt: bf16 inputs, fp32 accumulation, bf16 or fp32 output.
 //!
-//! Every product the decoder does is `y[m, n] = x[m, k] · w[n, k]ᵀ` with row-major `x`, `w`
-//! and `y` (weights stored as the checkpoint has them, one row per output feature). cuBLASLt is
-//! column-major, so this is computed as `yᵀ = w · xᵀ`: A = w seen as a `k × n` column-major
-//! matrix and transposed, B = x seen as `k × m` column-major, D = y seen as `n × m`.
+//! The forward's products are `y[m, n] = x[m, k] · w[n, k]ᵀ` with row-major `x`, `w` and `y`
+//! (weights stored as the checkpoint has them, one row per output feature); the backward's
+//! also read operands untransposed (`dx = dy · w`) or transposed (`dA = gᵀ · x`) and add into
+//! their output. cuBLASLt is column-major, so `d = op(a) · op(b)` is computed as
+//! `dᵀ = op(b)ᵀ · op(a)ᵀ`: a row-major matrix is its column-major transpose.
 
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -51,7 +52,63 @@ pub struct Gemm {
     handle: sys::cublasLtHandle_t,
     stream: Arc<CudaStream>,
     workspace: CudaSlice<u8>,
-    plans: HashMap<(usize, usize, usize, OutType, u32), Plan>,
+    plans: HashMap<PlanKey, Plan>,
+}
+
+/// Element type of a product's operand.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Elem {
+    Bf16,
+    F32,
+}
+
+impl Elem {
+    fn cuda(self) -> sys::cudaDataType {
+        match self {
+            Elem::Bf16 => sys::cudaDataType::CUDA_R_16BF,
+            Elem::F32 => sys::cudaDataType::CUDA_R_32F,
+        }
+    }
+}
+
+impl From<OutType> for Elem {
+    fn from(o: OutType) -> Self {
+        match o {
+            OutType::Bf16 => Elem::Bf16,
+            OutType::F32 => Elem::F32,
+        }
+    }
+}
+
+/// One row-major operand: `ptr` to its first element, rows `ld` elements apart, read
+/// transposed when `trans`.
+#[derive(Debug, Clone, Copy)]
+pub struct Operand {
+    pub ptr: CUdeviceptr,
+    pub elem: Elem,
+    pub ld: usize,
+    pub trans: bool,
+}
+
+/// `d[m, n] = alpha · op(a)[m, k] · op(b)[k, n] + beta · d`, all row-major. `a` and `b` share
+/// an element type; fp32 accumulation.
+#[derive(Debug, Clone, Copy)]
+pub struct Product {
+    pub a: Operand,
+    pub b: Operand,
+    pub d: Operand,
+    pub mnk: (usize, usize, usize),
+    pub alpha: f32,
+    pub beta: f32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct PlanKey {
+    mnk: (usize, usize, usize),
+    elems: (Elem, Elem),
+    trans: (bool, bool),
+    lds: (usize, usize, usize),
+    align: u32,
 }
 
 /// Hopper wants a 32 MiB workspace, earlier chips 4 MiB; one size serves both.
@@ -79,33 +136,56 @@ impl Gemm {
         (m, n, k): (usize, usize, usize),
         out: OutType,
     ) -> Result<(), CudaError> {
+        let a = Operand { ptr: x, elem: Elem::Bf16, ld: k, trans: false };
+        let b = Operand { ptr: w, elem: Elem::Bf16, ld: k, trans: true };
+        let d = Operand { ptr: y, elem: out.into(), ld: n, trans: false };
+        self.product(&Product { a, b, d, mnk: (m, n, k), alpha: 1.0, beta: 0.0 })
+    }
+
+    /// Runs `p` on the stream.
+    ///
+    /// # Safety
+    /// Each operand must point into a device allocation of this context that holds the rows
+    /// and columns `p` reads or writes at its `ld`, alive until the stream has run the product.
+    pub unsafe fn product(&mut self, p: &Product) -> Result<(), CudaError> {
+        let (m, n, k) = p.mnk;
         if m == 0 || n == 0 || k == 0 {
             return Ok(());
         }
-        // The heuristic assumes 256-byte aligned operands unless told otherwise; a weight
-        // slice (the k rows of a fused qkv) may be less aligned, and needs a plan that allows it.
-        let align = [x, w, y].iter().map(|&p| alignment(p)).min().unwrap_or(1);
-        let key = (m, n, k, out, align);
+        if p.a.elem != p.b.elem || p.d.trans {
+            return Err(CudaError::Blas(format!("unsupported product {p:?}")));
+        }
+        // Row-major `d = op(a) · op(b)` is column-major `dᵀ = op(b)ᵀ · op(a)ᵀ`: cuBLASLt's A
+        // is our `b`, its B our `a`. The heuristic assumes 256-byte aligned operands unless
+        // told otherwise; a weight slice (the k rows of a fused qkv) may be less aligned, and
+        // needs a plan that allows it.
+        let align = [p.a.ptr, p.b.ptr, p.d.ptr].iter().map(|&q| alignment(q)).min().unwrap_or(1);
+        let key = PlanKey {
+            mnk: p.mnk,
+            elems: (p.a.elem, p.d.elem),
+            trans: (p.a.trans, p.b.trans),
+            lds: (p.a.ld, p.b.ld, p.d.ld),
+            align,
+        };
         if !self.plans.contains_key(&key) {
-            let plan = self.plan(m, n, k, out, align)?;
+            let plan = self.plan(&key)?;
             self.plans.insert(key, plan);
         }
         let plan = &self.plans[&key];
-        let (alpha, beta) = (1f32, 0f32);
         let (ws, _guard) =
             cudarc::driver::DevicePtrMut::device_ptr_mut(&mut self.workspace, &self.stream);
         lt::matmul(
             self.handle,
             plan.desc,
-            (&alpha) as *const f32 as *const c_void,
-            (&beta) as *const f32 as *const c_void,
-            w as *const c_void,
+            (&p.alpha) as *const f32 as *const c_void,
+            (&p.beta) as *const f32 as *const c_void,
+            p.b.ptr as *const c_void,
             plan.a,
-            x as *const c_void,
+            p.a.ptr as *const c_void,
             plan.b,
-            y as *const c_void,
+            p.d.ptr as *const c_void,
             plan.d,
-            y as *mut c_void,
+            p.d.ptr as *mut c_void,
             plan.d,
             &plan.algo,
             ws as *mut c_void,
@@ -115,19 +195,9 @@ impl Gemm {
         Ok(())
     }
 
-    fn plan(
-        &self,
-        m: usize,
-        n: usize,
-        k: usize,
-        out: OutType,
-        align: u32,
-    ) -> Result<Plan, CudaError> {
-        let bf16 = sys::cudaDataType::CUDA_R_16BF;
-        let d_type = match out {
-            OutType::Bf16 => bf16,
-            OutType::F32 => sys::cudaDataType::CUDA_R_32F,
-        };
+    fn plan(&self, key: &PlanKey) -> Result<Plan, CudaError> {
+        let (m, n, k) = key.mnk;
+        let (in_type, d_type) = (key.elems.0.cuda(), key.elems.1.cuda());
         let (m64, n64, k64) = (m as u64, n as u64, k as u64);
         let desc = lt::create_matmul_desc(
             sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
@@ -142,21 +212,33 @@ impl Gemm {
             // SAFETY: a plain C struct of integers; overwritten by the heuristic below.
             algo: unsafe { std::mem::zeroed() },
         };
-        let transpose: i32 = 1;
-        // SAFETY: `desc` is live; the attribute is a 32-bit cublasOperation_t.
-        unsafe {
-            lt::set_matmul_desc_attribute(
-                plan.desc,
-                sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA,
-                (&transpose) as *const i32 as *const c_void,
-                size_of::<i32>(),
-            )?;
+        let (trans_a, trans_b) = key.trans;
+        use sys::cublasLtMatmulDescAttributes_t as D;
+        for (attr, on) in
+            [(D::CUBLASLT_MATMUL_DESC_TRANSA, trans_b), (D::CUBLASLT_MATMUL_DESC_TRANSB, trans_a)]
+        {
+            let op: i32 = on.into();
+            // SAFETY: `desc` is live; the attribute is a 32-bit cublasOperation_t.
+            unsafe {
+                lt::set_matmul_desc_attribute(
+                    plan.desc,
+                    attr,
+                    (&op) as *const i32 as *const c_void,
+                    size_of::<i32>(),
+                )?;
+            }
         }
-        plan.a = lt::create_matrix_layout(bf16, k64, n64, k as i64)?;
-        plan.b = lt::create_matrix_layout(bf16, k64, m64, k as i64)?;
-        plan.d = lt::create_matrix_layout(d_type, n64, m64, n as i64)?;
+        let (lda, ldb, ldd) = key.lds;
+        // Our `b` as cuBLASLt's column-major A (`n x k`, or `k x n` read transposed), our `a`
+        // as its B (`k x m`, or `m x k` read transposed), d as `n x m`.
+        let (ar, ac) = if trans_b { (k64, n64) } else { (n64, k64) };
+        let (br, bc) = if trans_a { (m64, k64) } else { (k64, m64) };
+        plan.a = lt::create_matrix_layout(in_type, ar, ac, ldb as i64)?;
+        plan.b = lt::create_matrix_layout(in_type, br, bc, lda as i64)?;
+        plan.d = lt::create_matrix_layout(d_type, n64, m64, ldd as i64)?;
         let pref = lt::create_matmul_pref()?;
         let ws = WORKSPACE_BYTES as u64;
+        let align = key.align;
         // SAFETY: every descriptor is live; the preference attribute is a u64.
         let heuristic = unsafe {
             use sys::cublasLtMatmulPreferenceAttributes_t as P;
@@ -195,9 +277,7 @@ impl Gemm {
             let _ = lt::destroy_matmul_pref(pref);
             h
         }
-        .map_err(|e| {
-            CudaError::Blas(format!("cuBLASLt has no algorithm for {m}x{k} · ({n}x{k})ᵀ: {e}"))
-        })?;
+        .map_err(|e| CudaError::Blas(format!("cuBLASLt has no algorithm for {key:?}: {e}")))?;
         plan.algo = heuristic.algo;
         Ok(plan)
     }

@@ -44,7 +44,14 @@ pub const KERNEL_FILES: &[KernelFile] = &[
     kernel_file!("init.cu", ["fill_uniform_bf16"]),
     kernel_file!(
         "backward.cu",
-        ["rms_norm_backward_f32", "silu_mul_backward_f32", "rope_backward_f32"]
+        [
+            "rms_norm_backward_f32",
+            "silu_mul_backward_f32",
+            "rope_backward_f32",
+            "f32_to_bf16",
+            "sum_squares_f32",
+            "scale_f32"
+        ]
     ),
     kernel_file!(
         "attention_backward.cu",

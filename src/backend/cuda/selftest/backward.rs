@@ -125,14 +125,15 @@ pub(super) fn check_attention_backward(
         let f = gpu.func("attention_backward.cu", "attention_backward_dq_f32")?;
         let mut b = gpu.stream.launch_builder(&f);
         b.arg(&gq).arg(&gk).arg(&gv).arg(&go).arg(&gdo).arg(&mut gdq).arg(&mut glse);
-        b.arg(&mut gdelta).arg(&l).arg(&h).arg(&kv).arg(&d).arg(&scale);
+        let (q_stride, kv_stride) = ((nh * hd) as i32, (nkv * hd) as i32);
+        b.arg(&mut gdelta).arg(&l).arg(&h).arg(&kv).arg(&d).arg(&scale).arg(&q_stride);
         // SAFETY: argument list matches attention_backward_dq_f32; len <= AB_MAX_LEN, head_dim
         // a multiple of 32 up to 256, AB_THREADS threads.
         unsafe { b.launch(cfg((n32(nh), n32(len), 1), 128)) }?;
         let f = gpu.func("attention_backward.cu", "attention_backward_dkv_f32")?;
         let mut b = gpu.stream.launch_builder(&f);
         b.arg(&gq).arg(&gk).arg(&gv).arg(&gdo).arg(&glse).arg(&gdelta).arg(&mut gdk);
-        b.arg(&mut gdv).arg(&l).arg(&h).arg(&kv).arg(&d).arg(&scale);
+        b.arg(&mut gdv).arg(&l).arg(&h).arg(&kv).arg(&d).arg(&scale).arg(&kv_stride);
         // SAFETY: argument list matches attention_backward_dkv_f32, as above.
         unsafe { b.launch(cfg((n32(nkv), n32(len), 1), 128)) }?;
         let shape = format!("len={len} heads={nh}/{nkv} head_dim={hd}");
