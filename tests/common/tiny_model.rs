@@ -20,6 +20,8 @@ pub struct TinyShape {
     pub context: usize,
     pub tied: bool,
     pub seed: u64,
+    /// Every weight a bf16 value (what a bf16 device holds exactly).
+    pub bf16_weights: bool,
 }
 
 impl Default for TinyShape {
@@ -33,6 +35,7 @@ impl Default for TinyShape {
             context: 1024,
             tied: true,
             seed: 7,
+            bf16_weights: false,
         }
     }
 }
@@ -124,6 +127,11 @@ pub fn hf_tensors(s: &TinyShape) -> Vec<(String, Vec<usize>, Vec<f32>)> {
     t.push(("model.norm.weight".to_string(), vec![h], vec![1.0; h]));
     if !s.tied {
         t.push(("lm_head.weight".to_string(), vec![v, h], rng.vec(v * h, 0.5)));
+    }
+    if s.bf16_weights {
+        for (_, _, data) in &mut t {
+            data.iter_mut().for_each(|x| *x = half::bf16::from_f32(*x).to_f32());
+        }
     }
     t
 }

@@ -6,8 +6,30 @@ use half::bf16;
 
 use crate::backend::cpu::paged_attention::{paged_attention, AttnSeq, AttnShape};
 
-/// Rounds to the nearest bf16, as the device stores activations.
+thread_local! {
+    static EXACT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with this thread's twin roundings off: the device's sequence of operations in
+/// plain f32, so a composition of them (a training step) can be checked exactly against an
+/// f32 oracle, apart from the bf16 error the device adds on purpose.
+pub fn without_rounding<T>(f: impl FnOnce() -> T) -> T {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            EXACT.set(self.0);
+        }
+    }
+    let _restore = Restore(EXACT.replace(true));
+    f()
+}
+
+/// Rounds to the nearest bf16, as the device stores activations (unless this thread runs
+/// [`without_rounding`]).
 pub fn round_bf16(x: f32) -> f32 {
+    if EXACT.get() {
+        return x;
+    }
     bf16::from_f32(x).to_f32()
 }
 

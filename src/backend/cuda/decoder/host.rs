@@ -10,9 +10,9 @@ use crate::backend::cuda::CudaError;
 pub struct HostOps;
 
 pub struct HostStep {
-    batch: StepBatch,
-    cos: Vec<f32>,
-    sin: Vec<f32>,
+    pub(in crate::backend::cuda::decoder) batch: StepBatch,
+    pub(in crate::backend::cuda::decoder) cos: Vec<f32>,
+    pub(in crate::backend::cuda::decoder) sin: Vec<f32>,
 }
 
 /// One layer's K and V, `[slots, kv_heads, head_dim]` each.

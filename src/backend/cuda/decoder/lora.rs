@@ -103,6 +103,11 @@ impl<T> LoraSet<T> {
         Ok(Self { layers, max_rank })
     }
 
+    /// A set over tables already made: per layer, per projection (`TargetModule` order).
+    pub fn from_tables(layers: Vec<[Option<T>; 7]>, max_rank: usize) -> Self {
+        Self { layers, max_rank }
+    }
+
     /// The table of projection `m` of layer `l`, with where its update goes.
     pub fn table(&self, s: &DecoderShape, l: usize, m: TargetModule) -> Option<(&T, LoraDims)> {
         let t = self.layers.get(l)?[m.index()].as_ref()?;

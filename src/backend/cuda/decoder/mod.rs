@@ -11,6 +11,7 @@ pub mod from_model;
 pub mod host;
 pub mod lora;
 pub mod runner;
+pub mod train;
 
 pub use crate::model::llama::rope_tables;
 pub use forward::{forward, forward_on_device, forward_rows, forward_with, RowsOut, Scratch, Want};
