@@ -8,8 +8,8 @@
 #
 # `run` writes its results to $OUT (default gpu-results/): nvidia-smi.txt, environment.txt,
 # kernels-check.txt, selftest.json, serve-llama.json and serve-qwen2.json (with the servers'
-# logs), bench-decode.json, bandwidth.json, hf-peft.json, and a log per step. It goes on after a
-# failed step and exits non-zero if any failed. The toolkit is found at $CUDA_HOME, $CUDA_PATH or
+# logs), bench-decode.json, bandwidth.json, bench-finetune.json, hf-peft.json, and a log per
+# step. It goes on after a failed step and exits non-zero if any failed. The toolkit is found at $CUDA_HOME, $CUDA_PATH or
 # /usr/local/cuda.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -89,8 +89,12 @@ print(json.dumps({"device": torch.cuda.get_device_name(), "copy_bytes": n,
                   "median_s": t, "read_plus_write_bytes_per_s": 2 * n / t}))
 PY
 
-  # The HF PEFT baseline of the fine-tuning target: Llama-3-8B shape, sequence 1024, r=16,
-  # all linear projections, bf16.
+  # LoRA fine-tuning on the device, and the HF PEFT baseline of its target: Llama-3-8B shape,
+  # sequence 1024, r=16, all linear projections, bf16.
+  step bench-finetune "$OUT/bench-finetune.json" timeout 300 "$BIN" bench-finetune \
+    --device cuda --dummy-weights llama-3-8b --seq-len 1024 --batch-size 1 --rank 16 \
+    --alpha 32 --steps 5 --warmup-steps 2 --json
+
   step hf-peft "$OUT/hf-peft.json" timeout 300 "$PYTHON" benches/hf_peft_finetune.py \
     --device cuda --dummy-shape llama-3-8b --seq-len 1024 --batch-size 1 \
     --steps 5 --warmup-steps 2 --threads 8

@@ -13,6 +13,7 @@ use std::time::Duration;
 use clap::Args;
 use serde::Serialize;
 
+use crate::backend::cuda::{DeviceSpec, ResolvedDevice};
 use crate::engine::hybrid::{FinetuneMode, TrainingConfig};
 use crate::engine::job::{JobEvent, TrainHyper, TrainJobSpec};
 use crate::engine::{EngineConfig, EngineStartError};
@@ -23,6 +24,7 @@ use crate::metrics::Metrics;
 use crate::model::activations::SavedActivations;
 use crate::model::config::LlamaConfig;
 use crate::model::fetch::{coserve_home, ensure_default_model, FetchError};
+use crate::model::loader::dummy::DummyModel;
 use crate::model::loader::load_model;
 use crate::model::weights::WeightsDtype;
 use crate::model::ModelError;
@@ -65,6 +67,13 @@ pub struct BenchFinetuneArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+    /// cpu, cuda, cuda:N or auto. On a GPU the model runs in bf16 with fp32 LoRA weights and
+    /// optimizer state (`--weights-dtype` is for the CPU).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// A model of this real shape with random weights made on the GPU instead of a file.
+    #[arg(long, value_enum, conflicts_with = "model")]
+    pub dummy_weights: Option<DummyModel>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -87,6 +96,10 @@ pub enum BenchFinetuneError {
     JobFailed(String),
     #[error("the engine stopped before the job finished")]
     EngineGone,
+    #[error("--dummy-weights are made on a GPU: add --device cuda")]
+    DummyOnCpu,
+    #[error(transparent)]
+    Cuda(#[from] crate::backend::cuda::CudaError),
 }
 
 #[derive(Debug, Serialize)]
@@ -168,6 +181,66 @@ pub fn synthetic_tokens(vocab: usize, n: usize, seed: u64) -> Vec<u32> {
         .collect()
 }
 
+/// The same measurement on a GPU: the device training step, one sample at a time, an AdamW
+/// step on the device after each `batch_size` samples.
+fn run_on_device(
+    args: &BenchFinetuneArgs,
+    spec: DeviceSpec,
+    lora: &LoraConfig,
+) -> Result<BenchFinetuneResult, BenchFinetuneError> {
+    use crate::backend::cuda::bench::{GpuModel, BLOCK_SIZE};
+    let home = coserve_home();
+    let (source, config) = match args.dummy_weights {
+        Some(d) => (GpuModel::Dummy(d), d.config()),
+        None => {
+            let path = match &args.model {
+                Some(p) => p.clone(),
+                None => ensure_default_model(&home)?,
+            };
+            let loaded = load_model(&path, WeightsDtype::F32)?;
+            let host =
+                crate::backend::cuda::decoder::from_model::from_llama(&loaded.model, BLOCK_SIZE)?;
+            let model = GpuModel::Host { name: loaded.default_name, model: Box::new(host) };
+            (model, loaded.model.config.clone())
+        }
+    };
+    let naive = (naive_activation_floats(&config, lora, args.seq_len) * 4) as f64;
+    let run = crate::backend::cuda::bench_train::run(
+        spec,
+        &home,
+        source,
+        &config,
+        lora,
+        args.seq_len,
+        args.batch_size,
+        args.steps,
+        args.warmup_steps,
+    )?;
+    let step = median(&run.step_seconds);
+    Ok(BenchFinetuneResult {
+        model: format!("{} on {}", run.model, run.device),
+        weights_dtype: "bf16".into(),
+        threads: 0,
+        seq_len: args.seq_len,
+        batch_size: args.batch_size,
+        rank: lora.r,
+        alpha: lora.alpha,
+        target_modules: lora.target_modules.iter().map(|m| m.name().to_string()).collect(),
+        timed_steps: run.step_seconds.len(),
+        tokens_per_s: (args.seq_len * args.batch_size) as f64 / step,
+        step_seconds_median: step,
+        step_seconds: run.step_seconds,
+        final_loss: run.final_loss,
+        peak_rss_mib: None,
+        activations: ActivationMemory {
+            saved_bytes_per_token: run.saved_bytes_per_token,
+            // The naive figure counts f32 values; a bf16 autograd keeps half the bytes.
+            naive_bytes_per_token: naive / 2.0,
+            ratio: naive / 2.0 / run.saved_bytes_per_token,
+        },
+    })
+}
+
 fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
@@ -201,6 +274,13 @@ pub fn run(args: &BenchFinetuneArgs) -> Result<BenchFinetuneResult, BenchFinetun
         }
     }
     let lora = lora_config(args)?;
+    let spec: DeviceSpec = args.device.parse()?;
+    if let ResolvedDevice::Cuda { .. } = spec.resolve()? {
+        return run_on_device(args, spec, &lora);
+    }
+    if args.dummy_weights.is_some() {
+        return Err(BenchFinetuneError::DummyOnCpu);
+    }
     let path = match &args.model {
         Some(p) => p.clone(),
         None => ensure_default_model(&coserve_home())?,

@@ -4,6 +4,7 @@
 mod backward;
 mod layers;
 mod model;
+mod train_step;
 mod training;
 
 use std::path::Path;
@@ -68,11 +69,12 @@ pub fn run(spec: DeviceSpec, home: &Path) -> Result<Report, CudaError> {
     match CudaOps::new(gpu) {
         Err(e) => record_failure(&mut checks, "decoder_ops", Err(e)),
         Ok(mut ops) => {
-            let suites: [(&str, OpsSuite); 4] = [
+            let suites: [(&str, OpsSuite); 5] = [
                 ("fill_uniform_bf16", model::check_fill),
                 ("gemm_bf16", model::check_gemm),
                 ("decoder_end_to_end", model::check_decoder),
                 ("decoder_end_to_end (q/k/v biases)", model::check_decoder_with_biases),
+                ("training_step", train_step::check_training_step),
             ];
             for (name, suite) in suites {
                 let outcome = suite(&mut ops, &mut checks).and_then(|()| ops.gpu.sync());

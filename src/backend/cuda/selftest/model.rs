@@ -240,7 +240,7 @@ fn decoder_checks(
 }
 
 /// An adapter of rank `r` on every projection, random A and B, PEFT layouts.
-fn random_adapter(s: &DecoderShape, r: usize, rng: &mut StdRng) -> LoraWeights {
+pub(super) fn random_adapter(s: &DecoderShape, r: usize, rng: &mut StdRng) -> LoraWeights {
     let config =
         LoraConfig { r, alpha: 16.0, dropout: 0.0, target_modules: TargetModule::ALL.to_vec() };
     let layers = (0..s.layers)
@@ -257,7 +257,7 @@ fn random_adapter(s: &DecoderShape, r: usize, rng: &mut StdRng) -> LoraWeights {
 }
 
 /// A check that could not run to its comparison.
-fn failed(kernel: &str, e: CudaError) -> Check {
+pub(super) fn failed(kernel: &str, e: CudaError) -> Check {
     Check {
         kernel: kernel.into(),
         shape: String::new(),

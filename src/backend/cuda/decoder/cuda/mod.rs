@@ -9,6 +9,7 @@ use crate::backend::cuda::gemm::{addr, Gemm, OutType};
 use crate::backend::cuda::gpu::{cfg, n32, Gpu};
 use crate::backend::cuda::CudaError;
 
+mod train;
 mod weights_and_graphs;
 
 /// The kernels a forward launches, looked up once.
@@ -40,6 +41,8 @@ pub struct CudaOps {
     capturing: bool,
     /// Named events of a profiled forward (`start_profile`).
     profile: Option<Vec<(&'static str, CudaEvent)>>,
+    /// The training step's kernels and scratch, made when training first needs them.
+    train: Option<train::TrainState>,
 }
 
 /// A batch on the device.
@@ -49,6 +52,8 @@ pub struct CudaStep {
     cos: CudaSlice<f32>,
     sin: CudaSlice<f32>,
     slots: CudaSlice<i64>,
+    /// `slots` on the host (the training backward gathers the rows' K and V by them).
+    host_slots: Vec<i64>,
     row_seq: CudaSlice<i32>,
     row_pos: CudaSlice<i32>,
     row_slots: CudaSlice<i32>,
@@ -120,6 +125,7 @@ impl CudaOps {
             gpu,
             profile: None,
             capturing: false,
+            train: None,
         })
     }
 
@@ -218,33 +224,15 @@ impl DecoderOps for CudaOps {
         d: LoraDims,
     ) -> R {
         let rows = st.rows;
-        check_len(x.len(), rows * d.in_dim, "LoRA input")?;
-        check_len(y.len(), rows.saturating_sub(1) * d.ld + d.col0 + d.out_dim, "LoRA output")?;
-        if d.col0 + d.out_dim > d.ld || d.max_rank == 0 || rows == 0 || st.slots_needed > t.slots {
-            return Err(CudaError::Shape(format!("a LoRA update of {d:?} on {rows} rows")));
-        }
+        check_lora(st, x.len(), y.len(), t, d)?;
         if self.lora_u.len() < rows * d.max_rank {
             if self.capturing {
                 return Err(CudaError::Shape("LoRA scratch would grow during a capture".into()));
             }
             self.lora_u = self.gpu.zeros(rows * d.max_rank)?;
         }
-        let (ind, outd, ld, mr) =
-            (d.in_dim as i32, d.out_dim as i32, d.ld as i32, d.max_rank as i32);
-        let mut b = self.gpu.stream.launch_builder(&self.k.lora_shrink);
-        b.arg(x).arg(&t.a_ptrs).arg(&t.ranks).arg(&st.row_slots).arg(&mut self.lora_u);
-        b.arg(&ind).arg(&mr);
-        // SAFETY: argument list matches lora_shrink_bf16 (4 warps a block, one per rank row);
-        // every slot a row names has a table entry, u holds rows * max_rank (checked above).
-        unsafe { b.launch(cfg((n32(rows), n32(d.max_rank.div_ceil(4)), 1), 128)) }?;
-        let mut cols = y.slice_mut(d.col0..);
-        let mut b = self.gpu.stream.launch_builder(&self.k.lora_expand);
-        b.arg(&self.lora_u).arg(&t.b_ptrs).arg(&t.ranks).arg(&t.scales).arg(&st.row_slots);
-        b.arg(&mut cols).arg(&outd).arg(&ld).arg(&mr);
-        // SAFETY: argument list matches lora_expand_bf16; row t writes columns
-        // col0..col0 + out_dim of a row ld wide, inside y (checked above).
-        unsafe { b.launch(cfg((n32(rows), n32(d.out_dim.div_ceil(256)), 1), 256)) }?;
-        Ok(())
+        launch_shrink(&self.gpu, &self.k, st, x, t, &mut self.lora_u, d)?;
+        launch_expand(&self.gpu, &self.k, st, &self.lora_u, t, y, d)
     }
 
     fn cache(&mut self, s: &DecoderShape, blocks: usize) -> Result<CudaCache, CudaError> {
@@ -260,6 +248,7 @@ impl DecoderOps for CudaOps {
             cos: g.up(cos)?,
             sin: g.up(sin)?,
             slots: g.up(&b.slots)?,
+            host_slots: b.slots.clone(),
             row_seq: g.up(&b.row_seq)?,
             row_pos: g.up(&b.row_pos)?,
             row_slots: g.up(&b.row_slots)?,
@@ -505,6 +494,59 @@ impl DecoderOps for CudaOps {
         check_len(logits.len(), n, "logits")?;
         Ok(self.gpu.stream.clone_dtoh(&logits.slice(..n))?)
     }
+}
+
+/// `u = x Aᵀ` per row's slot (`lora_shrink_bf16`); the caller checked the shapes.
+fn launch_shrink(
+    gpu: &Gpu,
+    k: &Kernels,
+    st: &CudaStep,
+    x: &CudaSlice<u16>,
+    t: &CudaLoraTable,
+    u: &mut CudaSlice<f32>,
+    d: LoraDims,
+) -> R {
+    let (ind, mr) = (d.in_dim as i32, d.max_rank as i32);
+    let mut b = gpu.stream.launch_builder(&k.lora_shrink);
+    b.arg(x).arg(&t.a_ptrs).arg(&t.ranks).arg(&st.row_slots).arg(u);
+    b.arg(&ind).arg(&mr);
+    // SAFETY: argument list matches lora_shrink_bf16 (4 warps a block, one per rank row);
+    // every slot a row names has a table entry, u holds rows * max_rank (checked by callers).
+    unsafe { b.launch(cfg((n32(st.rows), n32(d.max_rank.div_ceil(4)), 1), 128)) }?;
+    Ok(())
+}
+
+/// `y[:, col0..] += scale · u Bᵀ` per row's slot (`lora_expand_bf16`); shapes checked by the
+/// caller.
+fn launch_expand(
+    gpu: &Gpu,
+    k: &Kernels,
+    st: &CudaStep,
+    u: &CudaSlice<f32>,
+    t: &CudaLoraTable,
+    y: &mut CudaSlice<u16>,
+    d: LoraDims,
+) -> R {
+    let (outd, ld, mr) = (d.out_dim as i32, d.ld as i32, d.max_rank as i32);
+    let mut cols = y.slice_mut(d.col0..);
+    let mut b = gpu.stream.launch_builder(&k.lora_expand);
+    b.arg(u).arg(&t.b_ptrs).arg(&t.ranks).arg(&t.scales).arg(&st.row_slots);
+    b.arg(&mut cols).arg(&outd).arg(&ld).arg(&mr);
+    // SAFETY: argument list matches lora_expand_bf16; row t writes columns
+    // col0..col0 + out_dim of a row ld wide, inside y (checked by callers).
+    unsafe { b.launch(cfg((n32(st.rows), n32(d.out_dim.div_ceil(256)), 1), 256)) }?;
+    Ok(())
+}
+
+/// The checks of a LoRA update of `d` on a batch's rows into `y`.
+fn check_lora(st: &CudaStep, x_len: usize, y_len: usize, t: &CudaLoraTable, d: LoraDims) -> R {
+    let rows = st.rows;
+    check_len(x_len, rows * d.in_dim, "LoRA input")?;
+    check_len(y_len, rows.saturating_sub(1) * d.ld + d.col0 + d.out_dim, "LoRA output")?;
+    if d.col0 + d.out_dim > d.ld || d.max_rank == 0 || rows == 0 || st.slots_needed > t.slots {
+        return Err(CudaError::Shape(format!("a LoRA update of {d:?} on {rows} rows")));
+    }
+    Ok(())
 }
 
 /// (partitions, keys per partition) of attention over `max_context` keys.

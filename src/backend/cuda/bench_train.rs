@@ -1,0 +1,120 @@
+//! `coserve bench-finetune --device cuda`: LoRA fine-tuning steps on the GPU (the device
+//! training step of `decoder::train`), on random weights of a real shape made on the device or
+//! on a loaded model's weights copied there.
+
+use std::path::Path;
+use std::time::Instant;
+
+use super::bench::{GpuModel, BLOCK_SIZE};
+use super::decoder::cuda::CudaOps;
+use super::decoder::from_model::HostModel;
+use super::decoder::train::{train_sample, TrainAdapter, TrainSample, TrainScratch};
+use super::decoder::{DecoderOps, DecoderShape};
+use super::gpu::Gpu;
+use super::{CudaError, DeviceSpec};
+use crate::bench_finetune::synthetic_tokens;
+use crate::lora::optim::AdamWConfig;
+use crate::lora::{LoraConfig, LoraWeights};
+use crate::model::config::LlamaConfig;
+
+/// The learning rate of the timed steps (2e-4, the API's default) and the clipping norm.
+const LR: f32 = 2e-4;
+const MAX_GRAD_NORM: f32 = 1.0;
+
+pub struct GpuTrainRun {
+    pub model: String,
+    pub device: String,
+    pub step_seconds: Vec<f64>,
+    pub final_loss: f64,
+    /// Bytes the forward saves per token (activations kept for the backward), on the device.
+    pub saved_bytes_per_token: f64,
+}
+
+/// Bytes per token of what the training forward keeps (`decoder::train::step`): per layer the
+/// two norm inputs, rotated queries and attention output, gate/up (bf16), and per adapted
+/// projection its rank-wide low-rank activation (fp32).
+pub fn saved_bytes_per_token(s: &DecoderShape, lora: &LoraConfig) -> f64 {
+    let bf16 = 2 * (2 * s.hidden + 2 * s.q_dim() + 2 * s.inter);
+    let u = 4 * lora.r * lora.target_modules.len();
+    (s.layers * (bf16 + u)) as f64
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn run(
+    spec: DeviceSpec,
+    home: &Path,
+    source: GpuModel,
+    config: &LlamaConfig,
+    lora: &LoraConfig,
+    seq_len: usize,
+    batch_size: usize,
+    steps: usize,
+    warmup: usize,
+) -> Result<GpuTrainRun, CudaError> {
+    let gpu = Gpu::open(spec, home, "bench-finetune on a GPU")?;
+    let device = gpu.device.to_string();
+    let mut ops = CudaOps::new(gpu)?;
+    let (name, s, weights, inv_freq) = match source {
+        GpuModel::Dummy(model) => {
+            let s = DecoderShape::new(config, BLOCK_SIZE)?;
+            let weights = ops.dummy_weights(&s, 1)?;
+            (format!("dummy {model}"), s, weights, config.rope_inv_freq())
+        }
+        GpuModel::Host { name, model } => {
+            let weights = ops.upload_weights(&model.shape, &model.weights)?;
+            let HostModel { shape, inv_freq, .. } = *model;
+            (name, shape, weights, inv_freq)
+        }
+    };
+    if seq_len > config.max_position_embeddings {
+        return Err(CudaError::Shape(format!(
+            "--seq-len {seq_len} is past the model's {} positions",
+            config.max_position_embeddings
+        )));
+    }
+    let adapter = LoraWeights::init(lora, config, 0);
+    let mut ad = TrainAdapter::new(&mut ops, &s, &adapter, AdamWConfig::default())?;
+    let mut sc = TrainScratch::new(&mut ops, &s, &ad, seq_len)?;
+    let blocks = seq_len.div_ceil(BLOCK_SIZE);
+    let mut caches = (0..s.layers).map(|_| ops.cache(&s, blocks)).collect::<Result<Vec<_>, _>>()?;
+    let table: Vec<u32> = (0..blocks as u32).collect();
+    // Every token forwarded, every one after the first a target, as the CPU benchmark.
+    let trained = vec![true; seq_len];
+    let grad_scale = 1.0 / ((seq_len - 1) * batch_size) as f32;
+    let (mut times, mut final_loss) = (Vec::with_capacity(steps), f64::NAN);
+    for step in 0..warmup + steps {
+        let t = Instant::now();
+        let mut loss = 0.0;
+        for b in 0..batch_size {
+            let seed = (step * batch_size + b) as u64;
+            let tokens = synthetic_tokens(s.vocab, seq_len, seed);
+            let sample = TrainSample::new(tokens, &trained, table.clone());
+            let (w, f) = (&weights, &inv_freq);
+            let st = train_sample(
+                &mut ops,
+                &s,
+                w,
+                f,
+                &mut caches,
+                &sample,
+                &mut ad,
+                grad_scale,
+                &mut sc,
+            )?;
+            loss += st.mean_loss() / batch_size as f64;
+        }
+        ad.clip_and_step(&mut ops, LR, Some(MAX_GRAD_NORM))?;
+        ops.sync()?;
+        if step >= warmup {
+            times.push(t.elapsed().as_secs_f64());
+        }
+        final_loss = loss;
+    }
+    Ok(GpuTrainRun {
+        model: name,
+        device,
+        step_seconds: times,
+        final_loss,
+        saved_bytes_per_token: saved_bytes_per_token(&s, lora),
+    })
+}
