@@ -90,10 +90,13 @@ print(json.dumps({"device": torch.cuda.get_device_name(), "copy_bytes": n,
 PY
 
   # LoRA fine-tuning on the device, and the HF PEFT baseline of its target: Llama-3-8B shape,
-  # sequence 1024, r=16, all linear projections, bf16.
+  # sequence 1024, r=16, all linear projections, bf16. Then co-serving: a decode batch of 64
+  # (context 1024) with the training sample's chunks in the same forwards, against the batch
+  # alone.
   step bench-finetune "$OUT/bench-finetune.json" timeout 300 "$BIN" bench-finetune \
     --device cuda --dummy-weights llama-3-8b --seq-len 1024 --batch-size 1 --rank 16 \
-    --alpha 32 --steps 5 --warmup-steps 2 --json
+    --alpha 32 --steps 5 --warmup-steps 2 --coserve-decode-batch 64 --context 1024 \
+    --train-tokens-per-iter 128 --bwd-layers-per-iter 4 --json
 
   step hf-peft "$OUT/hf-peft.json" timeout 300 "$PYTHON" benches/hf_peft_finetune.py \
     --device cuda --dummy-shape llama-3-8b --seq-len 1024 --batch-size 1 \

@@ -74,6 +74,22 @@ pub struct BenchFinetuneArgs {
     /// A model of this real shape with random weights made on the GPU instead of a file.
     #[arg(long, value_enum, conflicts_with = "model")]
     pub dummy_weights: Option<DummyModel>,
+    /// On a GPU, then co-serve: decode this many sequences every iteration with the training
+    /// sample's chunks in the same forward (0: skip), against the same decode batch alone.
+    #[arg(long, default_value_t = 0)]
+    pub coserve_decode_batch: usize,
+    /// Tokens already in each co-served decode sequence's cache.
+    #[arg(long, default_value_t = 1024)]
+    pub context: usize,
+    /// Training tokens forwarded per co-serving iteration.
+    #[arg(long, default_value_t = 128)]
+    pub train_tokens_per_iter: usize,
+    /// Backward layers run per co-serving iteration.
+    #[arg(long, default_value_t = 4)]
+    pub bwd_layers_per_iter: usize,
+    /// Training samples timed while co-serving (after one untimed).
+    #[arg(long, default_value_t = 2)]
+    pub coserve_samples: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -120,6 +136,12 @@ pub struct BenchFinetuneResult {
     pub final_loss: f64,
     pub peak_rss_mib: Option<f64>,
     pub activations: ActivationMemory,
+    /// On a GPU with `--coserve-decode-batch`: the co-serving measurement, and the share of
+    /// the standalone training throughput it keeps.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub coserve_on_device: Option<crate::backend::cuda::bench_coserve::CoserveOnDevice>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub coserve_kept_fraction: Option<f64>,
 }
 
 /// Activation memory of one training sample, per token.
@@ -189,6 +211,7 @@ fn run_on_device(
     lora: &LoraConfig,
 ) -> Result<BenchFinetuneResult, BenchFinetuneError> {
     use crate::backend::cuda::bench::{GpuModel, BLOCK_SIZE};
+    use crate::backend::cuda::bench_coserve::CoserveSetup;
     let home = coserve_home();
     let (source, config) = match args.dummy_weights {
         Some(d) => (GpuModel::Dummy(d), d.config()),
@@ -215,8 +238,17 @@ fn run_on_device(
         args.batch_size,
         args.steps,
         args.warmup_steps,
+        (args.coserve_decode_batch > 0).then_some(CoserveSetup {
+            decode_batch: args.coserve_decode_batch,
+            context: args.context,
+            seq_len: args.seq_len,
+            train_tokens_per_iter: args.train_tokens_per_iter.max(1),
+            bwd_layers_per_iter: args.bwd_layers_per_iter.max(1),
+            samples: args.coserve_samples.max(1),
+        }),
     )?;
     let step = median(&run.step_seconds);
+    let tokens_per_s = (args.seq_len * args.batch_size) as f64 / step;
     Ok(BenchFinetuneResult {
         model: format!("{} on {}", run.model, run.device),
         weights_dtype: "bf16".into(),
@@ -227,9 +259,14 @@ fn run_on_device(
         alpha: lora.alpha,
         target_modules: lora.target_modules.iter().map(|m| m.name().to_string()).collect(),
         timed_steps: run.step_seconds.len(),
-        tokens_per_s: (args.seq_len * args.batch_size) as f64 / step,
+        tokens_per_s,
         step_seconds_median: step,
         step_seconds: run.step_seconds,
+        coserve_kept_fraction: run
+            .coserve
+            .as_ref()
+            .map(|c| c.coserved_train_tokens_per_s / tokens_per_s),
+        coserve_on_device: run.coserve,
         final_loss: run.final_loss,
         peak_rss_mib: None,
         activations: ActivationMemory {
@@ -373,6 +410,8 @@ pub fn run(args: &BenchFinetuneArgs) -> Result<BenchFinetuneResult, BenchFinetun
         final_loss: steps.last().map_or(f64::NAN, |s| s.2),
         peak_rss_mib: crate::bench::peak_rss_mib(None),
         activations,
+        coserve_on_device: None,
+        coserve_kept_fraction: None,
     })
 }
 
@@ -434,5 +473,21 @@ impl BenchFinetuneResult {
             "activations:    {:.0} bytes/token saved vs {:.0} naive ({:.1}x less)",
             a.saved_bytes_per_token, a.naive_bytes_per_token, a.ratio
         );
+        if let (Some(c), Some(kept)) = (&self.coserve_on_device, self.coserve_kept_fraction) {
+            println!(
+                "co-serving:     decode batch {} at context {}, {} training tokens and {} \
+                 backward layers per iteration",
+                c.decode_batch, c.context, c.train_tokens_per_iter, c.bwd_layers_per_iter
+            );
+            println!(
+                "                step {:.2} ms vs {:.2} ms alone ({:.2}x), training {:.1} \
+                 tokens/s ({:.0}% of standalone)",
+                c.coserved_step_ms,
+                c.inference_only_step_ms,
+                c.step_ratio,
+                c.coserved_train_tokens_per_s,
+                100.0 * kept
+            );
+        }
     }
 }

@@ -9,9 +9,12 @@ use common::tiny_model::{write_hf_dir, TinyShape};
 use coserve::backend::cuda::decoder::from_model::from_llama;
 use coserve::backend::cuda::decoder::host::HostOps;
 use coserve::backend::cuda::decoder::train::{
-    train_sample, TrainAdapter, TrainSample, TrainScratch,
+    backward_layers, finish_forward, forward_chunk, train_sample, TrainAdapter, TrainSample,
+    TrainScratch,
 };
-use coserve::backend::cuda::decoder::DecoderOps;
+use coserve::backend::cuda::decoder::{
+    forward_rows_capturing, Capture, DecoderOps, Scratch, SeqRows, StepBatch, Want,
+};
 use coserve::backend::cuda::twins::without_rounding;
 use coserve::bench_finetune::synthetic_tokens;
 use coserve::lora::optim::{clip_grad_norm, AdamW, AdamWConfig};
@@ -121,6 +124,88 @@ fn check(shape: TinyShape, config: LoraConfig) {
     // bf16 activations of a small, sharp random model move single tensors by a few percent
     // (measured: at most 5.4%): a sanity bound on direction, not the check of the arithmetic.
     assert!(err <= 0.125, "bf16: {at}: relative error {err:e}");
+}
+
+/// The sample forwarded `chunk` tokens at a time, each chunk alone or riding in a forward with
+/// a served sequence (prompt, then decodes, base model), then `bwd` layers of backward per call.
+fn token_level(su: &Setup, chunk: usize, bwd: usize, with_serving: bool) -> (f64, LoraWeights) {
+    let h = from_llama(&su.model, 4).unwrap();
+    let (s, w, f) = (&h.shape, &h.weights, &h.inv_freq);
+    let mut ops = HostOps;
+    let mut caches: Vec<_> = (0..s.layers).map(|_| ops.cache(s, 16).unwrap()).collect();
+    let mut ad = TrainAdapter::new(&mut ops, s, &su.adapter, AdamWConfig::default()).unwrap();
+    let mut sc = TrainScratch::new(&mut ops, s, &ad, 32).unwrap();
+    let table = vec![7, 2, 11, 0, 5, 9, 1, 3];
+    sc.begin(TrainSample::new(su.tokens.clone(), &su.trained, table)).unwrap();
+    let mut fsc = Scratch::with_logits_rows(&mut ops, s, 64, 0).unwrap();
+    let mut served = SeqRows {
+        tokens: vec![4, 9, 2],
+        start: 0,
+        block_table: vec![12, 13, 14, 15],
+        adapter: None,
+    };
+    while sc.forward_remaining() > 0 {
+        if !with_serving {
+            forward_chunk(&mut ops, s, w, f, &mut caches, &ad, &mut sc, chunk).unwrap();
+            continue;
+        }
+        let train = sc.next_chunk(chunk, 0).unwrap();
+        let (r0, n) = (served.tokens.len(), train.tokens.len());
+        let batch = StepBatch::new(vec![served.clone(), train], s.block_size).unwrap();
+        sc.prepare_tables(&mut ops, &ad).unwrap();
+        let (lora, mut cap) = sc.chunk_forward(s, r0..r0 + n).unwrap();
+        let cap: &mut dyn Capture<HostOps> = &mut cap;
+        let c = &mut caches;
+        forward_rows_capturing(
+            &mut ops,
+            s,
+            w,
+            f,
+            c,
+            &batch,
+            &mut fsc,
+            &[],
+            Want::Logits,
+            Some(lora),
+            Some(cap),
+        )
+        .unwrap();
+        sc.advance(n);
+        served.start += served.tokens.len();
+        served.tokens = vec![(served.start * 5 % 50) as u32];
+    }
+    let count = su.trained.iter().skip(1).filter(|t| **t).count();
+    let stats = finish_forward(&mut ops, s, w, f, &mut sc, 1.0 / count as f32).unwrap();
+    assert_eq!(stats.count, count);
+    while !sc.is_done() {
+        let ran = backward_layers(&mut ops, s, w, &mut caches, &mut ad, &mut sc, bwd).unwrap();
+        assert!(ran > 0);
+    }
+    (stats.mean_loss(), ad.grads(&mut ops).unwrap())
+}
+
+/// Token-level: chunked forwards (alone or among served rows) and a backward spread over calls
+/// give the whole-sample gradients, exactly with the twins' roundings off.
+#[test]
+fn twin_token_level_training_matches_autograd() {
+    let shape = TinyShape {
+        hidden: 128,
+        intermediate: 256,
+        tied: false,
+        bf16_weights: true,
+        ..TinyShape::default()
+    };
+    let su = setup(shape, LoraConfig { r: 4, alpha: 8.0, ..LoraConfig::default() });
+    let want = oracle(&su.shape, &su.adapter, &su.tokens, &su.trained, 0);
+    for (chunk, bwd, serving) in [(1, 1, false), (3, 2, true), (7, 1, true), (29, 2, false)] {
+        let what =
+            format!("chunks of {chunk}, {bwd} layers per call, with serving rows: {serving}");
+        let (loss, grads) = without_rounding(|| token_level(&su, chunk, bwd, serving));
+        let rel = ((loss - want.loss) / want.loss).abs();
+        assert!(rel < EXACT_TOL as f64, "{what}: loss {loss} vs {}", want.loss);
+        let (err, at) = worst_relative(&grads, &want.grads);
+        assert!(err <= EXACT_TOL, "{what}: {at}: relative error {err:e}");
+    }
 }
 
 #[test]

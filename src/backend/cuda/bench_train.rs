@@ -6,6 +6,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use super::bench::{GpuModel, BLOCK_SIZE};
+use super::bench_coserve::{CoserveOnDevice, CoserveSetup};
 use super::decoder::cuda::CudaOps;
 use super::decoder::from_model::HostModel;
 use super::decoder::train::{train_sample, TrainAdapter, TrainSample, TrainScratch};
@@ -28,6 +29,7 @@ pub struct GpuTrainRun {
     pub final_loss: f64,
     /// Bytes the forward saves per token (activations kept for the backward), on the device.
     pub saved_bytes_per_token: f64,
+    pub coserve: Option<CoserveOnDevice>,
 }
 
 /// Bytes per token of what the training forward keeps (`decoder::train::step`): per layer the
@@ -50,6 +52,7 @@ pub fn run(
     batch_size: usize,
     steps: usize,
     warmup: usize,
+    coserve: Option<CoserveSetup>,
 ) -> Result<GpuTrainRun, CudaError> {
     let gpu = Gpu::open(spec, home, "bench-finetune on a GPU")?;
     let device = gpu.device.to_string();
@@ -110,11 +113,32 @@ pub fn run(
         }
         final_loss = loss;
     }
+    drop(caches);
+    let coserve = match coserve {
+        Some(setup) if batch_size == 1 => Some(super::bench_coserve::run(
+            &mut ops,
+            &s,
+            &weights,
+            &inv_freq,
+            &mut ad,
+            &mut sc,
+            LR,
+            MAX_GRAD_NORM,
+            setup,
+        )?),
+        Some(_) => {
+            return Err(CudaError::Shape(
+                "the co-serving measurement trains one sample a step: --batch-size 1".into(),
+            ))
+        }
+        None => None,
+    };
     Ok(GpuTrainRun {
         model: name,
         device,
         step_seconds: times,
         final_loss,
         saved_bytes_per_token: saved_bytes_per_token(&s, lora),
+        coserve,
     })
 }

@@ -5,6 +5,7 @@
 //! loaded until a command asks for CUDA.
 
 pub mod bench;
+pub mod bench_coserve;
 pub mod bench_train;
 pub mod decoder;
 pub mod device;

@@ -8,9 +8,35 @@ use crate::lora::TargetModule;
 
 type R = Result<(), CudaError>;
 
+/// The points of a forward where a training sample's activations are saved for its backward
+/// (`decoder::train`): `x` is the residual stream or the named activation, every row of the
+/// batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SavePoint {
+    /// The attention RMSNorm's input (the residual stream entering layer `l`).
+    AttnIn,
+    /// Rotated queries.
+    Q,
+    /// The attention output (o_proj's input).
+    Attn,
+    /// The MLP RMSNorm's input.
+    MlpIn,
+    /// gate/up projections, LoRA updates included.
+    GateUp,
+    /// The final RMSNorm's input (`layer` is the number of layers).
+    Final,
+}
+
+/// Saves rows of a forward's activations (see [`SavePoint`]).
+pub trait Capture<O: DecoderOps> {
+    fn save(&mut self, ops: &mut O, point: SavePoint, layer: usize, x: &O::Act) -> R;
+}
+
 /// Activation buffers of a forward of up to `rows` rows.
 pub struct Scratch<O: DecoderOps> {
     pub rows: usize,
+    /// Rows `logits` and `ids` hold.
+    pub logits_rows: usize,
     x: O::Act,
     h: O::Act,
     qkv: O::Act,
@@ -26,8 +52,21 @@ pub struct Scratch<O: DecoderOps> {
 
 impl<O: DecoderOps> Scratch<O> {
     pub fn new(ops: &mut O, s: &DecoderShape, rows: usize) -> Result<Self, CudaError> {
+        Self::with_logits_rows(ops, s, rows, rows)
+    }
+
+    /// Scratch for forwards of up to `rows` rows, of which up to `logits_rows` get logits (a
+    /// training forward needs none: its loss computes logits chunk by chunk).
+    pub fn with_logits_rows(
+        ops: &mut O,
+        s: &DecoderShape,
+        rows: usize,
+        logits_rows: usize,
+    ) -> Result<Self, CudaError> {
+        let lr = logits_rows.max(1);
         Ok(Self {
             rows,
+            logits_rows: lr,
             x: ops.act(rows * s.hidden)?,
             h: ops.act(rows * s.hidden)?,
             qkv: ops.act(rows * s.qkv_rows())?,
@@ -37,8 +76,8 @@ impl<O: DecoderOps> Scratch<O> {
             gate_up: ops.act(rows * 2 * s.inter)?,
             act: ops.act(rows * s.inter)?,
             down: ops.act(rows * s.hidden)?,
-            logits: ops.logits(rows * s.vocab)?,
-            ids: ops.ids(rows)?,
+            logits: ops.logits(lr * s.vocab)?,
+            ids: ops.ids(lr)?,
         })
     }
 }
@@ -103,7 +142,10 @@ fn forward_on_device_with<O: DecoderOps>(
     sc: &mut Scratch<O>,
     lora: Option<&LoraSet<O::LoraTable>>,
 ) -> R {
-    let rows = layers_on_device(ops, s, w, caches, step, sc, lora)?;
+    let rows = layers_on_device(ops, s, w, caches, step, sc, lora, None)?;
+    if rows > sc.logits_rows {
+        return Err(CudaError::Shape(format!("logits of {rows} rows for {}", sc.logits_rows)));
+    }
     ops.mark("lm_head gemm")?;
     ops.matmul_logits(&sc.h, &w.lm_head, &mut sc.logits, (rows, s.vocab, s.hidden))?;
     ops.mark("argmax")?;
@@ -142,21 +184,41 @@ pub fn forward_rows<O: DecoderOps>(
     want: Want,
     lora: Option<&LoraSet<O::LoraTable>>,
 ) -> Result<RowsOut, CudaError> {
+    forward_rows_capturing(ops, s, w, inv_freq, caches, batch, sc, logits_rows, want, lora, None)
+}
+
+/// [`forward_rows`] that also hands the activations of its rows to `capture` (a training
+/// sample's chunk among the batch's rows).
+#[allow(clippy::too_many_arguments)]
+pub fn forward_rows_capturing<O: DecoderOps>(
+    ops: &mut O,
+    s: &DecoderShape,
+    w: &DecoderWeights<O::Weight>,
+    inv_freq: &[f32],
+    caches: &mut [O::Cache],
+    batch: &StepBatch,
+    sc: &mut Scratch<O>,
+    logits_rows: &[u32],
+    want: Want,
+    lora: Option<&LoraSet<O::LoraTable>>,
+    capture: Option<&mut dyn Capture<O>>,
+) -> Result<RowsOut, CudaError> {
     let rows = batch.rows();
     if let Some(&r) = logits_rows.iter().find(|&&r| r as usize >= rows) {
         return Err(CudaError::Shape(format!("logits of row {r} of a {rows}-row forward")));
     }
-    if logits_rows.len() > sc.rows {
+    // The gathered rows go through `o` (`rows` wide) on their way to the output head.
+    if logits_rows.len() > sc.logits_rows.min(sc.rows) {
         return Err(CudaError::Shape(format!(
             "{} logits rows for scratch of {}",
             logits_rows.len(),
-            sc.rows
+            sc.logits_rows
         )));
     }
     check_inv_freq(s, inv_freq)?;
     let (cos, sin) = rope_tables(inv_freq, &batch.positions);
     let step = ops.upload(batch, &cos, &sin)?;
-    layers_on_device(ops, s, w, caches, &step, sc, lora)?;
+    layers_on_device(ops, s, w, caches, &step, sc, lora, capture)?;
     let n = logits_rows.len();
     if n > 0 {
         // A decode-only batch samples every row in order: no gather.
@@ -192,7 +254,9 @@ fn check_inv_freq(s: &DecoderShape, inv_freq: &[f32]) -> R {
 }
 
 /// Every layer and the final norm: leaves each row's normalised last hidden state in
-/// `scratch.h` and returns the number of rows. Rows with an adapter slot get its LoRA updates.
+/// `scratch.h` and returns the number of rows. Rows with an adapter slot get its LoRA updates;
+/// `capture` is handed the activations a training backward needs.
+#[allow(clippy::too_many_arguments)]
 fn layers_on_device<O: DecoderOps>(
     ops: &mut O,
     s: &DecoderShape,
@@ -201,7 +265,12 @@ fn layers_on_device<O: DecoderOps>(
     step: &O::Step,
     sc: &mut Scratch<O>,
     lora: Option<&LoraSet<O::LoraTable>>,
+    mut capture: Option<&mut dyn Capture<O>>,
 ) -> Result<usize, CudaError> {
+    let mut save = |ops: &mut O, p: SavePoint, l: usize, x: &O::Act| match capture.as_deref_mut() {
+        Some(c) => c.save(ops, p, l, x),
+        None => Ok(()),
+    };
     s.check()?;
     let rows = ops.rows(step);
     if rows > sc.rows || caches.len() != w.layers.len() {
@@ -222,6 +291,7 @@ fn layers_on_device<O: DecoderOps>(
         } else {
             ops.add_rms_norm(&mut sc.x, &sc.down, &lw.attn_norm, &mut sc.h, rows, s)?;
         }
+        save(ops, SavePoint::AttnIn, l, &sc.x)?;
         ops.mark("qkv gemm")?;
         ops.matmul(&sc.h, &lw.qkv, 0, &mut sc.qkv, (rows, s.qkv_rows(), hid))?;
         for m in [TargetModule::QProj, TargetModule::KProj, TargetModule::VProj] {
@@ -231,8 +301,10 @@ fn layers_on_device<O: DecoderOps>(
         }
         ops.mark("rope + kv write")?;
         ops.rope_kv_write(step, &sc.qkv, lw.qkv_bias.as_ref(), &mut sc.q, cache, s)?;
+        save(ops, SavePoint::Q, l, &sc.q)?;
         ops.mark("attention")?;
         ops.attention(step, &sc.q, cache, &mut sc.attn, s)?;
+        save(ops, SavePoint::Attn, l, &sc.attn)?;
         ops.mark("o gemm")?;
         ops.matmul(&sc.attn, &lw.o, 0, &mut sc.o, (rows, hid, qd))?;
         if let Some((t, d)) = lora.and_then(|set| set.table(s, l, TargetModule::OProj)) {
@@ -240,6 +312,7 @@ fn layers_on_device<O: DecoderOps>(
         }
         ops.mark("norms")?;
         ops.add_rms_norm(&mut sc.x, &sc.o, &lw.mlp_norm, &mut sc.h, rows, s)?;
+        save(ops, SavePoint::MlpIn, l, &sc.x)?;
         ops.mark("gate_up gemm")?;
         ops.matmul(&sc.h, &lw.gate_up, 0, &mut sc.gate_up, (rows, 2 * s.inter, hid))?;
         for m in [TargetModule::GateProj, TargetModule::UpProj] {
@@ -247,6 +320,7 @@ fn layers_on_device<O: DecoderOps>(
                 ops.lora(step, &sc.h, t, &mut sc.gate_up, d)?;
             }
         }
+        save(ops, SavePoint::GateUp, l, &sc.gate_up)?;
         ops.mark("silu_mul")?;
         ops.silu_mul(&sc.gate_up, &mut sc.act, rows, s.inter)?;
         ops.mark("down gemm")?;
@@ -261,5 +335,6 @@ fn layers_on_device<O: DecoderOps>(
     } else {
         ops.add_rms_norm(&mut sc.x, &sc.down, &w.norm, &mut sc.h, rows, s)?;
     }
+    save(ops, SavePoint::Final, w.layers.len(), &sc.x)?;
     Ok(rows)
 }

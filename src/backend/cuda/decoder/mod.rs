@@ -14,7 +14,10 @@ pub mod runner;
 pub mod train;
 
 pub use crate::model::llama::rope_tables;
-pub use forward::{forward, forward_on_device, forward_rows, forward_with, RowsOut, Scratch, Want};
+pub use forward::{
+    forward, forward_on_device, forward_rows, forward_rows_capturing, forward_with, Capture,
+    RowsOut, SavePoint, Scratch, Want,
+};
 
 use crate::model::config::LlamaConfig;
 

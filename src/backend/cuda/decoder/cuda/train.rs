@@ -157,9 +157,19 @@ impl TrainOps for CudaOps {
         Ok(())
     }
 
-    fn copy_act(&mut self, src: &CudaSlice<u16>, dst: &mut CudaSlice<u16>, n: usize) -> R {
-        check_len(src.len().min(dst.len()), n, "copied activations")?;
-        self.gpu.stream.memcpy_dtod(&src.slice(..n), &mut dst.slice_mut(..n))?;
+    fn copy_rows(
+        &mut self,
+        src: &CudaSlice<u16>,
+        src_row0: usize,
+        dst: &mut CudaSlice<u16>,
+        dst_row0: usize,
+        rows: usize,
+        width: usize,
+    ) -> R {
+        let (a, b, n) = (src_row0 * width, dst_row0 * width, rows * width);
+        check_len(src.len(), a + n, "copied rows")?;
+        check_len(dst.len(), b + n, "copied rows")?;
+        self.gpu.stream.memcpy_dtod(&src.slice(a..a + n), &mut dst.slice_mut(b..b + n))?;
         Ok(())
     }
 

@@ -58,8 +58,20 @@ impl TrainOps for HostOps {
         Ok(())
     }
 
-    fn copy_act(&mut self, src: &Vec<f32>, dst: &mut Vec<f32>, n: usize) -> R {
-        dst[..n].copy_from_slice(&src[..n]);
+    fn copy_rows(
+        &mut self,
+        src: &Vec<f32>,
+        src_row0: usize,
+        dst: &mut Vec<f32>,
+        dst_row0: usize,
+        rows: usize,
+        width: usize,
+    ) -> R {
+        let (a, b, n) = (src_row0 * width, dst_row0 * width, rows * width);
+        if a + n > src.len() || b + n > dst.len() {
+            return Err(CudaError::Shape(format!("a copy of {rows} rows past its buffers")));
+        }
+        dst[b..b + n].copy_from_slice(&src[a..a + n]);
         Ok(())
     }
 

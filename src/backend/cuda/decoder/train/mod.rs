@@ -9,7 +9,10 @@ mod host;
 mod step;
 
 pub use adapter::{GradPair, TrainAdapter, TrainPair};
-pub use step::{train_sample, TrainSample, TrainScratch};
+pub use step::{
+    backward_layers, finish_forward, forward_chunk, train_sample, SampleCapture, TrainSample,
+    TrainScratch, LOSS_ROWS,
+};
 
 use super::lora::LoraDims;
 use super::{DecoderOps, DecoderShape};
@@ -24,7 +27,17 @@ type R = Result<(), CudaError>;
 pub trait TrainOps: DecoderOps {
     fn upload_f32(&mut self, x: &[f32]) -> Result<Self::Logits, CudaError>;
     fn zero(&mut self, x: &mut Self::Logits, n: usize) -> R;
-    fn copy_act(&mut self, src: &Self::Act, dst: &mut Self::Act, n: usize) -> R;
+    /// `dst[dst_row0 ..][.. rows] = src[src_row0 ..][.. rows]`, rows `width` wide.
+    #[allow(clippy::too_many_arguments)]
+    fn copy_rows(
+        &mut self,
+        src: &Self::Act,
+        src_row0: usize,
+        dst: &mut Self::Act,
+        dst_row0: usize,
+        rows: usize,
+        width: usize,
+    ) -> R;
     /// A table over one adapter, in slot 0, whose fp32 weights are `a` (`[rank, in]`) and `b`
     /// (`[out, rank]`): forwards read them as they are when the forward runs.
     fn train_table(

@@ -1,18 +1,25 @@
-//! One training sample's forward, loss and backward, written once against [`TrainOps`].
+//! One training sample's token-level life on a device, written once against [`TrainOps`]: its
+//! forward in chunks (alone, or as rows of a serving forward), then its loss, then its
+//! backward a few layers at a time, as the CPU engine's `TrainingSample` does.
 //!
 //! Graph pruning as on the CPU (`model::activations`): per layer the forward keeps the two
-//! RMSNorm inputs, the rotated queries, the attention output, the gate/up pre-activations and
-//! each adapted projection's low-rank activation; keys and values stay in the sample's cache
-//! blocks, normalised inputs, SiLU and softmax are recomputed in the backward.
+//! RMSNorm inputs, the rotated queries, the attention output and the gate/up pre-activations;
+//! keys and values stay in the sample's cache blocks; normalised inputs, SiLU, softmax and the
+//! LoRA low-rank activations are recomputed in the backward.
+
+use std::ops::Range;
 
 use super::{TrainAdapter, TrainOps};
 use crate::backend::cuda::decoder::lora::{LoraDims, LoraSet};
 use crate::backend::cuda::decoder::{
-    rope_tables, DecoderShape, DecoderWeights, SeqRows, StepBatch,
+    forward_rows_capturing, rope_tables, Capture, DecoderShape, DecoderWeights, SavePoint, Scratch,
+    SeqRows, StepBatch, Want,
 };
 use crate::backend::cuda::CudaError;
 use crate::lora::TargetModule;
 use crate::model::loss::LossStats;
+
+type R = Result<(), CudaError>;
 
 /// Rows of logits the loss computes at once: bounds its buffer to `LOSS_ROWS x vocab` floats.
 pub const LOSS_ROWS: usize = 256;
@@ -39,32 +46,41 @@ impl TrainSample {
             .collect();
         Self { tokens, targets, block_table }
     }
+
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
 }
 
-/// What the forward keeps of one layer for the backward.
+/// What the forward keeps of one layer for the backward, `[len, width]` each.
 struct SavedLayer<O: TrainOps> {
     h_in: O::Act,
     h_mid: O::Act,
     q: O::Act,
     attn: O::Act,
     gate_up: O::Act,
-    /// Each adapted projection's `x Aᵀ`, `[T, rank]`.
-    u: [Option<O::Logits>; 7],
 }
 
-/// Buffers of a training step over samples of up to `len` tokens: the saved activations and
-/// the backward's gradients.
+/// One sample in flight (up to `len` tokens) with the buffers of its forward and backward.
 pub struct TrainScratch<O: TrainOps> {
     pub len: usize,
+    sample: Option<TrainSample>,
+    forwarded: usize,
+    /// Layers of backward left, once the loss has run.
+    backward: Option<usize>,
     saved: Vec<SavedLayer<O>>,
-    x: O::Act,
+    h_final: O::Act,
+    /// A forward of the sample's chunks alone (no logits).
+    fwd: Scratch<O>,
     h: O::Act,
-    qkv: O::Act,
-    o: O::Act,
     act: O::Act,
-    down: O::Act,
     k: O::Act,
     v: O::Act,
+    u: O::Logits,
     dh: O::Logits,
     dx: O::Logits,
     d_act: O::Logits,
@@ -72,6 +88,10 @@ pub struct TrainScratch<O: TrainOps> {
     d_attn: O::Logits,
     d_qkv: O::Logits,
     logits: O::Logits,
+    /// The sample's rows made ready, for the backward's K/V gather and RoPE.
+    step: Option<O::Step>,
+    /// The adapter's tables and the optimizer step they were made at.
+    tables: Option<(u64, LoraSet<O::LoraTable>)>,
 }
 
 impl<O: TrainOps> TrainScratch<O> {
@@ -83,33 +103,28 @@ impl<O: TrainOps> TrainScratch<O> {
     ) -> Result<Self, CudaError> {
         let (hid, qd, kvd, i) = (s.hidden, s.q_dim(), s.kv_dim(), s.inter);
         let mut saved = Vec::with_capacity(s.layers);
-        for pairs in &adapter.layers {
-            let mut u: [Option<O::Logits>; 7] = Default::default();
-            for (slot, p) in u.iter_mut().zip(pairs) {
-                if p.is_some() {
-                    *slot = Some(ops.logits(len * adapter.rank)?);
-                }
-            }
+        for _ in 0..s.layers {
             saved.push(SavedLayer {
                 h_in: ops.act(len * hid)?,
                 h_mid: ops.act(len * hid)?,
                 q: ops.act(len * qd)?,
                 attn: ops.act(len * qd)?,
                 gate_up: ops.act(len * 2 * i)?,
-                u,
             });
         }
         Ok(Self {
             len,
+            sample: None,
+            forwarded: 0,
+            backward: None,
             saved,
-            x: ops.act(len * hid)?,
+            h_final: ops.act(len * hid)?,
+            fwd: Scratch::with_logits_rows(ops, s, len, 0)?,
             h: ops.act(len * hid)?,
-            qkv: ops.act(len * s.qkv_rows())?,
-            o: ops.act(len * hid)?,
             act: ops.act(len * i)?,
-            down: ops.act(len * hid)?,
             k: ops.act(len * kvd)?,
             v: ops.act(len * kvd)?,
+            u: ops.logits(len * adapter.rank.max(1))?,
             dh: ops.logits(len * hid)?,
             dx: ops.logits(len * hid)?,
             d_act: ops.logits(len * i)?,
@@ -117,137 +132,166 @@ impl<O: TrainOps> TrainScratch<O> {
             d_attn: ops.logits(len * qd)?,
             d_qkv: ops.logits(len * s.qkv_rows())?,
             logits: ops.logits(LOSS_ROWS.min(len.max(1)) * s.vocab)?,
+            step: None,
+            tables: None,
         })
+    }
+
+    /// Starts `sample` (the one before, if any, is dropped wherever it was).
+    pub fn begin(&mut self, sample: TrainSample) -> R {
+        if sample.is_empty() || sample.len() > self.len || sample.targets.len() != sample.len() {
+            return Err(CudaError::Shape(format!(
+                "a sample of {} tokens ({} targets) for scratch of {}",
+                sample.len(),
+                sample.targets.len(),
+                self.len
+            )));
+        }
+        self.sample = Some(sample);
+        self.forwarded = 0;
+        self.backward = None;
+        self.step = None;
+        Ok(())
+    }
+
+    pub fn forward_remaining(&self) -> usize {
+        self.sample.as_ref().map_or(0, |s| s.len() - self.forwarded)
+    }
+
+    /// Layers of backward left (0 before the loss has run and after the backward).
+    pub fn backward_remaining(&self) -> usize {
+        self.backward.unwrap_or(0)
+    }
+
+    /// The sample's forward, loss and backward have all run.
+    pub fn is_done(&self) -> bool {
+        self.sample.is_some() && self.forward_remaining() == 0 && self.backward == Some(0)
+    }
+
+    /// The next `n` tokens of the sample (fewer at its end) as a sequence of a batch, with
+    /// the training adapter in LoRA slot `slot`.
+    pub fn next_chunk(&self, n: usize, slot: u32) -> Option<SeqRows> {
+        let s = self.sample.as_ref()?;
+        let end = (self.forwarded + n).min(s.len());
+        (end > self.forwarded).then(|| SeqRows {
+            tokens: s.tokens[self.forwarded..end].to_vec(),
+            start: self.forwarded,
+            block_table: s.block_table.clone(),
+            adapter: Some(slot),
+        })
+    }
+
+    /// Makes the adapter's tables current (after an optimizer step a host copy is stale).
+    pub fn prepare_tables(&mut self, ops: &mut O, adapter: &TrainAdapter<O::Logits>) -> R {
+        if self.tables.as_ref().is_none_or(|(at, _)| *at != adapter.step) {
+            self.tables = Some((adapter.step, adapter.tables(ops)?));
+        }
+        Ok(())
+    }
+
+    /// The adapter's tables (as of the last [`prepare_tables`](Self::prepare_tables)) and a
+    /// capture of the next chunk for a forward in which batch rows `rows` are that chunk.
+    /// Call [`advance`](Self::advance) once the forward has run.
+    pub fn chunk_forward(
+        &mut self,
+        s: &DecoderShape,
+        rows: Range<usize>,
+    ) -> Result<(&LoraSet<O::LoraTable>, SampleCapture<'_, O>), CudaError> {
+        let Self { tables, saved, h_final, forwarded, sample, .. } = self;
+        let tables = tables
+            .as_ref()
+            .map(|t| &t.1)
+            .ok_or_else(|| CudaError::Shape("the adapter's tables were not prepared".into()))?;
+        let left = sample.as_ref().map_or(0, |x| x.len() - *forwarded);
+        if rows.len() > left {
+            return Err(CudaError::Shape(format!("{} rows for {left} tokens left", rows.len())));
+        }
+        let cap = SampleCapture { rows, first_pos: *forwarded, saved, h_final, s: s.clone() };
+        Ok((tables, cap))
+    }
+
+    /// Records that the next `n` tokens were forwarded.
+    pub fn advance(&mut self, n: usize) {
+        self.forwarded = (self.forwarded + n).min(self.sample.as_ref().map_or(0, TrainSample::len));
     }
 }
 
-/// Forward, loss and backward of one sample: its K and V go to `caches` at its blocks, the
-/// LoRA gradients of its loss (each target's loss weighted by `grad_scale`) are added to
-/// `adapter`'s. Returns the sample's loss statistics.
+/// Saves the activations of a chunk's rows of a forward into the sample's buffers.
+pub struct SampleCapture<'a, O: TrainOps> {
+    rows: Range<usize>,
+    first_pos: usize,
+    saved: &'a mut [SavedLayer<O>],
+    h_final: &'a mut O::Act,
+    s: DecoderShape,
+}
+
+impl<O: TrainOps> Capture<O> for SampleCapture<'_, O> {
+    fn save(&mut self, ops: &mut O, point: SavePoint, layer: usize, x: &O::Act) -> R {
+        let (hid, qd) = (self.s.hidden, self.s.q_dim());
+        let (dst, width) = match point {
+            SavePoint::Final => (&mut *self.h_final, hid),
+            p => {
+                let l = self.saved.get_mut(layer).ok_or_else(|| {
+                    CudaError::Shape(format!("activations of layer {layer} saved"))
+                })?;
+                match p {
+                    SavePoint::AttnIn => (&mut l.h_in, hid),
+                    SavePoint::Q => (&mut l.q, qd),
+                    SavePoint::Attn => (&mut l.attn, qd),
+                    SavePoint::MlpIn => (&mut l.h_mid, hid),
+                    SavePoint::GateUp | SavePoint::Final => (&mut l.gate_up, 2 * self.s.inter),
+                }
+            }
+        };
+        ops.copy_rows(x, self.rows.start, dst, self.first_pos, self.rows.len(), width)
+    }
+}
+
+/// Forwards the next `n` tokens of the sample in a forward of their own (no inference rows).
 #[allow(clippy::too_many_arguments)]
-pub fn train_sample<O: TrainOps>(
+pub fn forward_chunk<O: TrainOps>(
     ops: &mut O,
     s: &DecoderShape,
     w: &DecoderWeights<O::Weight>,
     inv_freq: &[f32],
     caches: &mut [O::Cache],
-    sample: &TrainSample,
-    adapter: &mut TrainAdapter<O::Logits>,
-    grad_scale: f32,
+    adapter: &TrainAdapter<O::Logits>,
     sc: &mut TrainScratch<O>,
-) -> Result<LossStats, CudaError> {
-    s.check()?;
-    let t = sample.tokens.len();
-    if t == 0 || t > sc.len || sample.targets.len() != t {
-        return Err(CudaError::Shape(format!(
-            "a sample of {t} tokens ({} targets) for scratch of {}",
-            sample.targets.len(),
-            sc.len
-        )));
-    }
-    if caches.len() != w.layers.len() || sc.saved.len() != w.layers.len() {
-        return Err(CudaError::Shape("caches, scratch and layers differ in number".into()));
-    }
-    if inv_freq.len() != s.head_dim / 2 {
-        return Err(CudaError::Shape(format!("{} RoPE frequencies", inv_freq.len())));
-    }
-    let rows = SeqRows {
-        tokens: sample.tokens.clone(),
-        start: 0,
-        block_table: sample.block_table.clone(),
-        adapter: Some(0),
-    };
+    n: usize,
+) -> Result<usize, CudaError> {
+    let Some(rows) = sc.next_chunk(n, 0) else { return Ok(0) };
+    let n = rows.tokens.len();
     let batch = StepBatch::new(vec![rows], s.block_size)?;
-    let (cos, sin) = rope_tables(inv_freq, &batch.positions);
-    let step = ops.upload(&batch, &cos, &sin)?;
-    let lora = adapter.tables(ops)?;
-    forward(ops, s, w, caches, &step, &lora, sc, t)?;
-    let stats = loss(ops, s, w, sample, grad_scale, sc)?;
-    for l in (0..w.layers.len()).rev() {
-        backward_layer(ops, s, w, &mut caches[l], &step, adapter, l, sc, t)?;
-    }
-    Ok(stats)
+    sc.prepare_tables(ops, adapter)?;
+    let TrainScratch { tables, saved, h_final, forwarded, fwd, .. } = sc;
+    let Some((_, lora)) = tables.as_ref() else {
+        return Err(CudaError::Shape("the adapter's tables were not prepared".into()));
+    };
+    let mut cap = SampleCapture { rows: 0..n, first_pos: *forwarded, saved, h_final, s: s.clone() };
+    let cap: &mut dyn Capture<O> = &mut cap;
+    let (c, f) = (&mut *caches, inv_freq);
+    forward_rows_capturing(ops, s, w, f, c, &batch, fwd, &[], Want::Logits, Some(lora), Some(cap))?;
+    sc.advance(n);
+    Ok(n)
 }
 
-/// `y += B(A x)` of projection `m`, keeping `A x` in `u`.
-#[allow(clippy::too_many_arguments)]
-fn adapt<O: TrainOps>(
-    ops: &mut O,
-    s: &DecoderShape,
-    step: &O::Step,
-    lora: &LoraSet<O::LoraTable>,
-    l: usize,
-    m: TargetModule,
-    x: &O::Act,
-    u: &mut [Option<O::Logits>; 7],
-    y: &mut O::Act,
-) -> Result<(), CudaError> {
-    if let (Some((table, d)), Some(u)) = (lora.table(s, l, m), u[m.index()].as_mut()) {
-        ops.lora_shrink(step, x, table, u, d)?;
-        ops.lora_expand(step, u, table, y, d)?;
-    }
-    Ok(())
-}
-
-#[allow(clippy::too_many_arguments)]
-fn forward<O: TrainOps>(
+/// After the last chunk: the loss over the sample's targets (each weighted by `grad_scale`
+/// in the gradient), computed `LOSS_ROWS` rows at a time, and its gradient w.r.t. the final
+/// residual stream, which starts the backward.
+pub fn finish_forward<O: TrainOps>(
     ops: &mut O,
     s: &DecoderShape,
     w: &DecoderWeights<O::Weight>,
-    caches: &mut [O::Cache],
-    step: &O::Step,
-    lora: &LoraSet<O::LoraTable>,
+    inv_freq: &[f32],
     sc: &mut TrainScratch<O>,
-    t: usize,
-) -> Result<(), CudaError> {
-    use TargetModule::*;
-    let (hid, qd) = (s.hidden, s.q_dim());
-    ops.embedding(step, &w.embed, &mut sc.x, s)?;
-    for (l, (lw, cache)) in w.layers.iter().zip(caches.iter_mut()).enumerate() {
-        let sv = &mut sc.saved[l];
-        if l == 0 {
-            ops.rms_norm(&sc.x, &lw.attn_norm, &mut sc.h, t, s)?;
-        } else {
-            ops.add_rms_norm(&mut sc.x, &sc.down, &lw.attn_norm, &mut sc.h, t, s)?;
-        }
-        ops.copy_act(&sc.x, &mut sv.h_in, t * hid)?;
-        ops.matmul(&sc.h, &lw.qkv, 0, &mut sc.qkv, (t, s.qkv_rows(), hid))?;
-        for m in [QProj, KProj, VProj] {
-            adapt(ops, s, step, lora, l, m, &sc.h, &mut sv.u, &mut sc.qkv)?;
-        }
-        ops.rope_kv_write(step, &sc.qkv, lw.qkv_bias.as_ref(), &mut sv.q, cache, s)?;
-        ops.attention(step, &sv.q, cache, &mut sv.attn, s)?;
-        ops.matmul(&sv.attn, &lw.o, 0, &mut sc.o, (t, hid, qd))?;
-        adapt(ops, s, step, lora, l, OProj, &sv.attn, &mut sv.u, &mut sc.o)?;
-        ops.add_rms_norm(&mut sc.x, &sc.o, &lw.mlp_norm, &mut sc.h, t, s)?;
-        ops.copy_act(&sc.x, &mut sv.h_mid, t * hid)?;
-        ops.matmul(&sc.h, &lw.gate_up, 0, &mut sv.gate_up, (t, 2 * s.inter, hid))?;
-        for m in [GateProj, UpProj] {
-            adapt(ops, s, step, lora, l, m, &sc.h, &mut sv.u, &mut sv.gate_up)?;
-        }
-        ops.silu_mul(&sv.gate_up, &mut sc.act, t, s.inter)?;
-        ops.matmul(&sc.act, &lw.down, 0, &mut sc.down, (t, hid, s.inter))?;
-        adapt(ops, s, step, lora, l, DownProj, &sc.act, &mut sv.u, &mut sc.down)?;
-    }
-    // The final norm: `x` keeps its input (the backward's), `h` its output.
-    if w.layers.is_empty() {
-        ops.rms_norm(&sc.x, &w.norm, &mut sc.h, t, s)
-    } else {
-        ops.add_rms_norm(&mut sc.x, &sc.down, &w.norm, &mut sc.h, t, s)
-    }
-}
-
-/// The loss over the sample's targets, chunk by chunk, and its gradient w.r.t. the final
-/// residual stream into `dh`.
-fn loss<O: TrainOps>(
-    ops: &mut O,
-    s: &DecoderShape,
-    w: &DecoderWeights<O::Weight>,
-    sample: &TrainSample,
     grad_scale: f32,
-    sc: &mut TrainScratch<O>,
 ) -> Result<LossStats, CudaError> {
-    let t = sample.tokens.len();
+    let sample = match &sc.sample {
+        Some(x) if sc.forwarded == x.len() && sc.backward.is_none() => x.clone(),
+        _ => return Err(CudaError::Shape("the loss of a sample not forwarded whole".into())),
+    };
+    let t = sample.len();
+    ops.rms_norm(&sc.h_final, &w.norm, &mut sc.h, t, s)?;
     ops.zero(&mut sc.dx, t * s.hidden)?;
     ops.zero(&mut sc.dh, t * s.hidden)?;
     let mut stats = LossStats::default();
@@ -262,16 +306,8 @@ fn loss<O: TrainOps>(
             want.iter().map(|t| t.and_then(|v| i32::try_from(v).ok()).unwrap_or(-1)).collect();
         let scales: Vec<f32> =
             want.iter().map(|t| if t.is_some() { grad_scale } else { 0.0 }).collect();
-        let got = ops.loss_rows(
-            &sc.h,
-            &w.lm_head,
-            r0..r1,
-            &targets,
-            &scales,
-            &mut sc.logits,
-            &mut sc.dx,
-            s,
-        )?;
+        let (h, head, lg, dx) = (&sc.h, &w.lm_head, &mut sc.logits, &mut sc.dx);
+        let got = ops.loss_rows(h, head, r0..r1, &targets, &scales, lg, dx, s)?;
         for ((loss, id), target) in got.into_iter().zip(want) {
             if let Some(target) = target {
                 stats.loss_sum += f64::from(loss);
@@ -280,61 +316,141 @@ fn loss<O: TrainOps>(
             }
         }
     }
-    ops.rms_norm_backward(&sc.x, &w.norm, &sc.dx, &mut sc.dh, t, s)?;
+    ops.rms_norm_backward(&sc.h_final, &w.norm, &sc.dx, &mut sc.dh, t, s)?;
+    let rows = SeqRows {
+        tokens: sample.tokens,
+        start: 0,
+        block_table: sample.block_table,
+        adapter: Some(0),
+    };
+    let batch = StepBatch::new(vec![rows], s.block_size)?;
+    let (cos, sin) = rope_tables(inv_freq, &batch.positions);
+    sc.step = Some(ops.upload(&batch, &cos, &sin)?);
+    sc.backward = Some(w.layers.len());
     Ok(stats)
 }
 
-/// Backward of layer `l`: `sc.dh` holds the gradient w.r.t. the layer's output on entry and
-/// w.r.t. its input on return; LoRA gradients are added to `adapter`'s.
+/// Runs up to `max_layers` layers of the sample's backward, top down, adding LoRA gradients
+/// to `adapter`'s; returns how many ran.
 #[allow(clippy::too_many_arguments)]
+pub fn backward_layers<O: TrainOps>(
+    ops: &mut O,
+    s: &DecoderShape,
+    w: &DecoderWeights<O::Weight>,
+    caches: &mut [O::Cache],
+    adapter: &mut TrainAdapter<O::Logits>,
+    sc: &mut TrainScratch<O>,
+    max_layers: usize,
+) -> Result<usize, CudaError> {
+    let left = sc.backward_remaining();
+    let n = max_layers.min(left);
+    if n == 0 {
+        return Ok(0);
+    }
+    sc.prepare_tables(ops, adapter)?;
+    for li in (left - n..left).rev() {
+        let cache = caches
+            .get_mut(li)
+            .ok_or_else(|| CudaError::Shape(format!("no cache for layer {li}")))?;
+        backward_layer(ops, s, w, cache, adapter, li, sc)?;
+        sc.backward = Some(li);
+    }
+    Ok(n)
+}
+
+/// Forward, loss and whole backward of one sample in forwards of its own.
+#[allow(clippy::too_many_arguments)]
+pub fn train_sample<O: TrainOps>(
+    ops: &mut O,
+    s: &DecoderShape,
+    w: &DecoderWeights<O::Weight>,
+    inv_freq: &[f32],
+    caches: &mut [O::Cache],
+    sample: &TrainSample,
+    adapter: &mut TrainAdapter<O::Logits>,
+    grad_scale: f32,
+    sc: &mut TrainScratch<O>,
+) -> Result<LossStats, CudaError> {
+    sc.begin(sample.clone())?;
+    forward_chunk(ops, s, w, inv_freq, caches, adapter, sc, sample.len())?;
+    let stats = finish_forward(ops, s, w, inv_freq, sc, grad_scale)?;
+    backward_layers(ops, s, w, caches, adapter, sc, w.layers.len())?;
+    Ok(stats)
+}
+
+/// Backward of layer `l`: `dh` holds the gradient w.r.t. the layer's output on entry and
+/// w.r.t. its input on return.
 fn backward_layer<O: TrainOps>(
     ops: &mut O,
     s: &DecoderShape,
     w: &DecoderWeights<O::Weight>,
     cache: &mut O::Cache,
-    step: &O::Step,
     adapter: &mut TrainAdapter<O::Logits>,
     l: usize,
     sc: &mut TrainScratch<O>,
-    t: usize,
-) -> Result<(), CudaError> {
+) -> R {
     use TargetModule::*;
+    let TrainScratch {
+        sample,
+        saved,
+        h,
+        act,
+        k,
+        v,
+        u,
+        dh,
+        dx,
+        d_act,
+        d_gu,
+        d_attn,
+        d_qkv,
+        step,
+        tables,
+        ..
+    } = sc;
+    let (Some(sample), Some(step), Some((_, lora))) = (sample.as_ref(), step.as_ref(), tables)
+    else {
+        return Err(CudaError::Shape("a backward before its loss".into()));
+    };
+    let t = sample.len();
     let (hid, qd, inter) = (s.hidden, s.q_dim(), s.inter);
-    let lw = &w.layers[l];
-    let sv = &sc.saved[l];
-    let scale = adapter.scale;
-    let rank = adapter.rank;
+    let (lw, sv) = (&w.layers[l], &saved[l]);
+    let (scale, rank) = (adapter.scale, adapter.rank);
+    // One adapted projection: its low-rank activation recomputed from its input, then dA, dB
+    // and its part of dx.
     let mut grad =
         |ops: &mut O, m: TargetModule, x: &O::Act, dy: &O::Logits, dx: &mut O::Logits| {
-            let (Some(p), Some(u)) =
-                (adapter.layers[l][m.index()].as_mut(), sv.u[m.index()].as_ref())
+            let (Some(p), Some((table, d))) =
+                (adapter.layers[l][m.index()].as_mut(), lora.table(s, l, m))
             else {
                 return Ok(());
             };
-            ops.lora_backward(x, dy, u, p.grad(scale), LoraDims::of(s, m, rank), dx, t)
+            debug_assert_eq!(d, LoraDims::of(s, m, rank));
+            ops.lora_shrink(step, x, table, u, d)?;
+            ops.lora_backward(x, dy, u, p.grad(scale), d, dx, t)
         };
 
     // MLP: out = mid + down(silu(g) ⊙ u), [g, u] = gate_up(norm(mid)).
-    ops.silu_mul(&sv.gate_up, &mut sc.act, t, inter)?;
-    ops.matmul_dx(&sc.dh, &lw.down, &mut sc.d_act, (t, hid, inter))?;
-    grad(ops, DownProj, &sc.act, &sc.dh, &mut sc.d_act)?;
-    ops.silu_mul_backward(&sv.gate_up, &sc.d_act, &mut sc.d_gu, t, inter)?;
-    ops.rms_norm(&sv.h_mid, &lw.mlp_norm, &mut sc.h, t, s)?;
-    ops.matmul_dx(&sc.d_gu, &lw.gate_up, &mut sc.dx, (t, 2 * inter, hid))?;
-    grad(ops, GateProj, &sc.h, &sc.d_gu, &mut sc.dx)?;
-    grad(ops, UpProj, &sc.h, &sc.d_gu, &mut sc.dx)?;
-    ops.rms_norm_backward(&sv.h_mid, &lw.mlp_norm, &sc.dx, &mut sc.dh, t, s)?;
+    ops.silu_mul(&sv.gate_up, act, t, inter)?;
+    ops.matmul_dx(dh, &lw.down, d_act, (t, hid, inter))?;
+    grad(ops, DownProj, act, dh, d_act)?;
+    ops.silu_mul_backward(&sv.gate_up, d_act, d_gu, t, inter)?;
+    ops.rms_norm(&sv.h_mid, &lw.mlp_norm, h, t, s)?;
+    ops.matmul_dx(d_gu, &lw.gate_up, dx, (t, 2 * inter, hid))?;
+    grad(ops, GateProj, h, d_gu, dx)?;
+    grad(ops, UpProj, h, d_gu, dx)?;
+    ops.rms_norm_backward(&sv.h_mid, &lw.mlp_norm, dx, dh, t, s)?;
 
     // Attention: mid = in + o(attn(rope(q), rope(k), v)), [q, k, v] = qkv(norm(in)).
-    ops.matmul_dx(&sc.dh, &lw.o, &mut sc.d_attn, (t, hid, qd))?;
-    grad(ops, OProj, &sv.attn, &sc.dh, &mut sc.d_attn)?;
-    ops.gather_kv(step, cache, &mut sc.k, &mut sc.v, s)?;
-    ops.attention_backward(&sv.q, &sc.k, &sc.v, &sv.attn, &sc.d_attn, &mut sc.d_qkv, t, s)?;
-    ops.rope_backward(step, &mut sc.d_qkv, s)?;
-    ops.rms_norm(&sv.h_in, &lw.attn_norm, &mut sc.h, t, s)?;
-    ops.matmul_dx(&sc.d_qkv, &lw.qkv, &mut sc.dx, (t, s.qkv_rows(), hid))?;
+    ops.matmul_dx(dh, &lw.o, d_attn, (t, hid, qd))?;
+    grad(ops, OProj, &sv.attn, dh, d_attn)?;
+    ops.gather_kv(step, cache, k, v, s)?;
+    ops.attention_backward(&sv.q, k, v, &sv.attn, d_attn, d_qkv, t, s)?;
+    ops.rope_backward(step, d_qkv, s)?;
+    ops.rms_norm(&sv.h_in, &lw.attn_norm, h, t, s)?;
+    ops.matmul_dx(d_qkv, &lw.qkv, dx, (t, s.qkv_rows(), hid))?;
     for m in [QProj, KProj, VProj] {
-        grad(ops, m, &sc.h, &sc.d_qkv, &mut sc.dx)?;
+        grad(ops, m, h, d_qkv, dx)?;
     }
-    ops.rms_norm_backward(&sv.h_in, &lw.attn_norm, &sc.dx, &mut sc.dh, t, s)
+    ops.rms_norm_backward(&sv.h_in, &lw.attn_norm, dx, dh, t, s)
 }
