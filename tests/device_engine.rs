@@ -1,7 +1,7 @@
 //! The engine and the server on the device backend (`serve --device cuda`), driven here by the
 //! CUDA decoder's CPU twins: the engine hands the decoder the right rows, positions, blocks and
 //! logits rows under chunked prefill and preemption, and a server on that backend answers
-//! completions and refuses fine-tuning with a clear error.
+//! completions and fine-tunes over HTTP.
 
 mod common;
 
@@ -23,8 +23,9 @@ use coserve::model::loader::load_model;
 use coserve::model::weights::WeightsDtype;
 use serde_json::{json, Value};
 
-use common::device::{twin_backend, TWIN_DEVICE};
+use common::device::twin_backend;
 use common::engine::{collect, metric_value, request, TestEngine};
+use common::multipart::upload;
 use common::server::TestServer;
 use common::tiny_model::{write_gguf, TinyShape};
 
@@ -293,7 +294,7 @@ fn a_device_that_faults_for_good_stops_the_engine() {
 }
 
 #[tokio::test]
-async fn a_server_on_a_device_answers_completions_and_refuses_fine_tuning() {
+async fn a_server_on_a_device_answers_completions_and_fine_tunes() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = write_gguf(dir.path(), &shape());
     let server = TestServer::start_path_on(Some(&path), |_| {}, Some(twin_backend())).await;
@@ -307,11 +308,37 @@ async fn a_server_on_a_device_answers_completions_and_refuses_fine_tuning() {
     assert_eq!(v["usage"]["completion_tokens"], 5, "{v}");
     assert_eq!(v["choices"][0]["logprobs"]["tokens"].as_array().map(Vec::len), Some(5), "{v}");
 
-    let job = json!({"model": server.model_id(), "training_file": "file-abc"});
+    // A fine-tuning job over HTTP trains on the device, and its model serves at once.
+    let lines: String = (0..4)
+        .map(|i| {
+            json!({"prompt": format!("Q{i}?"), "completion": format!(" A{i}.")}).to_string() + "\n"
+        })
+        .collect();
+    let file = upload(server.base_url(), "train.jsonl", "fine-tune", lines.as_bytes()).await;
+    let job = json!({"model": server.model_id(), "training_file": file["id"],
+                     "method": {"type": "supervised", "supervised": {
+                         "hyperparameters": {"n_epochs": 2, "batch_size": 2},
+                         "lora": {"r": 4, "alpha": 8}}}});
     let r = c.post(server.url("/v1/fine_tuning/jobs")).json(&job).send().await.unwrap();
-    assert_eq!(r.status(), 400);
-    let e: Value = r.json().await.unwrap();
-    let msg = e["error"]["message"].as_str().unwrap_or_default();
-    assert!(msg.contains(TWIN_DEVICE) && msg.contains("--device cpu"), "{e}");
+    assert_eq!(r.status(), 200);
+    let job: Value = r.json().await.unwrap();
+    let url = server.url(&format!("/v1/fine_tuning/jobs/{}", job["id"].as_str().unwrap()));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let done = loop {
+        let j: Value = c.get(&url).send().await.unwrap().json().await.unwrap();
+        if j["status"] == "succeeded" || j["status"] == "failed" {
+            break j;
+        }
+        assert!(std::time::Instant::now() < deadline, "timed out: {j}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert!(done["trained_tokens"].as_i64().unwrap() > 0, "{done}");
+    let model = done["fine_tuned_model"].as_str().unwrap();
+    let body = json!({"model": model, "prompt": "Q1?", "max_tokens": 3, "temperature": 0});
+    let r = c.post(server.url("/v1/completions")).json(&body).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["model"], model, "{v}");
     server.stop().await;
 }

@@ -2,6 +2,7 @@
 
 use crate::backend::cuda::decoder::runner::DeviceModel;
 use crate::kv::KvCache;
+use crate::model::config::LlamaConfig;
 use crate::model::llama::Llama;
 
 /// What the engine computes on.
@@ -10,19 +11,20 @@ use crate::model::llama::Llama;
 pub enum Compute {
     /// The CPU model and its KV cache: inference, adapters and fine-tuning.
     Host { model: Llama, kv: KvCache },
-    /// A device model with its own KV cache: inference, on the base model and adapters.
-    Device { model: Box<dyn DeviceModel>, name: String },
+    /// A device model with its own KV cache: inference on the base model and adapters, and
+    /// fine-tuning (its jobs' state on the device).
+    Device { model: Box<dyn DeviceModel>, name: String, config: LlamaConfig },
 }
 
 impl Compute {
     /// Why fine-tuning is unavailable here (`None`: it is available).
     pub fn no_training_reason(&self) -> Option<String> {
         match self {
-            Self::Host { .. } => None,
-            Self::Device { name, .. } => Some(format!(
-                "fine-tuning runs on the CPU backend only for now; this server computes on \
-                 {name} (start it with --device cpu to train)"
+            Self::Device { model, name, .. } if !model.trains() => Some(format!(
+                "this server's device model ({name}) cannot fine-tune (start it with --device \
+                 cpu to train)"
             )),
+            _ => None,
         }
     }
 }

@@ -48,6 +48,8 @@ pub struct EngineCore {
     pub cost: CostModel,
     /// Set when the device failed for good: the engine stops (and `/health` says so).
     pub stop_reason: Option<String>,
+    /// The key the next fine-tuning job gets on a device model.
+    pub next_job_key: u64,
 }
 
 /// How a sequence's next token is chosen: from its logits row, or as the device picked it.
@@ -96,8 +98,9 @@ impl EngineCore {
                 break;
             }
         }
-        for mut job in self.jobs.drain(..) {
-            job.stop();
+        let jobs: Vec<ActiveJob> = self.jobs.drain(..).collect();
+        for job in jobs {
+            self.stop_job(job);
         }
         // Tell whoever still waits that the engine is gone.
         let why = match &self.stop_reason {
@@ -150,13 +153,24 @@ impl EngineCore {
             }
             EngineCommand::StartJob(spec) => {
                 let events = spec.events.clone();
-                let Compute::Host { model, .. } = &self.compute else {
-                    let why = self.compute.no_training_reason().unwrap_or_default();
-                    let _ = events.send(JobEvent::Failed(why));
-                    return true;
+                let config = match &self.compute {
+                    Compute::Host { model, .. } => model.config.clone(),
+                    Compute::Device { config, .. } => config.clone(),
                 };
-                match ActiveJob::new(*spec, model) {
-                    Ok(job) if !job.finished => self.jobs.push(job),
+                match ActiveJob::new(*spec, &config) {
+                    Ok(mut job) if !job.finished => {
+                        if let Compute::Device { model, .. } = &mut self.compute {
+                            // The adapter and its optimizer state move to the device.
+                            let key = self.next_job_key;
+                            self.next_job_key += 1;
+                            if let Err(e) = model.train_open(key, &job.adapter, &job.optimizer) {
+                                let _ = events.send(JobEvent::Failed(e.to_string()));
+                                return true;
+                            }
+                            job.device_key = Some(key);
+                        }
+                        self.jobs.push(job);
+                    }
                     Ok(_) => {}
                     Err(e) => {
                         let _ = events.send(JobEvent::Failed(e));
@@ -165,12 +179,45 @@ impl EngineCore {
             }
             EngineCommand::StopJob { id } => {
                 if let Some(i) = self.jobs.iter().position(|j| j.id == id) {
-                    self.jobs.remove(i).stop();
+                    let job = self.jobs.remove(i);
+                    self.stop_job(job);
                 }
             }
             EngineCommand::Shutdown => return false,
         }
         true
+    }
+
+    /// Stops a job at its last completed step. On a device its state comes back first; if it
+    /// cannot, the job fails rather than save a state that does not match its step.
+    fn stop_job(&mut self, mut job: ActiveJob) {
+        if let (Compute::Device { model, .. }, Some(key)) = (&mut self.compute, job.device_key) {
+            let fetched = job.fetch_state(model.as_mut());
+            model.train_close(key);
+            if let Err(e) = fetched {
+                job.finished = true;
+                let _ = job.events.send(JobEvent::Failed(format!("saving the job's state: {e}")));
+                return;
+            }
+        }
+        job.stop();
+    }
+
+    /// Ends job `i` with an error (a device failure).
+    fn fail_job(&mut self, i: usize, why: String) {
+        let job = self.jobs.remove(i);
+        if let (Compute::Device { model, .. }, Some(key)) = (&mut self.compute, job.device_key) {
+            model.train_close(key);
+        }
+        let _ = job.events.send(JobEvent::Failed(why));
+    }
+
+    /// Drops job `i` once it has finished (its device state too).
+    fn remove_finished(&mut self, i: usize) {
+        let job = self.jobs.remove(i);
+        if let (Compute::Device { model, .. }, Some(key)) = (&mut self.compute, job.device_key) {
+            model.train_close(key);
+        }
     }
 
     fn trains(&self) -> bool {
@@ -187,13 +234,25 @@ impl EngineCore {
         if !self.trains() {
             return None;
         }
-        let Compute::Host { model, .. } = &self.compute else { return None };
         let pending = self.scheduler.has_work();
         let n = self.jobs.len();
         for k in 0..n {
             let i = (self.job_turn + k) % n;
             let job = &mut self.jobs[i];
-            if !job.ensure_sample(model, self.scheduler.allocator()) {
+            let allocator = self.scheduler.allocator();
+            let ready = match &mut self.compute {
+                Compute::Host { model, .. } => job.ensure_sample(model, allocator),
+                Compute::Device { model, .. } => {
+                    match job.ensure_sample_on(model.as_mut(), allocator) {
+                        Ok(r) => r,
+                        Err(e) => {
+                            self.fail_job(i, e);
+                            return None;
+                        }
+                    }
+                }
+            };
+            if !ready {
                 continue;
             }
             let st = TrainState {
@@ -344,6 +403,24 @@ impl EngineCore {
     /// then backward layers. Returns (training forward tokens, backward layer-tokens).
     fn after_forward(&mut self, train: Option<TrainSlot>) -> (usize, usize) {
         let Some(TrainSlot { job, work }) = train else { return (0, 0) };
+        if let Compute::Device { model, config, .. } = &mut self.compute {
+            let Some(j) = self.jobs.get_mut(job) else { return (0, 0) };
+            let ran = j.run_on_device(model.as_mut(), work, config.num_layers);
+            let (ran, done) = match ran {
+                Ok(r) => (r, j.finished),
+                Err(e) => {
+                    self.fail_job(job, e);
+                    return (0, 0);
+                }
+            };
+            if !j.has_sample() {
+                self.job_turn = job + 1;
+            }
+            if done {
+                self.remove_finished(job);
+            }
+            return ran;
+        }
         let Compute::Host { model, kv } = &self.compute else { return (0, 0) };
         let Some(bw) = self.backward_weights.as_ref() else { return (0, 0) };
         let Some(j) = self.jobs.get_mut(job) else { return (0, 0) };
@@ -357,12 +434,12 @@ impl EngineCore {
                 bwd_layer_tokens = len * j.backward(model, bw, kv, work.backward_layers);
             }
         });
-        if j.current.is_none() {
+        if !j.has_sample() {
             // Sample done: the next job's turn.
             self.job_turn = job + 1;
         }
         if j.finished {
-            self.jobs.remove(job);
+            self.remove_finished(job);
         }
         (work.forward_tokens, bwd_layer_tokens)
     }
@@ -379,7 +456,7 @@ impl EngineCore {
             }
         }
         self.update_gauges();
-        if let Compute::Device { model, name } = &mut self.compute {
+        if let Compute::Device { model, name, .. } = &mut self.compute {
             if let Err(e) = model.check() {
                 tracing::error!(device = %name, error = %e, "the device failed; the engine stops");
                 self.stop_reason = Some(format!("{name} failed: {e}"));
@@ -465,6 +542,8 @@ impl EngineCore {
                     self.pool.install(|| model.forward_with(&batch, kv, &lora, &mut captures)),
                 )
             }
+            // An iteration of training alone: the device trains in forwards of its own.
+            Compute::Device { .. } if inputs.tokens.is_empty() => RowsOut::Logits(Vec::new()),
             Compute::Device { model, .. } => {
                 model.forward(&batch, &device_lora, want).map_err(|e| e.to_string())?
             }

@@ -17,6 +17,7 @@ use crate::kv::{BlockAllocator, KvCache};
 use crate::lora::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule};
 use crate::lora::{LoraConfig, LoraWeights};
 use crate::model::backward::BackwardWeights;
+use crate::model::config::LlamaConfig;
 use crate::model::llama::Llama;
 use crate::model::loss::LossStats;
 
@@ -112,7 +113,7 @@ pub fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
     order
 }
 
-enum Phase {
+pub(super) enum Phase {
     Train,
     /// Forward-only loss over the validation set after an epoch.
     Validate {
@@ -130,7 +131,7 @@ pub struct ActiveJob {
     pub events: flume::Sender<JobEvent>,
     pub adapter: LoraWeights,
     grads: LoraWeights,
-    optimizer: AdamW,
+    pub optimizer: AdamW,
     schedule: LrSchedule,
     pub step: u64,
     pub total_steps: u64,
@@ -141,17 +142,22 @@ pub struct ActiveJob {
     batch_target_tokens: usize,
     batch_stats: LossStats,
     batch_tokens: u64,
-    step_started: Option<Instant>,
+    pub(super) step_started: Option<Instant>,
     trained_tokens: u64,
     /// The sample in flight (forward or backward).
     pub current: Option<TrainingSample>,
-    phase: Phase,
+    /// On a device: the engine's key for the job there, and its sample in flight
+    /// (`job_device.rs`). The device holds the adapter, gradients and optimizer state;
+    /// `adapter` and `optimizer` are refreshed from it before a checkpoint.
+    pub device_key: Option<u64>,
+    pub(super) device_sample: Option<super::job_device::DeviceSample>,
+    pub(super) phase: Phase,
     last_metrics: Option<StepMetrics>,
     pub finished: bool,
 }
 
 impl ActiveJob {
-    pub fn new(spec: TrainJobSpec, model: &Llama) -> Result<Self, String> {
+    pub fn new(spec: TrainJobSpec, model: &LlamaConfig) -> Result<Self, String> {
         let TrainJobSpec { id, train, validation, lora, hyper, resume, events } = spec;
         if train.is_empty() {
             return Err("the training file has no examples".into());
@@ -162,7 +168,7 @@ impl ActiveJob {
         let (adapter, optimizer, step, trained_tokens) = match resume {
             Some(r) => (r.adapter, r.optimizer, r.step, r.trained_tokens),
             None => {
-                let a = LoraWeights::init(&lora, &model.config, hyper.seed);
+                let a = LoraWeights::init(&lora, model, hyper.seed);
                 let o = AdamW::new(&a, AdamWConfig::default());
                 (a, o, 0, 0)
             }
@@ -191,6 +197,8 @@ impl ActiveJob {
             step_started: None,
             trained_tokens,
             current: None,
+            device_key: None,
+            device_sample: None,
             phase: Phase::Train,
             last_metrics: None,
             finished: false,
@@ -224,7 +232,7 @@ impl ActiveJob {
             self.batch.iter().map(|&i| self.train[i].trained_tokens()).sum::<usize>().max(1);
     }
 
-    fn example(&self) -> Option<&TrainingExample> {
+    pub(super) fn example(&self) -> Option<&TrainingExample> {
         match &self.phase {
             Phase::Train => self.batch.get(self.batch_done).map(|&i| &self.train[i]),
             Phase::Validate { next, .. } => self.validation.get(*next),
@@ -269,21 +277,59 @@ impl ActiveJob {
 
     /// After the sample's last forward chunk: its loss; in training, the gradient too.
     pub fn finish_forward(&mut self, model: &Llama, bw: &BackwardWeights) {
+        let scale = self.loss_scale();
         let Some(s) = self.current.as_mut() else { return };
-        self.batch_tokens += s.len() as u64;
+        let len = s.len();
+        let stats = match scale {
+            Some(scale) => s.finish_forward(model, bw, scale),
+            None => s.eval_loss(model),
+        };
+        self.record_loss(len, stats);
+    }
+
+    /// The gradient scale of a training sample's loss (a mean over the batch's trained
+    /// tokens); `None` in validation (loss only).
+    pub(super) fn loss_scale(&self) -> Option<f32> {
+        match self.phase {
+            Phase::Train => Some(1.0 / self.batch_target_tokens as f32),
+            Phase::Validate { .. } => None,
+        }
+    }
+
+    /// Books the loss of the sample in flight (`len` tokens); a validation sample is done then.
+    pub(super) fn record_loss(&mut self, len: usize, loss: LossStats) {
+        self.batch_tokens += len as u64;
         match &mut self.phase {
-            Phase::Train => {
-                let scale = 1.0 / self.batch_target_tokens as f32;
-                let stats = s.finish_forward(model, bw, scale);
-                self.batch_stats.add(&stats);
-            }
+            Phase::Train => self.batch_stats.add(&loss),
             Phase::Validate { next, stats, .. } => {
-                stats.add(&s.eval_loss(model));
+                stats.add(&loss);
                 *next += 1;
                 self.current = None;
+                self.device_sample = None;
                 self.after_validation_sample();
             }
         }
+    }
+
+    /// The sample in flight finished its backward: true when the batch is complete and an
+    /// optimizer step is due.
+    pub(super) fn sample_done(&mut self) -> bool {
+        self.current = None;
+        self.device_sample = None;
+        self.batch_done += 1;
+        self.batch_done >= self.batch.len()
+    }
+
+    /// Whether the next optimizer step ends with a checkpoint (so its state must be at hand).
+    pub(super) fn next_step_checkpoints(&self) -> bool {
+        let next = self.step + 1;
+        let every = self.hyper.checkpoint_every;
+        next >= self.total_steps || (every > 0 && next % every == 0)
+    }
+
+    /// The learning rate of the next optimizer step.
+    pub(super) fn next_lr(&self) -> f32 {
+        self.schedule.lr(self.step)
     }
 
     /// Runs up to `layers` backward layers of the sample in flight; returns how many ran.
@@ -296,21 +342,23 @@ impl ActiveJob {
     ) -> usize {
         let Some(s) = self.current.as_mut() else { return 0 };
         let ran = s.backward_layers(model, bw, kv, &self.adapter, &mut self.grads, layers);
-        if s.is_done() {
-            self.current = None;
-            self.batch_done += 1;
-            if self.batch_done >= self.batch.len() {
-                self.optimizer_step();
-            }
+        if s.is_done() && self.sample_done() {
+            self.optimizer_step();
         }
         ran
     }
 
     fn optimizer_step(&mut self) {
-        let lr = self.schedule.lr(self.step);
+        let lr = self.next_lr();
         let grad_norm = clip_grad_norm(&mut self.grads, MAX_GRAD_NORM);
         self.optimizer.step(&mut self.adapter, &self.grads, lr);
         self.grads.fill_zero();
+        self.after_step(lr, grad_norm);
+    }
+
+    /// The bookkeeping of an optimizer step taken at `lr` (metrics, events, checkpoints, the
+    /// next batch), wherever it ran.
+    pub(super) fn after_step(&mut self, lr: f32, grad_norm: f64) {
         let secs = self.step_started.map_or(0.0, |t| t.elapsed().as_secs_f64());
         self.trained_tokens += self.batch_stats.count as u64;
         let epoch = (self.step / self.steps_per_epoch) as usize + 1;
@@ -381,6 +429,7 @@ impl ActiveJob {
     fn succeed(&mut self) {
         self.finished = true;
         self.current = None;
+        self.device_sample = None;
         let _ = self.events.send(JobEvent::Succeeded(Box::new(self.checkpoint())));
     }
 
@@ -388,20 +437,35 @@ impl ActiveJob {
     pub fn stop(&mut self) {
         self.finished = true;
         self.current = None;
+        self.device_sample = None;
         let _ = self.events.send(JobEvent::Stopped(Box::new(self.checkpoint())));
     }
 
     /// Forward tokens the sample in flight still needs (0 when it is in its backward).
     pub fn forward_remaining(&self) -> usize {
-        self.current.as_ref().map_or(0, TrainingSample::forward_remaining)
+        match &self.device_sample {
+            Some(d) => d.forward_remaining(),
+            None => self.current.as_ref().map_or(0, TrainingSample::forward_remaining),
+        }
     }
 
     pub fn backward_remaining(&self) -> usize {
-        self.current.as_ref().map_or(0, TrainingSample::backward_remaining)
+        match &self.device_sample {
+            Some(d) => d.backward_remaining(),
+            None => self.current.as_ref().map_or(0, TrainingSample::backward_remaining),
+        }
+    }
+
+    /// Whether a sample is in flight.
+    pub fn has_sample(&self) -> bool {
+        self.current.is_some() || self.device_sample.is_some()
     }
 
     /// Tokens of the sample in flight (the cost of one backward layer scales with it).
     pub fn sample_len(&self) -> usize {
-        self.current.as_ref().map_or(0, TrainingSample::len)
+        match &self.device_sample {
+            Some(d) => d.tokens(),
+            None => self.current.as_ref().map_or(0, TrainingSample::len),
+        }
     }
 }

@@ -6,6 +6,7 @@ pub mod cost_model;
 pub mod handle;
 pub mod hybrid;
 pub mod job;
+mod job_device;
 pub mod request;
 pub mod sampler;
 pub mod scheduler;
@@ -168,8 +169,9 @@ pub fn start_on(
                 kv: KvCache::new(num_layers, num_blocks, block_size, kv_heads, head_dim),
             },
             Backend::Device { name, build, .. } => {
+                let config = model.config.clone();
                 match build(model, CacheGeometry { block_size, num_blocks, max_rows }) {
-                    Ok(model) => core::Compute::Device { model, name },
+                    Ok(model) => core::Compute::Device { model, name, config },
                     Err(message) => {
                         let _ =
                             ready_tx.send(Err(EngineStartError::Device { device: name, message }));
@@ -197,6 +199,7 @@ pub fn start_on(
             backward_weights: None,
             cost: cost_model::CostModel::new(),
             stop_reason: None,
+            next_job_key: 0,
         };
         core.run();
     };

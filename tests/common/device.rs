@@ -10,10 +10,24 @@ use coserve::engine::Backend;
 pub const TWIN_DEVICE: &str = "cuda twins (host)";
 
 pub fn twin_backend() -> Backend {
+    twin_backend_with(true)
+}
+
+/// The twin backend with its bf16 roundings off: the device's operations in plain f32, for
+/// comparisons with the CPU backend that are exact up to summation order.
+pub fn exact_twin_backend() -> Backend {
+    twin_backend_with(false)
+}
+
+fn twin_backend_with(rounding: bool) -> Backend {
     Backend::Device {
         name: TWIN_DEVICE.into(),
         kv_bytes_per_element: 2,
-        build: Box::new(|model, cache| {
+        build: Box::new(move |model, cache| {
+            // The build runs on the engine thread, which runs every forward after it.
+            if !rounding {
+                coserve::backend::cuda::twins::stop_rounding_on_this_thread();
+            }
             let h = from_llama(&model, cache.block_size).map_err(|e| e.to_string())?;
             let (n, r) = (cache.num_blocks, cache.max_rows);
             let d = DeviceDecoder::new(HostOps, h.shape, h.weights, h.inv_freq, n, r)

@@ -24,6 +24,12 @@ pub fn without_rounding<T>(f: impl FnOnce() -> T) -> T {
     f()
 }
 
+/// Turns this thread's twin roundings off for good (a thread that runs nothing else, such as
+/// an engine thread in a test whose device model is the twins).
+pub fn stop_rounding_on_this_thread() {
+    EXACT.set(true);
+}
+
 /// Rounds to the nearest bf16, as the device stores activations (unless this thread runs
 /// [`without_rounding`]).
 pub fn round_bf16(x: f32) -> f32 {

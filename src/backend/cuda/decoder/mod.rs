@@ -6,6 +6,7 @@
 //! may mix decodes and prompt chunks of any sequences.
 
 pub mod cuda;
+mod device_jobs;
 mod forward;
 pub mod from_model;
 pub mod host;

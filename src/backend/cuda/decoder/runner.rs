@@ -1,20 +1,24 @@
 //! The decoder as the engine runs it: weights, one KV cache per layer addressed by the engine's
 //! block tables, and scratch grown to the largest forward seen.
 
+use std::collections::HashMap;
 use std::ops::Range;
 use std::path::Path;
 use std::sync::Arc;
 
 use super::cuda::CudaOps;
+use super::device_jobs::DeviceJob;
 use super::lora::LoraSet;
+use super::train::{TrainOps, TrainSample};
 use super::{
-    forward_rows, DecoderOps, DecoderShape, DecoderWeights, RowsOut, Scratch, SeqRows, StepBatch,
-    Want,
+    forward_rows, DecoderShape, DecoderWeights, RowsOut, Scratch, SeqRows, StepBatch, Want,
 };
 use crate::backend::cuda::gpu::Gpu;
 use crate::backend::cuda::{CudaError, DeviceSpec};
-use crate::lora::AdapterLease;
+use crate::lora::optim::AdamW;
+use crate::lora::{AdapterLease, LoraWeights};
 use crate::model::llama::{ForwardBatch, Llama};
+use crate::model::loss::LossStats;
 
 /// Rows of a forward that run through a served adapter: one whole sequence's rows, as the
 /// engine sends them.
@@ -40,27 +44,80 @@ pub trait DeviceModel {
     /// Whether the device still works after a failed forward (a fault that poisons the
     /// context, such as an illegal address, fails every later call too).
     fn check(&mut self) -> Result<(), CudaError>;
+
+    // Fine-tuning jobs on the device, each keyed by the engine (see `device_jobs`): the
+    // adapter, its gradients and AdamW state stay on the device, one sample in flight per job.
+    // A device model that cannot train says so.
+
+    /// Whether the methods below work.
+    fn trains(&self) -> bool {
+        false
+    }
+    /// Puts a job's adapter and optimizer state on the device.
+    fn train_open(&mut self, key: u64, adapter: &LoraWeights, optimizer: &AdamW) -> R {
+        let _ = (key, adapter, optimizer);
+        Err(CudaError::Shape("this device model does not train".into()))
+    }
+    /// Starts a sample (its K and V go to the blocks of its table).
+    fn train_begin(&mut self, key: u64, sample: TrainSample) -> R {
+        let _ = (key, sample);
+        Err(CudaError::Shape("this device model does not train".into()))
+    }
+    /// Forwards up to `max_tokens` more tokens of the sample; returns how many.
+    fn train_forward(&mut self, key: u64, max_tokens: usize) -> Result<usize, CudaError> {
+        let _ = (key, max_tokens);
+        Err(CudaError::Shape("this device model does not train".into()))
+    }
+    /// After the last chunk: the sample's loss, its gradient scaled by `grad_scale`.
+    fn train_loss(&mut self, key: u64, grad_scale: f32) -> Result<LossStats, CudaError> {
+        let _ = (key, grad_scale);
+        Err(CudaError::Shape("this device model does not train".into()))
+    }
+    /// Runs up to `max_layers` layers of the sample's backward; returns how many.
+    fn train_backward(&mut self, key: u64, max_layers: usize) -> Result<usize, CudaError> {
+        let _ = (key, max_layers);
+        Err(CudaError::Shape("this device model does not train".into()))
+    }
+    /// Clips the summed gradients to `max_norm`, takes an AdamW step at `lr`, zeroes the
+    /// gradients; returns the norm before clipping.
+    fn train_step(&mut self, key: u64, lr: f32, max_norm: f32) -> Result<f64, CudaError> {
+        let _ = (key, lr, max_norm);
+        Err(CudaError::Shape("this device model does not train".into()))
+    }
+    /// The job's adapter and optimizer state on the host.
+    fn train_state(&mut self, key: u64) -> Result<(LoraWeights, AdamW), CudaError> {
+        let _ = key;
+        Err(CudaError::Shape("this device model does not train".into()))
+    }
+    /// Frees the job's state on the device.
+    fn train_close(&mut self, key: u64) {
+        let _ = key;
+    }
 }
+
+type R = Result<(), CudaError>;
 
 /// Rows one forward may have: the attention launch's grid.y.
 pub const MAX_ROWS: usize = 65_535;
 /// Adapters kept on the device beyond those a forward needs (still served, just not in it).
 const MAX_RESIDENT: usize = 16;
 
-pub struct DeviceDecoder<O: DecoderOps> {
-    ops: O,
-    shape: DecoderShape,
-    weights: DecoderWeights<O::Weight>,
-    inv_freq: Vec<f32>,
-    caches: Vec<O::Cache>,
+pub struct DeviceDecoder<O: TrainOps> {
+    pub(super) ops: O,
+    pub(super) shape: DecoderShape,
+    pub(super) weights: DecoderWeights<O::Weight>,
+    pub(super) inv_freq: Vec<f32>,
+    pub(super) caches: Vec<O::Cache>,
     scratch: Option<Scratch<O>>,
-    num_blocks: usize,
+    pub(super) num_blocks: usize,
     /// Adapters on the device in slot order, and their tables.
     resident: Vec<AdapterLease>,
     lora: Option<LoraSet<O::LoraTable>>,
+    /// Fine-tuning jobs' state on the device, by the engine's key.
+    pub(super) jobs: HashMap<u64, DeviceJob<O>>,
 }
 
-impl<O: DecoderOps> DeviceDecoder<O> {
+impl<O: TrainOps> DeviceDecoder<O> {
     /// Allocates a cache of `num_blocks` blocks per layer and scratch for forwards of up to
     /// `max_rows` rows, so that a device too small fails here rather than on some later batch.
     pub fn new(
@@ -99,6 +156,7 @@ impl<O: DecoderOps> DeviceDecoder<O> {
             scratch,
             num_blocks,
             resident: Vec::new(),
+            jobs: HashMap::new(),
             lora: None,
         })
     }
@@ -202,7 +260,7 @@ pub fn open_cuda(
     DeviceDecoder::new(ops, shape, weights, inv_freq, num_blocks, max_rows)
 }
 
-impl<O: DecoderOps> DeviceModel for DeviceDecoder<O> {
+impl<O: TrainOps> DeviceModel for DeviceDecoder<O> {
     fn forward(
         &mut self,
         batch: &ForwardBatch<'_>,
@@ -229,6 +287,42 @@ impl<O: DecoderOps> DeviceModel for DeviceDecoder<O> {
 
     fn check(&mut self) -> Result<(), CudaError> {
         self.ops.sync()
+    }
+
+    fn trains(&self) -> bool {
+        true
+    }
+
+    fn train_open(&mut self, key: u64, adapter: &LoraWeights, optimizer: &AdamW) -> R {
+        self.job_open(key, adapter, optimizer)
+    }
+
+    fn train_begin(&mut self, key: u64, sample: TrainSample) -> R {
+        self.job_begin(key, sample)
+    }
+
+    fn train_forward(&mut self, key: u64, max_tokens: usize) -> Result<usize, CudaError> {
+        self.job_forward(key, max_tokens)
+    }
+
+    fn train_loss(&mut self, key: u64, grad_scale: f32) -> Result<LossStats, CudaError> {
+        self.job_loss(key, grad_scale)
+    }
+
+    fn train_backward(&mut self, key: u64, max_layers: usize) -> Result<usize, CudaError> {
+        self.job_backward(key, max_layers)
+    }
+
+    fn train_step(&mut self, key: u64, lr: f32, max_norm: f32) -> Result<f64, CudaError> {
+        self.job_step(key, lr, max_norm)
+    }
+
+    fn train_state(&mut self, key: u64) -> Result<(LoraWeights, AdamW), CudaError> {
+        self.job_state(key)
+    }
+
+    fn train_close(&mut self, key: u64) {
+        self.job_close(key);
     }
 }
 

@@ -5,7 +5,7 @@ use super::TrainOps;
 use crate::backend::cuda::decoder::lora::{LoraDims, LoraSet};
 use crate::backend::cuda::decoder::DecoderShape;
 use crate::backend::cuda::CudaError;
-use crate::lora::optim::{AdamWConfig, AdamWScalars};
+use crate::lora::optim::{AdamW, AdamWConfig, AdamWScalars};
 use crate::lora::{LoraPair, LoraWeights, TargetModule};
 
 /// One projection's trainable pair: `A [rank, in]`, `B [out, rank]`, their gradients and
@@ -100,6 +100,47 @@ impl<L> TrainAdapter<L> {
         let mut weights_shape = w.clone();
         weights_shape.fill_zero();
         Ok(Self { weights_shape, layers, rank, scale: w.scale(), adamw, step: 0 })
+    }
+
+    /// [`new`](Self::new) resuming an optimizer: its moments and step count go to the device
+    /// too.
+    pub fn resume<O: TrainOps<Logits = L>>(
+        ops: &mut O,
+        s: &DecoderShape,
+        w: &LoraWeights,
+        opt: &AdamW,
+    ) -> Result<Self, CudaError> {
+        let mut ad = Self::new(ops, s, w, opt.config)?;
+        let moments = opt.m.layers.iter().zip(&opt.v.layers);
+        for (pairs, (ml, vl)) in ad.layers.iter_mut().zip(moments) {
+            for ((p, m), v) in pairs.iter_mut().zip(ml).zip(vl) {
+                match (p, m, v) {
+                    (Some(p), Some(m), Some(v)) => {
+                        let same = |x: &LoraPair| x.a.len() == p.a_len() && x.b.len() == p.b_len();
+                        if !same(m) || !same(v) {
+                            return Err(CudaError::Shape(
+                                "optimizer moments of another shape".into(),
+                            ));
+                        }
+                        p.m = [ops.upload_f32(&m.a)?, ops.upload_f32(&m.b)?];
+                        p.v = [ops.upload_f32(&v.a)?, ops.upload_f32(&v.b)?];
+                    }
+                    (None, None, None) => {}
+                    _ => {
+                        return Err(CudaError::Shape("optimizer moments of another adapter".into()))
+                    }
+                }
+            }
+        }
+        ad.step = opt.step;
+        Ok(ad)
+    }
+
+    /// The optimizer's state on the host (for a checkpoint).
+    pub fn optimizer<O: TrainOps<Logits = L>>(&self, ops: &mut O) -> Result<AdamW, CudaError> {
+        let m = self.to_host(ops, |p| (&p.m[0], &p.m[1]))?;
+        let v = self.to_host(ops, |p| (&p.v[0], &p.v[1]))?;
+        Ok(AdamW { config: self.adamw, step: self.step, m, v })
     }
 
     /// The forward's view of the adapter (slot 0), reading the current weights.

@@ -1,0 +1,97 @@
+//! Fine-tuning jobs on a [`DeviceDecoder`]: per job, the adapter being trained with its
+//! gradients and AdamW state (`TrainAdapter`), and its sample in flight (`TrainScratch`, sized
+//! to the longest sample seen). Samples forward in forwards of their own, in the engine's
+//! blocks of the device cache.
+
+use super::runner::DeviceDecoder;
+use super::train::{
+    backward_layers, finish_forward, forward_chunk, TrainAdapter, TrainOps, TrainSample,
+    TrainScratch,
+};
+use crate::backend::cuda::CudaError;
+use crate::lora::optim::AdamW;
+use crate::lora::LoraWeights;
+use crate::model::loss::LossStats;
+
+pub struct DeviceJob<O: TrainOps> {
+    adapter: TrainAdapter<O::Logits>,
+    scratch: Option<TrainScratch<O>>,
+}
+
+fn no_job(key: u64) -> CudaError {
+    CudaError::Shape(format!("no fine-tuning job {key} on the device"))
+}
+
+impl<O: TrainOps> DeviceDecoder<O> {
+    pub(super) fn job_open(
+        &mut self,
+        key: u64,
+        adapter: &LoraWeights,
+        opt: &AdamW,
+    ) -> Result<(), CudaError> {
+        // A job opened again (resumed) starts from the state given.
+        self.jobs.remove(&key);
+        let adapter = TrainAdapter::resume(&mut self.ops, &self.shape, adapter, opt)?;
+        self.jobs.insert(key, DeviceJob { adapter, scratch: None });
+        Ok(())
+    }
+
+    pub(super) fn job_begin(&mut self, key: u64, sample: TrainSample) -> Result<(), CudaError> {
+        let blocks = sample.block_table.iter().map(|&b| b as usize + 1).max().unwrap_or(0);
+        if blocks > self.num_blocks {
+            return Err(CudaError::Shape(format!(
+                "a sample reaching block {} of a {}-block cache",
+                blocks - 1,
+                self.num_blocks
+            )));
+        }
+        let job = self.jobs.get_mut(&key).ok_or_else(|| no_job(key))?;
+        if job.scratch.as_ref().is_none_or(|sc| sc.len < sample.len()) {
+            // Old buffers first; room for samples up to the next power of two.
+            job.scratch = None;
+            let len = sample.len().next_power_of_two();
+            job.scratch = Some(TrainScratch::new(&mut self.ops, &self.shape, &job.adapter, len)?);
+        }
+        match job.scratch.as_mut() {
+            Some(sc) => sc.begin(sample),
+            None => Err(no_job(key)),
+        }
+    }
+
+    pub(super) fn job_forward(&mut self, key: u64, max_tokens: usize) -> Result<usize, CudaError> {
+        let job = self.jobs.get_mut(&key).ok_or_else(|| no_job(key))?;
+        let sc =
+            job.scratch.as_mut().ok_or_else(|| CudaError::Shape("no sample in flight".into()))?;
+        let (s, w, f) = (&self.shape, &self.weights, &self.inv_freq);
+        forward_chunk(&mut self.ops, s, w, f, &mut self.caches, &job.adapter, sc, max_tokens)
+    }
+
+    pub(super) fn job_loss(&mut self, key: u64, grad_scale: f32) -> Result<LossStats, CudaError> {
+        let job = self.jobs.get_mut(&key).ok_or_else(|| no_job(key))?;
+        let sc =
+            job.scratch.as_mut().ok_or_else(|| CudaError::Shape("no sample in flight".into()))?;
+        finish_forward(&mut self.ops, &self.shape, &self.weights, &self.inv_freq, sc, grad_scale)
+    }
+
+    pub(super) fn job_backward(&mut self, key: u64, max_layers: usize) -> Result<usize, CudaError> {
+        let job = self.jobs.get_mut(&key).ok_or_else(|| no_job(key))?;
+        let sc =
+            job.scratch.as_mut().ok_or_else(|| CudaError::Shape("no sample in flight".into()))?;
+        let (s, w) = (&self.shape, &self.weights);
+        backward_layers(&mut self.ops, s, w, &mut self.caches, &mut job.adapter, sc, max_layers)
+    }
+
+    pub(super) fn job_step(&mut self, key: u64, lr: f32, max_norm: f32) -> Result<f64, CudaError> {
+        let job = self.jobs.get_mut(&key).ok_or_else(|| no_job(key))?;
+        job.adapter.clip_and_step(&mut self.ops, lr, Some(max_norm))
+    }
+
+    pub(super) fn job_state(&mut self, key: u64) -> Result<(LoraWeights, AdamW), CudaError> {
+        let job = self.jobs.get(&key).ok_or_else(|| no_job(key))?;
+        Ok((job.adapter.weights(&mut self.ops)?, job.adapter.optimizer(&mut self.ops)?))
+    }
+
+    pub(super) fn job_close(&mut self, key: u64) {
+        self.jobs.remove(&key);
+    }
+}

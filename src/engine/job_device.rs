@@ -1,0 +1,121 @@
+//! A fine-tuning job's samples on a device model: the device keeps the adapter, its gradients
+//! and AdamW state and the sample's activations (`decoder::device_jobs`); the job keeps the
+//! sample's KV blocks (freed when it drops), its progress and all the bookkeeping of `job.rs`.
+//! Each sample forwards in forwards of its own inside the engine's iterations, then its loss
+//! runs, then its backward a few layers per iteration, as `plan_training` sizes them.
+
+use std::time::Instant;
+
+use super::hybrid::TrainWork;
+use super::job::{ActiveJob, MAX_GRAD_NORM};
+use crate::backend::cuda::decoder::runner::DeviceModel;
+use crate::backend::cuda::decoder::train::TrainSample;
+use crate::kv::{BlockAllocator, BlockTable};
+
+/// A sample in flight on the device.
+pub struct DeviceSample {
+    _blocks: BlockTable,
+    len: usize,
+    forwarded: usize,
+    /// Set once the loss has run: layers of backward left.
+    backward_left: Option<usize>,
+}
+
+impl DeviceSample {
+    pub fn forward_remaining(&self) -> usize {
+        self.len - self.forwarded
+    }
+
+    pub fn backward_remaining(&self) -> usize {
+        self.backward_left.unwrap_or(0)
+    }
+
+    pub fn tokens(&self) -> usize {
+        self.len
+    }
+}
+
+impl ActiveJob {
+    /// [`ensure_sample`](ActiveJob::ensure_sample) on a device: reserves the sample's blocks
+    /// and starts it there. `Ok(false)`: nothing to do, or no blocks free yet (it waits).
+    pub fn ensure_sample_on(
+        &mut self,
+        dev: &mut dyn DeviceModel,
+        allocator: &BlockAllocator,
+    ) -> Result<bool, String> {
+        let Some(key) = self.device_key else { return Ok(false) };
+        if self.finished {
+            return Ok(false);
+        }
+        if self.device_sample.is_some() {
+            return Ok(true);
+        }
+        let Some(ex) = self.example() else { return Ok(false) };
+        let (tokens, trained) = (ex.tokens.clone(), ex.trained.clone());
+        let mut blocks = BlockTable::new(allocator.clone());
+        if blocks.reserve(tokens.len()).is_err() {
+            return Ok(false);
+        }
+        let len = tokens.len();
+        let sample = TrainSample::new(tokens, &trained, blocks.block_ids().to_vec());
+        dev.train_begin(key, sample).map_err(|e| e.to_string())?;
+        self.step_started.get_or_insert_with(Instant::now);
+        self.device_sample =
+            Some(DeviceSample { _blocks: blocks, len, forwarded: 0, backward_left: None });
+        Ok(true)
+    }
+
+    /// This iteration's training work on the device: `forward_tokens` more of the sample, its
+    /// loss once its forward is complete, then up to `backward_layers` of its backward, and
+    /// the optimizer step when the batch is complete. Returns (forward tokens, backward
+    /// layer-tokens) run.
+    pub fn run_on_device(
+        &mut self,
+        dev: &mut dyn DeviceModel,
+        work: TrainWork,
+        layers: usize,
+    ) -> Result<(usize, usize), String> {
+        let Some(key) = self.device_key else { return Ok((0, 0)) };
+        let err = |e: crate::backend::cuda::CudaError| e.to_string();
+        let scale = self.loss_scale();
+        let Some(ds) = self.device_sample.as_mut() else { return Ok((0, 0)) };
+        let mut fwd = 0;
+        if work.forward_tokens > 0 && ds.forwarded < ds.len {
+            fwd = dev.train_forward(key, work.forward_tokens).map_err(err)?;
+            ds.forwarded += fwd;
+        }
+        if ds.forwarded == ds.len && ds.backward_left.is_none() {
+            let len = ds.len;
+            let stats = dev.train_loss(key, scale.unwrap_or(0.0)).map_err(err)?;
+            // A validation sample is done with its loss (record_loss drops it).
+            ds.backward_left = Some(if scale.is_some() { layers } else { 0 });
+            self.record_loss(len, stats);
+            return Ok((fwd, 0));
+        }
+        let Some(left) = ds.backward_left.filter(|&l| l > 0) else { return Ok((fwd, 0)) };
+        if work.backward_layers == 0 {
+            return Ok((fwd, 0));
+        }
+        let ran = dev.train_backward(key, work.backward_layers.min(left)).map_err(err)?;
+        ds.backward_left = Some(left - ran);
+        let layer_tokens = ran * ds.len;
+        if left - ran == 0 && self.sample_done() {
+            let lr = self.next_lr();
+            let grad_norm = dev.train_step(key, lr, MAX_GRAD_NORM).map_err(err)?;
+            if self.next_step_checkpoints() {
+                self.fetch_state(dev)?;
+            }
+            self.after_step(lr, grad_norm);
+        }
+        Ok((fwd, layer_tokens))
+    }
+
+    /// Copies the adapter and optimizer state from the device (before a checkpoint).
+    pub fn fetch_state(&mut self, dev: &mut dyn DeviceModel) -> Result<(), String> {
+        let Some(key) = self.device_key else { return Ok(()) };
+        let (adapter, optimizer) = dev.train_state(key).map_err(|e| e.to_string())?;
+        self.adapter = adapter;
+        self.optimizer = optimizer;
+        Ok(())
+    }
+}
