@@ -6,26 +6,15 @@
 mod common;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use common::device::{exact_twin_backend, twin_backend};
 use common::engine::{generate, TestEngine};
+use common::finetune::{drain, examples, Run};
 use common::tiny_model::{write_gguf, TinyShape};
 use coserve::engine::hybrid::{FinetuneMode, TrainingConfig};
-use coserve::engine::job::{JobEvent, ResumePoint, StepMetrics, TrainHyper, TrainJobSpec};
+use coserve::engine::job::{JobEvent, ResumePoint, TrainHyper, TrainJobSpec};
 use coserve::engine::{Backend, EngineConfig, SamplingParams};
-use coserve::finetune::TrainingExample;
 use coserve::lora::{LoraConfig, LoraWeights};
-
-fn examples(n: usize, len: usize) -> Vec<TrainingExample> {
-    (0..n)
-        .map(|i| {
-            let tokens: Vec<u32> = (0..len).map(|p| ((i * 31 + p * 7) % 200 + 10) as u32).collect();
-            let trained = (0..len).map(|p| p >= len / 2).collect();
-            TrainingExample { tokens, trained, line: i + 1 }
-        })
-        .collect()
-}
 
 /// Heads of 32 (the kernels' multiple) and bf16-valued weights (what a device holds).
 fn shape() -> TinyShape {
@@ -66,43 +55,6 @@ fn spec(id: &str, resume: Option<ResumePoint>) -> (TrainJobSpec, flume::Receiver
         events: tx,
     };
     (spec, rx)
-}
-
-#[derive(Default)]
-struct Run {
-    steps: Vec<StepMetrics>,
-    valid: Vec<f64>,
-    checkpoints: Vec<ResumePoint>,
-    end: Option<ResumePoint>,
-    stopped: Option<ResumePoint>,
-}
-
-fn drain(rx: &flume::Receiver<JobEvent>, stop_after: Option<(u64, &TestEngine, &str)>) -> Run {
-    let mut run = Run::default();
-    loop {
-        match rx.recv_timeout(Duration::from_secs(120)).expect("job event") {
-            JobEvent::Started { .. } => {}
-            JobEvent::Validation { valid_loss, .. } => run.valid.push(valid_loss),
-            JobEvent::Step(m) => {
-                if let Some((s, e, id)) = stop_after {
-                    if m.step == s {
-                        e.handle.stop_job(id);
-                    }
-                }
-                run.steps.push(m);
-            }
-            JobEvent::Checkpoint(c) => run.checkpoints.push(c.resume),
-            JobEvent::Succeeded(c) => {
-                run.end = Some(c.resume);
-                return run;
-            }
-            JobEvent::Stopped(c) => {
-                run.stopped = Some(c.resume);
-                return run;
-            }
-            JobEvent::Failed(e) => panic!("job failed: {e}"),
-        }
-    }
 }
 
 fn run_job(path: &std::path::Path, backend: Backend) -> Run {

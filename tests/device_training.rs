@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::dense_lora::oracle;
+use common::dense_lora::{oracle, random_adapter};
 use common::tiny_model::{write_hf_dir, TinyShape};
 use coserve::backend::cuda::decoder::from_model::from_llama;
 use coserve::backend::cuda::decoder::host::HostOps;
@@ -26,15 +26,6 @@ use coserve::model::weights::WeightsDtype;
 /// The step's arithmetic with the twins' roundings off: as exact as the CPU path's own check
 /// against autograd (`training_gradients.rs`).
 const EXACT_TOL: f32 = 1e-4;
-
-fn random_adapter(model: &Llama, config: LoraConfig, seed: u64) -> LoraWeights {
-    let mut w = LoraWeights::init(&config, &model.config, seed);
-    let other = LoraWeights::init(&config, &model.config, seed + 1);
-    for (p, o) in w.pairs_mut().zip(other.pairs()) {
-        p.b.iter_mut().zip(o.a.iter().cycle()).for_each(|(b, a)| *b = 0.5 * a);
-    }
-    w
-}
 
 fn max_abs(v: &[f32]) -> f32 {
     v.iter().fold(0.0, |m, x| m.max(x.abs()))

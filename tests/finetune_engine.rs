@@ -9,22 +9,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::engine::{collect, generate, request, TestEngine};
+use common::finetune::{drain, examples, Run};
 use common::tiny_model::{write_gguf, TinyShape};
 use coserve::engine::hybrid::{FinetuneMode, TrainingConfig};
-use coserve::engine::job::{JobEvent, ResumePoint, StepMetrics, TrainHyper, TrainJobSpec};
+use coserve::engine::job::{JobEvent, ResumePoint, TrainHyper, TrainJobSpec};
 use coserve::engine::{EngineConfig, SamplingParams};
-use coserve::finetune::TrainingExample;
 use coserve::lora::{AdapterRegistry, LoraConfig, LoraWeights};
-
-fn examples(n: usize, len: usize) -> Vec<TrainingExample> {
-    (0..n)
-        .map(|i| {
-            let tokens: Vec<u32> = (0..len).map(|p| ((i * 31 + p * 7) % 200 + 10) as u32).collect();
-            let trained = (0..len).map(|p| p >= len / 2).collect();
-            TrainingExample { tokens, trained, line: i + 1 }
-        })
-        .collect()
-}
 
 fn engine(mode: FinetuneMode, dir: &std::path::Path) -> TestEngine {
     let path = write_gguf(dir, &TinyShape::default());
@@ -41,13 +31,6 @@ fn engine(mode: FinetuneMode, dir: &std::path::Path) -> TestEngine {
         ..EngineConfig::default()
     };
     TestEngine::start(&path, cfg)
-}
-
-struct Run {
-    steps: Vec<StepMetrics>,
-    checkpoints: Vec<ResumePoint>,
-    end: Option<ResumePoint>,
-    stopped: Option<ResumePoint>,
 }
 
 fn spec(
@@ -72,34 +55,6 @@ fn spec(
         events: tx,
     };
     (spec, rx)
-}
-
-/// Collects a job's events until it succeeds, stops or fails.
-fn drain(rx: &flume::Receiver<JobEvent>, stop_after_step: Option<(u64, &TestEngine, &str)>) -> Run {
-    let mut run = Run { steps: vec![], checkpoints: vec![], end: None, stopped: None };
-    loop {
-        match rx.recv_timeout(Duration::from_secs(120)).expect("job event") {
-            JobEvent::Started { .. } | JobEvent::Validation { .. } => {}
-            JobEvent::Step(m) => {
-                if let Some((s, e, id)) = stop_after_step {
-                    if m.step == s {
-                        e.handle.stop_job(id);
-                    }
-                }
-                run.steps.push(m);
-            }
-            JobEvent::Checkpoint(c) => run.checkpoints.push(c.resume),
-            JobEvent::Succeeded(c) => {
-                run.end = Some(c.resume);
-                return run;
-            }
-            JobEvent::Stopped(c) => {
-                run.stopped = Some(c.resume);
-                return run;
-            }
-            JobEvent::Failed(e) => panic!("job failed: {e}"),
-        }
-    }
 }
 
 fn weights(p: &Option<ResumePoint>) -> &LoraWeights {

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::dense_lora::oracle;
+use common::dense_lora::{oracle, random_adapter};
 use common::tiny_model::{write_gguf, write_hf_dir, TinyShape};
 use coserve::bench_finetune::synthetic_tokens as sample_tokens;
 use coserve::engine::training::{forward_chunk_alone, TrainingSample};
@@ -16,17 +16,6 @@ use coserve::model::loader::load_model;
 use coserve::model::weights::WeightsDtype;
 
 const TOL: f32 = 1e-4;
-
-/// An adapter with random A and B (a fresh one has B = 0, which would zero every dA).
-fn random_adapter(model: &Llama, config: LoraConfig, seed: u64) -> LoraWeights {
-    let mut w = LoraWeights::init(&config, &model.config, seed);
-    let other = LoraWeights::init(&config, &model.config, seed + 1);
-    for (p, o) in w.pairs_mut().zip(other.pairs()) {
-        // B from another init's A values, reshaped: any fixed non-zero values do.
-        p.b.iter_mut().zip(o.a.iter().cycle()).for_each(|(b, a)| *b = 0.5 * a);
-    }
-    w
-}
 
 struct Ours {
     loss: f64,

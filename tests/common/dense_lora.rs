@@ -4,7 +4,8 @@
 use candle_core::{Device, Tensor, Var, D};
 
 use coserve::lora::dropout::apply_dropout;
-use coserve::lora::{LoraWeights, TargetModule};
+use coserve::lora::{LoraConfig, LoraWeights, TargetModule};
+use coserve::model::llama::Llama;
 
 use super::dense_llama::{causal_attention, get, rms_norm};
 use super::tiny_model::{hf_tensors, TinyShape};
@@ -121,4 +122,15 @@ pub fn oracle(
         pair.b = gb.unwrap_or_else(|| vec![0.0; pair.b.len()]);
     }
     OracleResult { loss: value, grads }
+}
+
+/// An adapter with random A and B (a fresh one has B = 0, which would zero every dA).
+pub fn random_adapter(model: &Llama, config: LoraConfig, seed: u64) -> LoraWeights {
+    let mut w = LoraWeights::init(&config, &model.config, seed);
+    let other = LoraWeights::init(&config, &model.config, seed + 1);
+    for (p, o) in w.pairs_mut().zip(other.pairs()) {
+        // B from another init's A values, reshaped: any fixed non-zero values do.
+        p.b.iter_mut().zip(o.a.iter().cycle()).for_each(|(b, a)| *b = 0.5 * a);
+    }
+    w
 }

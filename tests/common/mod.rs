@@ -5,6 +5,7 @@ pub mod dense_llama;
 pub mod dense_lora;
 pub mod device;
 pub mod engine;
+pub mod finetune;
 pub mod fixtures;
 pub mod multipart;
 pub mod server;

@@ -88,28 +88,8 @@ fn decoder_checks(
     checks: &mut Vec<Check>,
     qkv_bias: bool,
 ) -> Result<(), CudaError> {
-    let s = DecoderShape {
-        vocab: 1000,
-        hidden: 256,
-        inter: 512,
-        layers: 2,
-        heads: 4,
-        kv_heads: 2,
-        head_dim: 64,
-        eps: 1e-5,
-        block_size: 16,
-        qkv_bias,
-    };
-    let inv_freq: Vec<f32> = (0..s.head_dim / 2)
-        .map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / s.head_dim as f32))
-        .collect();
-    let weights = ops.dummy_weights(&s, 7)?;
-    let host_tensors = weights
-        .tensors()
-        .iter()
-        .map(|t| ops.gpu.down_bf16(t, t.len()))
-        .collect::<Result<_, _>>()?;
-    let host_weights = DecoderWeights::from_tensors(&s, host_tensors)?;
+    let s = small_shape(qkv_bias);
+    let (weights, host_weights, inv_freq) = small_model(ops, &s, 7)?;
 
     // Sequence A: a 150-token prompt over shuffled blocks (long enough for split-K in its
     // decodes); sequence B: a 6-token prompt. Then three decode steps of both.
@@ -237,6 +217,46 @@ fn decoder_checks(
         }
     }
     Ok(())
+}
+
+/// The selftest's small model: two layers, hidden 256, four heads of 64 over two kv heads.
+pub(super) fn small_shape(qkv_bias: bool) -> DecoderShape {
+    DecoderShape {
+        vocab: 1000,
+        hidden: 256,
+        inter: 512,
+        layers: 2,
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 64,
+        eps: 1e-5,
+        block_size: 16,
+        qkv_bias,
+    }
+}
+
+/// Random weights of `s` made on the device (`seed`), the same values on the host, and the
+/// RoPE frequencies.
+pub(super) type SmallModel =
+    (DecoderWeights<cudarc::driver::CudaSlice<u16>>, DecoderWeights<Vec<f32>>, Vec<f32>);
+
+pub(super) fn small_model(
+    ops: &mut CudaOps,
+    s: &DecoderShape,
+    seed: u64,
+) -> Result<SmallModel, CudaError> {
+    let weights = ops.dummy_weights(s, seed)?;
+    let host_tensors = weights
+        .tensors()
+        .iter()
+        .map(|t| ops.gpu.down_bf16(t, t.len()))
+        .collect::<Result<_, _>>()?;
+    let host_weights = DecoderWeights::from_tensors(s, host_tensors)?;
+    Ok((weights, host_weights, rope_inv_freq(s)))
+}
+
+pub(super) fn rope_inv_freq(s: &DecoderShape) -> Vec<f32> {
+    (0..s.head_dim / 2).map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / s.head_dim as f32)).collect()
 }
 
 /// An adapter of rank `r` on every projection, random A and B, PEFT layouts.

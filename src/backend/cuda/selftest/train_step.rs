@@ -4,7 +4,7 @@
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::model::{failed, random_adapter};
+use super::model::{failed, random_adapter, small_model, small_shape};
 use super::{compare, Check};
 use crate::backend::cuda::decoder::cuda::CudaOps;
 use crate::backend::cuda::decoder::host::HostOps;
@@ -51,34 +51,9 @@ fn run<O: TrainOps>(
     Ok(Run { mean_loss: stats.mean_loss(), grads, norm, stepped })
 }
 
-pub(super) fn check_training_step(
-    ops: &mut CudaOps,
-    checks: &mut Vec<Check>,
-) -> Result<(), CudaError> {
-    let s = DecoderShape {
-        vocab: 1000,
-        hidden: 256,
-        inter: 512,
-        layers: 2,
-        heads: 4,
-        kv_heads: 2,
-        head_dim: 64,
-        eps: 1e-5,
-        block_size: 16,
-        qkv_bias: false,
-    };
-    let inv_freq: Vec<f32> = (0..s.head_dim / 2)
-        .map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / s.head_dim as f32))
-        .collect();
-    let weights = ops.dummy_weights(&s, 9)?;
-    let host_tensors = weights
-        .tensors()
-        .iter()
-        .map(|t| ops.gpu.down_bf16(t, t.len()))
-        .collect::<Result<_, _>>()?;
-    let host_weights = DecoderWeights::from_tensors(&s, host_tensors)?;
-
-    // A 300-token sample (two loss chunks) over shuffled blocks, loss on tokens 40..290.
+/// A 300-token sample (two loss chunks) over shuffled blocks, loss on tokens 40..290, and a
+/// random rank-8 adapter on every projection.
+fn case(s: &DecoderShape) -> (TrainSample, LoraWeights) {
     let mut rng = StdRng::seed_from_u64(31);
     let n: usize = 300;
     let mut blocks: Vec<u32> = (0..20).collect();
@@ -88,9 +63,19 @@ pub(super) fn check_training_step(
     let tokens: Vec<u32> = (0..n).map(|_| rng.random_range(0..s.vocab as u32)).collect();
     let trained: Vec<bool> = (0..n).map(|i| (40..290).contains(&i)).collect();
     let table = blocks[..n.div_ceil(s.block_size)].to_vec();
-    let sample = TrainSample::new(tokens, &trained, table);
-    let count = sample.targets.iter().flatten().count();
-    let adapter = random_adapter(&s, 8, &mut rng);
+    let adapter = random_adapter(s, 8, &mut rng);
+    (TrainSample::new(tokens, &trained, table), adapter)
+}
+
+pub(super) fn check_training_step(
+    ops: &mut CudaOps,
+    checks: &mut Vec<Check>,
+) -> Result<(), CudaError> {
+    let s = small_shape(false);
+    let (weights, host_weights, inv_freq) = small_model(ops, &s, 9)?;
+
+    let (sample, adapter) = case(&s);
+    let (n, count) = (sample.len(), sample.targets.iter().flatten().count());
     let lr = 1e-3;
     let scale = 1.0 / count as f32;
 
@@ -154,6 +139,7 @@ pub(super) fn check_training_step(
 
 #[cfg(test)]
 mod tests {
+    use super::super::model::rope_inv_freq;
     use super::*;
     use crate::backend::cuda::decoder::fill_uniform_host;
 
@@ -161,33 +147,17 @@ mod tests {
     /// ln(vocab) for a random model and non-zero gradients.
     #[test]
     fn selftest_step_runs_on_the_twins() {
-        let s = DecoderShape {
-            vocab: 1000,
-            hidden: 256,
-            inter: 512,
-            layers: 2,
-            heads: 4,
-            kv_heads: 2,
-            head_dim: 64,
-            eps: 1e-5,
-            block_size: 16,
-            qkv_bias: false,
-        };
+        let s = small_shape(false);
         let tensors = DecoderWeights::<()>::layout(&s)
             .into_iter()
             .enumerate()
             .map(|(i, (n, sc, off))| fill_uniform_host(n, 9 + i as u64, sc, off))
             .collect();
         let w = DecoderWeights::from_tensors(&s, tensors).unwrap();
-        let inv_freq: Vec<f32> = (0..32).map(|i| 1.0 / 10000f32.powf(i as f32 / 32.0)).collect();
-        let mut rng = StdRng::seed_from_u64(31);
-        let n = 300;
-        let tokens: Vec<u32> = (0..n).map(|_| rng.random_range(0..1000)).collect();
-        let trained: Vec<bool> = (0..n).map(|i| (40..290).contains(&i)).collect();
-        let table: Vec<u32> = (0..19).rev().collect();
-        let sample = TrainSample::new(tokens, &trained, table);
-        let adapter = random_adapter(&s, 8, &mut rng);
-        let r = run(&mut HostOps, &s, &w, &inv_freq, &adapter, &sample, 1.0 / 249.0, 1e-3).unwrap();
+        let inv_freq = rope_inv_freq(&s);
+        let (sample, adapter) = case(&s);
+        let scale = 1.0 / sample.targets.iter().flatten().count() as f32;
+        let r = run(&mut HostOps, &s, &w, &inv_freq, &adapter, &sample, scale, 1e-3).unwrap();
         assert!((r.mean_loss - (1000f64).ln()).abs() < 2.0, "loss {}", r.mean_loss);
         assert!(r.norm > 0.0 && r.norm.is_finite(), "norm {}", r.norm);
         assert!(r.grads.l2_norm() > 0.0);

@@ -9,7 +9,7 @@ use super::{
 };
 use crate::backend::cuda::decoder::lora::LoraDims;
 use crate::backend::cuda::decoder::train::{GradPair, TrainOps};
-use crate::backend::cuda::decoder::DecoderShape;
+use crate::backend::cuda::decoder::{DecoderOps, DecoderShape};
 use crate::backend::cuda::gemm::{addr, Elem, Operand, Product};
 use crate::backend::cuda::gpu::{cfg, n32, Gpu};
 use crate::backend::cuda::CudaError;
@@ -357,20 +357,12 @@ impl TrainOps for CudaOps {
         let idx: Vec<u32> = st
             .host_slots
             .iter()
-            .map(|&x| u32::try_from(x).ok().filter(|&r| (r as usize) < cache_rows))
-            .collect::<Option<_>>()
-            .ok_or_else(|| CudaError::Shape("a slot past the cache".into()))?;
-        check_len(k.len().min(v.len()), idx.len() * w, "gathered K and V")?;
-        let idx = self.gpu.up(&idx)?;
-        let (wi, nr) = (w as i32, n32(cache_rows));
-        for (src, dst) in [(&cache.k, k), (&cache.v, v)] {
-            let mut b = self.gpu.stream.launch_builder(&self.k.embedding);
-            b.arg(&idx).arg(src).arg(dst).arg(&wi).arg(&nr);
-            // SAFETY: argument list matches embedding_bf16 with the cache as its table; every
-            // index is a cache row (checked), dst holds rows * kv_dim.
-            unsafe { b.launch(cfg((n32(st.rows), 1, 1), THREADS)) }?;
-        }
-        Ok(())
+            .map(|&x| u32::try_from(x).map_err(|_| CudaError::Shape(format!("cache slot {x}"))))
+            .collect::<Result<_, _>>()?;
+        // The rows' K and V through the row gather (which refuses a slot past the cache), the
+        // cache as its table.
+        self.gather_rows(&cache.k, cache_rows, &idx, k, w)?;
+        self.gather_rows(&cache.v, cache_rows, &idx, v, w)
     }
 
     fn attention_backward(
