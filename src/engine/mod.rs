@@ -2,6 +2,7 @@
 
 pub mod compute;
 pub mod core;
+mod core_jobs;
 pub mod cost_model;
 pub mod handle;
 pub mod hybrid;

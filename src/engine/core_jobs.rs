@@ -1,0 +1,160 @@
+//! The engine's fine-tuning jobs: starting, stopping and failing them, planning each
+//! iteration's training work and running what follows the forward (the loss, backward layers,
+//! optimizer steps), on the CPU model or on a device model.
+
+use super::core::{Compute, EngineCore, TrainSlot};
+use super::hybrid::{plan_training, FinetuneMode, TrainState, TrainWork};
+use super::job::{ActiveJob, JobEvent, TrainJobSpec};
+
+impl EngineCore {
+    /// Starts a job; on a device its adapter and optimizer state move there.
+    pub(super) fn start_job(&mut self, spec: Box<TrainJobSpec>) {
+        let events = spec.events.clone();
+        let config = match &self.compute {
+            Compute::Host { model, .. } => model.config.clone(),
+            Compute::Device { config, .. } => config.clone(),
+        };
+        match ActiveJob::new(*spec, &config) {
+            Ok(mut job) if !job.finished => {
+                if let Compute::Device { model, .. } = &mut self.compute {
+                    // The adapter and its optimizer state move to the device.
+                    let key = self.next_job_key;
+                    self.next_job_key += 1;
+                    if let Err(e) = model.train_open(key, &job.adapter, &job.optimizer) {
+                        let _ = events.send(JobEvent::Failed(e.to_string()));
+                        return;
+                    }
+                    job.device_key = Some(key);
+                }
+                self.jobs.push(job);
+            }
+            Ok(_) => {}
+            Err(e) => {
+                let _ = events.send(JobEvent::Failed(e));
+            }
+        }
+    }
+
+    /// Stops a job at its last completed step. On a device its state comes back first; if it
+    /// cannot, the job fails rather than save a state that does not match its step.
+    pub(super) fn stop_job(&mut self, mut job: ActiveJob) {
+        if let (Compute::Device { model, .. }, Some(key)) = (&mut self.compute, job.device_key) {
+            let fetched = job.fetch_state(model.as_mut());
+            model.train_close(key);
+            if let Err(e) = fetched {
+                job.finished = true;
+                let _ = job.events.send(JobEvent::Failed(format!("saving the job's state: {e}")));
+                return;
+            }
+        }
+        job.stop();
+    }
+
+    /// Ends job `i` with an error (a device failure).
+    pub(super) fn fail_job(&mut self, i: usize, why: String) {
+        let job = self.jobs.remove(i);
+        if let (Compute::Device { model, .. }, Some(key)) = (&mut self.compute, job.device_key) {
+            model.train_close(key);
+        }
+        let _ = job.events.send(JobEvent::Failed(why));
+    }
+
+    /// Drops job `i` once it has finished (its device state too).
+    pub(super) fn remove_finished(&mut self, i: usize) {
+        let job = self.jobs.remove(i);
+        if let (Compute::Device { model, .. }, Some(key)) = (&mut self.compute, job.device_key) {
+            model.train_close(key);
+        }
+    }
+
+    pub(super) fn trains(&self) -> bool {
+        !self.jobs.is_empty() && self.training.mode != FinetuneMode::InferenceOnly
+    }
+
+    /// Picks the job whose turn it is (one with a sample that has KV blocks) and sizes its
+    /// work for this iteration.
+    pub(super) fn plan_train(&mut self, inference_tokens: usize) -> Option<TrainSlot> {
+        if !self.trains() {
+            return None;
+        }
+        let pending = self.scheduler.has_work();
+        let n = self.jobs.len();
+        for k in 0..n {
+            let i = (self.job_turn + k) % n;
+            let job = &mut self.jobs[i];
+            let allocator = self.scheduler.allocator();
+            let ready = match &mut self.compute {
+                Compute::Host { model, .. } => job.ensure_sample(model, allocator),
+                Compute::Device { model, .. } => {
+                    match job.ensure_sample_on(model.as_mut(), allocator) {
+                        Ok(r) => r,
+                        Err(e) => {
+                            self.fail_job(i, e);
+                            return None;
+                        }
+                    }
+                }
+            };
+            if !ready {
+                continue;
+            }
+            let st = TrainState {
+                forward_remaining: job.forward_remaining(),
+                backward_remaining: job.backward_remaining(),
+                sample_len: job.sample_len(),
+            };
+            let work = plan_training(&self.training, &self.cost, inference_tokens, pending, st);
+            if work == TrainWork::default() {
+                return None;
+            }
+            self.job_turn = i;
+            return Some(TrainSlot { job: i, work });
+        }
+        None
+    }
+
+    /// Runs the training work after the forward: the loss when a sample's forward completes,
+    /// then backward layers. Returns (training forward tokens, backward layer-tokens).
+    pub(super) fn after_forward(&mut self, train: Option<TrainSlot>) -> (usize, usize) {
+        let Some(TrainSlot { job, work }) = train else { return (0, 0) };
+        if let Compute::Device { model, config, .. } = &mut self.compute {
+            let Some(j) = self.jobs.get_mut(job) else { return (0, 0) };
+            let ran = j.run_on_device(model.as_mut(), work, config.num_layers);
+            let (ran, done) = match ran {
+                Ok(r) => (r, j.finished),
+                Err(e) => {
+                    self.fail_job(job, e);
+                    return (0, 0);
+                }
+            };
+            if !j.has_sample() {
+                self.job_turn = job + 1;
+            }
+            if done {
+                self.remove_finished(job);
+            }
+            return ran;
+        }
+        let Compute::Host { model, kv } = &self.compute else { return (0, 0) };
+        let Some(bw) = self.backward_weights.as_ref() else { return (0, 0) };
+        let Some(j) = self.jobs.get_mut(job) else { return (0, 0) };
+        let mut bwd_layer_tokens = 0;
+        self.pool.install(|| {
+            if work.forward_tokens > 0 && j.forward_remaining() == 0 {
+                j.finish_forward(model, bw);
+            }
+            if work.backward_layers > 0 {
+                let len = j.sample_len();
+                bwd_layer_tokens = len * j.backward(model, bw, kv, work.backward_layers);
+            }
+        });
+        if !j.has_sample() {
+            // Sample done: the next job's turn.
+            self.job_turn = job + 1;
+        }
+        if j.finished {
+            self.remove_finished(job);
+        }
+        (work.forward_tokens, bwd_layer_tokens)
+    }
+}
