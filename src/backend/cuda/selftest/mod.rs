@@ -4,6 +4,7 @@
 mod backward;
 mod layers;
 mod model;
+mod products;
 mod train_step;
 mod training;
 
@@ -46,7 +47,7 @@ pub struct Report {
 pub fn run(spec: DeviceSpec, home: &Path) -> Result<Report, CudaError> {
     let mut gpu = Gpu::open(spec, home, "the selftest (CUDA kernels against their CPU twins)")?;
     let mut checks = Vec::new();
-    let suites: [(&str, Suite); 11] = [
+    let suites: [(&str, Suite); 12] = [
         ("rms_norm_bf16", layers::check_norm),
         ("rope_kv_write_bf16", layers::check_rope),
         ("silu_mul_bf16", layers::check_silu),
@@ -56,6 +57,7 @@ pub fn run(spec: DeviceSpec, home: &Path) -> Result<Report, CudaError> {
         ("cross_entropy_f32", training::check_cross_entropy),
         ("lora_bf16", training::check_lora),
         ("adamw_f32", training::check_adamw),
+        ("training utilities", training::check_grad_utils),
         ("backward_f32", backward::check_backward),
         ("attention_backward_f32", backward::check_attention_backward),
     ];
@@ -69,9 +71,10 @@ pub fn run(spec: DeviceSpec, home: &Path) -> Result<Report, CudaError> {
     match CudaOps::new(gpu) {
         Err(e) => record_failure(&mut checks, "decoder_ops", Err(e)),
         Ok(mut ops) => {
-            let suites: [(&str, OpsSuite); 5] = [
+            let suites: [(&str, OpsSuite); 6] = [
                 ("fill_uniform_bf16", model::check_fill),
                 ("gemm_bf16", model::check_gemm),
+                ("gemm products", products::check_products),
                 ("decoder_end_to_end", model::check_decoder),
                 ("decoder_end_to_end (q/k/v biases)", model::check_decoder_with_biases),
                 ("training_step", train_step::check_training_step),

@@ -162,3 +162,43 @@ pub(super) fn check_adamw(gpu: &mut Gpu, checks: &mut Vec<Check>) -> Result<(), 
     compare(checks, "adamw_f32 (exp_avg_sq)", shape, &gpu.down(&dv)?, &v, 1e-5, 1e-6);
     Ok(())
 }
+
+/// The small kernels of the training step: bf16 rounding of gradients for the products, the
+/// sum of squares of gradient clipping, and its scaling.
+pub(super) fn check_grad_utils(gpu: &mut Gpu, checks: &mut Vec<Check>) -> Result<(), CudaError> {
+    let mut rng = StdRng::seed_from_u64(10);
+    let n = 100_003usize;
+    let x: Vec<f32> = (0..n).map(|_| rng.random_range(-3.0..3.0)).collect();
+    let dx = gpu.up(&x)?;
+    let shape = format!("n={n}");
+    let grid = cfg((n32(n.div_ceil(256).min(1024)), 1, 1), 256);
+
+    let mut y = gpu.zeros::<u16>(n)?;
+    let f = gpu.func("backward.cu", "f32_to_bf16")?;
+    let mut b = gpu.stream.launch_builder(&f);
+    b.arg(&dx).arg(&mut y).arg(&n);
+    // SAFETY: argument list matches f32_to_bf16 (grid-stride over n; both buffers hold n).
+    unsafe { b.launch(grid) }?;
+    let want: Vec<f32> = x.iter().map(|&v| twins::round_bf16(v)).collect();
+    compare(checks, "f32_to_bf16", shape.clone(), &gpu.down_bf16(&y, n)?, &want, 0.0, 0.0);
+
+    let mut sq = gpu.zeros::<f32>(1)?;
+    let f = gpu.func("backward.cu", "sum_squares_f32")?;
+    let mut b = gpu.stream.launch_builder(&f);
+    b.arg(&dx).arg(&n).arg(&mut sq);
+    // SAFETY: argument list matches sum_squares_f32 (one float out, zeroed).
+    unsafe { b.launch(grid) }?;
+    let want = x.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>() as f32;
+    compare(checks, "sum_squares_f32", shape.clone(), &gpu.down(&sq)?, &[want], 1e-5, 0.0);
+
+    let mut dxs = gpu.up(&x)?;
+    let by = 0.37f32;
+    let f = gpu.func("backward.cu", "scale_f32")?;
+    let mut b = gpu.stream.launch_builder(&f);
+    b.arg(&mut dxs).arg(&n).arg(&by);
+    // SAFETY: argument list matches scale_f32 (grid-stride over n).
+    unsafe { b.launch(grid) }?;
+    let want: Vec<f32> = x.iter().map(|&v| v * by).collect();
+    compare(checks, "scale_f32", shape, &gpu.down(&dxs)?, &want, 0.0, 0.0);
+    Ok(())
+}
