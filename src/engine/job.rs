@@ -113,7 +113,7 @@ pub fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
     order
 }
 
-pub(super) enum Phase {
+enum Phase {
     Train,
     /// Forward-only loss over the validation set after an epoch.
     Validate {
@@ -151,7 +151,7 @@ pub struct ActiveJob {
     /// `adapter` and `optimizer` are refreshed from it before a checkpoint.
     pub device_key: Option<u64>,
     pub(super) device_sample: Option<super::job_device::DeviceSample>,
-    pub(super) phase: Phase,
+    phase: Phase,
     last_metrics: Option<StepMetrics>,
     pub finished: bool,
 }
