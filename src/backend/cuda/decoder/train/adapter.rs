@@ -6,7 +6,7 @@ use crate::backend::cuda::decoder::lora::{LoraDims, LoraSet};
 use crate::backend::cuda::decoder::DecoderShape;
 use crate::backend::cuda::CudaError;
 use crate::lora::optim::{AdamW, AdamWConfig, AdamWScalars};
-use crate::lora::{LoraPair, LoraWeights, TargetModule};
+use crate::lora::{LoraConfig, LoraPair, LoraWeights, TargetModule};
 
 /// One projection's trainable pair: `A [rank, in]`, `B [out, rank]`, their gradients and
 /// moments.
@@ -33,7 +33,7 @@ pub struct GradPair<'a, L> {
 }
 
 pub struct TrainAdapter<L> {
-    pub weights_shape: LoraWeights,
+    pub config: LoraConfig,
     pub layers: Vec<[Option<TrainPair<L>>; 7]>,
     pub rank: usize,
     pub scale: f32,
@@ -97,9 +97,8 @@ impl<L> TrainAdapter<L> {
             }
             layers.push(out);
         }
-        let mut weights_shape = w.clone();
-        weights_shape.fill_zero();
-        Ok(Self { weights_shape, layers, rank, scale: w.scale(), adamw, step: 0 })
+        let config = w.config.clone();
+        Ok(Self { config, layers, rank, scale: w.scale(), adamw, step: 0 })
     }
 
     /// [`new`](Self::new) resuming an optimizer: its moments and step count go to the device
@@ -166,7 +165,16 @@ impl<L> TrainAdapter<L> {
         ops: &mut O,
         pick: impl Fn(&TrainPair<L>) -> (&L, &L),
     ) -> Result<LoraWeights, CudaError> {
-        let mut w = self.weights_shape.clone();
+        let layers = self
+            .layers
+            .iter()
+            .map(|pairs| {
+                pairs
+                    .each_ref()
+                    .map(|p| p.as_ref().map(|p| LoraPair::zeros(p.rank, p.in_dim, p.out_dim)))
+            })
+            .collect();
+        let mut w = LoraWeights { config: self.config.clone(), layers };
         for (dst, src) in w.layers.iter_mut().zip(&self.layers) {
             for (d, s) in dst.iter_mut().zip(src) {
                 if let (Some(d), Some(s)) = (d.as_mut(), s.as_ref()) {
