@@ -165,27 +165,23 @@ impl<L> TrainAdapter<L> {
         ops: &mut O,
         pick: impl Fn(&TrainPair<L>) -> (&L, &L),
     ) -> Result<LoraWeights, CudaError> {
-        let layers = self
-            .layers
-            .iter()
-            .map(|pairs| {
-                pairs
-                    .each_ref()
-                    .map(|p| p.as_ref().map(|p| LoraPair::zeros(p.rank, p.in_dim, p.out_dim)))
-            })
-            .collect();
-        let mut w = LoraWeights { config: self.config.clone(), layers };
-        for (dst, src) in w.layers.iter_mut().zip(&self.layers) {
-            for (d, s) in dst.iter_mut().zip(src) {
-                if let (Some(d), Some(s)) = (d.as_mut(), s.as_ref()) {
-                    let (a, b) = pick(s);
-                    let LoraPair { a: da, b: db, .. } = d;
-                    *da = ops.logits_to_host(a, da.len())?;
-                    *db = ops.logits_to_host(b, db.len())?;
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for pairs in &self.layers {
+            let mut out: [Option<LoraPair>; 7] = Default::default();
+            for (dst, p) in out.iter_mut().zip(pairs) {
+                if let Some(p) = p {
+                    let (a, b) = pick(p);
+                    *dst = Some(LoraPair {
+                        in_dim: p.in_dim,
+                        out_dim: p.out_dim,
+                        a: ops.logits_to_host(a, p.a_len())?,
+                        b: ops.logits_to_host(b, p.b_len())?,
+                    });
                 }
             }
+            layers.push(out);
         }
-        Ok(w)
+        Ok(LoraWeights { config: self.config.clone(), layers })
     }
 
     /// The current weights, on the host.
