@@ -205,31 +205,149 @@ fn greedy_picks_on_the_device_equal_the_host_samplers() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = write_gguf(dir.path(), &shape());
     let engine = TestEngine::start_on(&path, EngineConfig::default(), twin_backend());
-    // Plain greedy (picked on the device, with the chosen token's logprob) and greedy with one
-    // alternative (whole logits rows to the host sampler), the same prompts side by side.
-    let run = |logprobs: usize| -> Vec<_> {
+    // The same prompts three ways: plain greedy (the device's argmax, with the chosen token's
+    // logprob), greedy with two alternatives (the device sampler), and greedy with two
+    // alternatives and prompt logprobs (whole rows of logits to the host sampler).
+    let run = |logprobs: usize, prompt_logprobs: Option<usize>| -> Vec<_> {
         let streams: Vec<_> = prompts()
             .into_iter()
             .map(|p| {
                 let mut params = params();
                 params.logprobs = Some(logprobs);
+                params.prompt_logprobs = prompt_logprobs;
                 engine.handle.submit(request(p, params)).expect("submit")
             })
             .collect();
         streams.into_iter().map(collect).collect()
     };
-    let (device, host) = (run(0), run(1));
-    for (i, (d, h)) in device.iter().zip(&host).enumerate() {
+    let (argmax, device, host) = (run(0, None), run(2, None), run(2, Some(0)));
+    for (i, ((a, d), h)) in argmax.iter().zip(&device).zip(&host).enumerate() {
+        assert_eq!(a.tokens, h.tokens, "prompt {i}");
         assert_eq!(d.tokens, h.tokens, "prompt {i}");
-        for (a, b) in d.logprobs.iter().zip(&h.logprobs) {
-            let (a, b) = (a.as_ref().expect("logprob"), b.as_ref().expect("logprob"));
-            assert_eq!(a.token_id, b.token_id);
-            assert!((a.logprob - b.logprob).abs() < 1e-5, "{a:?} {b:?}");
-            assert!(a.top.is_empty() && b.top.len() == 1);
+        for ((a, d), h) in a.logprobs.iter().zip(&d.logprobs).zip(&h.logprobs) {
+            let (a, d, h) = (a.as_ref(), d.as_ref(), h.as_ref().expect("logprob"));
+            let (a, d) = (a.expect("logprob"), d.expect("logprob"));
+            assert_eq!((a.token_id, d.token_id), (h.token_id, h.token_id));
+            assert!((a.logprob - h.logprob).abs() < 1e-5, "{a:?} {h:?}");
+            assert!((d.logprob - h.logprob).abs() < 1e-5, "{d:?} {h:?}");
+            assert!(a.top.is_empty() && h.top.len() == 2 && d.top.len() == 2);
+            for (x, y) in d.top.iter().zip(&h.top) {
+                assert_eq!(x.0, y.0);
+                assert!((x.1 - y.1).abs() < 1e-5, "{x:?} {y:?}");
+            }
         }
     }
     let p = prompts().swap_remove(1);
-    assert_eq!(device[1].tokens, decoder_alone(&path, &p));
+    assert_eq!(argmax[1].tokens, decoder_alone(&path, &p));
+}
+
+/// Seeded sampling with every filter, `logprobs` alternatives.
+fn sampled(seed: u64, logprobs: usize) -> SamplingParams {
+    SamplingParams {
+        temperature: 0.9,
+        top_k: 20,
+        top_p: 0.9,
+        min_p: 0.02,
+        seed: Some(seed),
+        logprobs: Some(logprobs),
+        ..params()
+    }
+}
+
+/// The twin device, counting its forwards by what they bring back: (logits, greedy, sampled).
+struct CountingDevice {
+    inner: Box<dyn DeviceModel>,
+    counts: Arc<std::sync::Mutex<[usize; 3]>>,
+}
+
+impl DeviceModel for CountingDevice {
+    fn forward(
+        &mut self,
+        batch: &ForwardBatch<'_>,
+        adapters: &[AdapterRows<'_>],
+        want: Want<'_>,
+    ) -> Result<RowsOut, CudaError> {
+        let kind = match want {
+            Want::Logits => 0,
+            Want::Greedy => 1,
+            Want::Sample(_) => 2,
+        };
+        self.counts.lock().expect("counts")[kind] += 1;
+        self.inner.forward(batch, adapters, want)
+    }
+
+    fn check(&mut self) -> Result<(), CudaError> {
+        self.inner.check()
+    }
+}
+
+fn counting_backend() -> (Backend, Arc<std::sync::Mutex<[usize; 3]>>) {
+    let Backend::Device { name, kv_bytes_per_element, build } = twin_backend() else {
+        unreachable!("the twin backend is a device")
+    };
+    let counts = Arc::new(std::sync::Mutex::new([0; 3]));
+    let c = counts.clone();
+    let build: coserve::engine::DeviceBuilder = Box::new(move |model, cache| {
+        let inner = build(model, cache)?;
+        Ok(Box::new(CountingDevice { inner, counts: c.clone() }) as Box<dyn DeviceModel>)
+    });
+    (Backend::Device { name, kv_bytes_per_element, build }, counts)
+}
+
+#[test]
+fn a_seeded_sequence_draws_the_same_tokens_on_the_device_and_on_the_host() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write_gguf(dir.path(), &shape());
+    let (backend, counts) = counting_backend();
+    let engine = TestEngine::start_on(&path, EngineConfig::default(), backend);
+    let run = |seed: u64, change: &dyn Fn(&mut SamplingParams), penalised: bool| -> Vec<_> {
+        // A request with a presence penalty in the batch sends every row's logits to the host.
+        let other = penalised.then(|| {
+            let p = SamplingParams { presence_penalty: 0.5, max_tokens: 40, ..params() };
+            engine.handle.submit(request(prompts()[0].clone(), p)).expect("submit")
+        });
+        let streams: Vec<_> = (0..prompts().len())
+            .map(|i| {
+                let mut p = sampled(seed + i as u64, 3);
+                change(&mut p);
+                engine.handle.submit(request(prompts()[i].clone(), p)).expect("submit")
+            })
+            .collect();
+        let out: Vec<_> = streams.into_iter().map(collect).collect();
+        other.map(collect);
+        out
+    };
+    let device = run(1, &|_| {}, false);
+    let [logits, _, samples] = *counts.lock().expect("counts");
+    assert!(logits == 0 && samples > 0, "sampled on the device: {logits} logits forwards");
+    // Sampled on the host: prompt logprobs keep a sequence's every step there, or another
+    // request's penalty does.
+    let with_prompt_logprobs = run(1, &|p| p.prompt_logprobs = Some(0), false);
+    let beside_penalty = run(1, &|_| {}, true);
+    assert!(counts.lock().expect("counts")[0] > 0, "sampled on the host");
+    for (i, d) in device.iter().enumerate() {
+        for (how, h) in
+            [("prompt logprobs", &with_prompt_logprobs[i]), ("penalty", &beside_penalty[i])]
+        {
+            assert_eq!(d.tokens, h.tokens, "prompt {i}, host sampling for {how}");
+            for (x, y) in d.logprobs.iter().zip(&h.logprobs) {
+                let (x, y) = (x.as_ref().expect("logprob"), y.as_ref().expect("logprob"));
+                assert!((x.logprob - y.logprob).abs() < 1e-5, "{x:?} {y:?}");
+                let ids = |t: &[(u32, f32)]| t.iter().map(|e| e.0).collect::<Vec<_>>();
+                assert_eq!(ids(&x.top), ids(&y.top));
+            }
+        }
+    }
+    // The seed fixes the tokens; other seeds and greedy give others.
+    assert_eq!(
+        run(1, &|_| {}, false).iter().map(|g| &g.tokens).collect::<Vec<_>>(),
+        device.iter().map(|g| &g.tokens).collect::<Vec<_>>()
+    );
+    let reseeded = run(100, &|_| {}, false);
+    let greedy = run(1, &|p| p.temperature = 0.0, false);
+    for other in [&reseeded, &greedy] {
+        assert!(device.iter().zip(other).any(|(a, b)| a.tokens != b.tokens));
+    }
 }
 
 /// A device that faults for good on its third forward, as a poisoned CUDA context does.
@@ -243,7 +361,7 @@ impl DeviceModel for FaultingDevice {
         &mut self,
         batch: &ForwardBatch<'_>,
         adapters: &[AdapterRows<'_>],
-        want: Want,
+        want: Want<'_>,
     ) -> Result<RowsOut, CudaError> {
         self.forwards += 1;
         if self.forwards >= 3 {

@@ -12,13 +12,16 @@ use super::hybrid::{TrainWork, TrainingConfig};
 use super::job::ActiveJob;
 use super::request::TokenLogprob;
 use super::request::{EngineEvent, FinishReason};
-use super::sampler::{is_plain_greedy, logprobs_of, sample, Sampled};
+use super::sampler::{
+    is_plain_greedy, logprobs_of, sample, sample_as_device, samples_on_device, Sampled,
+};
 use super::scheduler::{Chunk, Plan, Scheduler};
 use super::sequence::Sequence;
 use super::training::ChunkInputs;
 use crate::backend::cpu::paged_attention::AttnSeq;
 use crate::backend::cuda::decoder::runner::AdapterRows;
 use crate::backend::cuda::decoder::{RowsOut, Want};
+use crate::backend::cuda::sampling::{RowSample, RowSampling};
 use crate::metrics::Metrics;
 use crate::model::backward::BackwardWeights;
 use crate::model::llama::ForwardBatch;
@@ -56,6 +59,17 @@ pub struct EngineCore {
 enum Pick<'a> {
     Logits(&'a [f32]),
     Greedy(u32, f32),
+    Device(&'a RowSample),
+}
+
+/// Who samples a forward's rows (see `EngineCore::picking`).
+enum Picking {
+    /// The host, from each row's logits.
+    Host,
+    /// The device, every row a plain argmax.
+    Greedy,
+    /// The device, as each row's entry asks.
+    Device(Vec<RowSampling>),
 }
 
 /// The fine-tuning part of one iteration: which job and how much of its sample.
@@ -203,7 +217,12 @@ impl EngineCore {
         }
 
         let logits_per_chunk = self.logits_rows_per_chunk(&chunks);
-        let want = self.want(&chunks, &logits_per_chunk);
+        let picking = self.picking(&chunks, &logits_per_chunk);
+        let want = match &picking {
+            Picking::Host => Want::Logits,
+            Picking::Greedy => Want::Greedy,
+            Picking::Device(rows) => Want::Sample(rows),
+        };
         let out = match self.forward(&chunks, &logits_per_chunk, train, want) {
             Ok(out) => out,
             Err(e) => {
@@ -238,6 +257,10 @@ impl EngineCore {
                     Some(&(id, logprob)) => Pick::Greedy(id, logprob),
                     None => continue,
                 },
+                RowsOut::Sampled(picks) => match picks.get(row - 1) {
+                    Some(p) => Pick::Device(p),
+                    None => continue,
+                },
             };
             if let Some(reason) = self.emit_token(c.seq_id, pick) {
                 finished.push((c.seq_id, reason));
@@ -267,22 +290,37 @@ impl EngineCore {
         self.update_gauges();
     }
 
-    /// Greedy picks on the device when every row to sample is a plain argmax: only ids and
-    /// logprobs then come back instead of whole rows of logits. The CPU samples from its
+    /// Where this forward's rows are sampled. On a device, when no row needs what only the
+    /// host sampler does (penalties, prompt logprobs), the device samples and only ids and the
+    /// requested logprobs come back instead of whole rows of logits; each sequence's uniform
+    /// number for the step is drawn here, from its own generator. The CPU samples from its
     /// logits in place.
-    fn want(&self, chunks: &[Chunk], logits_per_chunk: &[usize]) -> Want {
+    fn picking(&mut self, chunks: &[Chunk], logits_per_chunk: &[usize]) -> Picking {
         if !matches!(self.compute, Compute::Device { .. }) {
-            return Want::Logits;
+            return Picking::Host;
         }
+        let sampled: Vec<u64> = chunks
+            .iter()
+            .zip(logits_per_chunk)
+            .filter(|(_, &n)| n > 0)
+            .map(|(c, _)| c.seq_id)
+            .collect();
         let running = &self.scheduler.running;
-        let plain = chunks.iter().zip(logits_per_chunk).filter(|(_, &n)| n > 0).all(|(c, _)| {
-            running.iter().find(|s| s.id == c.seq_id).is_some_and(|s| is_plain_greedy(&s.params))
-        });
-        if plain {
-            Want::Greedy
-        } else {
-            Want::Logits
+        let params = |id: u64| running.iter().find(|s| s.id == id).map(|s| &s.params);
+        if sampled.iter().all(|&id| params(id).is_some_and(is_plain_greedy)) {
+            return Picking::Greedy;
         }
+        if !sampled.iter().all(|&id| params(id).is_some_and(samples_on_device)) {
+            return Picking::Host;
+        }
+        let mut rows = Vec::with_capacity(sampled.len());
+        for id in sampled {
+            match self.scheduler.running_mut(id) {
+                Some(s) => rows.push(s.sampler.device_row(&s.params)),
+                None => return Picking::Host,
+            }
+        }
+        Picking::Device(rows)
     }
 
     /// Logits rows each chunk needs: all its rows for prompt logprobs, else one if it samples.
@@ -323,7 +361,7 @@ impl EngineCore {
         chunks: &[Chunk],
         logits_per_chunk: &[usize],
         train: Option<TrainSlot>,
-        want: Want,
+        want: Want<'_>,
     ) -> Result<RowsOut, String> {
         let total: usize = chunks.iter().map(|c| c.len).sum();
         let mut inputs = ChunkInputs {
@@ -415,8 +453,12 @@ impl EngineCore {
         let eos = &self.eos_token_ids;
         let max_model_len = self.max_model_len;
         let metrics = self.metrics.clone();
+        let on_device = matches!(self.compute, Compute::Device { .. });
         let s = self.scheduler.running_mut(id)?;
         let sampled = match pick {
+            Pick::Logits(logits) if on_device => {
+                sample_as_device(&mut logits.to_vec(), &s.params, &mut s.sampler)
+            }
             Pick::Logits(logits) => sample(&mut logits.to_vec(), &s.params, &mut s.sampler),
             // Only plain greedy sequences get here (see `want`): the pick is the argmax.
             Pick::Greedy(token_id, logprob) => Sampled {
@@ -425,6 +467,14 @@ impl EngineCore {
                     token_id,
                     logprob,
                     top: Vec::new(),
+                }),
+            },
+            Pick::Device(p) => Sampled {
+                token_id: p.id,
+                logprob: s.params.logprobs.map(|k| TokenLogprob {
+                    token_id: p.id,
+                    logprob: p.logprob,
+                    top: p.top.iter().take(k).copied().collect(),
                 }),
             },
         };

@@ -12,9 +12,9 @@ use rand::{Rng, SeedableRng};
 
 use super::request::{SamplingParams, TokenLogprob};
 use crate::backend::cpu::exp_shifted;
-
-/// Below this temperature sampling is greedy (as vLLM's `_SAMPLING_EPS`).
-const GREEDY_TEMPERATURE: f32 = 1e-5;
+use crate::backend::cuda::sampling::{
+    sample_row, RowSampling, GREEDY_TEMPERATURE, MAX_TOP_LOGPROBS,
+};
 
 /// Per-sequence sampling state: its own RNG (seeded from params.seed, else from OS entropy) and token counts for penalties.
 pub struct SamplerState {
@@ -78,6 +78,34 @@ pub struct Sampled {
 ///
 /// `state` must have been created with the same `params`.
 pub fn sample(logits: &mut [f32], params: &SamplingParams, state: &mut SamplerState) -> Sampled {
+    sample_by(logits, params, state, |logits, params, state| {
+        if params.temperature < GREEDY_TEMPERATURE {
+            argmax(logits)
+        } else {
+            draw(logits, params, state)
+        }
+    })
+}
+
+/// As [`sample`], but the draw is the device sampler's (`sampling::sample_row`, after the
+/// penalties): a server on a device samples a step of a sequence on the host or on the device
+/// depending on its batch, and the sequence's tokens must not depend on which.
+pub fn sample_as_device(
+    logits: &mut [f32],
+    params: &SamplingParams,
+    state: &mut SamplerState,
+) -> Sampled {
+    sample_by(logits, params, state, |logits, params, state| {
+        sample_row(logits, &RowSampling { top_logprobs: 0, ..state.device_row(params) }).id
+    })
+}
+
+fn sample_by(
+    logits: &mut [f32],
+    params: &SamplingParams,
+    state: &mut SamplerState,
+    pick: impl FnOnce(&[f32], &SamplingParams, &mut SamplerState) -> u32,
+) -> Sampled {
     debug_assert!(!logits.is_empty(), "empty logits row");
     if logits.is_empty() {
         return Sampled { token_id: 0, logprob: None };
@@ -87,11 +115,7 @@ pub fn sample(logits: &mut [f32], params: &SamplingParams, state: &mut SamplerSt
     let mut stash = Vec::new();
     apply_penalties(logits, params, state, raw.is_some().then_some(&mut stash));
 
-    let token_id = if params.temperature < GREEDY_TEMPERATURE {
-        argmax(logits)
-    } else {
-        draw(logits, params, state)
-    };
+    let token_id = pick(logits, params, state);
     let logprob = raw.map(|lsm| {
         let original = stash.iter().find(|(t, _)| *t == token_id).map(|(_, l)| *l);
         let current = logits.get(token_id as usize).copied().unwrap_or(f32::NEG_INFINITY);
@@ -207,6 +231,32 @@ pub fn is_plain_greedy(p: &SamplingParams) -> bool {
         && p.presence_penalty == 0.0
         && p.logprobs.unwrap_or(0) == 0
         && p.prompt_logprobs.is_none()
+}
+
+/// Whether the device sampler can pick this sequence's tokens: it knows temperature, top-k,
+/// top-p, min-p and up to [`MAX_TOP_LOGPROBS`] alternatives, not penalties or prompt logprobs.
+pub fn samples_on_device(p: &SamplingParams) -> bool {
+    (p.repetition_penalty == 1.0 || p.repetition_penalty <= 0.0)
+        && p.frequency_penalty == 0.0
+        && p.presence_penalty == 0.0
+        && p.logprobs.unwrap_or(0) <= MAX_TOP_LOGPROBS
+        && p.prompt_logprobs.is_none()
+}
+
+impl SamplerState {
+    /// This step's row for the device sampler (`samples_on_device` must hold). Draws the
+    /// step's uniform number as [`sample`] would: once per step, and not when greedy.
+    pub fn device_row(&mut self, p: &SamplingParams) -> RowSampling {
+        let greedy = p.temperature < GREEDY_TEMPERATURE;
+        RowSampling {
+            temperature: if greedy { 0.0 } else { p.temperature },
+            top_k: u32::try_from(p.top_k).unwrap_or(u32::MAX),
+            top_p: p.top_p,
+            min_p: p.min_p,
+            u: if greedy { 0.0 } else { self.rng.random() },
+            top_logprobs: p.logprobs.unwrap_or(0).min(MAX_TOP_LOGPROBS) as u32,
+        }
+    }
 }
 
 /// Index of the largest logit, ties to the lowest id.

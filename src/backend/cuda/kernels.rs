@@ -37,7 +37,7 @@ pub const KERNEL_FILES: &[KernelFile] = &[
         "paged_attention.cu",
         ["paged_attention_partial_bf16", "paged_attention_combine_bf16"]
     ),
-    kernel_file!("sampling.cu", ["argmax_logprob_f32"]),
+    kernel_file!("sampling.cu", ["argmax_logprob_f32", "sample_rows_f32"]),
     kernel_file!("cross_entropy.cu", ["cross_entropy_f32"]),
     kernel_file!("lora.cu", ["lora_shrink_bf16", "lora_expand_bf16"]),
     kernel_file!("adamw.cu", ["adamw_f32"]),

@@ -12,6 +12,7 @@ pub mod device;
 pub mod gemm;
 pub mod gpu;
 pub mod kernels;
+pub mod sampling;
 pub mod selftest;
 pub mod toolkit;
 pub mod twins;

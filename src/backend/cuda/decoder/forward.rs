@@ -3,6 +3,7 @@
 
 use super::lora::LoraSet;
 use super::{rope_tables, DecoderOps, DecoderShape, DecoderWeights, StepBatch};
+use crate::backend::cuda::sampling::{RowSample, RowSampling};
 use crate::backend::cuda::CudaError;
 use crate::lora::TargetModule;
 
@@ -153,19 +154,23 @@ fn forward_on_device_with<O: DecoderOps>(
 }
 
 /// What a serving forward brings back to the host for its sampled rows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Want {
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Want<'a> {
     /// Every logit, fp32: the host samples.
     Logits,
     /// The greedy id and its log-probability, picked on the device.
     Greedy,
+    /// Each row sampled on the device as its entry asks (one per row).
+    Sample(&'a [RowSampling]),
 }
 
-/// Rows a serving forward returns: `[rows, vocab]` logits, or `(id, logprob)` per row.
+/// Rows a serving forward returns: `[rows, vocab]` logits, `(id, logprob)` per row, or each
+/// row's device pick.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RowsOut {
     Logits(Vec<f32>),
     Greedy(Vec<(u32, f32)>),
+    Sampled(Vec<RowSample>),
 }
 
 /// One forward over `batch` that returns, for the rows `logits_rows` (indices into the batch's
@@ -181,7 +186,7 @@ pub fn forward_rows<O: DecoderOps>(
     batch: &StepBatch,
     sc: &mut Scratch<O>,
     logits_rows: &[u32],
-    want: Want,
+    want: Want<'_>,
     lora: Option<&LoraSet<O::LoraTable>>,
 ) -> Result<RowsOut, CudaError> {
     forward_rows_capturing(ops, s, w, inv_freq, caches, batch, sc, logits_rows, want, lora, None)
@@ -199,7 +204,7 @@ pub fn forward_rows_capturing<O: DecoderOps>(
     batch: &StepBatch,
     sc: &mut Scratch<O>,
     logits_rows: &[u32],
-    want: Want,
+    want: Want<'_>,
     lora: Option<&LoraSet<O::LoraTable>>,
     capture: Option<&mut dyn Capture<O>>,
 ) -> Result<RowsOut, CudaError> {
@@ -239,6 +244,10 @@ pub fn forward_rows_capturing<O: DecoderOps>(
             ops.argmax(&sc.logits, n, s.vocab, &mut sc.ids)?;
             RowsOut::Greedy(ops.read_ids(&sc.ids, n)?)
         }
+        Want::Sample(params) if params.len() != n => {
+            return Err(CudaError::Shape(format!("{} sampling rows for {n} rows", params.len())))
+        }
+        Want::Sample(params) => RowsOut::Sampled(ops.sample(&sc.logits, s.vocab, params)?),
     })
 }
 

@@ -4,6 +4,7 @@
 use super::lora::{LoraDims, SlotWeights};
 use super::{DecoderOps, DecoderShape, StepBatch};
 use crate::backend::cpu::paged_attention::{AttnSeq, AttnShape};
+use crate::backend::cuda::sampling::{sample_row, RowSample, RowSampling};
 use crate::backend::cuda::twins::{self, round_bf16};
 use crate::backend::cuda::CudaError;
 
@@ -255,6 +256,22 @@ impl DecoderOps for HostOps {
         let ids = logits[..rows * vocab].chunks_exact(vocab).map(twins::argmax_logprob);
         out.iter_mut().zip(ids).for_each(|(o, i)| *o = i);
         Ok(())
+    }
+
+    fn sample(
+        &mut self,
+        logits: &Vec<f32>,
+        vocab: usize,
+        params: &[RowSampling],
+    ) -> Result<Vec<RowSample>, CudaError> {
+        if logits.len() < params.len() * vocab {
+            return Err(CudaError::Shape(format!(
+                "{} rows to sample of {}",
+                params.len(),
+                logits.len()
+            )));
+        }
+        Ok(logits.chunks_exact(vocab).zip(params).map(|(row, p)| sample_row(row, p)).collect())
     }
 
     fn read_ids(

@@ -32,14 +32,14 @@ pub struct AdapterRows<'a> {
 /// the thread that uses it, as device handles belong to one thread.
 pub trait DeviceModel {
     /// One iteration's forward: every row's K and V written to its slot, and for each of
-    /// `batch.logits_rows`, its logits (`Want::Logits`, `[rows, vocab]`) or its greedy id
-    /// and log-probability picked on the device (`Want::Greedy`). The rows of `adapters` run
-    /// through those adapters.
+    /// `batch.logits_rows`, its logits (`Want::Logits`, `[rows, vocab]`), its greedy id and
+    /// log-probability (`Want::Greedy`) or its token sampled on the device (`Want::Sample`).
+    /// The rows of `adapters` run through those adapters.
     fn forward(
         &mut self,
         batch: &ForwardBatch<'_>,
         adapters: &[AdapterRows<'_>],
-        want: Want,
+        want: Want<'_>,
     ) -> Result<RowsOut, CudaError>;
     /// Whether the device still works after a failed forward (a fault that poisons the
     /// context, such as an illegal address, fails every later call too).
@@ -170,8 +170,8 @@ impl<O: TrainOps> DeviceDecoder<O> {
     ) -> Result<Vec<f32>, CudaError> {
         match self.forward_seqs(seqs, logits_rows, Want::Logits)? {
             RowsOut::Logits(l) => Ok(l),
-            RowsOut::Greedy(_) => {
-                Err(CudaError::Shape("greedy rows where logits were asked".into()))
+            RowsOut::Greedy(_) | RowsOut::Sampled(_) => {
+                Err(CudaError::Shape("sampled rows where logits were asked".into()))
             }
         }
     }
@@ -181,7 +181,7 @@ impl<O: TrainOps> DeviceDecoder<O> {
         &mut self,
         seqs: Vec<SeqRows>,
         logits_rows: &[u32],
-        want: Want,
+        want: Want<'_>,
     ) -> Result<RowsOut, CudaError> {
         let batch = StepBatch::new(seqs, self.shape.block_size)?;
         if batch.blocks_needed > self.num_blocks {
@@ -265,7 +265,7 @@ impl<O: TrainOps> DeviceModel for DeviceDecoder<O> {
         &mut self,
         batch: &ForwardBatch<'_>,
         adapters: &[AdapterRows<'_>],
-        want: Want,
+        want: Want<'_>,
     ) -> Result<RowsOut, CudaError> {
         let (mut seqs, logits_rows) = step_rows(batch)?;
         if !adapters.is_empty() {

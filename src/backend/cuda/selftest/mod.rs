@@ -5,6 +5,7 @@ mod backward;
 mod layers;
 mod model;
 mod products;
+mod sampling;
 mod train_step;
 mod training;
 
@@ -47,13 +48,14 @@ pub struct Report {
 pub fn run(spec: DeviceSpec, home: &Path) -> Result<Report, CudaError> {
     let mut gpu = Gpu::open(spec, home, "the selftest (CUDA kernels against their CPU twins)")?;
     let mut checks = Vec::new();
-    let suites: [(&str, Suite); 12] = [
+    let suites: [(&str, Suite); 13] = [
         ("rms_norm_bf16", layers::check_norm),
         ("rope_kv_write_bf16", layers::check_rope),
         ("silu_mul_bf16", layers::check_silu),
         ("embedding_bf16", layers::check_embedding),
         ("paged_attention_bf16", layers::check_attention),
         ("argmax_logprob_f32", training::check_argmax),
+        ("sample_rows_f32", sampling::check_sampling),
         ("cross_entropy_f32", training::check_cross_entropy),
         ("lora_bf16", training::check_lora),
         ("adamw_f32", training::check_adamw),

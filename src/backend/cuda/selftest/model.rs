@@ -164,7 +164,7 @@ fn decoder_checks(
             let out =
                 forward_rows(ops, &s, w, &inv_freq, c, &batch, &mut gsc, &last, Want::Logits, gl);
             match out {
-                Ok(RowsOut::Greedy(_)) => checks
+                Ok(RowsOut::Greedy(_) | RowsOut::Sampled(_)) => checks
                     .push(failed("decoder_serving_rows (logits)", CudaError::Shape("ids".into()))),
                 Ok(RowsOut::Logits(got)) => compare(
                     checks,

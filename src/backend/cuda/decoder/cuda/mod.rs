@@ -7,10 +7,14 @@ use super::lora::{LoraDims, SlotWeights};
 use super::{DecoderOps, DecoderShape, StepBatch};
 use crate::backend::cuda::gemm::{addr, Gemm, OutType};
 use crate::backend::cuda::gpu::{cfg, n32, Gpu};
+use crate::backend::cuda::sampling::{sample_on_device, RowSample, RowSampling};
 use crate::backend::cuda::CudaError;
 
+mod lora_launch;
 mod train;
 mod weights_and_graphs;
+
+use lora_launch::{check_lora, launch_expand, launch_shrink};
 
 /// The kernels a forward launches, looked up once.
 struct Kernels {
@@ -473,6 +477,15 @@ impl DecoderOps for CudaOps {
         Ok(())
     }
 
+    fn sample(
+        &mut self,
+        logits: &CudaSlice<f32>,
+        vocab: usize,
+        params: &[RowSampling],
+    ) -> Result<Vec<RowSample>, CudaError> {
+        sample_on_device(&mut self.gpu, logits, vocab, params)
+    }
+
     fn read_ids(
         &mut self,
         (ids, lps): &(CudaSlice<u32>, CudaSlice<f32>),
@@ -494,59 +507,6 @@ impl DecoderOps for CudaOps {
         check_len(logits.len(), n, "logits")?;
         Ok(self.gpu.stream.clone_dtoh(&logits.slice(..n))?)
     }
-}
-
-/// `u = x Aᵀ` per row's slot (`lora_shrink_bf16`); the caller checked the shapes.
-fn launch_shrink(
-    gpu: &Gpu,
-    k: &Kernels,
-    st: &CudaStep,
-    x: &CudaSlice<u16>,
-    t: &CudaLoraTable,
-    u: &mut CudaSlice<f32>,
-    d: LoraDims,
-) -> R {
-    let (ind, mr) = (d.in_dim as i32, d.max_rank as i32);
-    let mut b = gpu.stream.launch_builder(&k.lora_shrink);
-    b.arg(x).arg(&t.a_ptrs).arg(&t.ranks).arg(&st.row_slots).arg(u);
-    b.arg(&ind).arg(&mr);
-    // SAFETY: argument list matches lora_shrink_bf16 (4 warps a block, one per rank row);
-    // every slot a row names has a table entry, u holds rows * max_rank (checked by callers).
-    unsafe { b.launch(cfg((n32(st.rows), n32(d.max_rank.div_ceil(4)), 1), 128)) }?;
-    Ok(())
-}
-
-/// `y[:, col0..] += scale · u Bᵀ` per row's slot (`lora_expand_bf16`); shapes checked by the
-/// caller.
-fn launch_expand(
-    gpu: &Gpu,
-    k: &Kernels,
-    st: &CudaStep,
-    u: &CudaSlice<f32>,
-    t: &CudaLoraTable,
-    y: &mut CudaSlice<u16>,
-    d: LoraDims,
-) -> R {
-    let (outd, ld, mr) = (d.out_dim as i32, d.ld as i32, d.max_rank as i32);
-    let mut cols = y.slice_mut(d.col0..);
-    let mut b = gpu.stream.launch_builder(&k.lora_expand);
-    b.arg(u).arg(&t.b_ptrs).arg(&t.ranks).arg(&t.scales).arg(&st.row_slots);
-    b.arg(&mut cols).arg(&outd).arg(&ld).arg(&mr);
-    // SAFETY: argument list matches lora_expand_bf16; row t writes columns
-    // col0..col0 + out_dim of a row ld wide, inside y (checked by callers).
-    unsafe { b.launch(cfg((n32(st.rows), n32(d.out_dim.div_ceil(256)), 1), 256)) }?;
-    Ok(())
-}
-
-/// The checks of a LoRA update of `d` on a batch's rows into `y`.
-fn check_lora(st: &CudaStep, x_len: usize, y_len: usize, t: &CudaLoraTable, d: LoraDims) -> R {
-    let rows = st.rows;
-    check_len(x_len, rows * d.in_dim, "LoRA input")?;
-    check_len(y_len, rows.saturating_sub(1) * d.ld + d.col0 + d.out_dim, "LoRA output")?;
-    if d.col0 + d.out_dim > d.ld || d.max_rank == 0 || rows == 0 || st.slots_needed > t.slots {
-        return Err(CudaError::Shape(format!("a LoRA update of {d:?} on {rows} rows")));
-    }
-    Ok(())
 }
 
 /// (partitions, keys per partition) of attention over `max_context` keys.

@@ -1,0 +1,236 @@
+//! Sampling on the device (`sample_rows_f32`): what each row asks for, what comes back, and the
+//! kernel's CPU twin, which is also how the twin-backed decoder samples.
+//!
+//! The kept set is the CPU sampler's (`engine::sampler`): top-k, then top-p measured against
+//! the top-k pool, then min-p, over tokens ranked by logit with ties to the lower id. The one
+//! uniform number a step draws comes from the sequence's own generator on the host, so a seed
+//! still fixes the tokens. Weights are summed in 2^40 fixed point, in id order, which makes the
+//! device's draw independent of thread timing.
+
+use cudarc::driver::{CudaSlice, PushKernelArg};
+
+use super::gpu::{cfg, n32, Gpu};
+use super::CudaError;
+
+/// What one row asks of the device sampler.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RowSampling {
+    /// Below [`GREEDY_TEMPERATURE`]: the argmax.
+    pub temperature: f32,
+    /// 0 (or the vocabulary or more): off.
+    pub top_k: u32,
+    /// 1: off.
+    pub top_p: f32,
+    /// 0: off.
+    pub min_p: f32,
+    /// The step's uniform number in [0, 1).
+    pub u: f64,
+    /// How many of the most likely tokens to report (at most [`MAX_TOP_LOGPROBS`]).
+    pub top_logprobs: u32,
+}
+
+impl RowSampling {
+    /// The argmax, reporting `top_logprobs` alternatives.
+    pub fn greedy(top_logprobs: u32) -> Self {
+        Self { temperature: 0.0, top_k: 0, top_p: 1.0, min_p: 0.0, u: 0.0, top_logprobs }
+    }
+
+    /// The kernel's `SampleRow`: 32 bytes, as eight 32-bit words.
+    pub fn pack(&self) -> [u32; 8] {
+        let u = self.u.to_bits();
+        [
+            self.temperature.to_bits(),
+            self.top_k.min(i32::MAX as u32),
+            self.top_p.to_bits(),
+            self.min_p.to_bits(),
+            u as u32,
+            (u >> 32) as u32,
+            self.top_logprobs.min(MAX_TOP_LOGPROBS as u32),
+            0,
+        ]
+    }
+}
+
+/// A row's pick: the token, its log-probability under the raw logits, and the requested most
+/// likely tokens with theirs, best first.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RowSample {
+    pub id: u32,
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
+}
+
+/// The most alternatives a row can ask for (the chat API's `top_logprobs` limit).
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
+/// Below this temperature sampling is greedy, on the host and the device (as vLLM's
+/// `_SAMPLING_EPS`).
+pub const GREEDY_TEMPERATURE: f32 = 1e-5;
+
+const FIXED_ONE: f32 = 1_099_511_627_776.0; // 2^40
+
+fn fixed(w: f32) -> u64 {
+    (w * FIXED_ONE) as u64
+}
+
+/// NaN ranks as -inf, as in the kernel.
+fn logit(row: &[f32], i: usize) -> f32 {
+    let v = row[i];
+    if v.is_nan() {
+        f32::NEG_INFINITY
+    } else {
+        v
+    }
+}
+
+/// The best `n` ids by logit descending, ties to the lower id, in that order.
+fn top_ranked(row: &[f32], n: usize) -> Vec<u32> {
+    let rank = |&a: &u32, &b: &u32| {
+        logit(row, b as usize).total_cmp(&logit(row, a as usize)).then(a.cmp(&b))
+    };
+    let mut ids: Vec<u32> = (0..row.len() as u32).collect();
+    let n = n.min(ids.len());
+    if n < ids.len() && n > 0 {
+        ids.select_nth_unstable_by(n - 1, rank);
+    }
+    ids.truncate(n);
+    ids.sort_unstable_by(rank);
+    ids
+}
+
+/// The largest logit and its lowest id (NaN as -inf; 0 for a row of -inf).
+fn argmax(row: &[f32]) -> (f32, u32) {
+    (0..row.len()).fold((f32::NEG_INFINITY, 0), |(m, at), i| {
+        let v = logit(row, i);
+        if v > m {
+            (v, i as u32)
+        } else {
+            (m, at)
+        }
+    })
+}
+
+/// The tokens a draw chooses among, in id order, each with its fixed-point weight; empty when
+/// the row is greedy or has no finite maximum.
+pub fn kept_weights(row: &[f32], p: &RowSampling) -> Vec<(u32, u64)> {
+    let max = argmax(row).0;
+    if p.temperature < GREEDY_TEMPERATURE || !max.is_finite() {
+        return Vec::new();
+    }
+    let inv_t = 1.0 / p.temperature;
+    let weight = |id: u32| ((logit(row, id as usize) - max) * inv_t).exp();
+    // Rank only as far as a filter needs.
+    let top_k = if p.top_k > 0 { (p.top_k as usize).min(row.len()) } else { row.len() };
+    let mut pool = if top_k < row.len() || p.top_p < 1.0 {
+        top_ranked(row, top_k)
+    } else {
+        (0..row.len() as u32).collect()
+    };
+    if p.top_p < 1.0 {
+        let pool_mass: u64 = pool.iter().map(|&id| fixed(weight(id))).sum();
+        let p_mass = ((p.top_p as f64 * pool_mass as f64) as u64).max(1);
+        let mut before = 0u64;
+        let keep = pool
+            .iter()
+            .take_while(|&&id| {
+                let kept = before < p_mass;
+                before += fixed(weight(id));
+                kept
+            })
+            .count();
+        pool.truncate(keep);
+    }
+    let mut kept: Vec<(u32, u64)> = pool
+        .into_iter()
+        .filter_map(|id| {
+            let w = weight(id);
+            (w >= p.min_p).then(|| (id, fixed(w)))
+        })
+        .collect();
+    kept.sort_unstable_by_key(|&(id, _)| id);
+    kept
+}
+
+/// Where a draw lands among `kept` (id order): the first token at which the running sum of
+/// weights passes `floor(u * total)`.
+pub fn draw(kept: &[(u32, u64)], u: f64) -> Option<u32> {
+    let total: u64 = kept.iter().map(|&(_, w)| w).sum();
+    if total == 0 {
+        return None;
+    }
+    let target = ((u * total as f64) as u64).min(total - 1);
+    let mut acc = 0u64;
+    kept.iter()
+        .find(|&&(_, w)| {
+            acc += w;
+            acc > target
+        })
+        .map(|&(id, _)| id)
+}
+
+/// `sample_rows_f32` for one row.
+pub fn sample_row(row: &[f32], p: &RowSampling) -> RowSample {
+    if row.is_empty() {
+        return RowSample { id: 0, logprob: f32::NEG_INFINITY, top: Vec::new() };
+    }
+    let (max, best) = argmax(row);
+    let log_z = if max.is_finite() {
+        let sum: f64 = (0..row.len()).map(|i| ((logit(row, i) - max) as f64).exp()).sum();
+        max + sum.ln() as f32
+    } else {
+        max
+    };
+    let id = draw(&kept_weights(row, p), p.u).unwrap_or(best);
+    let n_top = (p.top_logprobs as usize).min(MAX_TOP_LOGPROBS);
+    let top = top_ranked(row, n_top).iter().map(|&t| (t, logit(row, t as usize) - log_z)).collect();
+    RowSample { id, logprob: logit(row, id as usize) - log_z, top }
+}
+
+/// Runs `sample_rows_f32` on the first `params.len()` rows of `logits` (`vocab` wide) and
+/// brings back each row's pick.
+pub fn sample_on_device(
+    gpu: &mut Gpu,
+    logits: &CudaSlice<f32>,
+    vocab: usize,
+    params: &[RowSampling],
+) -> Result<Vec<RowSample>, CudaError> {
+    let rows = params.len();
+    if rows == 0 {
+        return Ok(Vec::new());
+    }
+    let v = i32::try_from(vocab).ok().filter(|&v| v > 0);
+    let (Some(v), true) = (v, logits.len() >= rows * vocab) else {
+        return Err(CudaError::Shape(format!(
+            "sampling {rows} rows of {vocab} from {} logits",
+            logits.len()
+        )));
+    };
+    let words: Vec<u32> = params.iter().flat_map(RowSampling::pack).collect();
+    let packed = gpu.up(&words)?;
+    let (mut ids, mut lps) = (gpu.zeros::<u32>(rows)?, gpu.zeros::<f32>(rows)?);
+    let mut top_ids = gpu.zeros::<u32>(rows * MAX_TOP_LOGPROBS)?;
+    let mut top_lps = gpu.zeros::<f32>(rows * MAX_TOP_LOGPROBS)?;
+    let f = gpu.func("sampling.cu", "sample_rows_f32")?;
+    let mut b = gpu.stream.launch_builder(&f);
+    b.arg(logits).arg(&v).arg(&packed).arg(&mut ids).arg(&mut lps);
+    b.arg(&mut top_ids).arg(&mut top_lps);
+    // SAFETY: argument list matches sample_rows_f32, one block of the 1024 threads it is
+    // written for per row; `packed` holds a 32-byte SampleRow per row, the outputs one entry
+    // (MAX_TOP_LOGPROBS for the top lists) per row, `logits` rows * vocab (checked).
+    unsafe { b.launch(cfg((n32(rows), 1, 1), 1024)) }?;
+    let (ids, lps) = (gpu.down(&ids)?, gpu.down(&lps)?);
+    let (top_ids, top_lps) = (gpu.down(&top_ids)?, gpu.down(&top_lps)?);
+    Ok(params
+        .iter()
+        .enumerate()
+        .map(|(r, p)| {
+            let n = (p.top_logprobs as usize).min(MAX_TOP_LOGPROBS).min(vocab);
+            let at = r * MAX_TOP_LOGPROBS..r * MAX_TOP_LOGPROBS + n;
+            let top = top_ids[at.clone()].iter().copied().zip(top_lps[at].iter().copied());
+            RowSample { id: ids[r], logprob: lps[r], top: top.collect() }
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,130 @@
+//! `sample_rows_f32` against its twin: rows at real vocabulary sizes, each with other filters,
+//! ties, -inf and NaN logits.
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::{compare, Check, Gpu};
+use crate::backend::cuda::sampling::{
+    kept_weights, sample_on_device, sample_row, RowSample, RowSampling,
+};
+use crate::backend::cuda::twins::round_bf16;
+use crate::backend::cuda::CudaError;
+
+/// (temperature, top_k, top_p, min_p, top_logprobs) of each row.
+const ROWS: [(f32, u32, f32, f32, u32); 12] = [
+    (1.0, 0, 1.0, 0.0, 0),
+    (0.7, 50, 1.0, 0.0, 5),
+    (0.0, 0, 1.0, 0.0, 20),
+    (1.5, 7, 0.9, 0.0, 0),
+    (0.3, 1, 1.0, 0.0, 3),
+    (2.0, 0, 0.5, 0.05, 1),
+    (1.0, 3000, 0.95, 0.0, 20),
+    (0.9, 20, 0.8, 0.1, 0),
+    (1.0, 0, 1e-5, 0.0, 2),
+    (1.2, 5, 1.0, 0.2, 20),
+    (0.8, 0, 0.9, 0.0, 0),
+    (1.0, 100_000, 0.99, 0.01, 4),
+];
+
+pub(super) fn check_sampling(gpu: &mut Gpu, checks: &mut Vec<Check>) -> Result<(), CudaError> {
+    let mut rng = StdRng::seed_from_u64(11);
+    for vocab in [128_256usize, 151_936, 1000] {
+        let rows = ROWS.len();
+        let mut logits = Vec::with_capacity(rows * vocab);
+        for r in 0..rows {
+            for i in 0..vocab {
+                let mut v: f32 = rng.random_range(-10.0..10.0);
+                match r % 4 {
+                    1 => v = round_bf16(v / 4.0) * 4.0, // many ties
+                    2 if i % 7 == 3 => v = f32::NEG_INFINITY,
+                    3 if i % 11 == 5 => v = f32::NAN,
+                    _ => {}
+                }
+                logits.push(v);
+            }
+        }
+        let params: Vec<RowSampling> = ROWS
+            .iter()
+            .map(|&(temperature, top_k, top_p, min_p, top_logprobs)| RowSampling {
+                temperature,
+                top_k,
+                top_p,
+                min_p,
+                u: rng.random(),
+                top_logprobs,
+            })
+            .collect();
+        let dl = gpu.up(&logits)?;
+        let got = sample_on_device(gpu, &dl, vocab, &params)?;
+        let again = sample_on_device(gpu, &dl, vocab, &params)?;
+        let shape = format!("rows={rows} vocab={vocab}");
+        let twin: Vec<_> =
+            logits.chunks_exact(vocab).zip(&params).map(|(row, p)| sample_row(row, p)).collect();
+
+        // A pick may differ from the twin's only where expf's last bits move the draw across
+        // a boundary between two kept tokens: then the device's token must be the twin's
+        // neighbour within a millionth of the kept mass.
+        let off: Vec<f32> = got
+            .iter()
+            .zip(&twin)
+            .zip(logits.chunks_exact(vocab).zip(&params))
+            .map(|((g, t), (row, p))| {
+                if g.id == t.id {
+                    return 0.0;
+                }
+                let kept = kept_weights(row, p);
+                let total: u64 = kept.iter().map(|k| k.1).sum();
+                let target = ((p.u * total as f64) as u64).min(total.saturating_sub(1));
+                let mut acc = 0u64;
+                for &(id, w) in &kept {
+                    if id == g.id {
+                        let gap = target.saturating_sub(acc + w).max(acc.saturating_sub(target));
+                        return gap as f32 / total.max(1) as f32;
+                    }
+                    acc += w;
+                }
+                f32::INFINITY // not in the twin's kept set
+            })
+            .collect();
+        let worst = off.iter().fold(0f64, |a, &o| a.max(o as f64));
+        checks.push(Check {
+            kernel: "sample_rows_f32 (picks)".into(),
+            shape: shape.clone(),
+            max_abs_error: worst,
+            worst_ratio: worst / 1e-6,
+            passed: worst <= 1e-6,
+            error: None,
+        });
+        let ids = |s: &[RowSample]| -> Vec<f32> { s.iter().map(|x| x.id as f32).collect() };
+        compare(
+            checks,
+            "sample_rows_f32 (same picks twice)",
+            shape.clone(),
+            &ids(&again),
+            &ids(&got),
+            0.0,
+            0.0,
+        );
+        // Log-probabilities of the device's picks, from the raw logits.
+        let want_lp: Vec<f32> = got
+            .iter()
+            .zip(logits.chunks_exact(vocab))
+            .map(|(g, row)| crate::engine::sampler::logprobs_of(&sanitized(row), g.id, 0).logprob)
+            .collect();
+        let lp: Vec<f32> = got.iter().map(|g| g.logprob).collect();
+        compare(checks, "sample_rows_f32 (logprobs)", shape.clone(), &lp, &want_lp, 1e-4, 1e-5);
+        let flat = |s: &[RowSample]| -> (Vec<f32>, Vec<f32>) {
+            s.iter().flat_map(|x| x.top.iter().map(|&(id, lp)| (id as f32, lp))).unzip()
+        };
+        let ((gi, gl), (ti, tl)) = (flat(&got), flat(&twin));
+        compare(checks, "sample_rows_f32 (top ids)", shape.clone(), &gi, &ti, 0.0, 0.0);
+        compare(checks, "sample_rows_f32 (top logprobs)", shape, &gl, &tl, 1e-4, 1e-5);
+    }
+    Ok(())
+}
+
+/// NaN as -inf, as the kernel reads logits.
+fn sanitized(row: &[f32]) -> Vec<f32> {
+    row.iter().map(|&v| if v.is_nan() { f32::NEG_INFINITY } else { v }).collect()
+}
