@@ -4,6 +4,7 @@
 pub mod dense_llama;
 pub mod dense_lora;
 pub mod device;
+pub mod emulation;
 pub mod engine;
 pub mod finetune;
 pub mod fixtures;
