@@ -46,6 +46,10 @@ enum Command {
         /// Also write the JSON summary to this file.
         #[arg(long)]
         json: Option<std::path::PathBuf>,
+        /// Run only the suites whose names contain one of these (comma-separated), e.g.
+        /// `--only training_step,gemm`.
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
     },
 }
 
@@ -94,7 +98,7 @@ fn main() -> ExitCode {
         Command::Kernels { action: KernelsAction::Check { ptx_dir } } => {
             kernels_check(ptx_dir.as_deref())
         }
-        Command::Selftest { device, json } => selftest(&device, json.as_deref()),
+        Command::Selftest { device, json, only } => selftest(&device, json.as_deref(), &only),
     }
 }
 
@@ -145,9 +149,10 @@ fn kernels_check(ptx_dir: Option<&std::path::Path>) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn selftest(device: &str, json: Option<&std::path::Path>) -> ExitCode {
+fn selftest(device: &str, json: Option<&std::path::Path>, only: &[String]) -> ExitCode {
     use coserve::backend::cuda::{selftest, DeviceSpec};
-    let report = device.parse::<DeviceSpec>().and_then(|spec| selftest::run(spec, &coserve_home()));
+    let report =
+        device.parse::<DeviceSpec>().and_then(|spec| selftest::run(spec, &coserve_home(), only));
     let report = match report {
         Ok(r) => r,
         Err(e) => {

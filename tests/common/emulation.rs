@@ -1,13 +1,12 @@
 //! The CUDA kernels of `kernels/*.cu` run on the CPU: each file is compiled by the C++ compiler
 //! (`$CXX`, else `c++`) against `tests/emulation/cuda_on_cpu.h` into a shared library, and a
-//! launch runs every CUDA thread of a block as a thread. Slow, but it runs the kernels' own
+//! launch runs every CUDA thread of a block as a fiber of the calling thread. Slow, but it runs the kernels' own
 //! indexing, barriers, shuffles and atomics, so their logic is checked against the twins on a
 //! machine without a GPU.
 
 use std::ffi::c_void;
 use std::path::Path;
 use std::process::Command;
-use std::sync::Mutex;
 
 use coserve::backend::cuda::kernels::KERNEL_FILES;
 
@@ -41,41 +40,75 @@ impl Arg {
     }
 }
 
+fn emulation_dir() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/emulation")
+}
+
+/// Runs the C++ compiler on `src` into the shared library `out` (hidden symbols, so each
+/// library keeps its own emulator state), with `tests/emulation` on the include path.
+fn compile(src: &Path, out: &Path, extra: &[&str]) {
+    let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+    let result = Command::new(&cxx)
+        .args(["-std=c++20", "-O2", "-shared", "-fPIC", "-pthread", "-w"])
+        .args(["-fvisibility=hidden", "-fno-gnu-unique"])
+        // Fibers switch stacks with _longjmp, which the fortified check would refuse.
+        .arg("-U_FORTIFY_SOURCE")
+        .arg("-I")
+        .arg(emulation_dir())
+        .args(extra)
+        .arg("-o")
+        .arg(out)
+        .arg(src)
+        .output()
+        .unwrap_or_else(|e| panic!("running the C++ compiler {cxx:?} (set CXX): {e}"));
+    assert!(
+        result.status.success(),
+        "{} does not compile for the CPU:\n{}",
+        src.display(),
+        String::from_utf8_lossy(&result.stderr)
+    );
+}
+
+/// Builds `file` (as `coserve kernels check` names it) into `dir/<file>.so`, exporting
+/// `emulate_<kernel>(grid x, y, z, block x, args)` and `emulate_<kernel>_sizes(&n)` per kernel.
+pub fn build_kernel_library(file: &str, dir: &Path) -> std::path::PathBuf {
+    let kf = KERNEL_FILES.iter().find(|k| k.name == file).expect("a kernel file");
+    let mut src = String::from("#include \"cuda_on_cpu.h\"\n");
+    src += &kf.full_source();
+    for f in kf.functions {
+        src += &format!(
+            "\n#define EXPORT extern \"C\" __attribute__((visibility(\"default\")))\n\
+             EXPORT void emulate_{f}(unsigned gx, unsigned gy, unsigned gz, unsigned bx, \
+             void** args) {{\n    emu::launch(dim3{{gx, gy, gz}}, dim3{{bx, 1, 1}}, [&] {{ \
+             emu::call({f}, args); }});\n}}\n\
+             EXPORT const unsigned* emulate_{f}_sizes(unsigned* n) {{ return \
+             emu::param_sizes({f}, n); }}\n#undef EXPORT\n"
+        );
+    }
+    let stem = file.trim_end_matches(".cu");
+    let cpp = dir.join(format!("{stem}.cpp"));
+    std::fs::write(&cpp, src).expect("write source");
+    let lib = dir.join(format!("{stem}.so"));
+    compile(&cpp, &lib, &[]);
+    lib
+}
+
+/// Builds the stand-in CUDA driver and cuBLASLt (`tests/emulation/fake_cuda.cpp`) into
+/// `dir/libcuda.so.1` and `dir/libcublasLt.so.13`, with the plain names linked to them.
+pub fn build_fake_driver(dir: &Path) {
+    let src = emulation_dir().join("fake_cuda.cpp");
+    for (name, link) in [("libcuda.so.1", "libcuda.so"), ("libcublasLt.so.13", "libcublasLt.so")] {
+        compile(&src, &dir.join(name), &[&format!("-Wl,-soname,{name}"), "-ldl"]);
+        let _ = std::fs::remove_file(dir.join(link));
+        std::os::unix::fs::symlink(name, dir.join(link)).expect("symlink");
+    }
+}
+
 impl Emulated {
     /// Compiles `file` (as `coserve kernels check` names it) for the CPU.
     pub fn build(file: &str) -> Self {
-        let kf = KERNEL_FILES.iter().find(|k| k.name == file).expect("a kernel file");
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut src = String::from("#include \"cuda_on_cpu.h\"\n");
-        src += &kf.full_source();
-        for f in kf.functions {
-            src += &format!(
-                "\nextern \"C\" __attribute__((visibility(\"default\"))) void emulate_{f}(unsigned gx, unsigned gy, unsigned gz, \
-                 unsigned bx, void** args) {{\n    emu::launch(dim3{{gx, gy, gz}}, dim3{{bx, 1, \
-                 1}}, [&] {{ emu::call({f}, args); }});\n}}\n"
-            );
-        }
-        let cpp = dir.path().join("kernels.cpp");
-        std::fs::write(&cpp, src).expect("write source");
-        let lib = dir.path().join("kernels.so");
-        let include = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/emulation");
-        let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
-        let out = Command::new(&cxx)
-            // Hidden symbols: each library keeps its own emulator state.
-            .args(["-std=c++20", "-O2", "-shared", "-fPIC", "-pthread", "-w"])
-            .args(["-fvisibility=hidden", "-fno-gnu-unique"])
-            .arg("-I")
-            .arg(&include)
-            .arg("-o")
-            .arg(&lib)
-            .arg(&cpp)
-            .output()
-            .unwrap_or_else(|e| panic!("running the C++ compiler {cxx:?} (set CXX): {e}"));
-        assert!(
-            out.status.success(),
-            "{file} does not compile for the CPU:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let lib = build_kernel_library(file, dir.path());
         // SAFETY: the library was just built from the kernel source and the emulation header;
         // loading it runs no initialisers of ours beyond static zeroing.
         let lib = unsafe { libloading::Library::new(&lib) }.expect("load the emulated kernels");
@@ -91,9 +124,6 @@ impl Emulated {
         let mut values: Vec<u64> = args.iter().map(|a| a.0).collect();
         let mut slots: Vec<*mut c_void> =
             values.iter_mut().map(|v| v as *mut u64 as *mut c_void).collect();
-        // One launch at a time in the process: a launch already uses every core.
-        static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-        let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
         let name = format!("emulate_{kernel}");
         // SAFETY: every emulate_* entry has the `Entry` signature (generated in `build`).
         let f: libloading::Symbol<Entry> =

@@ -43,9 +43,11 @@ pub struct Report {
     pub failed: usize,
 }
 
-/// Compiles the kernels for the device named by `spec` and checks each one. Fails only when
-/// there is no GPU or toolkit; a failing kernel is a failed check in the report.
-pub fn run(spec: DeviceSpec, home: &Path) -> Result<Report, CudaError> {
+/// Compiles the kernels for the device named by `spec` and checks each one (or the suites
+/// whose names contain one of `only`, when it is not empty). Fails only when there is no GPU
+/// or toolkit; a failing kernel is a failed check in the report.
+pub fn run(spec: DeviceSpec, home: &Path, only: &[String]) -> Result<Report, CudaError> {
+    let wanted = |name: &str| only.is_empty() || only.iter().any(|o| name.contains(o.as_str()));
     let mut gpu = Gpu::open(spec, home, "the selftest (CUDA kernels against their CPU twins)")?;
     let mut checks = Vec::new();
     let suites: [(&str, Suite); 13] = [
@@ -63,7 +65,7 @@ pub fn run(spec: DeviceSpec, home: &Path) -> Result<Report, CudaError> {
         ("backward_f32", backward::check_backward),
         ("attention_backward_f32", backward::check_attention_backward),
     ];
-    for (name, suite) in suites {
+    for (name, suite) in suites.into_iter().filter(|(name, _)| wanted(name)) {
         // Synchronise after each suite so an asynchronous fault is reported against it.
         let outcome = suite(&mut gpu, &mut checks).and_then(|()| gpu.sync());
         record_failure(&mut checks, name, outcome);
@@ -81,7 +83,7 @@ pub fn run(spec: DeviceSpec, home: &Path) -> Result<Report, CudaError> {
                 ("decoder_end_to_end (q/k/v biases)", model::check_decoder_with_biases),
                 ("training_step", train_step::check_training_step),
             ];
-            for (name, suite) in suites {
+            for (name, suite) in suites.into_iter().filter(|(name, _)| wanted(name)) {
                 let outcome = suite(&mut ops, &mut checks).and_then(|()| ops.gpu.sync());
                 record_failure(&mut checks, name, outcome);
             }

@@ -1,0 +1,339 @@
+// A stand-in for the CUDA driver (libcuda.so.1) and cuBLASLt (libcublasLt.so.13) on a machine
+// without a GPU, for tests: "device" memory is host memory, a stream runs each call at once,
+// and a kernel launch runs the kernel's own code through cuda_on_cpu.h, from the libraries in
+// $COSERVE_EMULATED_KERNELS (one per kernels/*.cu file, each exporting emulate_<kernel>).
+// cuBLASLt products are computed here from their documented column-major definition. Only the
+// calls coserve makes are here; anything else is a missing symbol, which cudarc reports by name.
+#include <dirent.h>
+#include <dlfcn.h>
+#include <malloc.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#define API extern "C" __attribute__((visibility("default")))
+
+typedef int CUresult;
+typedef int CUdevice;
+typedef uint64_t CUdeviceptr;
+typedef void* Handle;
+enum { OK = 0, ERROR_INVALID_VALUE = 1, ERROR_NOT_FOUND = 500, ERROR_NOT_SUPPORTED = 801 };
+
+typedef void (*Entry)(unsigned, unsigned, unsigned, unsigned, void**);
+
+namespace {
+std::vector<void*> kernel_libs;
+int context_token, module_token;
+
+// Graph capture: launches and memsets recorded instead of run, replayed by cuGraphLaunch.
+struct Op {
+    Entry entry;
+    unsigned g[3], b;
+    std::vector<std::vector<unsigned char>> args;  // copies of the argument values
+};
+bool capturing = false;
+std::vector<Op>* capture = nullptr;
+
+void run(const Op& op) {
+    std::vector<void*> ptrs;
+    for (auto& a : op.args) ptrs.push_back((void*)a.data());
+    op.entry(op.g[0], op.g[1], op.g[2], op.b, ptrs.data());
+}
+}  // namespace
+
+API CUresult cuInit(unsigned) {
+    if (!kernel_libs.empty()) return OK;
+    // Device buffers come and go with every forward: keep them on the heap, not in fresh
+    // mappings each time.
+    mallopt(M_MMAP_THRESHOLD, 1 << 30);
+    mallopt(M_TRIM_THRESHOLD, 1 << 30);
+    const char* dir = getenv("COSERVE_EMULATED_KERNELS");
+    if (!dir) return ERROR_NOT_FOUND;
+    DIR* d = opendir(dir);
+    if (!d) return ERROR_NOT_FOUND;
+    while (dirent* e = readdir(d)) {
+        std::string name = e->d_name;
+        if (name.size() > 3 && name.compare(name.size() - 3, 3, ".so") == 0) {
+            void* h = dlopen((std::string(dir) + "/" + name).c_str(), RTLD_NOW | RTLD_LOCAL);
+            if (!h) {
+                fprintf(stderr, "fake CUDA: %s\n", dlerror());
+                closedir(d);
+                return ERROR_NOT_FOUND;
+            }
+            kernel_libs.push_back(h);
+        }
+    }
+    closedir(d);
+    return kernel_libs.empty() ? ERROR_NOT_FOUND : OK;
+}
+API CUresult cuDriverGetVersion(int* v) { *v = 13000; return OK; }
+API CUresult cuDeviceGetCount(int* n) { *n = 1; return OK; }
+API CUresult cuDeviceGet(CUdevice* d, int ordinal) { *d = ordinal; return ordinal == 0 ? OK : ERROR_INVALID_VALUE; }
+API CUresult cuDeviceGetName(char* name, int len, CUdevice) {
+    snprintf(name, (size_t)len, "emulated CUDA device (CPU)");
+    return OK;
+}
+API CUresult cuDeviceTotalMem_v2(size_t* bytes, CUdevice) { *bytes = (size_t)8 << 30; return OK; }
+API CUresult cuDeviceGetAttribute(int* v, int attr, CUdevice) {
+    switch (attr) {
+        case 75: *v = 9; break;    // compute capability major
+        case 76: *v = 0; break;    // minor
+        case 16: *v = 4; break;    // multiprocessors
+        case 115: *v = 0; break;   // no memory pools: plain allocations
+        default: *v = 0;
+    }
+    return OK;
+}
+API CUresult cuDevicePrimaryCtxRetain(Handle* ctx, CUdevice) { *ctx = &context_token; return OK; }
+API CUresult cuDevicePrimaryCtxRelease_v2(CUdevice) { return OK; }
+API CUresult cuCtxSetCurrent(Handle) { return OK; }
+API CUresult cuCtxGetCurrent(Handle* ctx) { *ctx = &context_token; return OK; }
+API CUresult cuCtxSynchronize() { return OK; }
+API CUresult cuMemGetInfo_v2(size_t* free_bytes, size_t* total) {
+    *free_bytes = (size_t)6 << 30;
+    *total = (size_t)8 << 30;
+    return OK;
+}
+
+API CUresult cuStreamCreate(Handle* s, unsigned) { *s = malloc(1); return OK; }
+API CUresult cuStreamCreateWithPriority(Handle* s, unsigned, int) { *s = malloc(1); return OK; }
+API CUresult cuStreamDestroy_v2(Handle s) { free(s); return OK; }
+API CUresult cuStreamSynchronize(Handle) { return OK; }
+API CUresult cuStreamQuery(Handle) { return OK; }
+API CUresult cuStreamWaitEvent(Handle, Handle, unsigned) { return OK; }
+
+// Events time nothing: an elapsed time is 0.
+API CUresult cuEventCreate(Handle* e, unsigned) { *e = malloc(1); return OK; }
+API CUresult cuEventDestroy_v2(Handle e) { free(e); return OK; }
+API CUresult cuEventRecord(Handle, Handle) { return OK; }
+API CUresult cuEventSynchronize(Handle) { return OK; }
+API CUresult cuEventQuery(Handle) { return OK; }
+API CUresult cuEventElapsedTime(float* ms, Handle, Handle) { *ms = 0.f; return OK; }
+API CUresult cuEventElapsedTime_v2(float* ms, Handle, Handle) { *ms = 0.f; return OK; }
+
+API CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t n) {
+    void* m = aligned_alloc(256, (n + 255) / 256 * 256);
+    if (!m) return 2;  // out of memory
+    memset(m, 0xcd, n);  // garbage, as fresh device memory is
+    *p = (CUdeviceptr)m;
+    return OK;
+}
+API CUresult cuMemFree_v2(CUdeviceptr p) { free((void*)p); return OK; }
+API CUresult cuMemAllocAsync(CUdeviceptr* p, size_t n, Handle) { return cuMemAlloc_v2(p, n); }
+API CUresult cuMemFreeAsync(CUdeviceptr p, Handle) { return cuMemFree_v2(p); }
+API CUresult cuMemcpyHtoD_v2(CUdeviceptr d, const void* s, size_t n) { memcpy((void*)d, s, n); return OK; }
+API CUresult cuMemcpyDtoH_v2(void* d, CUdeviceptr s, size_t n) { memcpy(d, (void*)s, n); return OK; }
+API CUresult cuMemcpyDtoD_v2(CUdeviceptr d, CUdeviceptr s, size_t n) { memmove((void*)d, (void*)s, n); return OK; }
+API CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr d, const void* s, size_t n, Handle) {
+    if (capturing) return ERROR_NOT_SUPPORTED;
+    return cuMemcpyHtoD_v2(d, s, n);
+}
+API CUresult cuMemcpyDtoHAsync_v2(void* d, CUdeviceptr s, size_t n, Handle) {
+    if (capturing) return ERROR_NOT_SUPPORTED;
+    return cuMemcpyDtoH_v2(d, s, n);
+}
+API CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr d, CUdeviceptr s, size_t n, Handle) {
+    if (capturing) return ERROR_NOT_SUPPORTED;
+    return cuMemcpyDtoD_v2(d, s, n);
+}
+API CUresult cuMemsetD8_v2(CUdeviceptr d, unsigned char v, size_t n) { memset((void*)d, v, n); return OK; }
+API CUresult cuMemsetD8Async(CUdeviceptr d, unsigned char v, size_t n, Handle) {
+    if (capturing) return ERROR_NOT_SUPPORTED;
+    return cuMemsetD8_v2(d, v, n);
+}
+API CUresult cuMemsetD32Async(CUdeviceptr d, unsigned v, size_t n, Handle) {
+    if (capturing) return ERROR_NOT_SUPPORTED;
+    for (size_t i = 0; i < n; ++i) ((unsigned*)d)[i] = v;
+    return OK;
+}
+
+// Modules: the PTX is ignored; functions are found by name in the emulated libraries, with
+// the sizes of their parameters (emulate_<kernel>_sizes), so a launch can copy its arguments
+// as the driver does.
+namespace {
+struct Func {
+    Entry entry;
+    const unsigned* sizes;
+    unsigned n;
+};
+}  // namespace
+
+API CUresult cuModuleLoadData(Handle* m, const void*) { *m = &module_token; return OK; }
+API CUresult cuModuleUnload(Handle) { return OK; }
+API CUresult cuModuleGetFunction(Handle* f, Handle, const char* name) {
+    const std::string sym = std::string("emulate_") + name;
+    for (void* lib : kernel_libs) {
+        void* e = dlsym(lib, sym.c_str());
+        auto sizes = (const unsigned* (*)(unsigned*))dlsym(lib, (sym + "_sizes").c_str());
+        if (e && sizes) {
+            Func* fn = new Func{(Entry)e, nullptr, 0};
+            fn->sizes = sizes(&fn->n);
+            *f = fn;
+            return OK;
+        }
+    }
+    fprintf(stderr, "fake CUDA: no emulated kernel %s\n", name);
+    return ERROR_NOT_FOUND;
+}
+API CUresult cuFuncSetAttribute(Handle, int, int) { return OK; }
+API CUresult cuFuncGetAttribute(int* v, int, Handle) { *v = 0; return OK; }
+
+API CUresult cuLaunchKernel(Handle f, unsigned gx, unsigned gy, unsigned gz, unsigned bx,
+                            unsigned by, unsigned bz, unsigned, Handle, void** params, void**) {
+    if (by != 1 || bz != 1) return ERROR_NOT_SUPPORTED;
+    const Func& fn = *(const Func*)f;
+    Op op{fn.entry, {gx, gy, gz}, bx, {}};
+    for (unsigned i = 0; i < fn.n; ++i) {
+        const unsigned char* p = (const unsigned char*)params[i];
+        op.args.emplace_back(p, p + fn.sizes[i]);
+    }
+    if (capturing) {
+        capture->push_back(std::move(op));
+        return OK;
+    }
+    run(op);
+    return OK;
+}
+
+API CUresult cuStreamBeginCapture_v2(Handle, int) {
+    capturing = true;
+    capture = new std::vector<Op>();
+    return OK;
+}
+API CUresult cuStreamEndCapture(Handle, Handle* graph) {
+    capturing = false;
+    *graph = capture;
+    capture = nullptr;
+    return OK;
+}
+API CUresult cuStreamIsCapturing(Handle, int* status) { *status = capturing ? 1 : 0; return OK; }
+API CUresult cuGraphInstantiateWithFlags(Handle* exec, Handle graph, unsigned long long) {
+    *exec = new std::vector<Op>(*(std::vector<Op>*)graph);
+    return OK;
+}
+API CUresult cuGraphLaunch(Handle exec, Handle) {
+    for (auto& op : *(std::vector<Op>*)exec) run(op);
+    return OK;
+}
+API CUresult cuGraphDestroy(Handle g) { delete (std::vector<Op>*)g; return OK; }
+API CUresult cuGraphExecDestroy(Handle g) { delete (std::vector<Op>*)g; return OK; }
+
+// Private tables NVRTC asks a loaded driver for: none here.
+API CUresult cuGetExportTable(const void** table, const void*) {
+    *table = nullptr;
+    return ERROR_NOT_FOUND;
+}
+API CUresult cuGetProcAddress_v2(const char*, void** f, int, unsigned long long, int* status) {
+    *f = nullptr;
+    if (status) *status = 1;  // symbol not found
+    return ERROR_NOT_FOUND;
+}
+
+API CUresult cuGetErrorString(CUresult, const char** s) { *s = "fake CUDA error"; return OK; }
+API CUresult cuGetErrorName(CUresult, const char** s) { *s = "CUDA_ERROR_FAKE"; return OK; }
+
+// ---- cuBLASLt ------------------------------------------------------------------------------
+namespace {
+struct Desc { int trans_a = 0, trans_b = 0; };
+struct Layout { int type; uint64_t rows, cols; int64_t ld; };
+enum { R_32F = 0, R_16BF = 14 };
+
+float load(const void* p, int type, size_t i) {
+    if (type == R_32F) return ((const float*)p)[i];
+    const uint32_t u = (uint32_t)((const uint16_t*)p)[i] << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+void store(void* p, int type, size_t i, float v) {
+    if (type == R_32F) {
+        ((float*)p)[i] = v;
+        return;
+    }
+    uint32_t u;
+    memcpy(&u, &v, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) u |= 0x400000u;
+    else u += 0x7fffu + ((u >> 16) & 1u);
+    ((uint16_t*)p)[i] = (uint16_t)(u >> 16);
+}
+}  // namespace
+
+API int cublasLtCreate(Handle* h) { *h = malloc(1); return 0; }
+API int cublasLtDestroy(Handle h) { free(h); return 0; }
+API int cublasLtMatmulDescCreate(Handle* d, int, int) { *d = new Desc(); return 0; }
+API int cublasLtMatmulDescDestroy(Handle d) { delete (Desc*)d; return 0; }
+API int cublasLtMatmulDescSetAttribute(Handle d, int attr, const void* buf, size_t n) {
+    if (attr == 3 && n == 4) ((Desc*)d)->trans_a = *(const int*)buf;        // TRANSA
+    else if (attr == 4 && n == 4) ((Desc*)d)->trans_b = *(const int*)buf;   // TRANSB
+    else if (attr == 2 || attr == 0 || attr == 1) return 0;                 // modes: defaults
+    else return 15;                                                         // not supported
+    return 0;
+}
+API int cublasLtMatrixLayoutCreate(Handle* l, int type, uint64_t rows, uint64_t cols, int64_t ld) {
+    if (type != R_32F && type != R_16BF) return 15;
+    if (ld < (int64_t)rows) return 7;  // invalid value, as cuBLASLt answers
+    *l = new Layout{type, rows, cols, ld};
+    return 0;
+}
+API int cublasLtMatrixLayoutDestroy(Handle l) { delete (Layout*)l; return 0; }
+API int cublasLtMatmulPreferenceCreate(Handle* p) { *p = malloc(1); return 0; }
+API int cublasLtMatmulPreferenceDestroy(Handle p) { free(p); return 0; }
+API int cublasLtMatmulPreferenceSetAttribute(Handle, int, const void*, size_t) { return 0; }
+
+struct HeuristicResult {
+    uint64_t algo[8];
+    size_t workspace;
+    int state;
+    float waves;
+    int reserved[4];
+};
+
+// Checks the shapes agree, as the real heuristic does, and offers one algorithm.
+API int cublasLtMatmulAlgoGetHeuristic(Handle, Handle desc, Handle a, Handle b, Handle c,
+                                       Handle d, Handle, int, HeuristicResult* out, int* count) {
+    const Desc& ds = *(Desc*)desc;
+    const Layout &A = *(Layout*)a, &B = *(Layout*)b, &C = *(Layout*)c, &D = *(Layout*)d;
+    const uint64_t m = ds.trans_a ? A.cols : A.rows, k = ds.trans_a ? A.rows : A.cols;
+    const uint64_t kb = ds.trans_b ? B.cols : B.rows, n = ds.trans_b ? B.rows : B.cols;
+    if (k != kb || D.rows != m || D.cols != n || C.rows != m || C.cols != n || A.type != B.type) {
+        *count = 0;
+        return 15;
+    }
+    memset(out, 0, sizeof(HeuristicResult));
+    *count = 1;
+    return 0;
+}
+
+// D = alpha op(A) op(B) + beta C, column-major: element (i, j) of a layout is at i + j * ld.
+API int cublasLtMatmul(Handle, Handle desc, const void* alpha, const void* a, Handle al,
+                       const void* b, Handle bl, const void* beta, const void* c, Handle cl,
+                       void* d, Handle dl, const void*, void*, size_t, Handle) {
+    const Desc& ds = *(Desc*)desc;
+    const Layout &A = *(Layout*)al, &B = *(Layout*)bl, &C = *(Layout*)cl, &D = *(Layout*)dl;
+    const float al_ = *(const float*)alpha, be = *(const float*)beta;
+    const uint64_t m = D.rows, n = D.cols, k = ds.trans_a ? A.rows : A.cols;
+    std::vector<float> out(m * n);
+    for (uint64_t j = 0; j < n; ++j)
+        for (uint64_t i = 0; i < m; ++i) {
+            double s = 0;
+            for (uint64_t l = 0; l < k; ++l) {
+                const size_t ai = ds.trans_a ? l + i * A.ld : i + l * A.ld;
+                const size_t bi = ds.trans_b ? j + l * B.ld : l + j * B.ld;
+                s += (double)load(a, A.type, ai) * load(b, B.type, bi);
+            }
+            float v = al_ * (float)s;
+            if (be != 0.f) v += be * load(c, C.type, i + j * C.ld);
+            out[i + j * m] = v;
+        }
+    for (uint64_t j = 0; j < n; ++j)
+        for (uint64_t i = 0; i < m; ++i) store(d, D.type, i + j * D.ld, out[i + j * m]);
+    return 0;
+}
+API size_t cublasLtGetVersion() { return 130100; }
+API const char* cublasLtGetStatusString(int) { return "fake cuBLASLt status"; }
+API const char* cublasLtGetStatusName(int) { return "CUBLAS_STATUS_FAKE"; }
