@@ -97,7 +97,7 @@ fn the_selftest_passes_on_the_emulated_device() {
     let root = tempfile::tempdir().expect("tempdir");
     let json = root.path().join("selftest.json");
     let out = coserve_on(e, &root.path().join("cache"))
-        // The kernels alone are checked at small shapes in kernels_on_cpu.rs; here what runs
+        // The kernels alone are checked at small shapes in tests/kernels_on_cpu/; here what runs
         // on them: the decoder, products, graph, training step, and the sampler's launch.
         .args(["selftest", "--device", "cuda", "--json"])
         .arg(&json)

@@ -460,7 +460,7 @@ impl EngineCore {
                 sample_as_device(&mut logits.to_vec(), &s.params, &mut s.sampler)
             }
             Pick::Logits(logits) => sample(&mut logits.to_vec(), &s.params, &mut s.sampler),
-            // Only plain greedy sequences get here (see `want`): the pick is the argmax.
+            // Only plain greedy sequences get here (see `picking`): the pick is the argmax.
             Pick::Greedy(token_id, logprob) => Sampled {
                 token_id,
                 logprob: s.params.logprobs.map(|_| TokenLogprob {
