@@ -5,28 +5,18 @@
 //! `.ci/run` installs NVRTC from PyPI and sets `COSERVE_REQUIRE_CUDA_TOOLKIT=1`, so there the
 //! compile test cannot be skipped.
 
+mod common;
+
 use std::process::Command;
 
 use coserve::backend::cuda::device::cuda_device_count;
 use coserve::backend::cuda::kernels::{check_all, KernelCache, CHECK_ARCHS, KERNEL_FILES};
-use coserve::backend::cuda::toolkit::Toolkit;
 
-fn toolkit() -> Option<Toolkit> {
-    match Toolkit::find() {
-        Ok(t) => Some(t),
-        Err(e) if std::env::var_os("COSERVE_REQUIRE_CUDA_TOOLKIT").is_some() => {
-            panic!("COSERVE_REQUIRE_CUDA_TOOLKIT is set but: {e}")
-        }
-        Err(e) => {
-            eprintln!("skipped, no CUDA toolkit: {e}");
-            None
-        }
-    }
-}
+use common::device::toolkit_or_skip;
 
 #[test]
 fn every_kernel_compiles_for_sm80_and_sm90() {
-    let Some(toolkit) = toolkit() else { return };
+    let Some(toolkit) = toolkit_or_skip() else { return };
     let results = check_all(&toolkit);
     assert_eq!(results.len(), KERNEL_FILES.len() * CHECK_ARCHS.len());
     let failures: Vec<String> = results
@@ -38,7 +28,7 @@ fn every_kernel_compiles_for_sm80_and_sm90() {
 
 #[test]
 fn compiled_kernels_are_cached_by_source_and_arch() {
-    let Some(toolkit) = toolkit() else { return };
+    let Some(toolkit) = toolkit_or_skip() else { return };
     let home = tempfile::tempdir().expect("tempdir");
     let cache = KernelCache::new(home.path());
     let file = &KERNEL_FILES[0];

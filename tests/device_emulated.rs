@@ -17,24 +17,13 @@ use std::sync::OnceLock;
 
 use coserve::backend::cuda::kernels::KERNEL_FILES;
 use coserve::backend::cuda::toolkit::Toolkit;
+
+use common::device::toolkit_or_skip;
 use serde_json::{json, Value};
 
 use common::emulation::{build_fake_driver, build_kernel_library};
 use common::multipart::upload;
 use common::tiny_model::{write_gguf, TinyShape};
-
-fn toolkit() -> Option<Toolkit> {
-    match Toolkit::find() {
-        Ok(t) => Some(t),
-        Err(e) if std::env::var_os("COSERVE_REQUIRE_CUDA_TOOLKIT").is_some() => {
-            panic!("COSERVE_REQUIRE_CUDA_TOOLKIT is set but: {e}")
-        }
-        Err(e) => {
-            eprintln!("skipped, no CUDA toolkit: {e}");
-            None
-        }
-    }
-}
 
 /// The emulated device's folders: (toolkit home, driver, kernel libraries).
 struct Emulated {
@@ -92,7 +81,7 @@ fn coserve_on(e: &Emulated, cache: &Path) -> Command {
 
 #[test]
 fn the_selftest_passes_on_the_emulated_device() {
-    let Some(toolkit) = toolkit() else { return };
+    let Some(toolkit) = toolkit_or_skip() else { return };
     let e = emulated_device(&toolkit);
     let root = tempfile::tempdir().expect("tempdir");
     let json = root.path().join("selftest.json");
@@ -141,7 +130,7 @@ impl Drop for Served {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_on_the_emulated_device_samples_and_fine_tunes() {
-    let Some(toolkit) = toolkit() else { return };
+    let Some(toolkit) = toolkit_or_skip() else { return };
     let e = emulated_device(&toolkit);
     let root = tempfile::tempdir().expect("tempdir");
     // Heads of 32, as the kernels take.

@@ -36,3 +36,18 @@ fn twin_backend_with(rounding: bool) -> Backend {
         }),
     }
 }
+
+/// The CUDA toolkit (NVRTC) for tests that compile kernels: `None` (the test skips, saying
+/// why) when there is none, unless `COSERVE_REQUIRE_CUDA_TOOLKIT` is set, as `.ci/run` does.
+pub fn toolkit_or_skip() -> Option<coserve::backend::cuda::toolkit::Toolkit> {
+    match coserve::backend::cuda::toolkit::Toolkit::find() {
+        Ok(t) => Some(t),
+        Err(e) if std::env::var_os("COSERVE_REQUIRE_CUDA_TOOLKIT").is_some() => {
+            panic!("COSERVE_REQUIRE_CUDA_TOOLKIT is set but: {e}")
+        }
+        Err(e) => {
+            eprintln!("skipped, no CUDA toolkit: {e}");
+            None
+        }
+    }
+}

@@ -1,58 +1,22 @@
 //! Sampling: `sample_rows_f32` and `argmax_logprob_f32`.
 
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 
 use crate::common::emulation::{assert_close, Arg, Emulated};
 use coserve::backend::cuda::sampling::{sample_row, RowSampling, MAX_TOP_LOGPROBS};
+use coserve::backend::cuda::selftest::sampling::cases;
 use coserve::backend::cuda::twins;
 
 #[test]
 fn sampling_kernels_pick_what_their_twins_pick() {
     let emu = Emulated::build("sampling.cu");
     let mut rng = StdRng::seed_from_u64(11);
-    // (temperature, top_k, top_p, min_p, top_logprobs): every filter alone and together.
-    let rows: [(f32, u32, f32, f32, u32); 12] = [
-        (1.0, 0, 1.0, 0.0, 0),
-        (0.7, 50, 1.0, 0.0, 5),
-        (0.0, 0, 1.0, 0.0, 20),
-        (1.5, 7, 0.9, 0.0, 0),
-        (0.3, 1, 1.0, 0.0, 3),
-        (2.0, 0, 0.5, 0.05, 1),
-        (1.0, 3000, 0.95, 0.0, 20),
-        (0.9, 20, 0.8, 0.1, 0),
-        (1.0, 0, 1e-5, 0.0, 2),
-        (1.2, 5, 1.0, 0.2, 20),
-        (0.8, 0, 0.9, 0.0, 0),
-        (1.0, 100_000, 0.99, 0.01, 4),
-    ];
     // Under and over one logit per thread, and one not a multiple of the block.
     for vocab in [40usize, 1000, 5003] {
-        let n = rows.len();
-        let mut logits = Vec::with_capacity(n * vocab);
-        for r in 0..n {
-            for i in 0..vocab {
-                let mut v: f32 = rng.random_range(-10.0..10.0);
-                match r % 4 {
-                    1 => v = (v * 4.0).round() / 4.0, // many ties
-                    2 if i % 7 == 3 => v = f32::NEG_INFINITY,
-                    3 if i % 11 == 5 => v = f32::NAN,
-                    _ => {}
-                }
-                logits.push(v);
-            }
-        }
-        let params: Vec<RowSampling> = rows
-            .iter()
-            .map(|&(temperature, top_k, top_p, min_p, top_logprobs)| RowSampling {
-                temperature,
-                top_k,
-                top_p,
-                min_p,
-                u: rng.random(),
-                top_logprobs,
-            })
-            .collect();
+        // The selftest's rows: every filter alone and together, ties, -inf and NaN.
+        let (logits, params) = cases(&mut rng, vocab);
+        let n = params.len();
         let packed: Vec<u32> = params.iter().flat_map(RowSampling::pack).collect();
         let (mut ids, mut lps) = (vec![0u32; n], vec![0f32; n]);
         let (mut top_ids, mut top_lps) =

@@ -5,7 +5,7 @@ mod backward;
 mod layers;
 mod model;
 mod products;
-mod sampling;
+pub mod sampling;
 mod train_step;
 mod training;
 

@@ -27,34 +27,42 @@ const ROWS: [(f32, u32, f32, f32, u32); 12] = [
     (1.0, 100_000, 0.99, 0.01, 4),
 ];
 
+/// Rows of `vocab` random logits in [-10, 10), one per entry of the filter table, with many
+/// ties in every fourth row, -inf or NaN logits in others, and each row's parameters with a
+/// uniform number drawn from `rng`. Shared with the kernel's test on the CPU.
+pub fn cases(rng: &mut StdRng, vocab: usize) -> (Vec<f32>, Vec<RowSampling>) {
+    let mut logits = Vec::with_capacity(ROWS.len() * vocab);
+    for r in 0..ROWS.len() {
+        for i in 0..vocab {
+            let mut v: f32 = rng.random_range(-10.0..10.0);
+            match r % 4 {
+                1 => v = round_bf16(v / 4.0) * 4.0, // many ties
+                2 if i % 7 == 3 => v = f32::NEG_INFINITY,
+                3 if i % 11 == 5 => v = f32::NAN,
+                _ => {}
+            }
+            logits.push(v);
+        }
+    }
+    let params = ROWS
+        .iter()
+        .map(|&(temperature, top_k, top_p, min_p, top_logprobs)| RowSampling {
+            temperature,
+            top_k,
+            top_p,
+            min_p,
+            u: rng.random(),
+            top_logprobs,
+        })
+        .collect();
+    (logits, params)
+}
+
 pub(super) fn check_sampling(gpu: &mut Gpu, checks: &mut Vec<Check>) -> Result<(), CudaError> {
     let mut rng = StdRng::seed_from_u64(11);
     for vocab in [128_256usize, 151_936, 1000] {
-        let rows = ROWS.len();
-        let mut logits = Vec::with_capacity(rows * vocab);
-        for r in 0..rows {
-            for i in 0..vocab {
-                let mut v: f32 = rng.random_range(-10.0..10.0);
-                match r % 4 {
-                    1 => v = round_bf16(v / 4.0) * 4.0, // many ties
-                    2 if i % 7 == 3 => v = f32::NEG_INFINITY,
-                    3 if i % 11 == 5 => v = f32::NAN,
-                    _ => {}
-                }
-                logits.push(v);
-            }
-        }
-        let params: Vec<RowSampling> = ROWS
-            .iter()
-            .map(|&(temperature, top_k, top_p, min_p, top_logprobs)| RowSampling {
-                temperature,
-                top_k,
-                top_p,
-                min_p,
-                u: rng.random(),
-                top_logprobs,
-            })
-            .collect();
+        let (logits, params) = cases(&mut rng, vocab);
+        let rows = params.len();
         let dl = gpu.up(&logits)?;
         let got = sample_on_device(gpu, &dl, vocab, &params)?;
         let again = sample_on_device(gpu, &dl, vocab, &params)?;
