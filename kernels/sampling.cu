@@ -322,17 +322,20 @@ extern "C" __global__ void sample_rows_f32(const float* __restrict__ logits, int
             }
             nucleus.before = block_exclusive_scan(ties, scan, &total);
         }
+        // A token's fixed-point weight if the filters keep it, else 0; called for every id of
+        // the run in order, after pool.start() and nucleus.start().
+        auto kept = [&](int i) -> u64 {
+            const float v = logit_at(x, i);
+            const unsigned int key = order_key(v);
+            if (!pool.take(key) || !nucleus.take(key)) return 0ull;
+            const float wt = w(v);
+            return wt >= p.min_p ? fixed_weight(wt) : 0ull;
+        };
         // The kept mass of this thread's run, then of the runs before it.
         u64 run_mass = 0ull;
         pool.start();
         nucleus.start();
-        for (int i = lo; i < hi; ++i) {
-            const float v = logit_at(x, i);
-            const unsigned int key = order_key(v);
-            if (!pool.take(key) || !nucleus.take(key)) continue;
-            const float wt = w(v);
-            if (wt >= p.min_p) run_mass += fixed_weight(wt);
-        }
+        for (int i = lo; i < hi; ++i) run_mass += kept(i);
         const u64 before = block_exclusive_scan(run_mass, scan, &total);
         u64 target = (u64)(p.u * (double)total);
         if (target >= total) target = total - 1ull;
@@ -341,12 +344,7 @@ extern "C" __global__ void sample_rows_f32(const float* __restrict__ logits, int
             pool.start();
             nucleus.start();
             for (int i = lo; i < hi; ++i) {
-                const float v = logit_at(x, i);
-                const unsigned int key = order_key(v);
-                if (!pool.take(key) || !nucleus.take(key)) continue;
-                const float wt = w(v);
-                if (wt < p.min_p) continue;
-                acc += fixed_weight(wt);
+                acc += kept(i);
                 if (acc > target) {
                     chosen = (unsigned int)i;
                     break;
