@@ -1,5 +1,5 @@
 //! The OpenAPI document, generated from the handlers' `#[utoipa::path]` annotations and the
-//! request/response types. `openapi/openapi.json` holds a copy checked by `tests/openapi.rs`.
+//! request/response types. `openapi/openapi.json` holds a copy checked by `tests/api/openapi.rs`.
 
 use utoipa::OpenApi;
 

@@ -1,0 +1,131 @@
+//! Fine-tuning jobs on the device backend (`serve --device cuda`), driven here by the CUDA
+//! decoder's CPU twins: a job runs its samples token-level through the device training step
+//! inside the engine's iterations, with its adapter and AdamW state on the device, and ends
+//! where the same job on the CPU backend ends.
+
+use crate::common;
+
+use std::sync::Arc;
+
+use common::device::{exact_twin_backend, twin_backend};
+use common::engine::{generate, TestEngine};
+use common::finetune::{drain, examples, Run};
+use common::tiny_model::{write_gguf, TinyShape};
+use coserve::engine::hybrid::{FinetuneMode, TrainingConfig};
+use coserve::engine::job::{JobEvent, ResumePoint, TrainHyper, TrainJobSpec};
+use coserve::engine::{Backend, EngineConfig, SamplingParams};
+use coserve::lora::{LoraConfig, LoraWeights};
+
+/// Heads of 32 (the kernels' multiple) and bf16-valued weights (what a device holds).
+fn shape() -> TinyShape {
+    TinyShape { heads: 2, kv_heads: 1, bf16_weights: true, ..TinyShape::default() }
+}
+
+fn engine(path: &std::path::Path, backend: Backend) -> TestEngine {
+    let cfg = EngineConfig {
+        max_num_batched_tokens: 64,
+        kv_cache_bytes: 8 << 20,
+        threads: 2,
+        training: TrainingConfig {
+            mode: FinetuneMode::Coserve,
+            max_train_tokens_per_iter: 7,
+            max_bwd_layers_per_iter: 1,
+            ..TrainingConfig::default()
+        },
+        ..EngineConfig::default()
+    };
+    TestEngine::start_on(path, cfg, backend)
+}
+
+fn spec(id: &str, resume: Option<ResumePoint>) -> (TrainJobSpec, flume::Receiver<JobEvent>) {
+    let (tx, rx) = flume::unbounded();
+    let spec = TrainJobSpec {
+        id: id.into(),
+        train: Arc::new(examples(6, 24)),
+        validation: Arc::new(examples(2, 16)),
+        lora: LoraConfig { r: 4, alpha: 8.0, ..LoraConfig::default() },
+        hyper: TrainHyper {
+            n_epochs: 2,
+            batch_size: 4,
+            learning_rate: 1e-2,
+            seed: 42,
+            checkpoint_every: 2,
+        },
+        resume,
+        events: tx,
+    };
+    (spec, rx)
+}
+
+fn run_job(path: &std::path::Path, backend: Backend) -> Run {
+    let e = engine(path, backend);
+    let (s, rx) = spec("ftjob-dev", None);
+    e.handle.start_job(s).unwrap();
+    // Inference alongside: the job's samples share iterations with a request.
+    let params = SamplingParams { max_tokens: 20, ignore_eos: true, ..SamplingParams::default() };
+    let g = generate(&e.handle, vec![5, 6, 7, 8], params);
+    assert_eq!(g.tokens.len(), 20);
+    drain(&rx, None)
+}
+
+fn max_rel(a: &LoraWeights, b: &LoraWeights) -> f32 {
+    let scale = b.tensors().flatten().fold(0f32, |m, v| m.max(v.abs()));
+    let err = a
+        .tensors()
+        .flatten()
+        .zip(b.tensors().flatten())
+        .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    err / scale
+}
+
+/// With the twins' roundings off, the device job is the CPU job up to summation order: same
+/// steps, losses, gradient norms, validation losses, checkpoints and final adapter.
+#[test]
+fn a_job_on_the_device_ends_where_the_cpu_job_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_gguf(dir.path(), &shape());
+    let cpu = run_job(&path, Backend::Cpu);
+    let dev = run_job(&path, exact_twin_backend());
+    assert_eq!(dev.steps.len(), 4, "6 examples, batch 4, 2 epochs");
+    for (d, c) in dev.steps.iter().zip(&cpu.steps) {
+        assert_eq!((d.step, d.tokens, d.trained_tokens), (c.step, c.tokens, c.trained_tokens));
+        assert!((d.train_loss - c.train_loss).abs() <= 1e-4 * c.train_loss, "{d:?} vs {c:?}");
+        assert!((d.grad_norm - c.grad_norm).abs() <= 1e-3 * c.grad_norm, "{d:?} vs {c:?}");
+        assert_eq!(d.learning_rate, c.learning_rate);
+    }
+    assert_eq!(dev.valid.len(), 2);
+    for (d, c) in dev.valid.iter().zip(&cpu.valid) {
+        assert!((d - c).abs() <= 1e-4 * c, "validation {d} vs {c}");
+    }
+    assert_eq!(dev.checkpoints.len(), cpu.checkpoints.len());
+    let (d, c) = (dev.end.expect("device end"), cpu.end.expect("cpu end"));
+    assert_eq!((d.step, d.optimizer.step), (c.step, c.optimizer.step));
+    let err = max_rel(&d.adapter, &c.adapter);
+    assert!(err < 1e-3, "final adapters differ by {err:e} of the largest weight");
+    assert!(max_rel(&d.optimizer.v, &c.optimizer.v) < 1e-3);
+}
+
+/// As the device runs it (bf16 activations): the job learns, and a job stopped after a step
+/// resumes from its checkpoint to the adapter of an uninterrupted run.
+#[test]
+fn a_device_job_learns_and_resumes_from_its_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_gguf(dir.path(), &shape());
+    let whole = run_job(&path, twin_backend());
+    let (first, last) = (whole.steps[0].train_loss, whole.steps[3].train_loss);
+    assert!(last < first, "loss {first} -> {last}");
+
+    let e = engine(&path, twin_backend());
+    let (s, rx) = spec("ftjob-stop", None);
+    e.handle.start_job(s).unwrap();
+    let part = drain(&rx, Some((1, &e, "ftjob-stop")));
+    let stopped = part.stopped.expect("stopped");
+    assert_eq!(stopped.step, 1);
+    let (s, rx) = spec("ftjob-stop", Some(stopped));
+    e.handle.start_job(s).unwrap();
+    let rest = drain(&rx, None);
+    let (a, b) = (rest.end.expect("resumed end"), whole.end.expect("whole end"));
+    assert_eq!(a.step, b.step);
+    // Same arithmetic in the same order on the same thread: bit for bit.
+    assert_eq!(a.adapter.tensors().collect::<Vec<_>>(), b.adapter.tensors().collect::<Vec<_>>());
+}
