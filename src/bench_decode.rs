@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use crate::backend::cpu::paged_attention::AttnSeq;
 use crate::backend::cuda::{DeviceSpec, ResolvedDevice};
-use crate::kv::KvCache;
+use crate::kv::{KvCache, KvDtype};
 use crate::model::fetch::{coserve_home, ensure_default_model, FetchError};
 use crate::model::llama::{ForwardBatch, Llama};
 use crate::model::loader::dummy::DummyModel;
@@ -32,6 +32,9 @@ pub struct BenchDecodeArgs {
     pub dummy_weights: Option<DummyModel>,
     #[arg(long, value_enum, default_value_t = WeightsDtype::F32)]
     pub weights_dtype: WeightsDtype,
+    /// What the CPU's KV cache stores (a GPU's is bf16).
+    #[arg(long, value_enum, default_value_t = KvDtype::F32)]
+    pub kv_cache_dtype: KvDtype,
     /// Decode batch sizes, comma separated.
     #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
     pub batch: Vec<usize>,
@@ -119,6 +122,7 @@ pub struct BenchDecodeResult {
     pub model: String,
     pub device: String,
     pub weights_dtype: String,
+    pub kv_cache_dtype: String,
     pub threads: usize,
     pub context: usize,
     pub weight_bytes: usize,
@@ -131,9 +135,10 @@ pub struct BenchDecodeResult {
 impl BenchDecodeResult {
     pub fn print_text(&self) {
         println!(
-            "{} ({}) on {}, {} threads, context {}: weights {:.1} MB, bandwidth {:.1} GB/s",
+            "{} ({}, {} KV cache) on {}, {} threads, context {}: weights {:.1} MB, bandwidth {:.1} GB/s",
             self.model,
             self.weights_dtype,
+            self.kv_cache_dtype,
             self.device,
             self.threads,
             self.context,
@@ -221,15 +226,12 @@ pub fn run(args: &BenchDecodeArgs) -> Result<BenchDecodeResult, BenchDecodeError
     }
     pool.install(|| {
         let bandwidth = read_bandwidth();
-        let steps = args
-            .batch
-            .iter()
-            .map(|&b| decode_step(&model, b, args.context, args.steps, bandwidth))
-            .collect();
+        let steps = args.batch.iter().map(|&b| decode_step(&model, b, args, bandwidth)).collect();
         Ok(BenchDecodeResult {
             model: name,
             device: "cpu".into(),
             weights_dtype: args.weights_dtype.to_string(),
+            kv_cache_dtype: args.kv_cache_dtype.to_string(),
             threads: pool.current_num_threads(),
             context: args.context,
             weight_bytes: model.weight_bytes(),
@@ -240,17 +242,14 @@ pub fn run(args: &BenchDecodeArgs) -> Result<BenchDecodeResult, BenchDecodeError
 }
 
 /// Times `steps` decode steps of `batch` sequences whose caches hold `context` random rows.
-fn decode_step(
-    model: &Llama,
-    batch: usize,
-    context: usize,
-    steps: usize,
-    bandwidth: f64,
-) -> DecodeStep {
+fn decode_step(model: &Llama, batch: usize, args: &BenchDecodeArgs, bandwidth: f64) -> DecodeStep {
+    let (context, steps, dtype) = (args.context, args.steps, args.kv_cache_dtype);
     let c = &model.config;
     let bs = 16;
     let blocks_per_seq = (context + 1).div_ceil(bs);
-    let mut kv = KvCache::new(c.num_layers, batch * blocks_per_seq, bs, c.num_kv_heads, c.head_dim);
+    let num_blocks = batch * blocks_per_seq;
+    let mut kv =
+        KvCache::with_dtype(c.num_layers, num_blocks, bs, c.num_kv_heads, c.head_dim, dtype);
     let row = c.num_kv_heads * c.head_dim;
     let tables: Vec<Vec<u32>> = (0..batch)
         .map(|s| ((s * blocks_per_seq) as u32..((s + 1) * blocks_per_seq) as u32).collect())
@@ -293,7 +292,7 @@ fn decode_step(
         .collect();
     times.sort_by(f64::total_cmp);
     let step = times[times.len() / 2];
-    let kv_bytes = batch * (context + 1) * c.num_layers * 2 * row * std::mem::size_of::<f32>();
+    let kv_bytes = batch * (context + 1) * c.num_layers * 2 * row * dtype.size();
     let bytes_read = model.weight_bytes() + kv_bytes;
     DecodeStep::new(batch, step, bytes_read, bandwidth)
 }

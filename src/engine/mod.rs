@@ -22,7 +22,7 @@ pub use request::{EngineEvent, FinishReason, GenerateRequest, SamplingParams, To
 
 use crate::backend::cuda::decoder::runner::DeviceModel;
 use crate::kv::block_allocator::BlockAllocator;
-use crate::kv::KvCache;
+use crate::kv::{KvCache, KvDtype};
 use crate::metrics::Metrics;
 use crate::model::llama::Llama;
 use scheduler::{Scheduler, SchedulerConfig};
@@ -55,6 +55,8 @@ pub struct EngineConfig {
     pub max_num_seqs: usize,
     pub max_waiting: usize,
     pub kv_cache_bytes: usize,
+    /// What the CPU cache stores (`None`: f32); a device keeps its own cache type.
+    pub kv_cache_dtype: Option<KvDtype>,
     pub block_size: usize,
     /// Compute threads (0: one per core).
     pub threads: usize,
@@ -68,6 +70,7 @@ impl Default for EngineConfig {
             max_num_seqs: 64,
             max_waiting: 256,
             kv_cache_bytes: 2 << 30,
+            kv_cache_dtype: None,
             block_size: 16,
             threads: 0,
             training: hybrid::TrainingConfig::default(),
@@ -79,6 +82,8 @@ impl Default for EngineConfig {
 pub enum EngineStartError {
     #[error("--kv-cache-memory of {bytes} bytes holds no KV block ({per_block} bytes each)")]
     CacheTooSmall { bytes: usize, per_block: usize },
+    #[error("--kv-cache-dtype {0} is for the CPU; {1} keeps its KV cache in bf16 (use auto)")]
+    KvDtypeOnDevice(KvDtype, String),
     #[error("{0} must be at least 1")]
     Zero(&'static str),
     #[error("could not start compute threads: {0}")]
@@ -130,12 +135,17 @@ pub fn start_on(
     let c = &model.config;
     let f32_block =
         KvCache::bytes_per_block(c.num_layers, cfg.block_size, c.num_kv_heads, c.head_dim);
-    let per_block = match &backend {
-        Backend::Cpu => f32_block,
-        Backend::Device { kv_bytes_per_element, .. } => {
-            f32_block / std::mem::size_of::<f32>() * kv_bytes_per_element
+    let kv_dtype = cfg.kv_cache_dtype.unwrap_or_default();
+    let bytes_per_element = match &backend {
+        Backend::Cpu => kv_dtype.size(),
+        Backend::Device { name, kv_bytes_per_element, .. } => {
+            if let Some(d) = cfg.kv_cache_dtype {
+                return Err(EngineStartError::KvDtypeOnDevice(d, name.clone()));
+            }
+            *kv_bytes_per_element
         }
     };
+    let per_block = f32_block / std::mem::size_of::<f32>() * bytes_per_element;
     let num_blocks = cfg.kv_cache_bytes / per_block.max(1);
     if num_blocks == 0 {
         return Err(EngineStartError::CacheTooSmall { bytes: cfg.kv_cache_bytes, per_block });
@@ -167,7 +177,9 @@ pub fn start_on(
         let compute = match backend {
             Backend::Cpu => core::Compute::Host {
                 model,
-                kv: KvCache::new(num_layers, num_blocks, block_size, kv_heads, head_dim),
+                kv: KvCache::with_dtype(
+                    num_layers, num_blocks, block_size, kv_heads, head_dim, kv_dtype,
+                ),
             },
             Backend::Device { name, build, .. } => {
                 let config = model.config.clone();

@@ -155,13 +155,9 @@ fn lora_backward(
 /// The sample's K and V of one layer, positions `0..len`, read through its cache slots.
 fn gather_kv(kv: &KvCache, layer: usize, slots: &[usize]) -> (Vec<f32>, Vec<f32>) {
     let row = kv.num_kv_heads() * kv.head_dim();
-    let (kc, vc) = kv.layer(layer);
     let mut k = Vec::with_capacity(slots.len() * row);
     let mut v = Vec::with_capacity(slots.len() * row);
-    for &s in slots {
-        k.extend_from_slice(&kc[s * row..(s + 1) * row]);
-        v.extend_from_slice(&vc[s * row..(s + 1) * row]);
-    }
+    kv.layer(layer).gather(slots, row, &mut k, &mut v);
     (k, v)
 }
 

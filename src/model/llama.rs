@@ -11,7 +11,7 @@ use super::config::LlamaConfig;
 use super::lora_apply::{group_slices, lora_expand, lora_shrink, LoraGroup, LoraSlice};
 use super::weights::WeightMatrix;
 use crate::backend::cpu::paged_attention::{paged_attention, AttnSeq, AttnShape};
-use crate::kv::KvCache;
+use crate::kv::{KvCache, KvLayer};
 use crate::lora::TargetModule;
 
 pub struct LlamaLayer {
@@ -177,8 +177,10 @@ impl Llama {
                 v[i * kv_dim..(i + 1) * kv_dim].copy_from_slice(&row[q_dim + kv_dim..]);
             }
             kv.write(li, &k, &v, batch.slot_mapping);
-            let (kc, vc) = kv.layer(li);
-            paged_attention(&q, kc, vc, batch.seqs, &shape, &mut attn);
+            match kv.layer(li) {
+                KvLayer::F32(kc, vc) => paged_attention(&q, kc, vc, batch.seqs, &shape, &mut attn),
+                KvLayer::F16(kc, vc) => paged_attention(&q, kc, vc, batch.seqs, &shape, &mut attn),
+            }
             for cap in captures.iter_mut() {
                 let acts = &mut cap.acts.layers[li];
                 save_rows(&q, q_dim, &cap.rows, cap.first_pos, &mut acts.q);

@@ -118,6 +118,22 @@ fn the_device_engine_serves_what_the_decoder_computes_alone() {
 }
 
 #[test]
+fn a_device_refuses_a_cpu_kv_cache_type() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write_gguf(dir.path(), &shape());
+    let metrics = Arc::new(coserve::metrics::Metrics::new("test"));
+    for dtype in [coserve::kv::KvDtype::F32, coserve::kv::KvDtype::F16] {
+        let model = load_model(&path, WeightsDtype::F32).expect("load").model;
+        let cfg = EngineConfig { kv_cache_dtype: Some(dtype), ..EngineConfig::default() };
+        let started =
+            coserve::engine::start_on(model, vec![], &cfg, metrics.clone(), twin_backend());
+        let Err(e) = started else { panic!("a device engine started with a {dtype} KV cache") };
+        let msg = e.to_string();
+        assert!(msg.contains("--kv-cache-dtype") && msg.contains("bf16"), "{msg}");
+    }
+}
+
+#[test]
 fn prompt_logprobs_come_from_every_row_of_the_device_forward() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = write_gguf(dir.path(), &shape());

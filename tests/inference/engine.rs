@@ -6,6 +6,7 @@ use crate::common;
 use std::time::{Duration, Instant};
 
 use coserve::engine::{EngineConfig, EngineEvent, FinishReason, SamplingParams, SubmitError};
+use coserve::kv::KvDtype;
 
 use common::engine::{collect, generate, metric_value, request, TestEngine};
 use common::tiny_model::{write_gguf, TinyShape};
@@ -190,6 +191,24 @@ fn bad_prompts_are_errors_not_crashes() {
     }
     // The engine still serves.
     assert_eq!(generate(&engine.handle, vec![1, 2, 3], long(2)).tokens.len(), 2);
+}
+
+#[test]
+fn an_f16_cache_holds_twice_the_blocks_of_the_same_memory() {
+    let per_block = coserve::kv::KvCache::bytes_per_block(2, 16, 2, 16);
+    for (dtype, blocks) in [(KvDtype::F32, 4), (KvDtype::F16, 8)] {
+        let cfg = EngineConfig {
+            kv_cache_bytes: 4 * per_block,
+            kv_cache_dtype: Some(dtype),
+            ..EngineConfig::default()
+        };
+        let (_dir, engine) = tiny(cfg);
+        assert_eq!(engine.max_model_len, blocks * 16, "{dtype}: the cache caps max_model_len");
+        // A prompt that fills all but one slot of the f16 cache still runs to the end.
+        let prompt: Vec<u32> = (0..blocks as u32 * 16 - 3).map(|i| i % 200 + 1).collect();
+        let g = generate(&engine.handle, prompt, long(2));
+        assert_eq!(g.tokens.len(), 2, "{dtype}");
+    }
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! Paged attention against a dense causal attention in f64, plus batch invariance.
 
 use coserve::backend::cpu::paged_attention::{paged_attention, AttnSeq, AttnShape};
+use half::f16;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -236,6 +237,30 @@ fn a_prefill_row_equals_the_decode_at_its_position() {
         let chunk = AttnSeq { q_start: 0, q_len: 70 - pos, context_len: 70, block_table: &s.table };
         let out = b.run_seqs(&b.q[pos * row..], &[chunk]);
         assert!(bits_equal(&out, &prefill[pos * row..]), "chunk from {pos}");
+    }
+}
+
+/// An f16 cache gives what the f32 kernel gives on the same values widened to f32, bit for bit,
+/// and so stays as close to the dense reference (computed on the rounded values).
+#[test]
+fn an_f16_cache_equals_f32_on_its_widened_values() {
+    for block_size in [16, 4] {
+        let dims = Dims { block_size, ..DEFAULT_MODEL };
+        let specs = [(33, 1), (1, 1), (100, 1), (40, 24), (100, 33), (17, 1), (64, 64), (16, 1)];
+        let mut b = batch(dims, &specs, 21 + block_size as u64);
+        let round = |x: &mut Vec<f32>| x.iter_mut().for_each(|v| *v = f16::from_f32(*v).to_f32());
+        round(&mut b.k_cache);
+        round(&mut b.v_cache);
+        for s in &mut b.seqs {
+            round(&mut s.k);
+            round(&mut s.v);
+        }
+        b.assert_matches_reference("f32 on f16-rounded values");
+        let to_f16 = |x: &[f32]| x.iter().map(|v| f16::from_f32(*v)).collect::<Vec<_>>();
+        let (k16, v16) = (to_f16(&b.k_cache), to_f16(&b.v_cache));
+        let mut out = vec![f32::NAN; b.q.len()];
+        paged_attention(&b.q, &k16, &v16, &b.attn_seqs(), &dims.shape(), &mut out);
+        assert!(bits_equal(&out, &b.run()), "f16 cache differs from f32, block size {block_size}");
     }
 }
 

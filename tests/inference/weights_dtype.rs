@@ -1,5 +1,6 @@
-//! Weight storage formats (`--weights-dtype`): how far each moves the default model from the
-//! HF transformers reference, and that every format keeps outputs batch invariant.
+//! Weight storage formats (`--weights-dtype`) and the f16 KV cache (`--kv-cache-dtype f16`):
+//! how far each moves the default model from the HF transformers reference, and that every
+//! format keeps outputs batch invariant.
 
 use crate::common;
 
@@ -10,7 +11,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::Device;
 use coserve::backend::cpu::paged_attention::AttnSeq;
 use coserve::engine::{EngineConfig, SamplingParams};
-use coserve::kv::KvCache;
+use coserve::kv::{KvCache, KvDtype};
 use coserve::model::llama::{ForwardBatch, Llama};
 use coserve::model::loader::load_model;
 use coserve::model::weights::WeightsDtype;
@@ -21,12 +22,14 @@ use common::tiny_model::{write_gguf, write_hf_dir, TinyShape};
 const ALL: [WeightsDtype; 4] =
     [WeightsDtype::F32, WeightsDtype::Bf16, WeightsDtype::Q8_0, WeightsDtype::Gguf];
 
-/// What each format must keep on the default model: (format, greedy tokens every prompt
-/// shares with the reference, greedy continuations (of 8) equal in full, bound on the top-5
-/// logprob error over the first 8 positions, bytes one decode step reads).
+/// What each format must keep on the default model: (format, KV cache type, greedy tokens
+/// every prompt shares with the reference, greedy continuations (of 8) equal in full, bound on
+/// the top-5 logprob error over the first 8 positions, weight bytes one decode step reads).
 ///
 /// Measured here (AVX2+FMA; each number is deterministic for a given code path):
 /// - f32, the reference precision: 8/8 exact, error 3.6e-5 (`reference_generation` holds it).
+/// - f32 weights with the f16 KV cache, each K and V element rounded to 11 significant bits
+///   (relative error at most 2^-12): 8/8 exact, all 24 tokens equal, error 5.4e-3.
 /// - bf16 rounds every weight to 8 significant bits (RMS error about |w|/900): 7/8 exact,
 ///   every prompt's first 21 tokens equal, error 5.3e-2.
 /// - q8_0 re-quantizes the dequantized Q4_1 weights to 8 bits per block of 32 (absolute step
@@ -39,11 +42,12 @@ const ALL: [WeightsDtype; 4] =
 /// code paths (the portable kernels round differently). Decode bytes are exact: 134,479,872
 /// weights (30 layers x 3,538,944 plus the 49,152 x 576 tied head) at 4, 2 and 34/32 bytes,
 /// and for gguf the layers' Q4_1 (20/32) plus the head's Q8_0 (34/32).
-const BOUNDS: [(WeightsDtype, usize, usize, f64, usize); 4] = [
-    (WeightsDtype::F32, 8, 7, 2e-3, 537_919_488),
-    (WeightsDtype::Bf16, 8, 6, 0.11, 268_959_744),
-    (WeightsDtype::Q8_0, 8, 6, 0.5, 142_884_864),
-    (WeightsDtype::Gguf, 4, 4, 0.85, 96_436_224),
+const BOUNDS: [(WeightsDtype, KvDtype, usize, usize, f64, usize); 5] = [
+    (WeightsDtype::F32, KvDtype::F32, 8, 7, 2e-3, 537_919_488),
+    (WeightsDtype::F32, KvDtype::F16, 8, 7, 1.1e-2, 537_919_488),
+    (WeightsDtype::Bf16, KvDtype::F32, 8, 6, 0.11, 268_959_744),
+    (WeightsDtype::Q8_0, KvDtype::F32, 8, 6, 0.5, 142_884_864),
+    (WeightsDtype::Gguf, KvDtype::F32, 4, 4, 0.85, 96_436_224),
 ];
 
 #[test]
@@ -51,7 +55,7 @@ fn quantized_formats_stay_close_to_the_reference() {
     let prompts = common::fixtures::smollm2_fixture().prompts;
     let path = common::default_model_path();
     let mut report = Vec::new();
-    for (dtype, min_prefix, min_exact, lp_bound, want_bytes) in BOUNDS {
+    for (dtype, kv_dtype, min_prefix, min_exact, lp_bound, want_bytes) in BOUNDS {
         let loaded = load_model(&path, dtype).expect("default model loads");
         let bytes = loaded.model.weight_bytes();
         let engine = TestEngine::from_parts(
@@ -59,8 +63,9 @@ fn quantized_formats_stay_close_to_the_reference() {
             loaded.tokenizer,
             loaded.chat_template,
             loaded.eos_token_ids,
-            EngineConfig::default(),
+            EngineConfig { kv_cache_dtype: Some(kv_dtype), ..EngineConfig::default() },
         );
+        let dtype = format!("{dtype} weights, {kv_dtype} KV");
         // Greedy continuations, all prompts in one batch.
         let streams: Vec<_> = prompts
             .iter()
@@ -104,7 +109,7 @@ fn quantized_formats_stay_close_to_the_reference() {
             }
         }
         let line = format!(
-            "{dtype:>5}: decode bytes {bytes:>11}; greedy: {exact}/{} exact, shortest common \
+            "{dtype:>21}: decode bytes {bytes:>11}; greedy: {exact}/{} exact, shortest common \
              prefix {min_agree}/24; top-5 logprob error over 8 positions: max {worst_lp:.2e}, \
              {missing} reference top-5 tokens outside our top 20",
             prompts.len()
@@ -242,22 +247,26 @@ fn every_format_gives_the_same_greedy_tokens_alone_and_batched() {
     let mut params = SamplingParams::greedy(24);
     params.ignore_eos = true;
     for (what, path) in &files {
-        for dtype in ALL {
+        let kinds =
+            ALL.map(|d| (d, KvDtype::F32)).into_iter().chain([(WeightsDtype::F32, KvDtype::F16)]);
+        for (dtype, kv_dtype) in kinds {
+            let base = EngineConfig { kv_cache_dtype: Some(kv_dtype), ..EngineConfig::default() };
             let alone: Vec<Vec<u32>> = {
-                let engine = TestEngine::start_with(path, dtype, EngineConfig::default());
+                let engine = TestEngine::start_with(path, dtype, base.clone());
                 tiny_prompts()
                     .into_iter()
                     .map(|p| generate(&engine.handle, p, params.clone()).tokens)
                     .collect()
             };
             // A 32-token budget splits long prompts into chunks next to other decodes.
-            let cfg = EngineConfig { max_num_batched_tokens: 32, ..EngineConfig::default() };
+            let cfg = EngineConfig { max_num_batched_tokens: 32, ..base };
             let engine = TestEngine::start_with(path, dtype, cfg);
             let streams: Vec<_> = tiny_prompts()
                 .into_iter()
                 .map(|p| engine.handle.submit(request(p, params.clone())).expect("submit"))
                 .collect();
             for (i, (s, a)) in streams.into_iter().zip(&alone).enumerate() {
+                let dtype = format!("{dtype} weights, {kv_dtype} KV");
                 assert_eq!(&collect(s).tokens, a, "{what} as {dtype}: prompt {i} batched");
                 assert_eq!(a.len(), 24);
             }

@@ -1,11 +1,13 @@
 //! The AVX2 copies: the same operations as `Portable`, eight lanes per instruction. The
-//! proof type also vouches for FMA, which every AVX2 CPU in use has.
+//! proof type also vouches for FMA and F16C, which every AVX2 CPU in use has.
 
 use std::arch::x86_64::*;
 
-use super::{rows_fit, Vector, EXP_HI, EXP_LO, EXP_POLY, LANES, LN2_HI, LN2_LO, LOG2E, ROUND};
+use super::{
+    rows_fit, KvElement, Vector, EXP_HI, EXP_LO, EXP_POLY, LANES, LN2_HI, LN2_LO, LOG2E, ROUND,
+};
 
-/// Proof that the CPU has AVX2 and FMA: only `detect` makes one.
+/// Proof that the CPU has AVX2, FMA and F16C: only `detect` makes one.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Avx2 {
     _private: (),
@@ -13,8 +15,10 @@ pub(crate) struct Avx2 {
 
 impl Avx2 {
     pub(crate) fn detect() -> Option<Self> {
-        (is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
-            .then_some(Self { _private: () })
+        (is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c"))
+        .then_some(Self { _private: () })
     }
 
     pub(crate) fn exp_shifted(self, x: &[f32], shift: f32, scale: f32, out: &mut [f32]) -> f64 {
@@ -25,13 +29,7 @@ impl Avx2 {
 
 impl Vector for Avx2 {
     #[inline(always)]
-    fn dot(self, a: &[f32], b: &[f32]) -> f32 {
-        // SAFETY: `self` exists only where AVX2 was detected.
-        unsafe { dot(a, b) }
-    }
-
-    #[inline(always)]
-    fn accumulate_rows(self, out: &mut [f32], p: &[f32], rows: &[f32], stride: usize) {
+    fn accumulate_rows<E: KvElement>(self, out: &mut [f32], p: &[f32], rows: &[E], stride: usize) {
         debug_assert!(rows_fit(out, p, rows, stride));
         if rows_fit(out, p, rows, stride) {
             // SAFETY: AVX2 detected (see `dot`); `rows_fit` bounds every read below.
@@ -40,7 +38,7 @@ impl Vector for Avx2 {
     }
 
     #[inline(always)]
-    fn dot_rows(self, a: &[f32], rows: &[f32], stride: usize, out: &mut [f32]) {
+    fn dot_rows<E: KvElement>(self, a: &[f32], rows: &[E], stride: usize, out: &mut [f32]) {
         debug_assert!(rows_fit(a, out, rows, stride));
         if rows_fit(a, out, rows, stride) {
             // SAFETY: AVX2 detected (see `dot`); `rows_fit` bounds every read below.
@@ -61,9 +59,9 @@ impl Vector for Avx2 {
     }
 
     #[inline(always)]
-    fn prefetch(self, data: &[f32]) {
-        const LINE: usize = 64 / std::mem::size_of::<f32>();
-        for at in (0..data.len()).step_by(LINE) {
+    fn prefetch<E>(self, data: &[E]) {
+        let line = (64 / std::mem::size_of::<E>().max(1)).max(1);
+        for at in (0..data.len()).step_by(line) {
             // SAFETY: a prefetch only hints the cache; `at` lies inside `data` anyway.
             unsafe { _mm_prefetch::<_MM_HINT_T0>(data.as_ptr().add(at).cast()) };
         }
@@ -104,21 +102,32 @@ unsafe fn hsum16(lo: __m256, hi: __m256) -> f32 {
     _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x))) // i += i+1
 }
 
+/// Eight elements widened to f32 (exactly: f16 to f32 loses nothing).
 #[inline]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn load8<E: KvElement>(p: *const E) -> __m256 {
+    if E::IS_F16 {
+        _mm256_cvtph_ps(_mm_loadu_si128(p.cast()))
+    } else {
+        _mm256_loadu_ps(p.cast())
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot<E: KvElement>(a: &[f32], b: &[E]) -> f32 {
     let n = a.len().min(b.len());
     let (pa, pb) = (a.as_ptr(), b.as_ptr());
     let (mut lo, mut hi) = (_mm256_setzero_ps(), _mm256_setzero_ps());
     let mut i = 0;
     while i + LANES <= n {
-        lo = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), lo);
-        hi = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i + 8)), _mm256_loadu_ps(pb.add(i + 8)), hi);
+        lo = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), load8(pb.add(i)), lo);
+        hi = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i + 8)), load8(pb.add(i + 8)), hi);
         i += LANES;
     }
     let mut sum = hsum16(lo, hi);
     for (x, y) in a[i..n].iter().zip(&b[i..n]) {
-        sum = x.mul_add(*y, sum);
+        sum = x.mul_add(y.to_f32(), sum);
     }
     sum
 }
@@ -127,8 +136,8 @@ unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// shuffled registers (each addition pairs the same lanes as `hsum16`). Caller checks
 /// `rows_fit`.
 #[inline]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dot_rows(a: &[f32], rows: &[f32], stride: usize, out: &mut [f32]) {
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_rows<E: KvElement>(a: &[f32], rows: &[E], stride: usize, out: &mut [f32]) {
     let d = a.len();
     let body = d / LANES * LANES;
     let (pa, pr) = (a.as_ptr(), rows.as_ptr());
@@ -141,8 +150,8 @@ unsafe fn dot_rows(a: &[f32], rows: &[f32], stride: usize, out: &mut [f32]) {
         while i < body {
             let (a0, a1) = (_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pa.add(i + 8)));
             for t in 0..4 {
-                lo[t] = _mm256_fmadd_ps(a0, _mm256_loadu_ps(r[t].add(i)), lo[t]);
-                hi[t] = _mm256_fmadd_ps(a1, _mm256_loadu_ps(r[t].add(i + 8)), hi[t]);
+                lo[t] = _mm256_fmadd_ps(a0, load8(r[t].add(i)), lo[t]);
+                hi[t] = _mm256_fmadd_ps(a1, load8(r[t].add(i + 8)), hi[t]);
             }
             i += LANES;
         }
@@ -166,7 +175,7 @@ unsafe fn dot_rows(a: &[f32], rows: &[f32], stride: usize, out: &mut [f32]) {
         for (t, lane) in [0usize, 4, 2, 6].into_iter().enumerate() {
             let mut sum = lanes[lane];
             for (x, y) in a[body..].iter().zip(&rows[(j + t) * stride + body..]) {
-                sum = x.mul_add(*y, sum);
+                sum = x.mul_add(y.to_f32(), sum);
             }
             out[j + t] = sum;
         }
@@ -179,8 +188,8 @@ unsafe fn dot_rows(a: &[f32], rows: &[f32], stride: usize, out: &mut [f32]) {
 
 /// Caller checks `rows_fit`.
 #[inline]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn accumulate_rows(out: &mut [f32], p: &[f32], rows: &[f32], stride: usize) {
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn accumulate_rows<E: KvElement>(out: &mut [f32], p: &[f32], rows: &[E], stride: usize) {
     const REGS: usize = 8; // 64 floats of `out` stay in registers across j
     let d = out.len();
     let (po, pr) = (out.as_mut_ptr(), rows.as_ptr());
@@ -193,7 +202,7 @@ unsafe fn accumulate_rows(out: &mut [f32], p: &[f32], rows: &[f32], stride: usiz
         for (j, &pj) in p.iter().enumerate() {
             let (w, row) = (_mm256_set1_ps(pj), pr.add(j * stride + c0));
             for (k, a) in acc.iter_mut().enumerate() {
-                *a = _mm256_fmadd_ps(w, _mm256_loadu_ps(row.add(8 * k)), *a);
+                *a = _mm256_fmadd_ps(w, load8(row.add(8 * k)), *a);
             }
         }
         for (k, a) in acc.iter().enumerate() {
@@ -204,7 +213,7 @@ unsafe fn accumulate_rows(out: &mut [f32], p: &[f32], rows: &[f32], stride: usiz
     while c0 + 8 <= d {
         let mut a = _mm256_loadu_ps(po.add(c0));
         for (j, &pj) in p.iter().enumerate() {
-            let row = _mm256_loadu_ps(pr.add(j * stride + c0));
+            let row = load8(pr.add(j * stride + c0));
             a = _mm256_fmadd_ps(_mm256_set1_ps(pj), row, a);
         }
         _mm256_storeu_ps(po.add(c0), a);
@@ -212,7 +221,7 @@ unsafe fn accumulate_rows(out: &mut [f32], p: &[f32], rows: &[f32], stride: usiz
     }
     for i in c0..d {
         for (j, &pj) in p.iter().enumerate() {
-            *po.add(i) = pj.mul_add(*pr.add(j * stride + i), *po.add(i));
+            *po.add(i) = pj.mul_add((*pr.add(j * stride + i)).to_f32(), *po.add(i));
         }
     }
 }

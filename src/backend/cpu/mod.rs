@@ -21,25 +21,52 @@ pub mod quant_ggml_q8_0;
 /// Lane count of the reductions: two AVX registers of f32.
 pub(crate) const LANES: usize = 16;
 
-/// The vector primitives kernels are generic over.
-pub(crate) trait Vector: Copy + Send + Sync {
-    /// Dot product: lane `i % 16` accumulates `a[i] * b[i]` by fused multiply-add over whole
-    /// 16-chunks, the lanes are summed by `hsum`'s tree, then the tail is fused in, in order.
-    fn dot(self, a: &[f32], b: &[f32]) -> f32;
-    /// `out[i] = fma(p[j], rows[j * stride + i], out[i])` for j in order, per element. `rows` must
-    /// hold `(p.len() - 1) * stride + out.len()` floats (otherwise nothing is added).
-    fn accumulate_rows(self, out: &mut [f32], p: &[f32], rows: &[f32], stride: usize);
-    /// `out[j] = self.dot(a, row j)` for row `j` at `rows[j * stride..]`, bit for bit (a kernel
-    /// may reduce several rows at once). `rows` must hold `(out.len() - 1) * stride + a.len()`
-    /// floats (otherwise nothing is written).
-    fn dot_rows(self, a: &[f32], rows: &[f32], stride: usize, out: &mut [f32]) {
-        debug_assert!(rows_fit(a, out, rows, stride));
-        if rows_fit(a, out, rows, stride) {
-            for (j, o) in out.iter_mut().enumerate() {
-                *o = self.dot(a, &rows[j * stride..j * stride + a.len()]);
-            }
-        }
+/// What K/V cache rows are stored as. Attention widens each element to f32, exactly, and
+/// computes in f32 whatever the storage, so a 16-bit cache halves the bytes attention reads and
+/// changes only the rounding of what was stored.
+pub trait KvElement: Copy + Send + Sync + std::fmt::Debug + 'static {
+    /// IEEE half precision (the AVX2 copies widen it with F16C); otherwise f32.
+    const IS_F16: bool;
+    fn to_f32(self) -> f32;
+    fn from_f32(x: f32) -> Self;
+}
+
+impl KvElement for f32 {
+    const IS_F16: bool = false;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
     }
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+}
+
+impl KvElement for half::f16 {
+    const IS_F16: bool = true;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        half::f16::to_f32(self)
+    }
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        half::f16::from_f32(x)
+    }
+}
+
+/// The vector primitives kernels are generic over. Primitives that read cache rows take them
+/// in any `KvElement`; the result is that of the same rows widened to f32, bit for bit.
+pub(crate) trait Vector: Copy + Send + Sync {
+    /// `out[i] = fma(p[j], rows[j * stride + i], out[i])` for j in order, per element. `rows` must
+    /// hold `(p.len() - 1) * stride + out.len()` elements (otherwise nothing is added).
+    fn accumulate_rows<E: KvElement>(self, out: &mut [f32], p: &[f32], rows: &[E], stride: usize);
+    /// `out[j]` = the dot product of `a` and row `j` at `rows[j * stride..]`: lane `i % 16`
+    /// accumulates `a[i] * row[i]` by fused multiply-add over whole 16-chunks, the lanes are
+    /// summed by `hsum`'s tree, then the tail is fused in, in order (a kernel may reduce several
+    /// rows at once, with the same result). `rows` must hold `(out.len() - 1) * stride + a.len()`
+    /// elements (otherwise nothing is written).
+    fn dot_rows<E: KvElement>(self, a: &[f32], rows: &[E], stride: usize, out: &mut [f32]);
     /// The largest element (`-inf` for none). Exact, so the order of comparisons is free; the
     /// copies agree on NaN-free input.
     fn max(self, x: &[f32]) -> f32;
@@ -47,7 +74,7 @@ pub(crate) trait Vector: Copy + Send + Sync {
     /// summed by `hsum8`'s tree, then the tail in order.
     fn exp_sub_sum(self, x: &mut [f32], shift: f32) -> f32;
     /// Hints that `data` will be read soon (no effect on results).
-    fn prefetch(self, _data: &[f32]) {}
+    fn prefetch<E>(self, _data: &[E]) {}
 }
 
 /// Plain Rust; the reference for every other implementation.
@@ -76,40 +103,51 @@ fn hsum8(acc: [f32; 8]) -> f32 {
     b[0] + b[1]
 }
 
-fn rows_fit(out: &[f32], p: &[f32], rows: &[f32], stride: usize) -> bool {
+fn rows_fit<E>(out: &[f32], p: &[f32], rows: &[E], stride: usize) -> bool {
     p.is_empty() || rows.len() >= (p.len() - 1) * stride + out.len()
+}
+
+/// One dot product of `dot_rows`, `b` widened element by element.
+#[inline(always)]
+fn dot_elems<E: KvElement>(a: &[f32], b: &[E]) -> f32 {
+    debug_assert_eq!(a.len(), b.len());
+    let mut acc = [0f32; LANES];
+    let (mut a, mut b) = (a, b);
+    while let (Some((x, ra)), Some((y, rb))) =
+        (a.split_first_chunk::<LANES>(), b.split_first_chunk::<LANES>())
+    {
+        for i in 0..LANES {
+            acc[i] = x[i].mul_add(y[i].to_f32(), acc[i]);
+        }
+        (a, b) = (ra, rb);
+    }
+    let mut sum = hsum(acc);
+    for (x, y) in a.iter().zip(b) {
+        sum = x.mul_add(y.to_f32(), sum);
+    }
+    sum
 }
 
 impl Vector for Portable {
     #[inline(always)]
-    fn dot(self, a: &[f32], b: &[f32]) -> f32 {
-        debug_assert_eq!(a.len(), b.len());
-        let mut acc = [0f32; LANES];
-        let (mut a, mut b) = (a, b);
-        while let (Some((x, ra)), Some((y, rb))) =
-            (a.split_first_chunk::<LANES>(), b.split_first_chunk::<LANES>())
-        {
-            for i in 0..LANES {
-                acc[i] = x[i].mul_add(y[i], acc[i]);
-            }
-            (a, b) = (ra, rb);
-        }
-        let mut sum = hsum(acc);
-        for (x, y) in a.iter().zip(b) {
-            sum = x.mul_add(*y, sum);
-        }
-        sum
-    }
-
-    #[inline(always)]
-    fn accumulate_rows(self, out: &mut [f32], p: &[f32], rows: &[f32], stride: usize) {
+    fn accumulate_rows<E: KvElement>(self, out: &mut [f32], p: &[f32], rows: &[E], stride: usize) {
         debug_assert!(rows_fit(out, p, rows, stride));
         if !rows_fit(out, p, rows, stride) {
             return;
         }
         for (i, o) in out.iter_mut().enumerate() {
             for (j, &pj) in p.iter().enumerate() {
-                *o = pj.mul_add(rows[j * stride + i], *o);
+                *o = pj.mul_add(rows[j * stride + i].to_f32(), *o);
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn dot_rows<E: KvElement>(self, a: &[f32], rows: &[E], stride: usize, out: &mut [f32]) {
+        debug_assert!(rows_fit(a, out, rows, stride));
+        if rows_fit(a, out, rows, stride) {
+            for (j, o) in out.iter_mut().enumerate() {
+                *o = dot_elems(a, &rows[j * stride..j * stride + a.len()]);
             }
         }
     }
@@ -230,6 +268,21 @@ mod tests {
         a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
     }
 
+    /// One dot product through `dot_rows`.
+    fn dot<V: Vector, E: KvElement>(v: V, a: &[f32], b: &[E]) -> f32 {
+        let mut out = [0f32];
+        v.dot_rows(a, b, a.len(), &mut out);
+        out[0]
+    }
+
+    fn to_f16(x: &[f32]) -> Vec<half::f16> {
+        x.iter().map(|&v| half::f16::from_f32(v)).collect()
+    }
+
+    fn widen(x: &[half::f16]) -> Vec<f32> {
+        x.iter().map(|v| v.to_f32()).collect()
+    }
+
     #[test]
     fn exp_approx_is_accurate_and_saturates() {
         let mut worst = 0f64;
@@ -252,7 +305,7 @@ mod tests {
         for len in [0usize, 1, 7, 16, 33, 64, 100] {
             let (a, b) = (random(&mut rng, len, 2.0), random(&mut rng, len, 2.0));
             let exact: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
-            assert!((Portable.dot(&a, &b) as f64 - exact).abs() < 1e-5, "len {len}");
+            assert!((dot(Portable, &a, &b) as f64 - exact).abs() < 1e-5, "len {len}");
         }
         let (d, stride, n) = (5, 7, 3);
         let rows = random(&mut rng, (n - 1) * stride + d, 1.0);
@@ -292,7 +345,7 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(2);
         for len in [0usize, 1, 8, 15, 16, 17, 24, 64, 71, 128, 200] {
             let (a, b) = (random(&mut rng, len, 3.0), random(&mut rng, len, 3.0));
-            assert_eq!(v.dot(&a, &b).to_bits(), Portable.dot(&a, &b).to_bits(), "dot {len}");
+            assert_eq!(dot(v, &a, &b).to_bits(), dot(Portable, &a, &b).to_bits(), "dot {len}");
 
             let mut x = random(&mut rng, len, 40.0);
             if len > 3 {
@@ -317,17 +370,29 @@ mod tests {
                 v.dot_rows(&a, &rows, stride, &mut da);
                 Portable.dot_rows(&a, &rows, stride, &mut dp);
                 assert!(same_bits(&da, &dp), "dot_rows {len} x {n}");
-                let one = Portable.dot(&a, &rows[(n - 1) * stride..(n - 1) * stride + len]);
+                let one = dot(Portable, &a, &rows[(n - 1) * stride..(n - 1) * stride + len]);
                 assert_eq!(one.to_bits(), da[n - 1].to_bits(), "dot_rows is dot {len} x {n}");
+                // f16 rows give what the same rows widened to f32 give, in both copies.
+                let (rows16, mut d16, mut dp16) = (to_f16(&rows), vec![0f32; n], vec![0f32; n]);
+                v.dot_rows(&a, &rows16, stride, &mut d16);
+                Portable.dot_rows(&a, &rows16, stride, &mut dp16);
+                Portable.dot_rows(&a, &widen(&rows16), stride, &mut dp);
+                assert!(same_bits(&d16, &dp) && same_bits(&dp16, &dp), "f16 dot_rows {len} x {n}");
             }
             for (n, stride) in [(1, len), (5, len + 3), (16, 3 * len)] {
                 let rows = random(&mut rng, (n - 1) * stride + len, 1.0);
                 let p = random(&mut rng, n, 1.0);
                 let init = random(&mut rng, len, 1.0);
-                let (mut ra, mut rp) = (init.clone(), init);
+                let (mut ra, mut rp) = (init.clone(), init.clone());
                 v.accumulate_rows(&mut ra, &p, &rows, stride);
                 Portable.accumulate_rows(&mut rp, &p, &rows, stride);
                 assert!(same_bits(&ra, &rp), "rows {len} x {n}");
+                let rows16 = to_f16(&rows);
+                let (mut r16, mut rp16, mut rw) = (init.clone(), init.clone(), init);
+                v.accumulate_rows(&mut r16, &p, &rows16, stride);
+                Portable.accumulate_rows(&mut rp16, &p, &rows16, stride);
+                Portable.accumulate_rows(&mut rw, &p, &widen(&rows16), stride);
+                assert!(same_bits(&r16, &rw) && same_bits(&rp16, &rw), "f16 rows {len} x {n}");
             }
         }
     }

@@ -10,7 +10,7 @@
 
 use rayon::prelude::*;
 
-use super::{exp_approx, scale_in_place, Portable, Vector};
+use super::{exp_approx, scale_in_place, KvElement, Portable, Vector};
 
 /// One sequence's slice of the flattened batch: queries rows q_start..q_start+q_len are the
 /// LAST q_len positions of a context of context_len tokens (so a decode has q_len = 1, a prefill
@@ -37,14 +37,15 @@ pub struct AttnShape {
 /// L1 many times, small enough that a long prefill still splits into many items.
 const TILE_QUERY_VECTORS: usize = 48;
 
-/// q, out: [num_tokens, num_heads, head_dim] row-major; k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim].
+/// q, out: [num_tokens, num_heads, head_dim] row-major; k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim],
+/// in f32 or f16 (widened to f32 as they are read; the arithmetic is the same).
 ///
 /// Rows of `out` not covered by any sequence are left untouched. A sequence whose slice does
 /// not fit the buffers (a caller bug, caught by `debug_assert!` in tests) is skipped.
-pub fn paged_attention(
+pub fn paged_attention<E: KvElement>(
     q: &[f32],
-    k_cache: &[f32],
-    v_cache: &[f32],
+    k_cache: &[E],
+    v_cache: &[E],
     seqs: &[AttnSeq],
     shape: &AttnShape,
     out: &mut [f32],
@@ -140,10 +141,10 @@ struct Item {
     r1: usize,
 }
 
-struct Ctx<'a> {
+struct Ctx<'a, E> {
     q: &'a [f32],
-    k_cache: &'a [f32],
-    v_cache: &'a [f32],
+    k_cache: &'a [E],
+    v_cache: &'a [E],
     shape: AttnShape,
     group: usize,
 }
@@ -160,12 +161,12 @@ struct Scratch {
     s: Vec<f32>,
 }
 
-/// `attend_tile` compiled with AVX2 and FMA enabled, so the `Avx2` primitives inline into it.
+/// `attend_tile` compiled with AVX2, FMA and F16C enabled, so the `Avx2` primitives inline into it.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn attend_tile_avx2(
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn attend_tile_avx2<E: KvElement>(
     v: super::avx2::Avx2,
-    ctx: &Ctx,
+    ctx: &Ctx<E>,
     seq: &AttnSeq,
     it: &Item,
     sc: &mut Scratch,
@@ -177,9 +178,9 @@ unsafe fn attend_tile_avx2(
 /// Attention of one tile of query rows x the heads of one kv group; `acc` receives the output
 /// laid out [row][group][head_dim].
 #[inline(always)]
-fn attend_tile<V: Vector>(
+fn attend_tile<V: Vector, E: KvElement>(
     v: V,
-    ctx: &Ctx,
+    ctx: &Ctx<E>,
     seq: &AttnSeq,
     it: &Item,
     sc: &mut Scratch,

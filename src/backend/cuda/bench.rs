@@ -131,6 +131,7 @@ pub fn run(
         model: name,
         device,
         weights_dtype: "bf16".into(),
+        kv_cache_dtype: "bf16".into(),
         threads: 0,
         context,
         weight_bytes: bytes,
