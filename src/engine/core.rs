@@ -223,7 +223,7 @@ impl EngineCore {
             Picking::Greedy => Want::Greedy,
             Picking::Device(rows) => Want::Sample(rows),
         };
-        let out = match self.forward(&chunks, &logits_per_chunk, train, want) {
+        let (out, fused) = match self.forward(&chunks, &logits_per_chunk, train, want) {
             Ok(out) => out,
             Err(e) => {
                 self.fail_batch(&chunks, &e);
@@ -275,7 +275,7 @@ impl EngineCore {
             }
         }
 
-        let (train_fwd, bwd_layer_tokens) = self.after_forward(train);
+        let (train_fwd, bwd_layer_tokens) = self.after_forward(train, fused);
 
         self.metrics.iteration_tokens.with_label_values(&["decode"]).observe(n_decode as f64);
         self.metrics.iteration_tokens.with_label_values(&["prefill"]).observe(n_prefill as f64);
@@ -362,7 +362,7 @@ impl EngineCore {
         logits_per_chunk: &[usize],
         train: Option<TrainSlot>,
         want: Want<'_>,
-    ) -> Result<RowsOut, String> {
+    ) -> Result<(RowsOut, usize), String> {
         let total: usize = chunks.iter().map(|c| c.len).sum();
         let mut inputs = ChunkInputs {
             tokens: Vec::with_capacity(total),
@@ -399,6 +399,11 @@ impl EngineCore {
                 device_lora.push(AdapterRows { rows, adapter: a });
             }
         }
+        // A device job's chunk that the serving forward may carry.
+        let on_device = train.and_then(|t| {
+            let key = self.jobs.get(t.job)?.device_forward_key()?;
+            Some((key, t.work.forward_tokens))
+        });
         // The training chunk goes after every inference row.
         let mut captures = Vec::new();
         let mut train_blocks = Vec::new();
@@ -425,18 +430,18 @@ impl EngineCore {
             seqs: &seqs,
             logits_rows: &logits_rows,
         };
-        let logits = match &mut self.compute {
+        let (logits, fused) = match &mut self.compute {
             Compute::Host { model, kv } => {
                 let model = &*model;
-                RowsOut::Logits(
-                    self.pool.install(|| model.forward_with(&batch, kv, &lora, &mut captures)),
-                )
+                let l = self.pool.install(|| model.forward_with(&batch, kv, &lora, &mut captures));
+                (RowsOut::Logits(l), 0)
             }
             // An iteration of training alone: the device trains in forwards of its own.
-            Compute::Device { .. } if inputs.tokens.is_empty() => RowsOut::Logits(Vec::new()),
-            Compute::Device { model, .. } => {
-                model.forward(&batch, &device_lora, want).map_err(|e| e.to_string())?
-            }
+            Compute::Device { .. } if inputs.tokens.is_empty() => (RowsOut::Logits(Vec::new()), 0),
+            // A job's sample joins the serving forward where the device can take it.
+            Compute::Device { model, .. } => model
+                .forward_coserved(&batch, &device_lora, want, on_device)
+                .map_err(|e| e.to_string())?,
         };
         drop(captures);
         if let Some(TrainSlot { job, work }) = train {
@@ -444,7 +449,7 @@ impl EngineCore {
                 s.advance(work.forward_tokens);
             }
         }
-        Ok(logits)
+        Ok((logits, fused))
     }
 
     /// Samples the next token of a sequence (or takes the device's greedy pick) and sends it;

@@ -114,12 +114,17 @@ impl EngineCore {
     }
 
     /// Runs the training work after the forward: the loss when a sample's forward completes,
-    /// then backward layers. Returns (training forward tokens, backward layer-tokens).
-    pub(super) fn after_forward(&mut self, train: Option<TrainSlot>) -> (usize, usize) {
+    /// then backward layers; `fused`: the sample's tokens a device already forwarded among the
+    /// serving rows. Returns (training forward tokens, backward layer-tokens).
+    pub(super) fn after_forward(
+        &mut self,
+        train: Option<TrainSlot>,
+        fused: usize,
+    ) -> (usize, usize) {
         let Some(TrainSlot { job, work }) = train else { return (0, 0) };
         if let Compute::Device { model, config, .. } = &mut self.compute {
             let Some(j) = self.jobs.get_mut(job) else { return (0, 0) };
-            let ran = j.run_on_device(model.as_mut(), work, config.num_layers);
+            let ran = j.run_on_device(model.as_mut(), work, config.num_layers, fused);
             let (ran, done) = match ran {
                 Ok(r) => (r, j.finished),
                 Err(e) => {

@@ -1,8 +1,9 @@
 //! A fine-tuning job's samples on a device model: the device keeps the adapter, its gradients
 //! and AdamW state and the sample's activations (`decoder::device_jobs`); the job keeps the
 //! sample's KV blocks (freed when it drops), its progress and all the bookkeeping of `job.rs`.
-//! Each sample forwards in forwards of its own inside the engine's iterations, then its loss
-//! runs, then its backward a few layers per iteration, as `plan_training` sizes them.
+//! Each sample forwards inside the engine's iterations (among the serving rows where the device
+//! takes it, else alone), then its loss runs, then its backward a few layers per iteration, as
+//! `plan_training` sizes them.
 
 use std::time::Instant;
 
@@ -65,7 +66,14 @@ impl ActiveJob {
         Ok(true)
     }
 
-    /// This iteration's training work on the device: `forward_tokens` more of the sample, its
+    /// The key to forward this job's sample under, while it has tokens left to forward.
+    pub fn device_forward_key(&self) -> Option<u64> {
+        let ds = self.device_sample.as_ref()?;
+        (ds.forwarded < ds.len).then_some(self.device_key?)
+    }
+
+    /// This iteration's training work on the device: `forward_tokens` more of the sample (the
+    /// `fused` of them the serving forward already ran, or all in a forward of their own), its
     /// loss once its forward is complete, then up to `backward_layers` of its backward, and
     /// the optimizer step when the batch is complete. Returns (forward tokens, backward
     /// layer-tokens) run.
@@ -74,13 +82,15 @@ impl ActiveJob {
         dev: &mut dyn DeviceModel,
         work: TrainWork,
         layers: usize,
+        fused: usize,
     ) -> Result<(usize, usize), String> {
         let Some(key) = self.device_key else { return Ok((0, 0)) };
         let err = |e: crate::backend::cuda::CudaError| e.to_string();
         let scale = self.loss_scale();
         let Some(ds) = self.device_sample.as_mut() else { return Ok((0, 0)) };
-        let mut fwd = 0;
-        if work.forward_tokens > 0 && ds.forwarded < ds.len {
+        let mut fwd = fused.min(ds.len - ds.forwarded);
+        ds.forwarded += fwd;
+        if fwd == 0 && work.forward_tokens > 0 && ds.forwarded < ds.len {
             fwd = dev.train_forward(key, work.forward_tokens).map_err(err)?;
             ds.forwarded += fwd;
         }

@@ -154,7 +154,8 @@ pub fn start_on(
     let (vocab_size, logits_width) = (c.vocab_size, model.lm_head().rows);
     let (num_layers, block_size, kv_heads, head_dim) =
         (c.num_layers, cfg.block_size, c.num_kv_heads, c.head_dim);
-    let max_rows = cfg.max_num_batched_tokens;
+    // A device forward may carry a training chunk after the iteration's budget of rows.
+    let max_rows = cfg.max_num_batched_tokens + cfg.training.max_train_tokens_per_iter;
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(cfg.threads)
         .thread_name(|i| format!("coserve-compute-{i}"))

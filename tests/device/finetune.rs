@@ -5,16 +5,23 @@
 
 use crate::common;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use common::device::{exact_twin_backend, twin_backend};
 use common::engine::{generate, TestEngine};
 use common::finetune::{drain, examples, Run};
 use common::tiny_model::{write_gguf, TinyShape};
+use coserve::backend::cuda::decoder::runner::{AdapterRows, DeviceModel};
+use coserve::backend::cuda::decoder::train::TrainSample;
+use coserve::backend::cuda::decoder::{RowsOut, Want};
+use coserve::backend::cuda::CudaError;
 use coserve::engine::hybrid::{FinetuneMode, TrainingConfig};
 use coserve::engine::job::{JobEvent, ResumePoint, TrainHyper, TrainJobSpec};
 use coserve::engine::{Backend, EngineConfig, SamplingParams};
+use coserve::lora::optim::AdamW;
 use coserve::lora::{LoraConfig, LoraWeights};
+use coserve::model::llama::ForwardBatch;
+use coserve::model::loss::LossStats;
 
 /// Heads of 32 (the kernels' multiple) and bf16-valued weights (what a device holds).
 fn shape() -> TinyShape {
@@ -78,14 +85,94 @@ fn max_rel(a: &LoraWeights, b: &LoraWeights) -> f32 {
     err / scale
 }
 
+/// A device model that counts the sample tokens forwarded among serving rows and alone.
+struct Counting {
+    inner: Box<dyn DeviceModel>,
+    counts: Arc<Mutex<[usize; 2]>>,
+}
+
+impl DeviceModel for Counting {
+    fn forward(
+        &mut self,
+        batch: &ForwardBatch<'_>,
+        adapters: &[AdapterRows<'_>],
+        want: Want<'_>,
+    ) -> Result<RowsOut, CudaError> {
+        self.inner.forward(batch, adapters, want)
+    }
+    fn forward_coserved(
+        &mut self,
+        batch: &ForwardBatch<'_>,
+        adapters: &[AdapterRows<'_>],
+        want: Want<'_>,
+        train: Option<(u64, usize)>,
+    ) -> Result<(RowsOut, usize), CudaError> {
+        let (out, n) = self.inner.forward_coserved(batch, adapters, want, train)?;
+        self.counts.lock().unwrap()[0] += n;
+        Ok((out, n))
+    }
+    fn check(&mut self) -> Result<(), CudaError> {
+        self.inner.check()
+    }
+    fn trains(&self) -> bool {
+        self.inner.trains()
+    }
+    fn train_open(&mut self, key: u64, adapter: &LoraWeights, optimizer: &AdamW) -> R {
+        self.inner.train_open(key, adapter, optimizer)
+    }
+    fn train_begin(&mut self, key: u64, sample: TrainSample) -> R {
+        self.inner.train_begin(key, sample)
+    }
+    fn train_forward(&mut self, key: u64, max_tokens: usize) -> Result<usize, CudaError> {
+        let n = self.inner.train_forward(key, max_tokens)?;
+        self.counts.lock().unwrap()[1] += n;
+        Ok(n)
+    }
+    fn train_loss(&mut self, key: u64, grad_scale: f32) -> Result<LossStats, CudaError> {
+        self.inner.train_loss(key, grad_scale)
+    }
+    fn train_backward(&mut self, key: u64, max_layers: usize) -> Result<usize, CudaError> {
+        self.inner.train_backward(key, max_layers)
+    }
+    fn train_step(&mut self, key: u64, lr: f32, max_norm: f32) -> Result<f64, CudaError> {
+        self.inner.train_step(key, lr, max_norm)
+    }
+    fn train_state(&mut self, key: u64) -> Result<(LoraWeights, AdamW), CudaError> {
+        self.inner.train_state(key)
+    }
+    fn train_close(&mut self, key: u64) {
+        self.inner.train_close(key)
+    }
+}
+
+type R = Result<(), CudaError>;
+
+/// `backend` wrapped in [`Counting`]: (sample tokens forwarded among serving rows, alone).
+fn counting(backend: Backend) -> (Backend, Arc<Mutex<[usize; 2]>>) {
+    let Backend::Device { name, kv_bytes_per_element, build } = backend else {
+        unreachable!("a device backend")
+    };
+    let counts = Arc::new(Mutex::new([0; 2]));
+    let c = counts.clone();
+    let build: coserve::engine::DeviceBuilder = Box::new(move |model, cache| {
+        let inner = build(model, cache)?;
+        Ok(Box::new(Counting { inner, counts: c.clone() }) as Box<dyn DeviceModel>)
+    });
+    (Backend::Device { name, kv_bytes_per_element, build }, counts)
+}
+
 /// With the twins' roundings off, the device job is the CPU job up to summation order: same
-/// steps, losses, gradient norms, validation losses, checkpoints and final adapter.
+/// steps, losses, gradient norms, validation losses, checkpoints and final adapter. Its chunks
+/// ride in the serving forwards while the request decodes, and forward alone after.
 #[test]
 fn a_job_on_the_device_ends_where_the_cpu_job_ends() {
     let dir = tempfile::tempdir().unwrap();
     let path = write_gguf(dir.path(), &shape());
     let cpu = run_job(&path, Backend::Cpu);
-    let dev = run_job(&path, exact_twin_backend());
+    let (backend, counts) = counting(exact_twin_backend());
+    let dev = run_job(&path, backend);
+    let [fused, alone] = *counts.lock().unwrap();
+    assert!(fused > 0 && alone > 0, "sample tokens fused {fused}, alone {alone}");
     assert_eq!(dev.steps.len(), 4, "6 examples, batch 4, 2 epochs");
     for (d, c) in dev.steps.iter().zip(&cpu.steps) {
         assert_eq!((d.step, d.tokens, d.trained_tokens), (c.step, c.tokens, c.trained_tokens));

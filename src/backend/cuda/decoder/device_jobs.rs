@@ -1,13 +1,16 @@
 //! Fine-tuning jobs on a [`DeviceDecoder`]: per job, the adapter being trained with its
 //! gradients and AdamW state (`TrainAdapter`), and its sample in flight (`TrainScratch`, sized
-//! to the longest sample seen). Samples forward in forwards of their own, in the engine's
-//! blocks of the device cache.
+//! to the longest sample seen). A sample's chunks forward among the serving rows of an
+//! iteration when no served adapter is in it, else in forwards of their own; its K and V go to
+//! the engine's blocks of the device cache.
 
-use super::runner::DeviceDecoder;
+use super::forward::{forward_rows_capturing, Capture};
+use super::runner::{DeviceDecoder, MAX_ROWS};
 use super::train::{
     backward_layers, finish_forward, forward_chunk, TrainAdapter, TrainOps, TrainSample,
     TrainScratch,
 };
+use super::{RowsOut, Scratch, SeqRows, StepBatch, Want};
 use crate::backend::cuda::CudaError;
 use crate::lora::optim::AdamW;
 use crate::lora::LoraWeights;
@@ -64,6 +67,68 @@ impl<O: TrainOps> DeviceDecoder<O> {
             job.scratch.as_mut().ok_or_else(|| CudaError::Shape("no sample in flight".into()))?;
         let (s, w, f) = (&self.shape, &self.weights, &self.inv_freq);
         forward_chunk(&mut self.ops, s, w, f, &mut self.caches, &job.adapter, sc, max_tokens)
+    }
+
+    /// The rows of `seqs` and the next chunk of job `key`'s sample (at most `max_tokens`) in one
+    /// forward through the job's adapter tables; returns what `want` asks of `logits_rows` (rows
+    /// of `seqs`) and the chunk's length. No row of `seqs` may have an adapter: the job's tables
+    /// are the only ones in this forward.
+    pub(super) fn job_forward_with(
+        &mut self,
+        mut seqs: Vec<SeqRows>,
+        logits_rows: &[u32],
+        want: Want<'_>,
+        key: u64,
+        max_tokens: usize,
+    ) -> Result<(RowsOut, usize), CudaError> {
+        if seqs.iter().any(|r| r.adapter.is_some()) {
+            return Err(CudaError::Shape("served adapters in a co-served forward".into()));
+        }
+        let job = self.jobs.get_mut(&key).ok_or_else(|| no_job(key))?;
+        let sc =
+            job.scratch.as_mut().ok_or_else(|| CudaError::Shape("no sample in flight".into()))?;
+        let Some(chunk) = sc.next_chunk(max_tokens, 0) else {
+            let out = self.forward_seqs(seqs, logits_rows, want)?;
+            return Ok((out, 0));
+        };
+        let first: usize = seqs.iter().map(|r| r.tokens.len()).sum();
+        let n = chunk.tokens.len();
+        seqs.push(chunk);
+        let batch = StepBatch::new(seqs, self.shape.block_size)?;
+        if batch.blocks_needed > self.num_blocks {
+            return Err(CudaError::Shape(format!(
+                "the batch reaches block {} of a {}-block cache",
+                batch.blocks_needed - 1,
+                self.num_blocks
+            )));
+        }
+        let rows = batch.rows();
+        if self.scratch.as_ref().is_none_or(|f| f.rows < rows) {
+            self.scratch = None;
+            self.scratch = Some(Scratch::new(&mut self.ops, &self.shape, rows.min(MAX_ROWS))?);
+        }
+        let Some(fsc) = self.scratch.as_mut() else {
+            return Err(CudaError::Shape("no scratch".into()));
+        };
+        sc.prepare_tables(&mut self.ops, &job.adapter)?;
+        let (lora, mut cap) = sc.chunk_forward(&self.shape, first..first + n)?;
+        let cap: &mut dyn Capture<O> = &mut cap;
+        let (s, w, f, c) = (&self.shape, &self.weights, &self.inv_freq, &mut self.caches);
+        let out = forward_rows_capturing(
+            &mut self.ops,
+            s,
+            w,
+            f,
+            c,
+            &batch,
+            fsc,
+            logits_rows,
+            want,
+            Some(lora),
+            Some(cap),
+        )?;
+        sc.advance(n);
+        Ok((out, n))
     }
 
     pub(super) fn job_loss(&mut self, key: u64, grad_scale: f32) -> Result<LossStats, CudaError> {

@@ -41,6 +41,20 @@ pub trait DeviceModel {
         adapters: &[AdapterRows<'_>],
         want: Want<'_>,
     ) -> Result<RowsOut, CudaError>;
+    /// [`forward`](Self::forward) with up to `max_tokens` more tokens of fine-tuning job
+    /// `key`'s sample as extra rows of the same forward (so the weights are read once for
+    /// both), when the model can: returns what `forward` returns and how many of the sample's
+    /// tokens it forwarded (0: none, the job forwards in [`train_forward`](Self::train_forward)).
+    fn forward_coserved(
+        &mut self,
+        batch: &ForwardBatch<'_>,
+        adapters: &[AdapterRows<'_>],
+        want: Want<'_>,
+        train: Option<(u64, usize)>,
+    ) -> Result<(RowsOut, usize), CudaError> {
+        let _ = train;
+        Ok((self.forward(batch, adapters, want)?, 0))
+    }
     /// Whether the device still works after a failed forward (a fault that poisons the
     /// context, such as an illegal address, fails every later call too).
     fn check(&mut self) -> Result<(), CudaError>;
@@ -108,7 +122,7 @@ pub struct DeviceDecoder<O: TrainOps> {
     pub(super) weights: DecoderWeights<O::Weight>,
     pub(super) inv_freq: Vec<f32>,
     pub(super) caches: Vec<O::Cache>,
-    scratch: Option<Scratch<O>>,
+    pub(super) scratch: Option<Scratch<O>>,
     pub(super) num_blocks: usize,
     /// Adapters on the device in slot order, and their tables.
     resident: Vec<AdapterLease>,
@@ -283,6 +297,24 @@ impl<O: TrainOps> DeviceModel for DeviceDecoder<O> {
             }
         }
         self.forward_seqs(seqs, &logits_rows, want)
+    }
+
+    fn forward_coserved(
+        &mut self,
+        batch: &ForwardBatch<'_>,
+        adapters: &[AdapterRows<'_>],
+        want: Want<'_>,
+        train: Option<(u64, usize)>,
+    ) -> Result<(RowsOut, usize), CudaError> {
+        // Served adapters have tables of their own; one forward takes one set, so a batch with
+        // them keeps the sample out (it forwards on its own).
+        match train.filter(|&(_, n)| n > 0 && adapters.is_empty()) {
+            Some((key, max_tokens)) => {
+                let (seqs, logits_rows) = step_rows(batch)?;
+                self.job_forward_with(seqs, &logits_rows, want, key, max_tokens)
+            }
+            None => Ok((self.forward(batch, adapters, want)?, 0)),
+        }
     }
 
     fn check(&mut self) -> Result<(), CudaError> {
