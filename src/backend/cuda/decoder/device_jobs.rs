@@ -5,12 +5,12 @@
 //! the engine's blocks of the device cache.
 
 use super::forward::{forward_rows_capturing, Capture};
-use super::runner::{DeviceDecoder, MAX_ROWS};
+use super::runner::DeviceDecoder;
 use super::train::{
     backward_layers, finish_forward, forward_chunk, TrainAdapter, TrainOps, TrainSample,
     TrainScratch,
 };
-use super::{RowsOut, Scratch, SeqRows, StepBatch, Want};
+use super::{RowsOut, SeqRows, Want};
 use crate::backend::cuda::CudaError;
 use crate::lora::optim::AdamW;
 use crate::lora::LoraWeights;
@@ -84,9 +84,9 @@ impl<O: TrainOps> DeviceDecoder<O> {
         if seqs.iter().any(|r| r.adapter.is_some()) {
             return Err(CudaError::Shape("served adapters in a co-served forward".into()));
         }
-        let job = self.jobs.get_mut(&key).ok_or_else(|| no_job(key))?;
+        let job = self.jobs.get(&key).ok_or_else(|| no_job(key))?;
         let sc =
-            job.scratch.as_mut().ok_or_else(|| CudaError::Shape("no sample in flight".into()))?;
+            job.scratch.as_ref().ok_or_else(|| CudaError::Shape("no sample in flight".into()))?;
         let Some(chunk) = sc.next_chunk(max_tokens, 0) else {
             let out = self.forward_seqs(seqs, logits_rows, want)?;
             return Ok((out, 0));
@@ -94,19 +94,10 @@ impl<O: TrainOps> DeviceDecoder<O> {
         let first: usize = seqs.iter().map(|r| r.tokens.len()).sum();
         let n = chunk.tokens.len();
         seqs.push(chunk);
-        let batch = StepBatch::new(seqs, self.shape.block_size)?;
-        if batch.blocks_needed > self.num_blocks {
-            return Err(CudaError::Shape(format!(
-                "the batch reaches block {} of a {}-block cache",
-                batch.blocks_needed - 1,
-                self.num_blocks
-            )));
-        }
-        let rows = batch.rows();
-        if self.scratch.as_ref().is_none_or(|f| f.rows < rows) {
-            self.scratch = None;
-            self.scratch = Some(Scratch::new(&mut self.ops, &self.shape, rows.min(MAX_ROWS))?);
-        }
+        let batch = self.batch_of(seqs)?;
+        let job = self.jobs.get_mut(&key).ok_or_else(|| no_job(key))?;
+        let sc =
+            job.scratch.as_mut().ok_or_else(|| CudaError::Shape("no sample in flight".into()))?;
         let Some(fsc) = self.scratch.as_mut() else {
             return Err(CudaError::Shape("no scratch".into()));
         };

@@ -190,13 +190,9 @@ impl<O: TrainOps> DeviceDecoder<O> {
         }
     }
 
-    /// One forward over `seqs`, returning what `want` asks for of `logits_rows`.
-    pub fn forward_seqs(
-        &mut self,
-        seqs: Vec<SeqRows>,
-        logits_rows: &[u32],
-        want: Want<'_>,
-    ) -> Result<RowsOut, CudaError> {
+    /// `seqs` as one forward's batch, checked against the cache, with the scratch grown to its
+    /// rows if needed.
+    pub(super) fn batch_of(&mut self, seqs: Vec<SeqRows>) -> Result<StepBatch, CudaError> {
         let batch = StepBatch::new(seqs, self.shape.block_size)?;
         if batch.blocks_needed > self.num_blocks {
             return Err(CudaError::Shape(format!(
@@ -211,6 +207,17 @@ impl<O: TrainOps> DeviceDecoder<O> {
             self.scratch = None;
             self.scratch = Some(Scratch::new(&mut self.ops, &self.shape, rows.min(MAX_ROWS))?);
         }
+        Ok(batch)
+    }
+
+    /// One forward over `seqs`, returning what `want` asks for of `logits_rows`.
+    pub fn forward_seqs(
+        &mut self,
+        seqs: Vec<SeqRows>,
+        logits_rows: &[u32],
+        want: Want<'_>,
+    ) -> Result<RowsOut, CudaError> {
+        let batch = self.batch_of(seqs)?;
         let Some(sc) = self.scratch.as_mut() else {
             return Err(CudaError::Shape("no scratch".into()));
         };
