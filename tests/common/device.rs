@@ -6,6 +6,19 @@ use coserve::backend::cuda::decoder::host::HostOps;
 use coserve::backend::cuda::decoder::runner::{DeviceDecoder, DeviceModel};
 use coserve::engine::Backend;
 
+/// A device `backend` whose model is wrapped by `wrap` once built (to count or fault calls).
+pub fn wrap_device(
+    backend: Backend,
+    wrap: impl Fn(Box<dyn DeviceModel>) -> Box<dyn DeviceModel> + Send + 'static,
+) -> Backend {
+    let Backend::Device { name, kv_bytes_per_element, build } = backend else {
+        unreachable!("a device backend")
+    };
+    let build: coserve::engine::DeviceBuilder =
+        Box::new(move |model, cache| Ok(wrap(build(model, cache)?)));
+    Backend::Device { name, kv_bytes_per_element, build }
+}
+
 /// The name the twin backend reports as its device.
 pub const TWIN_DEVICE: &str = "cuda twins (host)";
 

@@ -23,7 +23,7 @@ use coserve::model::loader::load_model;
 use coserve::model::weights::WeightsDtype;
 use serde_json::{json, Value};
 
-use common::device::twin_backend;
+use common::device::{twin_backend, wrap_device};
 use common::engine::{collect, metric_value, request, TestEngine};
 use common::multipart::upload;
 use common::server::TestServer;
@@ -298,16 +298,12 @@ impl DeviceModel for CountingDevice {
 }
 
 fn counting_backend() -> (Backend, Arc<std::sync::Mutex<[usize; 3]>>) {
-    let Backend::Device { name, kv_bytes_per_element, build } = twin_backend() else {
-        unreachable!("the twin backend is a device")
-    };
     let counts = Arc::new(std::sync::Mutex::new([0; 3]));
     let c = counts.clone();
-    let build: coserve::engine::DeviceBuilder = Box::new(move |model, cache| {
-        let inner = build(model, cache)?;
-        Ok(Box::new(CountingDevice { inner, counts: c.clone() }) as Box<dyn DeviceModel>)
+    let backend = wrap_device(twin_backend(), move |inner| {
+        Box::new(CountingDevice { inner, counts: c.clone() })
     });
-    (Backend::Device { name, kv_bytes_per_element, build }, counts)
+    (backend, counts)
 }
 
 #[test]
@@ -399,14 +395,8 @@ impl DeviceModel for FaultingDevice {
 fn a_device_that_faults_for_good_stops_the_engine() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = write_gguf(dir.path(), &shape());
-    let Backend::Device { name, kv_bytes_per_element, build } = twin_backend() else {
-        unreachable!("the twin backend is a device")
-    };
-    let build: coserve::engine::DeviceBuilder = Box::new(move |model, cache| {
-        let inner = build(model, cache)?;
-        Ok(Box::new(FaultingDevice { inner, forwards: 0 }) as Box<dyn DeviceModel>)
-    });
-    let backend = Backend::Device { name, kv_bytes_per_element, build };
+    let backend =
+        wrap_device(twin_backend(), |inner| Box::new(FaultingDevice { inner, forwards: 0 }));
     let engine = TestEngine::start_on(&path, EngineConfig::default(), backend);
     let mut stream = engine.handle.submit(request(vec![5, 6, 7], params())).expect("submit");
     let mut tokens = 0;

@@ -7,7 +7,7 @@ use crate::common;
 
 use std::sync::{Arc, Mutex};
 
-use common::device::{exact_twin_backend, twin_backend};
+use common::device::{exact_twin_backend, twin_backend, wrap_device};
 use common::engine::{generate, TestEngine};
 use common::finetune::{drain, examples, Run};
 use common::tiny_model::{write_gguf, TinyShape};
@@ -149,16 +149,11 @@ type R = Result<(), CudaError>;
 
 /// `backend` wrapped in [`Counting`]: (sample tokens forwarded among serving rows, alone).
 fn counting(backend: Backend) -> (Backend, Arc<Mutex<[usize; 2]>>) {
-    let Backend::Device { name, kv_bytes_per_element, build } = backend else {
-        unreachable!("a device backend")
-    };
     let counts = Arc::new(Mutex::new([0; 2]));
     let c = counts.clone();
-    let build: coserve::engine::DeviceBuilder = Box::new(move |model, cache| {
-        let inner = build(model, cache)?;
-        Ok(Box::new(Counting { inner, counts: c.clone() }) as Box<dyn DeviceModel>)
-    });
-    (Backend::Device { name, kv_bytes_per_element, build }, counts)
+    let backend =
+        wrap_device(backend, move |inner| Box::new(Counting { inner, counts: c.clone() }));
+    (backend, counts)
 }
 
 /// With the twins' roundings off, the device job is the CPU job up to summation order: same
