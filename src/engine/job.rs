@@ -324,7 +324,7 @@ impl ActiveJob {
     pub(super) fn next_step_checkpoints(&self) -> bool {
         let next = self.step + 1;
         let every = self.hyper.checkpoint_every;
-        next >= self.total_steps || (every > 0 && next % every == 0)
+        next >= self.total_steps || (every > 0 && next.is_multiple_of(every))
     }
 
     /// The learning rate of the next optimizer step.
@@ -378,7 +378,7 @@ impl ActiveJob {
         };
         let _ = self.events.send(JobEvent::Step(m.clone()));
         self.last_metrics = Some(m);
-        let epoch_end = self.step % self.steps_per_epoch == 0;
+        let epoch_end = self.step.is_multiple_of(self.steps_per_epoch);
         if self.step >= self.total_steps {
             // The last epoch's validation runs before the job reports success.
             if epoch_end && !self.validation.is_empty() {
@@ -388,7 +388,8 @@ impl ActiveJob {
             }
             return;
         }
-        if self.hyper.checkpoint_every > 0 && self.step % self.hyper.checkpoint_every == 0 {
+        if self.hyper.checkpoint_every > 0 && self.step.is_multiple_of(self.hyper.checkpoint_every)
+        {
             let _ = self.events.send(JobEvent::Checkpoint(Box::new(self.checkpoint())));
         }
         if epoch_end && !self.validation.is_empty() {

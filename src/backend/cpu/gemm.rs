@@ -165,6 +165,10 @@ unsafe fn tile_task(
     let packed_from = if direct { nc / NR * NR } else { 0 };
     let mut pb = vec![0f32; (nc - packed_from).div_ceil(NR) * NR * KC.min(k)];
     let mut edge = [0f32; MR * NR];
+    #[cfg(target_arch = "x86_64")]
+    let wide = super::matmul::has_avx512f();
+    #[cfg(not(target_arch = "x86_64"))]
+    let wide = false;
     let mut p0 = 0;
     while p0 < k {
         let kc = KC.min(k - p0);
@@ -172,37 +176,78 @@ unsafe fn tile_task(
             pack_b(b, cols.start + packed_from, nc - packed_from, p0, kc, &mut pb);
         }
         let load = accumulate || p0 > 0;
-        for jp in 0..np {
-            let (j, nr) = (jp * NR, NR.min(nc - jp * NR));
-            let (bp, ldb) = if j < packed_from {
+        let panel = |jp: usize| {
+            let j = jp * NR;
+            if j < packed_from {
                 // In bounds: rows p0..p0+kc < k and columns up to cols.start+j+NR <= n.
                 (b.data[p0 * b.rs + cols.start + j..].as_ptr(), b.rs)
             } else {
                 (pb[(j - packed_from) * kc..].as_ptr(), NR)
-            };
+            }
+        };
+        let mut jp = 0;
+        while jp < np {
+            // With AVX-512, two full panels of the same kind at once (12 FMA chains).
+            let pair = wide
+                && (jp + 2) * NR <= nc
+                && ((jp + 2) * NR <= packed_from || jp * NR >= packed_from);
+            let span = if pair { 2 } else { 1 };
             for i in (0..mc).step_by(MR) {
                 let mr = MR.min(mc - i);
                 let ap = &pa[(rows.start + i) * k + p0 * MR..];
-                let dst = out.0.add((rows.start + i) * ldc + cols.start + j);
-                if mr == MR && nr == NR {
-                    kernel(ap, bp, ldb, kc, dst, ldc, load);
-                } else {
-                    // Partial tile: run the full kernel on a padded copy, write back the part.
-                    for r in 0..mr {
-                        for q in 0..nr {
-                            edge[r * NR + q] = if load { *dst.add(r * ldc + q) } else { 0.0 };
-                        }
-                    }
-                    kernel(ap, bp, ldb, kc, edge.as_mut_ptr(), NR, true);
-                    for r in 0..mr {
-                        for q in 0..nr {
-                            *dst.add(r * ldc + q) = edge[r * NR + q];
-                        }
-                    }
+                if pair && mr == MR {
+                    let ((b0, ldb), (b1, _)) = (panel(jp), panel(jp + 1));
+                    let dst = out.0.add((rows.start + i) * ldc + cols.start + jp * NR);
+                    #[cfg(target_arch = "x86_64")]
+                    avx512::kernel2(ap.as_ptr(), b0, b1, ldb, kc, dst, ldc, load);
+                    continue;
+                }
+                for jq in jp..jp + span {
+                    let (j, nr) = (jq * NR, NR.min(nc - jq * NR));
+                    let (bp, ldb) = panel(jq);
+                    let dst = out.0.add((rows.start + i) * ldc + cols.start + j);
+                    edge_or_full(ap, bp, ldb, kc, dst, ldc, load, mr, nr, &mut edge);
                 }
             }
+            jp += span;
         }
         p0 += kc;
+    }
+}
+
+/// One tile of `mr x nr` (at most `MR x NR`): the kernel in place when full, else on a padded
+/// copy whose live part is written back.
+///
+/// # Safety
+/// As [`kernel`], for the `mr x nr` part of `dst`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn edge_or_full(
+    ap: &[f32],
+    bp: *const f32,
+    ldb: usize,
+    kc: usize,
+    dst: *mut f32,
+    ldc: usize,
+    load: bool,
+    mr: usize,
+    nr: usize,
+    edge: &mut [f32; MR * NR],
+) {
+    if mr == MR && nr == NR {
+        kernel(ap, bp, ldb, kc, dst, ldc, load);
+    } else {
+        // Partial tile: run the full kernel on a padded copy, write back the part.
+        for r in 0..mr {
+            for q in 0..nr {
+                edge[r * NR + q] = if load { *dst.add(r * ldc + q) } else { 0.0 };
+            }
+        }
+        kernel(ap, bp, ldb, kc, edge.as_mut_ptr(), NR, true);
+        for r in 0..mr {
+            for q in 0..nr {
+                *dst.add(r * ldc + q) = edge[r * NR + q];
+            }
+        }
     }
 }
 
@@ -355,6 +400,53 @@ mod avx2 {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::{MR, NR};
+
+    /// Two adjacent `MR x NR` tiles (`MR` rows, `2 * NR` columns at `dst`) against two `B`
+    /// panels with the same step stride: the same FMA chains as two calls of the AVX2 kernel.
+    ///
+    /// # Safety
+    /// AVX-512F is available; as `super::kernel` for each panel, `dst` spanning `2 * NR` columns.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn kernel2(
+        ap: *const f32,
+        b0: *const f32,
+        b1: *const f32,
+        ldb: usize,
+        kc: usize,
+        dst: *mut f32,
+        ldc: usize,
+        load: bool,
+    ) {
+        let mut c = [[_mm512_setzero_ps(); 2]; MR];
+        if load {
+            for (r, row) in c.iter_mut().enumerate() {
+                row[0] = _mm512_loadu_ps(dst.add(r * ldc));
+                row[1] = _mm512_loadu_ps(dst.add(r * ldc + NR));
+            }
+        }
+        for p in 0..kc {
+            let w0 = _mm512_loadu_ps(b0.add(p * ldb));
+            let w1 = _mm512_loadu_ps(b1.add(p * ldb));
+            for (r, row) in c.iter_mut().enumerate() {
+                let a = _mm512_set1_ps(*ap.add(p * MR + r));
+                row[0] = _mm512_fmadd_ps(a, w0, row[0]);
+                row[1] = _mm512_fmadd_ps(a, w1, row[1]);
+            }
+        }
+        for (r, row) in c.iter().enumerate() {
+            _mm512_storeu_ps(dst.add(r * ldc), row[0]);
+            _mm512_storeu_ps(dst.add(r * ldc + NR), row[1]);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -427,5 +519,28 @@ mod tests {
         let mut serial = vec![0f32; m * n];
         gemm_serial(1.0, MatRef::new(&ad, m, k), MatRef::new(&bd, k, n), false, &mut serial, n);
         assert_eq!(one, serial);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx512_pair_kernel_equals_two_avx2_kernels_bit_for_bit() {
+        let avx2 = crate::backend::cpu::matmul::has_avx2_fma();
+        if !(avx2 && std::arch::is_x86_feature_detected!("avx512f")) {
+            return; // nothing to compare on this CPU
+        }
+        let (kc, ldb, ldc) = (37, 2 * NR + 5, 2 * NR + 3);
+        let (ap, bd, c0) = (data(kc * MR, 6), data(kc * ldb, 7), data(MR * ldc, 8));
+        for load in [false, true] {
+            let (mut wide, mut two) = (c0.clone(), c0.clone());
+            // SAFETY: the features were detected; every buffer covers the tiles it is given.
+            unsafe {
+                let (b0, b1) = (bd.as_ptr(), bd.as_ptr().add(NR));
+                avx512::kernel2(ap.as_ptr(), b0, b1, ldb, kc, wide.as_mut_ptr(), ldc, load);
+                avx2::kernel(ap.as_ptr(), b0, ldb, kc, two.as_mut_ptr(), ldc, load);
+                avx2::kernel(ap.as_ptr(), b1, ldb, kc, two.as_mut_ptr().add(NR), ldc, load);
+            }
+            assert_eq!(wide, two, "load {load}");
+            assert_ne!(wide, c0);
+        }
     }
 }

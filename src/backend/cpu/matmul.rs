@@ -162,6 +162,19 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc[0][0]
 }
 
+/// AVX-512F, unless `COSERVE_CPU_ISA=avx2` asks for the AVX2 kernels (to compare the two on one
+/// machine; both compute the same bits).
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn has_avx512f() -> bool {
+    use std::sync::OnceLock;
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| {
+        is_x86_feature_detected!("avx512f")
+            && has_avx2_fma()
+            && std::env::var("COSERVE_CPU_ISA").map_or(true, |isa| isa != "avx2")
+    })
+}
+
 #[cfg(target_arch = "x86_64")]
 pub(crate) fn has_avx2_fma() -> bool {
     use std::sync::OnceLock;

@@ -18,9 +18,12 @@ use super::matmul::OutView;
 
 /// Weight rows per panel (two AVX vectors of f32).
 pub const NR: usize = 16;
-/// Activation rows per register tile: 6 x 2 accumulators, 2 weight vectors and a broadcast fit
-/// the 16 AVX registers, and 12 independent FMA chains cover the FMA latency.
-pub const MR: usize = 6;
+/// Activation rows per register tile with AVX2: 6 x 2 accumulators, 2 weight vectors and a
+/// broadcast fit the 16 AVX registers, and 12 independent FMA chains cover the FMA latency.
+const MR_AVX2: usize = 6;
+/// Activation rows per register tile: with AVX-512 a panel line is one register, and 12
+/// accumulators keep both FMA units busy with 13 loads per 12 FMAs (32 registers).
+pub const MR: usize = 12;
 /// Bytes of `x` a row block keeps hot in L2 while tasks sweep the panels over it.
 const X_BLOCK_BYTES: usize = 256 * 1024;
 
@@ -100,29 +103,47 @@ impl PackedF32 {
         let panels = n.div_ceil(NR);
         // Row blocks sized so that a block of `x` stays in L2; each weight panel then comes
         // from memory once per block and serves every row of it from cache.
-        let block = (X_BLOCK_BYTES / (4 * k.max(1))).max(MR) / MR * MR;
+        // Equal tiles (16 rows: 8 + 8, not 12 + 4): a short tile has too few FMA chains to
+        // hide their latency.
+        let mr = m.div_ceil(m.div_ceil(tile_rows()));
+        // Each tile's rows interleaved, so its broadcasts read one sequential stream.
+        let interleaved;
+        let x = if m > 1 {
+            interleaved = interleave(&x[..m * k], k, mr);
+            &interleaved
+        } else {
+            x
+        };
+        let block = (X_BLOCK_BYTES / (4 * k.max(1))).max(mr) / mr * mr;
         let blocks = m.div_ceil(block);
         // Small batches stream weights: keep a few panels per task to amortise scheduling.
-        let min_len = if m <= MR { 4 } else { 1 };
+        let min_len = if m <= mr { 4 } else { 1 };
         (0..blocks * panels).into_par_iter().with_min_len(min_len).for_each(|t| {
             let (b, p) = (t / panels, t % panels);
             let rows = b * block..((b + 1) * block).min(m);
             // SAFETY: panel `p` writes only columns 16p..16p+16 of rows in its own block.
-            unsafe { self.panel_task(x, rows, p, &out) };
+            unsafe { self.panel_task(x, rows, p, mr, &out) };
         });
     }
 
-    /// Rows `rows` of `x` against panel `p`, in tiles of up to `MR` rows.
+    /// Rows `rows` of `x` against panel `p`, in tiles of up to `mr` rows.
     ///
     /// # Safety
     /// No other task writes the outputs of these rows and this panel concurrently.
-    unsafe fn panel_task(&self, x: &[f32], rows: std::ops::Range<usize>, p: usize, out: &OutView) {
+    unsafe fn panel_task(
+        &self,
+        x: &[f32],
+        rows: std::ops::Range<usize>,
+        p: usize,
+        mr: usize,
+        out: &OutView,
+    ) {
         let k = self.cols;
         let panel = &self.lines[p * k..(p + 1) * k];
         let cols = NR.min(self.rows - p * NR);
         let mut i = rows.start;
         while i < rows.end {
-            let r = MR.min(rows.end - i);
+            let r = mr.min(rows.end - i);
             let mut acc = [[0f32; NR]; MR];
             tile(&x[i * k..(i + r) * k], r, panel, &mut acc);
             for (dr, row) in acc.iter().take(r).enumerate() {
@@ -135,33 +156,79 @@ impl PackedF32 {
     }
 }
 
-/// `acc[r][q] = Σ_c x[r][c] · panel[c][q]` for the `r` rows of `x` (each `panel.len()` long).
+/// Rows per register tile on this CPU (at most [`MR`]).
+fn tile_rows() -> usize {
+    #[cfg(target_arch = "x86_64")]
+    if super::matmul::has_avx512f() {
+        return MR;
+    }
+    MR_AVX2
+}
+
+/// `x [m, k]` with each `mr`-row tile stored column by column: element `(i0 + j, c)` of the tile
+/// at row `i0` (of `r` rows) at `i0 * k + c * r + j`.
+fn interleave(x: &[f32], k: usize, mr: usize) -> Vec<f32> {
+    let mut out = vec![0f32; x.len()];
+    for (src, dst) in x.chunks(mr * k.max(1)).zip(out.chunks_mut(mr * k.max(1))) {
+        let r = src.len() / k.max(1);
+        for (j, row) in src.chunks_exact(k.max(1)).enumerate() {
+            for (c, v) in row.iter().enumerate() {
+                dst[c * r + j] = *v;
+            }
+        }
+    }
+    out
+}
+
+/// `acc[j][q] = Σ_c x[c][j] · panel[c][q]` for the `r` interleaved rows of `x` (see
+/// [`interleave`]), `r <= tile_rows()`.
 fn tile(x: &[f32], r: usize, panel: &[Line], acc: &mut [[f32; NR]; MR]) {
     debug_assert_eq!(x.len(), r * panel.len());
     #[cfg(target_arch = "x86_64")]
-    if super::matmul::has_avx2_fma() {
+    {
         let (xp, pp, k) = (x.as_ptr(), panel.as_ptr(), panel.len());
-        // SAFETY: AVX2 and FMA are available; `x` holds `r * k` floats, `panel` `k` lines.
-        unsafe {
-            match r {
-                1 => avx2::tile::<1>(xp, pp, k, acc),
-                2 => avx2::tile::<2>(xp, pp, k, acc),
-                3 => avx2::tile::<3>(xp, pp, k, acc),
-                4 => avx2::tile::<4>(xp, pp, k, acc),
-                5 => avx2::tile::<5>(xp, pp, k, acc),
-                _ => avx2::tile::<MR>(xp, pp, k, acc),
+        if super::matmul::has_avx512f() {
+            // SAFETY: AVX-512F is available; `x` holds `r * k` floats, `panel` `k` lines.
+            unsafe {
+                match r {
+                    1 => avx512::tile::<1>(xp, pp, k, acc),
+                    2 => avx512::tile::<2>(xp, pp, k, acc),
+                    3 => avx512::tile::<3>(xp, pp, k, acc),
+                    4 => avx512::tile::<4>(xp, pp, k, acc),
+                    5 => avx512::tile::<5>(xp, pp, k, acc),
+                    6 => avx512::tile::<6>(xp, pp, k, acc),
+                    7 => avx512::tile::<7>(xp, pp, k, acc),
+                    8 => avx512::tile::<8>(xp, pp, k, acc),
+                    9 => avx512::tile::<9>(xp, pp, k, acc),
+                    10 => avx512::tile::<10>(xp, pp, k, acc),
+                    11 => avx512::tile::<11>(xp, pp, k, acc),
+                    _ => avx512::tile::<MR>(xp, pp, k, acc),
+                }
             }
+            return;
         }
-        return;
+        if super::matmul::has_avx2_fma() {
+            // SAFETY: AVX2 and FMA are available; `x` holds `r * k` floats, `panel` `k` lines.
+            unsafe {
+                match r {
+                    1 => avx2::tile::<1>(xp, pp, k, acc),
+                    2 => avx2::tile::<2>(xp, pp, k, acc),
+                    3 => avx2::tile::<3>(xp, pp, k, acc),
+                    4 => avx2::tile::<4>(xp, pp, k, acc),
+                    5 => avx2::tile::<5>(xp, pp, k, acc),
+                    _ => avx2::tile::<MR_AVX2>(xp, pp, k, acc),
+                }
+            }
+            return;
+        }
     }
     portable_tile(x, r, panel, acc);
 }
 
-/// The same chains as the AVX2 tile: `mul_add` rounds once, as FMA does.
+/// The same chains as the SIMD tiles: `mul_add` rounds once, as FMA does.
 fn portable_tile(x: &[f32], r: usize, panel: &[Line], acc: &mut [[f32; NR]; MR]) {
-    let k = panel.len();
-    for (xr, a) in x.chunks_exact(k.max(1)).take(r).zip(acc.iter_mut()) {
-        for (xv, line) in xr.iter().zip(panel) {
+    for (xc, line) in x.chunks_exact(r).zip(panel) {
+        for (xv, a) in xc.iter().zip(acc.iter_mut()) {
             for (o, w) in a.iter_mut().zip(&line.0) {
                 *o = xv.mul_add(*w, *o);
             }
@@ -175,7 +242,7 @@ mod avx2 {
 
     use super::{Line, MR, NR};
 
-    /// `R` rows of `x` (`k` apart) times a panel of `k` lines, into the first `R` rows of `out`.
+    /// `R` interleaved rows of `x` times a panel of `k` lines, into the first `R` rows of `out`.
     ///
     /// # Safety
     /// AVX2 and FMA are available; `x` holds `R * k` floats and `panel` `k` lines.
@@ -192,7 +259,7 @@ mod avx2 {
             let w = panel.add(c) as *const f32;
             let (w0, w1) = (_mm256_load_ps(w), _mm256_load_ps(w.add(8)));
             for (r, a) in acc.iter_mut().enumerate() {
-                let xv = _mm256_broadcast_ss(&*x.add(r * k + c));
+                let xv = _mm256_broadcast_ss(&*x.add(c * R + r));
                 a[0] = _mm256_fmadd_ps(xv, w0, a[0]);
                 a[1] = _mm256_fmadd_ps(xv, w1, a[1]);
             }
@@ -200,6 +267,37 @@ mod avx2 {
         for (a, o) in acc.iter().zip(out.iter_mut()) {
             _mm256_storeu_ps(o.as_mut_ptr(), a[0]);
             _mm256_storeu_ps(o.as_mut_ptr().add(8), a[1]);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::{Line, MR, NR};
+
+    /// As `avx2::tile`, a panel line being one 16-wide register.
+    ///
+    /// # Safety
+    /// AVX-512F is available; `x` holds `R * k` floats and `panel` `k` lines.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn tile<const R: usize>(
+        x: *const f32,
+        panel: *const Line,
+        k: usize,
+        out: &mut [[f32; NR]; MR],
+    ) {
+        let mut acc = [_mm512_setzero_ps(); R];
+        for c in 0..k {
+            let w = _mm512_load_ps(panel.add(c) as *const f32);
+            for (r, a) in acc.iter_mut().enumerate() {
+                *a = _mm512_fmadd_ps(_mm512_set1_ps(*x.add(c * R + r)), w, *a);
+            }
+        }
+        for (a, o) in acc.iter().zip(out.iter_mut()) {
+            _mm512_storeu_ps(o.as_mut_ptr(), *a);
         }
     }
 }
@@ -250,15 +348,37 @@ mod tests {
     }
 
     #[test]
-    fn portable_tile_matches_simd_tile_bit_for_bit() {
+    fn portable_tile_matches_simd_tiles_bit_for_bit() {
         let (k, n) = (77, 16);
         let x = data(MR * k, 7);
         let p = PackedF32::pack(&data(n * k, 8), n, k).expect("shape");
-        for r in 1..=MR {
+        for r in 1..=tile_rows() {
             let (mut a, mut b) = ([[0f32; NR]; MR], [[0f32; NR]; MR]);
-            tile(&x[..r * k], r, &p.lines, &mut a);
-            portable_tile(&x[..r * k], r, &p.lines, &mut b);
+            let xr = interleave(&x[..r * k], k, r);
+            tile(&xr, r, &p.lines, &mut a);
+            portable_tile(&xr, r, &p.lines, &mut b);
             assert_eq!(a, b, "{r} rows");
+        }
+        // Both SIMD kernels where the CPU has them, whichever `tile` picks.
+        #[cfg(target_arch = "x86_64")]
+        {
+            let pp = p.lines.as_ptr();
+            if crate::backend::cpu::matmul::has_avx2_fma() {
+                let xr = interleave(&x[..MR_AVX2 * k], k, MR_AVX2);
+                let (mut got, mut want) = ([[0f32; NR]; MR], [[0f32; NR]; MR]);
+                portable_tile(&xr, MR_AVX2, &p.lines, &mut want);
+                // SAFETY: AVX2 and FMA detected; `xr` holds 6 rows of `k`.
+                unsafe { avx2::tile::<MR_AVX2>(xr.as_ptr(), pp, k, &mut got) };
+                assert_eq!(got, want, "avx2");
+            }
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                let xr = interleave(&x, k, MR);
+                let (mut got, mut want) = ([[0f32; NR]; MR], [[0f32; NR]; MR]);
+                portable_tile(&xr, MR, &p.lines, &mut want);
+                // SAFETY: AVX-512F detected; `xr` holds MR rows of `k`.
+                unsafe { avx512::tile::<MR>(xr.as_ptr(), pp, k, &mut got) };
+                assert_eq!(got, want, "avx512");
+            }
         }
     }
 

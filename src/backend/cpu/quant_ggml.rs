@@ -58,7 +58,7 @@ pub fn ggml_rows(
 /// Bytes of one row of `cols` values of `dtype`, if `cols` is a whole number of blocks.
 pub fn ggml_row_bytes(dtype: GgmlDType, cols: usize) -> Result<usize, String> {
     let bs = dtype.block_size();
-    if cols % bs != 0 {
+    if !cols.is_multiple_of(bs) {
         return Err(format!("rows of {cols} values are not whole {dtype:?} blocks of {bs}"));
     }
     Ok(cols / bs * dtype.type_size())

@@ -63,10 +63,10 @@ impl DecoderShape {
     /// public).
     pub fn check(&self) -> Result<(), CudaError> {
         let bad = |why: String| Err(CudaError::Shape(why));
-        if self.head_dim % 32 != 0 || self.head_dim > 256 || self.head_dim == 0 {
+        if !self.head_dim.is_multiple_of(32) || self.head_dim > 256 || self.head_dim == 0 {
             return bad(format!("head_dim {} is not a multiple of 32 up to 256", self.head_dim));
         }
-        if self.kv_heads == 0 || self.heads % self.kv_heads != 0 {
+        if self.kv_heads == 0 || !self.heads.is_multiple_of(self.kv_heads) {
             return bad(format!("{} heads do not share {} kv heads", self.heads, self.kv_heads));
         }
         if self.hidden == 0 || self.inter == 0 || self.vocab == 0 || self.block_size == 0 {
