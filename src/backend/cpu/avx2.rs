@@ -71,7 +71,7 @@ impl Vector for Avx2 {
 /// Eight `exp_approx`, operation for operation.
 #[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn exp8(x: __m256) -> __m256 {
+pub(super) unsafe fn exp8(x: __m256) -> __m256 {
     let set = _mm256_set1_ps;
     let underflow = _mm256_cmp_ps::<_CMP_LT_OQ>(x, set(EXP_LO));
     let xc = _mm256_min_ps(_mm256_max_ps(x, set(EXP_LO)), set(EXP_HI));
@@ -96,7 +96,13 @@ unsafe fn exp8(x: __m256) -> __m256 {
 #[inline]
 #[target_feature(enable = "avx2")]
 unsafe fn hsum16(lo: __m256, hi: __m256) -> f32 {
-    let v = _mm256_add_ps(lo, hi); // i += i+8
+    hsum16_folded(_mm256_add_ps(lo, hi)) // i += i+8
+}
+
+/// The rest of `hsum16`'s tree once lanes 8..16 were added to lanes 0..8.
+#[inline]
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn hsum16_folded(v: __m256) -> f32 {
     let x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v)); // i += i+4
     let x = _mm_add_ps(x, _mm_movehl_ps(x, x)); // i += i+2
     _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x))) // i += i+1
@@ -132,9 +138,7 @@ unsafe fn dot<E: KvElement>(a: &[f32], b: &[E]) -> f32 {
     sum
 }
 
-/// Four `dot`s at once: the same lane sums, then `hsum16`'s tree for the four rows in
-/// shuffled registers (each addition pairs the same lanes as `hsum16`). Caller checks
-/// `rows_fit`.
+/// Four `dot`s at once: the same lane sums, then `hsum16_folded4`. Caller checks `rows_fit`.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_rows<E: KvElement>(a: &[f32], rows: &[E], stride: usize, out: &mut [f32]) {
@@ -155,25 +159,8 @@ unsafe fn dot_rows<E: KvElement>(a: &[f32], rows: &[E], stride: usize, out: &mut
             }
             i += LANES;
         }
-        let v = [0, 1, 2, 3].map(|t| _mm256_add_ps(lo[t], hi[t])); // i += i+8
-                                                                   // i += i+4, two rows per register: [row0 | row1], [row2 | row3].
-        let x01 = _mm256_add_ps(
-            _mm256_permute2f128_ps::<0x20>(v[0], v[1]),
-            _mm256_permute2f128_ps::<0x31>(v[0], v[1]),
-        );
-        let x23 = _mm256_add_ps(
-            _mm256_permute2f128_ps::<0x20>(v[2], v[3]),
-            _mm256_permute2f128_ps::<0x31>(v[2], v[3]),
-        );
-        // i += i+2: lanes [r0.0 r0.1 r2.0 r2.1 | r1.0 r1.1 r3.0 r3.1].
-        let b =
-            _mm256_add_ps(_mm256_shuffle_ps::<0x44>(x01, x23), _mm256_shuffle_ps::<0xEE>(x01, x23));
-        // i += i+1: rows 0, 2, 1, 3 in lanes 0, 2, 4, 6.
-        let c = _mm256_add_ps(b, _mm256_shuffle_ps::<0xB1>(b, b));
-        let mut lanes = [0f32; 8];
-        _mm256_storeu_ps(lanes.as_mut_ptr(), c);
-        for (t, lane) in [0usize, 4, 2, 6].into_iter().enumerate() {
-            let mut sum = lanes[lane];
+        let sums = hsum16_folded4([0, 1, 2, 3].map(|t| _mm256_add_ps(lo[t], hi[t]))); // i += i+8
+        for (t, mut sum) in sums.into_iter().enumerate() {
             for (x, y) in a[body..].iter().zip(&rows[(j + t) * stride + body..]) {
                 sum = x.mul_add(y.to_f32(), sum);
             }
@@ -184,6 +171,29 @@ unsafe fn dot_rows<E: KvElement>(a: &[f32], rows: &[E], stride: usize, out: &mut
     for (jj, o) in out.iter_mut().enumerate().skip(j) {
         *o = dot(a, &rows[jj * stride..jj * stride + d]);
     }
+}
+
+/// `hsum16_folded` of four registers at once, in shuffled registers (each addition pairs the
+/// same lanes as `hsum16_folded`).
+#[inline]
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn hsum16_folded4(v: [__m256; 4]) -> [f32; 4] {
+    // i += i+4, two rows per register: [row0 | row1], [row2 | row3].
+    let x01 = _mm256_add_ps(
+        _mm256_permute2f128_ps::<0x20>(v[0], v[1]),
+        _mm256_permute2f128_ps::<0x31>(v[0], v[1]),
+    );
+    let x23 = _mm256_add_ps(
+        _mm256_permute2f128_ps::<0x20>(v[2], v[3]),
+        _mm256_permute2f128_ps::<0x31>(v[2], v[3]),
+    );
+    // i += i+2: lanes [r0.0 r0.1 r2.0 r2.1 | r1.0 r1.1 r3.0 r3.1].
+    let b = _mm256_add_ps(_mm256_shuffle_ps::<0x44>(x01, x23), _mm256_shuffle_ps::<0xEE>(x01, x23));
+    // i += i+1: rows 0, 2, 1, 3 in lanes 0, 2, 4, 6.
+    let c = _mm256_add_ps(b, _mm256_shuffle_ps::<0xB1>(b, b));
+    let mut lanes = [0f32; 8];
+    _mm256_storeu_ps(lanes.as_mut_ptr(), c);
+    [lanes[0], lanes[4], lanes[2], lanes[6]]
 }
 
 /// Caller checks `rows_fit`.

@@ -1,7 +1,8 @@
 //! CPU kernels (rayon) and the small vector primitives they share.
 //!
-//! Each primitive exists twice: `Portable` (plain Rust, any target) and `Avx2` (`std::arch`
-//! intrinsics, chosen at run time with `is_x86_feature_detected!`; never `target-cpu=native`).
+//! Each primitive exists three times: `Portable` (plain Rust, any target), `Avx2` and `Avx512`
+//! (`std::arch` intrinsics, chosen at run time with `is_x86_feature_detected!`; never
+//! `target-cpu=native`).
 //! Both perform the same f32 operations in the same order: 16 lane accumulators, one fixed
 //! reduction tree, tails in index order, and products summed by fused multiply-add where the
 //! primitive says so (`f32::mul_add` in the portable copy, `vfmadd` in the fast one; never left
@@ -252,6 +253,8 @@ pub(crate) fn exp_shifted(x: &[f32], shift: f32, scale: f32, out: &mut [f32]) ->
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx2;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod avx512;
 
 #[cfg(test)]
 mod tests {
@@ -342,8 +345,29 @@ mod tests {
     #[test]
     fn avx2_primitives_equal_portable_bit_for_bit() {
         let Some(v) = avx2::Avx2::detect() else { return };
-        let mut rng = StdRng::seed_from_u64(2);
+        assert_equals_portable(v);
+        let mut rng = StdRng::seed_from_u64(3);
         for len in [0usize, 1, 8, 15, 16, 17, 24, 64, 71, 128, 200] {
+            let x = random(&mut rng, len, 40.0);
+            let (mut oa, mut op) = (vec![0f32; len], vec![0f32; len]);
+            let sa = v.exp_shifted(&x, 30.0, 0.7, &mut oa);
+            let sp = exp_shifted_portable(&x, 30.0, 0.7, &mut op);
+            assert!(sa.to_bits() == sp.to_bits() && same_bits(&oa, &op), "exp_shifted {len}");
+        }
+    }
+
+    /// The AVX-512 copies too (skipped without AVX-512F).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx512_primitives_equal_portable_bit_for_bit() {
+        if let Some(v) = avx512::Avx512::detect() {
+            assert_equals_portable(v);
+        }
+    }
+
+    fn assert_equals_portable<V: Vector>(v: V) {
+        let mut rng = StdRng::seed_from_u64(2);
+        for len in [0usize, 1, 8, 15, 16, 17, 24, 40, 64, 71, 128, 200] {
             let (a, b) = (random(&mut rng, len, 3.0), random(&mut rng, len, 3.0));
             assert_eq!(dot(v, &a, &b).to_bits(), dot(Portable, &a, &b).to_bits(), "dot {len}");
 
@@ -358,11 +382,6 @@ mod tests {
             let sa = v.exp_sub_sum(&mut xa, 1.5);
             let sp = Portable.exp_sub_sum(&mut xp, 1.5);
             assert!(same_bits(&xa, &xp) && sa.to_bits() == sp.to_bits(), "exp_sub_sum {len}");
-
-            let (mut oa, mut op) = (vec![0f32; len], vec![0f32; len]);
-            let sa = v.exp_shifted(&x, 30.0, 0.7, &mut oa);
-            let sp = exp_shifted_portable(&x, 30.0, 0.7, &mut op);
-            assert!(sa.to_bits() == sp.to_bits() && same_bits(&oa, &op), "exp_shifted {len}");
 
             for (n, stride) in [(1, len), (5, len + 3), (16, 3 * len), (7, len)] {
                 let rows = random(&mut rng, (n - 1) * stride + len, 1.0);

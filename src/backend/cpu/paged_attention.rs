@@ -97,9 +97,15 @@ pub fn paged_attention<E: KvElement>(
 
     let ctx = Ctx { q, k_cache, v_cache, shape: *shape, group };
     #[cfg(target_arch = "x86_64")]
-    let avx2 = super::avx2::Avx2::detect();
+    let (avx512, avx2) = (super::avx512::Avx512::detect(), super::avx2::Avx2::detect());
     items.par_iter().zip(pieces).for_each_init(Scratch::default, |scratch, (it, piece)| {
         let seq = &seqs[it.seq];
+        #[cfg(target_arch = "x86_64")]
+        if let Some(v) = avx512 {
+            // SAFETY: `v` proves the CPU has AVX-512F (so AVX2, FMA and F16C).
+            unsafe { attend_tile_avx512(v, &ctx, seq, it, scratch, piece) };
+            return;
+        }
         #[cfg(target_arch = "x86_64")]
         if let Some(v) = avx2 {
             // SAFETY: `v` proves the CPU has AVX2 and FMA.
@@ -166,6 +172,20 @@ struct Scratch {
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn attend_tile_avx2<E: KvElement>(
     v: super::avx2::Avx2,
+    ctx: &Ctx<E>,
+    seq: &AttnSeq,
+    it: &Item,
+    sc: &mut Scratch,
+    acc: &mut [f32],
+) {
+    attend_tile(v, ctx, seq, it, sc, acc)
+}
+
+/// `attend_tile` compiled with AVX-512 enabled, so the `Avx512` primitives inline into it.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn attend_tile_avx512<E: KvElement>(
+    v: super::avx512::Avx512,
     ctx: &Ctx<E>,
     seq: &AttnSeq,
     it: &Item,
