@@ -304,9 +304,7 @@ pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
 pub(crate) fn silu_mul(gate_up: &[f32], inter: usize, out: &mut [f32]) {
     let f = |(gu, o): (&[f32], &mut [f32])| {
         let (g, u) = gu.split_at(inter);
-        for ((o, g), u) in o.iter_mut().zip(g).zip(u) {
-            *o = g / (1.0 + (-g).exp()) * u;
-        }
+        crate::backend::cpu::activation::silu_mul(g, u, o);
     };
     if out.len() / inter >= PAR_MIN_ROWS {
         gate_up.par_chunks_exact(2 * inter).zip(out.par_chunks_exact_mut(inter)).for_each(f);

@@ -67,7 +67,7 @@ impl Vector for Avx512 {
 /// Sixteen `exp_approx`, operation for operation (as `exp8`).
 #[inline]
 #[target_feature(enable = "avx512f")]
-unsafe fn exp16(x: __m512) -> __m512 {
+pub(super) unsafe fn exp16(x: __m512) -> __m512 {
     let set = _mm512_set1_ps;
     let underflow = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, set(EXP_LO));
     let xc = _mm512_min_ps(_mm512_max_ps(x, set(EXP_LO)), set(EXP_HI));

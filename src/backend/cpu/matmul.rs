@@ -65,6 +65,16 @@ impl<'a> OutView<'a> {
         debug_assert!(i < self.m && j < self.n);
         *self.ptr.add(i * self.ld + j) = v;
     }
+
+    /// Stores `vals` at `(i, j..j + vals.len())`.
+    ///
+    /// # Safety
+    /// `i < rows()`, `j + vals.len() <= cols()`, and no other task writes them concurrently.
+    #[inline(always)]
+    pub(crate) unsafe fn write_row(&self, i: usize, j: usize, vals: &[f32]) {
+        debug_assert!(i < self.m && j + vals.len() <= self.n);
+        std::ptr::copy_nonoverlapping(vals.as_ptr(), self.ptr.add(i * self.ld + j), vals.len());
+    }
 }
 
 /// Runs `task(j0, j1)` over weight rows `0..n` split into fixed chunks on the current rayon

@@ -9,6 +9,7 @@
 //! to the compiler, which does not contract `a * b + c` in Rust). So results are bit-identical
 //! on every machine, and the portable copy is an exact oracle for the fast one.
 
+pub mod activation;
 pub mod gemm;
 pub mod matmul;
 pub mod matmul_bf16;

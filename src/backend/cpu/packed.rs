@@ -107,10 +107,15 @@ impl PackedF32 {
         // Equal tiles (16 rows: 8 + 8, not 12 + 4): a short tile has too few FMA chains to
         // hide their latency.
         let mr = m.div_ceil(m.div_ceil(tile_rows()));
-        // Each tile's rows interleaved, so its broadcasts read one sequential stream.
-        let interleaved;
+        // Each tile's rows interleaved, so its broadcasts read one sequential stream. The
+        // buffer is reused (taken, so a nested call on this thread just makes its own):
+        // a fresh one per product cost page faults and a memset.
+        thread_local! {
+            static INTERLEAVED: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+        }
+        let mut interleaved = INTERLEAVED.take();
         let x = if m > 1 {
-            interleaved = interleave(&x[..m * k], k, mr);
+            interleave_into(&x[..m * k], k, mr, &mut interleaved);
             &interleaved
         } else {
             x
@@ -129,6 +134,7 @@ impl PackedF32 {
             // SAFETY: panels `ps` write only their own columns of rows in their own block.
             unsafe { self.panel_task(x, rows, ps, mr, &out) };
         });
+        INTERLEAVED.set(interleaved);
     }
 
     /// Rows `rows` of `x` against panels `ps` (one, or two where `panels_per_tile` allows),
@@ -159,9 +165,7 @@ impl PackedF32 {
             for (p, acc) in ps.clone().zip(&acc) {
                 let cols = NR.min(self.rows - p * NR);
                 for (dr, row) in acc.iter().take(r).enumerate() {
-                    for (q, v) in row.iter().take(cols).enumerate() {
-                        out.write(i + dr, p * NR + q, *v);
-                    }
+                    out.write_row(i + dr, p * NR, &row[..cols]);
                 }
             }
             i += r;
@@ -221,17 +225,31 @@ fn tile_rows() -> usize {
 
 /// `x [m, k]` with each `mr`-row tile stored column by column: element `(i0 + j, c)` of the tile
 /// at row `i0` (of `r` rows) at `i0 * k + c * r + j`.
+#[cfg(test)]
 fn interleave(x: &[f32], k: usize, mr: usize) -> Vec<f32> {
-    let mut out = vec![0f32; x.len()];
-    for (src, dst) in x.chunks(mr * k.max(1)).zip(out.chunks_mut(mr * k.max(1))) {
-        let r = src.len() / k.max(1);
-        for (j, row) in src.chunks_exact(k.max(1)).enumerate() {
+    let mut out = Vec::new();
+    interleave_into(x, k, mr, &mut out);
+    out
+}
+
+/// [`interleave`] into `out` (replacing what it held).
+fn interleave_into(x: &[f32], k: usize, mr: usize, out: &mut Vec<f32>) {
+    let k = k.max(1);
+    let x = &x[..x.len() / k * k];
+    out.clear();
+    out.reserve(x.len());
+    let spare = &mut out.spare_capacity_mut()[..x.len()];
+    for (src, dst) in x.chunks(mr * k).zip(spare.chunks_mut(mr * k)) {
+        let r = src.len() / k;
+        for (j, row) in src.chunks_exact(k).enumerate() {
             for (c, v) in row.iter().enumerate() {
-                dst[c * r + j] = *v;
+                dst[c * r + j].write(*v);
             }
         }
     }
-    out
+    // SAFETY: the loop wrote every one of the first `x.len()` elements: each chunk holds `r`
+    // whole rows (`x` was cut to a multiple of `k`) and fills its `r * k` slots.
+    unsafe { out.set_len(x.len()) };
 }
 
 /// `acc[j][q] = Σ_c x[c][j] · panel[c][q]` for the `r` interleaved rows of `x` (see
