@@ -66,6 +66,21 @@ impl<'a> OutView<'a> {
         *self.ptr.add(i * self.ld + j) = v;
     }
 
+    /// Where element `(i, j)` lives; row `i + 1` starts [`Self::ld`] floats after row `i`.
+    ///
+    /// # Safety
+    /// `i < rows()` and `j <= cols()`; writes through it follow `write`'s rules.
+    #[inline(always)]
+    pub(crate) unsafe fn ptr_at(&self, i: usize, j: usize) -> *mut f32 {
+        debug_assert!(i < self.m && j <= self.n);
+        self.ptr.add(i * self.ld + j)
+    }
+
+    /// Distance between rows, in floats.
+    pub(crate) fn ld(&self) -> usize {
+        self.ld
+    }
+
     /// Stores `vals` at `(i, j..j + vals.len())`.
     ///
     /// # Safety

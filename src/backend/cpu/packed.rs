@@ -156,16 +156,25 @@ impl PackedF32 {
         while i < rows.end {
             let r = mr.min(rows.end - i);
             let xt = &x[i * k..(i + r) * k];
-            let mut acc = [[[0f32; NR]; MR]; 2];
-            if ps.len() == 2 {
-                tile_pair(xt, r, [panel(ps.start), panel(ps.start + 1)], &mut acc);
+            let cols = self.rows.min(ps.end * NR) - ps.start * NR;
+            if ps.len() == 2 && cols == 2 * NR {
+                // Two whole panels: the kernel stores straight into the output rows.
+                let pair = [panel(ps.start), panel(ps.start + 1)];
+                tile_pair(xt, r, pair, out.ptr_at(i, ps.start * NR), out.ld());
             } else {
-                tile(xt, r, panel(ps.start), &mut acc[0]);
-            }
-            for (p, acc) in ps.clone().zip(&acc) {
-                let cols = NR.min(self.rows - p * NR);
+                let mut acc = [[0f32; 2 * NR]; MR];
+                if ps.len() == 2 {
+                    let pair = [panel(ps.start), panel(ps.start + 1)];
+                    tile_pair(xt, r, pair, acc.as_mut_ptr().cast(), 2 * NR);
+                } else {
+                    let mut one = [[0f32; NR]; MR];
+                    tile(xt, r, panel(ps.start), &mut one);
+                    for (a, o) in acc.iter_mut().zip(&one) {
+                        a[..NR].copy_from_slice(o);
+                    }
+                }
                 for (dr, row) in acc.iter().take(r).enumerate() {
-                    out.write_row(i + dr, p * NR, &row[..cols]);
+                    out.write_row(i + dr, ps.start * NR, &row[..cols]);
                 }
             }
             i += r;
@@ -183,35 +192,48 @@ fn panels_per_tile() -> usize {
     1
 }
 
-/// [`tile`] for two panels at once (only called where `panels_per_tile() == 2`).
-fn tile_pair(x: &[f32], r: usize, panels: [&[Line]; 2], acc: &mut [[[f32; NR]; MR]; 2]) {
+/// [`tile`] for two panels at once (only called where `panels_per_tile() == 2`): row `j`'s 32
+/// results go to `out + j * ld` (first panel, then second).
+///
+/// # Safety
+/// `out` is valid for writes of `r` such rows, which no other task writes concurrently.
+unsafe fn tile_pair(x: &[f32], r: usize, panels: [&[Line]; 2], out: *mut f32, ld: usize) {
     debug_assert!(panels[0].len() == panels[1].len() && x.len() == r * panels[0].len());
     #[cfg(target_arch = "x86_64")]
     if super::matmul::has_avx512f() {
         let (xp, k) = (x.as_ptr(), panels[0].len());
         let pp = panels.map(|p| p.as_ptr());
-        // SAFETY: AVX-512F is available; `x` holds `r * k` floats, each panel `k` lines.
+        // SAFETY: AVX-512F is available; `x` holds `r * k` floats, each panel `k` lines;
+        // the caller vouches for `out`.
         unsafe {
             match r {
-                1 => avx512::tile_pair::<1>(xp, pp, k, acc),
-                2 => avx512::tile_pair::<2>(xp, pp, k, acc),
-                3 => avx512::tile_pair::<3>(xp, pp, k, acc),
-                4 => avx512::tile_pair::<4>(xp, pp, k, acc),
-                5 => avx512::tile_pair::<5>(xp, pp, k, acc),
-                6 => avx512::tile_pair::<6>(xp, pp, k, acc),
-                7 => avx512::tile_pair::<7>(xp, pp, k, acc),
-                8 => avx512::tile_pair::<8>(xp, pp, k, acc),
-                9 => avx512::tile_pair::<9>(xp, pp, k, acc),
-                10 => avx512::tile_pair::<10>(xp, pp, k, acc),
-                11 => avx512::tile_pair::<11>(xp, pp, k, acc),
-                _ => avx512::tile_pair::<MR>(xp, pp, k, acc),
+                1 => avx512::tile_pair::<1>(xp, pp, k, out, ld),
+                2 => avx512::tile_pair::<2>(xp, pp, k, out, ld),
+                3 => avx512::tile_pair::<3>(xp, pp, k, out, ld),
+                4 => avx512::tile_pair::<4>(xp, pp, k, out, ld),
+                5 => avx512::tile_pair::<5>(xp, pp, k, out, ld),
+                6 => avx512::tile_pair::<6>(xp, pp, k, out, ld),
+                7 => avx512::tile_pair::<7>(xp, pp, k, out, ld),
+                8 => avx512::tile_pair::<8>(xp, pp, k, out, ld),
+                9 => avx512::tile_pair::<9>(xp, pp, k, out, ld),
+                10 => avx512::tile_pair::<10>(xp, pp, k, out, ld),
+                11 => avx512::tile_pair::<11>(xp, pp, k, out, ld),
+                _ => avx512::tile_pair::<MR>(xp, pp, k, out, ld),
             }
         }
         return;
     }
-    let [a0, a1] = acc;
-    tile(x, r, panels[0], a0);
-    tile(x, r, panels[1], a1);
+    let mut acc = [[[0f32; NR]; MR]; 2];
+    for (a, p) in acc.iter_mut().zip(panels) {
+        tile(x, r, p, a);
+    }
+    for (j, (a0, a1)) in acc[0].iter().zip(&acc[1]).take(r).enumerate() {
+        // SAFETY: the caller vouches for `r` rows of 32 floats at `out + j * ld`.
+        unsafe {
+            std::ptr::copy_nonoverlapping(a0.as_ptr(), out.add(j * ld), NR);
+            std::ptr::copy_nonoverlapping(a1.as_ptr(), out.add(j * ld + NR), NR);
+        }
+    }
 }
 
 /// Rows per register tile on this CPU (at most [`MR`]).
@@ -239,14 +261,15 @@ fn interleave_into(x: &[f32], k: usize, mr: usize, out: &mut Vec<f32>) {
     out.clear();
     out.reserve(x.len());
     let spare = &mut out.spare_capacity_mut()[..x.len()];
-    for (src, dst) in x.chunks(mr * k).zip(spare.chunks_mut(mr * k)) {
+    let tile = |(src, dst): (&[f32], &mut [std::mem::MaybeUninit<f32>])| {
         let r = src.len() / k;
         for (j, row) in src.chunks_exact(k).enumerate() {
             for (c, v) in row.iter().enumerate() {
                 dst[c * r + j].write(*v);
             }
         }
-    }
+    };
+    x.par_chunks(mr * k).zip(spare.par_chunks_mut(mr * k)).for_each(tile);
     // SAFETY: the loop wrote every one of the first `x.len()` elements: each chunk holds `r`
     // whole rows (`x` was cut to a multiple of `k`) and fills its `r * k` slots.
     unsafe { out.set_len(x.len()) };
@@ -376,17 +399,20 @@ mod avx512 {
         }
     }
 
-    /// `tile` over two panels: each broadcast feeds two FMAs.
+    /// `tile` over two panels: each broadcast feeds two FMAs. Row `r`'s 32 results go to
+    /// `out + r * ld`.
     ///
     /// # Safety
-    /// AVX-512F is available; `x` holds `R * k` floats and each panel `k` lines.
+    /// AVX-512F is available; `x` holds `R * k` floats, each panel `k` lines, and `out` takes
+    /// `R` rows of 32 floats.
     #[inline]
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn tile_pair<const R: usize>(
         x: *const f32,
         panels: [*const Line; 2],
         k: usize,
-        out: &mut [[[f32; NR]; MR]; 2],
+        out: *mut f32,
+        ld: usize,
     ) {
         let mut acc = [[_mm512_setzero_ps(); 2]; R];
         for c in 0..k {
@@ -405,8 +431,8 @@ mod avx512 {
             }
         }
         for (r, a) in acc.iter().enumerate() {
-            _mm512_storeu_ps(out[0][r].as_mut_ptr(), a[0]);
-            _mm512_storeu_ps(out[1][r].as_mut_ptr(), a[1]);
+            _mm512_storeu_ps(out.add(r * ld), a[0]);
+            _mm512_storeu_ps(out.add(r * ld + NR), a[1]);
         }
     }
 }
@@ -470,9 +496,13 @@ mod tests {
             assert_eq!(a, b, "{r} rows");
             let mut c = [[0f32; NR]; MR];
             portable_tile(&xr, r, &q.lines, &mut c);
-            let mut pair = [[[0f32; NR]; MR]; 2];
-            tile_pair(&xr, r, [&p.lines, &q.lines], &mut pair);
-            assert_eq!(pair, [b, c], "{r} rows, two panels");
+            let mut pair = [[0f32; 2 * NR]; MR];
+            // SAFETY: `pair` holds MR >= r rows of 32 floats.
+            unsafe { tile_pair(&xr, r, [&p.lines, &q.lines], pair.as_mut_ptr().cast(), 2 * NR) };
+            for j in 0..r {
+                assert_eq!(pair[j][..NR], b[j], "{r} rows, first of two panels");
+                assert_eq!(pair[j][NR..], c[j], "{r} rows, second of two panels");
+            }
         }
         // Both SIMD kernels where the CPU has them, whichever `tile` picks.
         #[cfg(target_arch = "x86_64")]
