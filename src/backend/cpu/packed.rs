@@ -25,6 +25,9 @@ const MR_AVX2: usize = 6;
 /// multiplies two panels at once, so 24 accumulators (of 32 registers) take 14 loads per 24
 /// FMAs; with one panel (13 loads per 12 FMAs) the two load ports, not the FMA units, bound it.
 pub const MR: usize = 12;
+/// How far ahead the SIMD tiles prefetch each panel, in 64-byte lines (1 KiB).
+#[cfg(target_arch = "x86_64")]
+const PREFETCH_LINES: usize = 16;
 /// Bytes of `x` a row block keeps hot in L2 while tasks sweep the panels over it.
 const X_BLOCK_BYTES: usize = 256 * 1024;
 
@@ -335,7 +338,7 @@ fn portable_tile(x: &[f32], r: usize, panel: &[Line], acc: &mut [[f32; NR]; MR])
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{Line, MR, NR};
+    use super::{Line, MR, NR, PREFETCH_LINES};
 
     /// `R` interleaved rows of `x` times a panel of `k` lines, into the first `R` rows of `out`.
     ///
@@ -351,6 +354,8 @@ mod avx2 {
     ) {
         let mut acc = [[_mm256_setzero_ps(); 2]; R];
         for c in 0..k {
+            // As in `avx512::tile_pair`: the first tile streams the panel from memory.
+            _mm_prefetch::<_MM_HINT_T0>(panel.wrapping_add(c + PREFETCH_LINES) as *const i8);
             let w = panel.add(c) as *const f32;
             let (w0, w1) = (_mm256_load_ps(w), _mm256_load_ps(w.add(8)));
             for (r, a) in acc.iter_mut().enumerate() {
@@ -370,10 +375,7 @@ mod avx2 {
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{Line, MR, NR};
-
-    /// How far ahead `tile_pair` prefetches each panel, in 64-byte lines.
-    const PREFETCH_LINES: usize = 16;
+    use super::{Line, MR, NR, PREFETCH_LINES};
 
     /// As `avx2::tile`, a panel line being one 16-wide register.
     ///
