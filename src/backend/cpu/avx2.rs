@@ -60,11 +60,17 @@ impl Vector for Avx2 {
 
     #[inline(always)]
     fn prefetch<E>(self, data: &[E]) {
-        let line = (64 / std::mem::size_of::<E>().max(1)).max(1);
-        for at in (0..data.len()).step_by(line) {
-            // SAFETY: a prefetch only hints the cache; `at` lies inside `data` anyway.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(data.as_ptr().add(at).cast()) };
-        }
+        prefetch_lines(data);
+    }
+}
+
+/// Asks for every 64-byte line of `data` (SSE, so any x86-64 CPU has it).
+#[inline(always)]
+pub(super) fn prefetch_lines<E>(data: &[E]) {
+    let line = (64 / std::mem::size_of::<E>().max(1)).max(1);
+    for at in (0..data.len()).step_by(line) {
+        // SAFETY: a prefetch only hints the cache; `at` lies inside `data` anyway.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(data.as_ptr().add(at).cast()) };
     }
 }
 

@@ -4,7 +4,7 @@
 
 use std::arch::x86_64::*;
 
-use super::avx2::{exp8, hsum16_folded, hsum16_folded4};
+use super::avx2::{exp8, hsum16_folded, hsum16_folded4, prefetch_lines};
 use super::{
     rows_fit, KvElement, Vector, EXP_HI, EXP_LO, EXP_POLY, LANES, LN2_HI, LN2_LO, LOG2E, ROUND,
 };
@@ -56,11 +56,7 @@ impl Vector for Avx512 {
 
     #[inline(always)]
     fn prefetch<E>(self, data: &[E]) {
-        let line = (64 / std::mem::size_of::<E>().max(1)).max(1);
-        for at in (0..data.len()).step_by(line) {
-            // SAFETY: a prefetch only hints the cache; `at` lies inside `data` anyway.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(data.as_ptr().add(at).cast()) };
-        }
+        prefetch_lines(data);
     }
 }
 
