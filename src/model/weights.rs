@@ -74,7 +74,7 @@ impl Part {
             Storage::F32(d) => d.size_bytes(),
             Storage::Bf16(d) => std::mem::size_of_val(d.as_slice()),
             Storage::Q8_0(d) => std::mem::size_of_val(d.as_slice()),
-            Storage::Ggml(g) => g.bytes().len(),
+            Storage::Ggml(g) => g.size_bytes(),
         }
     }
 }
@@ -240,7 +240,7 @@ fn merge(a: &Part, b: Part, cols: usize) -> Option<Part> {
         (Storage::Bf16(x), Storage::Bf16(y)) => Storage::Bf16([x.as_slice(), &y].concat()),
         (Storage::Q8_0(x), Storage::Q8_0(y)) => Storage::Q8_0([x.as_slice(), &y].concat()),
         (Storage::Ggml(x), Storage::Ggml(y)) => {
-            let bytes = [x.bytes(), y.bytes()].concat();
+            let bytes = [x.file_bytes(), y.file_bytes()].concat();
             Storage::Ggml(Arc::from(ggml_rows(x.dtype(), &bytes, rows, cols).ok()?))
         }
         _ => return None,

@@ -18,6 +18,7 @@ pub mod paged_attention;
 pub mod quant;
 pub mod quant_ggml;
 pub mod quant_ggml_q4_1;
+mod quant_ggml_q4_1_layout;
 pub mod quant_ggml_q8_0;
 
 /// Lane count of the reductions: two AVX registers of f32.

@@ -5,8 +5,8 @@
 //! Work is split over weight rows (each read once for all activation rows); every output is one
 //! `vec_dot` of one weight row and one quantized activation row, and an activation row's
 //! quantization depends only on that row, so results do not depend on the batch size or the
-//! thread count. Q4_1 (the default model's type) has its own kernel (`quant_ggml_q4_1`) because
-//! candle's is scalar; it computes the exact same values.
+//! thread count. Q4_1 (the default model's type) has its own layout and kernel
+//! (`quant_ggml_q4_1`) because candle's is scalar; it computes the exact same values.
 
 use candle_core::quantized::k_quants::{
     BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K,
@@ -15,8 +15,10 @@ use candle_core::quantized::k_quants::{
 use candle_core::quantized::GgmlDType;
 use half::f16;
 use rayon::prelude::*;
+use std::borrow::Cow;
 
 use super::matmul::{par_row_tasks, OutView};
+use super::quant_ggml_q4_1::Q4_1Matrix;
 
 /// A `[rows, cols]` matrix of ggml blocks with its matmul.
 pub trait GgmlRows: Send + Sync {
@@ -25,8 +27,10 @@ pub trait GgmlRows: Send + Sync {
     fn matmul(&self, x: &[f32], m: usize, out: OutView<'_>);
     /// One row dequantized (`out.len() == cols`).
     fn dequantize_row(&self, r: usize, out: &mut [f32]);
-    /// The raw blocks, row after row, exactly as in the file.
-    fn bytes(&self) -> &[u8];
+    /// The blocks, row after row, exactly as in the file.
+    fn file_bytes(&self) -> Cow<'_, [u8]>;
+    /// Bytes held in memory (a kernel's own layout may pad).
+    fn size_bytes(&self) -> usize;
 }
 
 /// Builds a matrix from the raw bytes of a `dtype` tensor of `[rows, cols]`. F32 and BF16 are
@@ -39,7 +43,10 @@ pub fn ggml_rows(
 ) -> Result<Box<dyn GgmlRows>, String> {
     match dtype {
         GgmlDType::Q4_0 => boxed::<BlockQ4_0>(bytes, rows, cols),
-        GgmlDType::Q4_1 => boxed::<BlockQ4_1>(bytes, rows, cols),
+        GgmlDType::Q4_1 => {
+            check_size::<BlockQ4_1>(bytes, rows, cols)?;
+            Ok(Box::new(Q4_1Matrix::from_file_bytes(bytes, rows, cols)))
+        }
         GgmlDType::Q5_0 => boxed::<BlockQ5_0>(bytes, rows, cols),
         GgmlDType::Q5_1 => boxed::<BlockQ5_1>(bytes, rows, cols),
         GgmlDType::Q8_0 => boxed::<BlockQ8_0>(bytes, rows, cols),
@@ -69,6 +76,18 @@ fn boxed<T: Kernel + 'static>(
     rows: usize,
     cols: usize,
 ) -> Result<Box<dyn GgmlRows>, String> {
+    check_size::<T>(bytes, rows, cols)?;
+    let mut blocks = vec![T::zeros(); rows * (cols / T::BLCK_SIZE)];
+    // SAFETY: ggml blocks are plain `repr(C)` data (f16/f32 scales, byte arrays) valid for any
+    // bit pattern; the destination holds exactly `bytes.len()` bytes (sizes checked above).
+    unsafe {
+        std::ptr::copy_nonoverlapping(bytes.as_ptr(), blocks.as_mut_ptr() as *mut u8, bytes.len())
+    };
+    Ok(Box::new(GgmlMatrix { rows, cols, blocks }))
+}
+
+/// Checks that `bytes` hold exactly a `[rows, cols]` matrix of `T` blocks.
+fn check_size<T: GgmlType>(bytes: &[u8], rows: usize, cols: usize) -> Result<(), String> {
     let dtype = T::DTYPE;
     if std::mem::size_of::<T>() != dtype.type_size() || T::VecDotType::BLCK_SIZE != T::BLCK_SIZE {
         return Err(format!("{dtype:?} has an unexpected block layout"));
@@ -81,13 +100,7 @@ fn boxed<T: Kernel + 'static>(
             rows * row_bytes
         ));
     }
-    let mut blocks = vec![T::zeros(); rows * (cols / T::BLCK_SIZE)];
-    // SAFETY: ggml blocks are plain `repr(C)` data (f16/f32 scales, byte arrays) valid for any
-    // bit pattern; the destination holds exactly `bytes.len()` bytes (sizes checked above).
-    unsafe {
-        std::ptr::copy_nonoverlapping(bytes.as_ptr(), blocks.as_mut_ptr() as *mut u8, bytes.len())
-    };
-    Ok(Box::new(GgmlMatrix { rows, cols, blocks }))
+    Ok(())
 }
 
 struct GgmlMatrix<T> {
@@ -137,14 +150,18 @@ impl<T: Kernel> GgmlRows for GgmlMatrix<T> {
         T::to_float(&self.blocks[r * bpr..(r + 1) * bpr], &mut out[..self.cols]);
     }
 
-    fn bytes(&self) -> &[u8] {
+    fn file_bytes(&self) -> Cow<'_, [u8]> {
         // SAFETY: plain data viewed as bytes, same length as the allocation's initialised part.
-        unsafe {
+        Cow::Borrowed(unsafe {
             std::slice::from_raw_parts(
                 self.blocks.as_ptr() as *const u8,
                 std::mem::size_of_val(self.blocks.as_slice()),
             )
-        }
+        })
+    }
+
+    fn size_bytes(&self) -> usize {
+        std::mem::size_of_val(self.blocks.as_slice())
     }
 }
 

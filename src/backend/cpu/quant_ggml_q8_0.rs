@@ -160,7 +160,7 @@ mod tests {
     fn equals_candle_vec_dot_bit_for_bit() {
         for nb in [1usize, 2, 5, 18] {
             let (k, n, m) = (nb * 32, 3, 6);
-            let bytes = quantized(GgmlDType::Q8_0, n, k, 1).bytes().to_vec();
+            let bytes = quantized(GgmlDType::Q8_0, n, k, 1).file_bytes().to_vec();
             let mut w = vec![BlockQ8_0::zeros(); n * nb];
             // SAFETY: test copy of plain blocks of the same total size.
             unsafe {
