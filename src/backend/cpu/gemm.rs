@@ -192,14 +192,25 @@ unsafe fn tile_task(
                 && (jp + 2) * NR <= nc
                 && ((jp + 2) * NR <= packed_from || jp * NR >= packed_from);
             let span = if pair { 2 } else { 1 };
-            for i in (0..mc).step_by(MR) {
+            let mut i = 0;
+            while i < mc {
                 let mr = MR.min(mc - i);
+                // Row panel `i / MR` starts `MR * k` floats after the one before.
                 let ap = &pa[(rows.start + i) * k + p0 * MR..];
                 if pair && mr == MR {
                     let ((b0, ldb), (b1, _)) = (panel(jp), panel(jp + 1));
                     let dst = out.0.add((rows.start + i) * ldc + cols.start + jp * NR);
+                    let a = ap.as_ptr();
                     #[cfg(target_arch = "x86_64")]
-                    avx512::kernel2(ap.as_ptr(), b0, b1, ldb, kc, dst, ldc, load);
+                    if mc - i >= 2 * MR {
+                        let ap2 = [a, a.add(MR * k)];
+                        avx512::kernel2::<2>(ap2, b0, b1, ldb, kc, dst, ldc, load);
+                        i += 2 * MR;
+                        continue;
+                    } else {
+                        avx512::kernel2::<1>([a], b0, b1, ldb, kc, dst, ldc, load);
+                    }
+                    i += MR;
                     continue;
                 }
                 for jq in jp..jp + span {
@@ -208,6 +219,7 @@ unsafe fn tile_task(
                     let dst = out.0.add((rows.start + i) * ldc + cols.start + j);
                     edge_or_full(ap, bp, ldb, kc, dst, ldc, load, mr, nr, &mut edge);
                 }
+                i += MR;
             }
             jp += span;
         }
@@ -406,16 +418,19 @@ mod avx512 {
 
     use super::{MR, NR};
 
-    /// Two adjacent `MR x NR` tiles (`MR` rows, `2 * NR` columns at `dst`) against two `B`
-    /// panels with the same step stride: the same FMA chains as two calls of the AVX2 kernel.
+    /// `P` row panels (`P * MR` rows at `dst`, panel `q`'s values at `ap[q]`) times two `B`
+    /// panels with the same step stride (`2 * NR` columns): the same FMA chains as `2 * P`
+    /// calls of the AVX2 kernel. Two row panels (24 accumulators, 14 loads per 24 FMAs) keep
+    /// the load ports further from the bound than one (8 per 12).
     ///
     /// # Safety
-    /// AVX-512F is available; as `super::kernel` for each panel, `dst` spanning `2 * NR` columns.
+    /// AVX-512F is available; as `super::kernel` for each panel pair, `dst` spanning `P * MR`
+    /// rows and `2 * NR` columns.
     #[allow(clippy::too_many_arguments)]
     #[inline]
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn kernel2(
-        ap: *const f32,
+    pub(super) unsafe fn kernel2<const P: usize>(
+        ap: [*const f32; P],
         b0: *const f32,
         b1: *const f32,
         ldb: usize,
@@ -424,25 +439,33 @@ mod avx512 {
         ldc: usize,
         load: bool,
     ) {
-        let mut c = [[_mm512_setzero_ps(); 2]; MR];
+        let mut c = [[[_mm512_setzero_ps(); 2]; MR]; P];
         if load {
-            for (r, row) in c.iter_mut().enumerate() {
-                row[0] = _mm512_loadu_ps(dst.add(r * ldc));
-                row[1] = _mm512_loadu_ps(dst.add(r * ldc + NR));
+            for (q, panel) in c.iter_mut().enumerate() {
+                for (r, row) in panel.iter_mut().enumerate() {
+                    let at = dst.add((q * MR + r) * ldc);
+                    row[0] = _mm512_loadu_ps(at);
+                    row[1] = _mm512_loadu_ps(at.add(NR));
+                }
             }
         }
         for p in 0..kc {
             let w0 = _mm512_loadu_ps(b0.add(p * ldb));
             let w1 = _mm512_loadu_ps(b1.add(p * ldb));
-            for (r, row) in c.iter_mut().enumerate() {
-                let a = _mm512_set1_ps(*ap.add(p * MR + r));
-                row[0] = _mm512_fmadd_ps(a, w0, row[0]);
-                row[1] = _mm512_fmadd_ps(a, w1, row[1]);
+            for (panel, a) in c.iter_mut().zip(ap) {
+                for (r, row) in panel.iter_mut().enumerate() {
+                    let a = _mm512_set1_ps(*a.add(p * MR + r));
+                    row[0] = _mm512_fmadd_ps(a, w0, row[0]);
+                    row[1] = _mm512_fmadd_ps(a, w1, row[1]);
+                }
             }
         }
-        for (r, row) in c.iter().enumerate() {
-            _mm512_storeu_ps(dst.add(r * ldc), row[0]);
-            _mm512_storeu_ps(dst.add(r * ldc + NR), row[1]);
+        for (q, panel) in c.iter().enumerate() {
+            for (r, row) in panel.iter().enumerate() {
+                let at = dst.add((q * MR + r) * ldc);
+                _mm512_storeu_ps(at, row[0]);
+                _mm512_storeu_ps(at.add(NR), row[1]);
+            }
         }
     }
 }
@@ -529,18 +552,29 @@ mod tests {
             return; // nothing to compare on this CPU
         }
         let (kc, ldb, ldc) = (37, 2 * NR + 5, 2 * NR + 3);
-        let (ap, bd, c0) = (data(kc * MR, 6), data(kc * ldb, 7), data(MR * ldc, 8));
+        let (ap, bd, c0) = (data(2 * kc * MR, 6), data(kc * ldb, 7), data(MR * ldc, 8));
+        let c2 = data(2 * MR * ldc, 9);
         for load in [false, true] {
             let (mut wide, mut two) = (c0.clone(), c0.clone());
+            let (mut wide4, mut four) = (c2.clone(), c2.clone());
             // SAFETY: the features were detected; every buffer covers the tiles it is given.
             unsafe {
                 let (b0, b1) = (bd.as_ptr(), bd.as_ptr().add(NR));
-                avx512::kernel2(ap.as_ptr(), b0, b1, ldb, kc, wide.as_mut_ptr(), ldc, load);
+                avx512::kernel2::<1>([ap.as_ptr()], b0, b1, ldb, kc, wide.as_mut_ptr(), ldc, load);
                 avx2::kernel(ap.as_ptr(), b0, ldb, kc, two.as_mut_ptr(), ldc, load);
                 avx2::kernel(ap.as_ptr(), b1, ldb, kc, two.as_mut_ptr().add(NR), ldc, load);
+                // Two row panels at once equal the two one-panel tiles.
+                let ap2 = [ap.as_ptr(), ap.as_ptr().add(kc * MR)];
+                avx512::kernel2::<2>(ap2, b0, b1, ldb, kc, wide4.as_mut_ptr(), ldc, load);
+                for (q, a) in ap2.into_iter().enumerate() {
+                    let dst = four.as_mut_ptr().add(q * MR * ldc);
+                    avx512::kernel2::<1>([a], b0, b1, ldb, kc, dst, ldc, load);
+                }
             }
             assert_eq!(wide, two, "load {load}");
             assert_ne!(wide, c0);
+            assert_eq!(wide4, four, "two row panels, load {load}");
+            assert_ne!(wide4, c2);
         }
     }
 }
