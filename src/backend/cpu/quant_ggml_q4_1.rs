@@ -2,13 +2,13 @@
 //! whose candle version is scalar. Per block an exact integer sum, then
 //! `sumf += sumi * dw * dy + mw * sy` in block order, with unfused multiplies.
 //!
-//! The file's blocks are re-laid out at load time in groups of four rows (`layout`), so that
-//! one 32-byte load holds eight nibbles of each of the four rows. The SIMD kernel then forms
-//! each block's four integer sums with byte multiply-adds and one horizontal add per two
-//! blocks, where the file layout needs a full reduction tree per block and row, and carries
-//! the four rows' float sums in the lanes of one register. Integer sums are exact in any
-//! order and every lane adds its terms in block order with the scalar operations, so each
-//! result equals candle's scalar kernel bit for bit.
+//! The file's blocks are re-laid out at load time in groups of four rows
+//! (`quant_ggml_q4_1_layout`), so that one 32-byte load holds eight elements of each of the four
+//! rows. The SIMD kernel then forms each block's four integer sums with byte multiply-adds and
+//! one horizontal add per two blocks, where the file layout needs a full reduction tree per
+//! block and row, and carries the four rows' float sums in the lanes of one register. Integer
+//! sums are exact in any order and every lane adds its terms in block order with the scalar
+//! operations, so each result equals candle's scalar kernel bit for bit.
 
 use std::borrow::Cow;
 
