@@ -272,8 +272,9 @@ mod tests {
         assert_eq!(make(WeightsDtype::F32).size_bytes(), 16 * cols * 4);
         assert_eq!(make(WeightsDtype::Bf16).size_bytes(), rows * cols * 2);
         assert_eq!(make(WeightsDtype::Q8_0).size_bytes(), rows * 2 * 34);
+        // Q4_1 is stored in four-row groups, the last one padded with zero rows.
         let q = WeightMatrix::from_ggml(GgmlDType::Q4_1, &q4_1_bytes(rows, cols), rows, cols);
-        assert_eq!(q.expect("q4_1").size_bytes(), rows * 2 * 20);
+        assert_eq!(q.expect("q4_1").size_bytes(), 8 * 2 * 20);
     }
 
     #[test]
