@@ -3,12 +3,14 @@
 //!
 //! Blocked as usual for CPUs: `A` is packed into `MR`-row panels, `KC`-deep slices of `B` into
 //! `NR`-column panels (unless `B` is row-major, whose panels are read in place), and a
-//! register-tiled outer-product kernel updates `MR x NR` tiles of `C`.
+//! register-tiled outer-product kernel (`gemm/kernels.rs`) updates `MR x NR` tiles of `C`.
 //! Every element of `C` is one FMA chain walked over `k` in order, and parallel tasks split
 //! only `m` and `n`, so results never depend on the thread count or the task split.
 //! (The inference kernels in `matmul.rs` keep their own batch-invariant dot-product order.)
 
 use rayon::prelude::*;
+
+mod kernels;
 
 /// Rows of a register tile: 6 x 2 accumulators + 2 `B` vectors + 1 broadcast fit 16 AVX regs.
 const MR: usize = 6;
@@ -22,6 +24,8 @@ const MC: usize = 288;
 const NC: usize = 96;
 /// Tasks worth splitting a product into when its columns alone give fewer.
 const MIN_TASKS: usize = 8;
+/// Depth from which a product counts as deep (its `B` far larger than the caches).
+const DEEP_K: usize = 16 * KC;
 
 /// A read-only `[rows, cols]` matrix: element `(i, j)` is `data[i * rs + j * cs]`.
 #[derive(Clone, Copy, Debug)]
@@ -110,33 +114,73 @@ fn run(
         return;
     }
     // All of `A` is packed once, up front, and shared by the tasks.
-    let mut pa = vec![0f32; m.div_ceil(MR) * MR * k];
+    let mut buf = scratch::take(&scratch::A, m.div_ceil(MR) * MR * k);
+    let pa = &mut buf[..m.div_ceil(MR) * MR * k];
     let pack = |(ip, panel): (usize, &mut [f32])| pack_a_panel(&a, alpha, ip * MR, m, panel);
     if parallel && m > MR {
         pa.par_chunks_exact_mut(MR * k).enumerate().for_each(pack);
     } else {
         pa.chunks_exact_mut(MR * k).enumerate().for_each(pack);
     }
+    let pa = &*pa;
     let out = OutPtr(c.as_mut_ptr());
     // Narrow products (LoRA ranks) get their parallelism from rows instead. The split never
     // changes a result: each element's sum runs over `k` in order within one task.
-    let tn = n.div_ceil(NC);
-    let mc = if parallel && tn < MIN_TASKS {
+    // Deep products (the LM head's `dlogits · E`, `k` = vocabulary) stream `B` from memory:
+    // each thread takes one wide column slab over all rows, so `B` is read once, in long runs.
+    let deep = parallel && k >= DEEP_K;
+    let nc_task =
+        if deep { n.div_ceil(rayon::current_num_threads()).next_multiple_of(2 * NR) } else { NC };
+    let tn = n.div_ceil(nc_task);
+    let mc = if parallel && tn < MIN_TASKS && !deep {
         m.div_ceil(MIN_TASKS.div_ceil(tn)).next_multiple_of(MR).clamp(4 * MR, MC)
     } else {
         MC
     };
     let tm = m.div_ceil(mc);
     let task = |t: usize| {
-        let (i0, j0) = ((t / tn) * mc, (t % tn) * NC);
-        let (i1, j1) = ((i0 + mc).min(m), (j0 + NC).min(n));
+        let (i0, j0) = ((t / tn) * mc, (t % tn) * nc_task);
+        let (i1, j1) = ((i0 + mc).min(m), (j0 + nc_task).min(n));
         // SAFETY: tiles of distinct tasks are disjoint and lie inside `c` (checked above).
-        unsafe { tile_task(&pa, &b, accumulate, out, ldc, i0..i1, j0..j1, k) };
+        unsafe { tile_task(pa, &b, accumulate, out, ldc, i0..i1, j0..j1, k) };
     };
     if parallel && tm * tn > 1 {
         (0..tm * tn).into_par_iter().for_each(task);
     } else {
         (0..tm * tn).for_each(task);
+    }
+    scratch::put(&scratch::A, buf);
+}
+
+/// Packing buffers kept per thread between products, so a product neither allocates nor
+/// zeroes its panels (every packed value is written before it is read). A buffer is taken out
+/// while in use: a product nested on the same thread simply gets a fresh one.
+mod scratch {
+    use std::cell::Cell;
+    use std::thread::LocalKey;
+
+    pub(super) type Slot = LocalKey<Cell<Vec<f32>>>;
+
+    thread_local! {
+        pub(super) static A: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+        pub(super) static B: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+    }
+
+    /// A buffer of at least `len` floats (stale values included).
+    pub(super) fn take(slot: &'static Slot, len: usize) -> Vec<f32> {
+        let mut v = slot.with(Cell::take);
+        if v.len() < len {
+            v.resize(len, 0.0);
+        }
+        v
+    }
+
+    /// Returns a buffer taken with [`take`], keeping the larger of it and any other.
+    pub(super) fn put(slot: &'static Slot, v: Vec<f32>) {
+        slot.with(|s| {
+            let old = s.take();
+            s.set(if old.len() > v.len() { old } else { v });
+        });
     }
 }
 
@@ -163,8 +207,8 @@ unsafe fn tile_task(
     // row tiles just as a packed copy would) and only a partial last panel is packed.
     let direct = b.cs == 1;
     let packed_from = if direct { nc / NR * NR } else { 0 };
-    let mut pb = vec![0f32; (nc - packed_from).div_ceil(NR) * NR * KC.min(k)];
-    let mut edge = [0f32; MR * NR];
+    let mut pb = scratch::take(&scratch::B, (nc - packed_from).div_ceil(NR) * NR * KC.min(k));
+    let mut edge = kernels::Edge::default();
     #[cfg(target_arch = "x86_64")]
     let wide = super::matmul::has_avx512f();
     #[cfg(not(target_arch = "x86_64"))]
@@ -192,75 +236,27 @@ unsafe fn tile_task(
                 && (jp + 2) * NR <= nc
                 && ((jp + 2) * NR <= packed_from || jp * NR >= packed_from);
             let span = if pair { 2 } else { 1 };
+            let (b0, ldb) = panel(jp);
+            let group = kernels::Group {
+                b0,
+                b1: if pair { panel(jp + 1).0 } else { b0 },
+                ldb,
+                pair,
+                cols: (nc - jp * NR).min(span * NR),
+                wide,
+            };
             let mut i = 0;
             while i < mc {
-                let mr = MR.min(mc - i);
                 // Row panel `i / MR` starts `MR * k` floats after the one before.
-                let ap = &pa[(rows.start + i) * k + p0 * MR..];
-                if pair && mr == MR {
-                    let ((b0, ldb), (b1, _)) = (panel(jp), panel(jp + 1));
-                    let dst = out.0.add((rows.start + i) * ldc + cols.start + jp * NR);
-                    let a = ap.as_ptr();
-                    #[cfg(target_arch = "x86_64")]
-                    if mc - i >= 2 * MR {
-                        let ap2 = [a, a.add(MR * k)];
-                        avx512::kernel2::<2>(ap2, b0, b1, ldb, kc, dst, ldc, load);
-                        i += 2 * MR;
-                        continue;
-                    } else {
-                        avx512::kernel2::<1>([a], b0, b1, ldb, kc, dst, ldc, load);
-                    }
-                    i += MR;
-                    continue;
-                }
-                for jq in jp..jp + span {
-                    let (j, nr) = (jq * NR, NR.min(nc - jq * NR));
-                    let (bp, ldb) = panel(jq);
-                    let dst = out.0.add((rows.start + i) * ldc + cols.start + j);
-                    edge_or_full(ap, bp, ldb, kc, dst, ldc, load, mr, nr, &mut edge);
-                }
-                i += MR;
+                let ap = pa[(rows.start + i) * k + p0 * MR..].as_ptr();
+                let dst = out.0.add((rows.start + i) * ldc + cols.start + jp * NR);
+                i += group.update(ap, MR * k, mc - i, kc, dst, ldc, load, &mut edge);
             }
             jp += span;
         }
         p0 += kc;
     }
-}
-
-/// One tile of `mr x nr` (at most `MR x NR`): the kernel in place when full, else on a padded
-/// copy whose live part is written back.
-///
-/// # Safety
-/// As [`kernel`], for the `mr x nr` part of `dst`.
-#[allow(clippy::too_many_arguments)]
-unsafe fn edge_or_full(
-    ap: &[f32],
-    bp: *const f32,
-    ldb: usize,
-    kc: usize,
-    dst: *mut f32,
-    ldc: usize,
-    load: bool,
-    mr: usize,
-    nr: usize,
-    edge: &mut [f32; MR * NR],
-) {
-    if mr == MR && nr == NR {
-        kernel(ap, bp, ldb, kc, dst, ldc, load);
-    } else {
-        // Partial tile: run the full kernel on a padded copy, write back the part.
-        for r in 0..mr {
-            for q in 0..nr {
-                edge[r * NR + q] = if load { *dst.add(r * ldc + q) } else { 0.0 };
-            }
-        }
-        kernel(ap, bp, ldb, kc, edge.as_mut_ptr(), NR, true);
-        for r in 0..mr {
-            for q in 0..nr {
-                *dst.add(r * ldc + q) = edge[r * NR + q];
-            }
-        }
-    }
+    scratch::put(&scratch::B, pb);
 }
 
 /// Rows `i0..i0 + MR` of `alpha · A` (zero past `m`) as one panel: `k` steps of `MR` values.
@@ -326,150 +322,6 @@ fn pack_b(b: &MatRef<'_>, j0: usize, nc: usize, p0: usize, kc: usize, out: &mut 
     }
 }
 
-/// One `MR x NR` tile: `C (+)= Apanel · Bpanel` over `kc`; step `p` of `B` is the `NR` floats
-/// at `bp + p * ldb`.
-///
-/// # Safety
-/// `dst` addresses `MR` rows of `NR` floats, `ldc` apart; the A panel holds `kc` steps and
-/// `bp` `kc` steps of `NR` floats, `ldb` apart.
-#[inline(always)]
-unsafe fn kernel(
-    ap: &[f32],
-    bp: *const f32,
-    ldb: usize,
-    kc: usize,
-    dst: *mut f32,
-    ldc: usize,
-    load: bool,
-) {
-    #[cfg(target_arch = "x86_64")]
-    if super::matmul::has_avx2_fma() {
-        avx2::kernel(ap.as_ptr(), bp, ldb, kc, dst, ldc, load);
-        return;
-    }
-    // Portable: the same order without fused multiply-add (so rounding differs from AVX2).
-    let mut acc = [[0f32; NR]; MR];
-    if load {
-        for (r, row) in acc.iter_mut().enumerate() {
-            for (q, v) in row.iter_mut().enumerate() {
-                *v = *dst.add(r * ldc + q);
-            }
-        }
-    }
-    for p in 0..kc {
-        let a = &ap[p * MR..(p + 1) * MR];
-        let b = std::slice::from_raw_parts(bp.add(p * ldb), NR);
-        for (r, row) in acc.iter_mut().enumerate() {
-            for (q, v) in row.iter_mut().enumerate() {
-                *v += a[r] * b[q];
-            }
-        }
-    }
-    for (r, row) in acc.iter().enumerate() {
-        for (q, v) in row.iter().enumerate() {
-            *dst.add(r * ldc + q) = *v;
-        }
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-mod avx2 {
-    use std::arch::x86_64::*;
-
-    use super::MR;
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn kernel(
-        ap: *const f32,
-        bp: *const f32,
-        ldb: usize,
-        kc: usize,
-        dst: *mut f32,
-        ldc: usize,
-        load: bool,
-    ) {
-        let mut c = [[_mm256_setzero_ps(); 2]; MR];
-        if load {
-            for (r, row) in c.iter_mut().enumerate() {
-                row[0] = _mm256_loadu_ps(dst.add(r * ldc));
-                row[1] = _mm256_loadu_ps(dst.add(r * ldc + 8));
-            }
-        }
-        for p in 0..kc {
-            let b0 = _mm256_loadu_ps(bp.add(p * ldb));
-            let b1 = _mm256_loadu_ps(bp.add(p * ldb + 8));
-            for (r, row) in c.iter_mut().enumerate() {
-                let a = _mm256_broadcast_ss(&*ap.add(p * MR + r));
-                row[0] = _mm256_fmadd_ps(a, b0, row[0]);
-                row[1] = _mm256_fmadd_ps(a, b1, row[1]);
-            }
-        }
-        for (r, row) in c.iter().enumerate() {
-            _mm256_storeu_ps(dst.add(r * ldc), row[0]);
-            _mm256_storeu_ps(dst.add(r * ldc + 8), row[1]);
-        }
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-mod avx512 {
-    use std::arch::x86_64::*;
-
-    use super::{MR, NR};
-
-    /// `P` row panels (`P * MR` rows at `dst`, panel `q`'s values at `ap[q]`) times two `B`
-    /// panels with the same step stride (`2 * NR` columns): the same FMA chains as `2 * P`
-    /// calls of the AVX2 kernel. Two row panels (24 accumulators, 14 loads per 24 FMAs) keep
-    /// the load ports further from the bound than one (8 per 12).
-    ///
-    /// # Safety
-    /// AVX-512F is available; as `super::kernel` for each panel pair, `dst` spanning `P * MR`
-    /// rows and `2 * NR` columns.
-    #[allow(clippy::too_many_arguments)]
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn kernel2<const P: usize>(
-        ap: [*const f32; P],
-        b0: *const f32,
-        b1: *const f32,
-        ldb: usize,
-        kc: usize,
-        dst: *mut f32,
-        ldc: usize,
-        load: bool,
-    ) {
-        let mut c = [[[_mm512_setzero_ps(); 2]; MR]; P];
-        if load {
-            for (q, panel) in c.iter_mut().enumerate() {
-                for (r, row) in panel.iter_mut().enumerate() {
-                    let at = dst.add((q * MR + r) * ldc);
-                    row[0] = _mm512_loadu_ps(at);
-                    row[1] = _mm512_loadu_ps(at.add(NR));
-                }
-            }
-        }
-        for p in 0..kc {
-            let w0 = _mm512_loadu_ps(b0.add(p * ldb));
-            let w1 = _mm512_loadu_ps(b1.add(p * ldb));
-            for (panel, a) in c.iter_mut().zip(ap) {
-                for (r, row) in panel.iter_mut().enumerate() {
-                    let a = _mm512_set1_ps(*a.add(p * MR + r));
-                    row[0] = _mm512_fmadd_ps(a, w0, row[0]);
-                    row[1] = _mm512_fmadd_ps(a, w1, row[1]);
-                }
-            }
-        }
-        for (q, panel) in c.iter().enumerate() {
-            for (r, row) in panel.iter().enumerate() {
-                let at = dst.add((q * MR + r) * ldc);
-                _mm512_storeu_ps(at, row[0]);
-                _mm512_storeu_ps(at.add(NR), row[1]);
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -495,9 +347,15 @@ mod tests {
 
     #[test]
     fn matches_f64_reference_for_every_layout() {
-        for &(m, k, n) in
-            &[(1, 1, 1), (5, 3, 7), (13, 300, 17), (100, 70, 130), (7, 513, 33), (6, 0, 16)]
-        {
+        for &(m, k, n) in &[
+            (1, 1, 1),
+            (5, 3, 7),
+            (13, 300, 17),
+            (100, 70, 130),
+            (7, 513, 33),
+            (6, 0, 16),
+            (9, DEEP_K, 50),
+        ] {
             for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
                 let ad = data(m * k, 1);
                 let bd = data(k * n, 2);
@@ -526,55 +384,24 @@ mod tests {
 
     #[test]
     fn results_do_not_depend_on_thread_count() {
-        let (m, k, n) = (200, 600, 300);
-        let (ad, bd) = (data(m * k, 4), data(k * n, 5));
-        let run = |threads: usize| {
-            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build();
-            let pool = pool.expect("thread pool"); // ok: test setup
-            let mut c = vec![0f32; m * n];
-            pool.install(|| {
-                gemm(1.0, MatRef::new(&ad, m, k), MatRef::new(&bd, k, n), false, &mut c, n)
-            });
-            c
-        };
-        let one = run(1);
-        assert_eq!(one, run(3));
-        let mut serial = vec![0f32; m * n];
-        gemm_serial(1.0, MatRef::new(&ad, m, k), MatRef::new(&bd, k, n), false, &mut serial, n);
-        assert_eq!(one, serial);
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[test]
-    fn avx512_pair_kernel_equals_two_avx2_kernels_bit_for_bit() {
-        let avx2 = crate::backend::cpu::matmul::has_avx2_fma();
-        if !(avx2 && std::arch::is_x86_feature_detected!("avx512f")) {
-            return; // nothing to compare on this CPU
-        }
-        let (kc, ldb, ldc) = (37, 2 * NR + 5, 2 * NR + 3);
-        let (ap, bd, c0) = (data(2 * kc * MR, 6), data(kc * ldb, 7), data(MR * ldc, 8));
-        let c2 = data(2 * MR * ldc, 9);
-        for load in [false, true] {
-            let (mut wide, mut two) = (c0.clone(), c0.clone());
-            let (mut wide4, mut four) = (c2.clone(), c2.clone());
-            // SAFETY: the features were detected; every buffer covers the tiles it is given.
-            unsafe {
-                let (b0, b1) = (bd.as_ptr(), bd.as_ptr().add(NR));
-                avx512::kernel2::<1>([ap.as_ptr()], b0, b1, ldb, kc, wide.as_mut_ptr(), ldc, load);
-                avx2::kernel(ap.as_ptr(), b0, ldb, kc, two.as_mut_ptr(), ldc, load);
-                avx2::kernel(ap.as_ptr(), b1, ldb, kc, two.as_mut_ptr().add(NR), ldc, load);
-                // Two row panels at once equal the two one-panel tiles.
-                let ap2 = [ap.as_ptr(), ap.as_ptr().add(kc * MR)];
-                avx512::kernel2::<2>(ap2, b0, b1, ldb, kc, wide4.as_mut_ptr(), ldc, load);
-                for (q, a) in ap2.into_iter().enumerate() {
-                    let dst = four.as_mut_ptr().add(q * MR * ldc);
-                    avx512::kernel2::<1>([a], b0, b1, ldb, kc, dst, ldc, load);
-                }
-            }
-            assert_eq!(wide, two, "load {load}");
-            assert_ne!(wide, c0);
-            assert_eq!(wide4, four, "two row panels, load {load}");
-            assert_ne!(wide4, c2);
+        // A product split by columns and rows, and a deep one split into column slabs.
+        for (m, k, n) in [(200, 600, 300), (20, DEEP_K + 3, 100)] {
+            let (ad, bd) = (data(m * k, 4), data(k * n, 5));
+            let run = |threads: usize| {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build();
+                let pool = pool.expect("thread pool"); // ok: test setup
+                let mut c = vec![0f32; m * n];
+                pool.install(|| {
+                    gemm(1.0, MatRef::new(&ad, m, k), MatRef::new(&bd, k, n), false, &mut c, n)
+                });
+                c
+            };
+            let one = run(1);
+            assert_eq!(one, run(3));
+            let mut serial = vec![0f32; m * n];
+            let (a, b) = (MatRef::new(&ad, m, k), MatRef::new(&bd, k, n));
+            gemm_serial(1.0, a, b, false, &mut serial, n);
+            assert_eq!(one, serial);
         }
     }
 }
