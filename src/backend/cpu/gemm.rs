@@ -123,6 +123,10 @@ fn run(
         pa.chunks_exact_mut(MR * k).enumerate().for_each(pack);
     }
     let pa = &*pa;
+    // So is `B`, unless it is row-major: then its full panels are read in place (their
+    // `KC x NR` slice stays in L1 across the row tiles just as a packed copy would) and only
+    // a partial last panel is packed.
+    let bp = PackedB::new(&b, parallel);
     let out = OutPtr(c.as_mut_ptr());
     // Narrow products (LoRA ranks) get their parallelism from rows instead. The split never
     // changes a result: each element's sum runs over `k` in order within one task.
@@ -142,7 +146,7 @@ fn run(
         let (i0, j0) = ((t / tn) * mc, (t % tn) * nc_task);
         let (i1, j1) = ((i0 + mc).min(m), (j0 + nc_task).min(n));
         // SAFETY: tiles of distinct tasks are disjoint and lie inside `c` (checked above).
-        unsafe { tile_task(pa, &b, accumulate, out, ldc, i0..i1, j0..j1, k) };
+        unsafe { tile_task(pa, &b, &bp, accumulate, out, ldc, i0..i1, j0..j1) };
     };
     if parallel && tm * tn > 1 {
         (0..tm * tn).into_par_iter().for_each(task);
@@ -150,6 +154,37 @@ fn run(
         (0..tm * tn).for_each(task);
     }
     scratch::put(&scratch::A, buf);
+    scratch::put(&scratch::B, bp.buf);
+}
+
+/// The packed part of `B`: columns `from..` in `KC`-deep slices of `NR`-column panels (the
+/// slice at step `p0` starts at `p0 * width`).
+struct PackedB {
+    from: usize,
+    width: usize,
+    buf: Vec<f32>,
+}
+
+impl PackedB {
+    fn new(b: &MatRef<'_>, parallel: bool) -> Self {
+        let (k, n) = (b.rows, b.cols);
+        let from = if b.cs == 1 { n / NR * NR } else { 0 };
+        let width = (n - from).div_ceil(NR) * NR;
+        let mut buf = scratch::take(&scratch::B, k * width);
+        if width > 0 {
+            let pack = |(s, out): (usize, &mut [f32])| {
+                let p0 = s * KC;
+                pack_b(b, from, n - from, p0, KC.min(k - p0), out);
+            };
+            let slices = &mut buf[..k * width];
+            if parallel && k > KC {
+                slices.par_chunks_mut(KC * width).enumerate().for_each(pack);
+            } else {
+                slices.chunks_mut(KC * width).enumerate().for_each(pack);
+            }
+        }
+        Self { from, width, buf }
+    }
 }
 
 /// Packing buffers kept per thread between products, so a product neither allocates nor
@@ -193,21 +228,15 @@ mod scratch {
 unsafe fn tile_task(
     pa: &[f32],
     b: &MatRef<'_>,
+    bp: &PackedB,
     accumulate: bool,
     out: OutPtr,
     ldc: usize,
     rows: std::ops::Range<usize>,
     cols: std::ops::Range<usize>,
-    k: usize,
 ) {
-    let (mc, nc) = (rows.len(), cols.len());
+    let (mc, nc, k) = (rows.len(), cols.len(), b.rows);
     let np = nc.div_ceil(NR);
-    // Row-major `B` (e.g. `W` in `dY·W`) already holds each panel's NR values of a step
-    // contiguously: full panels are read in place (their KC x NR slice stays in L1 across the
-    // row tiles just as a packed copy would) and only a partial last panel is packed.
-    let direct = b.cs == 1;
-    let packed_from = if direct { nc / NR * NR } else { 0 };
-    let mut pb = scratch::take(&scratch::B, (nc - packed_from).div_ceil(NR) * NR * KC.min(k));
     let mut edge = kernels::Edge::default();
     #[cfg(target_arch = "x86_64")]
     let wide = super::matmul::has_avx512f();
@@ -216,25 +245,21 @@ unsafe fn tile_task(
     let mut p0 = 0;
     while p0 < k {
         let kc = KC.min(k - p0);
-        if packed_from < nc {
-            pack_b(b, cols.start + packed_from, nc - packed_from, p0, kc, &mut pb);
-        }
         let load = accumulate || p0 > 0;
+        let direct = |jp: usize| cols.start + jp * NR < bp.from;
         let panel = |jp: usize| {
-            let j = jp * NR;
-            if j < packed_from {
-                // In bounds: rows p0..p0+kc < k and columns up to cols.start+j+NR <= n.
-                (b.data[p0 * b.rs + cols.start + j..].as_ptr(), b.rs)
+            let j = cols.start + jp * NR;
+            if j < bp.from {
+                // In bounds: rows p0..p0+kc < k and columns up to j + NR <= n.
+                (b.data[p0 * b.rs + j..].as_ptr(), b.rs)
             } else {
-                (pb[(j - packed_from) * kc..].as_ptr(), NR)
+                (bp.buf[p0 * bp.width + (j - bp.from) * kc..].as_ptr(), NR)
             }
         };
         let mut jp = 0;
         while jp < np {
             // With AVX-512, two full panels of the same kind at once (12 FMA chains).
-            let pair = wide
-                && (jp + 2) * NR <= nc
-                && ((jp + 2) * NR <= packed_from || jp * NR >= packed_from);
+            let pair = wide && (jp + 2) * NR <= nc && direct(jp) == direct(jp + 1);
             let span = if pair { 2 } else { 1 };
             let (b0, ldb) = panel(jp);
             let group = kernels::Group {
@@ -256,7 +281,6 @@ unsafe fn tile_task(
         }
         p0 += kc;
     }
-    scratch::put(&scratch::B, pb);
 }
 
 /// Rows `i0..i0 + MR` of `alpha · A` (zero past `m`) as one panel: `k` steps of `MR` values.
@@ -268,6 +292,16 @@ fn pack_a_panel(a: &MatRef<'_>, alpha: f32, i0: usize, m: usize, panel: &mut [f3
         for (p, o) in panel.chunks_exact_mut(MR).enumerate() {
             let s = &a.data[p * a.cs + i0..p * a.cs + i0 + MR];
             o.iter_mut().zip(s).for_each(|(o, v)| *o = alpha * v);
+        }
+        return;
+    }
+    if a.cs == 1 && live == MR {
+        // Row-major storage: walk the rows together so the panel is written in order.
+        let rows: [&[f32]; MR] = std::array::from_fn(|r| &a.data[(i0 + r) * a.rs..][..k]);
+        for (p, o) in panel[..k * MR].chunks_exact_mut(MR).enumerate() {
+            for (o, row) in o.iter_mut().zip(&rows) {
+                *o = alpha * row[p];
+            }
         }
         return;
     }
