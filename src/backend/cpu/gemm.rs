@@ -113,16 +113,27 @@ fn run(
         }
         return;
     }
-    // All of `A` is packed once, up front, and shared by the tasks.
-    let mut buf = scratch::take(&scratch::A, m.div_ceil(MR) * MR * k);
-    let pa = &mut buf[..m.div_ceil(MR) * MR * k];
-    let pack = |(ip, panel): (usize, &mut [f32])| pack_a_panel(&a, alpha, ip * MR, m, panel);
-    if parallel && m > MR {
+    #[cfg(target_arch = "x86_64")]
+    let wide = super::matmul::has_avx512f();
+    #[cfg(not(target_arch = "x86_64"))]
+    let wide = false;
+    // `A` is packed once, up front, and shared by the tasks. Row-major `A` taken as it is
+    // (`alpha` 1, e.g. `dY` in `dY·W`) is read in place by the AVX-512 kernels instead, its
+    // row panels' broadcasts walking the rows; only a partial last panel is packed (packing
+    // cost about a tenth of such a product).
+    let in_place = wide && alpha == 1.0 && a.cs == 1;
+    let packed_from = if in_place { m / MR * MR } else { 0 };
+    let len = (m.div_ceil(MR) * MR - packed_from) * k;
+    let mut buf = scratch::take(&scratch::A, len);
+    let pa = &mut buf[..len];
+    let pack =
+        |(ip, panel): (usize, &mut [f32])| pack_a_panel(&a, alpha, packed_from + ip * MR, m, panel);
+    if parallel && m - packed_from > MR {
         pa.par_chunks_exact_mut(MR * k).enumerate().for_each(pack);
     } else {
         pa.chunks_exact_mut(MR * k).enumerate().for_each(pack);
     }
-    let pa = &*pa;
+    let ap = PackedA { a, packed: pa, packed_from };
     // So is `B`, unless it is row-major: then its full panels are read in place (their
     // `KC x NR` slice stays in L1 across the row tiles just as a packed copy would) and only
     // a partial last panel is packed.
@@ -146,7 +157,7 @@ fn run(
         let (i0, j0) = ((t / tn) * mc, (t % tn) * nc_task);
         let (i1, j1) = ((i0 + mc).min(m), (j0 + nc_task).min(n));
         // SAFETY: tiles of distinct tasks are disjoint and lie inside `c` (checked above).
-        unsafe { tile_task(pa, &b, &bp, accumulate, out, ldc, i0..i1, j0..j1) };
+        unsafe { tile_task(&ap, &b, &bp, wide, accumulate, out, ldc, i0..i1, j0..j1) };
     };
     if parallel && tm * tn > 1 {
         (0..tm * tn).into_par_iter().for_each(task);
@@ -155,6 +166,30 @@ fn run(
     }
     scratch::put(&scratch::A, buf);
     scratch::put(&scratch::B, bp.buf);
+}
+
+/// `A` as the kernels read it: rows from `packed_from` on packed (`MR`-row panels of `k`
+/// steps), rows before read in place.
+struct PackedA<'a> {
+    a: MatRef<'a>,
+    packed: &'a [f32],
+    packed_from: usize,
+}
+
+impl PackedA<'_> {
+    /// The row panel at `row` from step `p0`, and how many rows from `row` are stored alike.
+    fn panel(&self, row: usize, p0: usize, end: usize) -> (kernels::APanel, usize) {
+        let k = self.a.cols;
+        if row < self.packed_from {
+            let ptr = self.a.data[row * self.a.rs + p0..].as_ptr();
+            let next = MR * self.a.rs;
+            let panel = kernels::APanel { ptr, in_place: true, rs: self.a.rs, next };
+            (panel, self.packed_from.min(end) - row)
+        } else {
+            let ptr = self.packed[(row - self.packed_from) * k + p0 * MR..].as_ptr();
+            (kernels::APanel { ptr, in_place: false, rs: 0, next: MR * k }, end - row)
+        }
+    }
 }
 
 /// The packed part of `B`: columns `from..` in `KC`-deep slices of `NR`-column panels (the
@@ -226,22 +261,19 @@ mod scratch {
 /// The tile lies inside `out` (rows `ldc` apart) and no other thread writes it.
 #[allow(clippy::too_many_arguments)]
 unsafe fn tile_task(
-    pa: &[f32],
+    ap: &PackedA<'_>,
     b: &MatRef<'_>,
     bp: &PackedB,
+    wide: bool,
     accumulate: bool,
     out: OutPtr,
     ldc: usize,
     rows: std::ops::Range<usize>,
     cols: std::ops::Range<usize>,
 ) {
-    let (mc, nc, k) = (rows.len(), cols.len(), b.rows);
+    let (nc, k) = (cols.len(), b.rows);
     let np = nc.div_ceil(NR);
     let mut edge = kernels::Edge::default();
-    #[cfg(target_arch = "x86_64")]
-    let wide = super::matmul::has_avx512f();
-    #[cfg(not(target_arch = "x86_64"))]
-    let wide = false;
     let mut p0 = 0;
     while p0 < k {
         let kc = KC.min(k - p0);
@@ -270,12 +302,11 @@ unsafe fn tile_task(
                 cols: (nc - jp * NR).min(span * NR),
                 wide,
             };
-            let mut i = 0;
-            while i < mc {
-                // Row panel `i / MR` starts `MR * k` floats after the one before.
-                let ap = pa[(rows.start + i) * k + p0 * MR..].as_ptr();
-                let dst = out.0.add((rows.start + i) * ldc + cols.start + jp * NR);
-                i += group.update(ap, MR * k, mc - i, kc, dst, ldc, load, &mut edge);
+            let mut i = rows.start;
+            while i < rows.end {
+                let (panel, alike) = ap.panel(i, p0, rows.end);
+                let dst = out.0.add(i * ldc + cols.start + jp * NR);
+                i += group.update(panel, alike, kc, dst, ldc, load, &mut edge);
             }
             jp += span;
         }
@@ -395,12 +426,12 @@ mod tests {
                 let bd = data(k * n, 2);
                 let a = if ta { MatRef::new(&ad, k, m).t() } else { MatRef::new(&ad, m, k) };
                 let b = if tb { MatRef::new(&bd, n, k).t() } else { MatRef::new(&bd, k, n) };
-                for acc in [false, true] {
+                for (acc, alpha) in [(false, 0.5), (true, 0.5), (false, 1.0), (true, 1.0)] {
                     let ldc = n + 3;
                     let c0 = data(m * ldc, 3);
                     let mut c = c0.clone();
-                    gemm(0.5, a, b, acc, &mut c, ldc);
-                    let want = reference(0.5, &a, &b, &c0, acc, ldc);
+                    gemm(alpha, a, b, acc, &mut c, ldc);
+                    let want = reference(alpha, &a, &b, &c0, acc, ldc);
                     for i in 0..m {
                         for j in 0..ldc {
                             let (g, w) = (c[i * ldc + j] as f64, want[i * ldc + j]);
@@ -412,6 +443,25 @@ mod tests {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn in_place_and_packed_a_give_the_same_bits() {
+        // Row-major `A` with `alpha` 1 is read in place (AVX-512); the same values stored
+        // transposed are packed. Both walk the same FMA chains.
+        for (m, k, n) in [(29, 300, 70), (12, 513, 33), (5, 40, 16)] {
+            let ad = data(m * k, 10);
+            let at: Vec<f32> = (0..k * m).map(|i| ad[(i % m) * k + i / m]).collect();
+            let bd = data(k * n, 11);
+            let b = MatRef::new(&bd, k, n);
+            for acc in [false, true] {
+                let c0 = data(m * n, 12);
+                let (mut rows, mut cols) = (c0.clone(), c0.clone());
+                gemm(1.0, MatRef::new(&ad, m, k), b, acc, &mut rows, n);
+                gemm(1.0, MatRef::new(&at, k, m).t(), b, acc, &mut cols, n);
+                assert_eq!(rows, cols, "{m}x{k}x{n} {acc}");
             }
         }
     }

@@ -25,9 +25,19 @@ pub(super) struct Group {
     pub wide: bool,
 }
 
+/// A row panel of `A`: packed (`MR` values a step), or read in place from row-major storage
+/// (rows `rs` apart, steps adjacent; AVX-512 only). The next row panel starts `next` floats on.
+#[derive(Clone, Copy)]
+pub(super) struct APanel {
+    pub ptr: *const f32,
+    pub in_place: bool,
+    pub rs: usize,
+    pub next: usize,
+}
+
 impl Group {
-    /// Updates the tile of this group at `dst` over `kc` steps (`ap` the first row panel,
-    /// the next `panel_len` floats on) and returns how many of the `rows` left it covered.
+    /// Updates the tile of this group at `dst` over `kc` steps from row panel `a` and returns
+    /// how many of the `rows` left (all stored like `a`) it covered.
     ///
     /// # Safety
     /// `b0`/`b1` hold `kc` steps of `NR` floats `ldb` apart (zero past `cols`); each row panel
@@ -36,8 +46,7 @@ impl Group {
     #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn update(
         &self,
-        ap: *const f32,
-        panel_len: usize,
+        a: APanel,
         rows: usize,
         kc: usize,
         dst: *mut f32,
@@ -48,25 +57,35 @@ impl Group {
         let (mr, span) = (MR.min(rows), if self.pair { 2 } else { 1 });
         #[cfg(target_arch = "x86_64")]
         if self.wide {
-            let (b0, b1, ldb, pair) = (self.b0, self.b1, self.ldb, self.pair);
-            if mr == MR && self.cols == span * NR {
-                if rows >= 2 * MR {
-                    let ap2 = [ap, ap.add(panel_len)];
-                    avx512::tile::<2>(pair, ap2, b0, b1, ldb, kc, dst, ldc, load);
-                    return 2 * MR;
-                }
-                avx512::tile::<1>(pair, [ap], b0, b1, ldb, kc, dst, ldc, load);
-            } else {
+            let (b, ap) = ((self.b0, self.b1, self.ldb, self.pair), a.ptr);
+            let full = mr == MR && self.cols == span * NR;
+            let (out, ld) = if full { (dst, ldc) } else { (edge.0.as_mut_ptr(), 2 * NR) };
+            if !full {
                 // Partial tile: the padded operands' full tile on a copy, the live part back.
-                let e = edge.0.as_mut_ptr();
-                copy_tile(dst, ldc, e, 2 * NR, mr, self.cols, load);
-                avx512::tile::<1>(pair, [ap], b0, b1, ldb, kc, e, 2 * NR, true);
-                copy_tile(e, 2 * NR, dst, ldc, mr, self.cols, true);
+                copy_tile(dst, ldc, out, ld, mr, self.cols, load);
             }
-            return MR;
+            let covered = if full && rows >= 2 * MR {
+                let ap2 = [ap, ap.add(a.next)];
+                match a.in_place {
+                    true => avx512::tile::<2, true>(ap2, a.rs, b, kc, out, ld, load),
+                    false => avx512::tile::<2, false>(ap2, a.rs, b, kc, out, ld, load),
+                }
+                2 * MR
+            } else {
+                let load = load || !full;
+                match a.in_place {
+                    true => avx512::tile::<1, true>([ap], a.rs, b, kc, out, ld, load),
+                    false => avx512::tile::<1, false>([ap], a.rs, b, kc, out, ld, load),
+                }
+                MR
+            };
+            if !full {
+                copy_tile(out, ld, dst, ldc, mr, self.cols, true);
+            }
+            return covered;
         }
-        let _ = panel_len;
-        let ap = std::slice::from_raw_parts(ap, kc * MR);
+        debug_assert!(!a.in_place, "in-place A needs the AVX-512 kernels");
+        let ap = std::slice::from_raw_parts(a.ptr, kc * MR);
         if mr == MR && self.cols == NR {
             kernel(ap, self.b0, self.ldb, kc, dst, ldc, load);
         } else {
@@ -200,25 +219,34 @@ mod avx512 {
     /// # Safety
     /// AVX-512F is available; as `super::kernel` for each panel pair, `dst` spanning `P * MR`
     /// rows and `2 * NR` columns.
-    /// `kernel2` over two panels, or `kernel1` over `b0` alone.
+    /// `kernel2` over two panels, or `kernel1` over `b0` alone (`b`: `b0`, `b1`, `ldb`, pair).
     #[allow(clippy::too_many_arguments)]
     #[inline]
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn tile<const P: usize>(
-        pair: bool,
+    pub(super) unsafe fn tile<const P: usize, const IN_PLACE: bool>(
         ap: [*const f32; P],
-        b0: *const f32,
-        b1: *const f32,
-        ldb: usize,
+        rs: usize,
+        b: (*const f32, *const f32, usize, bool),
         kc: usize,
         dst: *mut f32,
         ldc: usize,
         load: bool,
     ) {
+        let (b0, b1, ldb, pair) = b;
         if pair {
-            kernel2::<P>(ap, b0, b1, ldb, kc, dst, ldc, load);
+            kernel2::<P, IN_PLACE>(ap, rs, b0, b1, ldb, kc, dst, ldc, load);
         } else {
-            kernel1::<P>(ap, b0, ldb, kc, dst, ldc, load);
+            kernel1::<P, IN_PLACE>(ap, rs, b0, ldb, kc, dst, ldc, load);
+        }
+    }
+
+    /// Element `(r, p)` of a row panel: packed, or in place with rows `rs` apart.
+    #[inline(always)]
+    unsafe fn a_at<const IN_PLACE: bool>(a: *const f32, rs: usize, r: usize, p: usize) -> f32 {
+        if IN_PLACE {
+            *a.add(r * rs + p)
+        } else {
+            *a.add(p * MR + r)
         }
     }
 
@@ -230,8 +258,9 @@ mod avx512 {
     #[allow(clippy::too_many_arguments)]
     #[inline]
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn kernel1<const P: usize>(
+    pub(super) unsafe fn kernel1<const P: usize, const IN_PLACE: bool>(
         ap: [*const f32; P],
+        rs: usize,
         b0: *const f32,
         ldb: usize,
         kc: usize,
@@ -252,7 +281,7 @@ mod avx512 {
             let w0 = _mm512_loadu_ps(b0.add(p * ldb));
             for (panel, a) in c.iter_mut().zip(ap) {
                 for (r, row) in panel.iter_mut().enumerate() {
-                    *row = _mm512_fmadd_ps(_mm512_set1_ps(*a.add(p * MR + r)), w0, *row);
+                    *row = _mm512_fmadd_ps(_mm512_set1_ps(a_at::<IN_PLACE>(a, rs, r, p)), w0, *row);
                 }
             }
         }
@@ -266,8 +295,9 @@ mod avx512 {
     #[allow(clippy::too_many_arguments)]
     #[inline]
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn kernel2<const P: usize>(
+    pub(super) unsafe fn kernel2<const P: usize, const IN_PLACE: bool>(
         ap: [*const f32; P],
+        rs: usize,
         b0: *const f32,
         b1: *const f32,
         ldb: usize,
@@ -293,7 +323,7 @@ mod avx512 {
             let w1 = _mm512_loadu_ps(b1.add(p * ldb));
             for (panel, a) in c.iter_mut().zip(ap) {
                 for (r, row) in panel.iter_mut().enumerate() {
-                    let a = _mm512_set1_ps(*a.add(p * MR + r));
+                    let a = _mm512_set1_ps(a_at::<IN_PLACE>(a, rs, r, p));
                     row[0] = _mm512_fmadd_ps(a, w0, row[0]);
                     row[1] = _mm512_fmadd_ps(a, w1, row[1]);
                 }
@@ -330,15 +360,25 @@ mod tests {
             // SAFETY: the features were detected; every buffer covers the tiles it is given.
             unsafe {
                 let (b0, b1) = (bd.as_ptr(), bd.as_ptr().add(NR));
-                avx512::kernel2::<1>([ap.as_ptr()], b0, b1, ldb, kc, wide.as_mut_ptr(), ldc, load);
+                avx512::kernel2::<1, false>(
+                    [ap.as_ptr()],
+                    0,
+                    b0,
+                    b1,
+                    ldb,
+                    kc,
+                    wide.as_mut_ptr(),
+                    ldc,
+                    load,
+                );
                 avx2::kernel(ap.as_ptr(), b0, ldb, kc, two.as_mut_ptr(), ldc, load);
                 avx2::kernel(ap.as_ptr(), b1, ldb, kc, two.as_mut_ptr().add(NR), ldc, load);
                 // Two row panels at once equal the two one-panel tiles.
                 let ap2 = [ap.as_ptr(), ap.as_ptr().add(kc * MR)];
-                avx512::kernel2::<2>(ap2, b0, b1, ldb, kc, wide4.as_mut_ptr(), ldc, load);
+                avx512::kernel2::<2, false>(ap2, 0, b0, b1, ldb, kc, wide4.as_mut_ptr(), ldc, load);
                 for (q, a) in ap2.into_iter().enumerate() {
                     let dst = four.as_mut_ptr().add(q * MR * ldc);
-                    avx512::kernel2::<1>([a], b0, b1, ldb, kc, dst, ldc, load);
+                    avx512::kernel2::<1, false>([a], 0, b0, b1, ldb, kc, dst, ldc, load);
                 }
             }
             assert_eq!(wide, two, "load {load}");
@@ -350,7 +390,7 @@ mod tests {
             // SAFETY: as above, on the first `NR` columns of each row.
             unsafe {
                 let (b0, ap2) = (bd.as_ptr(), [ap.as_ptr(), ap.as_ptr().add(kc * MR)]);
-                avx512::kernel1::<2>(ap2, b0, ldb, kc, one.as_mut_ptr(), ldc, load);
+                avx512::kernel1::<2, false>(ap2, 0, b0, ldb, kc, one.as_mut_ptr(), ldc, load);
                 for (q, a) in ap2.into_iter().enumerate() {
                     avx2::kernel(a, b0, ldb, kc, halves.as_mut_ptr().add(q * MR * ldc), ldc, load);
                 }
