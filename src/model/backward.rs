@@ -11,6 +11,7 @@ use super::activations::SavedActivations;
 use super::attention_backward::{attention_backward, AttnBackwardInput};
 use super::llama::{apply_rope, rms_norm, silu_mul, Llama};
 use super::weights::WeightMatrix;
+use crate::backend::cpu::activation::silu_mul_grad;
 use crate::backend::cpu::gemm::{gemm, MatRef};
 use crate::kv::KvCache;
 use crate::lora::dropout::apply_dropout;
@@ -89,20 +90,15 @@ pub fn rms_norm_backward(x: &[f32], w: &[f32], eps: f32, dy: &[f32], dx: &mut [f
 /// Gradient of `act = silu(g) ⊙ u` over fused `[g | u]` rows: writes `d_gate_up`
 /// (`[rows, 2 inter]`) from `d_act` (`[rows, inter]`).
 pub fn silu_mul_backward(gate_up: &[f32], d_act: &[f32], inter: usize, d_gate_up: &mut [f32]) {
-    for ((gu, da), dgu) in gate_up
-        .chunks_exact(2 * inter)
-        .zip(d_act.chunks_exact(inter))
-        .zip(d_gate_up.chunks_exact_mut(2 * inter))
-    {
-        let (g, u) = gu.split_at(inter);
-        let (dg, du) = dgu.split_at_mut(inter);
-        for i in 0..inter {
-            let sig = 1.0 / (1.0 + (-g[i]).exp());
-            let silu = g[i] * sig;
-            du[i] = da[i] * silu;
-            dg[i] = da[i] * u[i] * sig * (1.0 + g[i] * (1.0 - sig));
-        }
-    }
+    gate_up
+        .par_chunks_exact(2 * inter)
+        .zip(d_act.par_chunks_exact(inter))
+        .zip(d_gate_up.par_chunks_exact_mut(2 * inter))
+        .for_each(|((gu, da), dgu)| {
+            let (g, u) = gu.split_at(inter);
+            let (dg, du) = dgu.split_at_mut(inter);
+            silu_mul_grad(g, u, da, dg, du);
+        });
 }
 
 /// Gradients of one adapted projection over the sample: accumulates `dA`, `dB` into `grad`
@@ -124,9 +120,10 @@ fn lora_backward(
     let (r, ind, outd) = (pair.rank(), pair.in_dim, pair.out_dim);
     // dB += s · dYᵀ u
     gemm(scale, dy.t(), MatRef::new(u, t, r), true, &mut grad.b, r);
-    // g = s · dY B
+    // g = s · dY B (scaled afterwards: with alpha 1 the GEMM reads dY in place)
     let mut g = vec![0f32; t * r];
-    gemm(scale, dy, MatRef::new(&pair.b, outd, r), false, &mut g, r);
+    gemm(1.0, dy, MatRef::new(&pair.b, outd, r), false, &mut g, r);
+    g.iter_mut().for_each(|v| *v *= scale);
     let g = MatRef::new(&g, t, r);
     let a = MatRef::new(&pair.a, r, ind);
     match dropout {
