@@ -1,7 +1,8 @@
 //! General f32 GEMM for training: `C = β·C + α·op(A)·op(B)` over strided views, so transposed
 //! operands (`dYᵀ·u`, `gᵀ·x`, `dY·W` with `W` in its Linear layout) need no transposed copies.
 //!
-//! Blocked as usual for CPUs: `A` is packed into `MR`-row panels, `KC`-deep slices of `B` into
+//! Blocked as usual for CPUs: `A` is packed into `MR`-row panels (unless it is row-major and
+//! taken as is, which the AVX-512 kernels read in place), `KC`-deep slices of `B` into
 //! `NR`-column panels (unless `B` is row-major, whose panels are read in place), and a
 //! register-tiled outer-product kernel (`gemm/kernels.rs`) updates `MR x NR` tiles of `C`.
 //! Every element of `C` is one FMA chain walked over `k` in order, and parallel tasks split
@@ -254,8 +255,8 @@ mod scratch {
     }
 }
 
-/// One task: its tile of `C` over every `KC` slice of `k`, in order. `pa` is all of `A`
-/// packed (`MR`-row panels of `k` steps).
+/// One task: its tile of `C` over every `KC` slice of `k`, in order, reading `A` through
+/// `ap` and the packed part of `B` from `bp`.
 ///
 /// # Safety
 /// The tile lies inside `out` (rows `ldc` apart) and no other thread writes it.
