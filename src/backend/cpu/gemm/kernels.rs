@@ -211,14 +211,6 @@ mod avx512 {
 
     use super::{MR, NR};
 
-    /// `P` row panels (`P * MR` rows at `dst`, panel `q`'s values at `ap[q]`) times two `B`
-    /// panels with the same step stride (`2 * NR` columns): the same FMA chains as `2 * P`
-    /// calls of the AVX2 kernel. Two row panels (24 accumulators, 14 loads per 24 FMAs) keep
-    /// the load ports further from the bound than one (8 per 12).
-    ///
-    /// # Safety
-    /// AVX-512F is available; as `super::kernel` for each panel pair, `dst` spanning `P * MR`
-    /// rows and `2 * NR` columns.
     /// `kernel2` over two panels, or `kernel1` over `b0` alone (`b`: `b0`, `b1`, `ldb`, pair).
     #[allow(clippy::too_many_arguments)]
     #[inline]
@@ -292,6 +284,15 @@ mod avx512 {
         }
     }
 
+    /// `P` row panels (`P * MR` rows at `dst`, panel `q`'s values at `ap[q]`, read
+    /// packed or, with `IN_PLACE`, from rows `rs` apart) times two `B`
+    /// panels with the same step stride (`2 * NR` columns): the same FMA chains as `2 * P`
+    /// calls of the AVX2 kernel. Two row panels (24 accumulators, 14 loads per 24 FMAs) keep
+    /// the load ports further from the bound than one (8 per 12).
+    ///
+    /// # Safety
+    /// AVX-512F is available; as `super::kernel` for each panel pair, `dst` spanning `P * MR`
+    /// rows and `2 * NR` columns.
     #[allow(clippy::too_many_arguments)]
     #[inline]
     #[target_feature(enable = "avx512f")]
