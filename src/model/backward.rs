@@ -12,33 +12,33 @@ use super::attention_backward::{attention_backward, AttnBackwardInput};
 use super::llama::{apply_rope, rms_norm, silu_mul, Llama};
 use super::weights::WeightMatrix;
 use crate::backend::cpu::activation::silu_mul_grad;
-use crate::backend::cpu::gemm::{gemm, MatRef};
+use crate::backend::cpu::gemm::{gemm, gemm_weight, MatRef, PackedWeight};
 use crate::kv::KvCache;
 use crate::lora::dropout::apply_dropout;
 use crate::lora::{LoraPair, LoraWeights, TargetModule};
 
-/// f32 copies of the frozen weights in their Linear layout `[out, in]`, read by the backward's
-/// `dX = dY · W` GEMMs (whatever format the forward reads). Built once, when training first
-/// needs them.
+/// The frozen weights in their Linear layout `[out, in]`, packed for the backward's
+/// `dX = dY · W` products (whatever format the forward reads). Built once, when training
+/// first needs them.
 pub struct BackwardWeights {
     layers: Vec<LayerW>,
     /// `[vocab, hidden]`.
-    pub head: Vec<f32>,
+    pub head: PackedWeight,
 }
 
 struct LayerW {
-    wqkv: Vec<f32>,
-    wo: Vec<f32>,
-    w_gate_up: Vec<f32>,
-    w_down: Vec<f32>,
+    wqkv: PackedWeight,
+    wo: PackedWeight,
+    w_gate_up: PackedWeight,
+    w_down: PackedWeight,
 }
 
-fn dense(w: &WeightMatrix) -> Vec<f32> {
+fn packed(w: &WeightMatrix) -> PackedWeight {
     let mut out = vec![0f32; w.rows * w.cols];
     for (r, row) in out.chunks_exact_mut(w.cols.max(1)).enumerate() {
         w.row_into(r, row);
     }
-    out
+    PackedWeight::new(&out, w.rows, w.cols)
 }
 
 impl BackwardWeights {
@@ -47,28 +47,35 @@ impl BackwardWeights {
             .layers
             .par_iter()
             .map(|l| LayerW {
-                wqkv: dense(&l.wqkv),
-                wo: dense(&l.wo),
-                w_gate_up: dense(&l.w_gate_up),
-                w_down: dense(&l.w_down),
+                wqkv: packed(&l.wqkv),
+                wo: packed(&l.wo),
+                w_gate_up: packed(&l.w_gate_up),
+                w_down: packed(&l.w_down),
             })
             .collect();
-        Self { layers, head: dense(model.lm_head()) }
+        Self { layers, head: packed(model.lm_head()) }
     }
 
     pub fn bytes(&self) -> usize {
         let l: usize = self
             .layers
             .iter()
-            .map(|l| l.wqkv.len() + l.wo.len() + l.w_gate_up.len() + l.w_down.len())
+            .map(|l| l.wqkv.bytes() + l.wo.bytes() + l.w_gate_up.bytes() + l.w_down.bytes())
             .sum();
-        (l + self.head.len()) * 4
+        l + self.head.bytes()
     }
 }
 
 /// `dx += dy · W` for `dy [t, out]` and `W [out, in]`.
-fn propagate(dy: &[f32], w: &[f32], t: usize, out_dim: usize, in_dim: usize, dx: &mut [f32]) {
-    gemm(1.0, MatRef::new(dy, t, out_dim), MatRef::new(w, out_dim, in_dim), true, dx, in_dim);
+fn propagate(
+    dy: &[f32],
+    w: &PackedWeight,
+    t: usize,
+    out_dim: usize,
+    in_dim: usize,
+    dx: &mut [f32],
+) {
+    gemm_weight(MatRef::new(dy, t, out_dim), w, true, dx, in_dim);
 }
 
 /// Gradient of RMSNorm `y = w ⊙ x / rms(x)`: `dx = r (w⊙dy) − x r³/d Σ(w⊙dy⊙x)`, added to `dx`.

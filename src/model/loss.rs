@@ -6,7 +6,7 @@ use rayon::prelude::*;
 use super::backward::{rms_norm_backward, BackwardWeights};
 use super::llama::{rms_norm, Llama};
 use crate::backend::cpu::exp_shifted;
-use crate::backend::cpu::gemm::{gemm, MatRef};
+use crate::backend::cpu::gemm::{gemm_weight, MatRef};
 
 /// Rows of logits computed at once: bounds the logits buffer to `ROWS x vocab` floats, while
 /// the head's weights are streamed once per `ROWS` rows, forward and backward (128 rows: 25 MiB
@@ -95,8 +95,7 @@ pub fn lm_loss(
         }
         if let (Some(bw), Some(dh)) = (bw, dh.as_deref_mut()) {
             let mut dx = vec![0f32; n * hs];
-            let (dl, w) = (MatRef::new(&logits, n, vocab), MatRef::new(&bw.head, vocab, hs));
-            gemm(1.0, dl, w, false, &mut dx, hs);
+            gemm_weight(MatRef::new(&logits, n, vocab), &bw.head, false, &mut dx, hs);
             let mut dhr = vec![0f32; n * hs];
             rms_norm_backward(&hr, &model.norm, eps, &dx, &mut dhr);
             for (k, &(i, _)) in chunk.iter().enumerate() {
