@@ -125,8 +125,13 @@ fn lora_backward(
     dx: &mut [f32],
 ) {
     let (r, ind, outd) = (pair.rank(), pair.in_dim, pair.out_dim);
-    // dB += s · dYᵀ u
-    gemm(scale, dy.t(), MatRef::new(u, t, r), true, &mut grad.b, r);
+    // dB += s · dYᵀ u, as (s · uᵀ dY)ᵀ: `dY` is then read in place rather than packed
+    // transposed (a strided gather of the whole `[t, out]` block).
+    let mut db_t = vec![0f32; r * outd];
+    gemm(scale, MatRef::new(u, t, r).t(), dy, false, &mut db_t, outd);
+    for (o, row) in grad.b.chunks_exact_mut(r).enumerate() {
+        row.iter_mut().enumerate().for_each(|(j, v)| *v += db_t[j * outd + o]);
+    }
     // g = s · dY B (scaled afterwards: with alpha 1 the GEMM reads dY in place)
     let mut g = vec![0f32; t * r];
     gemm(1.0, dy, MatRef::new(&pair.b, outd, r), false, &mut g, r);

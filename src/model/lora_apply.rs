@@ -30,6 +30,14 @@ pub struct LoraGroup<'a> {
     train: Vec<Option<(u64, usize)>>,
 }
 
+impl LoraGroup<'_> {
+    /// The first row, when the group's rows are one run `r0..r0 + len`.
+    fn contiguous(&self) -> Option<usize> {
+        let r0 = *self.rows.first()?;
+        self.rows.iter().enumerate().all(|(i, &r)| r == r0 + i).then_some(r0)
+    }
+}
+
 /// Groups slices by adapter identity.
 pub fn group_slices<'a>(slices: &[LoraSlice<'a>]) -> Vec<LoraGroup<'a>> {
     let mut groups: Vec<LoraGroup<'a>> = Vec::new();
@@ -73,19 +81,29 @@ pub fn lora_shrink(
         .map(|g| {
             let Some(pair) = g.adapter.pair(layer, m) else { return Vec::new() };
             let r = pair.rank();
-            let mut xg = gather_rows(x, in_dim, &g.rows);
-            let p = g.adapter.config.dropout;
-            for (row, t) in xg.chunks_exact_mut(in_dim).zip(&g.train) {
-                if let Some((seed, pos)) = t {
-                    apply_dropout(row, p, *seed, layer, m.index(), *pos);
-                }
-            }
-            let mut u = vec![0f32; g.rows.len() * r];
+            let n = g.rows.len();
+            let mut u = vec![0f32; n * r];
             // The rank is too narrow for the weight-row split of `matmul_t`; the GEMM splits
             // rows instead, and each row's result is still independent of the batch.
-            let (x_m, a_t) =
-                (MatRef::new(&xg, g.rows.len(), in_dim), MatRef::new(&pair.a, r, in_dim).t());
-            gemm(1.0, x_m, a_t, false, &mut u, r);
+            let a_t = MatRef::new(&pair.a, r, in_dim).t();
+            let p = g.adapter.config.dropout;
+            let dropped = p > 0.0 && g.train.iter().any(Option::is_some);
+            match g.contiguous() {
+                // Read in place: a training sample's chunk is one run of rows.
+                Some(r0) if !dropped => {
+                    let x_m = MatRef::new(&x[r0 * in_dim..(r0 + n) * in_dim], n, in_dim);
+                    gemm(1.0, x_m, a_t, false, &mut u, r);
+                }
+                _ => {
+                    let mut xg = gather_rows(x, in_dim, &g.rows);
+                    for (row, t) in xg.chunks_exact_mut(in_dim).zip(&g.train) {
+                        if let Some((seed, pos)) = t {
+                            apply_dropout(row, p, *seed, layer, m.index(), *pos);
+                        }
+                    }
+                    gemm(1.0, MatRef::new(&xg, n, in_dim), a_t, false, &mut u, r);
+                }
+            }
             u
         })
         .collect()
@@ -103,14 +121,22 @@ pub fn lora_expand(
 ) {
     for (g, u) in groups.iter().zip(us) {
         let Some(pair) = g.adapter.pair(layer, m) else { continue };
-        let (r, od) = (pair.rank(), pair.out_dim);
-        let mut y = vec![0f32; g.rows.len() * od];
-        let (u_m, b_t) = (MatRef::new(u, g.rows.len(), r), MatRef::new(&pair.b, od, r).t());
-        gemm(1.0, u_m, b_t, false, &mut y, od);
+        let (r, od, n) = (pair.rank(), pair.out_dim, g.rows.len());
+        let (u_m, b_t) = (MatRef::new(u, n, r), MatRef::new(&pair.b, od, r).t());
         let s = g.adapter.scale();
+        // The GEMM adds onto the output in its FMA chains, so scattered rows are gathered,
+        // updated the same way and put back: a row's bits do not depend on its neighbours.
+        if let Some(r0) = g.contiguous() {
+            gemm(s, u_m, b_t, true, &mut out[r0 * out_ld + col0..], out_ld);
+            continue;
+        }
+        let mut y = Vec::with_capacity(n * od);
+        for &row in &g.rows {
+            y.extend_from_slice(&out[row * out_ld + col0..row * out_ld + col0 + od]);
+        }
+        gemm(s, u_m, b_t, true, &mut y, od);
         for (&row, yr) in g.rows.iter().zip(y.chunks_exact(od)) {
-            let dst = &mut out[row * out_ld + col0..row * out_ld + col0 + od];
-            dst.iter_mut().zip(yr).for_each(|(d, v)| *d += s * v);
+            out[row * out_ld + col0..row * out_ld + col0 + od].copy_from_slice(yr);
         }
     }
 }
