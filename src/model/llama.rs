@@ -7,11 +7,12 @@
 use rayon::prelude::*;
 
 use super::activations::{save_rows, Capture};
+use super::attention_train::BatchAttention;
 use super::config::LlamaConfig;
 use super::lora_apply::{group_slices, lora_expand, lora_shrink, LoraGroup, LoraSlice};
 use super::weights::WeightMatrix;
-use crate::backend::cpu::paged_attention::{paged_attention, AttnSeq, AttnShape};
-use crate::kv::{KvCache, KvLayer};
+use crate::backend::cpu::paged_attention::{AttnSeq, AttnShape};
+use crate::kv::KvCache;
 use crate::lora::TargetModule;
 
 pub struct LlamaLayer {
@@ -138,6 +139,7 @@ impl Llama {
         let mut gate_up = vec![0f32; t * 2 * inter];
         let mut act = vec![0f32; t * inter];
         let groups = group_slices(lora);
+        let attention = BatchAttention::new(batch.seqs, captures, kv.block_size());
         let adapt = |li: usize,
                      m: TargetModule,
                      x: &[f32],
@@ -177,10 +179,7 @@ impl Llama {
                 v[i * kv_dim..(i + 1) * kv_dim].copy_from_slice(&row[q_dim + kv_dim..]);
             }
             kv.write(li, &k, &v, batch.slot_mapping);
-            match kv.layer(li) {
-                KvLayer::F32(kc, vc) => paged_attention(&q, kc, vc, batch.seqs, &shape, &mut attn),
-                KvLayer::F16(kc, vc) => paged_attention(&q, kc, vc, batch.seqs, &shape, &mut attn),
-            }
+            attention.attend(kv.layer(li), &q, &shape, &mut attn);
             for cap in captures.iter_mut() {
                 let acts = &mut cap.acts.layers[li];
                 save_rows(&q, q_dim, &cap.rows, cap.first_pos, &mut acts.q);

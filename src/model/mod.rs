@@ -2,6 +2,7 @@
 
 pub mod activations;
 pub mod attention_backward;
+pub mod attention_train;
 pub mod backward;
 pub mod chat_template;
 pub mod config;
