@@ -67,6 +67,16 @@ pub fn lm_loss(
     let rows: Vec<(usize, u32)> =
         targets.iter().enumerate().filter_map(|(i, t)| t.map(|t| (i, t))).collect();
     let mut stats = LossStats::default();
+    // The logits buffer is kept per thread between calls: a fresh one per chunk cost page
+    // faults and zeroing of 25 MiB. The head's product overwrites every value it reads.
+    thread_local! {
+        static LOGITS: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+    }
+    let mut buf = LOGITS.take();
+    let need = rows.len().min(ROWS) * vocab;
+    if buf.len() < need {
+        buf.resize(need, 0.0);
+    }
     for chunk in rows.chunks(ROWS) {
         let n = chunk.len();
         let mut hr = Vec::with_capacity(n * hs);
@@ -75,8 +85,8 @@ pub fn lm_loss(
         }
         let mut x = vec![0f32; n * hs];
         rms_norm(&hr, &model.norm, eps, &mut x);
-        let mut logits = vec![0f32; n * vocab];
-        head.forward(&x, n, &mut logits);
+        let logits = &mut buf[..n * vocab];
+        head.forward(&x, n, logits);
         // Rows are independent; their results are added in row order below.
         let per_row: Vec<(f64, bool)> = logits
             .par_chunks_exact_mut(vocab)
@@ -95,7 +105,7 @@ pub fn lm_loss(
         }
         if let (Some(bw), Some(dh)) = (bw, dh.as_deref_mut()) {
             let mut dx = vec![0f32; n * hs];
-            gemm_weight(MatRef::new(&logits, n, vocab), &bw.head, false, &mut dx, hs);
+            gemm_weight(MatRef::new(logits, n, vocab), &bw.head, false, &mut dx, hs);
             let mut dhr = vec![0f32; n * hs];
             rms_norm_backward(&hr, &model.norm, eps, &dx, &mut dhr);
             for (k, &(i, _)) in chunk.iter().enumerate() {
@@ -103,6 +113,7 @@ pub fn lm_loss(
             }
         }
     }
+    LOGITS.set(buf);
     stats
 }
 
