@@ -8,7 +8,7 @@ use crate::backend::cpu::paged_attention::AttnSeq;
 use crate::kv::{BlockAllocator, BlockTable, KvCache, OutOfBlocks};
 use crate::lora::LoraWeights;
 use crate::model::activations::{Capture, SavedActivations};
-use crate::model::backward::{backward_layer, BackwardWeights, LayerBackward};
+use crate::model::backward::{backward_layer, BackwardScratch, BackwardWeights, LayerBackward};
 use crate::model::llama::{ForwardBatch, Llama};
 use crate::model::lora_apply::{LoraSlice, TrainRows};
 use crate::model::loss::{lm_loss, LossStats};
@@ -33,6 +33,7 @@ struct Backward {
     remaining: usize,
     /// Gradient w.r.t. the residual stream above layer `remaining - 1`, `[T, hidden]`.
     dh: Vec<f32>,
+    scratch: BackwardScratch,
 }
 
 impl TrainingSample {
@@ -163,7 +164,11 @@ impl TrainingSample {
         let mut dh = vec![0f32; self.len() * model.config.hidden_size];
         let stats =
             lm_loss(model, Some(bw), &self.acts.h_final, &targets, grad_scale, Some(&mut dh));
-        self.backward = Some(Backward { remaining: model.layers.len(), dh });
+        self.backward = Some(Backward {
+            remaining: model.layers.len(),
+            dh,
+            scratch: BackwardScratch::default(),
+        });
         stats
     }
 
@@ -188,7 +193,7 @@ impl TrainingSample {
                 slots: &self.slots,
                 dropout_seed: self.dropout_seed,
             };
-            backward_layer(model, bw, li, &lb, grads, &mut b.dh);
+            backward_layer(model, bw, li, &lb, grads, &mut b.dh, &mut b.scratch);
             b.remaining -= 1;
         }
         n

@@ -66,7 +66,7 @@ impl BackwardWeights {
     }
 }
 
-/// `dx += dy · W` for `dy [t, out]` and `W [out, in]`.
+/// `dx = dy · W` for `dy [t, out]` and `W [out, in]` (overwrites `dx`).
 fn propagate(
     dy: &[f32],
     w: &PackedWeight,
@@ -75,7 +75,29 @@ fn propagate(
     in_dim: usize,
     dx: &mut [f32],
 ) {
-    gemm_weight(MatRef::new(dy, t, out_dim), w, true, dx, in_dim);
+    gemm_weight(MatRef::new(dy, t, out_dim), w, false, dx, in_dim);
+}
+
+/// Buffers one sample's backward reuses from layer to layer, and its RoPE tables. Every
+/// value of a buffer is written before it is read, so reuse needs no zeroing (fresh zeroed
+/// buffers per layer cost page faults and memsets).
+#[derive(Default)]
+pub struct BackwardScratch {
+    act: Vec<f32>,
+    d_act: Vec<f32>,
+    d_gu: Vec<f32>,
+    x: Vec<f32>,
+    dx: Vec<f32>,
+    d_attn: Vec<f32>,
+    d_qkv: Vec<f32>,
+    /// cos and −sin of each position's angles (the inverse rotation).
+    rope: Option<(Vec<f32>, Vec<f32>)>,
+}
+
+/// `v` as a buffer of `n` values (contents unspecified).
+fn sized(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
+    v.resize(n, 0.0);
+    &mut v[..n]
 }
 
 /// Gradient of RMSNorm `y = w ⊙ x / rms(x)`: `dx = r (w⊙dy) − x r³/d Σ(w⊙dy⊙x)`, added to `dx`.
@@ -189,6 +211,7 @@ pub fn backward_layer(
     lb: &LayerBackward<'_>,
     grads: &mut LoraWeights,
     dh: &mut [f32],
+    sc: &mut BackwardScratch,
 ) {
     let c = &model.config;
     let t = lb.acts.len;
@@ -215,33 +238,33 @@ pub fn backward_layer(
         };
 
     // MLP: h_out = h_mid + down(silu(g) ⊙ u), [g, u] = gate_up(norm(h_mid)).
-    let mut act = vec![0f32; t * inter];
-    silu_mul(&acts.gate_up, inter, &mut act);
-    let mut d_act = vec![0f32; t * inter];
-    propagate(dh, &wt.w_down, t, hs, inter, &mut d_act);
-    adapted(TargetModule::DownProj, &act, dh, hs, 0, &mut d_act);
-    let mut d_gu = vec![0f32; t * 2 * inter];
-    silu_mul_backward(&acts.gate_up, &d_act, inter, &mut d_gu);
+    let act = sized(&mut sc.act, t * inter);
+    silu_mul(&acts.gate_up, inter, act);
+    let d_act = sized(&mut sc.d_act, t * inter);
+    propagate(dh, &wt.w_down, t, hs, inter, d_act);
+    adapted(TargetModule::DownProj, act, dh, hs, 0, d_act);
+    let d_gu = sized(&mut sc.d_gu, t * 2 * inter);
+    silu_mul_backward(&acts.gate_up, d_act, inter, d_gu);
 
-    let mut x2 = vec![0f32; t * hs];
-    rms_norm(&acts.h_mid, &layer.ffn_norm, eps, &mut x2);
-    let mut dx2 = vec![0f32; t * hs];
-    propagate(&d_gu, &wt.w_gate_up, t, 2 * inter, hs, &mut dx2);
-    adapted(TargetModule::GateProj, &x2, &d_gu, 2 * inter, 0, &mut dx2);
-    adapted(TargetModule::UpProj, &x2, &d_gu, 2 * inter, inter, &mut dx2);
-    rms_norm_backward(&acts.h_mid, &layer.ffn_norm, eps, &dx2, dh);
+    let x2 = sized(&mut sc.x, t * hs);
+    rms_norm(&acts.h_mid, &layer.ffn_norm, eps, x2);
+    let dx2 = sized(&mut sc.dx, t * hs);
+    propagate(d_gu, &wt.w_gate_up, t, 2 * inter, hs, dx2);
+    adapted(TargetModule::GateProj, x2, d_gu, 2 * inter, 0, dx2);
+    adapted(TargetModule::UpProj, x2, d_gu, 2 * inter, inter, dx2);
+    rms_norm_backward(&acts.h_mid, &layer.ffn_norm, eps, dx2, dh);
 
     // Attention: h_mid = h_in + o(attn(rope(q), rope(k), v)), [q, k, v] = qkv(norm(h_in)).
-    let mut d_attn = vec![0f32; t * q_dim];
-    propagate(dh, &wt.wo, t, hs, q_dim, &mut d_attn);
-    adapted(TargetModule::OProj, &acts.attn, dh, hs, 0, &mut d_attn);
+    let d_attn = sized(&mut sc.d_attn, t * q_dim);
+    propagate(dh, &wt.wo, t, hs, q_dim, d_attn);
+    adapted(TargetModule::OProj, &acts.attn, dh, hs, 0, d_attn);
     let (k, v) = gather_kv(lb.kv, li, lb.slots);
     let (dq, dk, dv) = attention_backward(&AttnBackwardInput {
         q: &acts.q,
         k: &k,
         v: &v,
         o: &acts.attn,
-        d_o: &d_attn,
+        d_o: d_attn,
         len: t,
         num_heads: nh,
         num_kv_heads: nkv,
@@ -250,10 +273,12 @@ pub fn backward_layer(
     });
 
     // RoPE is a rotation: its backward rotates by the opposite angle.
-    let positions: Vec<usize> = (0..t).collect();
-    let (cos, sin) = model.rope_tables(&positions);
-    let neg_sin: Vec<f32> = sin.iter().map(|s| -s).collect();
-    let mut d_qkv = vec![0f32; t * qkv_dim];
+    let (cos, neg_sin) = sc.rope.get_or_insert_with(|| {
+        let positions: Vec<usize> = (0..t).collect();
+        let (cos, sin) = model.rope_tables(&positions);
+        (cos, sin.iter().map(|s| -s).collect())
+    });
+    let d_qkv = sized(&mut sc.d_qkv, t * qkv_dim);
     for i in 0..t {
         let (cs, sn) = (&cos[i * hd / 2..(i + 1) * hd / 2], &neg_sin[i * hd / 2..(i + 1) * hd / 2]);
         let row = &mut d_qkv[i * qkv_dim..(i + 1) * qkv_dim];
@@ -265,12 +290,12 @@ pub fn backward_layer(
         }
     }
 
-    let mut x1 = vec![0f32; t * hs];
-    rms_norm(&acts.h_in, &layer.attn_norm, eps, &mut x1);
-    let mut dx1 = vec![0f32; t * hs];
-    propagate(&d_qkv, &wt.wqkv, t, qkv_dim, hs, &mut dx1);
-    adapted(TargetModule::QProj, &x1, &d_qkv, qkv_dim, 0, &mut dx1);
-    adapted(TargetModule::KProj, &x1, &d_qkv, qkv_dim, q_dim, &mut dx1);
-    adapted(TargetModule::VProj, &x1, &d_qkv, qkv_dim, q_dim + kv_dim, &mut dx1);
-    rms_norm_backward(&acts.h_in, &layer.attn_norm, eps, &dx1, dh);
+    let x1 = sized(&mut sc.x, t * hs);
+    rms_norm(&acts.h_in, &layer.attn_norm, eps, x1);
+    let dx1 = sized(&mut sc.dx, t * hs);
+    propagate(d_qkv, &wt.wqkv, t, qkv_dim, hs, dx1);
+    adapted(TargetModule::QProj, x1, d_qkv, qkv_dim, 0, dx1);
+    adapted(TargetModule::KProj, x1, d_qkv, qkv_dim, q_dim, dx1);
+    adapted(TargetModule::VProj, x1, d_qkv, qkv_dim, q_dim + kv_dim, dx1);
+    rms_norm_backward(&acts.h_in, &layer.attn_norm, eps, dx1, dh);
 }
