@@ -16,6 +16,7 @@ use crate::finetune::TrainingExample;
 use crate::kv::{BlockAllocator, KvCache};
 use crate::lora::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule};
 use crate::lora::{LoraConfig, LoraWeights};
+use crate::model::activations::SavedActivations;
 use crate::model::backward::BackwardWeights;
 use crate::model::config::LlamaConfig;
 use crate::model::llama::Llama;
@@ -146,6 +147,8 @@ pub struct ActiveJob {
     trained_tokens: u64,
     /// The sample in flight (forward or backward).
     pub current: Option<TrainingSample>,
+    /// The last finished sample's activation buffers, for the next sample to fill.
+    spare_acts: Option<SavedActivations>,
     /// On a device: the engine's key for the job there, and its sample in flight
     /// (`job_device.rs`). The device holds the adapter, gradients and optimizer state;
     /// `adapter` and `optimizer` are refreshed from it before a checkpoint.
@@ -197,6 +200,7 @@ impl ActiveJob {
             step_started: None,
             trained_tokens,
             current: None,
+            spare_acts: None,
             device_key: None,
             device_sample: None,
             phase: Phase::Train,
@@ -260,7 +264,9 @@ impl ActiveJob {
         let seed = self.dropout_seed();
         let Some(ex) = self.example() else { return false };
         let (tokens, trained) = (ex.tokens.clone(), ex.trained.clone());
-        match TrainingSample::new(tokens, trained, allocator, model, &self.adapter, seed) {
+        let spare = self.spare_acts.take();
+        match TrainingSample::reusing(tokens, trained, allocator, model, &self.adapter, seed, spare)
+        {
             Ok(s) => {
                 let s = if self.is_validating() { s.for_eval() } else { s };
                 self.step_started.get_or_insert_with(Instant::now);
@@ -304,7 +310,7 @@ impl ActiveJob {
             Phase::Validate { next, stats, .. } => {
                 stats.add(&loss);
                 *next += 1;
-                self.current = None;
+                self.end_sample();
                 self.device_sample = None;
                 self.after_validation_sample();
             }
@@ -314,10 +320,17 @@ impl ActiveJob {
     /// The sample in flight finished its backward: true when the batch is complete and an
     /// optimizer step is due.
     pub(super) fn sample_done(&mut self) -> bool {
-        self.current = None;
+        self.end_sample();
         self.device_sample = None;
         self.batch_done += 1;
         self.batch_done >= self.batch.len()
+    }
+
+    /// Drops the sample in flight, keeping its activation buffers.
+    fn end_sample(&mut self) {
+        if let Some(s) = self.current.take() {
+            self.spare_acts = Some(s.into_activations());
+        }
     }
 
     /// Whether the next optimizer step ends with a checkpoint (so its state must be at hand).

@@ -46,10 +46,24 @@ impl TrainingSample {
         adapter: &LoraWeights,
         dropout_seed: u64,
     ) -> Result<Self, OutOfBlocks> {
+        Self::reusing(tokens, trained, allocator, model, adapter, dropout_seed, None)
+    }
+
+    /// As [`TrainingSample::new`], saving activations into `spare`'s buffers (a finished
+    /// sample's, from [`TrainingSample::into_activations`]).
+    pub fn reusing(
+        tokens: Vec<u32>,
+        trained: Vec<bool>,
+        allocator: &BlockAllocator,
+        model: &Llama,
+        adapter: &LoraWeights,
+        dropout_seed: u64,
+        spare: Option<SavedActivations>,
+    ) -> Result<Self, OutOfBlocks> {
         let mut blocks = BlockTable::new(allocator.clone());
         blocks.reserve(tokens.len())?;
         let slots = (0..tokens.len()).map(|p| blocks.slot(p)).collect();
-        let acts = SavedActivations::new(&model.config, adapter, tokens.len());
+        let acts = SavedActivations::reuse(spare, &model.config, adapter, tokens.len());
         Ok(Self {
             tokens,
             trained,
@@ -92,6 +106,11 @@ impl TrainingSample {
 
     pub fn is_done(&self) -> bool {
         self.forward_remaining() == 0 && self.backward.as_ref().is_some_and(|b| b.remaining == 0)
+    }
+
+    /// Ends the sample (its KV blocks free), keeping its activation buffers for the next.
+    pub fn into_activations(self) -> SavedActivations {
+        self.acts
     }
 
     pub fn activation_bytes(&self) -> usize {

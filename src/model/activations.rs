@@ -58,6 +58,30 @@ impl SavedActivations {
         Self { len, layers, h_final: vec![0.0; len * hs] }
     }
 
+    /// As [`SavedActivations::new`], in `spare`'s buffers when given (a finished sample's):
+    /// values are left as they were, since the forward writes every saved value before the
+    /// backward reads it, and reuse spares the page faults and zeroing of fresh buffers.
+    pub fn reuse(spare: Option<Self>, c: &LlamaConfig, adapter: &LoraWeights, len: usize) -> Self {
+        let Some(mut a) = spare.filter(|a| a.layers.len() == c.num_layers) else {
+            return Self::new(c, adapter, len);
+        };
+        let (hs, q, i) = (c.hidden_size, c.num_heads * c.head_dim, c.intermediate_size);
+        let r = adapter.config.r;
+        for l in &mut a.layers {
+            l.h_in.resize(len * hs, 0.0);
+            l.h_mid.resize(len * hs, 0.0);
+            l.q.resize(len * q, 0.0);
+            l.attn.resize(len * q, 0.0);
+            l.gate_up.resize(len * 2 * i, 0.0);
+            for (u, m) in l.lora_u.iter_mut().zip(TargetModule::ALL) {
+                u.resize(if adapter.config.targets(m) { len * r } else { 0 }, 0.0);
+            }
+        }
+        a.h_final.resize(len * hs, 0.0);
+        a.len = len;
+        a
+    }
+
     /// Bytes held, for the activation-memory benchmark and accounting.
     pub fn bytes(&self) -> usize {
         let per_layer: usize = self
