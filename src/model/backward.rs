@@ -10,11 +10,11 @@ use rayon::prelude::*;
 use super::activations::SavedActivations;
 use super::attention_backward::{attention_backward, AttnBackwardInput};
 use super::llama::{apply_rope, rms_norm, silu_mul, Llama};
+use super::lora_backward::{lora_backward, Adapted};
 use super::weights::WeightMatrix;
 use crate::backend::cpu::activation::silu_mul_grad;
-use crate::backend::cpu::gemm::{gemm, gemm_weight, MatRef, PackedWeight};
+use crate::backend::cpu::gemm::{gemm_weight, MatRef, PackedWeight};
 use crate::kv::KvCache;
-use crate::lora::dropout::apply_dropout;
 use crate::lora::{LoraPair, LoraWeights, TargetModule};
 
 /// The frozen weights in their Linear layout `[out, in]`, packed for the backward's
@@ -130,59 +130,6 @@ pub fn silu_mul_backward(gate_up: &[f32], d_act: &[f32], inter: usize, d_gate_up
         });
 }
 
-/// Gradients of one adapted projection over the sample: accumulates `dA`, `dB` into `grad`
-/// and adds the LoRA part of `dX` to `dx`. `x` is the projection's input (before dropout),
-/// `dy` its output gradient (a column view of the fused projection's), `u` the saved
-/// `drop(x) Aᵀ`.
-#[allow(clippy::too_many_arguments)]
-fn lora_backward(
-    pair: &LoraPair,
-    grad: &mut LoraPair,
-    scale: f32,
-    dropout: Option<(f32, u64, usize, usize)>,
-    x: &[f32],
-    dy: MatRef<'_>,
-    u: &[f32],
-    t: usize,
-    dx: &mut [f32],
-) {
-    let (r, ind, outd) = (pair.rank(), pair.in_dim, pair.out_dim);
-    // dB += s · dYᵀ u, as (s · uᵀ dY)ᵀ: `dY` is then read in place rather than packed
-    // transposed (a strided gather of the whole `[t, out]` block).
-    let mut db_t = vec![0f32; r * outd];
-    gemm(scale, MatRef::new(u, t, r).t(), dy, false, &mut db_t, outd);
-    for (o, row) in grad.b.chunks_exact_mut(r).enumerate() {
-        row.iter_mut().enumerate().for_each(|(j, v)| *v += db_t[j * outd + o]);
-    }
-    // g = s · dY B (scaled afterwards: with alpha 1 the GEMM reads dY in place)
-    let mut g = vec![0f32; t * r];
-    gemm(1.0, dy, MatRef::new(&pair.b, outd, r), false, &mut g, r);
-    g.iter_mut().for_each(|v| *v *= scale);
-    let g = MatRef::new(&g, t, r);
-    let a = MatRef::new(&pair.a, r, ind);
-    match dropout {
-        None => {
-            // dA += gᵀ x;  dX += g A
-            gemm(1.0, g.t(), MatRef::new(x, t, ind), true, &mut grad.a, ind);
-            gemm(1.0, g, a, true, dx, ind);
-        }
-        Some((p, seed, layer, module)) => {
-            let mut xd = x.to_vec();
-            for (pos, row) in xd.chunks_exact_mut(ind).enumerate() {
-                apply_dropout(row, p, seed, layer, module, pos);
-            }
-            gemm(1.0, g.t(), MatRef::new(&xd, t, ind), true, &mut grad.a, ind);
-            // The mask (and its scale) applies to the gradient as to the input.
-            let mut gx = vec![0f32; t * ind];
-            gemm(1.0, g, a, false, &mut gx, ind);
-            for (pos, row) in gx.chunks_exact_mut(ind).enumerate() {
-                apply_dropout(row, p, seed, layer, module, pos);
-            }
-            dx.iter_mut().zip(&gx).for_each(|(a, b)| *a += b);
-        }
-    }
-}
-
 /// The sample's K and V of one layer, positions `0..len`, read through its cache slots.
 fn gather_kv(kv: &KvCache, layer: usize, slots: &[usize]) -> (Vec<f32>, Vec<f32>) {
     let row = kv.num_kv_heads() * kv.head_dim();
@@ -224,17 +171,26 @@ pub fn backward_layer(
     let acts = &lb.acts.layers[li];
     let scale = lb.adapter.scale();
     let p = lb.adapter.config.dropout;
-    let dropout = |m: TargetModule| (p > 0.0).then_some((p, lb.dropout_seed, li, m.index()));
+    let dropout = (p > 0.0).then_some((p, lb.dropout_seed, li));
+    let layer_grads = grads.layers.get_mut(li);
+    let mut grads_of: Vec<Option<&mut LoraPair>> = match layer_grads {
+        Some(l) => l.iter_mut().map(Option::as_mut).collect(),
+        None => Vec::new(),
+    };
+    // The adapted ones of `modules` (each with its first column in `dy`), which read `x`.
     let mut adapted =
-        |m: TargetModule, x: &[f32], dy: &[f32], dy_ld: usize, c0: usize, dx: &mut [f32]| {
-            let (Some(pair), Some(Some(grad))) =
-                (lb.adapter.pair(li, m), grads.layers.get_mut(li).map(|l| l[m.index()].as_mut()))
-            else {
-                return;
-            };
-            let dym = MatRef::columns(dy, t, dy_ld, c0, pair.out_dim);
-            let u = &acts.lora_u[m.index()];
-            lora_backward(pair, grad, scale, dropout(m), x, dym, u, t, dx);
+        |modules: &[(TargetModule, usize)], x: &[f32], dy: &[f32], dy_ld: usize, dx: &mut [f32]| {
+            let mut group = Vec::new();
+            for &(m, c0) in modules {
+                let pair = lb.adapter.pair(li, m);
+                let grad = grads_of.get_mut(m.index()).and_then(Option::take);
+                if let (Some(pair), Some(grad)) = (pair, grad) {
+                    let dy = MatRef::columns(dy, t, dy_ld, c0, pair.out_dim);
+                    let u = &acts.lora_u[m.index()];
+                    group.push(Adapted { pair, grad, module: m.index(), dy, u });
+                }
+            }
+            lora_backward(&mut group, scale, dropout, x, t, dx);
         };
 
     // MLP: h_out = h_mid + down(silu(g) ⊙ u), [g, u] = gate_up(norm(h_mid)).
@@ -242,7 +198,7 @@ pub fn backward_layer(
     silu_mul(&acts.gate_up, inter, act);
     let d_act = sized(&mut sc.d_act, t * inter);
     propagate(dh, &wt.w_down, t, hs, inter, d_act);
-    adapted(TargetModule::DownProj, act, dh, hs, 0, d_act);
+    adapted(&[(TargetModule::DownProj, 0)], act, dh, hs, d_act);
     let d_gu = sized(&mut sc.d_gu, t * 2 * inter);
     silu_mul_backward(&acts.gate_up, d_act, inter, d_gu);
 
@@ -250,14 +206,14 @@ pub fn backward_layer(
     rms_norm(&acts.h_mid, &layer.ffn_norm, eps, x2);
     let dx2 = sized(&mut sc.dx, t * hs);
     propagate(d_gu, &wt.w_gate_up, t, 2 * inter, hs, dx2);
-    adapted(TargetModule::GateProj, x2, d_gu, 2 * inter, 0, dx2);
-    adapted(TargetModule::UpProj, x2, d_gu, 2 * inter, inter, dx2);
+    let gate_up = [(TargetModule::GateProj, 0), (TargetModule::UpProj, inter)];
+    adapted(&gate_up, x2, d_gu, 2 * inter, dx2);
     rms_norm_backward(&acts.h_mid, &layer.ffn_norm, eps, dx2, dh);
 
     // Attention: h_mid = h_in + o(attn(rope(q), rope(k), v)), [q, k, v] = qkv(norm(h_in)).
     let d_attn = sized(&mut sc.d_attn, t * q_dim);
     propagate(dh, &wt.wo, t, hs, q_dim, d_attn);
-    adapted(TargetModule::OProj, &acts.attn, dh, hs, 0, d_attn);
+    adapted(&[(TargetModule::OProj, 0)], &acts.attn, dh, hs, d_attn);
     let (k, v) = gather_kv(lb.kv, li, lb.slots);
     let (dq, dk, dv) = attention_backward(&AttnBackwardInput {
         q: &acts.q,
@@ -294,8 +250,11 @@ pub fn backward_layer(
     rms_norm(&acts.h_in, &layer.attn_norm, eps, x1);
     let dx1 = sized(&mut sc.dx, t * hs);
     propagate(d_qkv, &wt.wqkv, t, qkv_dim, hs, dx1);
-    adapted(TargetModule::QProj, x1, d_qkv, qkv_dim, 0, dx1);
-    adapted(TargetModule::KProj, x1, d_qkv, qkv_dim, q_dim, dx1);
-    adapted(TargetModule::VProj, x1, d_qkv, qkv_dim, q_dim + kv_dim, dx1);
+    let qkv = [
+        (TargetModule::QProj, 0),
+        (TargetModule::KProj, q_dim),
+        (TargetModule::VProj, q_dim + kv_dim),
+    ];
+    adapted(&qkv, x1, d_qkv, qkv_dim, dx1);
     rms_norm_backward(&acts.h_in, &layer.attn_norm, eps, dx1, dh);
 }

@@ -10,6 +10,7 @@ pub mod fetch;
 pub mod llama;
 pub mod loader;
 pub mod lora_apply;
+pub mod lora_backward;
 pub mod loss;
 pub mod tokenizer;
 pub mod weights;
