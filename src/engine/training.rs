@@ -149,7 +149,12 @@ impl TrainingSample {
     }
 
     pub fn capture(&mut self, rows: &Range<usize>) -> Capture<'_> {
-        Capture { rows: rows.clone(), first_pos: self.forwarded, acts: &mut self.acts }
+        Capture {
+            rows: rows.clone(),
+            first_pos: self.forwarded,
+            acts: &mut self.acts,
+            slots: &self.slots,
+        }
     }
 
     /// Records that a chunk of `n` tokens ran.

@@ -105,6 +105,8 @@ pub struct Capture<'a> {
     pub rows: std::ops::Range<usize>,
     pub first_pos: usize,
     pub acts: &'a mut SavedActivations,
+    /// The sample's KV-cache slot of each position (its attention reads its keys there).
+    pub slots: &'a [usize],
 }
 
 /// Copies batch rows `rows` of a `[batch, dim]` buffer to sample rows `first_pos..` of a

@@ -19,37 +19,24 @@ const QTILE: usize = 64;
 
 /// A batch's sequences split into training chunks (those a capture saves), attended here,
 /// and the rest, attended by `paged_attention`.
-pub struct BatchAttention<'a> {
+pub struct BatchAttention<'a, 'c> {
     paged: Vec<AttnSeq<'a>>,
-    /// Each chunk with the cache slots of its sample's positions `0..context_len`.
-    chunks: Vec<(AttnSeq<'a>, Vec<usize>)>,
+    /// Each chunk with its sample's cache slots (positions `0..context_len` are read).
+    chunks: Vec<(AttnSeq<'a>, &'c [usize])>,
 }
 
-impl<'a> BatchAttention<'a> {
-    pub fn new(seqs: &[AttnSeq<'a>], captures: &[Capture<'_>], block_size: usize) -> Self {
-        let is_chunk = |s: &AttnSeq| {
-            captures.iter().any(|c| {
+impl<'a, 'c> BatchAttention<'a, 'c> {
+    pub fn new(seqs: &[AttnSeq<'a>], captures: &[Capture<'c>]) -> Self {
+        let (mut paged, mut chunks) = (Vec::new(), Vec::new());
+        for s in seqs {
+            let capture = captures.iter().find(|c| {
                 c.rows.start == s.q_start
                     && c.rows.len() == s.q_len
                     && c.first_pos + s.q_len == s.context_len
-            })
-        };
-        let (mut paged, mut chunks) = (Vec::new(), Vec::new());
-        for s in seqs {
-            let slots: Option<Vec<usize>> = is_chunk(s)
-                .then(|| {
-                    (0..s.context_len)
-                        .map(|p| {
-                            Some(
-                                *s.block_table.get(p / block_size)? as usize * block_size
-                                    + p % block_size,
-                            )
-                        })
-                        .collect()
-                })
-                .flatten();
-            match slots {
-                Some(slots) => chunks.push((*s, slots)),
+                    && c.slots.len() >= s.context_len
+            });
+            match capture {
+                Some(c) => chunks.push((*s, &c.slots[..s.context_len])),
                 None => paged.push(*s),
             }
         }

@@ -139,7 +139,7 @@ impl Llama {
         let mut gate_up = vec![0f32; t * 2 * inter];
         let mut act = vec![0f32; t * inter];
         let groups = group_slices(lora);
-        let attention = BatchAttention::new(batch.seqs, captures, kv.block_size());
+        let attention = BatchAttention::new(batch.seqs, captures);
         let adapt = |li: usize,
                      m: TargetModule,
                      x: &[f32],
