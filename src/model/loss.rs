@@ -5,8 +5,8 @@ use rayon::prelude::*;
 
 use super::backward::{rms_norm_backward, BackwardWeights};
 use super::llama::{rms_norm, Llama};
-use crate::backend::cpu::exp_shifted;
 use crate::backend::cpu::gemm::{gemm_weight, MatRef};
+use crate::backend::cpu::{exp_shifted, max};
 
 /// Rows of logits computed at once: bounds the logits buffer to `ROWS x vocab` floats, while
 /// the head's weights are streamed once per `ROWS` rows, forward and backward (128 rows: 25 MiB
@@ -126,12 +126,9 @@ pub(crate) fn row_loss(
     grad_scale: Option<f32>,
     probs: &mut [f32],
 ) -> (f64, bool) {
-    let (mut max, mut arg) = (f32::NEG_INFINITY, 0);
-    for (j, &v) in row.iter().enumerate() {
-        if v > max {
-            (max, arg) = (v, j);
-        }
-    }
+    let max = max(row);
+    // The first index holding the maximum, as a strict `>` scan would find it.
+    let arg = row.iter().position(|&v| v == max).unwrap_or(0);
     let sum = exp_shifted(row, max, 1.0, probs);
     let lse = max as f64 + sum.ln();
     let logit = row.get(target).copied().unwrap_or(f32::NEG_INFINITY) as f64;

@@ -21,6 +21,11 @@ impl Avx512 {
         (super::matmul::has_avx512f() && is_x86_feature_detected!("f16c"))
             .then_some(Self { _private: () })
     }
+
+    pub(crate) fn exp_shifted(self, x: &[f32], shift: f32, scale: f32, out: &mut [f32]) -> f64 {
+        // SAFETY: `self` exists only where AVX-512F (and so AVX2) was detected.
+        unsafe { exp_shifted(x, shift, scale, out) }
+    }
 }
 
 impl Vector for Avx512 {
@@ -213,6 +218,41 @@ unsafe fn max(x: &[f32]) -> f32 {
         best = best.max(v);
     }
     best
+}
+
+/// As `avx2::exp_shifted`: f64 lanes 0..8 and 8..16 hold what its four registers hold in
+/// 0..4, 4..8, 8..12 and 12..16, and the reduction adds them in its order.
+#[target_feature(enable = "avx512f,avx2")]
+unsafe fn exp_shifted(x: &[f32], shift: f32, scale: f32, out: &mut [f32]) -> f64 {
+    let n = x.len().min(out.len());
+    let (px, po) = (x.as_ptr(), out.as_mut_ptr());
+    let (s, k) = (_mm512_set1_ps(shift), _mm512_set1_ps(scale));
+    let mut acc = [_mm512_setzero_pd(); 2];
+    let mut i = 0;
+    while i + LANES <= n {
+        let e = exp16(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(px.add(i)), s), k));
+        _mm512_storeu_ps(po.add(i), e);
+        let (lo, hi) = halves(e);
+        acc[0] = _mm512_add_pd(acc[0], _mm512_cvtps_pd(lo));
+        acc[1] = _mm512_add_pd(acc[1], _mm512_cvtps_pd(hi));
+        i += LANES;
+    }
+    let ab = _mm512_add_pd(acc[0], acc[1]); // i += i+8
+    let a = _mm256_add_pd(_mm512_castpd512_pd256(ab), _mm512_extractf64x4_pd::<1>(ab)); // i += i+4
+    let x2 = _mm_add_pd(_mm256_castpd256_pd128(a), _mm256_extractf128_pd::<1>(a)); // i += i+2
+    let mut total = _mm_cvtsd_f64(_mm_add_sd(x2, _mm_unpackhi_pd(x2, x2))); // i += i+1
+    if i < n {
+        // The tail in one masked register (lane by lane the same values), added in order.
+        let mask = ((1u32 << (n - i)) - 1) as __mmask16;
+        let e = exp16(_mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, px.add(i)), s), k));
+        _mm512_mask_storeu_ps(po.add(i), mask, e);
+        let mut lanes = [0f32; LANES];
+        _mm512_storeu_ps(lanes.as_mut_ptr(), e);
+        for v in &lanes[..n - i] {
+            total += *v as f64;
+        }
+    }
+    total
 }
 
 /// Lane `i % 8` sums, as `Avx2::exp_sub_sum`: each 16-chunk adds its lanes 0..8, then 8..16.

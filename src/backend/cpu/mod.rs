@@ -247,10 +247,27 @@ fn exp_shifted_portable(x: &[f32], shift: f32, scale: f32, out: &mut [f32]) -> f
 /// f64 (16 lanes, `hsum`'s tree, then the tail). For softmax weights with `shift` the maximum.
 pub(crate) fn exp_shifted(x: &[f32], shift: f32, scale: f32, out: &mut [f32]) -> f64 {
     #[cfg(target_arch = "x86_64")]
+    if let Some(v) = avx512::Avx512::detect() {
+        return v.exp_shifted(x, shift, scale, out);
+    }
+    #[cfg(target_arch = "x86_64")]
     if let Some(v) = avx2::Avx2::detect() {
         return v.exp_shifted(x, shift, scale, out);
     }
     exp_shifted_portable(x, shift, scale, out)
+}
+
+/// The largest element of `x` (`-inf` for none; exact, see [`Vector::max`]).
+pub(crate) fn max(x: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(v) = avx512::Avx512::detect() {
+        return v.max(x);
+    }
+    #[cfg(target_arch = "x86_64")]
+    if let Some(v) = avx2::Avx2::detect() {
+        return v.max(x);
+    }
+    Portable.max(x)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -362,8 +379,15 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn avx512_primitives_equal_portable_bit_for_bit() {
-        if let Some(v) = avx512::Avx512::detect() {
-            assert_equals_portable(v);
+        let Some(v) = avx512::Avx512::detect() else { return };
+        assert_equals_portable(v);
+        let mut rng = StdRng::seed_from_u64(4);
+        for len in [0usize, 1, 8, 15, 16, 17, 24, 64, 71, 128, 200, 49_157] {
+            let x = random(&mut rng, len, 40.0);
+            let (mut oa, mut op) = (vec![0f32; len], vec![0f32; len]);
+            let sa = v.exp_shifted(&x, 30.0, 0.7, &mut oa);
+            let sp = exp_shifted_portable(&x, 30.0, 0.7, &mut op);
+            assert!(sa.to_bits() == sp.to_bits() && same_bits(&oa, &op), "exp_shifted {len}");
         }
     }
 
