@@ -9,9 +9,9 @@
 use rayon::prelude::*;
 
 use super::activations::Capture;
-use crate::backend::cpu::exp_shifted;
 use crate::backend::cpu::gemm::{gemm_serial, MatRef};
 use crate::backend::cpu::paged_attention::{paged_attention, AttnSeq, AttnShape};
+use crate::backend::cpu::{exp_shifted, max};
 use crate::kv::KvLayer;
 
 /// Query rows per task: the task's `QTILE x keys` scores stay in L2.
@@ -96,11 +96,12 @@ pub fn chunk_attention(a: &ChunkAttention<'_>, out: &mut [f32]) {
     let group = nh / a.num_kv_heads.max(1);
     let q_row = nh * hd;
     let tiles = a.rows.div_ceil(QTILE);
+    let kt = transpose_heads(a.k, a.first_pos + a.rows, a.num_kv_heads, hd);
     let results: Vec<Vec<f32>> = (0..nh * tiles)
         .into_par_iter()
         .map(|task| {
             let (h, tile) = (task / tiles, task % tiles);
-            head_tile(a, h, h / group.max(1), tile * QTILE)
+            head_tile(a, &kt, h, h / group.max(1), tile * QTILE)
         })
         .collect();
     for (task, o) in results.iter().enumerate() {
@@ -112,29 +113,72 @@ pub fn chunk_attention(a: &ChunkAttention<'_>, out: &mut [f32]) {
     }
 }
 
-/// Query head `h` (reading kv head `kvh`) for chunk rows `i0..i0 + QTILE`: `[rows, head_dim]`.
-fn head_tile(a: &ChunkAttention<'_>, h: usize, kvh: usize, i0: usize) -> Vec<f32> {
+/// `x [len, heads, head_dim]` as `[heads, head_dim, len]`: a head's keys (or values) with
+/// positions along rows, so the products over them read it in place instead of packing a
+/// transposed copy for every tile. (Packed or in place, a product computes the same bits.)
+pub(super) fn transpose_heads(x: &[f32], len: usize, heads: usize, hd: usize) -> Vec<f32> {
+    let mut t = vec![0f32; heads * hd * len];
+    for (pos, row) in x.chunks_exact(heads * hd).take(len).enumerate() {
+        for (d, v) in row.iter().enumerate() {
+            t[d * len + pos] = *v;
+        }
+    }
+    t
+}
+
+/// Row `r0..r0 + rows`, columns `0..cols` of head `h`'s `[head_dim, len]` block of a
+/// [`transpose_heads`] result.
+pub(super) fn head_rows_t(t: &[f32], h: usize, hd: usize, len: usize, cols: usize) -> MatRef<'_> {
+    MatRef { data: &t[h * hd * len..(h + 1) * hd * len], rows: hd, cols, rs: len, cs: 1 }
+}
+
+/// A buffer of `len` floats kept per thread across tasks (its stale values included).
+pub(super) fn with_scratch<R>(
+    slot: &'static std::thread::LocalKey<std::cell::Cell<Vec<f32>>>,
+    len: usize,
+    f: impl FnOnce(&mut [f32]) -> R,
+) -> R {
+    let mut v = slot.with(std::cell::Cell::take);
+    if v.len() < len {
+        v.resize(len, 0.0);
+    }
+    let r = f(&mut v[..len]);
+    slot.with(|s| s.set(v));
+    r
+}
+
+thread_local! {
+    static SCORES: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+    static WEIGHTS: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// Query head `h` (reading kv head `kvh`, whose keys `kt` holds transposed) for chunk rows
+/// `i0..i0 + QTILE`: `[rows, head_dim]`.
+fn head_tile(a: &ChunkAttention<'_>, kt: &[f32], h: usize, kvh: usize, i0: usize) -> Vec<f32> {
     let hd = a.head_dim;
     let (q_row, kv_row) = (a.num_heads * hd, a.num_kv_heads * hd);
     let rows = QTILE.min(a.rows - i0);
+    let len = a.first_pos + a.rows;
     // The tile's last query sees every key any of its rows sees.
     let keys = a.first_pos + i0 + rows;
     let q_t = MatRef::columns(&a.q[i0 * q_row..], rows, q_row, h * hd, hd);
-    let k_all = MatRef::columns(a.k, keys, kv_row, kvh * hd, hd);
     let v_all = MatRef::columns(a.v, keys, kv_row, kvh * hd, hd);
-    let mut s = vec![0f32; rows * keys];
-    gemm_serial(a.scale, q_t, k_all.t(), false, &mut s, keys);
-    let mut p = vec![0f32; rows * keys];
-    for (r, (srow, prow)) in s.chunks_exact(keys).zip(p.chunks_exact_mut(keys)).enumerate() {
-        let seen = a.first_pos + i0 + r + 1;
-        let (ssrc, pdst) = (&srow[..seen], &mut prow[..seen]);
-        let max = ssrc.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-        let inv = (1.0 / exp_shifted(ssrc, max, 1.0, pdst)) as f32;
-        pdst.iter_mut().for_each(|x| *x *= inv);
-        // Masked keys keep their zeros.
-    }
     let mut o = vec![0f32; rows * hd];
-    gemm_serial(1.0, MatRef::new(&p, rows, keys), v_all, false, &mut o, hd);
+    with_scratch(&SCORES, rows * keys, |s| {
+        with_scratch(&WEIGHTS, rows * keys, |p| {
+            gemm_serial(a.scale, q_t, head_rows_t(kt, kvh, hd, len, keys), false, s, keys);
+            for (r, (srow, prow)) in s.chunks_exact(keys).zip(p.chunks_exact_mut(keys)).enumerate()
+            {
+                let seen = a.first_pos + i0 + r + 1;
+                let (ssrc, pdst) = (&srow[..seen], &mut prow[..seen]);
+                let max = max(ssrc);
+                let inv = (1.0 / exp_shifted(ssrc, max, 1.0, pdst)) as f32;
+                pdst.iter_mut().for_each(|x| *x *= inv);
+                prow[seen..].fill(0.0);
+            }
+            gemm_serial(1.0, MatRef::new(p, rows, keys), v_all, false, &mut o, hd);
+        })
+    });
     o
 }
 

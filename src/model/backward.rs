@@ -8,7 +8,7 @@
 use rayon::prelude::*;
 
 use super::activations::SavedActivations;
-use super::attention_backward::{attention_backward, AttnBackwardInput};
+use super::attention_backward::{attention_backward_into, AttnBackwardInput};
 use super::llama::{apply_rope, rms_norm, silu_mul, Llama};
 use super::lora_backward::{lora_backward, Adapted};
 use super::weights::WeightMatrix;
@@ -215,7 +215,8 @@ pub fn backward_layer(
     propagate(dh, &wt.wo, t, hs, q_dim, d_attn);
     adapted(&[(TargetModule::OProj, 0)], &acts.attn, dh, hs, d_attn);
     let (k, v) = gather_kv(lb.kv, li, lb.slots);
-    let (dq, dk, dv) = attention_backward(&AttnBackwardInput {
+    let d_qkv = sized(&mut sc.d_qkv, t * qkv_dim);
+    let input = AttnBackwardInput {
         q: &acts.q,
         k: &k,
         v: &v,
@@ -226,7 +227,8 @@ pub fn backward_layer(
         num_kv_heads: nkv,
         head_dim: hd,
         scale: 1.0 / (hd as f32).sqrt(),
-    });
+    };
+    attention_backward_into(&input, d_qkv);
 
     // RoPE is a rotation: its backward rotates by the opposite angle.
     let (cos, neg_sin) = sc.rope.get_or_insert_with(|| {
@@ -234,13 +236,8 @@ pub fn backward_layer(
         let (cos, sin) = model.rope_tables(&positions);
         (cos, sin.iter().map(|s| -s).collect())
     });
-    let d_qkv = sized(&mut sc.d_qkv, t * qkv_dim);
-    for i in 0..t {
+    for (i, row) in d_qkv.chunks_exact_mut(qkv_dim).take(t).enumerate() {
         let (cs, sn) = (&cos[i * hd / 2..(i + 1) * hd / 2], &neg_sin[i * hd / 2..(i + 1) * hd / 2]);
-        let row = &mut d_qkv[i * qkv_dim..(i + 1) * qkv_dim];
-        row[..q_dim].copy_from_slice(&dq[i * q_dim..(i + 1) * q_dim]);
-        row[q_dim..q_dim + kv_dim].copy_from_slice(&dk[i * kv_dim..(i + 1) * kv_dim]);
-        row[q_dim + kv_dim..].copy_from_slice(&dv[i * kv_dim..(i + 1) * kv_dim]);
         for head in row[..q_dim + kv_dim].chunks_exact_mut(hd) {
             apply_rope(head, cs, sn);
         }
