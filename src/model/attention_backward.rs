@@ -9,9 +9,9 @@
 
 use rayon::prelude::*;
 
-use super::attention_train::{head_rows_t, transpose_heads, with_scratch};
+use super::attention_train::{head_rows_t, transpose_heads};
 use crate::backend::cpu::gemm::{gemm_serial, MatRef};
-use crate::backend::cpu::{exp_shifted, max};
+use crate::backend::cpu::{exp_shifted, max, scratch};
 
 /// Query rows per tile: the tile's score block (`QTILE x tokens`) stays in L2 for the
 /// sequence lengths fine-tuning uses, and the GEMMs over it are large enough to run well.
@@ -97,8 +97,8 @@ fn head_backward(
     let mut g =
         HeadGrads { dq: vec![0f32; t * hd], dk: vec![0f32; t * hd], dv: vec![0f32; t * hd] };
     let mut scores = vec![0f32; t];
-    with_scratch(&WEIGHTS, QTILE * t, |p| {
-        with_scratch(&D_SCORES, QTILE * t, |dp| {
+    scratch::with(&WEIGHTS, QTILE * t, |p| {
+        scratch::with(&D_SCORES, QTILE * t, |dp| {
             for i0 in (0..t).step_by(QTILE) {
                 let rows = QTILE.min(t - i0);
                 tile_backward(a, (kt, vt), (h, kvh), (i0, rows), (p, dp, &mut scores), &mut g);

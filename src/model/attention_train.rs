@@ -11,7 +11,7 @@ use rayon::prelude::*;
 use super::activations::Capture;
 use crate::backend::cpu::gemm::{gemm_serial, MatRef};
 use crate::backend::cpu::paged_attention::{paged_attention, AttnSeq, AttnShape};
-use crate::backend::cpu::{exp_shifted, max};
+use crate::backend::cpu::{exp_shifted, max, scratch};
 use crate::kv::KvLayer;
 
 /// Query rows per task: the task's `QTILE x keys` scores stay in L2.
@@ -126,25 +126,10 @@ pub(super) fn transpose_heads(x: &[f32], len: usize, heads: usize, hd: usize) ->
     t
 }
 
-/// Row `r0..r0 + rows`, columns `0..cols` of head `h`'s `[head_dim, len]` block of a
-/// [`transpose_heads`] result.
+/// Head `h`'s `[head_dim, len]` block of a [`transpose_heads`] result, its first `cols`
+/// positions.
 pub(super) fn head_rows_t(t: &[f32], h: usize, hd: usize, len: usize, cols: usize) -> MatRef<'_> {
     MatRef { data: &t[h * hd * len..(h + 1) * hd * len], rows: hd, cols, rs: len, cs: 1 }
-}
-
-/// A buffer of `len` floats kept per thread across tasks (its stale values included).
-pub(super) fn with_scratch<R>(
-    slot: &'static std::thread::LocalKey<std::cell::Cell<Vec<f32>>>,
-    len: usize,
-    f: impl FnOnce(&mut [f32]) -> R,
-) -> R {
-    let mut v = slot.with(std::cell::Cell::take);
-    if v.len() < len {
-        v.resize(len, 0.0);
-    }
-    let r = f(&mut v[..len]);
-    slot.with(|s| s.set(v));
-    r
 }
 
 thread_local! {
@@ -164,8 +149,8 @@ fn head_tile(a: &ChunkAttention<'_>, kt: &[f32], h: usize, kvh: usize, i0: usize
     let q_t = MatRef::columns(&a.q[i0 * q_row..], rows, q_row, h * hd, hd);
     let v_all = MatRef::columns(a.v, keys, kv_row, kvh * hd, hd);
     let mut o = vec![0f32; rows * hd];
-    with_scratch(&SCORES, rows * keys, |s| {
-        with_scratch(&WEIGHTS, rows * keys, |p| {
+    scratch::with(&SCORES, rows * keys, |s| {
+        scratch::with(&WEIGHTS, rows * keys, |p| {
             gemm_serial(a.scale, q_t, head_rows_t(kt, kvh, hd, len, keys), false, s, keys);
             for (r, (srow, prow)) in s.chunks_exact(keys).zip(p.chunks_exact_mut(keys)).enumerate()
             {

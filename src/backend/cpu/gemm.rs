@@ -11,6 +11,8 @@
 
 use rayon::prelude::*;
 
+use super::scratch;
+
 mod kernels;
 
 /// Rows of a register tile: 6 x 2 accumulators + 2 `B` vectors + 1 broadcast fit 16 AVX regs.
@@ -163,7 +165,7 @@ fn run(
     let in_place = wide && alpha == 1.0 && a.cs == 1;
     let packed_from = if in_place { m / MR * MR } else { 0 };
     let len = (m.div_ceil(MR) * MR - packed_from) * k;
-    let mut buf = scratch::take(&scratch::A, len);
+    let mut buf = scratch::take(&SCRATCH_A, len);
     let pa = &mut buf[..len];
     let pack =
         |(ip, panel): (usize, &mut [f32])| pack_a_panel(&a, alpha, packed_from + ip * MR, m, panel);
@@ -205,9 +207,9 @@ fn run(
     } else {
         (0..tm * tn).for_each(task);
     }
-    scratch::put(&scratch::A, buf);
+    scratch::put(&SCRATCH_A, buf);
     if let Some(bp) = owned {
-        scratch::put(&scratch::B, bp.buf);
+        scratch::put(&SCRATCH_B, bp.buf);
     }
 }
 
@@ -250,8 +252,7 @@ impl PackedB {
         let (k, n) = (b.rows, b.cols);
         let from = if b.cs == 1 && !all { n / NR * NR } else { 0 };
         let width = (n - from).div_ceil(NR) * NR;
-        let mut buf =
-            if all { vec![0.0; k * width] } else { scratch::take(&scratch::B, k * width) };
+        let mut buf = if all { vec![0.0; k * width] } else { scratch::take(&SCRATCH_B, k * width) };
         if width > 0 {
             let pack = |(s, out): (usize, &mut [f32])| {
                 let p0 = s * KC;
@@ -268,36 +269,11 @@ impl PackedB {
     }
 }
 
-/// Packing buffers kept per thread between products, so a product neither allocates nor
-/// zeroes its panels (every packed value is written before it is read). A buffer is taken out
-/// while in use: a product nested on the same thread simply gets a fresh one.
-mod scratch {
-    use std::cell::Cell;
-    use std::thread::LocalKey;
-
-    pub(super) type Slot = LocalKey<Cell<Vec<f32>>>;
-
-    thread_local! {
-        pub(super) static A: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
-        pub(super) static B: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
-    }
-
-    /// A buffer of at least `len` floats (stale values included).
-    pub(super) fn take(slot: &'static Slot, len: usize) -> Vec<f32> {
-        let mut v = slot.with(Cell::take);
-        if v.len() < len {
-            v.resize(len, 0.0);
-        }
-        v
-    }
-
-    /// Returns a buffer taken with [`take`], keeping the larger of it and any other.
-    pub(super) fn put(slot: &'static Slot, v: Vec<f32>) {
-        slot.with(|s| {
-            let old = s.take();
-            s.set(if old.len() > v.len() { old } else { v });
-        });
-    }
+thread_local! {
+    /// Packing buffers kept per thread between products, so a product neither allocates nor
+    /// zeroes its panels (every packed value is written before it is read).
+    static SCRATCH_A: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+    static SCRATCH_B: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 /// One task: its tile of `C` over every `KC` slice of `k`, in order, reading `A` through

@@ -20,6 +20,7 @@ pub mod quant_ggml;
 pub mod quant_ggml_q4_1;
 mod quant_ggml_q4_1_layout;
 pub mod quant_ggml_q8_0;
+pub(crate) mod scratch;
 
 /// Lane count of the reductions: two AVX registers of f32.
 pub(crate) const LANES: usize = 16;
