@@ -23,7 +23,7 @@ pub struct Metrics {
     pub inter_token_latency_seconds: Histogram,
     pub e2e_request_latency_seconds: HistogramVec,
     pub request_queue_time_seconds: Histogram,
-    /// Label `kind`: decode | prefill | train_fwd. Tokens per iteration.
+    /// Label `kind`: decode | prefill | train_fwd | train_loss. Tokens (loss: rows) per iteration.
     pub iteration_tokens: HistogramVec,
     pub iteration_duration_seconds: Histogram,
     /// Backward layers run in an iteration that trained.

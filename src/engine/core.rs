@@ -275,18 +275,30 @@ impl EngineCore {
             }
         }
 
-        let (train_fwd, bwd_layer_tokens) = self.after_forward(train, fused);
+        let mut ran = self.after_forward(train, fused);
 
         self.metrics.iteration_tokens.with_label_values(&["decode"]).observe(n_decode as f64);
         self.metrics.iteration_tokens.with_label_values(&["prefill"]).observe(n_prefill as f64);
         if let Some(t) = train {
             let m = &self.metrics;
-            m.iteration_tokens.with_label_values(&["train_fwd"]).observe(train_fwd as f64);
+            m.iteration_tokens.with_label_values(&["train_fwd"]).observe(ran.tokens as f64);
+            m.iteration_tokens.with_label_values(&["train_loss"]).observe(ran.loss_rows as f64);
             m.iteration_bwd_layers.observe(t.work.backward_layers as f64);
         }
         let secs = started.elapsed().as_secs_f64();
         self.metrics.iteration_duration_seconds.observe(secs);
-        self.cost.observe(n_decode + n_prefill + train_fwd, bwd_layer_tokens, secs);
+        ran.tokens += n_decode + n_prefill;
+        tracing::trace!(
+            n_decode,
+            n_prefill,
+            train_fwd = ran.tokens - n_decode - n_prefill,
+            loss_rows = ran.loss_rows,
+            bwd_layer_tokens = ran.bwd_layer_tokens,
+            predicted_ms = self.cost.predict(&ran) * 1e3,
+            ms = secs * 1e3,
+            "iteration"
+        );
+        self.cost.observe(&ran, secs);
         self.update_gauges();
     }
 

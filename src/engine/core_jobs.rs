@@ -1,8 +1,9 @@
 //! The engine's fine-tuning jobs: starting, stopping and failing them, planning each
-//! iteration's training work and running what follows the forward (the loss, backward layers,
-//! optimizer steps), on the CPU model or on a device model.
+//! iteration's training work and running what follows the forward (loss rows, backward
+//! layers, optimizer steps), on the CPU model or on a device model.
 
 use super::core::{Compute, EngineCore, TrainSlot};
+use super::cost_model::IterationWork;
 use super::hybrid::{plan_training, FinetuneMode, TrainState, TrainWork};
 use super::job::{ActiveJob, JobEvent, TrainJobSpec};
 
@@ -100,6 +101,7 @@ impl EngineCore {
             }
             let st = TrainState {
                 forward_remaining: job.forward_remaining(),
+                loss_remaining: job.loss_remaining(),
                 backward_remaining: job.backward_remaining(),
                 sample_len: job.sample_len(),
             };
@@ -113,23 +115,24 @@ impl EngineCore {
         None
     }
 
-    /// Runs the training work after the forward: the loss when a sample's forward completes,
-    /// then backward layers; `fused`: the sample's tokens a device already forwarded among the
-    /// serving rows. Returns (training forward tokens, backward layer-tokens).
+    /// Runs the training work after the forward: loss rows once a sample's forward is
+    /// complete, then backward layers; `fused`: the sample's tokens a device already forwarded
+    /// among the serving rows. Returns the training work that ran (`tokens`: forward tokens).
     pub(super) fn after_forward(
         &mut self,
         train: Option<TrainSlot>,
         fused: usize,
-    ) -> (usize, usize) {
-        let Some(TrainSlot { job, work }) = train else { return (0, 0) };
+    ) -> IterationWork {
+        let none = IterationWork::default();
+        let Some(TrainSlot { job, work }) = train else { return none };
         if let Compute::Device { model, config, .. } = &mut self.compute {
-            let Some(j) = self.jobs.get_mut(job) else { return (0, 0) };
+            let Some(j) = self.jobs.get_mut(job) else { return none };
             let ran = j.run_on_device(model.as_mut(), work, config.num_layers, fused);
-            let (ran, done) = match ran {
+            let ((tokens, bwd_layer_tokens), done) = match ran {
                 Ok(r) => (r, j.finished),
                 Err(e) => {
                     self.fail_job(job, e);
-                    return (0, 0);
+                    return none;
                 }
             };
             if !j.has_sample() {
@@ -138,19 +141,21 @@ impl EngineCore {
             if done {
                 self.remove_finished(job);
             }
-            return ran;
+            return IterationWork { tokens, bwd_layer_tokens, loss_rows: 0 };
         }
-        let Compute::Host { model, kv } = &self.compute else { return (0, 0) };
-        let Some(bw) = self.backward_weights.as_ref() else { return (0, 0) };
-        let Some(j) = self.jobs.get_mut(job) else { return (0, 0) };
-        let mut bwd_layer_tokens = 0;
+        let Compute::Host { model, kv } = &self.compute else { return none };
+        let Some(bw) = self.backward_weights.as_ref() else { return none };
+        let Some(j) = self.jobs.get_mut(job) else { return none };
+        let mut ran = IterationWork { tokens: work.forward_tokens, ..IterationWork::default() };
         self.pool.install(|| {
-            if work.forward_tokens > 0 && j.forward_remaining() == 0 {
-                j.finish_forward(model, bw);
+            // Starts the loss once the forward is complete (with no rows: it only starts, or
+            // ends a sample without targets), or runs its rows.
+            if work.forward_tokens > 0 || work.loss_rows > 0 {
+                ran.loss_rows = j.run_loss(model, bw, work.loss_rows);
             }
             if work.backward_layers > 0 {
                 let len = j.sample_len();
-                bwd_layer_tokens = len * j.backward(model, bw, kv, work.backward_layers);
+                ran.bwd_layer_tokens = len * j.backward(model, bw, kv, work.backward_layers);
             }
         });
         if !j.has_sample() {
@@ -160,6 +165,6 @@ impl EngineCore {
         if j.finished {
             self.remove_finished(job);
         }
-        (work.forward_tokens, bwd_layer_tokens)
+        ran
     }
 }

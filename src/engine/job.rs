@@ -281,16 +281,27 @@ impl ActiveJob {
         matches!(self.phase, Phase::Validate { .. })
     }
 
-    /// After the sample's last forward chunk: its loss; in training, the gradient too.
-    pub fn finish_forward(&mut self, model: &Llama, bw: &BackwardWeights) {
+    /// Runs up to `max_rows` rows of the loss of the sample in flight once its forward is
+    /// complete (in training, with its gradient); books the loss when it ends. Returns the
+    /// rows run.
+    pub fn run_loss(&mut self, model: &Llama, bw: &BackwardWeights, max_rows: usize) -> usize {
         let scale = self.loss_scale();
-        let Some(s) = self.current.as_mut() else { return };
+        let Some(s) = self.current.as_mut() else { return 0 };
         let len = s.len();
-        let stats = match scale {
-            Some(scale) => s.finish_forward(model, bw, scale),
-            None => s.eval_loss(model),
-        };
-        self.record_loss(len, stats);
+        let (ran, ended) = s.run_loss(model, bw, scale.unwrap_or(0.0), max_rows);
+        if let Some(stats) = ended {
+            self.record_loss(len, stats);
+        }
+        ran
+    }
+
+    /// Rows of the loss the sample in flight still needs (on a device the loss runs with the
+    /// last forward chunk, so none).
+    pub fn loss_remaining(&self) -> usize {
+        match &self.device_sample {
+            Some(_) => 0,
+            None => self.current.as_ref().map_or(0, TrainingSample::loss_remaining),
+        }
     }
 
     /// The gradient scale of a training sample's loss (a mean over the batch's trained

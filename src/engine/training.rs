@@ -1,6 +1,7 @@
 //! One training sample's life in the engine: forwarded in chunks appended to iterations (over
-//! its own KV blocks, saving pruned activations), then its loss, then its backward a few
-//! layers per iteration, top-down. Its blocks free when the sample is dropped.
+//! its own KV blocks, saving pruned activations), then its loss a few rows per iteration, then
+//! its backward a few layers per iteration, top-down. Its blocks free when the sample is
+//! dropped.
 
 use std::ops::Range;
 
@@ -11,7 +12,7 @@ use crate::model::activations::{Capture, SavedActivations};
 use crate::model::backward::{backward_layer, BackwardScratch, BackwardWeights, LayerBackward};
 use crate::model::llama::{ForwardBatch, Llama};
 use crate::model::lora_apply::{LoraSlice, TrainRows};
-use crate::model::loss::{lm_loss, LossStats};
+use crate::model::loss::{LossRun, LossStats};
 
 pub struct TrainingSample {
     pub tokens: Vec<u32>,
@@ -25,6 +26,9 @@ pub struct TrainingSample {
     dropout_seed: u64,
     /// Validation: no dropout, loss only.
     eval: bool,
+    /// Started once the forward is complete; its gradient goes to `dh` until it ends.
+    loss: Option<(LossRun, Vec<f32>)>,
+    loss_ended: bool,
     backward: Option<Backward>,
 }
 
@@ -73,6 +77,8 @@ impl TrainingSample {
             forwarded: 0,
             dropout_seed,
             eval: false,
+            loss: None,
+            loss_ended: false,
             backward: None,
         })
     }
@@ -97,6 +103,18 @@ impl TrainingSample {
 
     pub fn forwarded(&self) -> usize {
         self.forwarded
+    }
+
+    /// Rows of the loss still to run: 0 until the forward is complete and once the loss
+    /// has ended.
+    pub fn loss_remaining(&self) -> usize {
+        if self.forward_remaining() > 0 || self.loss_ended {
+            return 0;
+        }
+        match &self.loss {
+            Some((run, _)) => run.remaining(),
+            None => self.targets().iter().flatten().count(),
+        }
     }
 
     /// Layers of backward still to run (0 before the forward ends and after the backward).
@@ -171,29 +189,56 @@ impl TrainingSample {
             .collect()
     }
 
-    /// After the last chunk of an evaluation sample: its loss.
-    pub fn eval_loss(&self, model: &Llama) -> LossStats {
-        lm_loss(model, None, &self.acts.h_final, &self.targets(), 0.0, None)
+    /// Runs up to `max_rows` more rows of the loss once the forward is complete (starting it
+    /// if need be; with `max_rows` 0 that only starts it). In training, `grad_scale` weights
+    /// this sample's loss in the optimizer step and the loss's gradient starts the backward;
+    /// an evaluation sample's loss has none. Returns the rows run and, when this call ended
+    /// the loss, the sample's loss.
+    pub fn run_loss(
+        &mut self,
+        model: &Llama,
+        bw: &BackwardWeights,
+        grad_scale: f32,
+        max_rows: usize,
+    ) -> (usize, Option<LossStats>) {
+        if self.forward_remaining() > 0 || self.loss_ended {
+            return (0, None);
+        }
+        let grad = (!self.eval).then_some(grad_scale);
+        let hidden = model.config.hidden_size;
+        let len = self.len();
+        let targets = self.targets();
+        let (run, dh) = self.loss.get_or_insert_with(|| {
+            let dh = if grad.is_some() { vec![0f32; len * hidden] } else { Vec::new() };
+            (LossRun::new(&targets, grad), dh)
+        });
+        let g = grad.map(|_| (bw, dh.as_mut_slice()));
+        let ran = run.run(model, &self.acts.h_final, g, max_rows);
+        if run.remaining() > 0 {
+            return (ran, None);
+        }
+        let stats = run.stats();
+        self.loss_ended = true;
+        if let Some((_, dh)) = self.loss.take() {
+            if !self.eval {
+                self.backward = Some(Backward {
+                    remaining: model.layers.len(),
+                    dh,
+                    scratch: BackwardScratch::default(),
+                });
+            }
+        }
+        (ran, Some(stats))
     }
 
-    /// After the last chunk: the loss over the trained tokens and its gradient, which starts
-    /// the backward. `grad_scale` weights this sample's loss in the optimizer step.
+    /// The whole loss at once after the last chunk (see [`TrainingSample::run_loss`]).
     pub fn finish_forward(
         &mut self,
         model: &Llama,
         bw: &BackwardWeights,
         grad_scale: f32,
     ) -> LossStats {
-        let targets = self.targets();
-        let mut dh = vec![0f32; self.len() * model.config.hidden_size];
-        let stats =
-            lm_loss(model, Some(bw), &self.acts.h_final, &targets, grad_scale, Some(&mut dh));
-        self.backward = Some(Backward {
-            remaining: model.layers.len(),
-            dh,
-            scratch: BackwardScratch::default(),
-        });
-        stats
+        self.run_loss(model, bw, grad_scale, usize::MAX).1.unwrap_or_default()
     }
 
     /// Runs up to `max_layers` layers of the backward; returns how many ran.

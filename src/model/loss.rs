@@ -57,64 +57,108 @@ pub fn lm_loss(
     h: &[f32],
     targets: &[Option<u32>],
     grad_scale: f32,
-    mut dh: Option<&mut [f32]>,
+    dh: Option<&mut [f32]>,
 ) -> LossStats {
-    let c = &model.config;
-    let hs = c.hidden_size;
-    let eps = c.rms_norm_eps as f32;
-    let head = model.lm_head();
-    let vocab = head.rows;
-    let rows: Vec<(usize, u32)> =
-        targets.iter().enumerate().filter_map(|(i, t)| t.map(|t| (i, t))).collect();
-    let mut stats = LossStats::default();
-    // The logits buffer is kept per thread between calls: a fresh one per chunk cost page
-    // faults and zeroing of 25 MiB. The head's product overwrites every value it reads.
-    thread_local! {
-        static LOGITS: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+    let grad = bw.zip(dh);
+    let mut run = LossRun::new(targets, grad.is_some().then_some(grad_scale));
+    run.run(model, h, grad, usize::MAX);
+    run.stats()
+}
+
+/// A sample's loss computed a few rows at a time, so that it can be spread over iterations.
+/// Its results have the same bits however it is split: every row's loss and gradient are
+/// computed alone, and the losses are added in row order.
+#[derive(Debug, Clone)]
+pub struct LossRun {
+    /// `(row of h, target)` for every row with a target.
+    rows: Vec<(usize, u32)>,
+    next: usize,
+    grad_scale: Option<f32>,
+    stats: LossStats,
+}
+
+impl LossRun {
+    /// `grad_scale`: the gradient's weight, `None` for the loss alone.
+    pub fn new(targets: &[Option<u32>], grad_scale: Option<f32>) -> Self {
+        let rows = targets.iter().enumerate().filter_map(|(i, t)| t.map(|t| (i, t))).collect();
+        Self { rows, next: 0, grad_scale, stats: LossStats::default() }
     }
-    let mut buf = LOGITS.take();
-    let need = rows.len().min(ROWS) * vocab;
-    if buf.len() < need {
-        buf.resize(need, 0.0);
+
+    /// Rows with a target still to run.
+    pub fn remaining(&self) -> usize {
+        self.rows.len() - self.next
     }
-    for chunk in rows.chunks(ROWS) {
-        let n = chunk.len();
-        let mut hr = Vec::with_capacity(n * hs);
-        for &(i, _) in chunk {
-            hr.extend_from_slice(&h[i * hs..(i + 1) * hs]);
+
+    /// The loss over the rows run so far.
+    pub fn stats(&self) -> LossStats {
+        self.stats
+    }
+
+    /// Runs up to `max_rows` more rows; returns how many ran. With `grad` (and a gradient
+    /// scale), writes their rows of `grad_scale · ∂loss/∂h` into its `dh` (`[rows, hidden]`).
+    pub fn run(
+        &mut self,
+        model: &Llama,
+        h: &[f32],
+        mut grad: Option<(&BackwardWeights, &mut [f32])>,
+        max_rows: usize,
+    ) -> usize {
+        let c = &model.config;
+        let hs = c.hidden_size;
+        let eps = c.rms_norm_eps as f32;
+        let head = model.lm_head();
+        let vocab = head.rows;
+        let end = self.next + max_rows.min(self.remaining());
+        let rows = &self.rows[self.next..end];
+        let grad_scale = self.grad_scale.filter(|_| grad.is_some());
+        // The logits buffer is kept per thread between calls: a fresh one per chunk cost page
+        // faults and zeroing of 25 MiB. The head's product overwrites every value it reads.
+        thread_local! {
+            static LOGITS: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
         }
-        let mut x = vec![0f32; n * hs];
-        rms_norm(&hr, &model.norm, eps, &mut x);
-        let logits = &mut buf[..n * vocab];
-        head.forward(&x, n, logits);
-        // Rows are independent; their results are added in row order below.
-        let per_row: Vec<(f64, bool)> = logits
-            .par_chunks_exact_mut(vocab)
-            .zip(chunk)
-            .map_init(
-                || vec![0f32; vocab],
-                |probs, (row, &(_, target))| {
-                    row_loss(row, target as usize, bw.map(|_| grad_scale), probs)
-                },
-            )
-            .collect();
-        for (loss, correct) in per_row {
-            stats.loss_sum += loss;
-            stats.correct += usize::from(correct);
-            stats.count += 1;
+        let mut buf = LOGITS.take();
+        let need = rows.len().min(ROWS) * vocab;
+        if buf.len() < need {
+            buf.resize(need, 0.0);
         }
-        if let (Some(bw), Some(dh)) = (bw, dh.as_deref_mut()) {
-            let mut dx = vec![0f32; n * hs];
-            gemm_weight(MatRef::new(logits, n, vocab), &bw.head, false, &mut dx, hs);
-            let mut dhr = vec![0f32; n * hs];
-            rms_norm_backward(&hr, &model.norm, eps, &dx, &mut dhr);
-            for (k, &(i, _)) in chunk.iter().enumerate() {
-                dh[i * hs..(i + 1) * hs].copy_from_slice(&dhr[k * hs..(k + 1) * hs]);
+        for chunk in rows.chunks(ROWS) {
+            let n = chunk.len();
+            let mut hr = Vec::with_capacity(n * hs);
+            for &(i, _) in chunk {
+                hr.extend_from_slice(&h[i * hs..(i + 1) * hs]);
+            }
+            let mut x = vec![0f32; n * hs];
+            rms_norm(&hr, &model.norm, eps, &mut x);
+            let logits = &mut buf[..n * vocab];
+            head.forward(&x, n, logits);
+            // Rows are independent; their results are added in row order below.
+            let per_row: Vec<(f64, bool)> = logits
+                .par_chunks_exact_mut(vocab)
+                .zip(chunk)
+                .map_init(
+                    || vec![0f32; vocab],
+                    |probs, (row, &(_, target))| row_loss(row, target as usize, grad_scale, probs),
+                )
+                .collect();
+            for (loss, correct) in per_row {
+                self.stats.loss_sum += loss;
+                self.stats.correct += usize::from(correct);
+                self.stats.count += 1;
+            }
+            if let (Some(_), Some((bw, dh))) = (grad_scale, grad.as_mut()) {
+                let mut dx = vec![0f32; n * hs];
+                gemm_weight(MatRef::new(logits, n, vocab), &bw.head, false, &mut dx, hs);
+                let mut dhr = vec![0f32; n * hs];
+                rms_norm_backward(&hr, &model.norm, eps, &dx, &mut dhr);
+                for (k, &(i, _)) in chunk.iter().enumerate() {
+                    dh[i * hs..(i + 1) * hs].copy_from_slice(&dhr[k * hs..(k + 1) * hs]);
+                }
             }
         }
+        LOGITS.set(buf);
+        self.next = end;
+        rows.len()
     }
-    LOGITS.set(buf);
-    stats
 }
 
 /// Negative log-likelihood of `target` under one row of logits and whether the argmax hits

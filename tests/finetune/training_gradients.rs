@@ -1,6 +1,7 @@
 //! Token-level training against candle autograd: the chunked forward (chunks of 1, 3, 7 and
 //! the whole sample) followed by the layer-by-layer backward gives the same loss and LoRA
-//! gradients as differentiating the whole sequence at once.
+//! gradients as differentiating the whole sequence at once; the loss spread over iterations a
+//! few rows at a time gives the same bits as the loss at once.
 
 use crate::common;
 
@@ -34,6 +35,7 @@ fn token_level(
     adapter: &LoraWeights,
     case: &Case,
     chunk: usize,
+    loss_rows: Option<usize>,
     bwd_layers: usize,
 ) -> Ours {
     let Case { tokens, trained, dropout_seed } = case;
@@ -58,8 +60,22 @@ fn token_level(
         forward_chunk_alone(model, &mut kv, adapter, &mut sample, chunk);
     }
     let count = trained.iter().skip(1).filter(|t| **t).count();
-    let stats = sample.finish_forward(model, bw, 1.0 / count as f32);
+    let scale = 1.0 / count as f32;
+    let stats = match loss_rows {
+        None => sample.finish_forward(model, bw, scale),
+        Some(rows) => loop {
+            let before = sample.loss_remaining();
+            let (ran, ended) = sample.run_loss(model, bw, scale, rows);
+            assert_eq!(ran, rows.min(before));
+            assert_eq!(sample.loss_remaining(), before - ran);
+            if let Some(stats) = ended {
+                break stats;
+            }
+            assert_eq!(sample.backward_remaining(), 0, "the backward waits for the loss");
+        },
+    };
     assert_eq!(stats.count, count);
+    assert_eq!(sample.loss_remaining(), 0);
     let mut grads = adapter.clone();
     grads.fill_zero();
     while !sample.is_done() {
@@ -109,7 +125,7 @@ fn check(shape: TinyShape, gguf: bool, config: LoraConfig, dropout_seed: u64) {
     for chunk in [1, 3, 7, n] {
         for bwd_layers in [1, shape.layers] {
             let what = format!("{shape:?} chunk {chunk}, {bwd_layers} layers per backward step");
-            let ours = token_level(&model, &bw, &adapter, &case, chunk, bwd_layers);
+            let ours = token_level(&model, &bw, &adapter, &case, chunk, None, bwd_layers);
             let rel = ((ours.loss - want.loss) / want.loss).abs();
             assert!(rel < TOL as f64, "{what}: loss {} vs {}", ours.loss, want.loss);
             assert_close(&ours.grads, &want.grads, &what);
@@ -145,4 +161,33 @@ fn some_projections_with_dropout() {
         target_modules: vec![TargetModule::VProj, TargetModule::OProj, TargetModule::DownProj],
     };
     check(shape, true, config, 1234);
+}
+
+/// Bit-for-bit: the loss run a few rows per call equals the loss run at once, loss and every
+/// gradient (rows are independent, and their losses add in row order).
+#[test]
+fn loss_in_pieces_has_the_same_bits() {
+    let shape = TinyShape { layers: 2, tied: false, seed: 7, ..TinyShape::default() };
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_hf_dir(dir.path(), &shape);
+    let model = load_model(&path, WeightsDtype::F32).unwrap().model;
+    let bw = BackwardWeights::new(&model);
+    let config = LoraConfig { r: 4, alpha: 8.0, dropout: 0.1, ..LoraConfig::default() };
+    let adapter = random_adapter(&model, config.validated().unwrap(), 13);
+    let n = 41;
+    let tokens = sample_tokens(shape.vocab(), n, shape.seed);
+    let trained: Vec<bool> = (0..n).map(|i| i >= 6 && i % 9 != 0).collect();
+    let case = Case { tokens, trained, dropout_seed: 99 };
+    let whole = token_level(&model, &bw, &adapter, &case, 7, None, 1);
+    for rows in [1, 5, 13, 200] {
+        let ours = token_level(&model, &bw, &adapter, &case, 7, Some(rows), 1);
+        assert_eq!(ours.loss.to_bits(), whole.loss.to_bits(), "{rows} rows at a time");
+        for (lo, lw) in ours.grads.layers.iter().zip(&whole.grads.layers) {
+            for (o, w) in lo.iter().zip(lw).filter_map(|(o, w)| o.as_ref().zip(w.as_ref())) {
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&o.a), bits(&w.a), "{rows} rows at a time: dA");
+                assert_eq!(bits(&o.b), bits(&w.b), "{rows} rows at a time: dB");
+            }
+        }
+    }
 }
