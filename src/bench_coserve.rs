@@ -1,7 +1,13 @@
 //! `coserve bench-coserve`: FlexLLM's headline experiment at CPU scale. For each fine-tuning
 //! mode it starts a server, starts a fine-tuning job, then drives `/v1/completions` with
 //! Poisson arrivals at several rates, reporting fine-tuning tokens/s (training forward
-//! tokens per second over the load window) next to inference TTFT and inter-token latency.
+//! tokens per second over the load window) next to inference TTFT, inter-token latency and
+//! time per output token.
+//!
+//! Inter-token latency is the gap between streamed events that carry text, so a token whose
+//! text is held back (part of a character) makes the next gap two iterations long; time per
+//! output token is each request's generation time after its first token over its later
+//! tokens, which such merges do not skew.
 
 use std::time::{Duration, Instant};
 
@@ -53,6 +59,14 @@ pub struct CoserveResult {
     pub ttft_p99_ms: f64,
     pub itl_p50_ms: f64,
     pub itl_p99_ms: f64,
+    pub tpot_p50_ms: f64,
+    pub tpot_p99_ms: f64,
+}
+
+/// A request's mean time per output token after its first (None with fewer than two).
+fn tpot_ms(s: &Sample) -> Option<f64> {
+    let later = s.tokens.checked_sub(1).filter(|&n| n > 0 && s.ok)?;
+    Some(s.gaps.iter().map(Duration::as_secs_f64).sum::<f64>() * 1e3 / later as f64)
 }
 
 fn training_file(words: usize) -> String {
@@ -164,7 +178,7 @@ pub async fn run(args: CoserveBenchArgs) -> Result<Vec<CoserveResult>, String> {
     let client = reqwest::Client::builder().build().map_err(|e| e.to_string())?;
     let mut results = Vec::new();
     println!(
-        "{:>14} {:>5} {:>5} {:>4} {:>10} {:>9} {:>10} {:>10} {:>9} {:>9}",
+        "{:>14} {:>5} {:>5} {:>4} {:>10} {:>9} {:>10} {:>10} {:>9} {:>9} {:>9} {:>9}",
         "mode",
         "rate",
         "reqs",
@@ -174,7 +188,9 @@ pub async fn run(args: CoserveBenchArgs) -> Result<Vec<CoserveResult>, String> {
         "ttft p50",
         "ttft p99",
         "itl p50",
-        "itl p99"
+        "itl p99",
+        "tpot p50",
+        "tpot p99"
     );
     for &mode in &args.modes {
         let data =
@@ -206,8 +222,10 @@ pub async fn run(args: CoserveBenchArgs) -> Result<Vec<CoserveResult>, String> {
                 samples.iter().filter_map(|s| s.ttft).map(|d| d.as_secs_f64() * 1e3).collect();
             let mut itl: Vec<f64> =
                 samples.iter().flat_map(|s| s.gaps.iter().map(|d| d.as_secs_f64() * 1e3)).collect();
+            let mut tpot: Vec<f64> = samples.iter().filter_map(tpot_ms).collect();
             ttft.sort_by(f64::total_cmp);
             itl.sort_by(f64::total_cmp);
+            tpot.sort_by(f64::total_cmp);
             let r = CoserveResult {
                 mode: mode.to_string(),
                 rate,
@@ -220,9 +238,12 @@ pub async fn run(args: CoserveBenchArgs) -> Result<Vec<CoserveResult>, String> {
                 ttft_p99_ms: percentile(&ttft, 0.99),
                 itl_p50_ms: percentile(&itl, 0.5),
                 itl_p99_ms: percentile(&itl, 0.99),
+                tpot_p50_ms: percentile(&tpot, 0.5),
+                tpot_p99_ms: percentile(&tpot, 0.99),
             };
             println!(
-                "{:>14} {:>5} {:>5} {:>4} {:>10.1} {:>9.1} {:>8.0}ms {:>8.0}ms {:>7.0}ms {:>7.0}ms",
+                "{:>14} {:>5} {:>5} {:>4} {:>10.1} {:>9.1} {:>8.0}ms {:>8.0}ms {:>7.0}ms {:>7.0}ms \
+                 {:>7.0}ms {:>7.0}ms",
                 r.mode,
                 r.rate,
                 r.requests,
@@ -232,7 +253,9 @@ pub async fn run(args: CoserveBenchArgs) -> Result<Vec<CoserveResult>, String> {
                 r.ttft_p50_ms,
                 r.ttft_p99_ms,
                 r.itl_p50_ms,
-                r.itl_p99_ms
+                r.itl_p99_ms,
+                r.tpot_p50_ms,
+                r.tpot_p99_ms
             );
             results.push(r);
         }
