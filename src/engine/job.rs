@@ -243,7 +243,8 @@ impl ActiveJob {
         }
     }
 
-    fn dropout_seed(&self) -> u64 {
+    /// The seed of the LoRA dropout masks of the sample in flight.
+    pub(super) fn dropout_seed(&self) -> u64 {
         let mut h = self.hyper.seed ^ 0xD1B5_4A32_D192_ED03;
         for v in [self.step, self.batch_done as u64] {
             h = (h ^ v).wrapping_mul(0x9E37_79B9_7F4A_7C15);

@@ -59,6 +59,12 @@ impl ActiveJob {
         }
         let len = tokens.len();
         let sample = TrainSample::new(tokens, &trained, blocks.block_ids().to_vec());
+        // Validation forwards without dropout, as on the CPU.
+        let sample = if self.is_validating() {
+            sample
+        } else {
+            sample.with_dropout_seed(self.dropout_seed())
+        };
         dev.train_begin(key, sample).map_err(|e| e.to_string())?;
         self.step_started.get_or_insert_with(Instant::now);
         self.device_sample =

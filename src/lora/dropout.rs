@@ -16,6 +16,14 @@ fn mix(seed: u64, layer: usize, module: usize, pos: usize) -> u64 {
     h
 }
 
+/// One training sample's LoRA dropout: the probability and the sample's seed (the mask of a
+/// row then follows from its layer, projection and depth).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SampleDropout {
+    pub p: f32,
+    pub seed: u64,
+}
+
 /// Multiplies `x` in place by the inverted-dropout mask of one token row: each element is
 /// zeroed with probability `p`, kept ones are scaled by `1 / (1 - p)`.
 pub fn apply_dropout(x: &mut [f32], p: f32, seed: u64, layer: usize, module: usize, pos: usize) {

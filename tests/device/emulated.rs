@@ -206,7 +206,7 @@ async fn a_server_on_the_emulated_device_samples_and_fine_tunes() {
     let job = json!({"model": model_id, "training_file": file["id"],
                      "method": {"type": "supervised", "supervised": {
                          "hyperparameters": {"n_epochs": 2, "batch_size": 2},
-                         "lora": {"r": 4, "alpha": 8}}}});
+                         "lora": {"r": 4, "alpha": 8, "dropout": 0.1}}}});
     let r = c.post(format!("{base}/v1/fine_tuning/jobs")).json(&job).send().await.unwrap();
     assert_eq!(r.status(), 200);
     let job: Value = r.json().await.unwrap();

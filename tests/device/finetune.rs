@@ -45,12 +45,20 @@ fn engine(path: &std::path::Path, backend: Backend) -> TestEngine {
 }
 
 fn spec(id: &str, resume: Option<ResumePoint>) -> (TrainJobSpec, flume::Receiver<JobEvent>) {
+    spec_with_dropout(id, resume, 0.0)
+}
+
+fn spec_with_dropout(
+    id: &str,
+    resume: Option<ResumePoint>,
+    dropout: f32,
+) -> (TrainJobSpec, flume::Receiver<JobEvent>) {
     let (tx, rx) = flume::unbounded();
     let spec = TrainJobSpec {
         id: id.into(),
         train: Arc::new(examples(6, 24)),
         validation: Arc::new(examples(2, 16)),
-        lora: LoraConfig { r: 4, alpha: 8.0, ..LoraConfig::default() },
+        lora: LoraConfig { r: 4, alpha: 8.0, dropout, ..LoraConfig::default() },
         hyper: TrainHyper {
             n_epochs: 2,
             batch_size: 4,
@@ -64,9 +72,9 @@ fn spec(id: &str, resume: Option<ResumePoint>) -> (TrainJobSpec, flume::Receiver
     (spec, rx)
 }
 
-fn run_job(path: &std::path::Path, backend: Backend) -> Run {
+fn run_job(path: &std::path::Path, backend: Backend, dropout: f32) -> Run {
     let e = engine(path, backend);
-    let (s, rx) = spec("ftjob-dev", None);
+    let (s, rx) = spec_with_dropout("ftjob-dev", None, dropout);
     e.handle.start_job(s).unwrap();
     // Inference alongside: the job's samples share iterations with a request.
     let params = SamplingParams { max_tokens: 20, ignore_eos: true, ..SamplingParams::default() };
@@ -161,11 +169,22 @@ fn counting(backend: Backend) -> (Backend, Arc<Mutex<[usize; 2]>>) {
 /// ride in the serving forwards while the request decodes, and forward alone after.
 #[test]
 fn a_job_on_the_device_ends_where_the_cpu_job_ends() {
+    same_job_on_both(0.0);
+}
+
+/// With LoRA dropout the device draws the CPU's masks for the same samples (and none for
+/// validation), so the job still ends where the CPU job ends.
+#[test]
+fn a_job_with_dropout_on_the_device_ends_where_the_cpu_job_ends() {
+    same_job_on_both(0.1);
+}
+
+fn same_job_on_both(dropout: f32) {
     let dir = tempfile::tempdir().unwrap();
     let path = write_gguf(dir.path(), &shape());
-    let cpu = run_job(&path, Backend::Cpu);
+    let cpu = run_job(&path, Backend::Cpu, dropout);
     let (backend, counts) = counting(exact_twin_backend());
-    let dev = run_job(&path, backend);
+    let dev = run_job(&path, backend, dropout);
     let [fused, alone] = *counts.lock().unwrap();
     assert!(fused > 0 && alone > 0, "sample tokens fused {fused}, alone {alone}");
     assert_eq!(dev.steps.len(), 4, "6 examples, batch 4, 2 epochs");
@@ -193,7 +212,7 @@ fn a_job_on_the_device_ends_where_the_cpu_job_ends() {
 fn a_device_job_learns_and_resumes_from_its_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let path = write_gguf(dir.path(), &shape());
-    let whole = run_job(&path, twin_backend());
+    let whole = run_job(&path, twin_backend(), 0.0);
     let (first, last) = (whole.steps[0].train_loss, whole.steps[3].train_loss);
     assert!(last < first, "loss {first} -> {last}");
 

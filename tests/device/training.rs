@@ -1,6 +1,7 @@
 //! The device training step (`decoder::train`) through the kernels' CPU twins (`HostOps`, with
 //! the device's bf16 roundings) against candle autograd in f32: the same loss and LoRA
-//! gradients up to bf16 error, and AdamW on the device as the CPU optimizer.
+//! gradients up to bf16 error (with LoRA dropout too, its masks the CPU's), and AdamW on the
+//! device as the CPU optimizer.
 
 use crate::common;
 
@@ -61,6 +62,8 @@ struct Setup {
     adapter: LoraWeights,
     tokens: Vec<u32>,
     trained: Vec<bool>,
+    /// The sample's dropout seed (used when the adapter has dropout).
+    seed: u64,
     _dir: tempfile::TempDir,
 }
 
@@ -72,7 +75,7 @@ fn setup(shape: TinyShape, config: LoraConfig) -> Setup {
     let n = 29;
     let tokens = synthetic_tokens(shape.vocab(), n, shape.seed);
     let trained: Vec<bool> = (0..n).map(|i| (9..26).contains(&i)).collect();
-    Setup { shape, model, adapter, tokens, trained, _dir: dir }
+    Setup { shape, model, adapter, tokens, trained, seed: 1234, _dir: dir }
 }
 
 /// One sample's loss and gradients on the twins, its blocks scattered over the cache.
@@ -86,7 +89,7 @@ fn device_step(su: &Setup, adam: AdamWConfig) -> (HostOps, TrainAdapter<Vec<f32>
     let mut ad = TrainAdapter::new(&mut ops, &h.shape, &su.adapter, adam).unwrap();
     let mut sc = TrainScratch::new(&mut ops, &h.shape, &ad, 32).unwrap();
     let table = vec![7, 2, 11, 0, 5, 9, 1, 3];
-    let sample = TrainSample::new(su.tokens.clone(), &su.trained, table);
+    let sample = TrainSample::new(su.tokens.clone(), &su.trained, table).with_dropout_seed(su.seed);
     let count = su.trained.iter().skip(1).filter(|t| **t).count();
     let (s, w, f) = (&h.shape, &h.weights, &h.inv_freq);
     let stats =
@@ -100,7 +103,7 @@ fn device_step(su: &Setup, adam: AdamWConfig) -> (HostOps, TrainAdapter<Vec<f32>
 /// runs), the loss stays within bf16 error of it and every gradient tensor points the same way.
 fn check(shape: TinyShape, config: LoraConfig) {
     let su = setup(TinyShape { bf16_weights: true, ..shape }, config);
-    let want = oracle(&su.shape, &su.adapter, &su.tokens, &su.trained, 0);
+    let want = oracle(&su.shape, &su.adapter, &su.tokens, &su.trained, su.seed);
 
     let (mut ops, ad, loss, _) = without_rounding(|| device_step(&su, AdamWConfig::default()));
     let rel = ((loss - want.loss) / want.loss).abs();
@@ -127,7 +130,8 @@ fn token_level(su: &Setup, chunk: usize, bwd: usize, with_serving: bool) -> (f64
     let mut ad = TrainAdapter::new(&mut ops, s, &su.adapter, AdamWConfig::default()).unwrap();
     let mut sc = TrainScratch::new(&mut ops, s, &ad, 32).unwrap();
     let table = vec![7, 2, 11, 0, 5, 9, 1, 3];
-    sc.begin(TrainSample::new(su.tokens.clone(), &su.trained, table)).unwrap();
+    let sample = TrainSample::new(su.tokens.clone(), &su.trained, table);
+    sc.begin(sample.with_dropout_seed(su.seed)).unwrap();
     let mut fsc = Scratch::with_logits_rows(&mut ops, s, 64, 0).unwrap();
     let mut served = SeqRows {
         tokens: vec![4, 9, 2],
@@ -176,7 +180,8 @@ fn token_level(su: &Setup, chunk: usize, bwd: usize, with_serving: bool) -> (f64
 }
 
 /// Token-level: chunked forwards (alone or among served rows) and a backward spread over calls
-/// give the whole-sample gradients, exactly with the twins' roundings off.
+/// give the whole-sample gradients, exactly with the twins' roundings off, with and without
+/// LoRA dropout (drawn for the sample's rows only, whatever rows share their forward).
 #[test]
 fn twin_token_level_training_matches_autograd() {
     let shape = TinyShape {
@@ -186,16 +191,19 @@ fn twin_token_level_training_matches_autograd() {
         bf16_weights: true,
         ..TinyShape::default()
     };
-    let su = setup(shape, LoraConfig { r: 4, alpha: 8.0, ..LoraConfig::default() });
-    let want = oracle(&su.shape, &su.adapter, &su.tokens, &su.trained, 0);
-    for (chunk, bwd, serving) in [(1, 1, false), (3, 2, true), (7, 1, true), (29, 2, false)] {
-        let what =
-            format!("chunks of {chunk}, {bwd} layers per call, with serving rows: {serving}");
-        let (loss, grads) = without_rounding(|| token_level(&su, chunk, bwd, serving));
-        let rel = ((loss - want.loss) / want.loss).abs();
-        assert!(rel < EXACT_TOL as f64, "{what}: loss {loss} vs {}", want.loss);
-        let (err, at) = worst_relative(&grads, &want.grads);
-        assert!(err <= EXACT_TOL, "{what}: {at}: relative error {err:e}");
+    for dropout in [0.0, 0.2] {
+        let su = setup(shape, LoraConfig { r: 4, alpha: 8.0, dropout, ..LoraConfig::default() });
+        let want = oracle(&su.shape, &su.adapter, &su.tokens, &su.trained, su.seed);
+        for (chunk, bwd, serving) in [(1, 1, false), (3, 2, true), (7, 1, true), (29, 2, false)] {
+            let what = format!(
+                "dropout {dropout}, chunks of {chunk}, {bwd} layers per call, serving rows: {serving}"
+            );
+            let (loss, grads) = without_rounding(|| token_level(&su, chunk, bwd, serving));
+            let rel = ((loss - want.loss) / want.loss).abs();
+            assert!(rel < EXACT_TOL as f64, "{what}: loss {loss} vs {}", want.loss);
+            let (err, at) = worst_relative(&grads, &want.grads);
+            assert!(err <= EXACT_TOL, "{what}: {at}: relative error {err:e}");
+        }
     }
 }
 
@@ -253,13 +261,16 @@ fn twin_optimizer_step_matches_the_cpu_adamw() {
     assert_eq!(ad.step, 1);
 }
 
+/// LoRA dropout on the device: the CPU's masks, so the step equals autograd's with them.
 #[test]
-fn dropout_is_refused_on_the_device() {
-    let shape = TinyShape { hidden: 128, intermediate: 256, ..TinyShape::default() };
-    let su = setup(shape, LoraConfig { r: 4, alpha: 8.0, dropout: 0.1, ..LoraConfig::default() });
-    let h = from_llama(&su.model, 4).unwrap();
-    let err = TrainAdapter::new(&mut HostOps, &h.shape, &su.adapter, AdamWConfig::default())
-        .err()
-        .expect("refused");
-    assert!(err.to_string().contains("dropout"), "{err}");
+fn twin_training_step_with_dropout_matches_autograd() {
+    let shape = TinyShape { hidden: 128, intermediate: 256, seed: 5, ..TinyShape::default() };
+    use TargetModule::*;
+    let config = LoraConfig {
+        r: 4,
+        alpha: 8.0,
+        dropout: 0.1,
+        target_modules: vec![QProj, VProj, OProj, UpProj, DownProj],
+    };
+    check(shape, config);
 }

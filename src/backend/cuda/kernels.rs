@@ -39,7 +39,10 @@ pub const KERNEL_FILES: &[KernelFile] = &[
     ),
     kernel_file!("sampling.cu", ["argmax_logprob_f32", "sample_rows_f32"]),
     kernel_file!("cross_entropy.cu", ["cross_entropy_f32"]),
-    kernel_file!("lora.cu", ["lora_shrink_bf16", "lora_expand_bf16"]),
+    kernel_file!(
+        "lora.cu",
+        ["lora_shrink_bf16", "lora_expand_bf16", "lora_dropout_bf16", "lora_dropout_add_f32"]
+    ),
     kernel_file!("adamw.cu", ["adamw_f32"]),
     kernel_file!("init.cu", ["fill_uniform_bf16"]),
     kernel_file!(

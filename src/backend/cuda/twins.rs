@@ -5,6 +5,7 @@
 use half::bf16;
 
 use crate::backend::cpu::paged_attention::{paged_attention, AttnSeq, AttnShape};
+use crate::lora::dropout::{apply_dropout, SampleDropout};
 
 thread_local! {
     static EXACT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
@@ -246,6 +247,46 @@ pub fn lora(
                 ad.b[n * ad.rank..(n + 1) * ad.rank].iter().zip(&u).map(|(b, u)| b * u).sum();
             *yv = round_bf16(*yv + ad.scale * s);
         }
+    }
+}
+
+/// `lora_dropout_bf16`: `out = x` (`width`-wide rows), with rows `drop_rows` (a training
+/// sample's; row `t` at depth `pos[t]`) dropped as the CPU's training drops them, in bf16.
+#[allow(clippy::too_many_arguments)]
+pub fn lora_dropout(
+    x: &[f32],
+    out: &mut [f32],
+    pos: &[usize],
+    drop_rows: std::ops::Range<usize>,
+    width: usize,
+    d: SampleDropout,
+    layer: usize,
+    module: usize,
+) {
+    for (t, (xr, row)) in x.chunks_exact(width).zip(out.chunks_exact_mut(width)).enumerate() {
+        row.copy_from_slice(xr);
+        if drop_rows.contains(&t) {
+            apply_dropout(row, d.p, d.seed, layer, module, pos[t]);
+            row.iter_mut().for_each(|v| *v = round_bf16(*v));
+        }
+    }
+}
+
+/// `lora_dropout_add_f32`: `dst += drop(src)` over one training sample's rows (row `t` at
+/// depth `pos[t]`), `width` wide: dropout's backward.
+pub fn lora_dropout_add(
+    src: &[f32],
+    dst: &mut [f32],
+    pos: &[usize],
+    width: usize,
+    d: SampleDropout,
+    layer: usize,
+    module: usize,
+) {
+    for (t, (sr, dr)) in src.chunks_exact(width).zip(dst.chunks_exact_mut(width)).enumerate() {
+        let mut g = sr.to_vec();
+        apply_dropout(&mut g, d.p, d.seed, layer, module, pos[t]);
+        dr.iter_mut().zip(&g).for_each(|(a, b)| *a += b);
     }
 }
 

@@ -1,5 +1,5 @@
 //! The training step's kernels: norm, SiLU and RoPE backward, gradient clipping's pieces,
-//! attention backward, cross-entropy, AdamW, and LoRA shrink/expand.
+//! attention backward, cross-entropy, AdamW, LoRA shrink/expand and LoRA dropout.
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -7,6 +7,7 @@ use rand::{Rng, SeedableRng};
 use super::{random_bf16, random_f32};
 use crate::common::emulation::{assert_close, bf16_bits, from_bf16_bits, Arg, Emulated};
 use coserve::backend::cuda::twins::{self, round_bf16};
+use coserve::lora::dropout::SampleDropout;
 
 /// fp32 gradients: kernel and twin differ only by summation order.
 const F32_RTOL: f32 = 1e-4;
@@ -298,4 +299,55 @@ fn cross_entropy_adamw_and_lora_kernels_match_their_twins() {
     }
     twins::lora(&x, &mut y, &slots, &adapters, in_dim, out_dim, (ld, col0));
     assert_close("lora_shrink_expand_bf16", &from_bf16_bits(&yb), &y, 1.0 / 128.0, 4e-3);
+}
+
+/// The dropout kernels draw the CPU's masks bit for bit (ChaCha8 as `rand_chacha` seeds and
+/// runs it), over a row width that is not a multiple of their 16-element blocks.
+#[test]
+fn lora_dropout_kernels_draw_the_cpu_masks() {
+    let emu = Emulated::build("lora.cu");
+    let mut rng = StdRng::seed_from_u64(23);
+    let (width, threads) = (1541usize, 64u32);
+    let pos = [7usize, 0, 1, 300, 2];
+    let rows = pos.len();
+    let (drop_rows, layer, module) = (1..4usize, 3usize, 6usize);
+    let d = SampleDropout { p: 0.3, seed: 0xDEAD_BEEF_1234_5678 };
+    let pos_i32: Vec<i32> = pos.iter().map(|&p| p as i32).collect();
+    let grid = (rows as u32, width.div_ceil(16).div_ceil(threads as usize) as u32, 1);
+    let site = |args: &mut Vec<Arg>| {
+        args.extend([Arg::f32(d.p), Arg::usize(d.seed as usize)]);
+        args.extend([Arg::i32(layer as i32), Arg::i32(module as i32)]);
+    };
+
+    let x = random_bf16(&mut rng, rows * width, 2.0);
+    let xb = bf16_bits(&x);
+    let mut got = vec![0u16; rows * width];
+    // SAFETY: lora_dropout_bf16's parameters; x and out hold rows * width, pos one per row.
+    unsafe {
+        let mut args = vec![Arg::ptr(&xb), Arg::ptr_mut(&mut got), Arg::ptr(&pos_i32)];
+        args.extend([drop_rows.start, drop_rows.end, width].map(|v| Arg::i32(v as i32)));
+        site(&mut args);
+        emu.launch("lora_dropout_bf16", grid, threads, &args);
+    }
+    let mut want = vec![0f32; rows * width];
+    twins::lora_dropout(&x, &mut want, &pos, drop_rows.clone(), width, d, layer, module);
+    assert_eq!(from_bf16_bits(&got), want, "lora_dropout_bf16");
+    let dropped = want.iter().zip(&x).filter(|(w, x)| **w == 0.0 && **x != 0.0).count();
+    let expect = (drop_rows.len() * width) as f32 * d.p;
+    assert!((dropped as f32 - expect).abs() < 0.1 * expect, "{dropped} dropped, ~{expect} due");
+    // Rows outside the sample pass through.
+    assert_eq!(want[..width], x[..width]);
+
+    let src = random_f32(&mut rng, rows * width, 1.0);
+    let mut got = random_f32(&mut rng, rows * width, 1.0);
+    let mut want = got.clone();
+    // SAFETY: lora_dropout_add_f32's parameters; src and dst hold rows * width.
+    unsafe {
+        let mut args = vec![Arg::ptr(&src), Arg::ptr_mut(&mut got), Arg::ptr(&pos_i32)];
+        args.push(Arg::i32(width as i32));
+        site(&mut args);
+        emu.launch("lora_dropout_add_f32", grid, threads, &args);
+    }
+    twins::lora_dropout_add(&src, &mut want, &pos, width, d, layer, module);
+    assert_close("lora_dropout_add_f32", &got, &want, 1e-6, 1e-7);
 }

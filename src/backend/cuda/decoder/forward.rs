@@ -1,10 +1,13 @@
 //! The Llama forward written once against [`DecoderOps`]: the layers, then the output head on
 //! every row (the benchmark's and the selftest's greedy ids) or on the rows a server samples.
 
-use super::lora::LoraSet;
+use std::ops::Range;
+
+use super::lora::{DropoutSite, LoraSet};
 use super::{rope_tables, DecoderOps, DecoderShape, DecoderWeights, StepBatch};
 use crate::backend::cuda::sampling::{RowSample, RowSampling};
 use crate::backend::cuda::CudaError;
+use crate::lora::dropout::SampleDropout;
 use crate::lora::TargetModule;
 
 type R = Result<(), CudaError>;
@@ -31,6 +34,12 @@ pub enum SavePoint {
 /// Saves rows of a forward's activations (see [`SavePoint`]).
 pub trait Capture<O: DecoderOps> {
     fn save(&mut self, ops: &mut O, point: SavePoint, layer: usize, x: &O::Act) -> R;
+
+    /// The LoRA dropout of the captured rows (a training sample's) and which rows of the
+    /// forward they are.
+    fn dropout(&self) -> Option<(SampleDropout, Range<usize>)> {
+        None
+    }
 }
 
 /// Activation buffers of a forward of up to `rows` rows.
@@ -47,6 +56,8 @@ pub struct Scratch<O: DecoderOps> {
     gate_up: O::Act,
     act: O::Act,
     down: O::Act,
+    /// A LoRA input with a training sample's rows dropped, made when first needed.
+    dropped: Option<O::Act>,
     pub logits: O::Logits,
     pub ids: O::Ids,
 }
@@ -77,6 +88,7 @@ impl<O: DecoderOps> Scratch<O> {
             gate_up: ops.act(rows * 2 * s.inter)?,
             act: ops.act(rows * s.inter)?,
             down: ops.act(rows * s.hidden)?,
+            dropped: None,
             logits: ops.logits(lr * s.vocab)?,
             ids: ops.ids(lr)?,
         })
@@ -276,6 +288,9 @@ fn layers_on_device<O: DecoderOps>(
     lora: Option<&LoraSet<O::LoraTable>>,
     mut capture: Option<&mut dyn Capture<O>>,
 ) -> Result<usize, CudaError> {
+    let drop = capture.as_deref().and_then(|c| c.dropout());
+    // The dropped copy of a LoRA input holds the widest input of a full scratch.
+    let cap = s.hidden.max(s.q_dim()).max(s.inter) * sc.rows;
     let mut save = |ops: &mut O, p: SavePoint, l: usize, x: &O::Act| match capture.as_deref_mut() {
         Some(c) => c.save(ops, p, l, x),
         None => Ok(()),
@@ -305,7 +320,9 @@ fn layers_on_device<O: DecoderOps>(
         ops.matmul(&sc.h, &lw.qkv, 0, &mut sc.qkv, (rows, s.qkv_rows(), hid))?;
         for m in [TargetModule::QProj, TargetModule::KProj, TargetModule::VProj] {
             if let Some((t, d)) = lora.and_then(|set| set.table(s, l, m)) {
-                ops.lora(step, &sc.h, t, &mut sc.qkv, d)?;
+                let dropped = &mut sc.dropped;
+                let x = lora_input(ops, step, &sc.h, dropped, &drop, (l, m), (hid, cap))?;
+                ops.lora(step, x, t, &mut sc.qkv, d)?;
             }
         }
         ops.mark("rope + kv write")?;
@@ -317,7 +334,9 @@ fn layers_on_device<O: DecoderOps>(
         ops.mark("o gemm")?;
         ops.matmul(&sc.attn, &lw.o, 0, &mut sc.o, (rows, hid, qd))?;
         if let Some((t, d)) = lora.and_then(|set| set.table(s, l, TargetModule::OProj)) {
-            ops.lora(step, &sc.attn, t, &mut sc.o, d)?;
+            let (dropped, site) = (&mut sc.dropped, (l, TargetModule::OProj));
+            let x = lora_input(ops, step, &sc.attn, dropped, &drop, site, (qd, cap))?;
+            ops.lora(step, x, t, &mut sc.o, d)?;
         }
         ops.mark("norms")?;
         ops.add_rms_norm(&mut sc.x, &sc.o, &lw.mlp_norm, &mut sc.h, rows, s)?;
@@ -326,7 +345,9 @@ fn layers_on_device<O: DecoderOps>(
         ops.matmul(&sc.h, &lw.gate_up, 0, &mut sc.gate_up, (rows, 2 * s.inter, hid))?;
         for m in [TargetModule::GateProj, TargetModule::UpProj] {
             if let Some((t, d)) = lora.and_then(|set| set.table(s, l, m)) {
-                ops.lora(step, &sc.h, t, &mut sc.gate_up, d)?;
+                let dropped = &mut sc.dropped;
+                let x = lora_input(ops, step, &sc.h, dropped, &drop, (l, m), (hid, cap))?;
+                ops.lora(step, x, t, &mut sc.gate_up, d)?;
             }
         }
         save(ops, SavePoint::GateUp, l, &sc.gate_up)?;
@@ -335,7 +356,9 @@ fn layers_on_device<O: DecoderOps>(
         ops.mark("down gemm")?;
         ops.matmul(&sc.act, &lw.down, 0, &mut sc.down, (rows, hid, s.inter))?;
         if let Some((t, d)) = lora.and_then(|set| set.table(s, l, TargetModule::DownProj)) {
-            ops.lora(step, &sc.act, t, &mut sc.down, d)?;
+            let (dropped, site) = (&mut sc.dropped, (l, TargetModule::DownProj));
+            let x = lora_input(ops, step, &sc.act, dropped, &drop, site, (s.inter, cap))?;
+            ops.lora(step, x, t, &mut sc.down, d)?;
         }
     }
     ops.mark("norms")?;
@@ -346,4 +369,26 @@ fn layers_on_device<O: DecoderOps>(
     }
     save(ops, SavePoint::Final, w.layers.len(), &sc.x)?;
     Ok(rows)
+}
+
+/// What projection `m`'s LoRA reads: `x`, or with a training sample's dropout, a copy of `x`
+/// (`width` wide) in `dropped` with the sample's rows dropped (made on first use, `capacity`
+/// values, enough for the widest input).
+fn lora_input<'a, O: DecoderOps>(
+    ops: &mut O,
+    step: &O::Step,
+    x: &'a O::Act,
+    dropped: &'a mut Option<O::Act>,
+    drop: &Option<(SampleDropout, Range<usize>)>,
+    (layer, module): (usize, TargetModule),
+    (width, capacity): (usize, usize),
+) -> Result<&'a O::Act, CudaError> {
+    let Some((dropout, rows)) = drop else { return Ok(x) };
+    let out = match dropped {
+        Some(buf) => buf,
+        None => dropped.insert(ops.act(capacity)?),
+    };
+    let site = DropoutSite { dropout: *dropout, layer, module };
+    ops.lora_dropout(step, x, out, rows.clone(), width, site)?;
+    Ok(out)
 }

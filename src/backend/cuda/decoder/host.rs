@@ -1,7 +1,7 @@
 //! [`DecoderOps`] on the host through the kernels' CPU twins: the oracle of the CUDA decoder.
 //! Slow (plain loops) and meant for small models.
 
-use super::lora::{LoraDims, SlotWeights};
+use super::lora::{DropoutSite, LoraDims, SlotWeights};
 use super::{DecoderOps, DecoderShape, StepBatch};
 use crate::backend::cpu::paged_attention::{AttnSeq, AttnShape};
 use crate::backend::cuda::sampling::{sample_row, RowSample, RowSampling};
@@ -79,6 +79,25 @@ impl DecoderOps for HostOps {
         }
         let x = &x[..rows * d.in_dim];
         twins::lora(x, y, slots, table, d.in_dim, d.out_dim, (d.ld, d.col0));
+        Ok(())
+    }
+
+    fn lora_dropout(
+        &mut self,
+        step: &HostStep,
+        x: &Vec<f32>,
+        out: &mut Vec<f32>,
+        rows: std::ops::Range<usize>,
+        width: usize,
+        site: DropoutSite,
+    ) -> R {
+        let n = step.batch.rows();
+        if x.len().min(out.len()) < n * width || rows.end > n || rows.start > rows.end {
+            return Err(CudaError::Shape(format!("dropout of rows {rows:?} of {n}")));
+        }
+        let (x, out) = (&x[..n * width], &mut out[..n * width]);
+        let (d, l, m) = (site.dropout, site.layer, site.module.index());
+        twins::lora_dropout(x, out, &step.batch.positions, rows, width, d, l, m);
         Ok(())
     }
 

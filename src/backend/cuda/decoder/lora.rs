@@ -4,6 +4,7 @@
 
 use super::{DecoderOps, DecoderShape};
 use crate::backend::cuda::CudaError;
+use crate::lora::dropout::SampleDropout;
 use crate::lora::{LoraWeights, TargetModule};
 
 /// One adapter's weights for one projection: `A [rank, in]`, `B [out, rank]`, `alpha / r`.
@@ -42,6 +43,15 @@ impl LoraDims {
         };
         Self { in_dim, out_dim, ld, col0, max_rank }
     }
+}
+
+/// A training sample's LoRA dropout on one projection's input: with each row's depth, the
+/// layer and projection fix the row's mask (`lora::dropout`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DropoutSite {
+    pub dropout: SampleDropout,
+    pub layer: usize,
+    pub module: TargetModule,
 }
 
 /// The adapters of a forward: slot `i` is the `i`-th adapter given to [`LoraSet::new`].

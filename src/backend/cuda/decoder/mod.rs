@@ -310,6 +310,18 @@ pub trait DecoderOps {
         y: &mut Self::Act,
         dims: lora::LoraDims,
     ) -> R;
+    /// `out = x` (rows `width` wide), with rows `rows` (one training sample's) through the
+    /// sample's LoRA dropout at `site`, each row's mask drawn for its depth.
+    #[allow(clippy::too_many_arguments)]
+    fn lora_dropout(
+        &mut self,
+        step: &Self::Step,
+        x: &Self::Act,
+        out: &mut Self::Act,
+        rows: std::ops::Range<usize>,
+        width: usize,
+        site: lora::DropoutSite,
+    ) -> R;
     fn upload(
         &mut self,
         batch: &StepBatch,

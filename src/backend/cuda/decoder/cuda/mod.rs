@@ -3,7 +3,7 @@
 use cudarc::driver::sys::{CUdevice_attribute, CUevent_flags};
 use cudarc::driver::{CudaEvent, CudaFunction, CudaSlice, DevicePtr, PushKernelArg};
 
-use super::lora::{LoraDims, SlotWeights};
+use super::lora::{DropoutSite, LoraDims, SlotWeights};
 use super::{DecoderOps, DecoderShape, StepBatch};
 use crate::backend::cuda::gemm::{addr, Gemm, OutType};
 use crate::backend::cuda::gpu::{cfg, n32, Gpu};
@@ -14,7 +14,7 @@ mod lora_launch;
 mod train;
 mod weights_and_graphs;
 
-use lora_launch::{check_lora, launch_expand, launch_shrink};
+use lora_launch::{check_lora, launch_dropout, launch_expand, launch_shrink};
 
 /// The kernels a forward launches, looked up once.
 struct Kernels {
@@ -29,6 +29,8 @@ struct Kernels {
     fill: CudaFunction,
     lora_shrink: CudaFunction,
     lora_expand: CudaFunction,
+    lora_dropout: CudaFunction,
+    lora_dropout_add: CudaFunction,
 }
 
 pub struct CudaOps {
@@ -112,6 +114,8 @@ impl CudaOps {
             fill: gpu.func("init.cu", "fill_uniform_bf16")?,
             lora_shrink: gpu.func("lora.cu", "lora_shrink_bf16")?,
             lora_expand: gpu.func("lora.cu", "lora_expand_bf16")?,
+            lora_dropout: gpu.func("lora.cu", "lora_dropout_bf16")?,
+            lora_dropout_add: gpu.func("lora.cu", "lora_dropout_add_f32")?,
         };
         let gemm = Gemm::new(&gpu.toolkit, gpu.stream.clone())?;
         let sms =
@@ -237,6 +241,22 @@ impl DecoderOps for CudaOps {
         }
         launch_shrink(&self.gpu, &self.k, st, x, t, &mut self.lora_u, d)?;
         launch_expand(&self.gpu, &self.k, st, &self.lora_u, t, y, d)
+    }
+
+    fn lora_dropout(
+        &mut self,
+        st: &CudaStep,
+        x: &CudaSlice<u16>,
+        out: &mut CudaSlice<u16>,
+        rows: std::ops::Range<usize>,
+        width: usize,
+        site: DropoutSite,
+    ) -> R {
+        check_len(x.len().min(out.len()), st.rows * width, "LoRA dropout rows")?;
+        if rows.end > st.rows || rows.start > rows.end {
+            return Err(CudaError::Shape(format!("dropout of rows {rows:?} of {}", st.rows)));
+        }
+        launch_dropout(&self.gpu, &self.k, st, x, out, rows, width, site)
     }
 
     fn cache(&mut self, s: &DecoderShape, blocks: usize) -> Result<CudaCache, CudaError> {

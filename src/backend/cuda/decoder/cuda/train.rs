@@ -7,7 +7,7 @@ use super::{
     check_len, check_lora, launch_expand, launch_shrink, CudaCache, CudaLoraTable, CudaOps,
     CudaStep, R,
 };
-use crate::backend::cuda::decoder::lora::LoraDims;
+use crate::backend::cuda::decoder::lora::{DropoutSite, LoraDims};
 use crate::backend::cuda::decoder::train::{GradPair, TrainOps};
 use crate::backend::cuda::decoder::{DecoderOps, DecoderShape};
 use crate::backend::cuda::gemm::{addr, Elem, Operand, Product};
@@ -492,6 +492,18 @@ impl TrainOps for CudaOps {
                 beta: 1.0,
             })
         })
+    }
+
+    fn lora_dropout_add(
+        &mut self,
+        st: &CudaStep,
+        src: &CudaSlice<f32>,
+        dst: &mut CudaSlice<f32>,
+        width: usize,
+        site: DropoutSite,
+    ) -> R {
+        check_len(src.len().min(dst.len()), st.rows * width, "dropout's backward rows")?;
+        super::lora_launch::launch_dropout_add(&self.gpu, &self.k, st, src, dst, width, site)
     }
 
     fn sum_squares(&mut self, x: &CudaSlice<f32>, n: usize) -> Result<f64, CudaError> {

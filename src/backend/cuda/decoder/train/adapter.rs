@@ -43,20 +43,13 @@ pub struct TrainAdapter<L> {
 }
 
 impl<L> TrainAdapter<L> {
-    /// Uploads `w` with zero gradients and moments. LoRA dropout is not supported on a
-    /// device yet: an adapter that asks for it is refused.
+    /// Uploads `w` with zero gradients and moments.
     pub fn new<O: TrainOps<Logits = L>>(
         ops: &mut O,
         s: &DecoderShape,
         w: &LoraWeights,
         adamw: AdamWConfig,
     ) -> Result<Self, CudaError> {
-        if w.config.dropout > 0.0 {
-            return Err(CudaError::Shape(format!(
-                "LoRA dropout {} is not supported on a device (train with dropout 0)",
-                w.config.dropout
-            )));
-        }
         if w.layers.len() != s.layers {
             return Err(CudaError::Shape(format!(
                 "an adapter of {} layers for a model of {}",

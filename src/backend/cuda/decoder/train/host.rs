@@ -3,7 +3,7 @@
 
 use super::{GradPair, TrainOps};
 use crate::backend::cuda::decoder::host::{HostCache, HostOps, HostStep};
-use crate::backend::cuda::decoder::lora::LoraDims;
+use crate::backend::cuda::decoder::lora::{DropoutSite, LoraDims};
 use crate::backend::cuda::decoder::{DecoderOps, DecoderShape};
 use crate::backend::cuda::twins::{self, round_bf16, RopeShape, TwinAdapter};
 use crate::backend::cuda::CudaError;
@@ -300,6 +300,24 @@ impl TrainOps for HostOps {
         let gt = transpose(&g, t, r);
         mm(&gt, t, &x[..t * ind], ind, p.da, (r, t, ind), true);
         mm(&g, r, &ab, ind, dx, (t, r, ind), true);
+        Ok(())
+    }
+
+    fn lora_dropout_add(
+        &mut self,
+        step: &HostStep,
+        src: &Vec<f32>,
+        dst: &mut Vec<f32>,
+        width: usize,
+        site: DropoutSite,
+    ) -> R {
+        let n = step.batch.rows();
+        if src.len().min(dst.len()) < n * width {
+            return Err(CudaError::Shape(format!("dropout's backward over {n} rows")));
+        }
+        let (src, dst) = (&src[..n * width], &mut dst[..n * width]);
+        let (d, l, m) = (site.dropout, site.layer, site.module.index());
+        twins::lora_dropout_add(src, dst, &step.batch.positions, width, d, l, m);
         Ok(())
     }
 

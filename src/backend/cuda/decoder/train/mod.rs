@@ -14,7 +14,7 @@ pub use step::{
     TrainScratch, LOSS_ROWS,
 };
 
-use super::lora::LoraDims;
+use super::lora::{DropoutSite, LoraDims};
 use super::{DecoderOps, DecoderShape};
 use crate::backend::cuda::CudaError;
 use crate::lora::optim::AdamWScalars;
@@ -149,6 +149,16 @@ pub trait TrainOps: DecoderOps {
         d: LoraDims,
         dx: &mut Self::Logits,
         rows: usize,
+    ) -> R;
+    /// `dst += drop(src)` over the step's rows (one training sample's), `width` wide: the
+    /// backward of [`DecoderOps::lora_dropout`] at `site`.
+    fn lora_dropout_add(
+        &mut self,
+        step: &Self::Step,
+        src: &Self::Logits,
+        dst: &mut Self::Logits,
+        width: usize,
+        site: DropoutSite,
     ) -> R;
     /// `Σ x²` over the first `n` values (waits for it).
     fn sum_squares(&mut self, x: &Self::Logits, n: usize) -> Result<f64, CudaError>;

@@ -10,12 +10,13 @@
 use std::ops::Range;
 
 use super::{TrainAdapter, TrainOps};
-use crate::backend::cuda::decoder::lora::{LoraDims, LoraSet};
+use crate::backend::cuda::decoder::lora::{DropoutSite, LoraDims, LoraSet};
 use crate::backend::cuda::decoder::{
     forward_rows_capturing, rope_tables, Capture, DecoderShape, DecoderWeights, SavePoint, Scratch,
     SeqRows, StepBatch, Want,
 };
 use crate::backend::cuda::CudaError;
+use crate::lora::dropout::SampleDropout;
 use crate::lora::TargetModule;
 use crate::model::loss::LossStats;
 
@@ -24,13 +25,15 @@ type R = Result<(), CudaError>;
 /// Rows of logits the loss computes at once: bounds its buffer to `LOSS_ROWS x vocab` floats.
 pub const LOSS_ROWS: usize = 256;
 
-/// A sample: its tokens, the target each position predicts (`None`: no loss there) and the
-/// cache blocks its keys and values go to.
+/// A sample: its tokens, the target each position predicts (`None`: no loss there), the
+/// cache blocks its keys and values go to, and the seed of its LoRA dropout masks (`None`: no
+/// dropout, as for a validation sample).
 #[derive(Debug, Clone)]
 pub struct TrainSample {
     pub tokens: Vec<u32>,
     pub targets: Vec<Option<u32>>,
     pub block_table: Vec<u32>,
+    pub dropout_seed: Option<u64>,
 }
 
 impl TrainSample {
@@ -44,7 +47,14 @@ impl TrainSample {
                     .then(|| tokens[next])
             })
             .collect();
-        Self { tokens, targets, block_table }
+        Self { tokens, targets, block_table, dropout_seed: None }
+    }
+
+    /// The sample with the adapter's dropout, its masks drawn from `seed` (as the CPU's
+    /// `TrainingSample` with that seed draws them).
+    pub fn with_dropout_seed(mut self, seed: u64) -> Self {
+        self.dropout_seed = Some(seed);
+        self
     }
 
     pub fn len(&self) -> usize {
@@ -68,6 +78,8 @@ struct SavedLayer<O: TrainOps> {
 /// One sample in flight (up to `len` tokens) with the buffers of its forward and backward.
 pub struct TrainScratch<O: TrainOps> {
     pub len: usize,
+    /// The adapter's LoRA dropout probability (0: none).
+    dropout_p: f32,
     sample: Option<TrainSample>,
     forwarded: usize,
     /// Layers of backward left, once the loss has run.
@@ -88,6 +100,8 @@ pub struct TrainScratch<O: TrainOps> {
     d_attn: O::Logits,
     d_qkv: O::Logits,
     logits: O::Logits,
+    /// With dropout: a projection's dropped input and the gradient w.r.t. it, `[len, widest]`.
+    dropped: Option<(O::Act, O::Logits)>,
     /// The sample's rows made ready, for the backward's K/V gather and RoPE.
     step: Option<O::Step>,
     /// The adapter's tables and the optimizer step they were made at.
@@ -112,8 +126,13 @@ impl<O: TrainOps> TrainScratch<O> {
                 gate_up: ops.act(len * 2 * i)?,
             });
         }
+        let p = adapter.config.dropout;
+        let widest = hid.max(qd).max(i);
+        let dropped =
+            if p > 0.0 { Some((ops.act(len * widest)?, ops.logits(len * widest)?)) } else { None };
         Ok(Self {
             len,
+            dropout_p: p,
             sample: None,
             forwarded: 0,
             backward: None,
@@ -132,6 +151,7 @@ impl<O: TrainOps> TrainScratch<O> {
             d_attn: ops.logits(len * qd)?,
             d_qkv: ops.logits(len * s.qkv_rows())?,
             logits: ops.logits(LOSS_ROWS.min(len.max(1)) * s.vocab)?,
+            dropped,
             step: None,
             tables: None,
         })
@@ -197,6 +217,7 @@ impl<O: TrainOps> TrainScratch<O> {
         s: &DecoderShape,
         rows: Range<usize>,
     ) -> Result<(&LoraSet<O::LoraTable>, SampleCapture<'_, O>), CudaError> {
+        let dropout = self.dropout();
         let Self { tables, saved, h_final, forwarded, sample, .. } = self;
         let tables = tables
             .as_ref()
@@ -206,8 +227,15 @@ impl<O: TrainOps> TrainScratch<O> {
         if rows.len() > left {
             return Err(CudaError::Shape(format!("{} rows for {left} tokens left", rows.len())));
         }
-        let cap = SampleCapture { rows, first_pos: *forwarded, saved, h_final, s: s.clone() };
+        let first_pos = *forwarded;
+        let cap = SampleCapture { rows, first_pos, saved, h_final, s: s.clone(), dropout };
         Ok((tables, cap))
+    }
+
+    /// The sample's LoRA dropout, if its adapter has any.
+    fn dropout(&self) -> Option<SampleDropout> {
+        let seed = self.sample.as_ref()?.dropout_seed?;
+        (self.dropout_p > 0.0).then_some(SampleDropout { p: self.dropout_p, seed })
     }
 
     /// Records that the next `n` tokens were forwarded.
@@ -223,6 +251,7 @@ pub struct SampleCapture<'a, O: TrainOps> {
     saved: &'a mut [SavedLayer<O>],
     h_final: &'a mut O::Act,
     s: DecoderShape,
+    dropout: Option<SampleDropout>,
 }
 
 impl<O: TrainOps> Capture<O> for SampleCapture<'_, O> {
@@ -245,6 +274,10 @@ impl<O: TrainOps> Capture<O> for SampleCapture<'_, O> {
         };
         ops.copy_rows(x, self.rows.start, dst, self.first_pos, self.rows.len(), width)
     }
+
+    fn dropout(&self) -> Option<(SampleDropout, Range<usize>)> {
+        self.dropout.map(|d| (d, self.rows.clone()))
+    }
 }
 
 /// Forwards the next `n` tokens of the sample in a forward of their own (no inference rows).
@@ -263,11 +296,13 @@ pub fn forward_chunk<O: TrainOps>(
     let n = rows.tokens.len();
     let batch = StepBatch::new(vec![rows], s.block_size)?;
     sc.prepare_tables(ops, adapter)?;
+    let dropout = sc.dropout();
     let TrainScratch { tables, saved, h_final, forwarded, fwd, .. } = sc;
     let Some((_, lora)) = tables.as_ref() else {
         return Err(CudaError::Shape("the adapter's tables were not prepared".into()));
     };
-    let mut cap = SampleCapture { rows: 0..n, first_pos: *forwarded, saved, h_final, s: s.clone() };
+    let first_pos = *forwarded;
+    let mut cap = SampleCapture { rows: 0..n, first_pos, saved, h_final, s: s.clone(), dropout };
     let cap: &mut dyn Capture<O> = &mut cap;
     let (c, f) = (&mut *caches, inv_freq);
     forward_rows_capturing(ops, s, w, f, c, &batch, fwd, &[], Want::Logits, Some(lora), Some(cap))?;
@@ -390,6 +425,7 @@ fn backward_layer<O: TrainOps>(
     sc: &mut TrainScratch<O>,
 ) -> R {
     use TargetModule::*;
+    let dropout = sc.dropout();
     let TrainScratch {
         sample,
         saved,
@@ -406,6 +442,7 @@ fn backward_layer<O: TrainOps>(
         d_qkv,
         step,
         tables,
+        dropped,
         ..
     } = sc;
     let (Some(sample), Some(step), Some((_, lora))) = (sample.as_ref(), step.as_ref(), tables)
@@ -426,8 +463,17 @@ fn backward_layer<O: TrainOps>(
                 return Ok(());
             };
             debug_assert_eq!(d, LoraDims::of(s, m, rank));
-            ops.lora_shrink(step, x, table, u, d)?;
-            ops.lora_backward(x, dy, u, p.grad(scale), d, dx, t)
+            let (Some(dropout), Some((xd, gx))) = (dropout, dropped.as_mut()) else {
+                ops.lora_shrink(step, x, table, u, d)?;
+                return ops.lora_backward(x, dy, u, p.grad(scale), d, dx, t);
+            };
+            // The input as the forward dropped it; the gradient through it dropped alike.
+            let site = DropoutSite { dropout, layer: l, module: m };
+            ops.lora_dropout(step, x, xd, 0..t, d.in_dim, site)?;
+            ops.lora_shrink(step, xd, table, u, d)?;
+            ops.zero(gx, t * d.in_dim)?;
+            ops.lora_backward(xd, dy, u, p.grad(scale), d, gx, t)?;
+            ops.lora_dropout_add(step, gx, dx, d.in_dim, site)
         };
 
     // MLP: out = mid + down(silu(g) ⊙ u), [g, u] = gate_up(norm(mid)).
