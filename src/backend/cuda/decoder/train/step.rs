@@ -4,8 +4,8 @@
 //!
 //! Graph pruning as on the CPU (`model::activations`): per layer the forward keeps the two
 //! RMSNorm inputs, the rotated queries, the attention output and the gate/up pre-activations;
-//! keys and values stay in the sample's cache blocks; normalised inputs, SiLU, softmax and the
-//! LoRA low-rank activations are recomputed in the backward.
+//! keys and values stay in the sample's cache blocks; normalised inputs, SiLU, softmax, the
+//! LoRA low-rank activations and LoRA dropout's masks are recomputed in the backward.
 
 use std::ops::Range;
 
