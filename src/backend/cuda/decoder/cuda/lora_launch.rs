@@ -49,56 +49,19 @@ pub(super) fn launch_expand(
     Ok(())
 }
 
-/// Threads of a dropout block; each masks 16 elements of a row.
-const DROPOUT_THREADS: u32 = 64;
+/// Threads of a dropout block (`lora_dropout_bf16`, `lora_dropout_add_f32`); each masks 16
+/// elements of a row.
+pub(super) const DROPOUT_THREADS: u32 = 64;
 
-fn dropout_grid(rows: usize, width: usize) -> (u32, u32, u32) {
+/// The dropout kernels' grid over `rows` rows `width` wide.
+pub(super) fn dropout_grid(rows: usize, width: usize) -> (u32, u32, u32) {
     (n32(rows), n32(width.div_ceil(16).div_ceil(DROPOUT_THREADS as usize)), 1)
 }
 
-/// `out = x` with rows `rows` dropped (`lora_dropout_bf16`); shapes checked by the caller.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn launch_dropout(
-    gpu: &Gpu,
-    k: &Kernels,
-    st: &CudaStep,
-    x: &CudaSlice<u16>,
-    out: &mut CudaSlice<u16>,
-    rows: std::ops::Range<usize>,
-    width: usize,
-    site: DropoutSite,
-) -> R {
-    let (r0, r1, w) = (n32(rows.start) as i32, n32(rows.end) as i32, n32(width) as i32);
-    let (layer, module) = (n32(site.layer) as i32, n32(site.module.index()) as i32);
-    let mut b = gpu.stream.launch_builder(&k.lora_dropout);
-    b.arg(x).arg(out).arg(&st.row_pos).arg(&r0).arg(&r1).arg(&w);
-    b.arg(&site.dropout.p).arg(&site.dropout.seed).arg(&layer).arg(&module);
-    // SAFETY: argument list matches lora_dropout_bf16; x and out hold the step's rows of
-    // `width`, row_pos one position per row (checked by the caller).
-    unsafe { b.launch(cfg(dropout_grid(st.rows, width), DROPOUT_THREADS)) }?;
-    Ok(())
-}
-
-/// `dst += drop(src)` over the step's rows (`lora_dropout_add_f32`); shapes checked by the
-/// caller.
-pub(super) fn launch_dropout_add(
-    gpu: &Gpu,
-    k: &Kernels,
-    st: &CudaStep,
-    src: &CudaSlice<f32>,
-    dst: &mut CudaSlice<f32>,
-    width: usize,
-    site: DropoutSite,
-) -> R {
-    let w = n32(width) as i32;
-    let (layer, module) = (n32(site.layer) as i32, n32(site.module.index()) as i32);
-    let mut b = gpu.stream.launch_builder(&k.lora_dropout_add);
-    b.arg(src).arg(dst).arg(&st.row_pos).arg(&w);
-    b.arg(&site.dropout.p).arg(&site.dropout.seed).arg(&layer).arg(&module);
-    // SAFETY: argument list matches lora_dropout_add_f32; src and dst hold the step's rows of
-    // `width` (checked by the caller).
-    unsafe { b.launch(cfg(dropout_grid(st.rows, width), DROPOUT_THREADS)) }?;
-    Ok(())
+/// The dropout kernels' last four arguments: probability, seed, layer and projection.
+pub(super) fn dropout_site_args(site: &DropoutSite) -> (f32, u64, i32, i32) {
+    let (layer, module) = (n32(site.layer) as i32, site.module.index() as i32);
+    (site.dropout.p, site.dropout.seed, layer, module)
 }
 
 /// The checks of a LoRA update of `d` on a batch's rows into `y`.

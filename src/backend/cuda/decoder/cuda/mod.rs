@@ -14,7 +14,9 @@ mod lora_launch;
 mod train;
 mod weights_and_graphs;
 
-use lora_launch::{check_lora, launch_dropout, launch_expand, launch_shrink};
+use lora_launch::{
+    check_lora, dropout_grid, dropout_site_args, launch_expand, launch_shrink, DROPOUT_THREADS,
+};
 
 /// The kernels a forward launches, looked up once.
 struct Kernels {
@@ -256,7 +258,15 @@ impl DecoderOps for CudaOps {
         if rows.end > st.rows || rows.start > rows.end {
             return Err(CudaError::Shape(format!("dropout of rows {rows:?} of {}", st.rows)));
         }
-        launch_dropout(&self.gpu, &self.k, st, x, out, rows, width, site)
+        let (r0, r1, w) = (n32(rows.start) as i32, n32(rows.end) as i32, n32(width) as i32);
+        let (p, seed, layer, module) = dropout_site_args(&site);
+        let mut b = self.gpu.stream.launch_builder(&self.k.lora_dropout);
+        b.arg(x).arg(out).arg(&st.row_pos).arg(&r0).arg(&r1).arg(&w);
+        b.arg(&p).arg(&seed).arg(&layer).arg(&module);
+        // SAFETY: argument list matches lora_dropout_bf16; x and out hold the step's rows of
+        // `width`, row_pos one position per row (checked above).
+        unsafe { b.launch(cfg(dropout_grid(st.rows, width), DROPOUT_THREADS)) }?;
+        Ok(())
     }
 
     fn cache(&mut self, s: &DecoderShape, blocks: usize) -> Result<CudaCache, CudaError> {

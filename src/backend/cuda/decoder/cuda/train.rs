@@ -3,6 +3,7 @@
 
 use cudarc::driver::{CudaFunction, CudaSlice, PushKernelArg};
 
+use super::lora_launch::{dropout_grid, dropout_site_args, DROPOUT_THREADS};
 use super::{
     check_len, check_lora, launch_expand, launch_shrink, CudaCache, CudaLoraTable, CudaOps,
     CudaStep, R,
@@ -503,7 +504,15 @@ impl TrainOps for CudaOps {
         site: DropoutSite,
     ) -> R {
         check_len(src.len().min(dst.len()), st.rows * width, "dropout's backward rows")?;
-        super::lora_launch::launch_dropout_add(&self.gpu, &self.k, st, src, dst, width, site)
+        let w = n32(width) as i32;
+        let (p, seed, layer, module) = dropout_site_args(&site);
+        let mut b = self.gpu.stream.launch_builder(&self.k.lora_dropout_add);
+        b.arg(src).arg(dst).arg(&st.row_pos).arg(&w);
+        b.arg(&p).arg(&seed).arg(&layer).arg(&module);
+        // SAFETY: argument list matches lora_dropout_add_f32; src and dst hold the step's rows
+        // of `width` (checked above).
+        unsafe { b.launch(cfg(dropout_grid(st.rows, width), DROPOUT_THREADS)) }?;
+        Ok(())
     }
 
     fn sum_squares(&mut self, x: &CudaSlice<f32>, n: usize) -> Result<f64, CudaError> {
