@@ -38,8 +38,8 @@ pub struct ServerConfig {
     pub served_model_name: Option<String>,
 
     /// Where to compute: cpu, cuda, cuda:N, or auto (CUDA when a driver and a GPU are
-    /// present, else the CPU). On a GPU the server runs inference on the base model in bf16;
-    /// fine-tuning and fine-tuned models need the CPU for now, so that is the default.
+    /// present, else the CPU). On a GPU the server runs inference (the base model and fine-tuned
+    /// adapters) in bf16, and fine-tuning jobs with fp32 LoRA weights and AdamW state.
     #[arg(long, env = "COSERVE_DEVICE", default_value = "cpu", value_parser = parse_device)]
     pub device: DeviceSpec,
 
