@@ -205,13 +205,11 @@ impl TrainingSample {
             return (0, None);
         }
         let grad = (!self.eval).then_some(grad_scale);
-        let hidden = model.config.hidden_size;
-        let len = self.len();
-        let targets = self.targets();
-        let (run, dh) = self.loss.get_or_insert_with(|| {
-            let dh = if grad.is_some() { vec![0f32; len * hidden] } else { Vec::new() };
-            (LossRun::new(&targets, grad), dh)
-        });
+        if self.loss.is_none() {
+            let n = if grad.is_some() { self.len() * model.config.hidden_size } else { 0 };
+            self.loss = Some((LossRun::new(&self.targets(), grad), vec![0f32; n]));
+        }
+        let Some((run, dh)) = self.loss.as_mut() else { return (0, None) };
         let g = grad.map(|_| (bw, dh.as_mut_slice()));
         let ran = run.run(model, &self.acts.h_final, g, max_rows);
         if run.remaining() > 0 {
