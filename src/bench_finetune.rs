@@ -13,6 +13,7 @@ use std::time::Duration;
 use clap::Args;
 use serde::Serialize;
 
+use crate::backend::cpu::frozen::TrainDtype;
 use crate::backend::cuda::{DeviceSpec, ResolvedDevice};
 use crate::engine::hybrid::{FinetuneMode, TrainingConfig};
 use crate::engine::job::{JobEvent, TrainHyper, TrainJobSpec};
@@ -34,9 +35,13 @@ pub struct BenchFinetuneArgs {
     /// GGUF file or Hugging Face model directory (default: the embedded default model).
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// Storage of linear weights (training uses f32 values either way).
+    /// Storage of linear weights (the forward of training rows reads them in f32 training).
     #[arg(long, value_enum, default_value_t = WeightsDtype::F32)]
     pub weights_dtype: WeightsDtype,
+    /// Precision of training's products with frozen weights on the CPU (as the server's
+    /// `--train-dtype`).
+    #[arg(long, value_enum, default_value_t = TrainDtype::F32)]
+    pub train_dtype: TrainDtype,
     /// Tokens per training example (every one forwarded, every one after the first trained).
     #[arg(long, default_value_t = 256)]
     pub seq_len: usize,
@@ -122,6 +127,7 @@ pub enum BenchFinetuneError {
 pub struct BenchFinetuneResult {
     pub model: String,
     pub weights_dtype: String,
+    pub train_dtype: String,
     pub threads: usize,
     pub seq_len: usize,
     pub batch_size: usize,
@@ -252,6 +258,7 @@ fn run_on_device(
     Ok(BenchFinetuneResult {
         model: format!("{} on {}", run.model, run.device),
         weights_dtype: "bf16".into(),
+        train_dtype: "bf16".into(),
         threads: 0,
         seq_len: args.seq_len,
         batch_size: args.batch_size,
@@ -346,6 +353,7 @@ pub fn run(args: &BenchFinetuneArgs) -> Result<BenchFinetuneResult, BenchFinetun
             mode: FinetuneMode::Temporal,
             max_train_tokens_per_iter: args.seq_len,
             max_bwd_layers_per_iter: c.num_layers,
+            train_dtype: args.train_dtype,
             ..TrainingConfig::default()
         },
         ..EngineConfig::default()
@@ -397,6 +405,7 @@ pub fn run(args: &BenchFinetuneArgs) -> Result<BenchFinetuneResult, BenchFinetun
     Ok(BenchFinetuneResult {
         model: name,
         weights_dtype: args.weights_dtype.to_string(),
+        train_dtype: args.train_dtype.to_string(),
         threads: args.threads,
         seq_len: args.seq_len,
         batch_size: args.batch_size,
@@ -447,9 +456,10 @@ fn drive(
 impl BenchFinetuneResult {
     pub fn print_text(&self) {
         println!(
-            "model {} ({}), {} threads, {} x {} tokens per step, r={} alpha={}, {}",
+            "model {} ({}, training in {}), {} threads, {} x {} tokens per step, r={} alpha={}, {}",
             self.model,
             self.weights_dtype,
+            self.train_dtype,
             self.threads,
             self.batch_size,
             self.seq_len,

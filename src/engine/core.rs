@@ -201,7 +201,9 @@ impl EngineCore {
         if let (Some(_), None, Compute::Host { model, .. }) =
             (train, &self.backward_weights, &self.compute)
         {
-            self.backward_weights = Some(self.pool.install(|| BackwardWeights::new(model)));
+            let dtype = self.training.train_dtype;
+            self.backward_weights =
+                Some(self.pool.install(|| BackwardWeights::with_dtype(model, dtype)));
         }
         for c in &chunks {
             if let Some(s) = self.scheduler.running_mut(c.seq_id) {
@@ -444,8 +446,9 @@ impl EngineCore {
         };
         let (logits, fused) = match &mut self.compute {
             Compute::Host { model, kv } => {
-                let model = &*model;
-                let l = self.pool.install(|| model.forward_with(&batch, kv, &lora, &mut captures));
+                let (model, bw) = (&*model, self.backward_weights.as_ref());
+                let l =
+                    self.pool.install(|| model.forward_with(&batch, kv, &lora, &mut captures, bw));
                 (RowsOut::Logits(l), 0)
             }
             // An iteration of training alone: the device trains in forwards of its own.

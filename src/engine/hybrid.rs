@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use super::cost_model::{CostModel, IterationWork};
+use crate::backend::cpu::frozen::TrainDtype;
 
 /// When fine-tuning runs (`--finetune-mode`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -37,6 +38,9 @@ pub struct TrainingConfig {
     pub max_bwd_layers_per_iter: usize,
     /// Fraction of the caps always given to training, even past the latency target.
     pub min_train_share: f32,
+    /// Precision of the CPU's training products with frozen weights (`--train-dtype`; a
+    /// device trains in bf16).
+    pub train_dtype: TrainDtype,
 }
 
 impl Default for TrainingConfig {
@@ -47,6 +51,7 @@ impl Default for TrainingConfig {
             max_train_tokens_per_iter: 128,
             max_bwd_layers_per_iter: 8,
             min_train_share: 0.0,
+            train_dtype: TrainDtype::F32,
         }
     }
 }

@@ -210,8 +210,8 @@ impl TrainingSample {
             self.loss = Some((LossRun::new(&self.targets(), grad), vec![0f32; n]));
         }
         let Some((run, dh)) = self.loss.as_mut() else { return (0, None) };
-        let g = grad.map(|_| (bw, dh.as_mut_slice()));
-        let ran = run.run(model, &self.acts.h_final, g, max_rows);
+        let dh = grad.map(|_| dh.as_mut_slice());
+        let ran = run.run(model, Some(bw), &self.acts.h_final, dh, max_rows);
         if run.remaining() > 0 {
             return (ran, None);
         }
@@ -275,9 +275,11 @@ pub struct ChunkInputs {
     pub slots: Vec<usize>,
 }
 
-/// Forwards the next `n` tokens of `sample` in an iteration of its own (no inference rows).
+/// Forwards the next `n` tokens of `sample` in an iteration of its own (no inference rows),
+/// its frozen products in `bw`'s precision.
 pub fn forward_chunk_alone(
     model: &Llama,
+    bw: &BackwardWeights,
     kv: &mut KvCache,
     adapter: &LoraWeights,
     sample: &mut TrainingSample,
@@ -301,6 +303,6 @@ pub fn forward_chunk_alone(
         logits_rows: &[],
     };
     let mut caps = [sample.capture(&rows)];
-    model.forward_with(&batch, kv, &lora, &mut caps);
+    model.forward_with(&batch, kv, &lora, &mut caps, Some(bw));
     sample.advance(n);
 }

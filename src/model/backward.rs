@@ -13,69 +13,118 @@ use super::llama::{apply_rope, rms_norm, silu_mul, Llama};
 use super::lora_backward::{lora_backward, Adapted};
 use super::weights::WeightMatrix;
 use crate::backend::cpu::activation::silu_mul_grad;
-use crate::backend::cpu::gemm::{gemm_weight, MatRef, PackedWeight};
+use crate::backend::cpu::frozen::{FrozenWeight, TrainDtype};
+use crate::backend::cpu::gemm::MatRef;
 use crate::kv::KvCache;
 use crate::lora::{LoraPair, LoraWeights, TargetModule};
 
-/// The frozen weights in their Linear layout `[out, in]`, packed for the backward's
-/// `dX = dY · W` products (whatever format the forward reads). Built once, when training
-/// first needs them.
+/// The frozen weights as training's products read them, packed once (whatever format the
+/// forward reads) when training first needs them: in their Linear layout `[out, in]` for the
+/// backward's `dX = dY · W`, and in bf16 training (`--train-dtype bf16`) also transposed for
+/// the training rows' forward products `Y = X · Wᵀ` and the loss's logits.
 pub struct BackwardWeights {
+    dtype: TrainDtype,
     layers: Vec<LayerW>,
     /// `[vocab, hidden]`.
-    pub head: PackedWeight,
+    pub head: FrozenWeight,
+    /// `[hidden, vocab]`, in bf16 training.
+    head_t: Option<FrozenWeight>,
 }
 
+/// One layer's four products; `fwd` holds the transposed weights of a bf16 forward.
 struct LayerW {
-    wqkv: PackedWeight,
-    wo: PackedWeight,
-    w_gate_up: PackedWeight,
-    w_down: PackedWeight,
+    bwd: [FrozenWeight; 4],
+    fwd: Option<[FrozenWeight; 4]>,
 }
 
-fn packed(w: &WeightMatrix) -> PackedWeight {
+/// A decoder layer's frozen projections, in the order [`LayerW`] keeps them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Frozen {
+    Qkv = 0,
+    O = 1,
+    GateUp = 2,
+    Down = 3,
+}
+
+/// `w` as a dense row-major `[rows, cols]` matrix.
+fn dense(w: &WeightMatrix) -> Vec<f32> {
     let mut out = vec![0f32; w.rows * w.cols];
     for (r, row) in out.chunks_exact_mut(w.cols.max(1)).enumerate() {
         w.row_into(r, row);
     }
-    PackedWeight::new(&out, w.rows, w.cols)
+    out
+}
+
+/// `W` (`[out, in]`) for `dX = dY · W`, and `Wᵀ` for `Y = X · Wᵀ` when `forward`.
+fn pack(
+    w: &WeightMatrix,
+    dtype: TrainDtype,
+    forward: bool,
+) -> (FrozenWeight, Option<FrozenWeight>) {
+    let d = dense(w);
+    let m = MatRef::new(&d, w.rows, w.cols);
+    (FrozenWeight::new(&m, dtype), forward.then(|| FrozenWeight::new(&m.t(), dtype)))
 }
 
 impl BackwardWeights {
+    /// The `f32` products: the forward reads the model's own weights.
     pub fn new(model: &Llama) -> Self {
+        Self::with_dtype(model, TrainDtype::F32)
+    }
+
+    pub fn with_dtype(model: &Llama, dtype: TrainDtype) -> Self {
+        let forward = dtype != TrainDtype::F32;
         let layers = model
             .layers
             .par_iter()
-            .map(|l| LayerW {
-                wqkv: packed(&l.wqkv),
-                wo: packed(&l.wo),
-                w_gate_up: packed(&l.w_gate_up),
-                w_down: packed(&l.w_down),
+            .map(|l| {
+                let [q, o, gu, d] =
+                    [&l.wqkv, &l.wo, &l.w_gate_up, &l.w_down].map(|w| pack(w, dtype, forward));
+                let fwd = forward.then(|| [q.1, o.1, gu.1, d.1].map(|w| w.expect("packed")));
+                LayerW { bwd: [q.0, o.0, gu.0, d.0], fwd }
             })
             .collect();
-        Self { layers, head: packed(model.lm_head()) }
+        let (head, head_t) = pack(model.lm_head(), dtype, forward);
+        Self { dtype, layers, head, head_t }
+    }
+
+    pub fn dtype(&self) -> TrainDtype {
+        self.dtype
+    }
+
+    /// Layer `li`'s transposed weight for the training rows' forward, in bf16 training.
+    pub fn forward_weight(&self, li: usize, w: Frozen) -> Option<&FrozenWeight> {
+        self.layers.get(li)?.fwd.as_ref().map(|f| &f[w as usize])
+    }
+
+    /// The head's transposed weight for the loss's logits, in bf16 training.
+    pub fn head_forward(&self) -> Option<&FrozenWeight> {
+        self.head_t.as_ref()
     }
 
     pub fn bytes(&self) -> usize {
         let l: usize = self
             .layers
             .iter()
-            .map(|l| l.wqkv.bytes() + l.wo.bytes() + l.w_gate_up.bytes() + l.w_down.bytes())
+            .map(|l| {
+                let f = l.fwd.iter().flatten().map(FrozenWeight::bytes).sum::<usize>();
+                l.bwd.iter().map(FrozenWeight::bytes).sum::<usize>() + f
+            })
             .sum();
-        l + self.head.bytes()
+        l + self.head.bytes() + self.head_t.as_ref().map_or(0, FrozenWeight::bytes)
     }
 }
 
 /// `dx = dy · W` for `dy [t, out]` and `W [out, in]` (overwrites `dx`).
 fn propagate(
     dy: &[f32],
-    w: &PackedWeight,
+    w: &FrozenWeight,
     t: usize,
     out_dim: usize,
     in_dim: usize,
     dx: &mut [f32],
 ) {
-    gemm_weight(MatRef::new(dy, t, out_dim), w, false, dx, in_dim);
+    w.product(MatRef::new(dy, t, out_dim), false, dx, in_dim);
 }
 
 /// Buffers one sample's backward reuses from layer to layer, and its RoPE tables. Every
@@ -197,7 +246,7 @@ pub fn backward_layer(
     let act = sized(&mut sc.act, t * inter);
     silu_mul(&acts.gate_up, inter, act);
     let d_act = sized(&mut sc.d_act, t * inter);
-    propagate(dh, &wt.w_down, t, hs, inter, d_act);
+    propagate(dh, &wt.bwd[Frozen::Down as usize], t, hs, inter, d_act);
     adapted(&[(TargetModule::DownProj, 0)], act, dh, hs, d_act);
     let d_gu = sized(&mut sc.d_gu, t * 2 * inter);
     silu_mul_backward(&acts.gate_up, d_act, inter, d_gu);
@@ -205,14 +254,14 @@ pub fn backward_layer(
     let x2 = sized(&mut sc.x, t * hs);
     rms_norm(&acts.h_mid, &layer.ffn_norm, eps, x2);
     let dx2 = sized(&mut sc.dx, t * hs);
-    propagate(d_gu, &wt.w_gate_up, t, 2 * inter, hs, dx2);
+    propagate(d_gu, &wt.bwd[Frozen::GateUp as usize], t, 2 * inter, hs, dx2);
     let gate_up = [(TargetModule::GateProj, 0), (TargetModule::UpProj, inter)];
     adapted(&gate_up, x2, d_gu, 2 * inter, dx2);
     rms_norm_backward(&acts.h_mid, &layer.ffn_norm, eps, dx2, dh);
 
     // Attention: h_mid = h_in + o(attn(rope(q), rope(k), v)), [q, k, v] = qkv(norm(h_in)).
     let d_attn = sized(&mut sc.d_attn, t * q_dim);
-    propagate(dh, &wt.wo, t, hs, q_dim, d_attn);
+    propagate(dh, &wt.bwd[Frozen::O as usize], t, hs, q_dim, d_attn);
     adapted(&[(TargetModule::OProj, 0)], &acts.attn, dh, hs, d_attn);
     let (k, v) = gather_kv(lb.kv, li, lb.slots);
     let d_qkv = sized(&mut sc.d_qkv, t * qkv_dim);
@@ -246,7 +295,7 @@ pub fn backward_layer(
     let x1 = sized(&mut sc.x, t * hs);
     rms_norm(&acts.h_in, &layer.attn_norm, eps, x1);
     let dx1 = sized(&mut sc.dx, t * hs);
-    propagate(d_qkv, &wt.wqkv, t, qkv_dim, hs, dx1);
+    propagate(d_qkv, &wt.bwd[Frozen::Qkv as usize], t, qkv_dim, hs, dx1);
     let qkv = [
         (TargetModule::QProj, 0),
         (TargetModule::KProj, q_dim),

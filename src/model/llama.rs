@@ -4,13 +4,18 @@
 //! through all layers. Each token's result depends only on its own sequence: projections are
 //! row-wise, attention reads only the sequence's own blocks.
 
+use std::ops::Range;
+
 use rayon::prelude::*;
 
 use super::activations::{save_rows, Capture};
 use super::attention_train::BatchAttention;
+use super::backward::{BackwardWeights, Frozen};
 use super::config::LlamaConfig;
 use super::lora_apply::{group_slices, lora_expand, lora_shrink, LoraGroup, LoraSlice};
 use super::weights::WeightMatrix;
+use crate::backend::cpu::frozen::TrainDtype;
+use crate::backend::cpu::gemm::MatRef;
 use crate::backend::cpu::paged_attention::{AttnSeq, AttnShape};
 use crate::kv::KvCache;
 use crate::lora::TargetModule;
@@ -96,17 +101,20 @@ impl Llama {
 
     /// Runs the batch on the base model; returns logits `[logits_rows.len(), vocab]`.
     pub fn forward(&self, batch: &ForwardBatch<'_>, kv: &mut KvCache) -> Vec<f32> {
-        self.forward_with(batch, kv, &[], &mut [])
+        self.forward_with(batch, kv, &[], &mut [], None)
     }
 
     /// Runs the batch with `lora` rows through their adapters, saving what the backward needs
     /// for the training rows of each capture; returns logits `[logits_rows.len(), vocab]`.
+    /// With `train` weights in bf16 (`--train-dtype bf16`), the captures' rows take their
+    /// frozen products from them; every other row is computed as without them.
     pub fn forward_with(
         &self,
         batch: &ForwardBatch<'_>,
         kv: &mut KvCache,
         lora: &[LoraSlice<'_>],
         captures: &mut [Capture<'_>],
+        train: Option<&BackwardWeights>,
     ) -> Vec<f32> {
         let c = &self.config;
         let t = batch.tokens.len();
@@ -139,6 +147,32 @@ impl Llama {
         let mut gate_up = vec![0f32; t * 2 * inter];
         let mut act = vec![0f32; t * inter];
         let groups = group_slices(lora);
+        let train = train.filter(|bw| bw.dtype() != TrainDtype::F32);
+        let mut train_rows: Vec<Range<usize>> = match train {
+            Some(_) => captures.iter().map(|c| c.rows.clone()).collect(),
+            None => Vec::new(),
+        };
+        train_rows.sort_by_key(|r| r.start);
+        // `Y = X · Wᵀ` for frozen weight `which` of layer `li`, `x` `[t, in]`, `y` `[t, out]`.
+        let project = |li: usize, which: Frozen, w: &WeightMatrix, x: &[f32], y: &mut [f32]| {
+            let Some(fw) = train.and_then(|bw| bw.forward_weight(li, which)) else {
+                return w.forward(x, t, y);
+            };
+            let (k, n) = (w.cols, w.rows);
+            // Rows outside the captures go through the model's kernels, which give a row
+            // the same bits in any batch.
+            let mut at = 0;
+            for r in train_rows.iter().chain(std::iter::once(&(t..t))) {
+                if r.start > at {
+                    w.forward(&x[at * k..r.start * k], r.start - at, &mut y[at * n..r.start * n]);
+                }
+                if !r.is_empty() {
+                    let xr = MatRef::new(&x[r.start * k..r.end * k], r.len(), k);
+                    fw.product(xr, false, &mut y[r.start * n..r.end * n], n);
+                }
+                at = at.max(r.end);
+            }
+        };
         let attention = BatchAttention::new(batch.seqs, captures);
         let adapt = |li: usize,
                      m: TargetModule,
@@ -161,7 +195,7 @@ impl Llama {
                 save_rows(&h, hs, &cap.rows, cap.first_pos, &mut cap.acts.layers[li].h_in);
             }
             rms_norm(&h, &layer.attn_norm, eps, &mut x);
-            layer.wqkv.forward(&x, t, &mut qkv);
+            project(li, Frozen::Qkv, &layer.wqkv, &x, &mut qkv);
             adapt(li, TargetModule::QProj, &x, &mut qkv, qkv_dim, 0, captures);
             adapt(li, TargetModule::KProj, &x, &mut qkv, qkv_dim, q_dim, captures);
             adapt(li, TargetModule::VProj, &x, &mut qkv, qkv_dim, q_dim + kv_dim, captures);
@@ -185,7 +219,7 @@ impl Llama {
                 save_rows(&q, q_dim, &cap.rows, cap.first_pos, &mut acts.q);
                 save_rows(&attn, q_dim, &cap.rows, cap.first_pos, &mut acts.attn);
             }
-            layer.wo.forward(&attn, t, &mut proj);
+            project(li, Frozen::O, &layer.wo, &attn, &mut proj);
             adapt(li, TargetModule::OProj, &attn, &mut proj, hs, 0, captures);
             add_assign(&mut h, &proj);
 
@@ -193,7 +227,7 @@ impl Llama {
                 save_rows(&h, hs, &cap.rows, cap.first_pos, &mut cap.acts.layers[li].h_mid);
             }
             rms_norm(&h, &layer.ffn_norm, eps, &mut x);
-            layer.w_gate_up.forward(&x, t, &mut gate_up);
+            project(li, Frozen::GateUp, &layer.w_gate_up, &x, &mut gate_up);
             adapt(li, TargetModule::GateProj, &x, &mut gate_up, 2 * inter, 0, captures);
             adapt(li, TargetModule::UpProj, &x, &mut gate_up, 2 * inter, inter, captures);
             for cap in captures.iter_mut() {
@@ -201,7 +235,7 @@ impl Llama {
                 save_rows(&gate_up, 2 * inter, &cap.rows, cap.first_pos, &mut acts.gate_up);
             }
             silu_mul(&gate_up, inter, &mut act);
-            layer.w_down.forward(&act, t, &mut proj);
+            project(li, Frozen::Down, &layer.w_down, &act, &mut proj);
             adapt(li, TargetModule::DownProj, &act, &mut proj, hs, 0, captures);
             add_assign(&mut h, &proj);
         }

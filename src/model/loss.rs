@@ -5,7 +5,7 @@ use rayon::prelude::*;
 
 use super::backward::{rms_norm_backward, BackwardWeights};
 use super::llama::{rms_norm, Llama};
-use crate::backend::cpu::gemm::{gemm_weight, MatRef};
+use crate::backend::cpu::gemm::MatRef;
 use crate::backend::cpu::{exp_shifted, max};
 
 /// Rows of logits computed at once: bounds the logits buffer to `ROWS x vocab` floats, while
@@ -59,9 +59,9 @@ pub fn lm_loss(
     grad_scale: f32,
     dh: Option<&mut [f32]>,
 ) -> LossStats {
-    let grad = bw.zip(dh);
-    let mut run = LossRun::new(targets, grad.is_some().then_some(grad_scale));
-    run.run(model, h, grad, usize::MAX);
+    let grad = (bw.is_some() && dh.is_some()).then_some(grad_scale);
+    let mut run = LossRun::new(targets, grad);
+    run.run(model, bw, h, dh, usize::MAX);
     run.stats()
 }
 
@@ -94,15 +94,18 @@ impl LossRun {
         self.stats
     }
 
-    /// Runs up to `max_rows` more rows; returns how many ran. With `grad` (and a gradient
-    /// scale), writes their rows of `grad_scale · ∂loss/∂h` into its `dh` (`[rows, hidden]`).
+    /// Runs up to `max_rows` more rows; returns how many ran. With `bw` and `dh` (and a
+    /// gradient scale), writes their rows of `grad_scale · ∂loss/∂h` into `dh` (`[rows,
+    /// hidden]`). `bw` also sets the precision of the logits (`--train-dtype`).
     pub fn run(
         &mut self,
         model: &Llama,
+        bw: Option<&BackwardWeights>,
         h: &[f32],
-        mut grad: Option<(&BackwardWeights, &mut [f32])>,
+        dh: Option<&mut [f32]>,
         max_rows: usize,
     ) -> usize {
+        let mut grad = bw.zip(dh);
         let c = &model.config;
         let hs = c.hidden_size;
         let eps = c.rms_norm_eps as f32;
@@ -130,7 +133,11 @@ impl LossRun {
             let mut x = vec![0f32; n * hs];
             rms_norm(&hr, &model.norm, eps, &mut x);
             let logits = &mut buf[..n * vocab];
-            head.forward(&x, n, logits);
+            // The bf16 precision (`--train-dtype`) covers the head's products too.
+            match bw.and_then(BackwardWeights::head_forward) {
+                Some(w) => w.product(MatRef::new(&x, n, hs), false, logits, vocab),
+                None => head.forward(&x, n, logits),
+            }
             // Rows are independent; their results are added in row order below.
             let per_row: Vec<(f64, bool)> = logits
                 .par_chunks_exact_mut(vocab)
@@ -147,7 +154,7 @@ impl LossRun {
             }
             if let (Some(_), Some((bw, dh))) = (grad_scale, grad.as_mut()) {
                 let mut dx = vec![0f32; n * hs];
-                gemm_weight(MatRef::new(logits, n, vocab), &bw.head, false, &mut dx, hs);
+                bw.head.product(MatRef::new(logits, n, vocab), false, &mut dx, hs);
                 let mut dhr = vec![0f32; n * hs];
                 rms_norm_backward(&hr, &model.norm, eps, &dx, &mut dhr);
                 for (k, &(i, _)) in chunk.iter().enumerate() {

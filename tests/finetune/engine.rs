@@ -11,12 +11,17 @@ use std::time::Duration;
 use common::engine::{collect, generate, request, TestEngine};
 use common::finetune::{drain, examples, Run};
 use common::tiny_model::{write_gguf, TinyShape};
+use coserve::backend::cpu::frozen::TrainDtype;
 use coserve::engine::hybrid::{FinetuneMode, TrainingConfig};
 use coserve::engine::job::{JobEvent, ResumePoint, TrainHyper, TrainJobSpec};
 use coserve::engine::{EngineConfig, SamplingParams};
 use coserve::lora::{AdapterRegistry, LoraConfig, LoraWeights};
 
 fn engine(mode: FinetuneMode, dir: &std::path::Path) -> TestEngine {
+    engine_in(mode, dir, TrainDtype::F32)
+}
+
+fn engine_in(mode: FinetuneMode, dir: &std::path::Path, train_dtype: TrainDtype) -> TestEngine {
     let path = write_gguf(dir, &TinyShape::default());
     let cfg = EngineConfig {
         max_num_batched_tokens: 64,
@@ -26,6 +31,7 @@ fn engine(mode: FinetuneMode, dir: &std::path::Path) -> TestEngine {
             mode,
             max_train_tokens_per_iter: 7,
             max_bwd_layers_per_iter: 1,
+            train_dtype,
             ..TrainingConfig::default()
         },
         ..EngineConfig::default()
@@ -63,8 +69,17 @@ fn weights(p: &Option<ResumePoint>) -> &LoraWeights {
 
 #[test]
 fn a_job_learns_and_reports_every_step() {
+    learns_and_reports_every_step(TrainDtype::F32);
+}
+
+#[test]
+fn a_job_in_bf16_learns_and_reports_every_step() {
+    learns_and_reports_every_step(TrainDtype::Bf16);
+}
+
+fn learns_and_reports_every_step(dtype: TrainDtype) {
     let dir = tempfile::tempdir().unwrap();
-    let e = engine(FinetuneMode::Coserve, dir.path());
+    let e = engine_in(FinetuneMode::Coserve, dir.path(), dtype);
     let (spec, rx) = spec("ftjob-learn", 8, None);
     e.handle.start_job(spec).unwrap();
     let run = drain(&rx, None);
@@ -80,13 +95,24 @@ fn a_job_learns_and_reports_every_step() {
 
 #[test]
 fn training_alongside_inference_changes_neither() {
+    alongside_inference_changes_neither(TrainDtype::F32);
+}
+
+/// The bf16 products apply to the training rows alone: inference rows in the same forwards
+/// keep their bits.
+#[test]
+fn training_in_bf16_alongside_inference_changes_neither() {
+    alongside_inference_changes_neither(TrainDtype::Bf16);
+}
+
+fn alongside_inference_changes_neither(dtype: TrainDtype) {
     let dir = tempfile::tempdir().unwrap();
     let prompts: Vec<Vec<u32>> =
         (0..6).map(|i| (0..5 + 3 * i).map(|t| (t * 13 + i) as u32 % 250).collect()).collect();
     let params = SamplingParams { ignore_eos: true, ..SamplingParams::greedy(12) };
 
     // Alone: inference, then training.
-    let e = engine(FinetuneMode::Coserve, dir.path());
+    let e = engine_in(FinetuneMode::Coserve, dir.path(), dtype);
     let alone: Vec<Vec<u32>> =
         prompts.iter().map(|p| generate(&e.handle, p.clone(), params.clone()).tokens).collect();
     let (s, rx) = spec("ftjob-a", 2, None);
@@ -95,7 +121,7 @@ fn training_alongside_inference_changes_neither() {
     drop(e);
 
     // Together: the job starts first, requests arrive while it trains.
-    let e = engine(FinetuneMode::Coserve, dir.path());
+    let e = engine_in(FinetuneMode::Coserve, dir.path(), dtype);
     let (s, rx) = spec("ftjob-b", 2, None);
     e.handle.start_job(s).unwrap();
     let streams: Vec<_> = prompts

@@ -1,7 +1,8 @@
 //! The default model learns 20 made-up facts: a job over `facts-train.jsonl` (and its chat
 //! variant) with 10 epochs, batch 4 and learning-rate multiplier 5 brings the train loss
 //! below 10% of its first value, and the fine-tuned model then completes at least 18 of the
-//! 20 prompts with the trained answer (greedy) while the base model completes at most 2.
+//! 20 prompts with the trained answer (greedy) while the base model completes at most 2; in
+//! f32 and with bf16 products.
 
 use crate::common;
 
@@ -11,6 +12,7 @@ use serde_json::{json, Value};
 
 use common::multipart::upload;
 use common::server::TestServer;
+use coserve::backend::cpu::frozen::TrainDtype;
 
 async fn post(s: &TestServer, path: &str, body: Value) -> Value {
     let r = reqwest::Client::new().post(s.url(path)).json(&body).send().await.expect("request");
@@ -59,8 +61,9 @@ async fn answers(s: &TestServer, model: &str, chat: bool) -> usize {
     right
 }
 
-async fn learn(file: &str, chat: bool) {
+async fn learn(file: &str, chat: bool, train_dtype: TrainDtype) {
     let s = TestServer::start_path(None, |c| {
+        c.train_dtype = train_dtype;
         c.max_train_tokens_per_iter = 512;
         c.max_bwd_layers_per_iter = 30;
         c.checkpoint_every = 0;
@@ -109,10 +112,16 @@ async fn learn(file: &str, chat: bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn learns_facts_from_prompt_completion_pairs() {
-    learn("facts-train.jsonl", false).await;
+    learn("facts-train.jsonl", false, TrainDtype::F32).await;
+}
+
+/// bf16 products with the frozen weights (`--train-dtype bf16`) learn the same facts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn learns_facts_with_bf16_products() {
+    learn("facts-train.jsonl", false, TrainDtype::Bf16).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn learns_facts_from_chats() {
-    learn("facts-train-chat.jsonl", true).await;
+    learn("facts-train-chat.jsonl", true, TrainDtype::F32).await;
 }

@@ -10,6 +10,9 @@
 //! on every machine, and the portable copy is an exact oracle for the fast one.
 
 pub mod activation;
+#[cfg(target_arch = "x86_64")]
+pub mod amx;
+pub mod frozen;
 pub mod gemm;
 pub mod matmul;
 pub mod matmul_bf16;

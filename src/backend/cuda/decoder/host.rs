@@ -505,7 +505,7 @@ mod tests {
                     LoraSlice { rows: 0..37, adapter: &ads[1], train: None },
                     LoraSlice { rows: 37..42, adapter: &ads[0], train: None },
                 ];
-                llama.forward_with(&fb, &mut kv, &slices, &mut [])
+                llama.forward_with(&fb, &mut kv, &slices, &mut [], None)
             }
         };
         if lora.is_some() {
