@@ -137,12 +137,19 @@ impl AmxWeight {
         }
         let kbs = k.div_ceil(KB);
         let a_panel = kbs * TILE;
-        let mut a_buf = Lines::new(m.div_ceil(T) * a_panel / 32);
+        // Kept per thread between products (every value is written before it is read): a
+        // fresh buffer per product cost page faults and zeroing.
+        thread_local! {
+            static A_BUF: std::cell::Cell<Vec<Line>> = const { std::cell::Cell::new(Vec::new()) };
+        }
+        let a_len = m.div_ceil(T) * a_panel;
+        let mut a_buf = Lines(A_BUF.take());
+        a_buf.0.resize(a_buf.0.len().max(a_len / 32), Line([0; 16]));
         let pack = |(ip, out): (usize, &mut [u16])| {
             // SAFETY: AVX-512F is available; `out` is one panel.
             unsafe { pack_a(a, ip * T, out) }
         };
-        a_buf.u16s_mut().par_chunks_exact_mut(a_panel.max(1)).enumerate().for_each(pack);
+        a_buf.u16s_mut()[..a_len].par_chunks_exact_mut(a_panel.max(1)).enumerate().for_each(pack);
         let tn = n.div_ceil(NC);
         let mc = if tn < MIN_TASKS {
             m.div_ceil(MIN_TASKS.div_ceil(tn)).next_multiple_of(2 * T).clamp(2 * T, MC)
@@ -151,8 +158,15 @@ impl AmxWeight {
         };
         let tm = m.div_ceil(mc);
         let out = OutPtr(c.as_mut_ptr());
-        let packed =
-            Packed { a: a_buf.u16s(), b: self.buf.u32s(), a_panel, b_panel: self.panel, kbs, m, n };
+        let packed = Packed {
+            a: &a_buf.u16s()[..a_len],
+            b: self.buf.u32s(),
+            a_panel,
+            b_panel: self.panel,
+            kbs,
+            m,
+            n,
+        };
         let task = |t: usize| {
             let (i0, j0) = ((t / tn) * mc, (t % tn) * NC);
             let (i1, j1) = ((i0 + mc).min(m), (j0 + NC).min(n));
@@ -161,6 +175,7 @@ impl AmxWeight {
             unsafe { packed.task(out, ldc, accumulate, i0..i1, j0..j1) };
         };
         (0..tm * tn).into_par_iter().for_each(task);
+        A_BUF.set(a_buf.0);
     }
 }
 
