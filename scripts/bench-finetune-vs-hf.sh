@@ -7,7 +7,9 @@
 #
 # ROUNDS (5), THREADS (2), STEPS (3 timed steps each, after one untimed) and OUT
 # (bench-results) tune it; further arguments for both go in ARGS (e.g.
-# ARGS="--target-modules down_proj"). Each run's JSON goes to $OUT/finetune-vs-hf.jsonl.
+# ARGS="--target-modules down_proj"), for one of them in HF_ARGS (e.g. "--dtype bfloat16")
+# or COSERVE_ARGS (e.g. "--train-dtype bf16"). Each run's JSON goes to
+# $OUT/finetune-vs-hf.jsonl.
 set -euo pipefail
 COSERVE=${1:-target/release/coserve}
 PYTHON=${2:-python3}
@@ -16,6 +18,8 @@ THREADS=${THREADS:-2}
 STEPS=${STEPS:-3}
 OUT=${OUT:-bench-results}
 ARGS=${ARGS:-}
+HF_ARGS=${HF_ARGS:-}
+COSERVE_ARGS=${COSERVE_ARGS:-}
 mkdir -p "$OUT"
 log="$OUT/finetune-vs-hf.jsonl"
 : >"$log"
@@ -25,12 +29,12 @@ for round in $(seq 1 "$ROUNDS"); do
   echo "== round $round/$ROUNDS: HF PEFT" >&2
   # shellcheck disable=SC2086 # ARGS is a list of words
   HF_HUB_OFFLINE=1 TQDM_DISABLE=1 "$PYTHON" "$here/benches/hf_peft_finetune.py" \
-    --threads "$THREADS" --steps "$((STEPS + 1))" $ARGS 2>/dev/null |
+    --threads "$THREADS" --steps "$((STEPS + 1))" $ARGS $HF_ARGS 2>/dev/null |
     python3 -c 'import json,sys; d=json.load(sys.stdin); d["system"]="hf"; print(json.dumps(d))' \
       >>"$log"
   echo "== round $round/$ROUNDS: coserve" >&2
   # shellcheck disable=SC2086
-  "$COSERVE" bench-finetune --threads "$THREADS" --steps "$STEPS" --json $ARGS 2>/dev/null |
+  "$COSERVE" bench-finetune --threads "$THREADS" --steps "$STEPS" --json $ARGS $COSERVE_ARGS 2>/dev/null |
     python3 -c 'import json,sys; d=json.load(sys.stdin); d["system"]="coserve"; print(json.dumps(d))' \
       >>"$log"
 done
