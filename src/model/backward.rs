@@ -85,6 +85,12 @@ impl BackwardWeights {
             })
             .collect();
         let (head, head_t) = pack(model.lm_head(), dtype, forward);
+        if dtype == TrainDtype::Bf16 && !head.on_amx() {
+            tracing::warn!(
+                "--train-dtype bf16 without AMX-BF16 on this CPU: the rounded products run \
+                 through the f32 kernels, no faster than --train-dtype f32"
+            );
+        }
         Self { dtype, layers, head, head_t }
     }
 
