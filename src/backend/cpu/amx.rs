@@ -4,9 +4,10 @@
 //! times the multiply-adds of an AVX-512 FMA in about the same time, which is what makes
 //! `--train-dtype bf16` several times faster than the `f32` kernels on such a CPU.
 //!
-//! The tile unit's summation order inside one tile product is its own (not a plain chain of
-//! `f32` additions), so results are not bit-equal to the portable bf16 path in
-//! [`super::frozen`]; both are checked against `f64` sums. As in the vector GEMM, every
+//! Inside one tile product the unit sums more precisely than a chain of `f32` additions (in a
+//! probe, a quarter of an FMA chain's error, without bias), so results are not bit-equal to
+//! the portable bf16 path in [`super::frozen`]; both are checked against `f64` sums. As in the
+//! vector GEMM, every
 //! element of `C` is summed over `k` in order within one task and tasks split only `m` and
 //! `n`, so results never depend on the thread count.
 
