@@ -80,6 +80,7 @@ impl BackwardWeights {
             .map(|l| {
                 let [q, o, gu, d] =
                     [&l.wqkv, &l.wo, &l.w_gate_up, &l.w_down].map(|w| pack(w, dtype, forward));
+                // ok: `pack` returns the transposed weight exactly when `forward`.
                 let fwd = forward.then(|| [q.1, o.1, gu.1, d.1].map(|w| w.expect("packed")));
                 LayerW { bwd: [q.0, o.0, gu.0, d.0], fwd }
             })

@@ -147,7 +147,7 @@ impl Llama {
         let mut gate_up = vec![0f32; t * 2 * inter];
         let mut act = vec![0f32; t * inter];
         let groups = group_slices(lora);
-        let train = train.filter(|bw| bw.dtype() != TrainDtype::F32);
+        let train = train.filter(|bw| bw.dtype() != TrainDtype::F32 && !captures.is_empty());
         let mut train_rows: Vec<Range<usize>> = match train {
             Some(_) => captures.iter().map(|c| c.rows.clone()).collect(),
             None => Vec::new(),
