@@ -144,16 +144,14 @@ fn tied_gqa_two_layers_all_projections() {
     check(TinyShape::default(), true, LoraConfig { r: 4, alpha: 8.0, ..LoraConfig::default() }, 0);
 }
 
+/// Three layers, eight query heads on two kv heads, an untied head.
+fn untied_three_layers() -> TinyShape {
+    TinyShape { layers: 3, heads: 8, kv_heads: 2, tied: false, seed: 3, ..TinyShape::default() }
+}
+
 #[test]
 fn untied_three_layers_all_projections() {
-    let shape = TinyShape {
-        layers: 3,
-        heads: 8,
-        kv_heads: 2,
-        tied: false,
-        seed: 3,
-        ..TinyShape::default()
-    };
+    let shape = untied_three_layers();
     check(shape, false, LoraConfig { r: 8, alpha: 16.0, ..LoraConfig::default() }, 0);
 }
 
@@ -208,15 +206,7 @@ const BF16_TOL: f32 = 5e-2;
 
 #[test]
 fn bf16_products_stay_within_rounding_of_autograd() {
-    let untied = TinyShape {
-        layers: 3,
-        heads: 8,
-        kv_heads: 2,
-        tied: false,
-        seed: 3,
-        ..TinyShape::default()
-    };
-    for (shape, gguf) in [(TinyShape::default(), true), (untied, false)] {
+    for (shape, gguf) in [(TinyShape::default(), true), (untied_three_layers(), false)] {
         let dir = tempfile::tempdir().unwrap();
         let path =
             if gguf { write_gguf(dir.path(), &shape) } else { write_hf_dir(dir.path(), &shape) };

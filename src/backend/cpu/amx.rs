@@ -539,7 +539,7 @@ unsafe fn pack_b(b: &MatRef<'_>, j0: usize, out: &mut [u32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::cpu::frozen::tests::{check, SHAPES};
+    use crate::backend::cpu::frozen::tests::{check_shapes, SHAPES};
     use crate::backend::cpu::frozen::{round_bf16, FrozenWeight, TrainDtype};
     use crate::backend::cpu::matmul::tests::data;
 
@@ -550,19 +550,9 @@ mod tests {
             return;
         }
         // Deep enough for several passes over `k`, wide and tall enough for several tasks.
-        let shapes = SHAPES.iter().copied().chain([(70, 4200, 300), (300, 64, 33)]);
-        for (m, k, n) in shapes {
-            let (a, b) = (data(m * k, 1), data(k * n, 2));
-            let a = MatRef::new(&a, m, k);
-            for transposed in [false, true] {
-                let bt: Vec<f32> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
-                let bm =
-                    if transposed { MatRef::new(&bt, n, k).t() } else { MatRef::new(&b, k, n) };
-                let w = FrozenWeight::new(&bm, TrainDtype::Bf16);
-                assert!(w.on_amx());
-                check(&w, &a, &bm, &format!("AMX [{m}, {k}] x [{k}, {n}], Bᵀ {transposed}"));
-            }
-        }
+        let mut shapes = SHAPES.to_vec();
+        shapes.extend([(70, 4200, 300), (300, 64, 33)]);
+        check_shapes(&shapes, true, |w| FrozenWeight::new(w, TrainDtype::Bf16));
     }
 
     #[test]

@@ -181,20 +181,31 @@ pub(crate) mod tests {
     pub(crate) const SHAPES: [(usize, usize, usize); 4] =
         [(1, 5, 3), (37, 70, 50), (64, 96, 96), (19, 2100, 40)];
 
-    #[test]
-    fn bf16_products_without_amx_sum_the_rounded_operands() {
-        for (m, k, n) in SHAPES {
+    /// Builds the product of every shape with `build` (which must pack bf16 on AMX exactly
+    /// when `amx`), `W` given both directly and through a transposed view, and checks it.
+    pub(crate) fn check_shapes(
+        shapes: &[(usize, usize, usize)],
+        amx: bool,
+        build: impl Fn(&MatRef<'_>) -> FrozenWeight,
+    ) {
+        for &(m, k, n) in shapes {
             let (a, b) = (data(m * k, 1), data(k * n, 2));
             let a = MatRef::new(&a, m, k);
             for transposed in [false, true] {
                 let bt: Vec<f32> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
                 let bm =
                     if transposed { MatRef::new(&bt, n, k).t() } else { MatRef::new(&b, k, n) };
-                let w = FrozenWeight::build(&bm, TrainDtype::Bf16, false);
-                assert!(!w.on_amx());
-                check(&w, &a, &bm, &format!("portable [{m}, {k}] x [{k}, {n}]"));
+                let w = build(&bm);
+                assert_eq!(w.on_amx(), amx);
+                let what = format!("AMX {amx}: [{m}, {k}] x [{k}, {n}], Bᵀ {transposed}");
+                check(&w, &a, &bm, &what);
             }
         }
+    }
+
+    #[test]
+    fn bf16_products_without_amx_sum_the_rounded_operands() {
+        check_shapes(&SHAPES, false, |w| FrozenWeight::build(w, TrainDtype::Bf16, false));
     }
 
     #[test]
