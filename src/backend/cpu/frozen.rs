@@ -68,15 +68,20 @@ impl FrozenWeight {
             return Self { kind: Kind::Amx(super::amx::AmxWeight::new(w)) };
         }
         let _ = amx;
-        let mut dense = Vec::with_capacity(w.rows * w.cols);
-        for i in 0..w.rows {
-            dense.extend((0..w.cols).map(|j| w.data[i * w.rs + j * w.cs]));
+        let (rows, cols) = (w.rows, w.cols);
+        let dense = w.cs == 1 && w.rs == cols;
+        if dtype == TrainDtype::F32 && dense {
+            return Self { kind: Kind::F32(PackedWeight::new(&w.data[..rows * cols], rows, cols)) };
         }
-        if dtype == TrainDtype::Bf16 {
-            dense.iter_mut().for_each(|v| *v = round_bf16(*v));
-            return Self { kind: Kind::Bf16(PackedWeight::new(&dense, w.rows, w.cols)) };
+        let round = if dtype == TrainDtype::Bf16 { round_bf16 } else { |v| v };
+        let mut values = Vec::with_capacity(rows * cols);
+        for i in 0..rows {
+            values.extend((0..cols).map(|j| round(w.data[i * w.rs + j * w.cs])));
         }
-        Self { kind: Kind::F32(PackedWeight::new(&dense, w.rows, w.cols)) }
+        let packed = PackedWeight::new(&values, rows, cols);
+        Self {
+            kind: if dtype == TrainDtype::Bf16 { Kind::Bf16(packed) } else { Kind::F32(packed) },
+        }
     }
 
     pub fn bytes(&self) -> usize {
