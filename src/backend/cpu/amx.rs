@@ -136,6 +136,13 @@ impl AmxWeight {
         if m == 0 || n == 0 {
             return;
         }
+        if k == 0 {
+            // No tile product runs: an empty sum is zero.
+            if !accumulate {
+                c.chunks_mut(ldc).take(m).for_each(|row| row[..n].fill(0.0));
+            }
+            return;
+        }
         let kbs = k.div_ceil(KB);
         let a_panel = kbs * TILE;
         // Kept per thread between products (every value is written before it is read): a
@@ -551,7 +558,7 @@ mod tests {
         }
         // Deep enough for several passes over `k`, wide and tall enough for several tasks.
         let mut shapes = SHAPES.to_vec();
-        shapes.extend([(70, 4200, 300), (300, 64, 33)]);
+        shapes.extend([(70, 4200, 300), (300, 64, 33), (5, 0, 7)]);
         check_shapes(&shapes, true, |w| FrozenWeight::new(w, TrainDtype::Bf16));
     }
 
