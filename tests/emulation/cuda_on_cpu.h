@@ -27,6 +27,7 @@ inline dim3 threadIdx, blockIdx, blockDim, gridDim;
 #define __device__
 #define __forceinline__ inline
 #define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
 
 namespace emu {
 enum class State { Runnable, AtBlockBarrier, AtWarpBarrier, Done };

@@ -60,6 +60,14 @@ pub const KERNEL_FILES: &[KernelFile] = &[
         "attention_backward.cu",
         ["attention_backward_dq_f32", "attention_backward_dkv_f32"]
     ),
+    kernel_file!(
+        "attention_backward_tiled.cu",
+        [
+            "attention_backward_dq_tiled",
+            "attention_backward_dkv_tiled",
+            "attention_backward_dkv_sum_f32"
+        ]
+    ),
 ];
 
 /// The architectures `coserve kernels check` compiles for: A100 and H100.

@@ -194,6 +194,58 @@ pub fn attention(
     out
 }
 
+/// `attention_backward_dq_tiled` + `attention_backward_dkv_tiled` (+ the partials' sum):
+/// `(dq, dk, dv)` of causal attention, written out directly rather than through the CPU
+/// backward's tiles. As the kernels do, it rounds dO to bf16 for its products (`dP = dO Vᵀ`,
+/// `dV = Pᵀ dO`), P to bf16 for `dV`, and dS to bf16 for `dQ` and `dK`; rowsum(dO ∘ O) uses
+/// dO as given. Sums in f64, so the kernels differ from it by fp32 summation alone.
+pub fn attention_backward_bf16(
+    a: &crate::model::attention_backward::AttnBackwardInput<'_>,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (t, nh, nkv, hd) = (a.len, a.num_heads, a.num_kv_heads, a.head_dim);
+    let group = nh / nkv.max(1);
+    let scale = f64::from(a.scale);
+    let dot = |x: &[f32], y: &[f64]| x.iter().zip(y).map(|(&x, y)| f64::from(x) * y).sum::<f64>();
+    let (mut dq, mut dk, mut dv) =
+        (vec![0f32; t * nh * hd], vec![0f64; t * nkv * hd], vec![0f64; t * nkv * hd]);
+    let mut scores = vec![0f64; t];
+    for h in 0..nh {
+        let kvh = h / group.max(1);
+        let kv_at = |j: usize| (j * nkv + kvh) * hd;
+        for i in 0..t {
+            let at = (i * nh + h) * hd;
+            let qi: Vec<f64> = a.q[at..at + hd].iter().map(|&x| f64::from(x)).collect();
+            let d_o = &a.d_o[at..at + hd];
+            let dob: Vec<f64> = d_o.iter().map(|&x| f64::from(round_bf16(x))).collect();
+            let delta: f64 =
+                d_o.iter().zip(&a.o[at..at + hd]).map(|(&g, &o)| g as f64 * o as f64).sum();
+            for (j, s) in scores[..=i].iter_mut().enumerate() {
+                *s = scale * dot(&a.k[kv_at(j)..kv_at(j) + hd], &qi);
+            }
+            let m = scores[..=i].iter().fold(f64::NEG_INFINITY, |m, &s| m.max(s));
+            let lse = m + scores[..=i].iter().map(|&s| (s - m).exp()).sum::<f64>().ln();
+            let mut dqi = vec![0f64; hd];
+            for (j, &s) in scores[..=i].iter().enumerate() {
+                let (kj, vj) = (&a.k[kv_at(j)..kv_at(j) + hd], &a.v[kv_at(j)..kv_at(j) + hd]);
+                let p = (s - lse).exp();
+                let ds = p * (dot(vj, &dob) - delta);
+                let pb = f64::from(round_bf16(p as f32));
+                let dsb = f64::from(round_bf16(ds as f32));
+                for d in 0..hd {
+                    dqi[d] += dsb * f64::from(kj[d]);
+                    dk[kv_at(j) + d] += dsb * qi[d];
+                    dv[kv_at(j) + d] += pb * dob[d];
+                }
+            }
+            for (o, g) in dq[at..at + hd].iter_mut().zip(&dqi) {
+                *o = (scale * g) as f32;
+            }
+        }
+    }
+    let dk = dk.iter().map(|&g| (scale * g) as f32).collect();
+    (dq, dk, dv.iter().map(|&g| g as f32).collect())
+}
+
 /// `argmax_logprob_f32`: the greedy id and its log-probability.
 pub fn argmax_logprob(row: &[f32]) -> (u32, f32) {
     let id = crate::engine::sampler::argmax(row);
@@ -316,6 +368,45 @@ mod tests {
         let mut row = vec![1.0f32, 2.0];
         assert_eq!(cross_entropy(&mut row, -1, 1.0), 0.0);
         assert_eq!(row, [0.0, 0.0]);
+    }
+
+    #[test]
+    fn tiled_attention_backward_twin_is_the_cpu_backward_without_its_roundings() {
+        use crate::model::attention_backward::{attention_backward, AttnBackwardInput};
+        let (len, nh, nkv, hd) = (19usize, 4usize, 2usize, 8usize);
+        // Deterministic, varied values in [-1, 1).
+        let vals = |n: usize, seed: u64| -> Vec<f32> {
+            (0..n as u64)
+                .map(|i| {
+                    ((i.wrapping_mul(2654435761).wrapping_add(seed * 97) % 2000) as f32) / 1000.0
+                        - 1.0
+                })
+                .collect()
+        };
+        let (q, k, v) = (vals(len * nh * hd, 1), vals(len * nkv * hd, 2), vals(len * nkv * hd, 3));
+        let (o, d_o) = (vals(len * nh * hd, 4), vals(len * nh * hd, 5));
+        let a = AttnBackwardInput {
+            q: &q,
+            k: &k,
+            v: &v,
+            o: &o,
+            d_o: &d_o,
+            len,
+            num_heads: nh,
+            num_kv_heads: nkv,
+            head_dim: hd,
+            scale: 0.35,
+        };
+        let all = |(dq, dk, dv): (Vec<f32>, Vec<f32>, Vec<f32>)| [dq, dk, dv].concat();
+        let exact = all(without_rounding(|| attention_backward_bf16(&a)));
+        let rounded = all(attention_backward_bf16(&a));
+        let cpu = all(attention_backward(&a));
+        let worst = exact.iter().zip(&cpu).map(|(e, c)| (e - c).abs() / (1e-3 + c.abs()));
+        let worst = worst.fold(0f32, f32::max);
+        let rounding = rounded.iter().zip(&cpu).map(|(r, c)| (r - c).abs()).fold(0f32, f32::max);
+        assert!(worst < 1e-4, "the twin without roundings is off the CPU backward by {worst}");
+        // And the roundings do change it.
+        assert!(rounding > 1e-4, "the bf16 roundings changed nothing ({rounding})");
     }
 
     #[test]

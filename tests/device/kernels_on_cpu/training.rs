@@ -193,6 +193,78 @@ fn attention_backward_kernels_match_the_cpu_backward() {
 }
 
 #[test]
+fn tiled_attention_backward_kernels_match_their_twin() {
+    use coserve::model::attention_backward::AttnBackwardInput;
+    let emu = Emulated::build("attention_backward_tiled.cu");
+    let mut rng = StdRng::seed_from_u64(23);
+    // A partial tile with GQA; three tiles with a group of four; one whole tile without GQA.
+    for (len, nh, nkv, hd) in [(37usize, 4usize, 2usize, 64usize), (70, 4, 1, 128), (32, 2, 2, 64)]
+    {
+        let q = random_bf16(&mut rng, len * nh * hd, 1.0);
+        let k = random_bf16(&mut rng, len * nkv * hd, 1.0);
+        let v = random_bf16(&mut rng, len * nkv * hd, 1.0);
+        let o = random_bf16(&mut rng, len * nh * hd, 1.0);
+        let d_o = random_f32(&mut rng, len * nh * hd, 1.0);
+        let scale = 1.0 / (hd as f32).sqrt();
+        let input = AttnBackwardInput {
+            q: &q,
+            k: &k,
+            v: &v,
+            o: &o,
+            d_o: &d_o,
+            len,
+            num_heads: nh,
+            num_kv_heads: nkv,
+            head_dim: hd,
+            scale,
+        };
+        let (want_dq, want_dk, want_dv) = twins::attention_backward_bf16(&input);
+        let (qb, kb, vb, ob) = (bf16_bits(&q), bf16_bits(&k), bf16_bits(&v), bf16_bits(&o));
+        let mut dq = vec![0f32; len * nh * hd];
+        let (mut lse, mut delta) = (vec![0f32; len * nh], vec![0f32; len * nh]);
+        let (mut dk_part, mut dv_part) = (vec![0f32; len * nh * hd], vec![0f32; len * nh * hd]);
+        let (mut dk, mut dv) = (vec![0f32; len * nkv * hd], vec![0f32; len * nkv * hd]);
+        let dims = [len, nh, nkv, hd].map(|x| Arg::i32(x as i32));
+        let tiles = len.div_ceil(32) as u32;
+        // SAFETY: attention_backward_dq_tiled's parameters; head_dim 64 or 128, the 128
+        // threads it is written for, every buffer as long as the shape needs.
+        unsafe {
+            let mut args = vec![Arg::ptr(&qb), Arg::ptr(&kb), Arg::ptr(&vb), Arg::ptr(&ob)];
+            args.extend([Arg::ptr(&d_o), Arg::ptr_mut(&mut dq), Arg::ptr_mut(&mut lse)]);
+            args.push(Arg::ptr_mut(&mut delta));
+            args.extend(dims);
+            args.extend([Arg::f32(scale), Arg::i32((nh * hd) as i32)]);
+            emu.launch("attention_backward_dq_tiled", (nh as u32, tiles, 1), 128, &args);
+        }
+        // SAFETY: attention_backward_dkv_tiled's parameters, as above.
+        unsafe {
+            let mut args = vec![Arg::ptr(&qb), Arg::ptr(&kb), Arg::ptr(&vb), Arg::ptr(&d_o)];
+            args.extend([Arg::ptr(&lse), Arg::ptr(&delta), Arg::ptr_mut(&mut dk_part)]);
+            args.push(Arg::ptr_mut(&mut dv_part));
+            args.extend(dims);
+            args.push(Arg::f32(scale));
+            emu.launch("attention_backward_dkv_tiled", (nh as u32, tiles, 1), 128, &args);
+        }
+        // SAFETY: attention_backward_dkv_sum_f32's parameters: the partials of every head.
+        unsafe {
+            let mut args = vec![Arg::ptr(&dk_part), Arg::ptr(&dv_part)];
+            args.extend([Arg::ptr_mut(&mut dk), Arg::ptr_mut(&mut dv)]);
+            args.extend(dims);
+            args.push(Arg::i32((nkv * hd) as i32));
+            emu.launch("attention_backward_dkv_sum_f32", (nkv as u32, len as u32, 1), 128, &args);
+        }
+        // Sums over up to `len` keys or queries, fp32 against the twin's f64.
+        for (what, got, want) in
+            [("dq", &dq, &want_dq), ("dk", &dk, &want_dk), ("dv", &dv, &want_dv)]
+        {
+            let what =
+                format!("tiled attention backward {what}, len {len} heads {nh}/{nkv} dim {hd}");
+            assert_close(&what, got, want, 1e-3, 1e-3);
+        }
+    }
+}
+
+#[test]
 fn cross_entropy_adamw_and_lora_kernels_match_their_twins() {
     let mut rng = StdRng::seed_from_u64(7);
     let emu = Emulated::build("cross_entropy.cu");

@@ -89,62 +89,127 @@ pub(super) fn check_backward(gpu: &mut Gpu, checks: &mut Vec<Check>) -> Result<(
     Ok(())
 }
 
+/// `(dq, dk, dv)`.
+type Grads = (Vec<f32>, Vec<f32>, Vec<f32>);
+
+/// One sample's attention inputs.
+struct AttnCase {
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    o: Vec<f32>,
+    d_o: Vec<f32>,
+    dims: (usize, usize, usize, usize),
+}
+
+impl AttnCase {
+    fn input(&self) -> crate::model::attention_backward::AttnBackwardInput<'_> {
+        let (len, num_heads, num_kv_heads, head_dim) = self.dims;
+        crate::model::attention_backward::AttnBackwardInput {
+            q: &self.q,
+            k: &self.k,
+            v: &self.v,
+            o: &self.o,
+            d_o: &self.d_o,
+            len,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            scale: 1.0 / (head_dim as f32).sqrt(),
+        }
+    }
+}
+
+/// Both attention backwards: the direct kernels against the CPU backward (fp32 throughout),
+/// and the tensor-core kernels, where their head sizes allow, against their bf16-rounding twin.
 pub(super) fn check_attention_backward(
     gpu: &mut Gpu,
     checks: &mut Vec<Check>,
 ) -> Result<(), CudaError> {
-    use crate::model::attention_backward::{attention_backward, AttnBackwardInput};
+    use crate::backend::cuda::decoder::train::uses_tiled_attention_backward;
+    use crate::model::attention_backward::attention_backward;
     let mut rng = StdRng::seed_from_u64(22);
-    for (len, nh, nkv, hd) in [(37usize, 4usize, 2usize, 64usize), (300, 32, 8, 128)] {
-        let q = random_bf16(&mut rng, len * nh * hd, 1.0);
-        let k = random_bf16(&mut rng, len * nkv * hd, 1.0);
-        let v = random_bf16(&mut rng, len * nkv * hd, 1.0);
-        let o = random_bf16(&mut rng, len * nh * hd, 1.0);
-        let d_o = random_f32(&mut rng, len * nh * hd, 1.0);
-        let scale = 1.0 / (hd as f32).sqrt();
-        let (want_dq, want_dk, want_dv) = attention_backward(&AttnBackwardInput {
-            q: &q,
-            k: &k,
-            v: &v,
-            o: &o,
-            d_o: &d_o,
-            len,
-            num_heads: nh,
-            num_kv_heads: nkv,
-            head_dim: hd,
-            scale,
-        });
-        let (gq, gk, gv, go) =
-            (gpu.up_bf16(&q)?, gpu.up_bf16(&k)?, gpu.up_bf16(&v)?, gpu.up_bf16(&o)?);
-        let gdo = gpu.up(&d_o)?;
-        let mut gdq = gpu.zeros::<f32>(len * nh * hd)?;
-        let (mut glse, mut gdelta) = (gpu.zeros::<f32>(len * nh)?, gpu.zeros::<f32>(len * nh)?);
-        let (mut gdk, mut gdv) =
-            (gpu.zeros::<f32>(len * nkv * hd)?, gpu.zeros::<f32>(len * nkv * hd)?);
-        let (l, h, kv, d) = (len as i32, nh as i32, nkv as i32, hd as i32);
-        let f = gpu.func("attention_backward.cu", "attention_backward_dq_f32")?;
+    let shapes = [(37usize, 4usize, 2usize, 64usize), (300, 32, 8, 128), (1024, 8, 2, 128)];
+    for (len, nh, nkv, hd) in shapes {
+        let c = AttnCase {
+            q: random_bf16(&mut rng, len * nh * hd, 1.0),
+            k: random_bf16(&mut rng, len * nkv * hd, 1.0),
+            v: random_bf16(&mut rng, len * nkv * hd, 1.0),
+            o: random_bf16(&mut rng, len * nh * hd, 1.0),
+            d_o: random_f32(&mut rng, len * nh * hd, 1.0),
+            dims: (len, nh, nkv, hd),
+        };
+        let shape = format!("len={len} heads={nh}/{nkv} head_dim={hd}");
+        let mut runs = vec![("attention_backward_f32", attention_backward(&c.input()), false)];
+        if uses_tiled_attention_backward(hd) {
+            let want = twins::attention_backward_bf16(&c.input());
+            runs.push(("attention_backward_tiled", want, true));
+        }
+        for (name, (want_dq, want_dk, want_dv), tiled) in runs {
+            let (dq, dk, dv) = run_attention_backward(gpu, &c, tiled)?;
+            // Sums over up to `len` keys or queries: fp32, in another order than the twin's.
+            for (what, got, want) in
+                [("dq", dq, &want_dq), ("dk", dk, &want_dk), ("dv", dv, &want_dv)]
+            {
+                compare(checks, &format!("{name} ({what})"), shape.clone(), &got, want, 1e-3, 1e-3);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `(dq, dk, dv)` of one case from the direct kernels or the tiled ones (with the partials' sum).
+fn run_attention_backward(
+    gpu: &mut Gpu,
+    c: &AttnCase,
+    tiled: bool,
+) -> Result<Grads, CudaError> {
+    let (len, nh, nkv, hd) = c.dims;
+    let (gq, gk, gv, go) =
+        (gpu.up_bf16(&c.q)?, gpu.up_bf16(&c.k)?, gpu.up_bf16(&c.v)?, gpu.up_bf16(&c.o)?);
+    let gdo = gpu.up(&c.d_o)?;
+    let mut gdq = gpu.zeros::<f32>(len * nh * hd)?;
+    let (mut glse, mut gdelta) = (gpu.zeros::<f32>(len * nh)?, gpu.zeros::<f32>(len * nh)?);
+    let (mut gdk, mut gdv) = (gpu.zeros::<f32>(len * nkv * hd)?, gpu.zeros::<f32>(len * nkv * hd)?);
+    let (l, h, kv, d) = (len as i32, nh as i32, nkv as i32, hd as i32);
+    let (q_stride, kv_stride) = ((nh * hd) as i32, (nkv * hd) as i32);
+    let scale = 1.0 / (hd as f32).sqrt();
+    let file = if tiled { "attention_backward_tiled.cu" } else { "attention_backward.cu" };
+    let f = gpu.func(
+        file,
+        if tiled { "attention_backward_dq_tiled" } else { "attention_backward_dq_f32" },
+    )?;
+    let mut b = gpu.stream.launch_builder(&f);
+    b.arg(&gq).arg(&gk).arg(&gv).arg(&go).arg(&gdo).arg(&mut gdq).arg(&mut glse);
+    b.arg(&mut gdelta).arg(&l).arg(&h).arg(&kv).arg(&d).arg(&scale).arg(&q_stride);
+    let grid_y = if tiled { len.div_ceil(32) } else { len };
+    // SAFETY: argument list matches attention_backward_dq_f32 and attention_backward_dq_tiled
+    // alike; len <= AB_MAX_LEN, head_dim a multiple of 32 up to 256 (64 or 128 when tiled),
+    // 128 threads; every buffer holds what the shape needs.
+    unsafe { b.launch(cfg((n32(nh), n32(grid_y), 1), 128)) }?;
+    if tiled {
+        let (mut dk_part, mut dv_part) =
+            (gpu.zeros::<f32>(len * nh * hd)?, gpu.zeros::<f32>(len * nh * hd)?);
+        let f = gpu.func(file, "attention_backward_dkv_tiled")?;
         let mut b = gpu.stream.launch_builder(&f);
-        b.arg(&gq).arg(&gk).arg(&gv).arg(&go).arg(&gdo).arg(&mut gdq).arg(&mut glse);
-        let (q_stride, kv_stride) = ((nh * hd) as i32, (nkv * hd) as i32);
-        b.arg(&mut gdelta).arg(&l).arg(&h).arg(&kv).arg(&d).arg(&scale).arg(&q_stride);
-        // SAFETY: argument list matches attention_backward_dq_f32; len <= AB_MAX_LEN, head_dim
-        // a multiple of 32 up to 256, AB_THREADS threads.
-        unsafe { b.launch(cfg((n32(nh), n32(len), 1), 128)) }?;
-        let f = gpu.func("attention_backward.cu", "attention_backward_dkv_f32")?;
+        b.arg(&gq).arg(&gk).arg(&gv).arg(&gdo).arg(&glse).arg(&gdelta).arg(&mut dk_part);
+        b.arg(&mut dv_part).arg(&l).arg(&h).arg(&kv).arg(&d).arg(&scale);
+        // SAFETY: argument list matches attention_backward_dkv_tiled; the partials hold
+        // len * num_heads * head_dim.
+        unsafe { b.launch(cfg((n32(nh), n32(grid_y), 1), 128)) }?;
+        let f = gpu.func(file, "attention_backward_dkv_sum_f32")?;
+        let mut b = gpu.stream.launch_builder(&f);
+        b.arg(&dk_part).arg(&dv_part).arg(&mut gdk).arg(&mut gdv);
+        b.arg(&l).arg(&h).arg(&kv).arg(&d).arg(&kv_stride);
+        // SAFETY: argument list matches attention_backward_dkv_sum_f32, over the partials.
+        unsafe { b.launch(cfg((n32(nkv), n32(len), 1), 128)) }?;
+    } else {
+        let f = gpu.func(file, "attention_backward_dkv_f32")?;
         let mut b = gpu.stream.launch_builder(&f);
         b.arg(&gq).arg(&gk).arg(&gv).arg(&gdo).arg(&glse).arg(&gdelta).arg(&mut gdk);
         b.arg(&mut gdv).arg(&l).arg(&h).arg(&kv).arg(&d).arg(&scale).arg(&kv_stride);
         // SAFETY: argument list matches attention_backward_dkv_f32, as above.
         unsafe { b.launch(cfg((n32(nkv), n32(len), 1), 128)) }?;
-        let shape = format!("len={len} heads={nh}/{nkv} head_dim={hd}");
-        // Sums over up to `len` keys or queries: fp32, in another order than the twin's GEMMs.
-        for (what, dev, want) in
-            [("dq", &gdq, &want_dq), ("dk", &gdk, &want_dk), ("dv", &gdv, &want_dv)]
-        {
-            let got = gpu.down(dev)?;
-            let name = format!("attention_backward_f32 ({what})");
-            compare(checks, &name, shape.clone(), &got, want, 1e-3, 1e-3);
-        }
     }
-    Ok(())
+    Ok((gpu.down(&gdq)?, gpu.down(&gdk)?, gpu.down(&gdv)?))
 }

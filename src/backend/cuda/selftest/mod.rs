@@ -63,7 +63,7 @@ pub fn run(spec: DeviceSpec, home: &Path, only: &[String]) -> Result<Report, Cud
         ("adamw_f32", training::check_adamw),
         ("training utilities", training::check_grad_utils),
         ("backward_f32", backward::check_backward),
-        ("attention_backward_f32", backward::check_attention_backward),
+        ("attention_backward", backward::check_attention_backward),
     ];
     for (name, suite) in suites.into_iter().filter(|(name, _)| wanted(name)) {
         // Synchronise after each suite so an asynchronous fault is reported against it.

@@ -10,6 +10,7 @@ use crate::backend::cuda::gpu::{cfg, n32, Gpu};
 use crate::backend::cuda::sampling::{sample_on_device, RowSample, RowSampling};
 use crate::backend::cuda::CudaError;
 
+mod attention_backward;
 mod lora_launch;
 mod train;
 mod weights_and_graphs;

@@ -3,6 +3,7 @@
 
 use cudarc::driver::{CudaFunction, CudaSlice, PushKernelArg};
 
+use super::attention_backward::{AttentionBackward, AttentionBackwardArgs};
 use super::lora_launch::{dropout_grid, dropout_site_args, DROPOUT_THREADS};
 use super::{
     check_len, check_lora, launch_expand, launch_shrink, CudaCache, CudaLoraTable, CudaOps,
@@ -16,9 +17,6 @@ use crate::backend::cuda::gpu::{cfg, n32, Gpu};
 use crate::backend::cuda::CudaError;
 use crate::lora::optim::AdamWScalars;
 
-/// `attention_backward.cu`'s AB_MAX_LEN and AB_THREADS.
-const AB_MAX_LEN: usize = 4096;
-const AB_THREADS: u32 = 128;
 const THREADS: u32 = 256;
 
 /// bf16 copies of a product's fp32 inputs, grown to the largest seen.
@@ -41,11 +39,8 @@ pub(super) struct TrainState {
     rms_norm_backward: CudaFunction,
     silu_mul_backward: CudaFunction,
     rope_backward: CudaFunction,
-    attn_dq: CudaFunction,
-    attn_dkv: CudaFunction,
+    attention: AttentionBackward,
     bufs: [CudaSlice<u16>; 5],
-    lse: CudaSlice<f32>,
-    delta: CudaSlice<f32>,
     loss: CudaSlice<f32>,
     ids: CudaSlice<u32>,
     lps: CudaSlice<f32>,
@@ -58,8 +53,6 @@ impl TrainState {
         let bufs = [one()?, one()?, one()?, one()?, one()?];
         Ok(Self {
             bufs,
-            lse: gpu.zeros(1)?,
-            delta: gpu.zeros(1)?,
             loss: gpu.zeros(1)?,
             ids: gpu.zeros(1)?,
             lps: gpu.zeros(1)?,
@@ -72,8 +65,7 @@ impl TrainState {
             rms_norm_backward: gpu.func("backward.cu", "rms_norm_backward_f32")?,
             silu_mul_backward: gpu.func("backward.cu", "silu_mul_backward_f32")?,
             rope_backward: gpu.func("backward.cu", "rope_backward_f32")?,
-            attn_dq: gpu.func("attention_backward.cu", "attention_backward_dq_f32")?,
-            attn_dkv: gpu.func("attention_backward.cu", "attention_backward_dkv_f32")?,
+            attention: AttentionBackward::new(gpu)?,
         })
     }
 
@@ -377,39 +369,8 @@ impl TrainOps for CudaOps {
         len: usize,
         s: &DecoderShape,
     ) -> R {
-        let (qd, kvd) = (s.q_dim(), s.kv_dim());
-        if len == 0 || len > AB_MAX_LEN {
-            return Err(CudaError::Shape(format!(
-                "attention backward over {len} tokens (1 to {AB_MAX_LEN})"
-            )));
-        }
-        check_len(q.len().min(o.len()).min(d_o.len()), len * qd, "attention backward")?;
-        check_len(k.len().min(v.len()), len * kvd, "attention backward")?;
-        check_len(d_qkv.len(), len * s.qkv_rows(), "q/k/v gradient")?;
-        let (l, nh, nkv, hd) = (len as i32, s.heads as i32, s.kv_heads as i32, s.head_dim as i32);
-        let stride = s.qkv_rows() as i32;
-        let scale = 1.0 / (s.head_dim as f32).sqrt();
-        self.with_train(|ops, ts| {
-            grow(&ops.gpu, &mut ts.lse, len * s.heads)?;
-            grow(&ops.gpu, &mut ts.delta, len * s.heads)?;
-            let st = ops.gpu.stream.clone();
-            let (dk, dv) = (addr(d_qkv, &st, qd), addr(d_qkv, &st, qd + kvd));
-            let mut b = st.launch_builder(&ts.attn_dq);
-            b.arg(q).arg(k).arg(v).arg(o).arg(d_o).arg(&mut *d_qkv).arg(&mut ts.lse);
-            b.arg(&mut ts.delta).arg(&l).arg(&nh).arg(&nkv).arg(&hd).arg(&scale).arg(&stride);
-            // SAFETY: argument list matches attention_backward_dq_f32; len <= AB_MAX_LEN,
-            // head_dim a multiple of 32 up to 256 (DecoderShape), AB_THREADS threads; dq is
-            // the q block of rows `stride` apart inside d_qkv (checked).
-            unsafe { b.launch(cfg((n32(s.heads), n32(len), 1), AB_THREADS)) }?;
-            let mut b = st.launch_builder(&ts.attn_dkv);
-            b.arg(q).arg(k).arg(v).arg(d_o).arg(&ts.lse).arg(&ts.delta).arg(&dk).arg(&dv);
-            b.arg(&l).arg(&nh).arg(&nkv).arg(&hd).arg(&scale).arg(&stride);
-            // SAFETY: as above for attention_backward_dkv_f32; dk and dv are the addresses of
-            // d_qkv's k and v blocks (rows `stride` apart, inside it), passed by value as the
-            // kernel's pointer arguments.
-            unsafe { b.launch(cfg((n32(s.kv_heads), n32(len), 1), AB_THREADS)) }?;
-            Ok(())
-        })
+        let args = AttentionBackwardArgs { q, k, v, o, d_o, d_qkv, len };
+        self.with_train(|ops, ts| ts.attention.run(&ops.gpu, args, s))
     }
 
     fn rope_backward(&mut self, st: &CudaStep, d_qkv: &mut CudaSlice<f32>, s: &DecoderShape) -> R {

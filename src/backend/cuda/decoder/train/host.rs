@@ -1,7 +1,7 @@
 //! [`TrainOps`] through the kernels' CPU twins, with the roundings the device makes (bf16
 //! GEMM inputs): the oracle of the CUDA training step.
 
-use super::{GradPair, TrainOps};
+use super::{uses_tiled_attention_backward, GradPair, TrainOps};
 use crate::backend::cuda::decoder::host::{HostCache, HostOps, HostStep};
 use crate::backend::cuda::decoder::lora::{DropoutSite, LoraDims};
 use crate::backend::cuda::decoder::{DecoderOps, DecoderShape};
@@ -235,7 +235,13 @@ impl TrainOps for HostOps {
         s: &DecoderShape,
     ) -> R {
         let (qd, kvd) = (s.q_dim(), s.kv_dim());
-        let (dq, dk, dv) = attention_backward(&AttnBackwardInput {
+        // The device's arithmetic: its tensor-core kernels round as their twin does.
+        let backward = if uses_tiled_attention_backward(s.head_dim) {
+            twins::attention_backward_bf16
+        } else {
+            attention_backward
+        };
+        let (dq, dk, dv) = backward(&AttnBackwardInput {
             q: &q[..len * qd],
             k: &k[..len * kvd],
             v: &v[..len * kvd],

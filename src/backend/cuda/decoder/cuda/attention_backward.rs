@@ -1,0 +1,136 @@
+//! A training sample's attention backward on the device: the tensor-core kernels of
+//! `attention_backward_tiled.cu` for the head sizes they are written for, the direct kernels of
+//! `attention_backward.cu` for any other (up to their AB_MAX_LEN tokens).
+
+use cudarc::driver::{CudaFunction, CudaSlice, PushKernelArg};
+
+use super::check_len;
+use crate::backend::cuda::decoder::train::uses_tiled_attention_backward;
+use crate::backend::cuda::decoder::DecoderShape;
+use crate::backend::cuda::gemm::addr;
+use crate::backend::cuda::gpu::{cfg, n32, Gpu};
+use crate::backend::cuda::CudaError;
+
+/// `attention_backward.cu`'s AB_MAX_LEN and AB_THREADS.
+const AB_MAX_LEN: usize = 4096;
+const AB_THREADS: u32 = 128;
+/// `attention_backward_tiled.cu`'s ABT_TILE and ABT_THREADS.
+const ABT_TILE: usize = 32;
+const ABT_THREADS: u32 = 128;
+
+pub(super) struct AttentionBackward {
+    dq: CudaFunction,
+    dkv: CudaFunction,
+    dq_tiled: CudaFunction,
+    dkv_tiled: CudaFunction,
+    dkv_sum: CudaFunction,
+    /// Each row's log-sum-exp and rowsum(dO ∘ O), per query head.
+    lse: CudaSlice<f32>,
+    delta: CudaSlice<f32>,
+    /// The tiled path's dK and dV per query head, before a GQA group's heads are summed.
+    dk_part: CudaSlice<f32>,
+    dv_part: CudaSlice<f32>,
+}
+
+/// The buffers of one backward: q, o `[len, q_dim]`, k, v `[len, kv_dim]` (bf16), d_o
+/// `[len, q_dim]`, and d_qkv `[len, qkv_rows]` whose q, k and v column blocks it writes.
+pub(super) struct AttentionBackwardArgs<'a> {
+    pub q: &'a CudaSlice<u16>,
+    pub k: &'a CudaSlice<u16>,
+    pub v: &'a CudaSlice<u16>,
+    pub o: &'a CudaSlice<u16>,
+    pub d_o: &'a CudaSlice<f32>,
+    pub d_qkv: &'a mut CudaSlice<f32>,
+    pub len: usize,
+}
+
+fn grow(gpu: &Gpu, x: &mut CudaSlice<f32>, n: usize) -> Result<(), CudaError> {
+    if x.len() < n {
+        *x = gpu.zeros(n)?;
+    }
+    Ok(())
+}
+
+impl AttentionBackward {
+    pub(super) fn new(gpu: &mut Gpu) -> Result<Self, CudaError> {
+        Ok(Self {
+            dq: gpu.func("attention_backward.cu", "attention_backward_dq_f32")?,
+            dkv: gpu.func("attention_backward.cu", "attention_backward_dkv_f32")?,
+            dq_tiled: gpu.func("attention_backward_tiled.cu", "attention_backward_dq_tiled")?,
+            dkv_tiled: gpu.func("attention_backward_tiled.cu", "attention_backward_dkv_tiled")?,
+            dkv_sum: gpu.func("attention_backward_tiled.cu", "attention_backward_dkv_sum_f32")?,
+            lse: gpu.zeros(1)?,
+            delta: gpu.zeros(1)?,
+            dk_part: gpu.zeros(1)?,
+            dv_part: gpu.zeros(1)?,
+        })
+    }
+
+    pub(super) fn run(
+        &mut self,
+        gpu: &Gpu,
+        a: AttentionBackwardArgs<'_>,
+        s: &DecoderShape,
+    ) -> Result<(), CudaError> {
+        let (len, qd, kvd) = (a.len, s.q_dim(), s.kv_dim());
+        check_len(a.q.len().min(a.o.len()).min(a.d_o.len()), len * qd, "attention backward")?;
+        check_len(a.k.len().min(a.v.len()), len * kvd, "attention backward")?;
+        check_len(a.d_qkv.len(), len * s.qkv_rows(), "q/k/v gradient")?;
+        let st = gpu.stream.clone();
+        // The tiled kernels read q, k, v and o 16 bytes at a time.
+        let aligned = [a.q, a.k, a.v, a.o].iter().all(|x| addr(x, &st, 0) % 16 == 0);
+        let tiled = uses_tiled_attention_backward(s.head_dim) && aligned;
+        if len == 0 || (!tiled && len > AB_MAX_LEN) || len.div_ceil(ABT_TILE) > 65535 {
+            return Err(CudaError::Shape(format!(
+                "attention backward over {len} tokens (1 to {AB_MAX_LEN} at head size {})",
+                s.head_dim
+            )));
+        }
+        grow(gpu, &mut self.lse, len * s.heads)?;
+        grow(gpu, &mut self.delta, len * s.heads)?;
+        let (l, nh, nkv, hd) = (len as i32, s.heads as i32, s.kv_heads as i32, s.head_dim as i32);
+        let stride = s.qkv_rows() as i32;
+        let scale = 1.0 / (s.head_dim as f32).sqrt();
+        let (dk, dv) = (addr(a.d_qkv, &st, qd), addr(a.d_qkv, &st, qd + kvd));
+        let (q, k, v, o, d_o) = (a.q, a.k, a.v, a.o, a.d_o);
+        let dq_fn = if tiled { &self.dq_tiled } else { &self.dq };
+        let mut b = st.launch_builder(dq_fn);
+        b.arg(q).arg(k).arg(v).arg(o).arg(d_o).arg(&mut *a.d_qkv).arg(&mut self.lse);
+        b.arg(&mut self.delta).arg(&l).arg(&nh).arg(&nkv).arg(&hd).arg(&scale).arg(&stride);
+        if !tiled {
+            // SAFETY: argument list matches attention_backward_dq_f32; len <= AB_MAX_LEN,
+            // head_dim a multiple of 32 up to 256 (DecoderShape), AB_THREADS threads; dq is
+            // the q block of rows `stride` apart inside d_qkv (checked).
+            unsafe { b.launch(cfg((n32(s.heads), n32(len), 1), AB_THREADS)) }?;
+            let mut b = st.launch_builder(&self.dkv);
+            b.arg(q).arg(k).arg(v).arg(d_o).arg(&self.lse).arg(&self.delta).arg(&dk).arg(&dv);
+            b.arg(&l).arg(&nh).arg(&nkv).arg(&hd).arg(&scale).arg(&stride);
+            // SAFETY: as above for attention_backward_dkv_f32; dk and dv are the addresses of
+            // d_qkv's k and v blocks (rows `stride` apart, inside it), passed by value as the
+            // kernel's pointer arguments.
+            return unsafe { b.launch(cfg((n32(s.kv_heads), n32(len), 1), AB_THREADS)) }
+                .map(|_| ())
+                .map_err(Into::into);
+        }
+        let tiles = n32(len.div_ceil(ABT_TILE));
+        // SAFETY: argument list matches attention_backward_dq_tiled; head_dim 64 or 128,
+        // num_heads a multiple of num_kv_heads (DecoderShape), q/k/v/o 16-byte aligned
+        // (checked), at most 65535 tiles, ABT_THREADS threads; dq is d_qkv's q block.
+        unsafe { b.launch(cfg((n32(s.heads), tiles, 1), ABT_THREADS)) }?;
+        grow(gpu, &mut self.dk_part, len * qd)?;
+        grow(gpu, &mut self.dv_part, len * qd)?;
+        let mut b = st.launch_builder(&self.dkv_tiled);
+        b.arg(q).arg(k).arg(v).arg(d_o).arg(&self.lse).arg(&self.delta);
+        b.arg(&mut self.dk_part).arg(&mut self.dv_part);
+        b.arg(&l).arg(&nh).arg(&nkv).arg(&hd).arg(&scale);
+        // SAFETY: as above for attention_backward_dkv_tiled; the partials hold len * q_dim.
+        unsafe { b.launch(cfg((n32(s.heads), tiles, 1), ABT_THREADS)) }?;
+        let mut b = st.launch_builder(&self.dkv_sum);
+        b.arg(&self.dk_part).arg(&self.dv_part).arg(&dk).arg(&dv);
+        b.arg(&l).arg(&nh).arg(&nkv).arg(&hd).arg(&stride);
+        // SAFETY: argument list matches attention_backward_dkv_sum_f32: one block per (kv
+        // head, row) over the partials; dk and dv as for the direct kernel above.
+        unsafe { b.launch(cfg((n32(s.kv_heads), n32(len), 1), ABT_THREADS)) }?;
+        Ok(())
+    }
+}
