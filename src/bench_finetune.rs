@@ -148,6 +148,10 @@ pub struct BenchFinetuneResult {
     pub coserve_on_device: Option<crate::backend::cuda::bench_coserve::CoserveOnDevice>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub coserve_kept_fraction: Option<f64>,
+    /// On a GPU: one sample's attention backward (one layer's), tiled and direct kernels.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attention_backward_on_device:
+        Option<crate::backend::cuda::decoder::cuda::AttentionBackwardTimes>,
 }
 
 /// Activation memory of one training sample, per token.
@@ -274,6 +278,7 @@ fn run_on_device(
             .as_ref()
             .map(|c| c.coserved_train_tokens_per_s / tokens_per_s),
         coserve_on_device: run.coserve,
+        attention_backward_on_device: Some(run.attention_backward),
         final_loss: run.final_loss,
         peak_rss_mib: None,
         activations: ActivationMemory {
@@ -421,6 +426,7 @@ pub fn run(args: &BenchFinetuneArgs) -> Result<BenchFinetuneResult, BenchFinetun
         activations,
         coserve_on_device: None,
         coserve_kept_fraction: None,
+        attention_backward_on_device: None,
     })
 }
 

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use super::bench::{GpuModel, BLOCK_SIZE};
 use super::bench_coserve::{CoserveOnDevice, CoserveSetup};
-use super::decoder::cuda::CudaOps;
+use super::decoder::cuda::{AttentionBackwardTimes, CudaOps};
 use super::decoder::from_model::HostModel;
 use super::decoder::train::{train_sample, TrainAdapter, TrainSample, TrainScratch};
 use super::decoder::{DecoderOps, DecoderShape};
@@ -30,6 +30,8 @@ pub struct GpuTrainRun {
     /// Bytes the forward saves per token (activations kept for the backward), on the device.
     pub saved_bytes_per_token: f64,
     pub coserve: Option<CoserveOnDevice>,
+    /// One sample's attention backward alone, per layer.
+    pub attention_backward: AttentionBackwardTimes,
 }
 
 /// Bytes per token of what the training forward keeps (`decoder::train::step`): per layer the
@@ -114,6 +116,7 @@ pub fn run(
         final_loss = loss;
     }
     drop(caches);
+    let attention_backward = ops.time_attention_backward(&s, seq_len)?;
     let coserve = match coserve {
         Some(setup) if batch_size == 1 => Some(super::bench_coserve::run(
             &mut ops,
@@ -140,5 +143,6 @@ pub fn run(
         final_loss,
         saved_bytes_per_token: saved_bytes_per_token(&s, lora),
         coserve,
+        attention_backward,
     })
 }

@@ -159,11 +159,7 @@ pub(super) fn check_attention_backward(
 }
 
 /// `(dq, dk, dv)` of one case from the direct kernels or the tiled ones (with the partials' sum).
-fn run_attention_backward(
-    gpu: &mut Gpu,
-    c: &AttnCase,
-    tiled: bool,
-) -> Result<Grads, CudaError> {
+fn run_attention_backward(gpu: &mut Gpu, c: &AttnCase, tiled: bool) -> Result<Grads, CudaError> {
     let (len, nh, nkv, hd) = c.dims;
     let (gq, gk, gv, go) =
         (gpu.up_bf16(&c.q)?, gpu.up_bf16(&c.k)?, gpu.up_bf16(&c.v)?, gpu.up_bf16(&c.o)?);

@@ -2,7 +2,9 @@
 //! `attention_backward_tiled.cu` for the head sizes they are written for, the direct kernels of
 //! `attention_backward.cu` for any other (up to their AB_MAX_LEN tokens).
 
+use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{CudaFunction, CudaSlice, PushKernelArg};
+use serde::Serialize;
 
 use super::check_len;
 use crate::backend::cuda::decoder::train::uses_tiled_attention_backward;
@@ -66,11 +68,13 @@ impl AttentionBackward {
         })
     }
 
+    /// The tiled kernels where the head size allows (and `allow_tiled`), else the direct ones.
     pub(super) fn run(
         &mut self,
         gpu: &Gpu,
         a: AttentionBackwardArgs<'_>,
         s: &DecoderShape,
+        allow_tiled: bool,
     ) -> Result<(), CudaError> {
         let (len, qd, kvd) = (a.len, s.q_dim(), s.kv_dim());
         check_len(a.q.len().min(a.o.len()).min(a.d_o.len()), len * qd, "attention backward")?;
@@ -79,7 +83,7 @@ impl AttentionBackward {
         let st = gpu.stream.clone();
         // The tiled kernels read q, k, v and o 16 bytes at a time.
         let aligned = [a.q, a.k, a.v, a.o].iter().all(|x| addr(x, &st, 0) % 16 == 0);
-        let tiled = uses_tiled_attention_backward(s.head_dim) && aligned;
+        let tiled = allow_tiled && uses_tiled_attention_backward(s.head_dim) && aligned;
         if len == 0 || (!tiled && len > AB_MAX_LEN) || len.div_ceil(ABT_TILE) > 65535 {
             return Err(CudaError::Shape(format!(
                 "attention backward over {len} tokens (1 to {AB_MAX_LEN} at head size {})",
@@ -132,5 +136,50 @@ impl AttentionBackward {
         // head, row) over the partials; dk and dv as for the direct kernel above.
         unsafe { b.launch(cfg((n32(s.kv_heads), n32(len), 1), ABT_THREADS)) }?;
         Ok(())
+    }
+}
+
+/// Milliseconds of one sample's attention backward (every layer runs one), median of five,
+/// timed by events on the stream: the tiled kernels where the head size has them, and the
+/// direct ones where the sample fits them.
+#[derive(Debug, Clone, Serialize)]
+pub struct AttentionBackwardTimes {
+    pub tokens: usize,
+    pub tiled_ms: Option<f64>,
+    pub direct_ms: Option<f64>,
+}
+
+impl AttentionBackward {
+    pub(super) fn time(
+        &mut self,
+        gpu: &Gpu,
+        s: &DecoderShape,
+        len: usize,
+    ) -> Result<AttentionBackwardTimes, CudaError> {
+        let (qd, kvd) = (s.q_dim(), s.kv_dim());
+        // Zeros: the kernels do the same work whatever the values.
+        let (q, o) = (gpu.zeros::<u16>(len * qd)?, gpu.zeros::<u16>(len * qd)?);
+        let (k, v) = (gpu.zeros::<u16>(len * kvd)?, gpu.zeros::<u16>(len * kvd)?);
+        let d_o = gpu.zeros::<f32>(len * qd)?;
+        let mut d_qkv = gpu.zeros::<f32>(len * s.qkv_rows())?;
+        let mut time = |tiled: bool| -> Result<f64, CudaError> {
+            let mut ms = Vec::new();
+            for rep in 0..7 {
+                let start = gpu.stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+                let (q, k, v, o, d_o) = (&q, &k, &v, &o, &d_o);
+                let a = AttentionBackwardArgs { q, k, v, o, d_o, d_qkv: &mut d_qkv, len };
+                self.run(gpu, a, s, tiled)?;
+                let end = gpu.stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+                // The first two warm up (module load, buffers grown).
+                if rep >= 2 {
+                    ms.push(f64::from(start.elapsed_ms(&end)?));
+                }
+            }
+            ms.sort_by(f64::total_cmp);
+            Ok(ms[ms.len() / 2])
+        };
+        let tiled_ms = uses_tiled_attention_backward(s.head_dim).then(|| time(true)).transpose()?;
+        let direct_ms = (len <= AB_MAX_LEN).then(|| time(false)).transpose()?;
+        Ok(AttentionBackwardTimes { tokens: len, tiled_ms, direct_ms })
     }
 }

@@ -11,6 +11,7 @@ use crate::backend::cuda::sampling::{sample_on_device, RowSample, RowSampling};
 use crate::backend::cuda::CudaError;
 
 mod attention_backward;
+pub use attention_backward::AttentionBackwardTimes;
 mod lora_launch;
 mod train;
 mod weights_and_graphs;

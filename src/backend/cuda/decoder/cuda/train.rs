@@ -3,7 +3,7 @@
 
 use cudarc::driver::{CudaFunction, CudaSlice, PushKernelArg};
 
-use super::attention_backward::{AttentionBackward, AttentionBackwardArgs};
+use super::attention_backward::{AttentionBackward, AttentionBackwardArgs, AttentionBackwardTimes};
 use super::lora_launch::{dropout_grid, dropout_site_args, DROPOUT_THREADS};
 use super::{
     check_len, check_lora, launch_expand, launch_shrink, CudaCache, CudaLoraTable, CudaOps,
@@ -128,6 +128,15 @@ impl CudaOps {
         let out = f(self, &mut ts);
         self.train = Some(ts);
         out
+    }
+
+    /// Times one `len`-token sample's attention backward at shape `s`, both ways it can run.
+    pub fn time_attention_backward(
+        &mut self,
+        s: &DecoderShape,
+        len: usize,
+    ) -> Result<AttentionBackwardTimes, CudaError> {
+        self.with_train(|ops, ts| ts.attention.time(&ops.gpu, s, len))
     }
 
     /// Runs a product whose operands the caller has checked.
@@ -370,7 +379,7 @@ impl TrainOps for CudaOps {
         s: &DecoderShape,
     ) -> R {
         let args = AttentionBackwardArgs { q, k, v, o, d_o, d_qkv, len };
-        self.with_train(|ops, ts| ts.attention.run(&ops.gpu, args, s))
+        self.with_train(|ops, ts| ts.attention.run(&ops.gpu, args, s, true))
     }
 
     fn rope_backward(&mut self, st: &CudaStep, d_qkv: &mut CudaSlice<f32>, s: &DecoderShape) -> R {
