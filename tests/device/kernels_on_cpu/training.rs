@@ -6,6 +6,7 @@ use rand::{Rng, SeedableRng};
 
 use super::{random_bf16, random_f32};
 use crate::common::emulation::{assert_close, bf16_bits, from_bf16_bits, Arg, Emulated};
+use coserve::backend::cuda::selftest::backward::AttnCase;
 use coserve::backend::cuda::twins::{self, round_bf16};
 use coserve::lora::dropout::SampleDropout;
 
@@ -136,29 +137,14 @@ fn norm_silu_and_rope_backward_kernels_match_their_twins() {
 
 #[test]
 fn attention_backward_kernels_match_the_cpu_backward() {
-    use coserve::model::attention_backward::{attention_backward, AttnBackwardInput};
+    use coserve::model::attention_backward::attention_backward;
     let emu = Emulated::build("attention_backward.cu");
     let mut rng = StdRng::seed_from_u64(22);
     for (len, nh, nkv, hd) in [(37usize, 4usize, 2usize, 64usize), (20, 6, 1, 128)] {
-        let q = random_bf16(&mut rng, len * nh * hd, 1.0);
-        let k = random_bf16(&mut rng, len * nkv * hd, 1.0);
-        let v = random_bf16(&mut rng, len * nkv * hd, 1.0);
-        let o = random_bf16(&mut rng, len * nh * hd, 1.0);
-        let d_o = random_f32(&mut rng, len * nh * hd, 1.0);
-        let scale = 1.0 / (hd as f32).sqrt();
-        let (want_dq, want_dk, want_dv) = attention_backward(&AttnBackwardInput {
-            q: &q,
-            k: &k,
-            v: &v,
-            o: &o,
-            d_o: &d_o,
-            len,
-            num_heads: nh,
-            num_kv_heads: nkv,
-            head_dim: hd,
-            scale,
-        });
-        let (qb, kb, vb, ob) = (bf16_bits(&q), bf16_bits(&k), bf16_bits(&v), bf16_bits(&o));
+        let c = AttnCase::random(&mut rng, (len, nh, nkv, hd));
+        let (want_dq, want_dk, want_dv) = attention_backward(&c.input());
+        let (scale, d_o) = (c.input().scale, c.d_o.as_slice());
+        let (qb, kb, vb, ob) = (bf16_bits(&c.q), bf16_bits(&c.k), bf16_bits(&c.v), bf16_bits(&c.o));
         let mut dq = vec![0f32; len * nh * hd];
         let (mut lse, mut delta) = (vec![0f32; len * nh], vec![0f32; len * nh]);
         let (mut dk, mut dv) = (vec![0f32; len * nkv * hd], vec![0f32; len * nkv * hd]);
@@ -167,7 +153,7 @@ fn attention_backward_kernels_match_the_cpu_backward() {
         // multiple of 32, the 128 threads it is written for.
         unsafe {
             let mut args = vec![Arg::ptr(&qb), Arg::ptr(&kb), Arg::ptr(&vb), Arg::ptr(&ob)];
-            args.extend([Arg::ptr(&d_o), Arg::ptr_mut(&mut dq), Arg::ptr_mut(&mut lse)]);
+            args.extend([Arg::ptr(d_o), Arg::ptr_mut(&mut dq), Arg::ptr_mut(&mut lse)]);
             args.push(Arg::ptr_mut(&mut delta));
             args.extend(dims);
             args.extend([Arg::f32(scale), Arg::i32((nh * hd) as i32)]);
@@ -175,7 +161,7 @@ fn attention_backward_kernels_match_the_cpu_backward() {
         }
         // SAFETY: attention_backward_dkv_f32's parameters, as above.
         unsafe {
-            let mut args = vec![Arg::ptr(&qb), Arg::ptr(&kb), Arg::ptr(&vb), Arg::ptr(&d_o)];
+            let mut args = vec![Arg::ptr(&qb), Arg::ptr(&kb), Arg::ptr(&vb), Arg::ptr(d_o)];
             args.extend([Arg::ptr(&lse), Arg::ptr(&delta), Arg::ptr_mut(&mut dk)]);
             args.push(Arg::ptr_mut(&mut dv));
             args.extend(dims);
@@ -194,32 +180,15 @@ fn attention_backward_kernels_match_the_cpu_backward() {
 
 #[test]
 fn tiled_attention_backward_kernels_match_their_twin() {
-    use coserve::model::attention_backward::AttnBackwardInput;
     let emu = Emulated::build("attention_backward_tiled.cu");
     let mut rng = StdRng::seed_from_u64(23);
     // A partial tile with GQA; three tiles with a group of four; one whole tile without GQA.
     for (len, nh, nkv, hd) in [(37usize, 4usize, 2usize, 64usize), (70, 4, 1, 128), (32, 2, 2, 64)]
     {
-        let q = random_bf16(&mut rng, len * nh * hd, 1.0);
-        let k = random_bf16(&mut rng, len * nkv * hd, 1.0);
-        let v = random_bf16(&mut rng, len * nkv * hd, 1.0);
-        let o = random_bf16(&mut rng, len * nh * hd, 1.0);
-        let d_o = random_f32(&mut rng, len * nh * hd, 1.0);
-        let scale = 1.0 / (hd as f32).sqrt();
-        let input = AttnBackwardInput {
-            q: &q,
-            k: &k,
-            v: &v,
-            o: &o,
-            d_o: &d_o,
-            len,
-            num_heads: nh,
-            num_kv_heads: nkv,
-            head_dim: hd,
-            scale,
-        };
-        let (want_dq, want_dk, want_dv) = twins::attention_backward_bf16(&input);
-        let (qb, kb, vb, ob) = (bf16_bits(&q), bf16_bits(&k), bf16_bits(&v), bf16_bits(&o));
+        let c = AttnCase::random(&mut rng, (len, nh, nkv, hd));
+        let (want_dq, want_dk, want_dv) = twins::attention_backward_bf16(&c.input());
+        let (scale, d_o) = (c.input().scale, c.d_o.as_slice());
+        let (qb, kb, vb, ob) = (bf16_bits(&c.q), bf16_bits(&c.k), bf16_bits(&c.v), bf16_bits(&c.o));
         let mut dq = vec![0f32; len * nh * hd];
         let (mut lse, mut delta) = (vec![0f32; len * nh], vec![0f32; len * nh]);
         let (mut dk_part, mut dv_part) = (vec![0f32; len * nh * hd], vec![0f32; len * nh * hd]);
@@ -230,7 +199,7 @@ fn tiled_attention_backward_kernels_match_their_twin() {
         // threads it is written for, every buffer as long as the shape needs.
         unsafe {
             let mut args = vec![Arg::ptr(&qb), Arg::ptr(&kb), Arg::ptr(&vb), Arg::ptr(&ob)];
-            args.extend([Arg::ptr(&d_o), Arg::ptr_mut(&mut dq), Arg::ptr_mut(&mut lse)]);
+            args.extend([Arg::ptr(d_o), Arg::ptr_mut(&mut dq), Arg::ptr_mut(&mut lse)]);
             args.push(Arg::ptr_mut(&mut delta));
             args.extend(dims);
             args.extend([Arg::f32(scale), Arg::i32((nh * hd) as i32)]);
@@ -238,7 +207,7 @@ fn tiled_attention_backward_kernels_match_their_twin() {
         }
         // SAFETY: attention_backward_dkv_tiled's parameters, as above.
         unsafe {
-            let mut args = vec![Arg::ptr(&qb), Arg::ptr(&kb), Arg::ptr(&vb), Arg::ptr(&d_o)];
+            let mut args = vec![Arg::ptr(&qb), Arg::ptr(&kb), Arg::ptr(&vb), Arg::ptr(d_o)];
             args.extend([Arg::ptr(&lse), Arg::ptr(&delta), Arg::ptr_mut(&mut dk_part)]);
             args.push(Arg::ptr_mut(&mut dv_part));
             args.extend(dims);

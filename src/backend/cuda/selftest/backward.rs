@@ -92,18 +92,32 @@ pub(super) fn check_backward(gpu: &mut Gpu, checks: &mut Vec<Check>) -> Result<(
 /// `(dq, dk, dv)`.
 type Grads = (Vec<f32>, Vec<f32>, Vec<f32>);
 
-/// One sample's attention inputs.
-struct AttnCase {
-    q: Vec<f32>,
-    k: Vec<f32>,
-    v: Vec<f32>,
-    o: Vec<f32>,
-    d_o: Vec<f32>,
-    dims: (usize, usize, usize, usize),
+/// One sample's attention inputs: bf16-valued q, k, v, o and an fp32 dO, random in [-1, 1).
+pub struct AttnCase {
+    pub q: Vec<f32>,
+    pub k: Vec<f32>,
+    pub v: Vec<f32>,
+    pub o: Vec<f32>,
+    pub d_o: Vec<f32>,
+    /// (len, num_heads, num_kv_heads, head_dim).
+    pub dims: (usize, usize, usize, usize),
 }
 
 impl AttnCase {
-    fn input(&self) -> crate::model::attention_backward::AttnBackwardInput<'_> {
+    pub fn random(rng: &mut StdRng, dims: (usize, usize, usize, usize)) -> Self {
+        let (len, nh, nkv, hd) = dims;
+        Self {
+            q: random_bf16(rng, len * nh * hd, 1.0),
+            k: random_bf16(rng, len * nkv * hd, 1.0),
+            v: random_bf16(rng, len * nkv * hd, 1.0),
+            o: random_bf16(rng, len * nh * hd, 1.0),
+            d_o: random_f32(rng, len * nh * hd, 1.0),
+            dims,
+        }
+    }
+
+    /// The backward's input, at the usual `1 / sqrt(head_dim)` scale.
+    pub fn input(&self) -> crate::model::attention_backward::AttnBackwardInput<'_> {
         let (len, num_heads, num_kv_heads, head_dim) = self.dims;
         crate::model::attention_backward::AttnBackwardInput {
             q: &self.q,
@@ -131,14 +145,7 @@ pub(super) fn check_attention_backward(
     let mut rng = StdRng::seed_from_u64(22);
     let shapes = [(37usize, 4usize, 2usize, 64usize), (300, 32, 8, 128), (1024, 8, 2, 128)];
     for (len, nh, nkv, hd) in shapes {
-        let c = AttnCase {
-            q: random_bf16(&mut rng, len * nh * hd, 1.0),
-            k: random_bf16(&mut rng, len * nkv * hd, 1.0),
-            v: random_bf16(&mut rng, len * nkv * hd, 1.0),
-            o: random_bf16(&mut rng, len * nh * hd, 1.0),
-            d_o: random_f32(&mut rng, len * nh * hd, 1.0),
-            dims: (len, nh, nkv, hd),
-        };
+        let c = AttnCase::random(&mut rng, (len, nh, nkv, hd));
         let shape = format!("len={len} heads={nh}/{nkv} head_dim={hd}");
         let mut runs = vec![("attention_backward_f32", attention_backward(&c.input()), false)];
         if uses_tiled_attention_backward(hd) {

@@ -1,7 +1,7 @@
 //! `coserve selftest --device cuda`: runs every kernel on the GPU at several shapes and
 //! compares it with its CPU twin (`twins`) on the same bf16-rounded inputs.
 
-mod backward;
+pub mod backward;
 mod layers;
 mod model;
 mod products;
