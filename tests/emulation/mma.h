@@ -2,7 +2,9 @@
 // (cuda_on_cpu.h). A fragment here holds its whole 16 x 16 block in every lane, not the
 // device's per-lane share: kernels only fill, load, multiply, scale and store fragments, so
 // the layout inside one is theirs to choose. Products of bf16 are exact in fp32 and summed in
-// fp32, k in order (the tensor cores' order within a block is their own).
+// fp32, k in order (the tensor cores' order within a block is their own). Loads and stores are
+// warp-wide, as on the device: every lane has read before any lane goes on, and every lane
+// has arrived before any lane writes, so a warp can load a block, add to it and store it back.
 #pragma once
 #include <cstddef>
 #include <type_traits>
@@ -26,6 +28,9 @@ struct fragment {
     T x[num_elements];
 };
 
+// A barrier of the warp's live lanes (a shuffle each lane answers itself).
+inline void warp_barrier() { (void)emu::exchange<int>(0, threadIdx.x & 31); }
+
 inline float as_float(float v) { return v; }
 inline float as_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 
@@ -42,6 +47,7 @@ void load_matrix_sync(fragment<Use, M, N, K, T, L>& f, const T* p, unsigned ldm)
     for (int r = 0; r < F::rows; ++r)
         for (int c = 0; c < F::cols; ++c)
             f.x[r * F::cols + c] = row ? p[(size_t)r * ldm + c] : p[r + (size_t)c * ldm];
+    warp_barrier();
 }
 
 template <int M, int N, int K>
@@ -50,11 +56,13 @@ void load_matrix_sync(fragment<accumulator, M, N, K, float>& f, const float* p, 
     for (int r = 0; r < M; ++r)
         for (int c = 0; c < N; ++c)
             f.x[r * N + c] = l == mem_row_major ? p[(size_t)r * ldm + c] : p[r + (size_t)c * ldm];
+    warp_barrier();
 }
 
 template <int M, int N, int K>
 void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, float>& f, unsigned ldm,
                        layout_t l) {
+    warp_barrier();
     for (int r = 0; r < M; ++r)
         for (int c = 0; c < N; ++c)
             (l == mem_row_major ? p[(size_t)r * ldm + c] : p[r + (size_t)c * ldm]) = f.x[r * N + c];

@@ -61,8 +61,9 @@ pub const KERNEL_FILES: &[KernelFile] = &[
         ["attention_backward_dq_f32", "attention_backward_dkv_f32"]
     ),
     kernel_file!(
-        "attention_backward_tiled.cu",
+        "attention_tiled.cu",
         [
+            "attention_chunk_tiled",
             "attention_backward_dq_tiled",
             "attention_backward_dkv_tiled",
             "attention_backward_dkv_sum_f32"

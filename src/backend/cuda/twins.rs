@@ -194,6 +194,63 @@ pub fn attention(
     out
 }
 
+/// `attention_chunk_tiled`: one sequence's `rows` consecutive rows from position `pos0`, each
+/// attending to keys `0..=` its position through `block_table`, written out directly. As the
+/// kernel does, it walks the keys in tiles of 32 with a running maximum per row, rounds each
+/// tile's `exp(s − max)` to bf16 for the sum with V (the row's sum of them stays unrounded),
+/// and rounds the output to bf16. Sums in f64.
+pub fn attention_chunk_bf16(
+    q: &[f32],
+    k_cache: &[f32],
+    v_cache: &[f32],
+    block_table: &[u32],
+    pos0: usize,
+    shape: &AttnShape,
+) -> Vec<f32> {
+    const TILE: usize = 32;
+    let (nh, nkv, hd, bs) = (shape.num_heads, shape.num_kv_heads, shape.head_dim, shape.block_size);
+    let group = nh / nkv.max(1);
+    let rows = q.len() / (nh * hd).max(1);
+    let at = |j: usize, kvh: usize| ((block_table[j / bs] as usize * bs + j % bs) * nkv + kvh) * hd;
+    let mut out = vec![0f32; q.len()];
+    for i in 0..rows {
+        let last = pos0 + i;
+        for h in 0..nh {
+            let kvh = h / group.max(1);
+            let qi = &q[(i * nh + h) * hd..(i * nh + h + 1) * hd];
+            let (mut m, mut l, mut acc) = (f64::NEG_INFINITY, 0f64, vec![0f64; hd]);
+            for key0 in (0..=last).step_by(TILE) {
+                let keys = key0..(key0 + TILE).min(last + 1);
+                let s: Vec<f64> = keys
+                    .clone()
+                    .map(|j| {
+                        let kj = &k_cache[at(j, kvh)..at(j, kvh) + hd];
+                        let dot: f64 =
+                            qi.iter().zip(kj).map(|(&a, &b)| f64::from(a) * f64::from(b)).sum();
+                        dot * f64::from(shape.scale)
+                    })
+                    .collect();
+                let mn = s.iter().fold(m, |a, &b| a.max(b));
+                let alpha = if m == f64::NEG_INFINITY { 0.0 } else { (m - mn).exp() };
+                l *= alpha;
+                acc.iter_mut().for_each(|a| *a *= alpha);
+                for (j, &sj) in keys.zip(&s) {
+                    let p = (sj - mn).exp();
+                    l += p;
+                    let pb = f64::from(round_bf16(p as f32));
+                    let vj = &v_cache[at(j, kvh)..at(j, kvh) + hd];
+                    acc.iter_mut().zip(vj).for_each(|(a, &v)| *a += pb * f64::from(v));
+                }
+                m = mn;
+            }
+            let o = &mut out[(i * nh + h) * hd..(i * nh + h + 1) * hd];
+            o.iter_mut().zip(&acc).for_each(|(o, a)| *o = (a / l) as f32);
+        }
+    }
+    round_all(&mut out);
+    out
+}
+
 /// `attention_backward_dq_tiled` + `attention_backward_dkv_tiled` (+ the partials' sum):
 /// `(dq, dk, dv)` of causal attention, written out directly rather than through the CPU
 /// backward's tiles. As the kernels do, it rounds dO to bf16 for its products (`dP = dO Vᵀ`,

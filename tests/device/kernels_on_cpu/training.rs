@@ -180,7 +180,7 @@ fn attention_backward_kernels_match_the_cpu_backward() {
 
 #[test]
 fn tiled_attention_backward_kernels_match_their_twin() {
-    let emu = Emulated::build("attention_backward_tiled.cu");
+    let emu = Emulated::build("attention_tiled.cu");
     let mut rng = StdRng::seed_from_u64(23);
     // A partial tile with GQA; three tiles with a group of four; one whole tile without GQA.
     for (len, nh, nkv, hd) in [(37usize, 4usize, 2usize, 64usize), (70, 4, 1, 128), (32, 2, 2, 64)]

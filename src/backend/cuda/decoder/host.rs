@@ -2,7 +2,7 @@
 //! Slow (plain loops) and meant for small models.
 
 use super::lora::{DropoutSite, LoraDims, SlotWeights};
-use super::{DecoderOps, DecoderShape, StepBatch};
+use super::{tiled_chunk_attention, DecoderOps, DecoderShape, StepBatch};
 use crate::backend::cpu::paged_attention::{AttnSeq, AttnShape};
 use crate::backend::cuda::sampling::{sample_row, RowSample, RowSampling};
 use crate::backend::cuda::twins::{self, round_bf16};
@@ -237,7 +237,20 @@ impl DecoderOps for HostOps {
             scale: 1.0 / (s.head_dim as f32).sqrt(),
         };
         let rows = step.batch.rows();
-        put(out, &twins::attention(&q[..rows * s.q_dim()], &cache.k, &cache.v, &seqs, &shape));
+        let q = &q[..rows * s.q_dim()];
+        // As the device: one sequence's chunk alone runs the tensor-core kernel.
+        let o = match step.batch.seqs.as_slice() {
+            [seq] if tiled_chunk_attention(1, rows, s.head_dim) => twins::attention_chunk_bf16(
+                q,
+                &cache.k,
+                &cache.v,
+                &seq.block_table,
+                seq.start,
+                &shape,
+            ),
+            _ => twins::attention(q, &cache.k, &cache.v, &seqs, &shape),
+        };
+        put(out, &o);
         Ok(())
     }
 

@@ -183,6 +183,23 @@ pub struct SeqRows {
     pub adapter: Option<u32>,
 }
 
+/// Query rows (and keys) per tile of the tensor-core attention kernels (`attention_tiled.cu`).
+pub const ATTENTION_TILE: usize = 32;
+
+/// Whether the tensor-core attention kernels are written for this head size. A training
+/// sample's attention backward runs on them when it is; they round what feeds their products
+/// (P, dO, dS) to bf16, as the device does for every other product.
+pub fn tiled_attention_head(head_dim: usize) -> bool {
+    matches!(head_dim, 64 | 128)
+}
+
+/// Whether a forward's attention runs on `attention_chunk_tiled`: a single sequence's rows (a
+/// prefill or training chunk forwarded alone), at least a tile of them, at a head size the
+/// kernel has. Anything else (decodes, mixed batches) runs the paged kernel.
+pub fn tiled_chunk_attention(seqs: usize, rows: usize, head_dim: usize) -> bool {
+    seqs == 1 && rows >= ATTENTION_TILE && tiled_attention_head(head_dim)
+}
+
 /// One forward's rows, flattened as the kernels read them.
 #[derive(Debug, Clone)]
 pub struct StepBatch {

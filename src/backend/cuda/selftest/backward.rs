@@ -140,7 +140,7 @@ pub(super) fn check_attention_backward(
     gpu: &mut Gpu,
     checks: &mut Vec<Check>,
 ) -> Result<(), CudaError> {
-    use crate::backend::cuda::decoder::train::uses_tiled_attention_backward;
+    use crate::backend::cuda::decoder::tiled_attention_head;
     use crate::model::attention_backward::attention_backward;
     let mut rng = StdRng::seed_from_u64(22);
     let shapes = [(37usize, 4usize, 2usize, 64usize), (300, 32, 8, 128), (1024, 8, 2, 128)];
@@ -148,7 +148,7 @@ pub(super) fn check_attention_backward(
         let c = AttnCase::random(&mut rng, (len, nh, nkv, hd));
         let shape = format!("len={len} heads={nh}/{nkv} head_dim={hd}");
         let mut runs = vec![("attention_backward_f32", attention_backward(&c.input()), false)];
-        if uses_tiled_attention_backward(hd) {
+        if tiled_attention_head(hd) {
             let want = twins::attention_backward_bf16(&c.input());
             runs.push(("attention_backward_tiled", want, true));
         }
@@ -177,7 +177,7 @@ fn run_attention_backward(gpu: &mut Gpu, c: &AttnCase, tiled: bool) -> Result<Gr
     let (l, h, kv, d) = (len as i32, nh as i32, nkv as i32, hd as i32);
     let (q_stride, kv_stride) = ((nh * hd) as i32, (nkv * hd) as i32);
     let scale = 1.0 / (hd as f32).sqrt();
-    let file = if tiled { "attention_backward_tiled.cu" } else { "attention_backward.cu" };
+    let file = if tiled { "attention_tiled.cu" } else { "attention_backward.cu" };
     let f = gpu.func(
         file,
         if tiled { "attention_backward_dq_tiled" } else { "attention_backward_dq_f32" },

@@ -264,3 +264,48 @@ pub(super) fn check_attention(gpu: &mut Gpu, checks: &mut Vec<Check>) -> Result<
     }
     Ok(())
 }
+
+/// `attention_chunk_tiled`: one sequence's chunk forwarded alone, over shuffled blocks, against
+/// its twin (which rounds P as the kernel does).
+pub(super) fn check_chunk_attention(
+    gpu: &mut Gpu,
+    checks: &mut Vec<Check>,
+) -> Result<(), CudaError> {
+    use crate::backend::cpu::paged_attention::AttnShape;
+    let mut rng = StdRng::seed_from_u64(6);
+    let bs = 16usize;
+    // (rows, first position, heads, kv heads, head size): a prompt that ends mid-tile, a
+    // whole 512-token prompt, and a training chunk of 128 late in a 1024-token sample.
+    for (rows, pos0, nh, nkv, hd) in
+        [(37usize, 0usize, 9usize, 3usize, 64usize), (512, 0, 32, 8, 128), (128, 896, 32, 8, 128)]
+    {
+        let blocks = (pos0 + rows).div_ceil(bs);
+        let mut table: Vec<u32> = (0..blocks as u32).collect();
+        for i in (1..table.len()).rev() {
+            table.swap(i, rng.random_range(0..=i));
+        }
+        let kv_len = blocks * bs * nkv * hd;
+        let q = random_bf16(&mut rng, rows * nh * hd, 1.0);
+        let (kc, vc) = (random_bf16(&mut rng, kv_len, 1.0), random_bf16(&mut rng, kv_len, 1.0));
+        let scale = 1.0 / (hd as f32).sqrt();
+        let shape =
+            AttnShape { num_heads: nh, num_kv_heads: nkv, head_dim: hd, block_size: bs, scale };
+        let want = twins::attention_chunk_bf16(&q, &kc, &vc, &table, pos0, &shape);
+        let (dq, dk, dv) = (gpu.up_bf16(&q)?, gpu.up_bf16(&kc)?, gpu.up_bf16(&vc)?);
+        let dtab = gpu.up(&table.iter().map(|&b| b as i32).collect::<Vec<i32>>())?;
+        let mut dout = gpu.zeros::<u16>(rows * nh * hd)?;
+        let (p0, r, h, kv, d, b32) =
+            (pos0 as i32, rows as i32, nh as i32, nkv as i32, hd as i32, bs as i32);
+        let f = gpu.func("attention_tiled.cu", "attention_chunk_tiled")?;
+        let mut b = gpu.stream.launch_builder(&f);
+        b.arg(&dq).arg(&dk).arg(&dv).arg(&dtab).arg(&p0).arg(&r).arg(&mut dout);
+        b.arg(&h).arg(&kv).arg(&d).arg(&b32).arg(&scale);
+        // SAFETY: argument list matches attention_chunk_tiled; head_dim 64 or 128, 128 threads,
+        // the table names a block of the caches for every position up to pos0 + rows - 1.
+        unsafe { b.launch(cfg((n32(nh), n32(rows.div_ceil(32)), 1), 128)) }?;
+        let got = gpu.down_bf16(&dout, want.len())?;
+        let shape = format!("rows={rows} from position {pos0} heads={nh}/{nkv} head_dim={hd}");
+        compare(checks, "attention_chunk_tiled", shape, &got, &want, BF16_RTOL, BF16_ATOL);
+    }
+    Ok(())
+}

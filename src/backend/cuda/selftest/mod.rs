@@ -50,12 +50,13 @@ pub fn run(spec: DeviceSpec, home: &Path, only: &[String]) -> Result<Report, Cud
     let wanted = |name: &str| only.is_empty() || only.iter().any(|o| name.contains(o.as_str()));
     let mut gpu = Gpu::open(spec, home, "the selftest (CUDA kernels against their CPU twins)")?;
     let mut checks = Vec::new();
-    let suites: [(&str, Suite); 13] = [
+    let suites: [(&str, Suite); 14] = [
         ("rms_norm_bf16", layers::check_norm),
         ("rope_kv_write_bf16", layers::check_rope),
         ("silu_mul_bf16", layers::check_silu),
         ("embedding_bf16", layers::check_embedding),
         ("paged_attention_bf16", layers::check_attention),
+        ("attention_chunk_tiled", layers::check_chunk_attention),
         ("argmax_logprob_f32", training::check_argmax),
         ("sample_rows_f32", sampling::check_sampling),
         ("cross_entropy_f32", training::check_cross_entropy),

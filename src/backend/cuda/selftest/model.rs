@@ -92,7 +92,8 @@ fn decoder_checks(
     let (weights, host_weights, inv_freq) = small_model(ops, &s, 7)?;
 
     // Sequence A: a 150-token prompt over shuffled blocks (long enough for split-K in its
-    // decodes); sequence B: a 6-token prompt. Then three decode steps of both.
+    // decodes); sequence B: a 6-token prompt. Then three decode steps of both. With biases, A's
+    // prompt runs alone first (the tensor-core chunk attention) and B's joins A's first decode.
     let num_blocks = 12;
     let mut rng = StdRng::seed_from_u64(12);
     let mut blocks: Vec<u32> = (0..num_blocks as u32).collect();
@@ -129,6 +130,7 @@ fn decoder_checks(
             block_table: t.clone(),
         })
         .collect();
+    let mut later = if qkv_bias { seqs.split_off(1) } else { Vec::new() };
     for step in 0..4 {
         let batch = StepBatch::new(seqs.clone(), s.block_size)?;
         let n = batch.rows();
@@ -139,7 +141,12 @@ fn decoder_checks(
         let want_ids = forward_with(&mut host, &s, hw, &inv_freq, hc, &batch, &mut hsc, hl)?;
         let got = ops.logits_to_host(&gsc.logits, n * s.vocab)?;
         let want = host.logits_to_host(&hsc.logits, n * s.vocab)?;
-        let what = if step == 0 { "prompts 150 + 6" } else { "decodes of both" };
+        let what = match (step, qkv_bias) {
+            (0, false) => "prompts 150 + 6",
+            (0, true) => "prompt 150 alone",
+            (1, true) => "a decode and prompt 6",
+            _ => "decodes of both",
+        };
         let biases = if qkv_bias { ", q/k/v biases, an adapter on the 150" } else { "" };
         let shape =
             format!("step {step} ({what}), {n} rows, 2 layers hidden 256 heads 4/2{biases}");
@@ -154,7 +161,8 @@ fn decoder_checks(
         );
         if step == 0 {
             // The serving path: the output head on the last row of each prompt only.
-            let last = [prompts[0].len() as u32 - 1, n as u32 - 1];
+            let mut last = vec![prompts[0].len() as u32 - 1, n as u32 - 1];
+            last.dedup();
             let want_rows: Vec<f32> = last
                 .iter()
                 .flat_map(|&r| &want[r as usize * s.vocab..(r as usize + 1) * s.vocab])
@@ -215,6 +223,7 @@ fn decoder_checks(
             sr.start += sr.tokens.len();
             sr.tokens = vec![want_ids[last - 1].0];
         }
+        seqs.append(&mut later);
     }
     Ok(())
 }

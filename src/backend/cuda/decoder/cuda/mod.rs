@@ -4,14 +4,14 @@ use cudarc::driver::sys::{CUdevice_attribute, CUevent_flags};
 use cudarc::driver::{CudaEvent, CudaFunction, CudaSlice, DevicePtr, PushKernelArg};
 
 use super::lora::{DropoutSite, LoraDims, SlotWeights};
-use super::{DecoderOps, DecoderShape, StepBatch};
+use super::{tiled_chunk_attention, DecoderOps, DecoderShape, StepBatch};
 use crate::backend::cuda::gemm::{addr, Gemm, OutType};
 use crate::backend::cuda::gpu::{cfg, n32, Gpu};
 use crate::backend::cuda::sampling::{sample_on_device, RowSample, RowSampling};
 use crate::backend::cuda::CudaError;
 
-mod attention_backward;
-pub use attention_backward::AttentionBackwardTimes;
+mod attention_tiled;
+pub use attention_tiled::AttentionBackwardTimes;
 mod lora_launch;
 mod train;
 mod weights_and_graphs;
@@ -28,6 +28,7 @@ struct Kernels {
     rope_kv_write: CudaFunction,
     attn_partial: CudaFunction,
     attn_combine: CudaFunction,
+    attn_chunk: CudaFunction,
     silu_mul: CudaFunction,
     argmax: CudaFunction,
     fill: CudaFunction,
@@ -58,6 +59,8 @@ pub struct CudaOps {
 /// A batch on the device.
 pub struct CudaStep {
     rows: usize,
+    /// Sequences the rows belong to.
+    seqs: usize,
     tokens: CudaSlice<u32>,
     cos: CudaSlice<f32>,
     sin: CudaSlice<f32>,
@@ -113,6 +116,7 @@ impl CudaOps {
             rope_kv_write: gpu.func("rope_kv.cu", "rope_kv_write_bf16")?,
             attn_partial: gpu.func("paged_attention.cu", "paged_attention_partial_bf16")?,
             attn_combine: gpu.func("paged_attention.cu", "paged_attention_combine_bf16")?,
+            attn_chunk: gpu.func("attention_tiled.cu", "attention_chunk_tiled")?,
             silu_mul: gpu.func("activation.cu", "silu_mul_bf16")?,
             argmax: gpu.func("sampling.cu", "argmax_logprob_f32")?,
             fill: gpu.func("init.cu", "fill_uniform_bf16")?,
@@ -280,6 +284,7 @@ impl DecoderOps for CudaOps {
         let g = &self.gpu;
         Ok(CudaStep {
             rows: b.rows(),
+            seqs: b.seqs.len(),
             tokens: g.up(&b.tokens)?,
             cos: g.up(cos)?,
             sin: g.up(sin)?,
@@ -403,8 +408,13 @@ impl DecoderOps for CudaOps {
         out: &mut CudaSlice<u16>,
         s: &DecoderShape,
     ) -> R {
-        let (parts, size) = self.partitions(st.rows, s.heads, st.max_context);
         check_cache(cache, st, s)?;
+        if tiled_chunk_attention(st.seqs, st.rows, s.head_dim)
+            && attention_tiled::aligned(&self.gpu, [q, &cache.k, &cache.v])
+        {
+            return attention_tiled::chunk(&self.gpu, &self.k.attn_chunk, st, q, cache, out, s);
+        }
+        let (parts, size) = self.partitions(st.rows, s.heads, st.max_context);
         let n_ml = st.rows * s.heads * parts;
         let grow = self.part_ml.0.len() < n_ml || self.part_o.len() < n_ml * s.head_dim;
         if grow && self.capturing {

@@ -3,7 +3,7 @@
 
 use cudarc::driver::{CudaFunction, CudaSlice, PushKernelArg};
 
-use super::attention_backward::{AttentionBackward, AttentionBackwardArgs, AttentionBackwardTimes};
+use super::attention_tiled::{AttentionBackward, AttentionBackwardArgs, AttentionBackwardTimes};
 use super::lora_launch::{dropout_grid, dropout_site_args, DROPOUT_THREADS};
 use super::{
     check_len, check_lora, launch_expand, launch_shrink, CudaCache, CudaLoraTable, CudaOps,

@@ -1,9 +1,10 @@
 //! [`TrainOps`] through the kernels' CPU twins, with the roundings the device makes (bf16
 //! GEMM inputs): the oracle of the CUDA training step.
 
-use super::{uses_tiled_attention_backward, GradPair, TrainOps};
+use super::{GradPair, TrainOps};
 use crate::backend::cuda::decoder::host::{HostCache, HostOps, HostStep};
 use crate::backend::cuda::decoder::lora::{DropoutSite, LoraDims};
+use crate::backend::cuda::decoder::tiled_attention_head;
 use crate::backend::cuda::decoder::{DecoderOps, DecoderShape};
 use crate::backend::cuda::twins::{self, round_bf16, RopeShape, TwinAdapter};
 use crate::backend::cuda::CudaError;
@@ -236,7 +237,7 @@ impl TrainOps for HostOps {
     ) -> R {
         let (qd, kvd) = (s.q_dim(), s.kv_dim());
         // The device's arithmetic: its tensor-core kernels round as their twin does.
-        let backward = if uses_tiled_attention_backward(s.head_dim) {
+        let backward = if tiled_attention_head(s.head_dim) {
             twins::attention_backward_bf16
         } else {
             attention_backward

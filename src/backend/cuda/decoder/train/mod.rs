@@ -21,13 +21,6 @@ use crate::lora::optim::AdamWScalars;
 
 type R = Result<(), CudaError>;
 
-/// Whether a sample's attention backward runs on the tensor-core kernels
-/// (`attention_backward_tiled.cu`, written for these head sizes), which round dO, P and dS to
-/// bf16 for their products; other head sizes run the direct fp32 kernels.
-pub fn uses_tiled_attention_backward(head_dim: usize) -> bool {
-    matches!(head_dim, 64 | 128)
-}
-
 /// What the training step needs of a device besides the forward's operations. fp32 buffers
 /// (gradients, LoRA weights, optimizer moments) are the forward's `Logits` type; as there, an
 /// operation on `rows` rows uses the first `rows` of each buffer.

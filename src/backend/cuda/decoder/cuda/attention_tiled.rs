@@ -1,13 +1,13 @@
 //! A training sample's attention backward on the device: the tensor-core kernels of
-//! `attention_backward_tiled.cu` for the head sizes they are written for, the direct kernels of
+//! `attention_tiled.cu` for the head sizes they are written for, the direct kernels of
 //! `attention_backward.cu` for any other (up to their AB_MAX_LEN tokens).
 
 use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{CudaFunction, CudaSlice, PushKernelArg};
 use serde::Serialize;
 
-use super::check_len;
-use crate::backend::cuda::decoder::train::uses_tiled_attention_backward;
+use super::{check_len, CudaCache, CudaStep};
+use crate::backend::cuda::decoder::tiled_attention_head;
 use crate::backend::cuda::decoder::DecoderShape;
 use crate::backend::cuda::gemm::addr;
 use crate::backend::cuda::gpu::{cfg, n32, Gpu};
@@ -16,9 +16,44 @@ use crate::backend::cuda::CudaError;
 /// `attention_backward.cu`'s AB_MAX_LEN and AB_THREADS.
 const AB_MAX_LEN: usize = 4096;
 const AB_THREADS: u32 = 128;
-/// `attention_backward_tiled.cu`'s ABT_TILE and ABT_THREADS.
+/// `attention_tiled.cu`'s ABT_TILE and ABT_THREADS.
 const ABT_TILE: usize = 32;
 const ABT_THREADS: u32 = 128;
+
+/// Whether every buffer starts on 16 bytes (the tiled kernels read 16 bytes at a time).
+pub(super) fn aligned<const N: usize>(gpu: &Gpu, bufs: [&CudaSlice<u16>; N]) -> bool {
+    bufs.iter().all(|x| addr(x, &gpu.stream, 0) % 16 == 0)
+}
+
+/// `attention_chunk_tiled` over a forward of one sequence's rows (`tiled_chunk_attention`):
+/// they sit at positions `max_context - rows ..`, and the step's one table is theirs.
+pub(super) fn chunk(
+    gpu: &Gpu,
+    f: &CudaFunction,
+    st: &CudaStep,
+    q: &CudaSlice<u16>,
+    cache: &CudaCache,
+    out: &mut CudaSlice<u16>,
+    s: &DecoderShape,
+) -> Result<(), CudaError> {
+    check_len(q.len().min(out.len()), st.rows * s.q_dim(), "attention")?;
+    if st.seqs != 1 || st.rows.div_ceil(ABT_TILE) > 65535 {
+        return Err(CudaError::Shape(format!("a tiled attention chunk of {} rows", st.rows)));
+    }
+    let pos0 = (st.max_context - st.rows) as i32;
+    let (rows, nh, nkv, hd) =
+        (st.rows as i32, s.heads as i32, s.kv_heads as i32, s.head_dim as i32);
+    let (bs, scale) = (s.block_size as i32, 1.0 / (s.head_dim as f32).sqrt());
+    let mut b = gpu.stream.launch_builder(f);
+    b.arg(q).arg(&cache.k).arg(&cache.v).arg(&st.tables).arg(&pos0).arg(&rows).arg(out);
+    b.arg(&nh).arg(&nkv).arg(&hd).arg(&bs).arg(&scale);
+    // SAFETY: argument list matches attention_chunk_tiled; head_dim 64 or 128 and the head
+    // ratio (DecoderShape, tiled_chunk_attention), q, out and the caches 16-byte aligned and
+    // long enough (checked here and by the caller's check_cache), the step's one table names
+    // a block for every position up to max_context; ABT_THREADS threads.
+    unsafe { b.launch(cfg((n32(s.heads), n32(st.rows.div_ceil(ABT_TILE)), 1), ABT_THREADS)) }?;
+    Ok(())
+}
 
 pub(super) struct AttentionBackward {
     dq: CudaFunction,
@@ -58,9 +93,9 @@ impl AttentionBackward {
         Ok(Self {
             dq: gpu.func("attention_backward.cu", "attention_backward_dq_f32")?,
             dkv: gpu.func("attention_backward.cu", "attention_backward_dkv_f32")?,
-            dq_tiled: gpu.func("attention_backward_tiled.cu", "attention_backward_dq_tiled")?,
-            dkv_tiled: gpu.func("attention_backward_tiled.cu", "attention_backward_dkv_tiled")?,
-            dkv_sum: gpu.func("attention_backward_tiled.cu", "attention_backward_dkv_sum_f32")?,
+            dq_tiled: gpu.func("attention_tiled.cu", "attention_backward_dq_tiled")?,
+            dkv_tiled: gpu.func("attention_tiled.cu", "attention_backward_dkv_tiled")?,
+            dkv_sum: gpu.func("attention_tiled.cu", "attention_backward_dkv_sum_f32")?,
             lse: gpu.zeros(1)?,
             delta: gpu.zeros(1)?,
             dk_part: gpu.zeros(1)?,
@@ -81,9 +116,8 @@ impl AttentionBackward {
         check_len(a.k.len().min(a.v.len()), len * kvd, "attention backward")?;
         check_len(a.d_qkv.len(), len * s.qkv_rows(), "q/k/v gradient")?;
         let st = gpu.stream.clone();
-        // The tiled kernels read q, k, v and o 16 bytes at a time.
-        let aligned = [a.q, a.k, a.v, a.o].iter().all(|x| addr(x, &st, 0) % 16 == 0);
-        let tiled = allow_tiled && uses_tiled_attention_backward(s.head_dim) && aligned;
+        let tiled =
+            allow_tiled && tiled_attention_head(s.head_dim) && aligned(gpu, [a.q, a.k, a.v, a.o]);
         if len == 0 || (!tiled && len > AB_MAX_LEN) || len.div_ceil(ABT_TILE) > 65535 {
             return Err(CudaError::Shape(format!(
                 "attention backward over {len} tokens (1 to {AB_MAX_LEN} at head size {})",
@@ -178,7 +212,7 @@ impl AttentionBackward {
             ms.sort_by(f64::total_cmp);
             Ok(ms[ms.len() / 2])
         };
-        let tiled_ms = uses_tiled_attention_backward(s.head_dim).then(|| time(true)).transpose()?;
+        let tiled_ms = tiled_attention_head(s.head_dim).then(|| time(true)).transpose()?;
         let direct_ms = (len <= AB_MAX_LEN).then(|| time(false)).transpose()?;
         Ok(AttentionBackwardTimes { tokens: len, tiled_ms, direct_ms })
     }

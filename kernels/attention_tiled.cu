@@ -1,11 +1,22 @@
-// Causal attention backward over one training sample on tensor cores, in 32 x 32 tiles of
-// (query rows, keys), softmax recomputed (flash-attention style; same formulas as
-// attention_backward.cu):
+// Attention of one training sample or one sequence's chunk on tensor cores, in 32 x 32 tiles
+// of (query rows, keys): WMMA 16x16x16 bf16 products with fp32 sums. Q, K, V and O are bf16
+// already; what else feeds a product (P, and in the backward dO and dS) is rounded to bf16
+// there, and the softmax statistics stay fp32.
+//
+// Forward, attention_chunk_tiled: one sequence's consecutive rows (a prefill or training chunk
+// forwarded alone); row r at position pos0 + r attends to keys 0..=pos0 + r, read through the
+// sequence's block table. Grid (num_heads, row tiles). Online softmax over key tiles (flash
+// attention): S = scale·Q Kᵀ; each row's running max m and sum l in fp32; P = exp(S − m) as
+// bf16 for O += P V, O kept in fp32 in shared memory and rescaled by exp(m_old − m_new) per
+// tile; out = O / l as bf16. q, out: [rows, num_heads, head_dim]; k_cache, v_cache: [blocks,
+// block_size, num_kv_heads, head_dim]; table: the sequence's block ids. The host must check:
+// every block the table names up to position pos0 + rows − 1 is in the caches.
+// CPU twin: backend::cuda::twins::attention_chunk_bf16.
+//
+// Backward (same formulas as attention_backward.cu), softmax recomputed:
 //   S = scale·Q Kᵀ, P = softmax(S), dP = dO Vᵀ, dS = P ∘ (dP − rowsum(dO ∘ O)),
-//   dQ = scale·dS K, dK = scale·dSᵀ Q, dV = Pᵀ dO.
-// Every product runs as WMMA 16x16x16 bf16 products with fp32 sums. Q, K, V and O are bf16
-// already; dO is rounded to bf16 for its products, P (for dV) and dS after the elementwise
-// step; rowsum(dO ∘ O), the log-sum-exp and P ∘ (dP − ·) stay fp32.
+//   dQ = scale·dS K, dK = scale·dSᵀ Q, dV = Pᵀ dO,
+// with dO, P (for dV) and dS rounded to bf16 for their products.
 //  - attention_backward_dq_tiled: grid (num_heads, query tiles). Recomputes each row's
 //    log-sum-exp over the keys (pass 1), then dQ (pass 2); writes lse and delta for the next.
 //  - attention_backward_dkv_tiled: grid (num_heads, key tiles). A query head's share of dK
@@ -15,9 +26,10 @@
 // q, o, d_o: [len, num_heads, head_dim]; k, v: [len, num_kv_heads, head_dim]; lse, delta:
 // [len, num_heads]; dk_part, dv_part: [len, num_heads, head_dim]. dq, dk and dv rows are
 // `d_stride` apart (column blocks of the fused [len, q | k | v] gradient). The host must
-// check: head_dim 64 or 128; num_heads a multiple of num_kv_heads; q, k, v and o 16-byte
-// aligned (read 16 bytes at a time); grid.y at most 65535; blockDim ABT_THREADS.
+// check what both need (below).
 // CPU twin: backend::cuda::twins::attention_backward_bf16.
+// Both: head_dim 64 or 128; num_heads a multiple of num_kv_heads; q, k, v, o and the caches
+// 16-byte aligned (read 16 bytes at a time); grid.y at most 65535; blockDim ABT_THREADS.
 #include <mma.h>
 
 #define ABT_TILE 32
@@ -26,6 +38,9 @@
 // Shared memory for head_dim 128: Q, dO, K, V tiles (rows padded by 8), S and dP (fp32), P
 // and dS (bf16), then the tile's lse and delta. Under the 48 KiB of static shared memory.
 #define ABT_SMEM (4 * ABT_TILE * (128 + 8) * 2 + 2 * ABT_TILE * ABT_TILE * 4 + 2 * ABT_TILE * ABT_LDP * 2 + 2 * ABT_TILE * 4)
+// The forward's: Q and K-or-V tiles, S (fp32), P (bf16), O (fp32, unpadded), m, l and the
+// rescaling factors.
+#define ABT_CHUNK_SMEM (2 * ABT_TILE * (128 + 8) * 2 + ABT_TILE * ABT_TILE * 4 + ABT_TILE * ABT_LDP * 2 + ABT_TILE * 128 * 4 + 3 * ABT_TILE * 4)
 
 typedef nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, bf16, nvcuda::wmma::row_major> FragA;
 typedef nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, bf16, nvcuda::wmma::col_major> FragAt;
@@ -313,4 +328,101 @@ extern "C" __global__ void attention_backward_dkv_sum_f32(
         dk[(size_t)j * d_stride + kvh * head_dim + d] = sk;
         dv[(size_t)j * d_stride + kvh * head_dim + d] = sv;
     }
+}
+
+// Keys key0.. (below `end`) of kv head kvh from a paged cache, zeros past end.
+template <int HD>
+__device__ void tile_in_paged(bf16* dst, const bf16* cache, const int* table, int block_size,
+                              int num_kv_heads, int kvh, int key0, int end) {
+    constexpr int pieces = HD / 8;
+    for (int x = threadIdx.x; x < ABT_TILE * pieces; x += blockDim.x) {
+        const int r = x / pieces, c = (x % pieces) * 8, j = key0 + r;
+        uint4 v = make_uint4(0, 0, 0, 0);
+        if (j < end) {
+            const size_t slot = (size_t)table[j / block_size] * block_size + j % block_size;
+            v = *reinterpret_cast<const uint4*>(cache + (slot * num_kv_heads + kvh) * HD + c);
+        }
+        *reinterpret_cast<uint4*>(dst + r * (HD + 8) + c) = v;
+    }
+}
+
+template <int HD>
+__device__ void chunk_tile(unsigned char* smem, const bf16* q, const bf16* k_cache,
+                           const bf16* v_cache, const int* table, int pos0, int rows, bf16* out,
+                           int num_heads, int num_kv_heads, int block_size, float scale) {
+    bf16* qs = reinterpret_cast<bf16*>(smem);
+    bf16* kvs = qs + ABT_TILE * (HD + 8);  // K, then V, of the key tile
+    float* ss = reinterpret_cast<float*>(kvs + ABT_TILE * (HD + 8));
+    bf16* pb = reinterpret_cast<bf16*>(ss + ABT_TILE * ABT_TILE);
+    float* os = reinterpret_cast<float*>(pb + ABT_TILE * ABT_LDP);  // [32, HD], unnormalised
+    float *m = os + ABT_TILE * HD, *l = m + ABT_TILE, *alpha = l + ABT_TILE;
+    const int h = blockIdx.x, r0 = blockIdx.y * ABT_TILE;
+    const int kvh = h / (num_heads / num_kv_heads);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const size_t q_row = (size_t)num_heads * HD;
+    tile_in<HD>(qs, q + h * HD, q_row, r0, rows);
+    for (int x = threadIdx.x; x < ABT_TILE * HD; x += blockDim.x) os[x] = 0.f;
+    if (threadIdx.x < ABT_TILE) {
+        m[threadIdx.x] = NEG_INF;
+        l[threadIdx.x] = 0.f;
+    }
+    // Keys 0..end are all any row of the tile sees.
+    const int end = pos0 + min(r0 + ABT_TILE, rows);
+    for (int key0 = 0; key0 < end; key0 += ABT_TILE) {
+        tile_in_paged<HD>(kvs, k_cache, table, block_size, num_kv_heads, kvh, key0, end);
+        __syncthreads();
+        scores<HD>(ss, qs, kvs);
+        __syncthreads();
+        // A warp per 8 rows, a lane per key: the new max, P, the rows' sums and rescaling.
+#pragma unroll
+        for (int rr = 0; rr < ABT_TILE / 4; ++rr) {
+            const int r = warp * (ABT_TILE / 4) + rr, i = r0 + r, j = key0 + lane;
+            const float s = (i < rows && j <= pos0 + i) ? ss[r * ABT_TILE + lane] * scale : NEG_INF;
+            const float old = m[r];
+            const float mn = fmaxf(old, warp_max(s));
+            const float p = s == NEG_INF ? 0.f : __expf(s - mn);
+            pb[r * ABT_LDP + lane] = st(p);
+            const float sum = warp_sum(p);
+            if (lane == 0) {
+                const float a = old == NEG_INF ? 0.f : __expf(old - mn);
+                l[r] = l[r] * a + sum;
+                m[r] = mn;
+                alpha[r] = a;
+            }
+        }
+        __syncthreads();
+        tile_in_paged<HD>(kvs, v_cache, table, block_size, num_kv_heads, kvh, key0, end);
+        for (int x = threadIdx.x; x < ABT_TILE * HD; x += blockDim.x) os[x] *= alpha[x / HD];
+        __syncthreads();
+        FragC acc[2][HD / 64];
+#pragma unroll
+        for (int i = 0; i < 2; ++i)
+#pragma unroll
+            for (int jj = 0; jj < HD / 64; ++jj)
+                nvcuda::wmma::load_matrix_sync(acc[i][jj], os + 16 * i * HD + (warp * (HD / 64) + jj) * 16, HD,
+                                               nvcuda::wmma::mem_row_major);
+        accumulate<HD, false>(acc, pb, kvs);
+#pragma unroll
+        for (int i = 0; i < 2; ++i)
+#pragma unroll
+            for (int jj = 0; jj < HD / 64; ++jj)
+                nvcuda::wmma::store_matrix_sync(os + 16 * i * HD + (warp * (HD / 64) + jj) * 16, acc[i][jj], HD,
+                                                nvcuda::wmma::mem_row_major);
+        __syncthreads();
+    }
+    for (int x = threadIdx.x; x < ABT_TILE * HD; x += blockDim.x) {
+        const int r = x / HD, c = x % HD;
+        if (r0 + r < rows) out[(size_t)(r0 + r) * q_row + h * HD + c] = st(os[x] / l[r]);
+    }
+}
+
+extern "C" __global__ void attention_chunk_tiled(
+    const bf16* __restrict__ q, const bf16* __restrict__ k_cache, const bf16* __restrict__ v_cache,
+    const int* __restrict__ table, int pos0, int rows, bf16* __restrict__ out, int num_heads,
+    int num_kv_heads, int head_dim, int block_size, float scale) {
+    __shared__ __align__(128) unsigned char smem[ABT_CHUNK_SMEM];
+    if (head_dim == 64)
+        chunk_tile<64>(smem, q, k_cache, v_cache, table, pos0, rows, out, num_heads, num_kv_heads, block_size, scale);
+    else
+        chunk_tile<128>(smem, q, k_cache, v_cache, table, pos0, rows, out, num_heads, num_kv_heads, block_size, scale);
 }
