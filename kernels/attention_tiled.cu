@@ -25,18 +25,20 @@
 //  - attention_backward_dkv_sum_f32: grid (num_kv_heads, len). Sums a group's partials.
 // q, o, d_o: [len, num_heads, head_dim]; k, v: [len, num_kv_heads, head_dim]; lse, delta:
 // [len, num_heads]; dk_part, dv_part: [len, num_heads, head_dim]. dq, dk and dv rows are
-// `d_stride` apart (column blocks of the fused [len, q | k | v] gradient). The host must
-// check what both need (below).
+// `d_stride` apart (column blocks of the fused [len, q | k | v] gradient).
 // CPU twin: backend::cuda::twins::attention_backward_bf16.
-// Both: head_dim 64 or 128; num_heads a multiple of num_kv_heads; q, k, v, o and the caches
-// 16-byte aligned (read 16 bytes at a time); grid.y at most 65535; blockDim ABT_THREADS.
+//
+// The host must check, for every kernel here: head_dim 64 or 128; num_heads a multiple of
+// num_kv_heads; q, k, v, o and the caches 16-byte aligned (read 16 bytes at a time); grid.y
+// at most 65535; blockDim ABT_THREADS.
 #include <mma.h>
 
 #define ABT_TILE 32
 #define ABT_THREADS 128  // four warps, each one 16 x 16 block of a tile's scores
 #define ABT_LDP (ABT_TILE + 8)  // bf16 P and dS rows, padded against bank conflicts
-// Shared memory for head_dim 128: Q, dO, K, V tiles (rows padded by 8), S and dP (fp32), P
-// and dS (bf16), then the tile's lse and delta. Under the 48 KiB of static shared memory.
+// The backward's shared memory at head_dim 128: Q, dO, K, V tiles (rows padded by 8), S and dP
+// (fp32), P and dS (bf16), then the tile's lse and delta. Under the 48 KiB of static shared
+// memory.
 #define ABT_SMEM (4 * ABT_TILE * (128 + 8) * 2 + 2 * ABT_TILE * ABT_TILE * 4 + 2 * ABT_TILE * ABT_LDP * 2 + 2 * ABT_TILE * 4)
 // The forward's: Q and K-or-V tiles, S (fp32), P (bf16), O (fp32, unpadded), m, l and the
 // rescaling factors.

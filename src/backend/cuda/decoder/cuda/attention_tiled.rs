@@ -1,6 +1,7 @@
-//! A training sample's attention backward on the device: the tensor-core kernels of
-//! `attention_tiled.cu` for the head sizes they are written for, the direct kernels of
-//! `attention_backward.cu` for any other (up to their AB_MAX_LEN tokens).
+//! The tensor-core attention kernels of `attention_tiled.cu` on the device: the forward of one
+//! sequence's chunk (`chunk`), and a training sample's backward (`AttentionBackward`), which
+//! runs the direct kernels of `attention_backward.cu` for head sizes the tiled ones lack (up
+//! to their AB_MAX_LEN tokens).
 
 use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{CudaFunction, CudaSlice, PushKernelArg};
@@ -40,7 +41,10 @@ pub(super) fn chunk(
     if st.seqs != 1 || st.rows.div_ceil(ABT_TILE) > 65535 {
         return Err(CudaError::Shape(format!("a tiled attention chunk of {} rows", st.rows)));
     }
-    let pos0 = (st.max_context - st.rows) as i32;
+    let Some(pos0) = st.max_context.checked_sub(st.rows) else {
+        return Err(CudaError::Shape("a chunk longer than its context".into()));
+    };
+    let pos0 = pos0 as i32;
     let (rows, nh, nkv, hd) =
         (st.rows as i32, s.heads as i32, s.kv_heads as i32, s.head_dim as i32);
     let (bs, scale) = (s.block_size as i32, 1.0 / (s.head_dim as f32).sqrt());
@@ -118,7 +122,8 @@ impl AttentionBackward {
         let st = gpu.stream.clone();
         let tiled =
             allow_tiled && tiled_attention_head(s.head_dim) && aligned(gpu, [a.q, a.k, a.v, a.o]);
-        if len == 0 || (!tiled && len > AB_MAX_LEN) || len.div_ceil(ABT_TILE) > 65535 {
+        // Grids have up to 65535 rows: the partials' sum takes one block row per token.
+        if len == 0 || len > 65535 || (!tiled && len > AB_MAX_LEN) {
             return Err(CudaError::Shape(format!(
                 "attention backward over {len} tokens (1 to {AB_MAX_LEN} at head size {})",
                 s.head_dim
