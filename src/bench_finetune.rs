@@ -152,6 +152,9 @@ pub struct BenchFinetuneResult {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub attention_backward_on_device:
         Option<crate::backend::cuda::decoder::cuda::AttentionBackwardTimes>,
+    /// On a GPU: one sample's forward attention (one layer's), tiled and paged kernels.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub chunk_attention_on_device: Option<crate::backend::cuda::decoder::cuda::ChunkAttentionTimes>,
 }
 
 /// Activation memory of one training sample, per token.
@@ -279,6 +282,7 @@ fn run_on_device(
             .map(|c| c.coserved_train_tokens_per_s / tokens_per_s),
         coserve_on_device: run.coserve,
         attention_backward_on_device: Some(run.attention_backward),
+        chunk_attention_on_device: Some(run.chunk_attention),
         final_loss: run.final_loss,
         peak_rss_mib: None,
         activations: ActivationMemory {
@@ -427,6 +431,7 @@ pub fn run(args: &BenchFinetuneArgs) -> Result<BenchFinetuneResult, BenchFinetun
         coserve_on_device: None,
         coserve_kept_fraction: None,
         attention_backward_on_device: None,
+        chunk_attention_on_device: None,
     })
 }
 

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use super::bench::{GpuModel, BLOCK_SIZE};
 use super::bench_coserve::{CoserveOnDevice, CoserveSetup};
-use super::decoder::cuda::{AttentionBackwardTimes, CudaOps};
+use super::decoder::cuda::{AttentionBackwardTimes, ChunkAttentionTimes, CudaOps};
 use super::decoder::from_model::HostModel;
 use super::decoder::train::{train_sample, TrainAdapter, TrainSample, TrainScratch};
 use super::decoder::{DecoderOps, DecoderShape};
@@ -32,6 +32,8 @@ pub struct GpuTrainRun {
     pub coserve: Option<CoserveOnDevice>,
     /// One sample's attention backward alone, per layer.
     pub attention_backward: AttentionBackwardTimes,
+    /// One sample's forward attention alone (the whole sample as one chunk), per layer.
+    pub chunk_attention: ChunkAttentionTimes,
 }
 
 /// Bytes per token of what the training forward keeps (`decoder::train::step`): per layer the
@@ -117,6 +119,7 @@ pub fn run(
     }
     drop(caches);
     let attention_backward = ops.time_attention_backward(&s, seq_len)?;
+    let chunk_attention = ops.time_chunk_attention(&s, seq_len, seq_len)?;
     let coserve = match coserve {
         Some(setup) if batch_size == 1 => Some(super::bench_coserve::run(
             &mut ops,
@@ -144,5 +147,6 @@ pub fn run(
         saved_bytes_per_token: saved_bytes_per_token(&s, lora),
         coserve,
         attention_backward,
+        chunk_attention,
     })
 }

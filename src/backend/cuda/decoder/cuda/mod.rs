@@ -10,7 +10,9 @@ use crate::backend::cuda::gpu::{cfg, n32, Gpu};
 use crate::backend::cuda::sampling::{sample_on_device, RowSample, RowSampling};
 use crate::backend::cuda::CudaError;
 
+mod attention_paged;
 mod attention_tiled;
+pub use attention_paged::ChunkAttentionTimes;
 pub use attention_tiled::AttentionBackwardTimes;
 mod lora_launch;
 mod train;
@@ -414,44 +416,7 @@ impl DecoderOps for CudaOps {
         {
             return attention_tiled::chunk(&self.gpu, &self.k.attn_chunk, st, q, cache, out, s);
         }
-        let (parts, size) = self.partitions(st.rows, s.heads, st.max_context);
-        let n_ml = st.rows * s.heads * parts;
-        let grow = self.part_ml.0.len() < n_ml || self.part_o.len() < n_ml * s.head_dim;
-        if grow && self.capturing {
-            return Err(CudaError::Shape(
-                "attention would grow its buffers while being captured: run the forward once \
-                 uncaptured first"
-                    .into(),
-            ));
-        }
-        if self.part_ml.0.len() < n_ml {
-            self.part_ml = (self.gpu.zeros(n_ml)?, self.gpu.zeros(n_ml)?);
-        }
-        if self.part_o.len() < n_ml * s.head_dim {
-            self.part_o = self.gpu.zeros(n_ml * s.head_dim)?;
-        }
-        let (mb, nh, nkv, hd, bs) = (
-            st.max_blocks as i32,
-            s.heads as i32,
-            s.kv_heads as i32,
-            s.head_dim as i32,
-            s.block_size as i32,
-        );
-        let (ps, np) = (size as i32, parts as i32);
-        let scale = 1.0 / (s.head_dim as f32).sqrt();
-        let (pm, pl) = &mut self.part_ml;
-        let mut b = self.gpu.stream.launch_builder(&self.k.attn_partial);
-        b.arg(q).arg(&cache.k).arg(&cache.v).arg(&st.row_seq).arg(&st.row_pos).arg(&st.tables);
-        b.arg(&mb).arg(&mut *pm).arg(&mut *pl).arg(&mut self.part_o).arg(&nh).arg(&nkv).arg(&hd);
-        b.arg(&bs).arg(&ps).arg(&scale);
-        // SAFETY: argument list matches paged_attention_partial_bf16; the partials hold
-        // rows * heads * parts entries; DecoderShape checked head_dim and the head ratio.
-        unsafe { b.launch(cfg((n32(s.heads), n32(st.rows), n32(parts)), ATTN_THREADS)) }?;
-        let mut b = self.gpu.stream.launch_builder(&self.k.attn_combine);
-        b.arg(&*pm).arg(&*pl).arg(&self.part_o).arg(out).arg(&nh).arg(&hd).arg(&np);
-        // SAFETY: argument list matches paged_attention_combine_bf16.
-        unsafe { b.launch(cfg((n32(s.heads), n32(st.rows), 1), ATTN_THREADS)) }?;
-        Ok(())
+        self.paged_attention(st, q, cache, out, s)
     }
 
     fn silu_mul(
