@@ -223,36 +223,27 @@ fn paged_attention_kernels_match_their_twin() {
 
 #[test]
 fn tiled_chunk_attention_kernel_matches_its_twin() {
-    use coserve::backend::cpu::paged_attention::{AttnSeq, AttnShape};
+    use coserve::backend::cpu::paged_attention::AttnSeq;
+    use coserve::backend::cuda::selftest::layers::ChunkCase;
     let emu = Emulated::build("attention_tiled.cu");
     let mut rng = StdRng::seed_from_u64(6);
     let bs = 16usize;
     // (rows, first position, heads, kv heads, head size): a first chunk that ends mid-tile, a
     // later chunk with a group of four, one whole tile without GQA.
-    for (rows, pos0, nh, nkv, hd) in
+    for dims in
         [(37usize, 0usize, 4usize, 2usize, 64usize), (70, 45, 4, 1, 128), (32, 100, 2, 2, 64)]
     {
-        let blocks = (pos0 + rows).div_ceil(bs) + 2;
-        // Blocks shuffled, so the table is not the identity.
-        let mut table: Vec<u32> = (0..blocks as u32).collect();
-        for i in (1..table.len()).rev() {
-            table.swap(i, rng.random_range(0..=i));
-        }
-        let kv_len = blocks * bs * nkv * hd;
-        let q = random_bf16(&mut rng, rows * nh * hd, 1.0);
-        let (kc, vc) = (random_bf16(&mut rng, kv_len, 1.0), random_bf16(&mut rng, kv_len, 1.0));
-        let scale = 1.0 / (hd as f32).sqrt();
-        let shape =
-            AttnShape { num_heads: nh, num_kv_heads: nkv, head_dim: hd, block_size: bs, scale };
-        let want = twins::attention_chunk_bf16(&q, &kc, &vc, &table, pos0, &shape);
+        let (rows, pos0, nh, nkv, hd) = dims;
+        let c = ChunkCase::random(&mut rng, dims, bs, 2);
+        let want = c.twin();
         // The twin is attention: the paged kernel's twin (fp32 P) within bf16 error of it.
         let seq =
-            AttnSeq { q_start: 0, q_len: rows, context_len: pos0 + rows, block_table: &table };
-        let paged = twins::attention(&q, &kc, &vc, &[seq], &shape);
+            AttnSeq { q_start: 0, q_len: rows, context_len: pos0 + rows, block_table: &c.table };
+        let paged = twins::attention(&c.q, &c.k_cache, &c.v_cache, &[seq], &c.shape);
         let what = format!("tiled twin against the paged twin, {rows} rows from {pos0}");
         assert_close(&what, &want, &paged, BF16_RTOL, BF16_ATOL);
-        let (qb, kb, vb) = (bf16_bits(&q), bf16_bits(&kc), bf16_bits(&vc));
-        let table_i32: Vec<i32> = table.iter().map(|&b| b as i32).collect();
+        let (qb, kb, vb) = (bf16_bits(&c.q), bf16_bits(&c.k_cache), bf16_bits(&c.v_cache));
+        let table_i32: Vec<i32> = c.table.iter().map(|&b| b as i32).collect();
         let mut out = vec![0u16; rows * nh * hd];
         // SAFETY: attention_chunk_tiled's parameters; head_dim 64 or 128, 128 threads, the
         // table names blocks of the caches up to position pos0 + rows - 1.
@@ -260,7 +251,7 @@ fn tiled_chunk_attention_kernel_matches_its_twin() {
             let mut args = vec![Arg::ptr(&qb), Arg::ptr(&kb), Arg::ptr(&vb), Arg::ptr(&table_i32)];
             args.extend([Arg::i32(pos0 as i32), Arg::i32(rows as i32), Arg::ptr_mut(&mut out)]);
             args.extend([nh, nkv, hd, bs].map(|x| Arg::i32(x as i32)));
-            args.push(Arg::f32(scale));
+            args.push(Arg::f32(c.shape.scale));
             let grid = (nh as u32, rows.div_ceil(32) as u32, 1);
             emu.launch("attention_chunk_tiled", grid, 128, &args);
         }

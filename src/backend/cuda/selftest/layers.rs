@@ -265,37 +265,79 @@ pub(super) fn check_attention(gpu: &mut Gpu, checks: &mut Vec<Check>) -> Result<
     Ok(())
 }
 
+/// One sequence's chunk over a paged cache: bf16-valued q and caches, random in [-1, 1), the
+/// sequence's blocks shuffled so its table is not the identity.
+pub struct ChunkCase {
+    pub q: Vec<f32>,
+    pub k_cache: Vec<f32>,
+    pub v_cache: Vec<f32>,
+    pub table: Vec<u32>,
+    pub pos0: usize,
+    pub shape: crate::backend::cpu::paged_attention::AttnShape,
+}
+
+impl ChunkCase {
+    /// `rows` rows from position `pos0`, `spare` more cache blocks than they reach.
+    pub fn random(
+        rng: &mut StdRng,
+        (rows, pos0, num_heads, num_kv_heads, head_dim): (usize, usize, usize, usize, usize),
+        block_size: usize,
+        spare: usize,
+    ) -> Self {
+        let blocks = (pos0 + rows).div_ceil(block_size) + spare;
+        let mut table: Vec<u32> = (0..blocks as u32).collect();
+        for i in (1..table.len()).rev() {
+            table.swap(i, rng.random_range(0..=i));
+        }
+        let kv_len = blocks * block_size * num_kv_heads * head_dim;
+        let q = random_bf16(rng, rows * num_heads * head_dim, 1.0);
+        let (k_cache, v_cache) = (random_bf16(rng, kv_len, 1.0), random_bf16(rng, kv_len, 1.0));
+        let scale = 1.0 / (head_dim as f32).sqrt();
+        let shape = crate::backend::cpu::paged_attention::AttnShape {
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            block_size,
+            scale,
+        };
+        Self { q, k_cache, v_cache, table, pos0, shape }
+    }
+
+    /// What `attention_chunk_tiled` must give.
+    pub fn twin(&self) -> Vec<f32> {
+        twins::attention_chunk_bf16(
+            &self.q,
+            &self.k_cache,
+            &self.v_cache,
+            &self.table,
+            self.pos0,
+            &self.shape,
+        )
+    }
+}
+
 /// `attention_chunk_tiled`: one sequence's chunk forwarded alone, over shuffled blocks, against
 /// its twin (which rounds P as the kernel does).
 pub(super) fn check_chunk_attention(
     gpu: &mut Gpu,
     checks: &mut Vec<Check>,
 ) -> Result<(), CudaError> {
-    use crate::backend::cpu::paged_attention::AttnShape;
     let mut rng = StdRng::seed_from_u64(6);
     let bs = 16usize;
     // (rows, first position, heads, kv heads, head size): a prompt that ends mid-tile, a
     // whole 512-token prompt, and a training chunk of 128 late in a 1024-token sample.
-    for (rows, pos0, nh, nkv, hd) in
+    for dims in
         [(37usize, 0usize, 9usize, 3usize, 64usize), (512, 0, 32, 8, 128), (128, 896, 32, 8, 128)]
     {
-        let blocks = (pos0 + rows).div_ceil(bs);
-        let mut table: Vec<u32> = (0..blocks as u32).collect();
-        for i in (1..table.len()).rev() {
-            table.swap(i, rng.random_range(0..=i));
-        }
-        let kv_len = blocks * bs * nkv * hd;
-        let q = random_bf16(&mut rng, rows * nh * hd, 1.0);
-        let (kc, vc) = (random_bf16(&mut rng, kv_len, 1.0), random_bf16(&mut rng, kv_len, 1.0));
-        let scale = 1.0 / (hd as f32).sqrt();
-        let shape =
-            AttnShape { num_heads: nh, num_kv_heads: nkv, head_dim: hd, block_size: bs, scale };
-        let want = twins::attention_chunk_bf16(&q, &kc, &vc, &table, pos0, &shape);
-        let (dq, dk, dv) = (gpu.up_bf16(&q)?, gpu.up_bf16(&kc)?, gpu.up_bf16(&vc)?);
-        let dtab = gpu.up(&table.iter().map(|&b| b as i32).collect::<Vec<i32>>())?;
+        let (rows, pos0, nh, nkv, hd) = dims;
+        let c = ChunkCase::random(&mut rng, dims, bs, 0);
+        let want = c.twin();
+        let (dq, dk, dv) = (gpu.up_bf16(&c.q)?, gpu.up_bf16(&c.k_cache)?, gpu.up_bf16(&c.v_cache)?);
+        let dtab = gpu.up(&c.table.iter().map(|&b| b as i32).collect::<Vec<i32>>())?;
         let mut dout = gpu.zeros::<u16>(rows * nh * hd)?;
         let (p0, r, h, kv, d, b32) =
             (pos0 as i32, rows as i32, nh as i32, nkv as i32, hd as i32, bs as i32);
+        let scale = c.shape.scale;
         let f = gpu.func("attention_tiled.cu", "attention_chunk_tiled")?;
         let mut b = gpu.stream.launch_builder(&f);
         b.arg(&dq).arg(&dk).arg(&dv).arg(&dtab).arg(&p0).arg(&r).arg(&mut dout);

@@ -2,7 +2,7 @@
 //! compares it with its CPU twin (`twins`) on the same bf16-rounded inputs.
 
 pub mod backward;
-mod layers;
+pub mod layers;
 mod model;
 mod products;
 pub mod sampling;
