@@ -8,8 +8,8 @@ use cudarc::driver::{CudaFunction, CudaSlice, PushKernelArg};
 use serde::Serialize;
 
 use super::{check_len, CudaCache, CudaStep};
-use crate::backend::cuda::decoder::tiled_attention_head;
 use crate::backend::cuda::decoder::DecoderShape;
+use crate::backend::cuda::decoder::{tiled_attention_head, ATTENTION_TILE};
 use crate::backend::cuda::gemm::addr;
 use crate::backend::cuda::gpu::{cfg, n32, Gpu};
 use crate::backend::cuda::CudaError;
@@ -17,8 +17,7 @@ use crate::backend::cuda::CudaError;
 /// `attention_backward.cu`'s AB_MAX_LEN and AB_THREADS.
 const AB_MAX_LEN: usize = 4096;
 const AB_THREADS: u32 = 128;
-/// `attention_tiled.cu`'s ABT_TILE and ABT_THREADS.
-const ABT_TILE: usize = 32;
+/// `attention_tiled.cu`'s ABT_THREADS (its ABT_TILE is `ATTENTION_TILE`).
 const ABT_THREADS: u32 = 128;
 
 /// Whether every buffer starts on 16 bytes (the tiled kernels read 16 bytes at a time).
@@ -38,7 +37,7 @@ pub(super) fn chunk(
     s: &DecoderShape,
 ) -> Result<(), CudaError> {
     check_len(q.len().min(out.len()), st.rows * s.q_dim(), "attention")?;
-    if st.seqs != 1 || st.rows.div_ceil(ABT_TILE) > 65535 {
+    if st.seqs != 1 || st.rows.div_ceil(ATTENTION_TILE) > 65535 {
         return Err(CudaError::Shape(format!("a tiled attention chunk of {} rows", st.rows)));
     }
     let Some(pos0) = st.max_context.checked_sub(st.rows) else {
@@ -55,7 +54,9 @@ pub(super) fn chunk(
     // ratio (DecoderShape, tiled_chunk_attention), q, out and the caches 16-byte aligned and
     // long enough (checked here and by the caller's check_cache), the step's one table names
     // a block for every position up to max_context; ABT_THREADS threads.
-    unsafe { b.launch(cfg((n32(s.heads), n32(st.rows.div_ceil(ABT_TILE)), 1), ABT_THREADS)) }?;
+    unsafe {
+        b.launch(cfg((n32(s.heads), n32(st.rows.div_ceil(ATTENTION_TILE)), 1), ABT_THREADS))
+    }?;
     Ok(())
 }
 
@@ -155,7 +156,7 @@ impl AttentionBackward {
                 .map(|_| ())
                 .map_err(Into::into);
         }
-        let tiles = n32(len.div_ceil(ABT_TILE));
+        let tiles = n32(len.div_ceil(ATTENTION_TILE));
         // SAFETY: argument list matches attention_backward_dq_tiled; head_dim 64 or 128,
         // num_heads a multiple of num_kv_heads (DecoderShape), q/k/v/o 16-byte aligned
         // (checked), at most 65535 tiles, ABT_THREADS threads; dq is d_qkv's q block.
