@@ -3,14 +3,18 @@
 // already; what else feeds a product (P, and in the backward dO and dS) is rounded to bf16
 // there, and the softmax statistics stay fp32.
 //
-// Forward, attention_chunk_tiled: one sequence's consecutive rows (a prefill or training chunk
-// forwarded alone); row r at position pos0 + r attends to keys 0..=pos0 + r, read through the
-// sequence's block table. Grid (num_heads, row tiles). Online softmax over key tiles (flash
-// attention): S = scale·Q Kᵀ; each row's running max m and sum l in fp32; P = exp(S − m) as
-// bf16 for O += P V, O kept in fp32 in shared memory and rescaled by exp(m_old − m_new) per
-// tile; out = O / l as bf16. q, out: [rows, num_heads, head_dim]; k_cache, v_cache: [blocks,
-// block_size, num_kv_heads, head_dim]; table: the sequence's block ids. The host must check:
-// every block the table names up to position pos0 + rows − 1 is in the caches.
+// Forward, attention_chunk_tiled: the row tiles of a forward's chunks (prefill or training
+// rows of one sequence, a tile of them or more; decodes stay on paged_attention.cu). Tile t is
+// tiles[4t..4t+4] = (sequence, first row, its position pos0, rows n <= ABT_TILE): row r of it
+// at position pos0 + r attends to keys 0..=pos0 + r, read through the sequence's block table.
+// Grid (num_heads, tiles). Online softmax over key tiles (flash attention): S = scale·Q Kᵀ;
+// each row's running max m and sum l in fp32; P = exp(S − m) as bf16 for O += P V, O kept in
+// fp32 in shared memory and rescaled by exp(m_old − m_new) per tile; out = O / l as bf16. Key
+// tiles start at multiples of ABT_TILE whatever the row tile, so a row's result depends only
+// on its position, not on how its sequence was cut into chunks. q, out: [rows, num_heads,
+// head_dim]; k_cache, v_cache: [blocks, block_size, num_kv_heads, head_dim]; block_tables:
+// [seqs, max_blocks]. The host must check: every block a tile's table names up to its last
+// position is in the caches, and its rows are in q and out.
 // CPU twin: backend::cuda::twins::attention_chunk_bf16.
 //
 // Backward (same formulas as attention_backward.cu), softmax recomputed:
@@ -348,6 +352,8 @@ __device__ void tile_in_paged(bf16* dst, const bf16* cache, const int* table, in
     }
 }
 
+// One row tile of attention_chunk_tiled: `rows` (at most ABT_TILE) rows of q and out from
+// position pos0.
 template <int HD>
 __device__ void chunk_tile(unsigned char* smem, const bf16* q, const bf16* k_cache,
                            const bf16* v_cache, const int* table, int pos0, int rows, bf16* out,
@@ -358,18 +364,18 @@ __device__ void chunk_tile(unsigned char* smem, const bf16* q, const bf16* k_cac
     bf16* pb = reinterpret_cast<bf16*>(ss + ABT_TILE * ABT_TILE);
     float* os = reinterpret_cast<float*>(pb + ABT_TILE * ABT_LDP);  // [32, HD], unnormalised
     float *m = os + ABT_TILE * HD, *l = m + ABT_TILE, *alpha = l + ABT_TILE;
-    const int h = blockIdx.x, r0 = blockIdx.y * ABT_TILE;
+    const int h = blockIdx.x;
     const int kvh = h / (num_heads / num_kv_heads);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const size_t q_row = (size_t)num_heads * HD;
-    tile_in<HD>(qs, q + h * HD, q_row, r0, rows);
+    tile_in<HD>(qs, q + h * HD, q_row, 0, rows);
     for (int x = threadIdx.x; x < ABT_TILE * HD; x += blockDim.x) os[x] = 0.f;
     if (threadIdx.x < ABT_TILE) {
         m[threadIdx.x] = NEG_INF;
         l[threadIdx.x] = 0.f;
     }
     // Keys 0..end are all any row of the tile sees.
-    const int end = pos0 + min(r0 + ABT_TILE, rows);
+    const int end = pos0 + rows;
     for (int key0 = 0; key0 < end; key0 += ABT_TILE) {
         tile_in_paged<HD>(kvs, k_cache, table, block_size, num_kv_heads, kvh, key0, end);
         __syncthreads();
@@ -378,8 +384,8 @@ __device__ void chunk_tile(unsigned char* smem, const bf16* q, const bf16* k_cac
         // A warp per 8 rows, a lane per key: the new max, P, the rows' sums and rescaling.
 #pragma unroll
         for (int rr = 0; rr < ABT_TILE / 4; ++rr) {
-            const int r = warp * (ABT_TILE / 4) + rr, i = r0 + r, j = key0 + lane;
-            const float s = (i < rows && j <= pos0 + i) ? ss[r * ABT_TILE + lane] * scale : NEG_INF;
+            const int r = warp * (ABT_TILE / 4) + rr, j = key0 + lane;
+            const float s = (r < rows && j <= pos0 + r) ? ss[r * ABT_TILE + lane] * scale : NEG_INF;
             const float old = m[r];
             const float mn = fmaxf(old, warp_max(s));
             const float p = s == NEG_INF ? 0.f : __expf(s - mn);
@@ -414,17 +420,21 @@ __device__ void chunk_tile(unsigned char* smem, const bf16* q, const bf16* k_cac
     }
     for (int x = threadIdx.x; x < ABT_TILE * HD; x += blockDim.x) {
         const int r = x / HD, c = x % HD;
-        if (r0 + r < rows) out[(size_t)(r0 + r) * q_row + h * HD + c] = st(os[x] / l[r]);
+        if (r < rows) out[(size_t)r * q_row + h * HD + c] = st(os[x] / l[r]);
     }
 }
 
 extern "C" __global__ void attention_chunk_tiled(
     const bf16* __restrict__ q, const bf16* __restrict__ k_cache, const bf16* __restrict__ v_cache,
-    const int* __restrict__ table, int pos0, int rows, bf16* __restrict__ out, int num_heads,
-    int num_kv_heads, int head_dim, int block_size, float scale) {
+    const int* __restrict__ tiles, const int* __restrict__ block_tables, int max_blocks,
+    bf16* __restrict__ out, int num_heads, int num_kv_heads, int head_dim, int block_size,
+    float scale) {
     __shared__ __align__(128) unsigned char smem[ABT_CHUNK_SMEM];
+    const int* t = tiles + 4 * blockIdx.y;
+    const int* table = block_tables + (size_t)t[0] * max_blocks;
+    const size_t first = (size_t)t[1] * num_heads * head_dim;
     if (head_dim == 64)
-        chunk_tile<64>(smem, q, k_cache, v_cache, table, pos0, rows, out, num_heads, num_kv_heads, block_size, scale);
+        chunk_tile<64>(smem, q + first, k_cache, v_cache, table, t[2], t[3], out + first, num_heads, num_kv_heads, block_size, scale);
     else
-        chunk_tile<128>(smem, q, k_cache, v_cache, table, pos0, rows, out, num_heads, num_kv_heads, block_size, scale);
+        chunk_tile<128>(smem, q + first, k_cache, v_cache, table, t[2], t[3], out + first, num_heads, num_kv_heads, block_size, scale);
 }

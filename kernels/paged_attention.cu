@@ -2,9 +2,11 @@
 // row attends causally to key positions 0..=its position of its own sequence, read through the
 // sequence's block table (GQA: query head h reads kv head h / (num_heads / num_kv_heads)).
 //
-// Split-K: the keys of a row are cut into partitions of `partition_size` (at most
-// ATTN_MAX_KEYS); grid (num_heads, rows, partitions), one block of ATTN_THREADS threads per
-// (head, row, partition), in three phases:
+// The launch covers the rows `row_list` names (all of a forward's, or those the tensor-core
+// kernel of attention_tiled.cu leaves: decodes and short chunks). Split-K: the keys of a row
+// are cut into partitions of `partition_size` (at most ATTN_MAX_KEYS); grid (num_heads, listed
+// rows, partitions), one block of ATTN_THREADS threads per (head, row, partition), in three
+// phases:
 //  1. scores: a group of G threads takes one key, each thread one 16-byte piece (8 dims) of
 //     it, so a warp reads 32 / G keys at once; every group issues ATTN_UNROLL keys' loads
 //     before reducing any, so many loads are in flight (one key at a time per warp left each
@@ -15,12 +17,12 @@
 // `paged_attention_combine_bf16` merges the partitions of a row.
 //
 // q: [rows, num_heads, head_dim]; k_cache, v_cache: [blocks, block_size, num_kv_heads, head_dim];
-// row_seq[row]: the row's sequence; row_pos[row]: its position; block_tables:
-// [seqs, max_blocks]; part_m, part_l: [rows, num_heads, partitions];
-// part_o: [rows, num_heads, partitions, head_dim]. The host must check: head_dim a multiple of
+// row_list: [listed] rows; row_seq[row]: the row's sequence; row_pos[row]: its position;
+// block_tables: [seqs, max_blocks]; part_m, part_l: [listed, num_heads, partitions];
+// part_o: [listed, num_heads, partitions, head_dim]. The host must check: head_dim a multiple of
 // 8 and at most 256 (G = head_dim / 8 rounded up to a power of two, at most 32), q and the
 // caches 16-byte aligned; num_heads a multiple of num_kv_heads; partition_size at most
-// ATTN_MAX_KEYS; rows at most 65535 per launch (grid.y); ATTN_THREADS threads per block.
+// ATTN_MAX_KEYS; listed rows at most 65535 per launch (grid.y); ATTN_THREADS threads per block.
 // CPU twin: backend::cpu::paged_attention::paged_attention.
 
 #define ATTN_THREADS 128
@@ -40,12 +42,13 @@ __device__ __forceinline__ void unpack8(const uint4 v, float* f) {
 
 extern "C" __global__ void paged_attention_partial_bf16(
     const bf16* __restrict__ q, const bf16* __restrict__ k_cache, const bf16* __restrict__ v_cache,
-    const int* __restrict__ row_seq, const int* __restrict__ row_pos,
-    const int* __restrict__ block_tables, int max_blocks, float* __restrict__ part_m,
-    float* __restrict__ part_l, float* __restrict__ part_o, int num_heads, int num_kv_heads,
-    int head_dim, int block_size, int partition_size, float scale) {
-    const int head = blockIdx.x, row = blockIdx.y, part = blockIdx.z;
-    const size_t slot = ((size_t)row * num_heads + head) * gridDim.z + part;
+    const int* __restrict__ row_list, const int* __restrict__ row_seq,
+    const int* __restrict__ row_pos, const int* __restrict__ block_tables, int max_blocks,
+    float* __restrict__ part_m, float* __restrict__ part_l, float* __restrict__ part_o,
+    int num_heads, int num_kv_heads, int head_dim, int block_size, int partition_size,
+    float scale) {
+    const int head = blockIdx.x, row = row_list[blockIdx.y], part = blockIdx.z;
+    const size_t slot = ((size_t)blockIdx.y * num_heads + head) * gridDim.z + part;
     const int kv_head = head / (num_heads / num_kv_heads);
     const int pos = row_pos[row];
     const int* table = block_tables + (size_t)row_seq[row] * max_blocks;
@@ -154,13 +157,14 @@ extern "C" __global__ void paged_attention_partial_bf16(
     }
 }
 
-// out[row, head] = sum_p e^(m_p - M) o_p / sum_p e^(m_p - M) l_p; grid (num_heads, rows).
+// out[row, head] = sum_p e^(m_p - M) o_p / sum_p e^(m_p - M) l_p; grid (num_heads, listed
+// rows).
 extern "C" __global__ void paged_attention_combine_bf16(
     const float* __restrict__ part_m, const float* __restrict__ part_l,
-    const float* __restrict__ part_o, bf16* __restrict__ out, int num_heads, int head_dim,
-    int partitions) {
-    const int head = blockIdx.x, row = blockIdx.y;
-    const size_t first = ((size_t)row * num_heads + head) * partitions;
+    const float* __restrict__ part_o, const int* __restrict__ row_list, bf16* __restrict__ out,
+    int num_heads, int head_dim, int partitions) {
+    const int head = blockIdx.x, row = row_list[blockIdx.y];
+    const size_t first = ((size_t)blockIdx.y * num_heads + head) * partitions;
     float mm = NEG_INF;
     for (int p = 0; p < partitions; ++p) mm = fmaxf(mm, part_m[first + p]);
     float ll = 0.f;

@@ -87,10 +87,14 @@ fn the_selftest_passes_on_the_emulated_device() {
     let json = root.path().join("selftest.json");
     let out = coserve_on(e, &root.path().join("cache"))
         // The kernels alone are checked at small shapes in tests/device/kernels_on_cpu/; here what runs
-        // on them: the decoder, products, graph, training step, and the sampler's launch.
+        // on them: the decoder, products, graph, training step, a mixed step's attention, and the
+        // sampler's launch.
         .args(["selftest", "--device", "cuda", "--json"])
         .arg(&json)
-        .args(["--only", "fill_uniform,gemm,decoder_end_to_end,training_step,sample_rows"])
+        .args([
+            "--only",
+            "fill_uniform,gemm,decoder_end_to_end,training_step,sample_rows,mixed step",
+        ])
         .output()
         .expect("run coserve selftest");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -113,6 +117,7 @@ fn the_selftest_passes_on_the_emulated_device() {
         "decoder_end_to_end (greedy ids)",
         "decoder_cuda_graph (logits)",
         "training_step (weights after AdamW)",
+        "attention of a mixed step",
     ] {
         assert!(checks.iter().any(|c| c["kernel"] == suite), "no {suite:?} check:\n{stdout}");
     }

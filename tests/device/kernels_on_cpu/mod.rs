@@ -3,6 +3,7 @@
 //! The tolerances are the selftest's (`coserve selftest --device cuda`), which runs the same
 //! comparisons on a GPU at real shapes.
 
+mod attention;
 mod forward;
 mod sampling;
 mod training;

@@ -2,7 +2,7 @@
 //! Slow (plain loops) and meant for small models.
 
 use super::lora::{DropoutSite, LoraDims, SlotWeights};
-use super::{tiled_chunk_attention, DecoderOps, DecoderShape, StepBatch};
+use super::{tiled_chunk, DecoderOps, DecoderShape, StepBatch};
 use crate::backend::cpu::paged_attention::{AttnSeq, AttnShape};
 use crate::backend::cuda::sampling::{sample_row, RowSample, RowSampling};
 use crate::backend::cuda::twins::{self, round_bf16};
@@ -213,22 +213,6 @@ impl DecoderOps for HostOps {
         out: &mut Vec<f32>,
         s: &DecoderShape,
     ) -> R {
-        let mut q_start = 0;
-        let seqs: Vec<AttnSeq> = step
-            .batch
-            .seqs
-            .iter()
-            .map(|sr| {
-                let a = AttnSeq {
-                    q_start,
-                    q_len: sr.tokens.len(),
-                    context_len: sr.start + sr.tokens.len(),
-                    block_table: &sr.block_table,
-                };
-                q_start += sr.tokens.len();
-                a
-            })
-            .collect();
         let shape = AttnShape {
             num_heads: s.heads,
             num_kv_heads: s.kv_heads,
@@ -236,20 +220,39 @@ impl DecoderOps for HostOps {
             block_size: s.block_size,
             scale: 1.0 / (s.head_dim as f32).sqrt(),
         };
-        let rows = step.batch.rows();
-        let q = &q[..rows * s.q_dim()];
-        // As the device: one sequence's chunk alone runs the tensor-core kernel.
-        let o = match step.batch.seqs.as_slice() {
-            [seq] if tiled_chunk_attention(1, rows, s.head_dim) => twins::attention_chunk_bf16(
-                q,
-                &cache.k,
-                &cache.v,
-                &seq.block_table,
-                seq.start,
+        let (rows, qd) = (step.batch.rows(), s.q_dim());
+        let q = &q[..rows * qd];
+        // As the device: chunks of a tile or more on the tensor-core kernel, the other rows on
+        // the paged one.
+        let (mut q_start, mut paged, mut tiled) = (0, Vec::new(), Vec::new());
+        for sr in &step.batch.seqs {
+            let n = sr.tokens.len();
+            if tiled_chunk(n, s.head_dim) {
+                tiled.push((q_start, sr));
+            } else {
+                paged.push(AttnSeq {
+                    q_start,
+                    q_len: n,
+                    context_len: sr.start + n,
+                    block_table: &sr.block_table,
+                });
+            }
+            q_start += n;
+        }
+        let mut o = twins::attention(q, &cache.k, &cache.v, &paged, &shape);
+        for (first, sr) in tiled {
+            let at = first * qd..(first + sr.tokens.len()) * qd;
+            let (k, v) = (&cache.k, &cache.v);
+            let c = twins::attention_chunk_bf16(
+                &q[at.clone()],
+                k,
+                v,
+                &sr.block_table,
+                sr.start,
                 &shape,
-            ),
-            _ => twins::attention(q, &cache.k, &cache.v, &seqs, &shape),
-        };
+            );
+            o[at].copy_from_slice(&c);
+        }
         put(out, &o);
         Ok(())
     }

@@ -193,11 +193,11 @@ pub fn tiled_attention_head(head_dim: usize) -> bool {
     matches!(head_dim, 64 | 128)
 }
 
-/// Whether a forward's attention runs on `attention_chunk_tiled`: a single sequence's rows (a
-/// prefill or training chunk forwarded alone), at least a tile of them, at a head size the
-/// kernel has. Anything else (decodes, mixed batches) runs the paged kernel.
-pub fn tiled_chunk_attention(seqs: usize, rows: usize, head_dim: usize) -> bool {
-    seqs == 1 && rows >= ATTENTION_TILE && tiled_attention_head(head_dim)
+/// Whether a sequence's rows in a forward attend on `attention_chunk_tiled`: a prefill or
+/// training chunk of at least a tile of rows, at a head size the kernel has. Its other rows
+/// (decodes, shorter chunks) run the paged kernel in the same forward.
+pub fn tiled_chunk(rows: usize, head_dim: usize) -> bool {
+    rows >= ATTENTION_TILE && tiled_attention_head(head_dim)
 }
 
 /// One forward's rows, flattened as the kernels read them.
@@ -221,6 +221,13 @@ pub struct StepBatch {
     pub blocks_needed: usize,
     /// Adapter slots the rows name (the highest slot + 1): a LoRA table must hold these.
     pub slots_needed: usize,
+    /// The row tiles of the sequences [`tiled_chunk`] picks where the head size has the
+    /// kernel: (sequence, first row, its position, rows) for each, as `attention_chunk_tiled`
+    /// reads them.
+    pub tiles: Vec<i32>,
+    /// The rows the paged kernel takes alongside those tiles, and the longest context of them.
+    pub paged_rows: Vec<i32>,
+    pub paged_context: usize,
 }
 
 impl StepBatch {
@@ -238,6 +245,9 @@ impl StepBatch {
             max_context: 0,
             blocks_needed: 0,
             slots_needed: 0,
+            tiles: Vec::new(),
+            paged_rows: Vec::new(),
+            paged_context: 0,
             seqs: Vec::new(),
         };
         let too_big = |what: &str| CudaError::Shape(format!("{what} does not fit an i32"));
@@ -246,6 +256,18 @@ impl StepBatch {
                 b.blocks_needed = b.blocks_needed.max(blk as usize + 1);
                 b.block_tables[si * max_blocks + j] =
                     i32::try_from(blk).map_err(|_| too_big("a block id"))?;
+            }
+            // The sequences `tiled_chunk` picks at a head size with the kernel. Whatever does
+            // not fit an i32 here fails the checks of the rows below.
+            let (first, n) = (b.tokens.len(), s.tokens.len());
+            if n >= ATTENTION_TILE {
+                for r0 in (0..n).step_by(ATTENTION_TILE) {
+                    let rows = ATTENTION_TILE.min(n - r0);
+                    b.tiles.extend([si, first + r0, s.start + r0, rows].map(|x| x as i32));
+                }
+            } else {
+                b.paged_rows.extend((first..first + n).map(|r| r as i32));
+                b.paged_context = b.paged_context.max(s.start + n);
             }
             for (r, &t) in s.tokens.iter().enumerate() {
                 let pos = s.start + r;
@@ -491,6 +513,28 @@ mod tests {
         let past =
             vec![SeqRows { adapter: None, tokens: vec![1], start: 16, block_table: vec![0] }];
         assert!(StepBatch::new(past, 16).is_err());
+    }
+
+    #[test]
+    fn step_batch_tiles_long_chunks_and_lists_the_other_rows() {
+        let seq = |n: usize, start: usize| SeqRows {
+            adapter: None,
+            tokens: vec![0; n],
+            start,
+            block_table: (0..(start + n).div_ceil(16) as u32).collect(),
+        };
+        // A decode, a 45-row chunk from 20, a 5-row prompt, a one-tile prompt.
+        let b = StepBatch::new(vec![seq(1, 69), seq(45, 20), seq(5, 0), seq(32, 0)], 16).unwrap();
+        assert_eq!(b.tiles, [1, 1, 20, 32, 1, 33, 52, 13, 3, 51, 0, 32]);
+        assert_eq!(b.paged_rows, [0, 46, 47, 48, 49, 50]);
+        assert_eq!(b.paged_context, 70);
+        // Decodes only: no tiles, every row paged.
+        let b = StepBatch::new(vec![seq(1, 3), seq(1, 40)], 16).unwrap();
+        assert!(b.tiles.is_empty());
+        assert_eq!((b.paged_rows.as_slice(), b.paged_context), (&[0, 1][..], 41));
+        // One chunk of a tile exactly: only tiles.
+        let b = StepBatch::new(vec![seq(32, 7)], 16).unwrap();
+        assert_eq!((b.tiles.as_slice(), b.paged_rows.len()), (&[0, 0, 7, 32][..], 0));
     }
 
     #[test]

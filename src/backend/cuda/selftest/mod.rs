@@ -1,8 +1,9 @@
 //! `coserve selftest --device cuda`: runs every kernel on the GPU at several shapes and
 //! compares it with its CPU twin (`twins`) on the same bf16-rounded inputs.
 
+pub mod attention;
 pub mod backward;
-pub mod layers;
+mod layers;
 mod model;
 mod products;
 pub mod sampling;
@@ -55,8 +56,8 @@ pub fn run(spec: DeviceSpec, home: &Path, only: &[String]) -> Result<Report, Cud
         ("rope_kv_write_bf16", layers::check_rope),
         ("silu_mul_bf16", layers::check_silu),
         ("embedding_bf16", layers::check_embedding),
-        ("paged_attention_bf16", layers::check_attention),
-        ("attention_chunk_tiled", layers::check_chunk_attention),
+        ("paged_attention_bf16", attention::check_attention),
+        ("attention_chunk_tiled", attention::check_chunk_attention),
         ("argmax_logprob_f32", training::check_argmax),
         ("sample_rows_f32", sampling::check_sampling),
         ("cross_entropy_f32", training::check_cross_entropy),
@@ -76,10 +77,11 @@ pub fn run(spec: DeviceSpec, home: &Path, only: &[String]) -> Result<Report, Cud
     match CudaOps::new(gpu) {
         Err(e) => record_failure(&mut checks, "decoder_ops", Err(e)),
         Ok(mut ops) => {
-            let suites: [(&str, OpsSuite); 6] = [
+            let suites: [(&str, OpsSuite); 7] = [
                 ("fill_uniform_bf16", model::check_fill),
                 ("gemm_bf16", model::check_gemm),
                 ("gemm products", products::check_products),
+                ("attention of a mixed step", attention::check_step_attention),
                 ("decoder_end_to_end", model::check_decoder),
                 ("decoder_end_to_end (q/k/v biases)", model::check_decoder_with_biases),
                 ("training_step", train_step::check_training_step),

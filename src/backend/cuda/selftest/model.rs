@@ -92,8 +92,10 @@ fn decoder_checks(
     let (weights, host_weights, inv_freq) = small_model(ops, &s, 7)?;
 
     // Sequence A: a 150-token prompt over shuffled blocks (long enough for split-K in its
-    // decodes); sequence B: a 6-token prompt. Then three decode steps of both. With biases, A's
-    // prompt runs alone first (the tensor-core chunk attention) and B's joins A's first decode.
+    // decodes); sequence B: a 6-token prompt. Then three decode steps of both. A's prompt
+    // attends on the tensor-core chunk kernel, B's on the paged one in the same forward. With
+    // biases, A's prompt runs alone first (the chunk kernel only) and B's joins A's first
+    // decode (the paged kernel only).
     let num_blocks = 12;
     let mut rng = StdRng::seed_from_u64(12);
     let mut blocks: Vec<u32> = (0..num_blocks as u32).collect();

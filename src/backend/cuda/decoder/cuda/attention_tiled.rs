@@ -1,5 +1,5 @@
-//! The tensor-core attention kernels of `attention_tiled.cu` on the device: the forward of one
-//! sequence's chunk (`chunk`), and a training sample's backward (`AttentionBackward`), which
+//! The tensor-core attention kernels of `attention_tiled.cu` on the device: the forward of a
+//! step's long chunks (`chunk`), and a training sample's backward (`AttentionBackward`), which
 //! runs the direct kernels of `attention_backward.cu` for head sizes the tiled ones lack (up
 //! to their AB_MAX_LEN tokens).
 
@@ -25,8 +25,8 @@ pub(super) fn aligned<const N: usize>(gpu: &Gpu, bufs: [&CudaSlice<u16>; N]) -> 
     bufs.iter().all(|x| addr(x, &gpu.stream, 0) % 16 == 0)
 }
 
-/// `attention_chunk_tiled` over a forward of one sequence's rows (`tiled_chunk_attention`):
-/// they sit at positions `max_context - rows ..`, and the step's one table is theirs.
+/// `attention_chunk_tiled` over the step's row tiles (`StepBatch::tiles`, the chunks
+/// `tiled_chunk` picks); the caller has checked the head size and the cache.
 pub(super) fn chunk(
     gpu: &Gpu,
     f: &CudaFunction,
@@ -37,26 +37,21 @@ pub(super) fn chunk(
     s: &DecoderShape,
 ) -> Result<(), CudaError> {
     check_len(q.len().min(out.len()), st.rows * s.q_dim(), "attention")?;
-    if st.seqs != 1 || st.rows.div_ceil(ATTENTION_TILE) > 65535 {
-        return Err(CudaError::Shape(format!("a tiled attention chunk of {} rows", st.rows)));
+    if st.n_tiles == 0 || st.n_tiles > 65535 || st.tiles.len() < 4 * st.n_tiles {
+        return Err(CudaError::Shape(format!("{} tiles of tiled attention", st.n_tiles)));
     }
-    let Some(pos0) = st.max_context.checked_sub(st.rows) else {
-        return Err(CudaError::Shape("a chunk longer than its context".into()));
-    };
-    let pos0 = pos0 as i32;
-    let (rows, nh, nkv, hd) =
-        (st.rows as i32, s.heads as i32, s.kv_heads as i32, s.head_dim as i32);
+    let (mb, nh, nkv, hd) =
+        (st.max_blocks as i32, s.heads as i32, s.kv_heads as i32, s.head_dim as i32);
     let (bs, scale) = (s.block_size as i32, 1.0 / (s.head_dim as f32).sqrt());
     let mut b = gpu.stream.launch_builder(f);
-    b.arg(q).arg(&cache.k).arg(&cache.v).arg(&st.tables).arg(&pos0).arg(&rows).arg(out);
+    b.arg(q).arg(&cache.k).arg(&cache.v).arg(&st.tiles).arg(&st.tables).arg(&mb).arg(out);
     b.arg(&nh).arg(&nkv).arg(&hd).arg(&bs).arg(&scale);
     // SAFETY: argument list matches attention_chunk_tiled; head_dim 64 or 128 and the head
-    // ratio (DecoderShape, tiled_chunk_attention), q, out and the caches 16-byte aligned and
-    // long enough (checked here and by the caller's check_cache), the step's one table names
-    // a block for every position up to max_context; ABT_THREADS threads.
-    unsafe {
-        b.launch(cfg((n32(s.heads), n32(st.rows.div_ceil(ATTENTION_TILE)), 1), ABT_THREADS))
-    }?;
+    // ratio (the caller, DecoderShape), q, out and the caches 16-byte aligned and long enough
+    // (checked here and by the caller's check_cache); every tile's rows are rows of the step
+    // and its sequence's table names a block for each of their positions (StepBatch::new);
+    // ABT_THREADS threads.
+    unsafe { b.launch(cfg((n32(s.heads), n32(st.n_tiles), 1), ABT_THREADS)) }?;
     Ok(())
 }
 

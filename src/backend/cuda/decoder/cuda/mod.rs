@@ -4,7 +4,7 @@ use cudarc::driver::sys::{CUdevice_attribute, CUevent_flags};
 use cudarc::driver::{CudaEvent, CudaFunction, CudaSlice, DevicePtr, PushKernelArg};
 
 use super::lora::{DropoutSite, LoraDims, SlotWeights};
-use super::{tiled_chunk_attention, DecoderOps, DecoderShape, StepBatch};
+use super::{tiled_attention_head, DecoderOps, DecoderShape, StepBatch};
 use crate::backend::cuda::gemm::{addr, Gemm, OutType};
 use crate::backend::cuda::gpu::{cfg, n32, Gpu};
 use crate::backend::cuda::sampling::{sample_on_device, RowSample, RowSampling};
@@ -61,8 +61,6 @@ pub struct CudaOps {
 /// A batch on the device.
 pub struct CudaStep {
     rows: usize,
-    /// Sequences the rows belong to.
-    seqs: usize,
     tokens: CudaSlice<u32>,
     cos: CudaSlice<f32>,
     sin: CudaSlice<f32>,
@@ -77,6 +75,15 @@ pub struct CudaStep {
     max_context: usize,
     blocks_needed: usize,
     slots_needed: usize,
+    /// [`StepBatch::tiles`] (four values a tile) and `paged_rows` for the attention kernels,
+    /// each at least one entry long so an empty one still has a valid pointer; and every row
+    /// in order where `paged_rows` is not that already (a step with tiles).
+    tiles: CudaSlice<i32>,
+    n_tiles: usize,
+    paged_rows: CudaSlice<i32>,
+    n_paged: usize,
+    paged_context: usize,
+    all_rows: Option<CudaSlice<i32>>,
 }
 
 /// One projection's LoRA weights for every adapter slot: fp32 A and B on the device and the
@@ -284,9 +291,10 @@ impl DecoderOps for CudaOps {
 
     fn upload(&mut self, b: &StepBatch, cos: &[f32], sin: &[f32]) -> Result<CudaStep, CudaError> {
         let g = &self.gpu;
+        let list = |x: &[i32]| if x.is_empty() { g.zeros(1) } else { g.up(x) };
+        let all = (!b.tiles.is_empty()).then(|| (0..b.rows()).map(|r| r as i32).collect());
         Ok(CudaStep {
             rows: b.rows(),
-            seqs: b.seqs.len(),
             tokens: g.up(&b.tokens)?,
             cos: g.up(cos)?,
             sin: g.up(sin)?,
@@ -300,6 +308,12 @@ impl DecoderOps for CudaOps {
             max_context: b.max_context,
             blocks_needed: b.blocks_needed,
             slots_needed: b.slots_needed,
+            tiles: list(&b.tiles)?,
+            n_tiles: b.tiles.len() / 4,
+            paged_rows: list(&b.paged_rows)?,
+            n_paged: b.paged_rows.len(),
+            paged_context: b.paged_context,
+            all_rows: all.map(|a: Vec<i32>| g.up(&a)).transpose()?,
         })
     }
 
@@ -411,12 +425,18 @@ impl DecoderOps for CudaOps {
         s: &DecoderShape,
     ) -> R {
         check_cache(cache, st, s)?;
-        if tiled_chunk_attention(st.seqs, st.rows, s.head_dim)
+        // Chunks of a tile or more on the tensor cores (`tiled_chunk`), the rest paged.
+        if tiled_attention_head(s.head_dim)
+            && st.n_tiles > 0
             && attention_tiled::aligned(&self.gpu, [q, &cache.k, &cache.v])
         {
-            return attention_tiled::chunk(&self.gpu, &self.k.attn_chunk, st, q, cache, out, s);
+            attention_tiled::chunk(&self.gpu, &self.k.attn_chunk, st, q, cache, out, s)?;
+            if st.n_paged == 0 {
+                return Ok(());
+            }
+            return self.paged_attention(st, st.paged(), q, cache, out, s);
         }
-        self.paged_attention(st, q, cache, out, s)
+        self.paged_attention(st, st.all(), q, cache, out, s)
     }
 
     fn silu_mul(

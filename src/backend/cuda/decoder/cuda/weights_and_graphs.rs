@@ -104,6 +104,9 @@ impl CudaOps {
             || b.slots_needed > step.slots_needed
             || cos.len() != step.cos.len()
             || sin.len() != step.sin.len()
+            || b.tiles.len() != 4 * step.n_tiles
+            || b.paged_rows.len() != step.n_paged
+            || b.paged_context != step.paged_context
         {
             return Err(CudaError::Shape("a captured forward replayed on another shape".into()));
         }
@@ -116,6 +119,13 @@ impl CudaOps {
         st.memcpy_htod(&b.row_pos, &mut step.row_pos)?;
         st.memcpy_htod(&b.row_slots, &mut step.row_slots)?;
         st.memcpy_htod(&b.block_tables, &mut step.tables)?;
+        // The tiles and rows lists keep their one placeholder entry when empty.
+        if !b.tiles.is_empty() {
+            st.memcpy_htod(&b.tiles, &mut step.tiles)?;
+        }
+        if !b.paged_rows.is_empty() {
+            st.memcpy_htod(&b.paged_rows, &mut step.paged_rows)?;
+        }
         Ok(())
     }
 
