@@ -5,8 +5,9 @@
 // The launch covers the rows `row_list` names (all of a forward's, or those the tensor-core
 // kernel of attention_tiled.cu leaves: decodes and short chunks). Split-K: the keys of a row
 // are cut into partitions of `partition_size` (at most ATTN_MAX_KEYS); grid (num_heads, listed
-// rows, partitions), one block of ATTN_THREADS threads per (head, row, partition), in three
-// phases:
+// rows, partitions), one block of ATTN_THREADS threads per (head, row, partition), or per
+// (2 to 4 heads of one kv head, row, partition) in paged_attention_grouped_bf16, in three
+// phases, each head's arithmetic the same either way:
 //  1. scores: a group of G threads takes one key, each thread one 16-byte piece (8 dims) of
 //     it, so a warp reads 32 / G keys at once; every group issues ATTN_UNROLL keys' loads
 //     before reducing any, so many loads are in flight (one key at a time per warp left each
@@ -40,26 +41,43 @@ __device__ __forceinline__ void unpack8(const uint4 v, float* f) {
     f[6] = bf16_lo(v.w); f[7] = bf16_hi(v.w);
 }
 
-extern "C" __global__ void paged_attention_partial_bf16(
+// A block's shared memory for H heads. The kernels declare it, so the grouped kernel's three
+// variants share one.
+template <int H>
+struct Shared {
+    float scores[H][ATTN_MAX_KEYS];
+    float scratch[32];
+    float sums[ATTN_THREADS * 8];  // groups * head_dim <= ATTN_THREADS * 8
+};
+
+// One block's work: query heads h0..h0 + HPB of one listed row, all of one kv head, over one
+// partition of keys. Each key piece is loaded once for the HPB heads. H >= HPB.
+template <int HPB, int H>
+__device__ void partial_heads(
     const bf16* __restrict__ q, const bf16* __restrict__ k_cache, const bf16* __restrict__ v_cache,
     const int* __restrict__ row_list, const int* __restrict__ row_seq,
     const int* __restrict__ row_pos, const int* __restrict__ block_tables, int max_blocks,
     float* __restrict__ part_m, float* __restrict__ part_l, float* __restrict__ part_o,
     int num_heads, int num_kv_heads, int head_dim, int block_size, int partition_size,
-    float scale) {
-    const int head = blockIdx.x, row = row_list[blockIdx.y], part = blockIdx.z;
-    const size_t slot = ((size_t)blockIdx.y * num_heads + head) * gridDim.z + part;
-    const int kv_head = head / (num_heads / num_kv_heads);
+    float scale, Shared<H>& sh) {
+    const int h0 = blockIdx.x * HPB, row = row_list[blockIdx.y], part = blockIdx.z;
+    // Head h0 + h's partial is at slot0 + h * gridDim.z.
+    const size_t slot0 = ((size_t)blockIdx.y * num_heads + h0) * gridDim.z + part;
+    const int kv_head = h0 / (num_heads / num_kv_heads);
     const int pos = row_pos[row];
     const int* table = block_tables + (size_t)row_seq[row] * max_blocks;
     const int start = part * partition_size;
     const int n = min(start + partition_size, pos + 1) - start;  // keys in this partition
     if (n <= 0) {  // a partition past this row's position: nothing to add
-        if (threadIdx.x == 0) {
-            part_m[slot] = NEG_INF;
-            part_l[slot] = 0.f;
+#pragma unroll
+        for (int h = 0; h < HPB; ++h) {
+            const size_t slot = slot0 + (size_t)h * gridDim.z;
+            if (threadIdx.x == 0) {
+                part_m[slot] = NEG_INF;
+                part_l[slot] = 0.f;
+            }
+            for (int d = threadIdx.x; d < head_dim; d += blockDim.x) part_o[slot * head_dim + d] = 0.f;
         }
-        for (int d = threadIdx.x; d < head_dim; d += blockDim.x) part_o[slot * head_dim + d] = 0.f;
         return;
     }
     const int chunks = head_dim >> 3;
@@ -70,20 +88,22 @@ extern "C" __global__ void paged_attention_partial_bf16(
     const size_t kv_row = (size_t)num_kv_heads * head_dim;
     const size_t head_off = (size_t)kv_head * head_dim + (size_t)lane_g * 8;
 
-    __shared__ float scores[ATTN_MAX_KEYS];
-    __shared__ float scratch[32];
-    __shared__ float sums[ATTN_THREADS * 8];  // groups * head_dim <= ATTN_THREADS * 8
+    float(*scores)[ATTN_MAX_KEYS] = sh.scores;
+    float *scratch = sh.scratch, *sums = sh.sums;
 
-    float qf[8];
-    if (has_chunk) {
-        unpack8(*reinterpret_cast<const uint4*>(q + ((size_t)row * num_heads + head) * head_dim
-                                                + (size_t)lane_g * 8),
-                qf);
+    float qf[HPB][8];
 #pragma unroll
-        for (int e = 0; e < 8; ++e) qf[e] *= scale;
-    } else {
+    for (int h = 0; h < HPB; ++h) {
+        if (has_chunk) {
+            unpack8(*reinterpret_cast<const uint4*>(
+                        q + ((size_t)row * num_heads + h0 + h) * head_dim + (size_t)lane_g * 8),
+                    qf[h]);
 #pragma unroll
-        for (int e = 0; e < 8; ++e) qf[e] = 0.f;
+            for (int e = 0; e < 8; ++e) qf[h][e] *= scale;
+        } else {
+#pragma unroll
+            for (int e = 0; e < 8; ++e) qf[h][e] = 0.f;
+        }
     }
 
     // 1. Scores. The loop bounds are the same for every thread, so every lane reaches the
@@ -105,32 +125,41 @@ extern "C" __global__ void paged_attention_partial_bf16(
         for (int u = 0; u < ATTN_UNROLL; ++u) {
             float kf[8];
             unpack8(kv[u], kf);
-            float s = 0.f;
-#pragma unroll
-            for (int e = 0; e < 8; ++e) s = fmaf(qf[e], kf[e], s);
-            for (int o = g >> 1; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
             const int i = i0 + u * groups + group;
-            if (i < n && lane_g == 0) scores[i] = s;
+#pragma unroll
+            for (int h = 0; h < HPB; ++h) {
+                float s = 0.f;
+#pragma unroll
+                for (int e = 0; e < 8; ++e) s = fmaf(qf[h][e], kf[e], s);
+                for (int o = g >> 1; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+                if (i < n && lane_g == 0) scores[h][i] = s;
+            }
         }
     }
     __syncthreads();
 
-    // 2. Maximum and sum of exponents; scores become unnormalised probabilities.
-    float mx = NEG_INF;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) mx = fmaxf(mx, scores[i]);
-    mx = block_max(mx, scratch);
-    float sum = 0.f;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) {
-        const float p = __expf(scores[i] - mx);
-        scores[i] = p;
-        sum += p;
+    // 2. Each head's maximum and sum of exponents; scores become unnormalised probabilities.
+    float mx[HPB], sum[HPB];
+#pragma unroll
+    for (int h = 0; h < HPB; ++h) {
+        float m = NEG_INF;
+        for (int i = threadIdx.x; i < n; i += blockDim.x) m = fmaxf(m, scores[h][i]);
+        mx[h] = block_max(m, scratch);
+        float l = 0.f;
+        for (int i = threadIdx.x; i < n; i += blockDim.x) {
+            const float p = __expf(scores[h][i] - mx[h]);
+            scores[h][i] = p;
+            l += p;
+        }
+        sum[h] = block_sum(l, scratch);  // its barriers also publish the probabilities
     }
-    sum = block_sum(sum, scratch);  // its barriers also publish the probabilities
 
     // 3. Weighted sum of V: each thread 8 dims of the keys of its group, then over groups.
-    float acc[8];
+    float acc[HPB][8];
 #pragma unroll
-    for (int e = 0; e < 8; ++e) acc[e] = 0.f;
+    for (int h = 0; h < HPB; ++h)
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[h][e] = 0.f;
     if (has_chunk) {
 #pragma unroll 4
         for (int i = group; i < n; i += groups) {
@@ -138,23 +167,68 @@ extern "C" __global__ void paged_attention_partial_bf16(
             const size_t base = ((size_t)table[j / block_size] * block_size + j % block_size) * kv_row;
             float vf[8];
             unpack8(*reinterpret_cast<const uint4*>(v_cache + base + head_off), vf);
-            const float p = scores[i];
 #pragma unroll
-            for (int e = 0; e < 8; ++e) acc[e] = fmaf(p, vf[e], acc[e]);
+            for (int h = 0; h < HPB; ++h) {
+                const float p = scores[h][i];
+#pragma unroll
+                for (int e = 0; e < 8; ++e) acc[h][e] = fmaf(p, vf[e], acc[h][e]);
+            }
         }
+    }
 #pragma unroll
-        for (int e = 0; e < 8; ++e) sums[group * head_dim + lane_g * 8 + e] = acc[e];
+    for (int h = 0; h < HPB; ++h) {
+        const size_t slot = slot0 + (size_t)h * gridDim.z;
+        if (has_chunk) {
+#pragma unroll
+            for (int e = 0; e < 8; ++e) sums[group * head_dim + lane_g * 8 + e] = acc[h][e];
+        }
+        __syncthreads();
+        for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+            float o = 0.f;
+            for (int gr = 0; gr < groups; ++gr) o += sums[gr * head_dim + d];
+            part_o[slot * head_dim + d] = o;
+        }
+        if (threadIdx.x == 0) {
+            part_m[slot] = mx[h];
+            part_l[slot] = sum[h];
+        }
+        __syncthreads();  // before the next head's sums overwrite these
     }
-    __syncthreads();
-    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
-        float o = 0.f;
-        for (int gr = 0; gr < groups; ++gr) o += sums[gr * head_dim + d];
-        part_o[slot * head_dim + d] = o;
-    }
-    if (threadIdx.x == 0) {
-        part_m[slot] = mx;
-        part_l[slot] = sum;
-    }
+}
+
+// One query head a block: grid (num_heads, listed rows, partitions).
+extern "C" __global__ void paged_attention_partial_bf16(
+    const bf16* __restrict__ q, const bf16* __restrict__ k_cache, const bf16* __restrict__ v_cache,
+    const int* __restrict__ row_list, const int* __restrict__ row_seq,
+    const int* __restrict__ row_pos, const int* __restrict__ block_tables, int max_blocks,
+    float* __restrict__ part_m, float* __restrict__ part_l, float* __restrict__ part_o,
+    int num_heads, int num_kv_heads, int head_dim, int block_size, int partition_size,
+    float scale) {
+    __shared__ Shared<1> sh;
+    partial_heads<1, 1>(q, k_cache, v_cache, row_list, row_seq, row_pos, block_tables,
+                        max_blocks, part_m, part_l, part_o, num_heads, num_kv_heads, head_dim,
+                        block_size, partition_size, scale, sh);
+}
+
+// `heads_per_block` (2, 3 or 4, dividing num_heads / num_kv_heads) query heads of one kv head
+// a block, so each K and V piece is read once for them: grid (num_heads / heads_per_block,
+// listed rows, partitions). The partials as paged_attention_partial_bf16's.
+extern "C" __global__ void paged_attention_grouped_bf16(
+    const bf16* __restrict__ q, const bf16* __restrict__ k_cache, const bf16* __restrict__ v_cache,
+    const int* __restrict__ row_list, const int* __restrict__ row_seq,
+    const int* __restrict__ row_pos, const int* __restrict__ block_tables, int max_blocks,
+    float* __restrict__ part_m, float* __restrict__ part_l, float* __restrict__ part_o,
+    int num_heads, int num_kv_heads, int head_dim, int block_size, int partition_size,
+    float scale, int heads_per_block) {
+    __shared__ Shared<4> sh;
+#define ATTN_GROUPED(HPB)                                                                \
+    partial_heads<HPB, 4>(q, k_cache, v_cache, row_list, row_seq, row_pos, block_tables,  \
+                          max_blocks, part_m, part_l, part_o, num_heads, num_kv_heads,    \
+                          head_dim, block_size, partition_size, scale, sh)
+    if (heads_per_block == 4) ATTN_GROUPED(4);
+    else if (heads_per_block == 3) ATTN_GROUPED(3);
+    else ATTN_GROUPED(2);
+#undef ATTN_GROUPED
 }
 
 // out[row, head] = sum_p e^(m_p - M) o_p / sum_p e^(m_p - M) l_p; grid (num_heads, listed

@@ -95,6 +95,12 @@ pub struct DecodeStep {
     /// GPU: why the CUDA graph replay could not be measured, if it could not.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cuda_graph_error: Option<String>,
+    /// GPU: one layer's attention over the batch on each paged kernel variant, or why it
+    /// could not be timed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attention_on_device: Option<crate::backend::cuda::decoder::cuda::DecodeAttentionTimes>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attention_on_device_error: Option<String>,
 }
 
 impl DecodeStep {
@@ -113,6 +119,8 @@ impl DecodeStep {
             cuda_graph_step_ms: None,
             cuda_graph_fraction_of_floor: None,
             cuda_graph_error: None,
+            attention_on_device: None,
+            attention_on_device_error: None,
         }
     }
 }

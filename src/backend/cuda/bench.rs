@@ -113,6 +113,8 @@ pub fn run(
         ops.start_profile();
         forward(&mut ops, &s, &weights, &inv_freq, &mut caches, &step_batch, &mut scratch)?;
         let by_op = ops.finish_profile()?;
+        // Both paged kernel variants on this batch's attention, one layer (not fatal either).
+        let attention = ops.time_decode_attention(&s, batch, context);
         let kv_bytes = batch * (context + 1) * s.layers * 2 * s.kv_dim() * 2;
         // Each row reads one embedding row, not the table.
         let bytes_read = bytes - embed_bytes + batch * s.hidden * 2 + kv_bytes;
@@ -122,6 +124,8 @@ pub fn run(
             cuda_graph_step_ms: graph.as_ref().ok().copied(),
             cuda_graph_fraction_of_floor: graph.as_ref().ok().map(|ms| floor / (ms / 1e3)),
             cuda_graph_error: graph.err().map(|e| e.to_string()),
+            attention_on_device_error: attention.as_ref().err().map(|e| e.to_string()),
+            attention_on_device: attention.ok(),
             ..DecodeStep::new(batch, step, bytes_read, bandwidth)
         });
         drop(caches);

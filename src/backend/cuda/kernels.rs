@@ -35,7 +35,11 @@ pub const KERNEL_FILES: &[KernelFile] = &[
     kernel_file!("activation.cu", ["silu_mul_bf16", "embedding_bf16"]),
     kernel_file!(
         "paged_attention.cu",
-        ["paged_attention_partial_bf16", "paged_attention_combine_bf16"]
+        [
+            "paged_attention_partial_bf16",
+            "paged_attention_grouped_bf16",
+            "paged_attention_combine_bf16"
+        ]
     ),
     kernel_file!("sampling.cu", ["argmax_logprob_f32", "sample_rows_f32"]),
     kernel_file!("cross_entropy.cu", ["cross_entropy_f32"]),

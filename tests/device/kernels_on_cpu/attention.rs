@@ -25,10 +25,19 @@ impl Bits {
     }
 }
 
-/// `paged_attention_partial_bf16` and `paged_attention_combine_bf16` over the rows `list`
-/// names, in partitions of `partition` keys, into `out`.
-fn paged(emu: &Emulated, c: &StepCase, x: &Bits, list: &[i32], partition: usize, out: &mut [u16]) {
+/// How the paged launch runs: `hpb` query heads a block (1: `paged_attention_partial_bf16`,
+/// more: `paged_attention_grouped_bf16`), partitions of `partition` keys.
+#[derive(Debug, Clone, Copy)]
+struct Paged {
+    hpb: usize,
+    partition: usize,
+}
+
+/// The paged kernels, then `paged_attention_combine_bf16`, over the rows `list` names, into
+/// `out`.
+fn paged(emu: &Emulated, c: &StepCase, x: &Bits, list: &[i32], how: Paged, out: &mut [u16]) {
     let (s, b) = (&c.shape, &c.batch);
+    let Paged { hpb, partition } = how;
     let parts = b.max_context.div_ceil(partition);
     let n = list.len();
     let mut pm = vec![0f32; n * s.heads * parts];
@@ -36,7 +45,8 @@ fn paged(emu: &Emulated, c: &StepCase, x: &Bits, list: &[i32], partition: usize,
     let mut po = vec![0f32; n * s.heads * parts * s.head_dim];
     let dims =
         [s.heads, s.kv_heads, s.head_dim, s.block_size, partition].map(|v| Arg::i32(v as i32));
-    // SAFETY: paged_attention_partial_bf16's parameters; the list names rows of the step
+    // SAFETY: paged_attention_partial_bf16's parameters (paged_attention_grouped_bf16's with
+    // heads_per_block, which divides the group); the list names rows of the step
     // (StepBatch), the partial buffers hold n * heads * parts entries; 128 threads =
     // ATTN_THREADS; every table entry is a block of the caches.
     unsafe {
@@ -46,12 +56,13 @@ fn paged(emu: &Emulated, c: &StepCase, x: &Bits, list: &[i32], partition: usize,
         args.push(Arg::ptr_mut(&mut po));
         args.extend(dims);
         args.push(Arg::f32(c.attn_shape().scale));
-        emu.launch(
-            "paged_attention_partial_bf16",
-            (s.heads as u32, n as u32, parts as u32),
-            128,
-            &args,
-        );
+        let kernel = if hpb == 1 {
+            "paged_attention_partial_bf16"
+        } else {
+            args.push(Arg::i32(hpb as i32));
+            "paged_attention_grouped_bf16"
+        };
+        emu.launch(kernel, ((s.heads / hpb) as u32, n as u32, parts as u32), 128, &args);
     }
     // SAFETY: paged_attention_combine_bf16's parameters, over the same rows.
     unsafe {
@@ -89,19 +100,27 @@ fn paged_attention_kernels_match_their_twin() {
     // tensor-core kernel, so the other rows' list starts past it), decodes short and long, a
     // prefill chunk, a whole prompt.
     let seqs = [(33usize, 3usize), (1, 0), (1, 16), (5, 35), (1, 149), (9, 0)];
-    let c = StepCase::random(&mut rng, (4, 2, 64), &seqs, 16, 0).expect("a case");
-    let (x, qd) = (Bits::of(&c), c.shape.q_dim());
-    let all_want = c.paged_twin();
-    let all: Vec<i32> = (0..c.batch.rows() as i32).collect();
-    assert_eq!(c.batch.paged_rows.len(), c.batch.rows() - 33, "the 33-row chunk is tiled");
-    for (which, list) in [("every row", &all), ("the rows tiles leave", &c.batch.paged_rows)] {
-        let want = only_rows(&all_want, list, qd);
-        // One partition, and several (split-K, then the combine).
-        for partition in [512usize, 64] {
-            let mut out = vec![0u16; c.q.len()];
-            paged(&emu, &c, &x, list, partition, &mut out);
-            let what = format!("paged attention over {which}, partitions of {partition}");
-            assert_close(&what, &from_bf16_bits(&out), &want, BF16_RTOL, BF16_ATOL);
+    // (heads, kv heads, head size) and the grouped kernel's heads a block: groups of 2 and 4
+    // whole, a group of 6 in halves.
+    for (heads, grouped) in [((4, 2, 64), 2), ((8, 2, 32), 4), ((6, 1, 64), 3)] {
+        let c = StepCase::random(&mut rng, heads, &seqs, 16, 0).expect("a case");
+        let (x, qd) = (Bits::of(&c), c.shape.q_dim());
+        let all_want = c.paged_twin();
+        let all: Vec<i32> = (0..c.batch.rows() as i32).collect();
+        assert_eq!(c.batch.paged_rows.len(), c.batch.rows() - 33, "the 33-row chunk is tiled");
+        for (which, list) in [("every row", &all), ("the rows tiles leave", &c.batch.paged_rows)] {
+            let want = only_rows(&all_want, list, qd);
+            // One head a block and grouped; one partition, and several (split-K, then the
+            // combine).
+            for hpb in [1, grouped] {
+                for partition in [512usize, 64] {
+                    let mut out = vec![0u16; c.q.len()];
+                    let how = Paged { hpb, partition };
+                    paged(&emu, &c, &x, list, how, &mut out);
+                    let what = format!("paged attention over {which}, {heads:?}, {how:?}");
+                    assert_close(&what, &from_bf16_bits(&out), &want, BF16_RTOL, BF16_ATOL);
+                }
+            }
         }
     }
 }
@@ -145,7 +164,8 @@ fn a_mixed_step_splits_between_the_kernels_as_the_twin_device_does() {
         let x = Bits::of(&c);
         let mut out = vec![0u16; c.q.len()];
         chunk(&tiled_emu, &c, &x, &mut out);
-        paged(&paged_emu, &c, &x, &c.batch.paged_rows, 64, &mut out);
+        let how = Paged { hpb: 1, partition: 64 };
+        paged(&paged_emu, &c, &x, &c.batch.paged_rows, how, &mut out);
         let what = format!("a mixed step's attention, heads {heads:?}");
         assert_close(&what, &from_bf16_bits(&out), &want, BF16_RTOL, BF16_ATOL);
     }

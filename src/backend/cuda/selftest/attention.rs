@@ -8,7 +8,7 @@ use rand::{Rng, SeedableRng};
 
 use super::{cfg, compare, n32, random_bf16, Check, Gpu, BF16_ATOL, BF16_RTOL};
 use crate::backend::cpu::paged_attention::{AttnSeq, AttnShape};
-use crate::backend::cuda::decoder::cuda::{CudaCache, CudaOps};
+use crate::backend::cuda::decoder::cuda::{heads_per_block, CudaCache, CudaOps};
 use crate::backend::cuda::decoder::host::{HostCache, HostOps};
 use crate::backend::cuda::decoder::{
     tiled_attention_head, DecoderOps, DecoderShape, SeqRows, StepBatch,
@@ -134,14 +134,15 @@ pub fn only_rows(want: &[f32], list: &[i32], row_len: usize) -> Vec<f32> {
     out
 }
 
-/// The paged kernels over every row, then over the rows a mixed step leaves them, at several
-/// partition sizes.
+/// The paged kernels over every row, then over the rows a mixed step leaves them, one query
+/// head a block and grouped, at several partition sizes.
 pub(super) fn check_attention(gpu: &mut Gpu, checks: &mut Vec<Check>) -> Result<(), CudaError> {
     let mut rng = StdRng::seed_from_u64(5);
     // (rows, first position): a whole prompt (which a mixed step leaves to the tensor-core
     // kernel, so the other rows' list starts past it), decodes short and long, a prefill chunk.
     let seqs = [(33usize, 0usize), (1, 0), (1, 16), (5, 35), (1, 1999)];
-    for heads in [(9usize, 3usize, 64usize), (32, 8, 128)] {
+    // (heads, kv heads, head size) and the grouped kernel's heads a block.
+    for (heads, grouped) in [((9usize, 3usize, 64usize), 3usize), ((32, 8, 128), 4)] {
         let c = StepCase::random(&mut rng, heads, &seqs, 16, 0)?;
         let (rows, qd, b) = (c.batch.rows(), c.shape.q_dim(), &c.batch);
         let all_want = c.paged_twin();
@@ -149,35 +150,45 @@ pub(super) fn check_attention(gpu: &mut Gpu, checks: &mut Vec<Check>) -> Result<
         let (dseq, dpos, dtab) =
             (gpu.up(&b.row_seq)?, gpu.up(&b.row_pos)?, gpu.up(&b.block_tables)?);
         let all: Vec<i32> = (0..rows as i32).collect();
+        let s = &c.shape;
+        let (mb, nh, nkv, hd, bsz) = (
+            b.max_blocks as i32,
+            s.heads as i32,
+            s.kv_heads as i32,
+            s.head_dim as i32,
+            s.block_size as i32,
+        );
         for (which, list) in [("every row", &all), ("rows the tiles leave", &b.paged_rows)] {
             let want = only_rows(&all_want, list, qd);
-            let dlist = gpu.up(list)?;
+            let (dlist, n) = (gpu.up(list)?, list.len());
             // Partitions of at most ATTN_MAX_KEYS (512) keys.
-            for partition in [64usize, 200, 512] {
+            for (hpb, partition) in
+                [1, grouped].into_iter().flat_map(|h| [64, 200, 512].map(|p| (h, p)))
+            {
                 let parts = b.max_context.div_ceil(partition);
-                let n = list.len();
-                let mut pm = gpu.zeros::<f32>(n * c.shape.heads * parts)?;
-                let mut pl = gpu.zeros::<f32>(n * c.shape.heads * parts)?;
-                let mut po = gpu.zeros::<f32>(n * c.shape.heads * parts * c.shape.head_dim)?;
+                let mut pm = gpu.zeros::<f32>(n * s.heads * parts)?;
+                let mut pl = gpu.zeros::<f32>(n * s.heads * parts)?;
+                let mut po = gpu.zeros::<f32>(n * s.heads * parts * s.head_dim)?;
                 let mut dout = gpu.zeros::<u16>(rows * qd)?;
-                let s = &c.shape;
-                let (mb, nh, nkv, hd, bsz) = (
-                    b.max_blocks as i32,
-                    s.heads as i32,
-                    s.kv_heads as i32,
-                    s.head_dim as i32,
-                    s.block_size as i32,
-                );
-                let (ps, np, scale) = (partition as i32, parts as i32, c.attn_shape().scale);
-                let f = gpu.func("paged_attention.cu", "paged_attention_partial_bf16")?;
+                let (ps, np, h) = (partition as i32, parts as i32, hpb as i32);
+                let scale = c.attn_shape().scale;
+                let name = if hpb == 1 {
+                    "paged_attention_partial_bf16"
+                } else {
+                    "paged_attention_grouped_bf16"
+                };
+                let f = gpu.func("paged_attention.cu", name)?;
                 let mut l = gpu.stream.launch_builder(&f);
                 l.arg(&dq).arg(&dk).arg(&dv).arg(&dlist).arg(&dseq).arg(&dpos).arg(&dtab);
                 l.arg(&mb).arg(&mut pm).arg(&mut pl).arg(&mut po).arg(&nh).arg(&nkv).arg(&hd);
                 l.arg(&bsz).arg(&ps).arg(&scale);
-                // SAFETY: argument list matches paged_attention_partial_bf16; the list names
-                // rows of the step, partial buffers hold n * heads * parts entries; 128
-                // threads = ATTN_THREADS.
-                unsafe { l.launch(cfg((n32(s.heads), n32(n), n32(parts)), 128)) }?;
+                if hpb > 1 {
+                    l.arg(&h);
+                }
+                // SAFETY: argument list matches the named kernel (heads_per_block divides the
+                // group); the list names rows of the step, partial buffers hold n * heads *
+                // parts entries; 128 threads = ATTN_THREADS.
+                unsafe { l.launch(cfg((n32(s.heads / hpb), n32(n), n32(parts)), 128)) }?;
                 let f = gpu.func("paged_attention.cu", "paged_attention_combine_bf16")?;
                 let mut l = gpu.stream.launch_builder(&f);
                 l.arg(&pm).arg(&pl).arg(&po).arg(&dlist).arg(&mut dout).arg(&nh).arg(&hd);
@@ -187,7 +198,7 @@ pub(super) fn check_attention(gpu: &mut Gpu, checks: &mut Vec<Check>) -> Result<
                 let got = gpu.down_bf16(&dout, want.len())?;
                 let shape = format!(
                     "{which} ({n} of {rows}), heads={nh}/{nkv} head_dim={hd} \
-                     seqs(rows,first position)={seqs:?} partitions={parts}"
+                     seqs(rows,first position)={seqs:?} partitions={parts}, heads a block: {hpb}"
                 );
                 compare(checks, "paged_attention_bf16", shape, &got, &want, BF16_RTOL, BF16_ATOL);
             }
@@ -243,9 +254,13 @@ pub(super) fn check_step_attention(
     let mut rng = StdRng::seed_from_u64(8);
     // (rows, first position): a decode, a training chunk of 45 late in its sample, a short
     // prompt, a first decode, a one-tile prompt, a long decode.
-    let seqs = [(1usize, 69usize), (45, 20), (5, 0), (1, 0), (32, 0), (1, 1999)];
-    for heads in [(4usize, 2usize, 64usize), (32, 8, 128), (4, 2, 96)] {
-        let c = StepCase::random(&mut rng, heads, &seqs, 16, 1)?;
+    let few = vec![(1usize, 69usize), (45, 20), (5, 0), (1, 0), (32, 0), (1, 1999)];
+    // A 128-row training chunk co-served with 20 decodes: enough rows for grouped heads.
+    let mut many: Vec<(usize, usize)> = (0..20).map(|i| (1, 7 * i + 3)).collect();
+    many.insert(5, (128, 256));
+    let cases = [(&few, (4usize, 2usize, 64usize)), (&few, (32, 8, 128)), (&few, (4, 2, 96))];
+    for (seqs, heads) in cases.into_iter().chain([(&many, (8, 2, 64)), (&many, (6, 2, 96))]) {
+        let c = StepCase::random(&mut rng, heads, seqs, 16, 1)?;
         let want = c.step_twin()?;
         let rope = vec![0f32; c.batch.rows() * c.shape.head_dim / 2];
         let st = ops.upload(&c.batch, &rope, &rope)?;
@@ -256,8 +271,11 @@ pub(super) fn check_step_attention(
         let got = ops.gpu.down_bf16(&out, want.len())?;
         let (nh, nkv, hd) = heads;
         let tiles = if tiled_attention_head(hd) { c.batch.tiles.len() / 4 } else { 0 };
+        let paged = if tiles > 0 { c.batch.paged_rows.len() } else { c.batch.rows() };
+        let hpb = heads_per_block(paged, &c.shape);
         let shape = format!(
-            "heads={nh}/{nkv} head_dim={hd} seqs(rows,first position)={seqs:?}, {tiles} tiles"
+            "heads={nh}/{nkv} head_dim={hd} seqs(rows,first position)={seqs:?}, {tiles} tiles, \
+             {paged} rows paged, heads a block: {hpb}"
         );
         compare(checks, "attention of a mixed step", shape, &got, &want, BF16_RTOL, BF16_ATOL);
     }

@@ -29,6 +29,20 @@ pub(super) struct PagedRows<'a> {
     context: usize,
 }
 
+/// Milliseconds of one layer's attention over a batch of decodes, median of five after two
+/// warm-ups, timed by events: one query head a block (`paged_attention_partial_bf16`), and
+/// (where the heads' group has a divisor of 2 to 4) that many heads of a kv head a block
+/// (`paged_attention_grouped_bf16`); and what the forward uses at this batch.
+#[derive(Debug, Clone, Serialize)]
+pub struct DecodeAttentionTimes {
+    pub batch: usize,
+    pub context: usize,
+    pub one_head_ms: f64,
+    pub grouped_heads_per_block: Option<usize>,
+    pub grouped_ms: Option<f64>,
+    pub used_heads_per_block: usize,
+}
+
 impl CudaStep {
     /// Every row of the step.
     pub(super) fn all(&self) -> PagedRows<'_> {
@@ -43,9 +57,30 @@ impl CudaStep {
     }
 }
 
+/// Rows from which the paged kernel takes several query heads of a kv head a block.
+const GROUPED_MIN_ROWS: usize = 16;
+
+/// Query heads a block of the paged kernel takes for `rows` listed rows: at batches of
+/// [`GROUPED_MIN_ROWS`] or more, where reading each K and V piece once for the heads that share
+/// it pays, the largest of 4, 3 and 2 that divides the heads' group
+/// (`paged_attention_grouped_bf16`); one otherwise (`paged_attention_partial_bf16`, which
+/// spreads a few rows' keys over more blocks).
+pub fn heads_per_block(rows: usize, s: &DecoderShape) -> usize {
+    match grouped_heads(s) {
+        Some(h) if rows >= GROUPED_MIN_ROWS => h,
+        _ => 1,
+    }
+}
+
+/// The largest of 4, 3 and 2 that divides the heads' group, if one does.
+fn grouped_heads(s: &DecoderShape) -> Option<usize> {
+    let group = s.heads / s.kv_heads.max(1);
+    [4, 3, 2].into_iter().find(|&h| group.is_multiple_of(h))
+}
+
 impl CudaOps {
-    /// `paged_attention_partial_bf16` then `paged_attention_combine_bf16` over `rows` of the
-    /// step, the partitions sized by [`super::partitions`]. The caller has checked the cache.
+    /// The paged kernels over `rows` of the step, [`heads_per_block`] query heads a block.
+    /// The caller has checked the cache.
     pub(super) fn paged_attention(
         &mut self,
         st: &CudaStep,
@@ -55,11 +90,33 @@ impl CudaOps {
         out: &mut CudaSlice<u16>,
         s: &DecoderShape,
     ) -> R {
+        let hpb = heads_per_block(rows.n, s);
+        self.paged_launch(st, rows, hpb, q, cache, out, s)
+    }
+
+    /// `paged_attention_partial_bf16` (`hpb` 1) or `paged_attention_grouped_bf16`, then
+    /// `paged_attention_combine_bf16`, the partitions sized by [`super::partitions`] for the
+    /// blocks a row has.
+    #[allow(clippy::too_many_arguments)]
+    fn paged_launch(
+        &mut self,
+        st: &CudaStep,
+        rows: PagedRows<'_>,
+        hpb: usize,
+        q: &CudaSlice<u16>,
+        cache: &CudaCache,
+        out: &mut CudaSlice<u16>,
+        s: &DecoderShape,
+    ) -> R {
         check_len(q.len().min(out.len()), st.rows * s.q_dim(), "attention")?;
         if rows.n == 0 || rows.list.len() < rows.n {
             return Err(CudaError::Shape(format!("paged attention over {} listed rows", rows.n)));
         }
-        let (parts, size) = self.partitions(rows.n, s.heads, rows.context);
+        let group = s.heads / s.kv_heads.max(1);
+        if !(1..=4).contains(&hpb) || !group.is_multiple_of(hpb) {
+            return Err(CudaError::Shape(format!("{hpb} of a group of {group} heads a block")));
+        }
+        let (parts, size) = self.partitions(rows.n, s.heads / hpb, rows.context);
         let n_ml = rows.n * s.heads * parts;
         let grow = self.part_ml.0.len() < n_ml || self.part_o.len() < n_ml * s.head_dim;
         if grow && self.capturing {
@@ -82,18 +139,24 @@ impl CudaOps {
             s.head_dim as i32,
             s.block_size as i32,
         );
-        let (ps, np) = (size as i32, parts as i32);
+        let (ps, np, h) = (size as i32, parts as i32, hpb as i32);
         let scale = 1.0 / (s.head_dim as f32).sqrt();
         let (pm, pl) = &mut self.part_ml;
-        let mut b = self.gpu.stream.launch_builder(&self.k.attn_partial);
+        let f = if hpb == 1 { &self.k.attn_partial } else { &self.k.attn_grouped };
+        let mut b = self.gpu.stream.launch_builder(f);
         b.arg(q).arg(&cache.k).arg(&cache.v).arg(rows.list).arg(&st.row_seq).arg(&st.row_pos);
         b.arg(&st.tables).arg(&mb).arg(&mut *pm).arg(&mut *pl).arg(&mut self.part_o);
         b.arg(&nh).arg(&nkv).arg(&hd).arg(&bs).arg(&ps).arg(&scale);
-        // SAFETY: argument list matches paged_attention_partial_bf16; the list names rows.n
-        // rows of the step (StepBatch), the partials hold rows.n * heads * parts entries, q
-        // and out the step's rows (checked above); DecoderShape checked head_dim and the head
-        // ratio.
-        unsafe { b.launch(cfg((n32(s.heads), n32(rows.n), n32(parts)), ATTN_THREADS)) }?;
+        if hpb > 1 {
+            b.arg(&h);
+        }
+        // SAFETY: argument list matches paged_attention_partial_bf16, or with heads_per_block
+        // paged_attention_grouped_bf16 (hpb 2 to 4 dividing the group, checked above); the
+        // list names rows.n rows of the step (StepBatch), the partials hold rows.n * heads *
+        // parts entries, q and out the step's rows (checked above); DecoderShape checked
+        // head_dim and the head ratio.
+        let grid = (n32(s.heads / hpb), n32(rows.n), n32(parts));
+        unsafe { b.launch(cfg(grid, ATTN_THREADS)) }?;
         let mut b = self.gpu.stream.launch_builder(&self.k.attn_combine);
         b.arg(&*pm).arg(&*pl).arg(&self.part_o).arg(rows.list).arg(out);
         b.arg(&nh).arg(&hd).arg(&np);
@@ -114,40 +177,135 @@ impl CudaOps {
             return Err(CudaError::Shape(format!("a chunk of {rows} rows in {context}")));
         }
         let blocks = context.div_ceil(s.block_size);
-        let cache = self.cache(s, blocks)?;
         let seq = SeqRows {
             tokens: vec![0; rows],
             start: context - rows,
             block_table: (0..blocks as u32).collect(),
             adapter: None,
         };
-        let batch = StepBatch::new(vec![seq], s.block_size)?;
-        let rope = vec![0f32; rows * s.head_dim / 2];
-        let st = self.upload(&batch, &rope, &rope)?;
-        let q = self.gpu.zeros::<u16>(rows * s.q_dim())?;
-        let mut out = self.gpu.zeros::<u16>(rows * s.q_dim())?;
-        let mut time = |ops: &mut Self, tiled: bool| -> Result<f64, CudaError> {
-            let mut ms = Vec::new();
-            for rep in 0..7 {
-                let ev = || ops.gpu.stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT));
-                let start = ev()?;
-                if tiled {
+        let t = Timed::new(self, s, vec![seq], blocks)?;
+        let tiled_ms = tiled_chunk(rows, s.head_dim)
+            .then(|| {
+                t.median_ms(self, |ops, out| {
                     let f = ops.k.attn_chunk.clone();
-                    attention_tiled::chunk(&ops.gpu, &f, &st, &q, &cache, &mut out, s)?;
-                } else {
-                    ops.paged_attention(&st, st.all(), &q, &cache, &mut out, s)?;
-                }
-                let end = ops.gpu.stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
-                if rep >= 2 {
-                    ms.push(f64::from(start.elapsed_ms(&end)?));
-                }
-            }
-            ms.sort_by(f64::total_cmp);
-            Ok(ms[ms.len() / 2])
-        };
-        let tiled = tiled_chunk(rows, s.head_dim);
-        let tiled_ms = tiled.then(|| time(self, true)).transpose()?;
-        let paged_ms = time(self, false)?;
+                    attention_tiled::chunk(&ops.gpu, &f, &t.st, &t.q, &t.cache, out, s)
+                })
+            })
+            .transpose()?;
+        let paged_ms = t.median_ms(self, |ops, out| {
+            ops.paged_attention(&t.st, t.st.all(), &t.q, &t.cache, out, s)
+        })?;
         Ok(ChunkAttentionTimes { rows, context, tiled_ms, paged_ms })
+    }
+
+    /// Times one layer's attention over `batch` decodes at position `context` both ways: one
+    /// query head a block, and the heads of a kv head together where the group allows.
+    pub fn time_decode_attention(
+        &mut self,
+        s: &DecoderShape,
+        batch: usize,
+        context: usize,
+    ) -> Result<DecodeAttentionTimes, CudaError> {
+        let per = (context + 1).div_ceil(s.block_size);
+        let seqs = (0..batch)
+            .map(|i| SeqRows {
+                tokens: vec![0],
+                start: context,
+                block_table: ((i * per) as u32..((i + 1) * per) as u32).collect(),
+                adapter: None,
+            })
+            .collect();
+        let t = Timed::new(self, s, seqs, batch * per)?;
+        let time = |ops: &mut Self, hpb: usize| {
+            t.median_ms(ops, |ops, out| {
+                ops.paged_launch(&t.st, t.st.all(), hpb, &t.q, &t.cache, out, s)
+            })
+        };
+        let one_head_ms = time(self, 1)?;
+        let grouped = grouped_heads(s);
+        let grouped_ms = grouped.map(|h| time(self, h)).transpose()?;
+        Ok(DecodeAttentionTimes {
+            batch,
+            context,
+            one_head_ms,
+            grouped_heads_per_block: grouped,
+            grouped_ms,
+            used_heads_per_block: heads_per_block(batch, s),
+        })
+    }
+}
+
+/// One layer's attention of a made-up step, to time (zeros for q and the cache: the kernels do
+/// the same work whatever the values).
+struct Timed {
+    st: CudaStep,
+    q: CudaSlice<u16>,
+    cache: CudaCache,
+}
+
+impl Timed {
+    fn new(
+        ops: &mut CudaOps,
+        s: &DecoderShape,
+        seqs: Vec<SeqRows>,
+        blocks: usize,
+    ) -> Result<Self, CudaError> {
+        let batch = StepBatch::new(seqs, s.block_size)?;
+        let rope = vec![0f32; batch.rows() * s.head_dim / 2];
+        let st = ops.upload(&batch, &rope, &rope)?;
+        let q = ops.gpu.zeros::<u16>(batch.rows() * s.q_dim())?;
+        Ok(Self { st, q, cache: ops.cache(s, blocks)? })
+    }
+
+    /// Median milliseconds of five runs of `f` after two warm-ups, timed by events on the
+    /// stream.
+    fn median_ms(
+        &self,
+        ops: &mut CudaOps,
+        mut f: impl FnMut(&mut CudaOps, &mut CudaSlice<u16>) -> R,
+    ) -> Result<f64, CudaError> {
+        let mut out = ops.gpu.zeros::<u16>(self.q.len())?;
+        let mut ms = Vec::new();
+        for rep in 0..7 {
+            let start = ops.gpu.stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+            f(ops, &mut out)?;
+            let end = ops.gpu.stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+            if rep >= 2 {
+                ms.push(f64::from(start.elapsed_ms(&end)?));
+            }
+        }
+        ms.sort_by(f64::total_cmp);
+        Ok(ms[ms.len() / 2])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::heads_per_block;
+    use crate::backend::cuda::decoder::DecoderShape;
+
+    #[test]
+    fn heads_share_a_block_at_large_batches_where_the_group_divides() {
+        let shape = |heads, kv_heads| DecoderShape {
+            vocab: 1,
+            hidden: 64,
+            inter: 64,
+            layers: 1,
+            heads,
+            kv_heads,
+            head_dim: 128,
+            eps: 1e-5,
+            block_size: 16,
+            qkv_bias: false,
+        };
+        // Llama-3-8B's group of 4: one head a block for a few rows, four from 16 rows.
+        assert_eq!(heads_per_block(1, &shape(32, 8)), 1);
+        assert_eq!(heads_per_block(15, &shape(32, 8)), 1);
+        assert_eq!(heads_per_block(16, &shape(32, 8)), 4);
+        // Groups of 8 in fours, 6 in threes, 3 and 2 whole; 5, 7 and no GQA one head a block.
+        let cases = [(64, 8, 4), (12, 2, 3), (9, 3, 3), (4, 2, 2), (40, 8, 1), (28, 4, 1)];
+        for (heads, kv, want) in cases.into_iter().chain([(32, 32, 1)]) {
+            assert_eq!(heads_per_block(64, &shape(heads, kv)), want, "{heads}/{kv}");
+        }
     }
 }

@@ -12,7 +12,7 @@ use crate::backend::cuda::CudaError;
 
 mod attention_paged;
 mod attention_tiled;
-pub use attention_paged::ChunkAttentionTimes;
+pub use attention_paged::{heads_per_block, ChunkAttentionTimes, DecodeAttentionTimes};
 pub use attention_tiled::AttentionBackwardTimes;
 mod lora_launch;
 mod train;
@@ -29,6 +29,7 @@ struct Kernels {
     add_rms_norm: CudaFunction,
     rope_kv_write: CudaFunction,
     attn_partial: CudaFunction,
+    attn_grouped: CudaFunction,
     attn_combine: CudaFunction,
     attn_chunk: CudaFunction,
     silu_mul: CudaFunction,
@@ -124,6 +125,7 @@ impl CudaOps {
             add_rms_norm: gpu.func("norm.cu", "add_rms_norm_bf16")?,
             rope_kv_write: gpu.func("rope_kv.cu", "rope_kv_write_bf16")?,
             attn_partial: gpu.func("paged_attention.cu", "paged_attention_partial_bf16")?,
+            attn_grouped: gpu.func("paged_attention.cu", "paged_attention_grouped_bf16")?,
             attn_combine: gpu.func("paged_attention.cu", "paged_attention_combine_bf16")?,
             attn_chunk: gpu.func("attention_tiled.cu", "attention_chunk_tiled")?,
             silu_mul: gpu.func("activation.cu", "silu_mul_bf16")?,
