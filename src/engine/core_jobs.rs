@@ -128,7 +128,7 @@ impl EngineCore {
         if let Compute::Device { model, config, .. } = &mut self.compute {
             let Some(j) = self.jobs.get_mut(job) else { return none };
             let ran = j.run_on_device(model.as_mut(), work, config.num_layers, fused);
-            let ((tokens, bwd_layer_tokens), done) = match ran {
+            let (ran, done) = match ran {
                 Ok(r) => (r, j.finished),
                 Err(e) => {
                     self.fail_job(job, e);
@@ -141,7 +141,7 @@ impl EngineCore {
             if done {
                 self.remove_finished(job);
             }
-            return IterationWork { tokens, bwd_layer_tokens, loss_rows: 0 };
+            return ran;
         }
         let Compute::Host { model, kv } = &self.compute else { return none };
         let Some(bw) = self.backward_weights.as_ref() else { return none };

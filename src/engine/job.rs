@@ -296,11 +296,10 @@ impl ActiveJob {
         ran
     }
 
-    /// Rows of the loss the sample in flight still needs (on a device the loss runs with the
-    /// last forward chunk, so none).
+    /// Rows of the loss the sample in flight still needs.
     pub fn loss_remaining(&self) -> usize {
         match &self.device_sample {
-            Some(_) => 0,
+            Some(d) => d.loss_remaining(),
             None => self.current.as_ref().map_or(0, TrainingSample::loss_remaining),
         }
     }

@@ -2,22 +2,27 @@
 //! and AdamW state and the sample's activations (`decoder::device_jobs`); the job keeps the
 //! sample's KV blocks (freed when it drops), its progress and all the bookkeeping of `job.rs`.
 //! Each sample forwards inside the engine's iterations (among the serving rows where the device
-//! takes it, else alone), then its loss runs, then its backward a few layers per iteration, as
-//! `plan_training` sizes them.
+//! takes it, else alone), then its loss runs a share of rows per iteration, then its backward a
+//! few layers per iteration, as `plan_training` sizes them.
 
 use std::time::Instant;
 
+use super::cost_model::IterationWork;
 use super::hybrid::TrainWork;
 use super::job::{ActiveJob, MAX_GRAD_NORM};
 use crate::backend::cuda::decoder::runner::DeviceModel;
 use crate::backend::cuda::decoder::train::TrainSample;
 use crate::kv::{BlockAllocator, BlockTable};
+use crate::model::loss::LossStats;
 
 /// A sample in flight on the device.
 pub struct DeviceSample {
     _blocks: BlockTable,
     len: usize,
     forwarded: usize,
+    /// Rows of the loss scored, and their stats.
+    loss_done: usize,
+    loss: LossStats,
     /// Set once the loss has run: layers of backward left.
     backward_left: Option<usize>,
 }
@@ -25,6 +30,14 @@ pub struct DeviceSample {
 impl DeviceSample {
     pub fn forward_remaining(&self) -> usize {
         self.len - self.forwarded
+    }
+
+    /// Rows of the loss left, once the forward is complete.
+    pub fn loss_remaining(&self) -> usize {
+        match self.backward_left {
+            None if self.forwarded == self.len => self.len - self.loss_done,
+            _ => 0,
+        }
     }
 
     pub fn backward_remaining(&self) -> usize {
@@ -67,8 +80,14 @@ impl ActiveJob {
         };
         dev.train_begin(key, sample).map_err(|e| e.to_string())?;
         self.step_started.get_or_insert_with(Instant::now);
-        self.device_sample =
-            Some(DeviceSample { _blocks: blocks, len, forwarded: 0, backward_left: None });
+        self.device_sample = Some(DeviceSample {
+            _blocks: blocks,
+            len,
+            forwarded: 0,
+            loss_done: 0,
+            loss: LossStats::default(),
+            backward_left: None,
+        });
         Ok(true)
     }
 
@@ -79,43 +98,57 @@ impl ActiveJob {
     }
 
     /// This iteration's training work on the device: `forward_tokens` more of the sample (the
-    /// `fused` of them the serving forward already ran, or all in a forward of their own), its
-    /// loss once its forward is complete, then up to `backward_layers` of its backward, and
-    /// the optimizer step when the batch is complete. Returns (forward tokens, backward
-    /// layer-tokens) run.
+    /// `fused` of them the serving forward already ran, or all in a forward of their own), or
+    /// `loss_rows` of its loss once its forward is complete, or up to `backward_layers` of its
+    /// backward, and the optimizer step when the batch is complete. Returns the work that ran
+    /// (`bwd_layer_tokens`: backward layers times the sample's tokens).
     pub fn run_on_device(
         &mut self,
         dev: &mut dyn DeviceModel,
         work: TrainWork,
         layers: usize,
         fused: usize,
-    ) -> Result<(usize, usize), String> {
-        let Some(key) = self.device_key else { return Ok((0, 0)) };
+    ) -> Result<IterationWork, String> {
+        let mut ran = IterationWork::default();
+        let Some(key) = self.device_key else { return Ok(ran) };
         let err = |e: crate::backend::cuda::CudaError| e.to_string();
         let scale = self.loss_scale();
-        let Some(ds) = self.device_sample.as_mut() else { return Ok((0, 0)) };
+        let Some(ds) = self.device_sample.as_mut() else { return Ok(ran) };
         let mut fwd = fused.min(ds.len - ds.forwarded);
         ds.forwarded += fwd;
         if fwd == 0 && work.forward_tokens > 0 && ds.forwarded < ds.len {
             fwd = dev.train_forward(key, work.forward_tokens).map_err(err)?;
             ds.forwarded += fwd;
         }
-        if ds.forwarded == ds.len && ds.backward_left.is_none() {
-            let len = ds.len;
-            let stats = dev.train_loss(key, scale.unwrap_or(0.0)).map_err(err)?;
-            // A validation sample is done with its loss (record_loss drops it).
-            ds.backward_left = Some(if scale.is_some() { layers } else { 0 });
-            self.record_loss(len, stats);
-            return Ok((fwd, 0));
+        ran.tokens = fwd;
+        if fwd > 0 {
+            return Ok(ran);
         }
-        let Some(left) = ds.backward_left.filter(|&l| l > 0) else { return Ok((fwd, 0)) };
+        if ds.loss_remaining() > 0 {
+            if work.loss_rows == 0 {
+                return Ok(ran);
+            }
+            let (rows, stats) =
+                dev.train_loss(key, scale.unwrap_or(0.0), work.loss_rows).map_err(err)?;
+            ran.loss_rows = rows;
+            ds.loss_done += rows;
+            ds.loss.add(&stats);
+            if ds.loss_remaining() == 0 {
+                let (len, stats) = (ds.len, ds.loss);
+                // A validation sample is done with its loss (record_loss drops it).
+                ds.backward_left = Some(if scale.is_some() { layers } else { 0 });
+                self.record_loss(len, stats);
+            }
+            return Ok(ran);
+        }
+        let Some(left) = ds.backward_left.filter(|&l| l > 0) else { return Ok(ran) };
         if work.backward_layers == 0 {
-            return Ok((fwd, 0));
+            return Ok(ran);
         }
-        let ran = dev.train_backward(key, work.backward_layers.min(left)).map_err(err)?;
-        ds.backward_left = Some(left - ran);
-        let layer_tokens = ran * ds.len;
-        if left - ran == 0 && self.sample_done() {
+        let done = dev.train_backward(key, work.backward_layers.min(left)).map_err(err)?;
+        ds.backward_left = Some(left - done);
+        ran.bwd_layer_tokens = done * ds.len;
+        if left - done == 0 && self.sample_done() {
             let lr = self.next_lr();
             let grad_norm = dev.train_step(key, lr, MAX_GRAD_NORM).map_err(err)?;
             if self.next_step_checkpoints() {
@@ -123,7 +156,7 @@ impl ActiveJob {
             }
             self.after_step(lr, grad_norm);
         }
-        Ok((fwd, layer_tokens))
+        Ok(ran)
     }
 
     /// Copies the adapter and optimizer state from the device (before a checkpoint).

@@ -93,10 +93,11 @@ fn max_rel(a: &LoraWeights, b: &LoraWeights) -> f32 {
     err / scale
 }
 
-/// A device model that counts the sample tokens forwarded among serving rows and alone.
+/// A device model that counts the sample tokens forwarded among serving rows and alone, and
+/// the loss rows it scores and in how many calls.
 struct Counting {
     inner: Box<dyn DeviceModel>,
-    counts: Arc<Mutex<[usize; 2]>>,
+    counts: Arc<Mutex<[usize; 4]>>,
 }
 
 impl DeviceModel for Counting {
@@ -136,8 +137,18 @@ impl DeviceModel for Counting {
         self.counts.lock().unwrap()[1] += n;
         Ok(n)
     }
-    fn train_loss(&mut self, key: u64, grad_scale: f32) -> Result<LossStats, CudaError> {
-        self.inner.train_loss(key, grad_scale)
+    fn train_loss(
+        &mut self,
+        key: u64,
+        grad_scale: f32,
+        max_rows: usize,
+    ) -> Result<(usize, LossStats), CudaError> {
+        let (rows, stats) = self.inner.train_loss(key, grad_scale, max_rows)?;
+        assert!(rows <= max_rows, "{rows} loss rows for a budget of {max_rows}");
+        let mut c = self.counts.lock().unwrap();
+        c[2] += rows;
+        c[3] += 1;
+        Ok((rows, stats))
     }
     fn train_backward(&mut self, key: u64, max_layers: usize) -> Result<usize, CudaError> {
         self.inner.train_backward(key, max_layers)
@@ -155,9 +166,10 @@ impl DeviceModel for Counting {
 
 type R = Result<(), CudaError>;
 
-/// `backend` wrapped in [`Counting`]: (sample tokens forwarded among serving rows, alone).
-fn counting(backend: Backend) -> (Backend, Arc<Mutex<[usize; 2]>>) {
-    let counts = Arc::new(Mutex::new([0; 2]));
+/// `backend` wrapped in [`Counting`]: (sample tokens forwarded among serving rows, alone, loss
+/// rows, loss calls).
+fn counting(backend: Backend) -> (Backend, Arc<Mutex<[usize; 4]>>) {
+    let counts = Arc::new(Mutex::new([0; 4]));
     let c = counts.clone();
     let backend =
         wrap_device(backend, move |inner| Box::new(Counting { inner, counts: c.clone() }));
@@ -185,8 +197,11 @@ fn same_job_on_both(dropout: f32) {
     let cpu = run_job(&path, Backend::Cpu, dropout);
     let (backend, counts) = counting(exact_twin_backend());
     let dev = run_job(&path, backend, dropout);
-    let [fused, alone] = *counts.lock().unwrap();
+    let [fused, alone, loss_rows, loss_calls] = *counts.lock().unwrap();
     assert!(fused > 0 && alone > 0, "sample tokens fused {fused}, alone {alone}");
+    // Every forwarded token is a loss row, scored at most 7 (the cap) per iteration.
+    assert_eq!(loss_rows, fused + alone);
+    assert!(loss_calls >= loss_rows.div_ceil(7), "{loss_rows} loss rows in {loss_calls} calls");
     assert_eq!(dev.steps.len(), 4, "6 examples, batch 4, 2 epochs");
     for (d, c) in dev.steps.iter().zip(&cpu.steps) {
         assert_eq!((d.step, d.tokens, d.trained_tokens), (c.step, c.tokens, c.trained_tokens));

@@ -10,7 +10,7 @@ use common::tiny_model::{write_hf_dir, TinyShape};
 use coserve::backend::cuda::decoder::from_model::from_llama;
 use coserve::backend::cuda::decoder::host::HostOps;
 use coserve::backend::cuda::decoder::train::{
-    backward_layers, finish_forward, forward_chunk, train_sample, TrainAdapter, TrainSample,
+    backward_layers, forward_chunk, loss_rows, train_sample, TrainAdapter, TrainSample,
     TrainScratch,
 };
 use coserve::backend::cuda::decoder::{
@@ -22,6 +22,7 @@ use coserve::lora::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use coserve::lora::{LoraConfig, LoraWeights, TargetModule};
 use coserve::model::llama::Llama;
 use coserve::model::loader::load_model;
+use coserve::model::loss::LossStats;
 use coserve::model::weights::WeightsDtype;
 
 /// The step's arithmetic with the twins' roundings off: as exact as the CPU path's own check
@@ -121,8 +122,15 @@ fn check(shape: TinyShape, config: LoraConfig) {
 }
 
 /// The sample forwarded `chunk` tokens at a time, each chunk alone or riding in a forward with
-/// a served sequence (prompt, then decodes, base model), then `bwd` layers of backward per call.
-fn token_level(su: &Setup, chunk: usize, bwd: usize, with_serving: bool) -> (f64, LoraWeights) {
+/// a served sequence (prompt, then decodes, base model), then its loss `loss` rows per call,
+/// then `bwd` layers of backward per call.
+fn token_level(
+    su: &Setup,
+    chunk: usize,
+    loss: usize,
+    bwd: usize,
+    serving: bool,
+) -> (f64, LoraWeights) {
     let h = from_llama(&su.model, 4).unwrap();
     let (s, w, f) = (&h.shape, &h.weights, &h.inv_freq);
     let mut ops = HostOps;
@@ -140,7 +148,7 @@ fn token_level(su: &Setup, chunk: usize, bwd: usize, with_serving: bool) -> (f64
         adapter: None,
     };
     while sc.forward_remaining() > 0 {
-        if !with_serving {
+        if !serving {
             forward_chunk(&mut ops, s, w, f, &mut caches, &ad, &mut sc, chunk).unwrap();
             continue;
         }
@@ -170,7 +178,13 @@ fn token_level(su: &Setup, chunk: usize, bwd: usize, with_serving: bool) -> (f64
         served.tokens = vec![(served.start * 5 % 50) as u32];
     }
     let count = su.trained.iter().skip(1).filter(|t| **t).count();
-    let stats = finish_forward(&mut ops, s, w, f, &mut sc, 1.0 / count as f32).unwrap();
+    let mut stats = LossStats::default();
+    while sc.loss_remaining() > 0 {
+        let left = sc.loss_remaining();
+        let (rows, got) = loss_rows(&mut ops, s, w, f, &mut sc, 1.0 / count as f32, loss).unwrap();
+        assert_eq!(rows, loss.min(left));
+        stats.add(&got);
+    }
     assert_eq!(stats.count, count);
     while !sc.is_done() {
         let ran = backward_layers(&mut ops, s, w, &mut caches, &mut ad, &mut sc, bwd).unwrap();
@@ -179,8 +193,8 @@ fn token_level(su: &Setup, chunk: usize, bwd: usize, with_serving: bool) -> (f64
     (stats.mean_loss(), ad.grads(&mut ops).unwrap())
 }
 
-/// Token-level: chunked forwards (alone or among served rows) and a backward spread over calls
-/// give the whole-sample gradients, exactly with the twins' roundings off, with and without
+/// Token-level: chunked forwards (alone or among served rows), a loss and a backward spread
+/// over calls give the whole-sample gradients, exactly with the twins' roundings off, with and without
 /// LoRA dropout (drawn for the sample's rows only, whatever rows share their forward).
 #[test]
 fn twin_token_level_training_matches_autograd() {
@@ -194,11 +208,14 @@ fn twin_token_level_training_matches_autograd() {
     for dropout in [0.0, 0.2] {
         let su = setup(shape, LoraConfig { r: 4, alpha: 8.0, dropout, ..LoraConfig::default() });
         let want = oracle(&su.shape, &su.adapter, &su.tokens, &su.trained, su.seed);
-        for (chunk, bwd, serving) in [(1, 1, false), (3, 2, true), (7, 1, true), (29, 2, false)] {
+        let cases =
+            [(1, 1, 1, false), (3, 5, 2, true), (7, usize::MAX, 1, true), (29, 4, 2, false)];
+        for (chunk, rows, bwd, serving) in cases {
             let what = format!(
-                "dropout {dropout}, chunks of {chunk}, {bwd} layers per call, serving rows: {serving}"
+                "dropout {dropout}, chunks of {chunk}, loss {rows} rows and {bwd} layers per call, \
+                 serving rows: {serving}"
             );
-            let (loss, grads) = without_rounding(|| token_level(&su, chunk, bwd, serving));
+            let (loss, grads) = without_rounding(|| token_level(&su, chunk, rows, bwd, serving));
             let rel = ((loss - want.loss) / want.loss).abs();
             assert!(rel < EXACT_TOL as f64, "{what}: loss {loss} vs {}", want.loss);
             let (err, at) = worst_relative(&grads, &want.grads);

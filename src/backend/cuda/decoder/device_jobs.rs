@@ -7,8 +7,7 @@
 use super::forward::{forward_rows_capturing, Capture};
 use super::runner::DeviceDecoder;
 use super::train::{
-    backward_layers, finish_forward, forward_chunk, TrainAdapter, TrainOps, TrainSample,
-    TrainScratch,
+    backward_layers, forward_chunk, loss_rows, TrainAdapter, TrainOps, TrainSample, TrainScratch,
 };
 use super::{RowsOut, SeqRows, Want};
 use crate::backend::cuda::CudaError;
@@ -122,11 +121,17 @@ impl<O: TrainOps> DeviceDecoder<O> {
         Ok((out, n))
     }
 
-    pub(super) fn job_loss(&mut self, key: u64, grad_scale: f32) -> Result<LossStats, CudaError> {
+    pub(super) fn job_loss(
+        &mut self,
+        key: u64,
+        grad_scale: f32,
+        max_rows: usize,
+    ) -> Result<(usize, LossStats), CudaError> {
         let job = self.jobs.get_mut(&key).ok_or_else(|| no_job(key))?;
         let sc =
             job.scratch.as_mut().ok_or_else(|| CudaError::Shape("no sample in flight".into()))?;
-        finish_forward(&mut self.ops, &self.shape, &self.weights, &self.inv_freq, sc, grad_scale)
+        let (s, w, f) = (&self.shape, &self.weights, &self.inv_freq);
+        loss_rows(&mut self.ops, s, w, f, sc, grad_scale, max_rows)
     }
 
     pub(super) fn job_backward(&mut self, key: u64, max_layers: usize) -> Result<usize, CudaError> {

@@ -82,9 +82,16 @@ pub trait DeviceModel {
         let _ = (key, max_tokens);
         Err(CudaError::Shape("this device model does not train".into()))
     }
-    /// After the last chunk: the sample's loss, its gradient scaled by `grad_scale`.
-    fn train_loss(&mut self, key: u64, grad_scale: f32) -> Result<LossStats, CudaError> {
-        let _ = (key, grad_scale);
+    /// After the last chunk: up to `max_rows` more rows of the sample's loss, its gradient
+    /// scaled by `grad_scale` (the same for every call of a sample); returns the rows scored
+    /// and their stats. The backward can start once every row has.
+    fn train_loss(
+        &mut self,
+        key: u64,
+        grad_scale: f32,
+        max_rows: usize,
+    ) -> Result<(usize, LossStats), CudaError> {
+        let _ = (key, grad_scale, max_rows);
         Err(CudaError::Shape("this device model does not train".into()))
     }
     /// Runs up to `max_layers` layers of the sample's backward; returns how many.
@@ -344,8 +351,13 @@ impl<O: TrainOps> DeviceModel for DeviceDecoder<O> {
         self.job_forward(key, max_tokens)
     }
 
-    fn train_loss(&mut self, key: u64, grad_scale: f32) -> Result<LossStats, CudaError> {
-        self.job_loss(key, grad_scale)
+    fn train_loss(
+        &mut self,
+        key: u64,
+        grad_scale: f32,
+        max_rows: usize,
+    ) -> Result<(usize, LossStats), CudaError> {
+        self.job_loss(key, grad_scale, max_rows)
     }
 
     fn train_backward(&mut self, key: u64, max_layers: usize) -> Result<usize, CudaError> {

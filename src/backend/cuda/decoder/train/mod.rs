@@ -10,8 +10,8 @@ mod step;
 
 pub use adapter::{GradPair, TrainAdapter, TrainPair};
 pub use step::{
-    backward_layers, finish_forward, forward_chunk, train_sample, SampleCapture, TrainSample,
-    TrainScratch, LOSS_ROWS,
+    backward_layers, finish_forward, forward_chunk, loss_rows, train_sample, SampleCapture,
+    TrainSample, TrainScratch, LOSS_ROWS,
 };
 
 use super::lora::{DropoutSite, LoraDims};

@@ -82,6 +82,8 @@ pub struct TrainScratch<O: TrainOps> {
     dropout_p: f32,
     sample: Option<TrainSample>,
     forwarded: usize,
+    /// Rows of the loss scored, once it has started.
+    loss_done: Option<usize>,
     /// Layers of backward left, once the loss has run.
     backward: Option<usize>,
     saved: Vec<SavedLayer<O>>,
@@ -135,6 +137,7 @@ impl<O: TrainOps> TrainScratch<O> {
             dropout_p: p,
             sample: None,
             forwarded: 0,
+            loss_done: None,
             backward: None,
             saved,
             h_final: ops.act(len * hid)?,
@@ -169,6 +172,7 @@ impl<O: TrainOps> TrainScratch<O> {
         }
         self.sample = Some(sample);
         self.forwarded = 0;
+        self.loss_done = None;
         self.backward = None;
         self.step = None;
         Ok(())
@@ -176,6 +180,17 @@ impl<O: TrainOps> TrainScratch<O> {
 
     pub fn forward_remaining(&self) -> usize {
         self.sample.as_ref().map_or(0, |s| s.len() - self.forwarded)
+    }
+
+    /// Rows of the loss left to score (0 until the forward is complete, and once the loss has
+    /// run).
+    pub fn loss_remaining(&self) -> usize {
+        match &self.sample {
+            Some(x) if self.forwarded == x.len() && self.backward.is_none() => {
+                x.len() - self.loss_done.unwrap_or(0)
+            }
+            _ => 0,
+        }
     }
 
     /// Layers of backward left (0 before the loss has run and after the backward).
@@ -321,19 +336,48 @@ pub fn finish_forward<O: TrainOps>(
     sc: &mut TrainScratch<O>,
     grad_scale: f32,
 ) -> Result<LossStats, CudaError> {
+    let (_, stats) = loss_rows(ops, s, w, inv_freq, sc, grad_scale, usize::MAX)?;
+    Ok(stats)
+}
+
+/// Scores up to `max_rows` more rows of the sample's loss (its forward complete), so an
+/// iteration can take a share of it as of the forward; returns the rows scored and their
+/// stats. The gradient w.r.t. the final residual stream accumulates over the calls; the one
+/// that scores the last row finishes it and readies the backward. Pieces break at multiples
+/// of `LOSS_ROWS`, so no row's logits depend on how the loss was split.
+pub fn loss_rows<O: TrainOps>(
+    ops: &mut O,
+    s: &DecoderShape,
+    w: &DecoderWeights<O::Weight>,
+    inv_freq: &[f32],
+    sc: &mut TrainScratch<O>,
+    grad_scale: f32,
+    max_rows: usize,
+) -> Result<(usize, LossStats), CudaError> {
+    let left = sc.loss_remaining();
     let sample = match &sc.sample {
-        Some(x) if sc.forwarded == x.len() && sc.backward.is_none() => x.clone(),
+        Some(x) if left > 0 => x.clone(),
         _ => return Err(CudaError::Shape("the loss of a sample not forwarded whole".into())),
     };
     let t = sample.len();
-    ops.rms_norm(&sc.h_final, &w.norm, &mut sc.h, t, s)?;
-    ops.zero(&mut sc.dx, t * s.hidden)?;
-    ops.zero(&mut sc.dh, t * s.hidden)?;
+    let first = match sc.loss_done {
+        Some(done) => done,
+        None => {
+            ops.rms_norm(&sc.h_final, &w.norm, &mut sc.h, t, s)?;
+            ops.zero(&mut sc.dx, t * s.hidden)?;
+            ops.zero(&mut sc.dh, t * s.hidden)?;
+            0
+        }
+    };
+    let end = first + max_rows.min(left);
     let mut stats = LossStats::default();
     let chunk = LOSS_ROWS.min(sc.len.max(1));
-    for r0 in (0..t).step_by(chunk) {
-        let r1 = (r0 + chunk).min(t);
+    let mut r0 = first;
+    while r0 < end {
+        let r1 = ((r0 / chunk + 1) * chunk).min(end);
         let want = &sample.targets[r0..r1];
+        let rows = r0..r1;
+        r0 = r1;
         if want.iter().all(Option::is_none) {
             continue;
         }
@@ -342,7 +386,7 @@ pub fn finish_forward<O: TrainOps>(
         let scales: Vec<f32> =
             want.iter().map(|t| if t.is_some() { grad_scale } else { 0.0 }).collect();
         let (h, head, lg, dx) = (&sc.h, &w.lm_head, &mut sc.logits, &mut sc.dx);
-        let got = ops.loss_rows(h, head, r0..r1, &targets, &scales, lg, dx, s)?;
+        let got = ops.loss_rows(h, head, rows, &targets, &scales, lg, dx, s)?;
         for ((loss, id), target) in got.into_iter().zip(want) {
             if let Some(target) = target {
                 stats.loss_sum += f64::from(loss);
@@ -350,6 +394,10 @@ pub fn finish_forward<O: TrainOps>(
                 stats.count += 1;
             }
         }
+    }
+    sc.loss_done = Some(end);
+    if end < t {
+        return Ok((end - first, stats));
     }
     ops.rms_norm_backward(&sc.h_final, &w.norm, &sc.dx, &mut sc.dh, t, s)?;
     let rows = SeqRows {
@@ -362,7 +410,7 @@ pub fn finish_forward<O: TrainOps>(
     let (cos, sin) = rope_tables(inv_freq, &batch.positions);
     sc.step = Some(ops.upload(&batch, &cos, &sin)?);
     sc.backward = Some(w.layers.len());
-    Ok(stats)
+    Ok((end - first, stats))
 }
 
 /// Runs up to `max_layers` layers of the sample's backward, top down, adding LoRA gradients
