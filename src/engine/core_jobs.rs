@@ -128,6 +128,14 @@ impl EngineCore {
         if let Compute::Device { model, config, .. } = &mut self.compute {
             let Some(j) = self.jobs.get_mut(job) else { return none };
             let ran = j.run_on_device(model.as_mut(), work, config.num_layers, fused);
+            // Kernels run asynchronously: wait for this iteration's training work, so that the
+            // cost model books its time here and not in the next iteration's forward.
+            let ran = ran.and_then(|r| {
+                if r != none {
+                    model.check().map_err(|e| e.to_string())?;
+                }
+                Ok(r)
+            });
             let (ran, done) = match ran {
                 Ok(r) => (r, j.finished),
                 Err(e) => {
