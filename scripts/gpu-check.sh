@@ -92,11 +92,12 @@ PY
   # LoRA fine-tuning on the device, and the HF PEFT baseline of its target: Llama-3-8B shape,
   # sequence 1024, r=16, all linear projections, bf16. Then co-serving: a decode batch of 64
   # (context 1024) with the training sample's chunks in the same forwards, against the batch
-  # alone.
+  # alone; once with fixed work per iteration, once with the work sized as the engine sizes
+  # it (planner and cost model) to keep the step within 1.2x of the batch's alone.
   step bench-finetune "$OUT/bench-finetune.json" timeout 300 "$BIN" bench-finetune \
     --device cuda --dummy-weights llama-3-8b --seq-len 1024 --batch-size 1 --rank 16 \
     --alpha 32 --steps 5 --warmup-steps 2 --coserve-decode-batch 64 --context 1024 \
-    --train-tokens-per-iter 128 --bwd-layers-per-iter 4 --json
+    --train-tokens-per-iter 128 --bwd-layers-per-iter 4 --coserve-step-target 1.2 --json
 
   step hf-peft "$OUT/hf-peft.json" timeout 300 "$PYTHON" benches/hf_peft_finetune.py \
     --device cuda --dummy-shape llama-3-8b --seq-len 1024 --batch-size 1 \

@@ -95,6 +95,11 @@ pub struct BenchFinetuneArgs {
     /// Training samples timed while co-serving (after one untimed).
     #[arg(long, default_value_t = 2)]
     pub coserve_samples: usize,
+    /// Then co-serve again with each iteration's training sized as the engine sizes it (its
+    /// planner and cost model), aiming at this ratio of the decode batch's step alone (0:
+    /// skip). `--train-tokens-per-iter` and `--bwd-layers-per-iter` size the first run only.
+    #[arg(long, default_value_t = 1.2)]
+    pub coserve_step_target: f64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -117,6 +122,8 @@ pub enum BenchFinetuneError {
     JobFailed(String),
     #[error("the engine stopped before the job finished")]
     EngineGone,
+    #[error("--coserve-step-target {0} must be 0 (skip) or at least 1")]
+    StepTarget(f64),
     #[error("--dummy-weights are made on a GPU: add --device cuda")]
     DummyOnCpu,
     #[error(transparent)]
@@ -142,12 +149,11 @@ pub struct BenchFinetuneResult {
     pub final_loss: f64,
     pub peak_rss_mib: Option<f64>,
     pub activations: ActivationMemory,
-    /// On a GPU with `--coserve-decode-batch`: the co-serving measurement, and the share of
-    /// the standalone training throughput it keeps.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub coserve_on_device: Option<crate::backend::cuda::bench_coserve::CoserveOnDevice>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub coserve_kept_fraction: Option<f64>,
+    /// On a GPU with `--coserve-decode-batch`: the co-serving measurements (fixed work per
+    /// iteration, then sized to the step target), each with the share of the standalone
+    /// training throughput it keeps.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub coserve_on_device: Vec<Coserved>,
     /// On a GPU: one sample's attention backward (one layer's), tiled and direct kernels.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub attention_backward_on_device:
@@ -155,6 +161,14 @@ pub struct BenchFinetuneResult {
     /// On a GPU: one sample's forward attention (one layer's), tiled and paged kernels.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub chunk_attention_on_device: Option<crate::backend::cuda::decoder::cuda::ChunkAttentionTimes>,
+}
+
+/// One co-serving measurement and the share of standalone training throughput it keeps.
+#[derive(Debug, Serialize)]
+pub struct Coserved {
+    #[serde(flatten)]
+    pub measured: crate::backend::cuda::bench_coserve::CoserveOnDevice,
+    pub kept_fraction: f64,
 }
 
 /// Activation memory of one training sample, per token.
@@ -224,7 +238,11 @@ fn run_on_device(
     lora: &LoraConfig,
 ) -> Result<BenchFinetuneResult, BenchFinetuneError> {
     use crate::backend::cuda::bench::{GpuModel, BLOCK_SIZE};
-    use crate::backend::cuda::bench_coserve::CoserveSetup;
+    use crate::backend::cuda::bench_coserve::{CoserveSetup, Sizing};
+    let target = args.coserve_step_target;
+    if !(target == 0.0 || target >= 1.0) {
+        return Err(BenchFinetuneError::StepTarget(target));
+    }
     let home = coserve_home();
     let (source, config) = match args.dummy_weights {
         Some(d) => (GpuModel::Dummy(d), d.config()),
@@ -251,13 +269,18 @@ fn run_on_device(
         args.batch_size,
         args.steps,
         args.warmup_steps,
-        (args.coserve_decode_batch > 0).then_some(CoserveSetup {
+        (args.coserve_decode_batch > 0).then(|| CoserveSetup {
             decode_batch: args.coserve_decode_batch,
             context: args.context,
             seq_len: args.seq_len,
-            train_tokens_per_iter: args.train_tokens_per_iter.max(1),
-            bwd_layers_per_iter: args.bwd_layers_per_iter.max(1),
+            sizings: std::iter::once(Sizing::Fixed {
+                tokens: args.train_tokens_per_iter.max(1),
+                layers: args.bwd_layers_per_iter.max(1),
+            })
+            .chain((target > 0.0).then_some(Sizing::StepTarget { ratio: target }))
+            .collect(),
             samples: args.coserve_samples.max(1),
+            time_limit: std::time::Duration::from_secs(30),
         }),
     )?;
     let step = median(&run.step_seconds);
@@ -276,11 +299,14 @@ fn run_on_device(
         tokens_per_s,
         step_seconds_median: step,
         step_seconds: run.step_seconds,
-        coserve_kept_fraction: run
+        coserve_on_device: run
             .coserve
-            .as_ref()
-            .map(|c| c.coserved_train_tokens_per_s / tokens_per_s),
-        coserve_on_device: run.coserve,
+            .into_iter()
+            .map(|c| Coserved {
+                kept_fraction: c.coserved_train_tokens_per_s / tokens_per_s,
+                measured: c,
+            })
+            .collect(),
         attention_backward_on_device: Some(run.attention_backward),
         chunk_attention_on_device: Some(run.chunk_attention),
         final_loss: run.final_loss,
@@ -428,8 +454,7 @@ pub fn run(args: &BenchFinetuneArgs) -> Result<BenchFinetuneResult, BenchFinetun
         final_loss: steps.last().map_or(f64::NAN, |s| s.2),
         peak_rss_mib: crate::bench::peak_rss_mib(None),
         activations,
-        coserve_on_device: None,
-        coserve_kept_fraction: None,
+        coserve_on_device: Vec::new(),
         attention_backward_on_device: None,
         chunk_attention_on_device: None,
     })
@@ -494,20 +519,34 @@ impl BenchFinetuneResult {
             "activations:    {:.0} bytes/token saved vs {:.0} naive ({:.1}x less)",
             a.saved_bytes_per_token, a.naive_bytes_per_token, a.ratio
         );
-        if let (Some(c), Some(kept)) = (&self.coserve_on_device, self.coserve_kept_fraction) {
+        for Coserved { measured: c, kept_fraction } in &self.coserve_on_device {
+            let sized = match c.step_target_ratio {
+                Some(r) => format!("training sized to {r}x the step alone"),
+                None => format!(
+                    "{} training tokens and {} backward layers per iteration",
+                    c.train_tokens_per_iter, c.bwd_layers_per_iter
+                ),
+            };
             println!(
-                "co-serving:     decode batch {} at context {}, {} training tokens and {} \
-                 backward layers per iteration",
-                c.decode_batch, c.context, c.train_tokens_per_iter, c.bwd_layers_per_iter
+                "co-serving:     decode batch {} at context {}, {sized}",
+                c.decode_batch, c.context
             );
             println!(
-                "                step {:.2} ms vs {:.2} ms alone ({:.2}x), training {:.1} \
-                 tokens/s ({:.0}% of standalone)",
+                "                step {:.2} ms median, {:.2} mean, {:.2} p90 vs {:.2} ms alone \
+                 ({:.2}x, {:.2}x, {:.2}x)",
                 c.coserved_step_ms,
+                c.coserved_step_mean_ms,
+                c.coserved_step_p90_ms,
                 c.inference_only_step_ms,
                 c.step_ratio,
+                c.step_ratio_mean,
+                c.step_ratio_p90
+            );
+            println!(
+                "                training {:.1} tokens/s ({:.0}% of standalone) over {} samples",
                 c.coserved_train_tokens_per_s,
-                100.0 * kept
+                100.0 * kept_fraction,
+                c.samples
             );
         }
     }

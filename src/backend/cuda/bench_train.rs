@@ -29,7 +29,7 @@ pub struct GpuTrainRun {
     pub final_loss: f64,
     /// Bytes the forward saves per token (activations kept for the backward), on the device.
     pub saved_bytes_per_token: f64,
-    pub coserve: Option<CoserveOnDevice>,
+    pub coserve: Vec<CoserveOnDevice>,
     /// One sample's attention backward alone, per layer.
     pub attention_backward: AttentionBackwardTimes,
     /// One sample's forward attention alone (the whole sample as one chunk), per layer.
@@ -121,7 +121,7 @@ pub fn run(
     let attention_backward = ops.time_attention_backward(&s, seq_len)?;
     let chunk_attention = ops.time_chunk_attention(&s, seq_len, seq_len)?;
     let coserve = match coserve {
-        Some(setup) if batch_size == 1 => Some(super::bench_coserve::run(
+        Some(setup) if batch_size == 1 => super::bench_coserve::run(
             &mut ops,
             &s,
             &weights,
@@ -130,14 +130,14 @@ pub fn run(
             &mut sc,
             LR,
             MAX_GRAD_NORM,
-            setup,
-        )?),
+            &setup,
+        )?,
         Some(_) => {
             return Err(CudaError::Shape(
                 "the co-serving measurement trains one sample a step: --batch-size 1".into(),
             ))
         }
-        None => None,
+        None => Vec::new(),
     };
     Ok(GpuTrainRun {
         model: name,
