@@ -172,7 +172,11 @@ fn prompt_logprobs_come_from_every_row_of_the_device_forward() {
 }
 
 /// A served adapter of rank `r` on every projection, with weights that change the outputs.
-fn adapter(model: &coserve::model::config::LlamaConfig, r: usize, seed: u64) -> AdapterLease {
+pub(crate) fn adapter(
+    model: &coserve::model::config::LlamaConfig,
+    r: usize,
+    seed: u64,
+) -> AdapterLease {
     let config = LoraConfig { r, alpha: 2.0 * r as f32, ..LoraConfig::default() };
     let mut weights = LoraWeights::zeros(&config, model);
     for (i, p) in weights.pairs_mut().enumerate() {

@@ -8,7 +8,7 @@ use crate::common;
 use std::sync::{Arc, Mutex};
 
 use common::device::{exact_twin_backend, twin_backend, wrap_device};
-use common::engine::{generate, TestEngine};
+use common::engine::{collect, request, TestEngine};
 use common::finetune::{drain, examples, Run};
 use common::tiny_model::{write_gguf, TinyShape};
 use coserve::backend::cuda::decoder::runner::{AdapterRows, DeviceModel};
@@ -19,9 +19,11 @@ use coserve::engine::hybrid::{FinetuneMode, TrainingConfig};
 use coserve::engine::job::{JobEvent, ResumePoint, TrainHyper, TrainJobSpec};
 use coserve::engine::{Backend, EngineConfig, SamplingParams};
 use coserve::lora::optim::AdamW;
-use coserve::lora::{LoraConfig, LoraWeights};
+use coserve::lora::{AdapterLease, LoraConfig, LoraWeights};
 use coserve::model::llama::ForwardBatch;
+use coserve::model::loader::load_model;
 use coserve::model::loss::LossStats;
+use coserve::model::weights::WeightsDtype;
 
 /// Heads of 32 (the kernels' multiple) and bf16-valued weights (what a device holds).
 fn shape() -> TinyShape {
@@ -73,14 +75,33 @@ fn spec_with_dropout(
 }
 
 fn run_job(path: &std::path::Path, backend: Backend, dropout: f32) -> Run {
+    run_job_beside(path, backend, dropout, None).0
+}
+
+/// The request that runs beside a job, on `adapter` (`None`: the base model): its tokens.
+fn request_beside(e: &TestEngine, adapter: Option<&AdapterLease>) -> Vec<u32> {
+    let mut params = SamplingParams::greedy(20);
+    params.ignore_eos = true;
+    let mut req = request(vec![5, 6, 7, 8], params);
+    req.adapter = adapter.cloned();
+    let g = collect(e.handle.submit(req).expect("submit"));
+    assert_eq!(g.tokens.len(), 20);
+    g.tokens
+}
+
+/// A job with a request alongside (the job's samples share iterations with it): the job's
+/// run and the request's tokens.
+fn run_job_beside(
+    path: &std::path::Path,
+    backend: Backend,
+    dropout: f32,
+    adapter: Option<&AdapterLease>,
+) -> (Run, Vec<u32>) {
     let e = engine(path, backend);
     let (s, rx) = spec_with_dropout("ftjob-dev", None, dropout);
     e.handle.start_job(s).unwrap();
-    // Inference alongside: the job's samples share iterations with a request.
-    let params = SamplingParams { max_tokens: 20, ignore_eos: true, ..SamplingParams::default() };
-    let g = generate(&e.handle, vec![5, 6, 7, 8], params);
-    assert_eq!(g.tokens.len(), 20);
-    drain(&rx, None)
+    let tokens = request_beside(&e, adapter);
+    (drain(&rx, None), tokens)
 }
 
 fn max_rel(a: &LoraWeights, b: &LoraWeights) -> f32 {
@@ -202,6 +223,34 @@ fn same_job_on_both(dropout: f32) {
     // Every forwarded token is a loss row, scored at most 7 (the cap) per iteration.
     assert_eq!(loss_rows, fused + alone);
     assert!(loss_calls >= loss_rows.div_ceil(7), "{loss_rows} loss rows in {loss_calls} calls");
+    assert_same_job(&dev, &cpu);
+}
+
+/// With a request on a served adapter (rank 8, the job's is 4) beside the job, the job's chunks
+/// still ride in the serving forwards, its adapter in the slot after the served one's; the
+/// request gets the tokens it gets with no job running, and the job ends where the CPU job
+/// ends.
+#[test]
+fn a_job_coserves_beside_a_served_adapter() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_gguf(dir.path(), &shape());
+    let model = load_model(&path, WeightsDtype::F32).expect("tiny model").model;
+    let served = crate::engine::adapter(&model.config, 8, 3);
+    let no_job = request_beside(&engine(&path, exact_twin_backend()), Some(&served));
+    let base = request_beside(&engine(&path, exact_twin_backend()), None);
+    assert_ne!(no_job, base, "the adapter changes the tokens");
+    let (cpu, _) = run_job_beside(&path, Backend::Cpu, 0.0, Some(&served));
+    let (backend, counts) = counting(exact_twin_backend());
+    let (dev, tokens) = run_job_beside(&path, backend, 0.0, Some(&served));
+    assert_eq!(tokens, no_job, "the served adapter's tokens beside the job");
+    let [fused, ..] = *counts.lock().unwrap();
+    assert!(fused > 0, "no sample token rode with the served adapter's rows");
+    assert_same_job(&dev, &cpu);
+}
+
+/// The device job `dev` against the CPU job `cpu`: same steps and learning rates, losses,
+/// gradient norms, validation losses, checkpoints and final adapter up to summation order.
+fn assert_same_job(dev: &Run, cpu: &Run) {
     assert_eq!(dev.steps.len(), 4, "6 examples, batch 4, 2 epochs");
     for (d, c) in dev.steps.iter().zip(&cpu.steps) {
         assert_eq!((d.step, d.tokens, d.trained_tokens), (c.step, c.tokens, c.trained_tokens));
@@ -214,7 +263,7 @@ fn same_job_on_both(dropout: f32) {
         assert!((d - c).abs() <= 1e-4 * c, "validation {d} vs {c}");
     }
     assert_eq!(dev.checkpoints.len(), cpu.checkpoints.len());
-    let (d, c) = (dev.end.expect("device end"), cpu.end.expect("cpu end"));
+    let (d, c) = (dev.end.as_ref().expect("device end"), cpu.end.as_ref().expect("cpu end"));
     assert_eq!((d.step, d.optimizer.step), (c.step, c.optimizer.step));
     let err = max_rel(&d.adapter, &c.adapter);
     assert!(err < 1e-3, "final adapters differ by {err:e} of the largest weight");

@@ -1,19 +1,31 @@
 //! Fine-tuning jobs on a [`DeviceDecoder`]: per job, the adapter being trained with its
 //! gradients and AdamW state (`TrainAdapter`), and its sample in flight (`TrainScratch`, sized
 //! to the longest sample seen). A sample's chunks forward among the serving rows of an
-//! iteration when no served adapter is in it, else in forwards of their own; its K and V go to
-//! the engine's blocks of the device cache.
+//! iteration, or in forwards of their own; its K and V go to the engine's blocks of the device
+//! cache. With rows of served adapters in the forward, the job's adapter takes the slot after
+//! theirs in tables joined from both (`JoinedTables`).
 
 use super::forward::{forward_rows_capturing, Capture};
+use super::lora::LoraSet;
 use super::runner::DeviceDecoder;
 use super::train::{
     backward_layers, forward_chunk, loss_rows, TrainAdapter, TrainOps, TrainSample, TrainScratch,
 };
 use super::{RowsOut, SeqRows, Want};
+use crate::backend::cuda::gpu::n32;
 use crate::backend::cuda::CudaError;
 use crate::lora::optim::AdamW;
 use crate::lora::LoraWeights;
 use crate::model::loss::LossStats;
+
+/// The served adapters' tables with a job's adapter in the slot after them, as of the
+/// resident set and the job's optimizer step they were joined at.
+pub struct JoinedTables<T> {
+    job: u64,
+    step: u64,
+    served: usize,
+    set: LoraSet<T>,
+}
 
 pub struct DeviceJob<O: TrainOps> {
     adapter: TrainAdapter<O::Logits>,
@@ -31,7 +43,9 @@ impl<O: TrainOps> DeviceDecoder<O> {
         adapter: &LoraWeights,
         opt: &AdamW,
     ) -> Result<(), CudaError> {
-        // A job opened again (resumed) starts from the state given.
+        // A job opened again (resumed) starts from the state given; tables pointing into its
+        // old adapter go first.
+        self.drop_joined(key);
         self.jobs.remove(&key);
         let adapter = TrainAdapter::resume(&mut self.ops, &self.shape, adapter, opt)?;
         self.jobs.insert(key, DeviceJob { adapter, scratch: None });
@@ -69,9 +83,9 @@ impl<O: TrainOps> DeviceDecoder<O> {
     }
 
     /// The rows of `seqs` and the next chunk of job `key`'s sample (at most `max_tokens`) in one
-    /// forward through the job's adapter tables; returns what `want` asks of `logits_rows` (rows
-    /// of `seqs`) and the chunk's length. No row of `seqs` may have an adapter: the job's tables
-    /// are the only ones in this forward.
+    /// forward; returns what `want` asks of `logits_rows` (rows of `seqs`) and the chunk's
+    /// length. Rows of `seqs` with an adapter name its slot among the resident ones; the job's
+    /// adapter then takes the slot after them.
     pub(super) fn job_forward_with(
         &mut self,
         mut seqs: Vec<SeqRows>,
@@ -80,13 +94,12 @@ impl<O: TrainOps> DeviceDecoder<O> {
         key: u64,
         max_tokens: usize,
     ) -> Result<(RowsOut, usize), CudaError> {
-        if seqs.iter().any(|r| r.adapter.is_some()) {
-            return Err(CudaError::Shape("served adapters in a co-served forward".into()));
-        }
+        let served = seqs.iter().any(|r| r.adapter.is_some()).then_some(self.resident.len());
+        let slot = served.unwrap_or(0);
         let job = self.jobs.get(&key).ok_or_else(|| no_job(key))?;
         let sc =
             job.scratch.as_ref().ok_or_else(|| CudaError::Shape("no sample in flight".into()))?;
-        let Some(chunk) = sc.next_chunk(max_tokens, 0) else {
+        let Some(chunk) = sc.next_chunk(max_tokens, n32(slot)) else {
             let out = self.forward_seqs(seqs, logits_rows, want)?;
             return Ok((out, 0));
         };
@@ -97,11 +110,28 @@ impl<O: TrainOps> DeviceDecoder<O> {
         let job = self.jobs.get_mut(&key).ok_or_else(|| no_job(key))?;
         let sc =
             job.scratch.as_mut().ok_or_else(|| CudaError::Shape("no sample in flight".into()))?;
+        sc.prepare_tables(&mut self.ops, &job.adapter)?;
+        if let Some(served) = served {
+            let current = self.joined.as_ref().is_some_and(|j| {
+                (j.job, j.served) == (key, served) && Some(j.step) == sc.tables().map(|t| t.0)
+            });
+            if !current {
+                self.joined = None;
+                let Some((step, train)) = sc.tables() else {
+                    return Err(CudaError::Shape("the adapter's tables were not prepared".into()));
+                };
+                let parts = [(self.lora.as_ref(), served), (Some(train), 1)];
+                let set = LoraSet::join(&mut self.ops, &parts)?;
+                self.joined = Some(JoinedTables { job: key, step, served, set });
+            }
+        }
         let Some(fsc) = self.scratch.as_mut() else {
             return Err(CudaError::Shape("no scratch".into()));
         };
-        sc.prepare_tables(&mut self.ops, &job.adapter)?;
-        let (lora, mut cap) = sc.chunk_forward(&self.shape, first..first + n)?;
+        let (lora, mut cap) = match (served, self.joined.as_ref()) {
+            (Some(_), Some(j)) => (&j.set, sc.chunk_capture(&self.shape, first..first + n)?),
+            _ => sc.chunk_forward(&self.shape, first..first + n)?,
+        };
         let cap: &mut dyn Capture<O> = &mut cap;
         let (s, w, f, c) = (&self.shape, &self.weights, &self.inv_freq, &mut self.caches);
         let out = forward_rows_capturing(
@@ -153,6 +183,14 @@ impl<O: TrainOps> DeviceDecoder<O> {
     }
 
     pub(super) fn job_close(&mut self, key: u64) {
+        self.drop_joined(key);
         self.jobs.remove(&key);
+    }
+
+    /// Drops the joined tables if they point into job `key`'s adapter.
+    fn drop_joined(&mut self, key: u64) {
+        if self.joined.as_ref().is_some_and(|j| j.job == key) {
+            self.joined = None;
+        }
     }
 }

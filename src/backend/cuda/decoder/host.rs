@@ -28,6 +28,11 @@ fn put(out: &mut [f32], v: &[f32]) {
     out[..v.len()].copy_from_slice(v);
 }
 
+/// A slot without the projection: rank 0, so the kernels add nothing for it.
+fn no_adapter() -> twins::TwinAdapter {
+    twins::TwinAdapter { a: Vec::new(), b: Vec::new(), rank: 0, scale: 0.0 }
+}
+
 impl DecoderOps for HostOps {
     type Weight = Vec<f32>;
     type Act = Vec<f32>;
@@ -58,10 +63,29 @@ impl DecoderOps for HostOps {
                     rank: w.rank,
                     scale: w.scale,
                 },
-                // Rank 0: the kernels add nothing for it.
-                None => twins::TwinAdapter { a: Vec::new(), b: Vec::new(), rank: 0, scale: 0.0 },
+                None => no_adapter(),
             })
             .collect())
+    }
+
+    fn lora_table_join(
+        &mut self,
+        parts: &[(Option<&Vec<twins::TwinAdapter>>, usize)],
+    ) -> Result<Vec<twins::TwinAdapter>, CudaError> {
+        let mut out = Vec::new();
+        for &(table, slots) in parts {
+            match table {
+                Some(t) if t.len() == slots => out.extend(t.iter().cloned()),
+                Some(t) => {
+                    return Err(CudaError::Shape(format!(
+                        "a table of {} slots as {slots}",
+                        t.len()
+                    )))
+                }
+                None => out.extend((0..slots).map(|_| no_adapter())),
+            }
+        }
+        Ok(out)
     }
 
     fn lora(

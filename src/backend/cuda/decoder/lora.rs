@@ -118,6 +118,35 @@ impl<T> LoraSet<T> {
         Self { layers, max_rank }
     }
 
+    /// One set whose slots are those of `parts` in order, each a set and its slot count
+    /// (`None`: that many slots without an adapter), so rows of all of them share a forward.
+    /// It reads the parts' weights where they are: it must not outlive them.
+    pub fn join<O: DecoderOps<LoraTable = T>>(
+        ops: &mut O,
+        parts: &[(Option<&LoraSet<T>>, usize)],
+    ) -> Result<Self, CudaError> {
+        let layers = parts.iter().find_map(|(p, _)| p.map(|p| p.layers.len())).unwrap_or(0);
+        if parts.iter().any(|(p, _)| p.is_some_and(|p| p.layers.len() != layers)) {
+            return Err(CudaError::Shape("adapter sets of different depths joined".into()));
+        }
+        let max_rank = parts.iter().filter_map(|(p, _)| p.map(|p| p.max_rank)).max().unwrap_or(0);
+        let mut out = Vec::with_capacity(layers);
+        for l in 0..layers {
+            let mut tables: [Option<T>; 7] = Default::default();
+            for (i, table) in tables.iter_mut().enumerate() {
+                let of: Vec<(Option<&T>, usize)> = parts
+                    .iter()
+                    .map(|&(p, n)| (p.and_then(|p| p.layers[l][i].as_ref()), n))
+                    .collect();
+                if of.iter().any(|(t, _)| t.is_some()) {
+                    *table = Some(ops.lora_table_join(&of)?);
+                }
+            }
+            out.push(tables);
+        }
+        Ok(Self { layers: out, max_rank })
+    }
+
     /// The table of projection `m` of layer `l`, with where its update goes.
     pub fn table(&self, s: &DecoderShape, l: usize, m: TargetModule) -> Option<(&T, LoraDims)> {
         let t = self.layers.get(l)?[m.index()].as_ref()?;

@@ -339,6 +339,13 @@ pub trait DecoderOps {
         &mut self,
         slots: &[Option<lora::SlotWeights<'_>>],
     ) -> Result<Self::LoraTable, CudaError>;
+    /// One table whose slots are those of `parts` in order, each part a table and its slot
+    /// count (`None`: that many slots without the projection). It reads the parts' weights
+    /// where they are (on a device it points into them), so it must not outlive them.
+    fn lora_table_join(
+        &mut self,
+        parts: &[(Option<&Self::LoraTable>, usize)],
+    ) -> Result<Self::LoraTable, CudaError>;
     /// `y[t, col0..col0 + out] += scale · B (A x[t])` for each row with an adapter slot, rows of
     /// `y` `ld` apart.
     fn lora(

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::cuda::CudaOps;
-use super::device_jobs::DeviceJob;
+use super::device_jobs::{DeviceJob, JoinedTables};
 use super::lora::LoraSet;
 use super::train::{TrainOps, TrainSample};
 use super::{
@@ -132,8 +132,11 @@ pub struct DeviceDecoder<O: TrainOps> {
     pub(super) scratch: Option<Scratch<O>>,
     pub(super) num_blocks: usize,
     /// Adapters on the device in slot order, and their tables.
-    resident: Vec<AdapterLease>,
-    lora: Option<LoraSet<O::LoraTable>>,
+    pub(super) resident: Vec<AdapterLease>,
+    pub(super) lora: Option<LoraSet<O::LoraTable>>,
+    /// The tables of `resident` and of a job's adapter after them, for forwards with rows of
+    /// both (they point into both, so they go whenever either does).
+    pub(super) joined: Option<JoinedTables<O::LoraTable>>,
     /// Fine-tuning jobs' state on the device, by the engine's key.
     pub(super) jobs: HashMap<u64, DeviceJob<O>>,
 }
@@ -179,6 +182,7 @@ impl<O: TrainOps> DeviceDecoder<O> {
             resident: Vec::new(),
             jobs: HashMap::new(),
             lora: None,
+            joined: None,
         })
     }
 
@@ -234,6 +238,32 @@ impl<O: TrainOps> DeviceDecoder<O> {
         forward_rows(&mut self.ops, s, w, f, c, &batch, sc, logits_rows, want, lora)
     }
 
+    /// The engine's batch as the decoder's sequences (see [`step_rows`]), each with its
+    /// adapter's slot, placing the adapters on the device as needed.
+    fn rows_with_adapters(
+        &mut self,
+        batch: &ForwardBatch<'_>,
+        adapters: &[AdapterRows<'_>],
+    ) -> Result<(Vec<SeqRows>, Vec<u32>), CudaError> {
+        let (mut seqs, logits_rows) = step_rows(batch)?;
+        if adapters.is_empty() {
+            return Ok((seqs, logits_rows));
+        }
+        let leases: Vec<&AdapterLease> = adapters.iter().map(|a| a.adapter).collect();
+        let slots = self.place_adapters(&leases)?;
+        for (a, slot) in adapters.iter().zip(slots) {
+            let i = batch.seqs.iter().position(|s| (s.q_start..s.q_start + s.q_len) == a.rows);
+            let Some(i) = i else {
+                return Err(CudaError::Shape(format!(
+                    "adapter rows {:?} are no sequence's",
+                    a.rows
+                )));
+            };
+            seqs[i].adapter = Some(slot);
+        }
+        Ok((seqs, logits_rows))
+    }
+
     /// The slot of each of `needed` (distinct adapters), uploading them when one is not on
     /// the device yet. Adapters no one else holds any more (deleted, and no request left on
     /// them) are dropped then.
@@ -253,7 +283,8 @@ impl<O: TrainOps> DeviceDecoder<O> {
                     next.push(Arc::clone(r));
                 }
             }
-            // The old tables go first.
+            // The old tables go first, and the joined ones that point into them before.
+            self.joined = None;
             self.lora = None;
             self.resident = Vec::new();
             let weights: Vec<_> = next.iter().map(|a| &a.weights).collect();
@@ -295,21 +326,7 @@ impl<O: TrainOps> DeviceModel for DeviceDecoder<O> {
         adapters: &[AdapterRows<'_>],
         want: Want<'_>,
     ) -> Result<RowsOut, CudaError> {
-        let (mut seqs, logits_rows) = step_rows(batch)?;
-        if !adapters.is_empty() {
-            let leases: Vec<&AdapterLease> = adapters.iter().map(|a| a.adapter).collect();
-            let slots = self.place_adapters(&leases)?;
-            for (a, slot) in adapters.iter().zip(slots) {
-                let i = batch.seqs.iter().position(|s| (s.q_start..s.q_start + s.q_len) == a.rows);
-                let Some(i) = i else {
-                    return Err(CudaError::Shape(format!(
-                        "adapter rows {:?} are no sequence's",
-                        a.rows
-                    )));
-                };
-                seqs[i].adapter = Some(slot);
-            }
-        }
+        let (seqs, logits_rows) = self.rows_with_adapters(batch, adapters)?;
         self.forward_seqs(seqs, &logits_rows, want)
     }
 
@@ -320,11 +337,9 @@ impl<O: TrainOps> DeviceModel for DeviceDecoder<O> {
         want: Want<'_>,
         train: Option<(u64, usize)>,
     ) -> Result<(RowsOut, usize), CudaError> {
-        // Served adapters have tables of their own; one forward takes one set, so a batch with
-        // them keeps the sample out (it forwards on its own).
-        match train.filter(|&(_, n)| n > 0 && adapters.is_empty()) {
+        match train.filter(|&(_, n)| n > 0) {
             Some((key, max_tokens)) => {
-                let (seqs, logits_rows) = step_rows(batch)?;
+                let (seqs, logits_rows) = self.rows_with_adapters(batch, adapters)?;
                 self.job_forward_with(seqs, &logits_rows, want, key, max_tokens)
             }
             None => Ok((self.forward(batch, adapters, want)?, 0)),

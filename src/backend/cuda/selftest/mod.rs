@@ -4,6 +4,7 @@
 pub mod attention;
 pub mod backward;
 mod layers;
+mod lora_tables;
 mod model;
 mod products;
 pub mod sampling;
@@ -77,11 +78,12 @@ pub fn run(spec: DeviceSpec, home: &Path, only: &[String]) -> Result<Report, Cud
     match CudaOps::new(gpu) {
         Err(e) => record_failure(&mut checks, "decoder_ops", Err(e)),
         Ok(mut ops) => {
-            let suites: [(&str, OpsSuite); 7] = [
+            let suites: [(&str, OpsSuite); 8] = [
                 ("fill_uniform_bf16", model::check_fill),
                 ("gemm_bf16", model::check_gemm),
                 ("gemm products", products::check_products),
                 ("attention of a mixed step", attention::check_step_attention),
+                ("LoRA over joined tables", lora_tables::check_joined_tables),
                 ("decoder_end_to_end", model::check_decoder),
                 ("decoder_end_to_end (q/k/v biases)", model::check_decoder_with_biases),
                 ("training_step", train_step::check_training_step),

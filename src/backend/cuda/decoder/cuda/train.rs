@@ -7,7 +7,7 @@ use super::attention_tiled::{AttentionBackward, AttentionBackwardArgs, Attention
 use super::lora_launch::{dropout_grid, dropout_site_args, DROPOUT_THREADS};
 use super::{
     check_len, check_lora, launch_expand, launch_shrink, CudaCache, CudaLoraTable, CudaOps,
-    CudaStep, R,
+    CudaStep, LoraEntry, R,
 };
 use crate::backend::cuda::decoder::lora::{DropoutSite, LoraDims};
 use crate::backend::cuda::decoder::train::{GradPair, TrainOps};
@@ -186,14 +186,8 @@ impl TrainOps for CudaOps {
         let rank = i32::try_from(rank).map_err(|_| CudaError::Shape("a LoRA rank".into()))?;
         // The table points into the adapter's own buffers, which outlive every forward of
         // the step it is made for.
-        Ok(CudaLoraTable {
-            _weights: Vec::new(),
-            a_ptrs: g.up(&[addr(a, &g.stream, 0)])?,
-            b_ptrs: g.up(&[addr(b, &g.stream, 0)])?,
-            ranks: g.up(&[rank])?,
-            scales: g.up(&[scale])?,
-            slots: 1,
-        })
+        let entry = LoraEntry { a: addr(a, &g.stream, 0), b: addr(b, &g.stream, 0), rank, scale };
+        CudaLoraTable::new(g, vec![entry], Vec::new())
     }
 
     fn lora_shrink(

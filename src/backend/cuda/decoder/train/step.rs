@@ -224,6 +224,12 @@ impl<O: TrainOps> TrainScratch<O> {
         Ok(())
     }
 
+    /// The adapter's tables as of the last [`prepare_tables`](Self::prepare_tables), and the
+    /// optimizer step they were made at.
+    pub fn tables(&self) -> Option<(u64, &LoraSet<O::LoraTable>)> {
+        self.tables.as_ref().map(|(step, t)| (*step, t))
+    }
+
     /// The adapter's tables (as of the last [`prepare_tables`](Self::prepare_tables)) and a
     /// capture of the next chunk for a forward in which batch rows `rows` are that chunk.
     /// Call [`advance`](Self::advance) once the forward has run.
@@ -238,13 +244,20 @@ impl<O: TrainOps> TrainScratch<O> {
             .as_ref()
             .map(|t| &t.1)
             .ok_or_else(|| CudaError::Shape("the adapter's tables were not prepared".into()))?;
-        let left = sample.as_ref().map_or(0, |x| x.len() - *forwarded);
-        if rows.len() > left {
-            return Err(CudaError::Shape(format!("{} rows for {left} tokens left", rows.len())));
-        }
-        let first_pos = *forwarded;
-        let cap = SampleCapture { rows, first_pos, saved, h_final, s: s.clone(), dropout };
+        let cap = capture(s, rows, dropout, saved, h_final, *forwarded, sample.as_ref())?;
         Ok((tables, cap))
+    }
+
+    /// A capture of the next chunk for a forward in which batch rows `rows` are that chunk,
+    /// whose adapter tables come from elsewhere (this adapter's among others).
+    pub fn chunk_capture(
+        &mut self,
+        s: &DecoderShape,
+        rows: Range<usize>,
+    ) -> Result<SampleCapture<'_, O>, CudaError> {
+        let dropout = self.dropout();
+        let Self { saved, h_final, forwarded, sample, .. } = self;
+        capture(s, rows, dropout, saved, h_final, *forwarded, sample.as_ref())
     }
 
     /// The sample's LoRA dropout, if its adapter has any.
@@ -257,6 +270,23 @@ impl<O: TrainOps> TrainScratch<O> {
     pub fn advance(&mut self, n: usize) {
         self.forwarded = (self.forwarded + n).min(self.sample.as_ref().map_or(0, TrainSample::len));
     }
+}
+
+/// The capture of batch rows `rows`, the sample's next chunk from position `first_pos`.
+fn capture<'a, O: TrainOps>(
+    s: &DecoderShape,
+    rows: Range<usize>,
+    dropout: Option<SampleDropout>,
+    saved: &'a mut [SavedLayer<O>],
+    h_final: &'a mut O::Act,
+    first_pos: usize,
+    sample: Option<&TrainSample>,
+) -> Result<SampleCapture<'a, O>, CudaError> {
+    let left = sample.map_or(0, |x| x.len() - first_pos);
+    if rows.len() > left {
+        return Err(CudaError::Shape(format!("{} rows for {left} tokens left", rows.len())));
+    }
+    Ok(SampleCapture { rows, first_pos, saved, h_final, s: s.clone(), dropout })
 }
 
 /// Saves the activations of a chunk's rows of a forward into the sample's buffers.
