@@ -5,14 +5,15 @@
 //! AdamW step there. `HostOps` runs the same operations through the kernels' CPU twins.
 
 mod adapter;
+mod backward;
 mod host;
+mod loss;
 mod step;
 
 pub use adapter::{GradPair, TrainAdapter, TrainPair};
-pub use step::{
-    backward_layers, finish_forward, forward_chunk, loss_rows, train_sample, SampleCapture,
-    TrainSample, TrainScratch, LOSS_ROWS,
-};
+pub use backward::{backward_layers, train_sample};
+pub use loss::{finish_forward, loss_rows, LOSS_ROWS};
+pub use step::{forward_chunk, SampleCapture, TrainSample, TrainScratch};
 
 use super::lora::{DropoutSite, LoraDims};
 use super::{DecoderOps, DecoderShape};

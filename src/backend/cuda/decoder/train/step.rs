@@ -1,6 +1,7 @@
 //! One training sample's token-level life on a device, written once against [`TrainOps`]: its
-//! forward in chunks (alone, or as rows of a serving forward), then its loss, then its
-//! backward a few layers at a time, as the CPU engine's `TrainingSample` does.
+//! forward in chunks (alone, or as rows of a serving forward), then its loss (`loss.rs`), then
+//! its backward a few layers at a time (`backward.rs`), as the CPU engine's `TrainingSample`
+//! does.
 //!
 //! Graph pruning as on the CPU (`model::activations`): per layer the forward keeps the two
 //! RMSNorm inputs, the rotated queries, the attention output and the gate/up pre-activations;
@@ -9,21 +10,16 @@
 
 use std::ops::Range;
 
-use super::{TrainAdapter, TrainOps};
-use crate::backend::cuda::decoder::lora::{DropoutSite, LoraDims, LoraSet};
+use super::{TrainAdapter, TrainOps, LOSS_ROWS};
+use crate::backend::cuda::decoder::lora::LoraSet;
 use crate::backend::cuda::decoder::{
-    forward_rows_capturing, rope_tables, Capture, DecoderShape, DecoderWeights, SavePoint, Scratch,
-    SeqRows, StepBatch, Want,
+    forward_rows_capturing, Capture, DecoderShape, DecoderWeights, SavePoint, Scratch, SeqRows,
+    StepBatch, Want,
 };
 use crate::backend::cuda::CudaError;
 use crate::lora::dropout::SampleDropout;
-use crate::lora::TargetModule;
-use crate::model::loss::LossStats;
 
 type R = Result<(), CudaError>;
-
-/// Rows of logits the loss computes at once: bounds its buffer to `LOSS_ROWS x vocab` floats.
-pub const LOSS_ROWS: usize = 256;
 
 /// A sample: its tokens, the target each position predicts (`None`: no loss there), the
 /// cache blocks its keys and values go to, and the seed of its LoRA dropout masks (`None`: no
@@ -67,47 +63,47 @@ impl TrainSample {
 }
 
 /// What the forward keeps of one layer for the backward, `[len, width]` each.
-struct SavedLayer<O: TrainOps> {
-    h_in: O::Act,
-    h_mid: O::Act,
-    q: O::Act,
-    attn: O::Act,
-    gate_up: O::Act,
+pub(super) struct SavedLayer<O: TrainOps> {
+    pub(super) h_in: O::Act,
+    pub(super) h_mid: O::Act,
+    pub(super) q: O::Act,
+    pub(super) attn: O::Act,
+    pub(super) gate_up: O::Act,
 }
 
 /// One sample in flight (up to `len` tokens) with the buffers of its forward and backward.
 pub struct TrainScratch<O: TrainOps> {
     pub len: usize,
     /// The adapter's LoRA dropout probability (0: none).
-    dropout_p: f32,
-    sample: Option<TrainSample>,
-    forwarded: usize,
+    pub(super) dropout_p: f32,
+    pub(super) sample: Option<TrainSample>,
+    pub(super) forwarded: usize,
     /// Rows of the loss scored, once it has started.
-    loss_done: Option<usize>,
+    pub(super) loss_done: Option<usize>,
     /// Layers of backward left, once the loss has run.
-    backward: Option<usize>,
-    saved: Vec<SavedLayer<O>>,
-    h_final: O::Act,
+    pub(super) backward: Option<usize>,
+    pub(super) saved: Vec<SavedLayer<O>>,
+    pub(super) h_final: O::Act,
     /// A forward of the sample's chunks alone (no logits).
-    fwd: Scratch<O>,
-    h: O::Act,
-    act: O::Act,
-    k: O::Act,
-    v: O::Act,
-    u: O::Logits,
-    dh: O::Logits,
-    dx: O::Logits,
-    d_act: O::Logits,
-    d_gu: O::Logits,
-    d_attn: O::Logits,
-    d_qkv: O::Logits,
-    logits: O::Logits,
+    pub(super) fwd: Scratch<O>,
+    pub(super) h: O::Act,
+    pub(super) act: O::Act,
+    pub(super) k: O::Act,
+    pub(super) v: O::Act,
+    pub(super) u: O::Logits,
+    pub(super) dh: O::Logits,
+    pub(super) dx: O::Logits,
+    pub(super) d_act: O::Logits,
+    pub(super) d_gu: O::Logits,
+    pub(super) d_attn: O::Logits,
+    pub(super) d_qkv: O::Logits,
+    pub(super) logits: O::Logits,
     /// With dropout: a projection's dropped input and the gradient w.r.t. it, `[len, widest]`.
-    dropped: Option<(O::Act, O::Logits)>,
+    pub(super) dropped: Option<(O::Act, O::Logits)>,
     /// The sample's rows made ready, for the backward's K/V gather and RoPE.
-    step: Option<O::Step>,
+    pub(super) step: Option<O::Step>,
     /// The adapter's tables and the optimizer step they were made at.
-    tables: Option<(u64, LoraSet<O::LoraTable>)>,
+    pub(super) tables: Option<(u64, LoraSet<O::LoraTable>)>,
 }
 
 impl<O: TrainOps> TrainScratch<O> {
@@ -261,7 +257,7 @@ impl<O: TrainOps> TrainScratch<O> {
     }
 
     /// The sample's LoRA dropout, if its adapter has any.
-    fn dropout(&self) -> Option<SampleDropout> {
+    pub(super) fn dropout(&self) -> Option<SampleDropout> {
         let seed = self.sample.as_ref()?.dropout_seed?;
         (self.dropout_p > 0.0).then_some(SampleDropout { p: self.dropout_p, seed })
     }
@@ -353,228 +349,4 @@ pub fn forward_chunk<O: TrainOps>(
     forward_rows_capturing(ops, s, w, f, c, &batch, fwd, &[], Want::Logits, Some(lora), Some(cap))?;
     sc.advance(n);
     Ok(n)
-}
-
-/// After the last chunk: the loss over the sample's targets (each weighted by `grad_scale`
-/// in the gradient), computed `LOSS_ROWS` rows at a time, and its gradient w.r.t. the final
-/// residual stream, which starts the backward.
-pub fn finish_forward<O: TrainOps>(
-    ops: &mut O,
-    s: &DecoderShape,
-    w: &DecoderWeights<O::Weight>,
-    inv_freq: &[f32],
-    sc: &mut TrainScratch<O>,
-    grad_scale: f32,
-) -> Result<LossStats, CudaError> {
-    let (_, stats) = loss_rows(ops, s, w, inv_freq, sc, grad_scale, usize::MAX)?;
-    Ok(stats)
-}
-
-/// Scores up to `max_rows` more rows of the sample's loss (its forward complete), so an
-/// iteration can take a share of it as of the forward; returns the rows scored and their
-/// stats. The gradient w.r.t. the final residual stream accumulates over the calls; the one
-/// that scores the last row finishes it and readies the backward. Pieces break at multiples
-/// of `LOSS_ROWS`, so no row's logits depend on how the loss was split.
-pub fn loss_rows<O: TrainOps>(
-    ops: &mut O,
-    s: &DecoderShape,
-    w: &DecoderWeights<O::Weight>,
-    inv_freq: &[f32],
-    sc: &mut TrainScratch<O>,
-    grad_scale: f32,
-    max_rows: usize,
-) -> Result<(usize, LossStats), CudaError> {
-    let left = sc.loss_remaining();
-    let sample = match &sc.sample {
-        Some(x) if left > 0 => x.clone(),
-        _ => return Err(CudaError::Shape("the loss of a sample not forwarded whole".into())),
-    };
-    let t = sample.len();
-    let first = match sc.loss_done {
-        Some(done) => done,
-        None => {
-            ops.rms_norm(&sc.h_final, &w.norm, &mut sc.h, t, s)?;
-            ops.zero(&mut sc.dx, t * s.hidden)?;
-            ops.zero(&mut sc.dh, t * s.hidden)?;
-            0
-        }
-    };
-    let end = first + max_rows.min(left);
-    let mut stats = LossStats::default();
-    let chunk = LOSS_ROWS.min(sc.len.max(1));
-    let mut r0 = first;
-    while r0 < end {
-        let r1 = ((r0 / chunk + 1) * chunk).min(end);
-        let want = &sample.targets[r0..r1];
-        let rows = r0..r1;
-        r0 = r1;
-        if want.iter().all(Option::is_none) {
-            continue;
-        }
-        let targets: Vec<i32> =
-            want.iter().map(|t| t.and_then(|v| i32::try_from(v).ok()).unwrap_or(-1)).collect();
-        let scales: Vec<f32> =
-            want.iter().map(|t| if t.is_some() { grad_scale } else { 0.0 }).collect();
-        let (h, head, lg, dx) = (&sc.h, &w.lm_head, &mut sc.logits, &mut sc.dx);
-        let got = ops.loss_rows(h, head, rows, &targets, &scales, lg, dx, s)?;
-        for ((loss, id), target) in got.into_iter().zip(want) {
-            if let Some(target) = target {
-                stats.loss_sum += f64::from(loss);
-                stats.correct += usize::from(id == *target);
-                stats.count += 1;
-            }
-        }
-    }
-    sc.loss_done = Some(end);
-    if end < t {
-        return Ok((end - first, stats));
-    }
-    ops.rms_norm_backward(&sc.h_final, &w.norm, &sc.dx, &mut sc.dh, t, s)?;
-    let rows = SeqRows {
-        tokens: sample.tokens,
-        start: 0,
-        block_table: sample.block_table,
-        adapter: Some(0),
-    };
-    let batch = StepBatch::new(vec![rows], s.block_size)?;
-    let (cos, sin) = rope_tables(inv_freq, &batch.positions);
-    sc.step = Some(ops.upload(&batch, &cos, &sin)?);
-    sc.backward = Some(w.layers.len());
-    Ok((end - first, stats))
-}
-
-/// Runs up to `max_layers` layers of the sample's backward, top down, adding LoRA gradients
-/// to `adapter`'s; returns how many ran.
-#[allow(clippy::too_many_arguments)]
-pub fn backward_layers<O: TrainOps>(
-    ops: &mut O,
-    s: &DecoderShape,
-    w: &DecoderWeights<O::Weight>,
-    caches: &mut [O::Cache],
-    adapter: &mut TrainAdapter<O::Logits>,
-    sc: &mut TrainScratch<O>,
-    max_layers: usize,
-) -> Result<usize, CudaError> {
-    let left = sc.backward_remaining();
-    let n = max_layers.min(left);
-    if n == 0 {
-        return Ok(0);
-    }
-    sc.prepare_tables(ops, adapter)?;
-    for li in (left - n..left).rev() {
-        let cache = caches
-            .get_mut(li)
-            .ok_or_else(|| CudaError::Shape(format!("no cache for layer {li}")))?;
-        backward_layer(ops, s, w, cache, adapter, li, sc)?;
-        sc.backward = Some(li);
-    }
-    Ok(n)
-}
-
-/// Forward, loss and whole backward of one sample in forwards of its own.
-#[allow(clippy::too_many_arguments)]
-pub fn train_sample<O: TrainOps>(
-    ops: &mut O,
-    s: &DecoderShape,
-    w: &DecoderWeights<O::Weight>,
-    inv_freq: &[f32],
-    caches: &mut [O::Cache],
-    sample: &TrainSample,
-    adapter: &mut TrainAdapter<O::Logits>,
-    grad_scale: f32,
-    sc: &mut TrainScratch<O>,
-) -> Result<LossStats, CudaError> {
-    sc.begin(sample.clone())?;
-    forward_chunk(ops, s, w, inv_freq, caches, adapter, sc, sample.len())?;
-    let stats = finish_forward(ops, s, w, inv_freq, sc, grad_scale)?;
-    backward_layers(ops, s, w, caches, adapter, sc, w.layers.len())?;
-    Ok(stats)
-}
-
-/// Backward of layer `l`: `dh` holds the gradient w.r.t. the layer's output on entry and
-/// w.r.t. its input on return.
-fn backward_layer<O: TrainOps>(
-    ops: &mut O,
-    s: &DecoderShape,
-    w: &DecoderWeights<O::Weight>,
-    cache: &mut O::Cache,
-    adapter: &mut TrainAdapter<O::Logits>,
-    l: usize,
-    sc: &mut TrainScratch<O>,
-) -> R {
-    use TargetModule::*;
-    let dropout = sc.dropout();
-    let TrainScratch {
-        sample,
-        saved,
-        h,
-        act,
-        k,
-        v,
-        u,
-        dh,
-        dx,
-        d_act,
-        d_gu,
-        d_attn,
-        d_qkv,
-        step,
-        tables,
-        dropped,
-        ..
-    } = sc;
-    let (Some(sample), Some(step), Some((_, lora))) = (sample.as_ref(), step.as_ref(), tables)
-    else {
-        return Err(CudaError::Shape("a backward before its loss".into()));
-    };
-    let t = sample.len();
-    let (hid, qd, inter) = (s.hidden, s.q_dim(), s.inter);
-    let (lw, sv) = (&w.layers[l], &saved[l]);
-    let (scale, rank) = (adapter.scale, adapter.rank);
-    // One adapted projection: its low-rank activation recomputed from its input, then dA, dB
-    // and its part of dx.
-    let mut grad =
-        |ops: &mut O, m: TargetModule, x: &O::Act, dy: &O::Logits, dx: &mut O::Logits| {
-            let (Some(p), Some((table, d))) =
-                (adapter.layers[l][m.index()].as_mut(), lora.table(s, l, m))
-            else {
-                return Ok(());
-            };
-            debug_assert_eq!(d, LoraDims::of(s, m, rank));
-            let (Some(dropout), Some((xd, gx))) = (dropout, dropped.as_mut()) else {
-                ops.lora_shrink(step, x, table, u, d)?;
-                return ops.lora_backward(x, dy, u, p.grad(scale), d, dx, t);
-            };
-            // The input as the forward dropped it; the gradient through it dropped alike.
-            let site = DropoutSite { dropout, layer: l, module: m };
-            ops.lora_dropout(step, x, xd, 0..t, d.in_dim, site)?;
-            ops.lora_shrink(step, xd, table, u, d)?;
-            ops.zero(gx, t * d.in_dim)?;
-            ops.lora_backward(xd, dy, u, p.grad(scale), d, gx, t)?;
-            ops.lora_dropout_add(step, gx, dx, d.in_dim, site)
-        };
-
-    // MLP: out = mid + down(silu(g) ⊙ u), [g, u] = gate_up(norm(mid)).
-    ops.silu_mul(&sv.gate_up, act, t, inter)?;
-    ops.matmul_dx(dh, &lw.down, d_act, (t, hid, inter))?;
-    grad(ops, DownProj, act, dh, d_act)?;
-    ops.silu_mul_backward(&sv.gate_up, d_act, d_gu, t, inter)?;
-    ops.rms_norm(&sv.h_mid, &lw.mlp_norm, h, t, s)?;
-    ops.matmul_dx(d_gu, &lw.gate_up, dx, (t, 2 * inter, hid))?;
-    grad(ops, GateProj, h, d_gu, dx)?;
-    grad(ops, UpProj, h, d_gu, dx)?;
-    ops.rms_norm_backward(&sv.h_mid, &lw.mlp_norm, dx, dh, t, s)?;
-
-    // Attention: mid = in + o(attn(rope(q), rope(k), v)), [q, k, v] = qkv(norm(in)).
-    ops.matmul_dx(dh, &lw.o, d_attn, (t, hid, qd))?;
-    grad(ops, OProj, &sv.attn, dh, d_attn)?;
-    ops.gather_kv(step, cache, k, v, s)?;
-    ops.attention_backward(&sv.q, k, v, &sv.attn, d_attn, d_qkv, t, s)?;
-    ops.rope_backward(step, d_qkv, s)?;
-    ops.rms_norm(&sv.h_in, &lw.attn_norm, h, t, s)?;
-    ops.matmul_dx(d_qkv, &lw.qkv, dx, (t, s.qkv_rows(), hid))?;
-    for m in [QProj, KProj, VProj] {
-        grad(ops, m, h, d_qkv, dx)?;
-    }
-    ops.rms_norm_backward(&sv.h_in, &lw.attn_norm, dx, dh, t, s)
 }
