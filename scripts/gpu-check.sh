@@ -53,8 +53,10 @@ run)
       [ -d "$d" ] && ls -l "$d"/lib64/ "$d"/lib/ 2>/dev/null | grep -E "nvrtc|cublas"
     done
     true'
-  step kernels-check "$OUT/kernels-check.txt" "$BIN" kernels check --ptx-dir "$OUT/ptx"
-  step selftest "$OUT/selftest.txt" "$BIN" selftest --device cuda --json "$OUT/selftest.json"
+  # Every step has a time limit, so one that hangs leaves time for the others.
+  step kernels-check "$OUT/kernels-check.txt" timeout 240 "$BIN" kernels check --ptx-dir "$OUT/ptx"
+  step selftest "$OUT/selftest.txt" timeout 240 "$BIN" selftest --device cuda \
+    --json "$OUT/selftest.json"
 
   # `coserve serve --device cuda` over HTTP on small random models made with transformers (a
   # Llama, and a Qwen2 with q/k/v biases) and a PEFT adapter served next to the base model,
@@ -66,11 +68,11 @@ run)
 
   # Decode steps of Llama-3-8B-shaped random bf16 weights made on the device, context 1024,
   # next to the bandwidth floor (bytes of weights and K/V read / device-to-device copy rate).
-  step bench-decode "$OUT/bench-decode.json" "$BIN" bench-decode --device cuda \
+  step bench-decode "$OUT/bench-decode.json" timeout 240 "$BIN" bench-decode --device cuda \
     --dummy-weights llama-3-8b --batch 1,16,64,256 --context 1024 --steps 10 --json
 
   # Device-to-device copy bandwidth as PyTorch measures it, beside coserve's own measurement.
-  step bandwidth "$OUT/bandwidth.json" "$PYTHON" - <<'PY'
+  step bandwidth "$OUT/bandwidth.json" timeout 120 "$PYTHON" - <<'PY'
 import json, statistics, torch
 n = 1 << 30
 a = torch.empty(n, dtype=torch.uint8, device="cuda")
