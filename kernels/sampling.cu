@@ -394,3 +394,29 @@ extern "C" __global__ void sample_rows_f32(const float* __restrict__ logits, int
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Sampling penalties before the draw, as the host sampler applies them (vLLM's order): per row,
+// the tokens a penalty touches (its prompt's and outputs' for the repetition penalty, its
+// outputs' for the frequency and presence penalties), each listed once with its repetition
+// factor (1: none) and the amount the other two subtract after it (frequency x count +
+// presence, computed on the host so the arithmetic here is one division or product and one
+// subtraction, as there). Rows in CSR form: row r's entries are offsets[r] .. offsets[r + 1].
+// One block per row; tokens outside the vocabulary are skipped. CPU twin:
+// sampling::apply_penalties.
+extern "C" __global__ void apply_penalties_f32(float* __restrict__ logits, int vocab,
+                                               const unsigned int* __restrict__ offsets,
+                                               const unsigned int* __restrict__ tokens,
+                                               const float* __restrict__ repetition,
+                                               const float* __restrict__ subtract) {
+    float* x = logits + (size_t)blockIdx.x * vocab;
+    const unsigned int end = offsets[blockIdx.x + 1];
+    for (unsigned int e = offsets[blockIdx.x] + threadIdx.x; e < end; e += blockDim.x) {
+        const unsigned int t = tokens[e];
+        if (t >= (unsigned int)vocab) continue;
+        float l = x[t];
+        const float rep = repetition[e];
+        if (rep != 1.f) l = l > 0.f ? l / rep : l * rep;
+        x[t] = l - subtract[e];
+    }
+}

@@ -21,7 +21,7 @@ use super::training::ChunkInputs;
 use crate::backend::cpu::paged_attention::AttnSeq;
 use crate::backend::cuda::decoder::runner::AdapterRows;
 use crate::backend::cuda::decoder::{RowsOut, Want};
-use crate::backend::cuda::sampling::{RowSample, RowSampling};
+use crate::backend::cuda::sampling::{Penalties, RowSample, RowSampling};
 use crate::metrics::Metrics;
 use crate::model::backward::BackwardWeights;
 use crate::model::llama::ForwardBatch;
@@ -68,8 +68,8 @@ enum Picking {
     Host,
     /// The device, every row a plain argmax.
     Greedy,
-    /// The device, as each row's entry asks.
-    Device(Vec<RowSampling>),
+    /// The device, as each row's entry asks, after the rows' penalties.
+    Device(Vec<RowSampling>, Penalties),
 }
 
 /// The fine-tuning part of one iteration: which job and how much of its sample.
@@ -223,7 +223,7 @@ impl EngineCore {
         let want = match &picking {
             Picking::Host => Want::Logits,
             Picking::Greedy => Want::Greedy,
-            Picking::Device(rows) => Want::Sample(rows),
+            Picking::Device(rows, penalties) => Want::Sample(rows, penalties),
         };
         let (out, fused) = match self.forward(&chunks, &logits_per_chunk, train, want) {
             Ok(out) => out,
@@ -328,13 +328,17 @@ impl EngineCore {
             return Picking::Host;
         }
         let mut rows = Vec::with_capacity(sampled.len());
+        let mut penalties = Penalties::default();
         for id in sampled {
             match self.scheduler.running_mut(id) {
-                Some(s) => rows.push(s.sampler.device_row(&s.params)),
+                Some(s) => {
+                    rows.push(s.sampler.device_row(&s.params));
+                    penalties.push_row(s.sampler.device_penalties(&s.params));
+                }
                 None => return Picking::Host,
             }
         }
-        Picking::Device(rows)
+        Picking::Device(rows, penalties)
     }
 
     /// Logits rows each chunk needs: all its rows for prompt logprobs, else one if it samples.

@@ -234,16 +234,45 @@ pub fn is_plain_greedy(p: &SamplingParams) -> bool {
 }
 
 /// Whether the device sampler can pick this sequence's tokens: it knows temperature, top-k,
-/// top-p, min-p and up to [`MAX_TOP_LOGPROBS`] alternatives, not penalties or prompt logprobs.
+/// top-p, min-p, the penalties and up to [`MAX_TOP_LOGPROBS`] alternatives, not prompt
+/// logprobs, nor logprobs with a penalty (they are the raw logits', which a penalised row on
+/// the device no longer holds).
 pub fn samples_on_device(p: &SamplingParams) -> bool {
-    (p.repetition_penalty == 1.0 || p.repetition_penalty <= 0.0)
-        && p.frequency_penalty == 0.0
-        && p.presence_penalty == 0.0
-        && p.logprobs.unwrap_or(0) <= MAX_TOP_LOGPROBS
+    let penalised = (p.repetition_penalty != 1.0 && p.repetition_penalty > 0.0)
+        || p.frequency_penalty != 0.0
+        || p.presence_penalty != 0.0;
+    p.logprobs.unwrap_or(0) <= MAX_TOP_LOGPROBS
         && p.prompt_logprobs.is_none()
+        && !(penalised && p.logprobs.is_some())
 }
 
 impl SamplerState {
+    /// This step's penalties for the device (a row of `Penalties`): every token a penalty
+    /// touches, once, in id order, with its repetition factor (1: none) and what the frequency
+    /// and presence penalties subtract after it, which is what [`sample`] does to the row.
+    pub fn device_penalties(&self, p: &SamplingParams) -> Vec<(u32, f32, f32)> {
+        let rep = p.repetition_penalty;
+        let rep_on = rep != 1.0 && rep > 0.0;
+        let (freq, pres) = (p.frequency_penalty, p.presence_penalty);
+        let sub_on = freq != 0.0 || pres != 0.0;
+        let sub = |t: u32| match (sub_on, self.output_counts.get(&t)) {
+            (true, Some(&count)) => freq * count as f32 + pres,
+            _ => 0.0,
+        };
+        let mut out: Vec<(u32, f32, f32)> = Vec::new();
+        if rep_on {
+            out.extend(self.prompt_tokens.iter().map(|&t| (t, rep, sub(t))));
+        }
+        if rep_on || sub_on {
+            let outputs = self.output_counts.keys().copied();
+            let not_listed =
+                outputs.filter(|t| !rep_on || self.prompt_tokens.binary_search(t).is_err());
+            out.extend(not_listed.map(|t| (t, if rep_on { rep } else { 1.0 }, sub(t))));
+        }
+        out.sort_unstable_by_key(|e| e.0);
+        out
+    }
+
     /// This step's row for the device sampler (`samples_on_device` must hold). Draws the
     /// step's uniform number as [`sample`] would: once per step, and not when greedy.
     pub fn device_row(&mut self, p: &SamplingParams) -> RowSampling {

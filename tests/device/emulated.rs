@@ -88,12 +88,13 @@ fn the_selftest_passes_on_the_emulated_device() {
     let out = coserve_on(e, &root.path().join("cache"))
         // The kernels alone are checked at small shapes in tests/device/kernels_on_cpu/; here what runs
         // on them: the decoder, products, graph, training step, a mixed step's attention, joined
-        // LoRA tables, and the sampler's launch.
+        // LoRA tables, and the sampler's and penalties' launches.
         .args(["selftest", "--device", "cuda", "--json"])
         .arg(&json)
         .args([
             "--only",
-            "fill_uniform,gemm,decoder_end_to_end,training_step,sample_rows,mixed step,joined",
+            "fill_uniform,gemm,decoder_end_to_end,training_step,sample_rows,apply_penalties,\
+             mixed step,joined",
         ])
         .output()
         .expect("run coserve selftest");
@@ -119,6 +120,7 @@ fn the_selftest_passes_on_the_emulated_device() {
         "training_step (weights after AdamW)",
         "attention of a mixed step",
         "LoRA over joined tables",
+        "apply_penalties_f32",
     ] {
         assert!(checks.iter().any(|c| c["kernel"] == suite), "no {suite:?} check:\n{stdout}");
     }

@@ -290,7 +290,7 @@ impl DeviceModel for CountingDevice {
         let kind = match want {
             Want::Logits => 0,
             Want::Greedy => 1,
-            Want::Sample(_) => 2,
+            Want::Sample(..) => 2,
         };
         self.counts.lock().expect("counts")[kind] += 1;
         self.inner.forward(batch, adapters, want)
@@ -317,9 +317,15 @@ fn a_seeded_sequence_draws_the_same_tokens_on_the_device_and_on_the_host() {
     let (backend, counts) = counting_backend();
     let engine = TestEngine::start_on(&path, EngineConfig::default(), backend);
     let run = |seed: u64, change: &dyn Fn(&mut SamplingParams), penalised: bool| -> Vec<_> {
-        // A request with a presence penalty in the batch sends every row's logits to the host.
+        // A request with a presence penalty and logprobs in the batch sends every row's logits
+        // to the host.
         let other = penalised.then(|| {
-            let p = SamplingParams { presence_penalty: 0.5, max_tokens: 40, ..params() };
+            let p = SamplingParams {
+                presence_penalty: 0.5,
+                logprobs: Some(1),
+                max_tokens: 40,
+                ..params()
+            };
             engine.handle.submit(request(prompts()[0].clone(), p)).expect("submit")
         });
         let streams: Vec<_> = (0..prompts().len())
@@ -364,6 +370,52 @@ fn a_seeded_sequence_draws_the_same_tokens_on_the_device_and_on_the_host() {
     for other in [&reseeded, &greedy] {
         assert!(device.iter().zip(other).any(|(a, b)| a.tokens != b.tokens));
     }
+}
+
+/// Repetition, frequency and presence penalties apply on the device before its draw as the
+/// host applies them: penalised sequences, greedy and sampled, draw the same tokens whether
+/// their batch samples on the device or on the host, and the penalties change them.
+#[test]
+fn penalised_sequences_sample_on_the_device_as_on_the_host() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write_gguf(dir.path(), &shape());
+    let (backend, counts) = counting_backend();
+    let engine = TestEngine::start_on(&path, EngineConfig::default(), backend);
+    let penalise = |p: &mut SamplingParams| {
+        p.repetition_penalty = 1.5;
+        p.frequency_penalty = 0.7;
+        p.presence_penalty = 0.4;
+    };
+    // Prompt i: greedy when i is even, seeded sampling when odd.
+    let run = |penalised: bool, on_host: bool| -> Vec<Vec<u32>> {
+        // Prompt logprobs keep a row's logits, and so its whole batch's, on the host.
+        let other = on_host.then(|| {
+            let p = SamplingParams { prompt_logprobs: Some(0), max_tokens: 40, ..params() };
+            engine.handle.submit(request(prompts()[0].clone(), p)).expect("submit")
+        });
+        let streams: Vec<_> = (0..prompts().len())
+            .map(|i| {
+                let mut p = SamplingParams { logprobs: None, ..sampled(7 + i as u64, 0) };
+                if i % 2 == 0 {
+                    p.temperature = 0.0;
+                }
+                if penalised {
+                    penalise(&mut p);
+                }
+                engine.handle.submit(request(prompts()[i].clone(), p)).expect("submit")
+            })
+            .collect();
+        let out = streams.into_iter().map(|s| collect(s).tokens).collect();
+        other.map(collect);
+        out
+    };
+    let device = run(true, false);
+    let [logits, _, samples] = *counts.lock().expect("counts");
+    assert!(logits == 0 && samples > 0, "penalised rows on the device: {logits} logits forwards");
+    let host = run(true, true);
+    assert!(counts.lock().expect("counts")[0] > 0, "sampled on the host");
+    assert_eq!(device, host, "penalised tokens, device against host");
+    assert_ne!(device, run(false, false), "the penalties change the tokens");
 }
 
 /// A device that faults for good on its third forward, as a poisoned CUDA context does.

@@ -41,7 +41,7 @@ pub const KERNEL_FILES: &[KernelFile] = &[
             "paged_attention_combine_bf16"
         ]
     ),
-    kernel_file!("sampling.cu", ["argmax_logprob_f32", "sample_rows_f32"]),
+    kernel_file!("sampling.cu", ["argmax_logprob_f32", "sample_rows_f32", "apply_penalties_f32"]),
     kernel_file!("cross_entropy.cu", ["cross_entropy_f32"]),
     kernel_file!(
         "lora.cu",

@@ -51,6 +51,102 @@ impl RowSampling {
     }
 }
 
+/// The sampling penalties of a forward's sampled rows, applied to their logits before the
+/// draw (`apply_penalties_f32`): per row the tokens a penalty touches, each once, with its
+/// repetition factor (1: none) and what the frequency and presence penalties then subtract.
+/// No rows: no penalties at all.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Penalties {
+    /// Row `r`'s entries are `offsets[r] .. offsets[r + 1]` (empty, or one more than rows).
+    offsets: Vec<u32>,
+    tokens: Vec<u32>,
+    repetition: Vec<f32>,
+    subtract: Vec<f32>,
+}
+
+impl Penalties {
+    /// Adds the next row's entries: (token, repetition factor, amount subtracted).
+    pub fn push_row(&mut self, entries: impl IntoIterator<Item = (u32, f32, f32)>) {
+        if self.offsets.is_empty() {
+            self.offsets.push(0);
+        }
+        for (t, rep, sub) in entries {
+            self.tokens.push(t);
+            self.repetition.push(rep);
+            self.subtract.push(sub);
+        }
+        self.offsets.push(self.tokens.len() as u32);
+    }
+
+    /// Whether any row has an entry (else the logits go to the draw as they are).
+    pub fn any(&self) -> bool {
+        !self.tokens.is_empty()
+    }
+
+    pub fn rows(&self) -> usize {
+        self.offsets.len().saturating_sub(1)
+    }
+
+    /// The kernel's arrays: row offsets, then per entry the token, repetition factor and
+    /// subtracted amount.
+    pub fn arrays(&self) -> (&[u32], &[u32], &[f32], &[f32]) {
+        (&self.offsets, &self.tokens, &self.repetition, &self.subtract)
+    }
+
+    /// Row `r`'s entries.
+    pub fn row(&self, r: usize) -> impl Iterator<Item = (u32, f32, f32)> + '_ {
+        let (a, b) = match (self.offsets.get(r), self.offsets.get(r + 1)) {
+            (Some(&a), Some(&b)) => (a as usize, b as usize),
+            _ => (0, 0),
+        };
+        (a..b).map(|e| (self.tokens[e], self.repetition[e], self.subtract[e]))
+    }
+}
+
+/// `apply_penalties_f32` on one row: the repetition factor divides a positive logit and
+/// multiplies a negative one, then the subtracted amount comes off.
+pub fn apply_penalties(row: &mut [f32], entries: impl Iterator<Item = (u32, f32, f32)>) {
+    for (t, rep, sub) in entries {
+        let Some(l) = row.get_mut(t as usize) else { continue };
+        if rep != 1.0 {
+            *l = if *l > 0.0 { *l / rep } else { *l * rep };
+        }
+        *l -= sub;
+    }
+}
+
+/// Runs `apply_penalties_f32` on the first `penalties.rows()` rows of `logits` (`vocab` wide).
+pub fn apply_penalties_on_device(
+    gpu: &mut Gpu,
+    logits: &mut CudaSlice<f32>,
+    vocab: usize,
+    penalties: &Penalties,
+) -> Result<(), CudaError> {
+    let rows = penalties.rows();
+    if !penalties.any() {
+        return Ok(());
+    }
+    let v = i32::try_from(vocab).ok().filter(|&v| v > 0);
+    let (Some(v), true) = (v, logits.len() >= rows * vocab) else {
+        return Err(CudaError::Shape(format!(
+            "penalties on {rows} rows of {vocab} in {} logits",
+            logits.len()
+        )));
+    };
+    let (offsets, tokens, rep, sub) = penalties.arrays();
+    let (offsets, tokens, rep, sub) =
+        (gpu.up(offsets)?, gpu.up(tokens)?, gpu.up(rep)?, gpu.up(sub)?);
+    let f = gpu.func("sampling.cu", "apply_penalties_f32")?;
+    let mut b = gpu.stream.launch_builder(&f);
+    b.arg(&mut *logits).arg(&v).arg(&offsets).arg(&tokens).arg(&rep).arg(&sub);
+    // SAFETY: argument list matches apply_penalties_f32, one block per row; offsets holds rows
+    // + 1 bounds into the three entry arrays, each token is checked against the vocabulary,
+    // and logits holds rows * vocab (checked). A row lists each token once, so no two threads
+    // write one logit.
+    unsafe { b.launch(cfg((n32(rows), 1, 1), 128)) }?;
+    Ok(())
+}
+
 /// A row's pick: the token, its log-probability under the raw logits, and the requested most
 /// likely tokens with theirs, best first.
 #[derive(Debug, Clone, PartialEq)]

@@ -1,11 +1,13 @@
-//! Sampling: `sample_rows_f32` and `argmax_logprob_f32`.
+//! Sampling: `sample_rows_f32`, `argmax_logprob_f32` and `apply_penalties_f32`.
 
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
 use crate::common::emulation::{assert_close, Arg, Emulated};
-use coserve::backend::cuda::sampling::{sample_row, RowSampling, MAX_TOP_LOGPROBS};
-use coserve::backend::cuda::selftest::sampling::cases;
+use coserve::backend::cuda::sampling::{
+    apply_penalties, sample_row, RowSampling, MAX_TOP_LOGPROBS,
+};
+use coserve::backend::cuda::selftest::sampling::{cases, penalty_cases};
 use coserve::backend::cuda::twins;
 
 #[test]
@@ -74,5 +76,42 @@ fn sampling_kernels_pick_what_their_twins_pick() {
             assert_eq!(ids[r], id, "argmax, vocab {vocab}, row {r}");
             assert_close("argmax logprob", &lps[r..=r], &[lp], 1e-5, 1e-5);
         }
+    }
+}
+
+#[test]
+fn the_penalty_kernel_changes_logits_as_its_twin_does() {
+    let emu = Emulated::build("sampling.cu");
+    let mut rng = StdRng::seed_from_u64(12);
+    for vocab in [40usize, 1000] {
+        let (mut logits, p) = penalty_cases(&mut rng, vocab);
+        let before = logits.clone();
+        let mut want = logits.clone();
+        for (r, row) in want.chunks_exact_mut(vocab).enumerate() {
+            apply_penalties(row, p.row(r));
+        }
+        let (offsets, tokens, rep, sub) = p.arrays();
+        // SAFETY: apply_penalties_f32's parameters; offsets bound each row's entries, logits
+        // holds every row.
+        unsafe {
+            emu.launch(
+                "apply_penalties_f32",
+                (p.rows() as u32, 1, 1),
+                128,
+                &[
+                    Arg::ptr_mut(&mut logits),
+                    Arg::i32(vocab as i32),
+                    Arg::ptr(offsets),
+                    Arg::ptr(tokens),
+                    Arg::ptr(rep),
+                    Arg::ptr(sub),
+                ],
+            )
+        };
+        let bits = |v: &[f32]| -> Vec<u32> {
+            v.iter().map(|x| if x.is_nan() { u32::MAX } else { x.to_bits() }).collect()
+        };
+        assert_eq!(bits(&logits), bits(&want), "vocab {vocab}");
+        assert_ne!(bits(&logits), bits(&before), "the penalties change logits");
     }
 }

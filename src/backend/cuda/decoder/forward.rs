@@ -5,7 +5,7 @@ use std::ops::Range;
 
 use super::lora::{DropoutSite, LoraSet};
 use super::{rope_tables, DecoderOps, DecoderShape, DecoderWeights, StepBatch};
-use crate::backend::cuda::sampling::{RowSample, RowSampling};
+use crate::backend::cuda::sampling::{Penalties, RowSample, RowSampling};
 use crate::backend::cuda::CudaError;
 use crate::lora::dropout::SampleDropout;
 use crate::lora::TargetModule;
@@ -173,7 +173,7 @@ pub enum Want<'a> {
     /// The greedy id and its log-probability, picked on the device.
     Greedy,
     /// Each row sampled on the device as its entry asks (one per row).
-    Sample(&'a [RowSampling]),
+    Sample(&'a [RowSampling], &'a Penalties),
 }
 
 /// Rows a serving forward returns: `[rows, vocab]` logits, `(id, logprob)` per row, or each
@@ -256,10 +256,16 @@ pub fn forward_rows_capturing<O: DecoderOps>(
             ops.argmax(&sc.logits, n, s.vocab, &mut sc.ids)?;
             RowsOut::Greedy(ops.read_ids(&sc.ids, n)?)
         }
-        Want::Sample(params) if params.len() != n => {
-            return Err(CudaError::Shape(format!("{} sampling rows for {n} rows", params.len())))
+        Want::Sample(params, pen) if params.len() != n || (pen.any() && pen.rows() != n) => {
+            return Err(CudaError::Shape(format!(
+                "{} sampling rows, {} of penalties, for {n} rows",
+                params.len(),
+                pen.rows()
+            )))
         }
-        Want::Sample(params) => RowsOut::Sampled(ops.sample(&sc.logits, s.vocab, params)?),
+        Want::Sample(params, pen) => {
+            RowsOut::Sampled(ops.sample(&mut sc.logits, s.vocab, params, pen)?)
+        }
     })
 }
 

@@ -4,7 +4,9 @@
 use super::lora::{DropoutSite, LoraDims, SlotWeights};
 use super::{tiled_chunk, DecoderOps, DecoderShape, StepBatch};
 use crate::backend::cpu::paged_attention::{AttnSeq, AttnShape};
-use crate::backend::cuda::sampling::{sample_row, RowSample, RowSampling};
+use crate::backend::cuda::sampling::{
+    apply_penalties, sample_row, Penalties, RowSample, RowSampling,
+};
 use crate::backend::cuda::twins::{self, round_bf16};
 use crate::backend::cuda::CudaError;
 
@@ -319,9 +321,10 @@ impl DecoderOps for HostOps {
 
     fn sample(
         &mut self,
-        logits: &Vec<f32>,
+        logits: &mut Vec<f32>,
         vocab: usize,
         params: &[RowSampling],
+        penalties: &Penalties,
     ) -> Result<Vec<RowSample>, CudaError> {
         if logits.len() < params.len() * vocab {
             return Err(CudaError::Shape(format!(
@@ -330,7 +333,13 @@ impl DecoderOps for HostOps {
                 logits.len()
             )));
         }
-        Ok(logits.chunks_exact(vocab).zip(params).map(|(row, p)| sample_row(row, p)).collect())
+        let rows = logits.chunks_exact_mut(vocab).zip(params).enumerate();
+        Ok(rows
+            .map(|(r, (row, p))| {
+                apply_penalties(row, penalties.row(r));
+                sample_row(row, p)
+            })
+            .collect())
     }
 
     fn read_ids(

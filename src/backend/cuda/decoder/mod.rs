@@ -22,7 +22,7 @@ pub use forward::{
 
 use crate::model::config::LlamaConfig;
 
-use super::sampling::{RowSample, RowSampling};
+use super::sampling::{Penalties, RowSample, RowSampling};
 use super::CudaError;
 
 /// What the decoder needs of a model's config, checked against the kernels' limits.
@@ -463,13 +463,15 @@ pub trait DecoderOps {
         vocab: usize,
         out: &mut Self::Ids,
     ) -> R;
-    /// Samples each row of `logits` as its entry of `params` asks (one per row) and brings
-    /// back only the picks (`sample_rows_f32`).
+    /// Applies `penalties` to the rows of `logits` (in place, `apply_penalties_f32`), then
+    /// samples each row as its entry of `params` asks (one per row) and brings back only the
+    /// picks (`sample_rows_f32`).
     fn sample(
         &mut self,
-        logits: &Self::Logits,
+        logits: &mut Self::Logits,
         vocab: usize,
         params: &[RowSampling],
+        penalties: &Penalties,
     ) -> Result<Vec<RowSample>, CudaError>;
     /// The first `rows` of `ids` on the host (waits for the forward that writes them).
     fn read_ids(&mut self, ids: &Self::Ids, rows: usize) -> Result<Vec<(u32, f32)>, CudaError>;

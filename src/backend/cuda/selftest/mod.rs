@@ -52,7 +52,7 @@ pub fn run(spec: DeviceSpec, home: &Path, only: &[String]) -> Result<Report, Cud
     let wanted = |name: &str| only.is_empty() || only.iter().any(|o| name.contains(o.as_str()));
     let mut gpu = Gpu::open(spec, home, "the selftest (CUDA kernels against their CPU twins)")?;
     let mut checks = Vec::new();
-    let suites: [(&str, Suite); 14] = [
+    let suites: [(&str, Suite); 15] = [
         ("rms_norm_bf16", layers::check_norm),
         ("rope_kv_write_bf16", layers::check_rope),
         ("silu_mul_bf16", layers::check_silu),
@@ -61,6 +61,7 @@ pub fn run(spec: DeviceSpec, home: &Path, only: &[String]) -> Result<Report, Cud
         ("attention_chunk_tiled", attention::check_chunk_attention),
         ("argmax_logprob_f32", training::check_argmax),
         ("sample_rows_f32", sampling::check_sampling),
+        ("apply_penalties_f32", sampling::check_penalties),
         ("cross_entropy_f32", training::check_cross_entropy),
         ("lora_bf16", training::check_lora),
         ("adamw_f32", training::check_adamw),

@@ -6,7 +6,8 @@ use rand::{Rng, SeedableRng};
 
 use super::{compare, Check, Gpu};
 use crate::backend::cuda::sampling::{
-    kept_weights, sample_on_device, sample_row, RowSample, RowSampling,
+    apply_penalties, apply_penalties_on_device, kept_weights, sample_on_device, sample_row,
+    Penalties, RowSample, RowSampling,
 };
 use crate::backend::cuda::twins::round_bf16;
 use crate::backend::cuda::CudaError;
@@ -128,6 +129,55 @@ pub(super) fn check_sampling(gpu: &mut Gpu, checks: &mut Vec<Check>) -> Result<(
         let ((gi, gl), (ti, tl)) = (flat(&got), flat(&twin));
         compare(checks, "sample_rows_f32 (top ids)", shape.clone(), &gi, &ti, 0.0, 0.0);
         compare(checks, "sample_rows_f32 (top logprobs)", shape, &gl, &tl, 1e-4, 1e-5);
+    }
+    Ok(())
+}
+
+/// Rows of `vocab` random logits in [-10, 10) (some 0 and -0, one NaN) and penalties on them:
+/// repetition alone, subtraction alone, both, a row with none, tokens past the vocabulary, and
+/// a row with more entries than the kernel's block has threads. Shared with the kernel's test
+/// on the CPU.
+pub fn penalty_cases(rng: &mut StdRng, vocab: usize) -> (Vec<f32>, Penalties) {
+    let rows = 5;
+    let mut logits: Vec<f32> = (0..rows * vocab).map(|_| rng.random_range(-10.0..10.0)).collect();
+    logits[1] = 0.0;
+    logits[2] = -0.0;
+    logits[vocab + 3] = f32::NAN;
+    let mut p = Penalties::default();
+    p.push_row([
+        (0, 1.3, 0.0),
+        (1, 1.3, 0.0),
+        (2, 1.3, 0.0),
+        (9, 1.0, 0.75),
+        (vocab as u32, 2.0, 1.0),
+    ]);
+    p.push_row([(3, 0.8, 0.0), (4, 1.2, 1.6), (5, 1.0, 0.4)]);
+    p.push_row([]);
+    // Every other token, many more than the block's threads.
+    p.push_row((0..vocab as u32).step_by(2).map(|t| (t, 1.1, 0.25 * (t % 7) as f32)));
+    p.push_row([(vocab as u32 - 1, 3.0, 2.0), (vocab as u32 + 7, 3.0, 2.0)]);
+    (logits, p)
+}
+
+/// `apply_penalties_f32` against its twin, bit for bit: one division or product and one
+/// subtraction per logit, as on the host.
+pub(super) fn check_penalties(gpu: &mut Gpu, checks: &mut Vec<Check>) -> Result<(), CudaError> {
+    let mut rng = StdRng::seed_from_u64(12);
+    for vocab in [128_256usize, 1000] {
+        let (logits, p) = penalty_cases(&mut rng, vocab);
+        let mut dl = gpu.up(&logits)?;
+        apply_penalties_on_device(gpu, &mut dl, vocab, &p)?;
+        let got = gpu.down(&dl)?;
+        let mut want = logits.clone();
+        for (r, row) in want.chunks_exact_mut(vocab).enumerate() {
+            apply_penalties(row, p.row(r));
+        }
+        // Exactly, NaN equal to NaN.
+        let bits = |v: &[f32]| -> Vec<f32> {
+            v.iter().map(|&x| if x.is_nan() { 0.5 } else { x }).collect()
+        };
+        let shape = format!("rows={} vocab={vocab}, {} entries", p.rows(), p.arrays().1.len());
+        compare(checks, "apply_penalties_f32", shape, &bits(&got), &bits(&want), 0.0, 0.0);
     }
     Ok(())
 }

@@ -7,7 +7,9 @@ use super::lora::{DropoutSite, LoraDims, SlotWeights};
 use super::{tiled_attention_head, DecoderOps, DecoderShape, StepBatch};
 use crate::backend::cuda::gemm::{addr, Gemm, OutType};
 use crate::backend::cuda::gpu::{cfg, n32, Gpu};
-use crate::backend::cuda::sampling::{sample_on_device, RowSample, RowSampling};
+use crate::backend::cuda::sampling::{
+    apply_penalties_on_device, sample_on_device, Penalties, RowSample, RowSampling,
+};
 use crate::backend::cuda::CudaError;
 
 mod attention_paged;
@@ -552,10 +554,12 @@ impl DecoderOps for CudaOps {
 
     fn sample(
         &mut self,
-        logits: &CudaSlice<f32>,
+        logits: &mut CudaSlice<f32>,
         vocab: usize,
         params: &[RowSampling],
+        penalties: &Penalties,
     ) -> Result<Vec<RowSample>, CudaError> {
+        apply_penalties_on_device(&mut self.gpu, logits, vocab, penalties)?;
         sample_on_device(&mut self.gpu, logits, vocab, params)
     }
 
