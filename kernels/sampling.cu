@@ -401,7 +401,7 @@ extern "C" __global__ void sample_rows_f32(const float* __restrict__ logits, int
 // outputs' for the frequency and presence penalties), each listed once with its repetition
 // factor (1: none) and the amount the other two subtract after it (frequency x count +
 // presence, computed on the host so the arithmetic here is one division or product and one
-// subtraction, as there). Rows in CSR form: row r's entries are offsets[r] .. offsets[r + 1].
+// subtraction, as there, each rounded on its own: no contraction into an FMA). Rows in CSR form: row r's entries are offsets[r] .. offsets[r + 1].
 // One block per row; tokens outside the vocabulary are skipped. CPU twin:
 // sampling::apply_penalties.
 extern "C" __global__ void apply_penalties_f32(float* __restrict__ logits, int vocab,
@@ -416,7 +416,7 @@ extern "C" __global__ void apply_penalties_f32(float* __restrict__ logits, int v
         if (t >= (unsigned int)vocab) continue;
         float l = x[t];
         const float rep = repetition[e];
-        if (rep != 1.f) l = l > 0.f ? l / rep : l * rep;
-        x[t] = l - subtract[e];
+        if (rep != 1.f) l = l > 0.f ? __fdiv_rn(l, rep) : __fmul_rn(l, rep);
+        x[t] = __fsub_rn(l, subtract[e]);
     }
 }

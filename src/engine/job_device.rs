@@ -20,7 +20,8 @@ pub struct DeviceSample {
     _blocks: BlockTable,
     len: usize,
     forwarded: usize,
-    /// Rows of the loss scored, and their stats.
+    /// Rows with a target (the loss's rows), those scored, and their stats.
+    targeted: usize,
     loss_done: usize,
     loss: LossStats,
     /// Set once the loss has run: layers of backward left.
@@ -32,10 +33,10 @@ impl DeviceSample {
         self.len - self.forwarded
     }
 
-    /// Rows of the loss left, once the forward is complete.
+    /// Rows of the loss left (those with a target), once the forward is complete.
     pub fn loss_remaining(&self) -> usize {
         match self.backward_left {
-            None if self.forwarded == self.len => self.len - self.loss_done,
+            None if self.forwarded == self.len => self.targeted - self.loss_done,
             _ => 0,
         }
     }
@@ -72,6 +73,7 @@ impl ActiveJob {
         }
         let len = tokens.len();
         let sample = TrainSample::new(tokens, &trained, blocks.block_ids().to_vec());
+        let targeted = sample.targets.iter().flatten().count();
         // Validation forwards without dropout, as on the CPU.
         let sample = if self.is_validating() {
             sample
@@ -84,6 +86,7 @@ impl ActiveJob {
             _blocks: blocks,
             len,
             forwarded: 0,
+            targeted,
             loss_done: 0,
             loss: LossStats::default(),
             backward_left: None,
@@ -98,8 +101,9 @@ impl ActiveJob {
     }
 
     /// This iteration's training work on the device: `forward_tokens` more of the sample (the
-    /// `fused` of them the serving forward already ran, or all in a forward of their own), or
-    /// `loss_rows` of its loss once its forward is complete, or up to `backward_layers` of its
+    /// `fused` of them the serving forward already ran, or all in a forward of their own; the
+    /// iteration that completes the forward starts the loss, as on the CPU, which ends that of
+    /// a sample without targets), or `loss_rows` of its loss, or up to `backward_layers` of its
     /// backward, and the optimizer step when the batch is complete. Returns the work that ran
     /// (`bwd_layer_tokens`: backward layers times the sample's tokens).
     pub fn run_on_device(
@@ -121,19 +125,20 @@ impl ActiveJob {
             ds.forwarded += fwd;
         }
         ran.tokens = fwd;
-        if fwd > 0 {
-            return Ok(ran);
-        }
-        if ds.loss_remaining() > 0 {
-            if work.loss_rows == 0 {
-                return Ok(ran);
-            }
-            let (rows, stats) =
-                dev.train_loss(key, scale.unwrap_or(0.0), work.loss_rows).map_err(err)?;
-            ran.loss_rows = rows;
-            ds.loss_done += rows;
+        let loss_pending = ds.forwarded == ds.len && ds.backward_left.is_none();
+        let loss_budget = match (fwd > 0, loss_pending) {
+            (true, true) => Some(0),
+            (true, false) => return Ok(ran),
+            (false, true) if work.loss_rows == 0 => return Ok(ran),
+            (false, true) => Some(work.loss_rows),
+            (false, false) => None,
+        };
+        if let Some(rows) = loss_budget {
+            let (scored, stats) = dev.train_loss(key, scale.unwrap_or(0.0), rows).map_err(err)?;
+            ran.loss_rows = scored;
+            ds.loss_done += scored;
             ds.loss.add(&stats);
-            if ds.loss_remaining() == 0 {
+            if ds.loss_done == ds.targeted {
                 let (len, stats) = (ds.len, ds.loss);
                 // A validation sample is done with its loss (record_loss drops it).
                 ds.backward_left = Some(if scale.is_some() { layers } else { 0 });

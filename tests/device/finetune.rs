@@ -220,8 +220,9 @@ fn same_job_on_both(dropout: f32) {
     let dev = run_job(&path, backend, dropout);
     let [fused, alone, loss_rows, loss_calls] = *counts.lock().unwrap();
     assert!(fused > 0 && alone > 0, "sample tokens fused {fused}, alone {alone}");
-    // Every forwarded token is a loss row, scored at most 7 (the cap) per iteration.
-    assert_eq!(loss_rows, fused + alone);
+    // The loss rows are the tokens with a target (not the prompts'), at most 7 (the cap) an
+    // iteration.
+    assert!(loss_rows > 0 && loss_rows < fused + alone, "{loss_rows} loss rows");
     assert!(loss_calls >= loss_rows.div_ceil(7), "{loss_rows} loss rows in {loss_calls} calls");
     assert_same_job(&dev, &cpu);
 }

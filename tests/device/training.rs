@@ -178,6 +178,9 @@ fn token_level(
         served.tokens = vec![(served.start * 5 % 50) as u32];
     }
     let count = su.trained.iter().skip(1).filter(|t| **t).count();
+    // As the engine does in the iteration that completes the forward: start the loss.
+    let (started, _) = loss_rows(&mut ops, s, w, f, &mut sc, 1.0 / count as f32, 0).unwrap();
+    assert_eq!(started, 0);
     let mut stats = LossStats::default();
     while sc.loss_remaining() > 0 {
         let left = sc.loss_remaining();

@@ -180,6 +180,15 @@ pub fn run<O: TrainOps>(
     cfg: &CoserveSetup,
 ) -> Result<Vec<CoserveOnDevice>, CudaError> {
     let (decode_batch, context, seq_len) = (cfg.decode_batch, cfg.context, cfg.seq_len);
+    for z in &cfg.sizings {
+        let fine = match *z {
+            Sizing::Fixed { tokens, layers } => tokens > 0 && layers > 0,
+            Sizing::StepTarget { ratio } => ratio.is_finite() && ratio >= 1.0,
+        };
+        if !fine {
+            return Err(CudaError::Shape(format!("co-serving sized by {z:?}")));
+        }
+    }
     let per_seq = (context + 1).div_ceil(BLOCK_SIZE);
     let train_blocks = seq_len.div_ceil(BLOCK_SIZE);
     let blocks = decode_batch * per_seq + train_blocks;

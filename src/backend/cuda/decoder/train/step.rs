@@ -178,12 +178,17 @@ impl<O: TrainOps> TrainScratch<O> {
         self.sample.as_ref().map_or(0, |s| s.len() - self.forwarded)
     }
 
-    /// Rows of the loss left to score (0 until the forward is complete, and once the loss has
-    /// run).
+    /// Whether the forward is complete and the loss has not ended.
+    pub fn loss_pending(&self) -> bool {
+        self.sample.as_ref().is_some_and(|x| self.forwarded == x.len()) && self.backward.is_none()
+    }
+
+    /// Rows of the loss left to score, those with a target, as on the CPU (0 until the forward
+    /// is complete, and once the loss has ended).
     pub fn loss_remaining(&self) -> usize {
         match &self.sample {
-            Some(x) if self.forwarded == x.len() && self.backward.is_none() => {
-                x.len() - self.loss_done.unwrap_or(0)
+            Some(x) if self.loss_pending() => {
+                x.targets[self.loss_done.unwrap_or(0)..].iter().flatten().count()
             }
             _ => 0,
         }
