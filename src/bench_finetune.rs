@@ -240,9 +240,6 @@ fn run_on_device(
     use crate::backend::cuda::bench::{GpuModel, BLOCK_SIZE};
     use crate::backend::cuda::bench_coserve::{CoserveSetup, Sizing};
     let target = args.coserve_step_target;
-    if !(target == 0.0 || target >= 1.0) {
-        return Err(BenchFinetuneError::StepTarget(target));
-    }
     let home = coserve_home();
     let (source, config) = match args.dummy_weights {
         Some(d) => (GpuModel::Dummy(d), d.config()),
@@ -351,6 +348,10 @@ pub fn run(args: &BenchFinetuneArgs) -> Result<BenchFinetuneResult, BenchFinetun
         if v < min {
             return Err(BenchFinetuneError::TooSmall(name, min));
         }
+    }
+    let target = args.coserve_step_target;
+    if !(target == 0.0 || target >= 1.0) {
+        return Err(BenchFinetuneError::StepTarget(target));
     }
     let lora = lora_config(args)?;
     let spec: DeviceSpec = args.device.parse()?;

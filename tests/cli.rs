@@ -71,6 +71,23 @@ fn bad_model_and_bad_flags_give_errors_not_panics() {
 }
 
 #[test]
+fn bench_finetune_rejects_a_step_target_below_the_step_alone() {
+    for target in ["0.5", "NaN", "-1"] {
+        let out = coserve()
+            .args(["bench-finetune", "--device", "cuda"])
+            .arg(format!("--coserve-step-target={target}"))
+            .output()
+            .expect("runs");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{target}: {err}");
+        assert!(
+            err.contains("must be 0 (skip) or at least 1") && !err.contains("panicked"),
+            "{err}"
+        );
+    }
+}
+
+#[test]
 fn bench_decode_runs_dummy_weights_and_rejects_bad_sizes() {
     let out = coserve()
         .args(["bench-decode", "--dummy-weights", "smollm2-135m", "--batch", "1,3"])
