@@ -28,6 +28,9 @@ pub struct Metrics {
     pub iteration_duration_seconds: Histogram,
     /// Backward layers run in an iteration that trained.
     pub iteration_bwd_layers: Histogram,
+    /// Label `on`: host | device. Rows sampled, by where: on a GPU server, rows sample on the
+    /// host only when some row of their batch needs what the device sampler lacks.
+    pub sampled_rows_total: IntCounterVec,
     /// Label `status`: jobs per status (validating_files, queued, running, ...).
     pub finetune_jobs: IntGaugeVec,
     /// Label `job`: tokens forwarded for training.
@@ -135,6 +138,13 @@ impl Metrics {
                 "Histogram of the number of backward layers run per training iteration.",
                 &[0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0]
             ))),
+            sampled_rows_total: reg!(IntCounterVec::new(
+                opts(
+                    "coserve_sampled_rows_total",
+                    "Rows sampled, by where: on the host from their logits, or on the device.",
+                ),
+                &["on"]
+            )),
             finetune_jobs: reg!(IntGaugeVec::new(
                 opts("coserve_finetune_jobs", "Number of fine-tuning jobs by status."),
                 &["status"]

@@ -232,6 +232,9 @@ impl EngineCore {
                 return;
             }
         };
+        let on = if matches!(picking, Picking::Host) { "host" } else { "device" };
+        let sampled = chunks.iter().zip(&logits_per_chunk).filter(|(c, &n)| c.sample && n > 0);
+        self.metrics.sampled_rows_total.with_label_values(&[on]).inc_by(sampled.count() as u64);
         let vocab = self.logits_width;
 
         let (mut n_decode, mut n_prefill) = (0usize, 0usize);

@@ -409,11 +409,20 @@ fn penalised_sequences_sample_on_the_device_as_on_the_host() {
         other.map(collect);
         out
     };
+    let sampled_on = |on: &str| {
+        let prefix = format!("coserve_sampled_rows_total{{model_name=\"test\",on=\"{on}\"}}");
+        metric_value(&engine.metrics.render(), &prefix).unwrap_or(0.0)
+    };
     let device = run(true, false);
     let [logits, _, samples] = *counts.lock().expect("counts");
     assert!(logits == 0 && samples > 0, "penalised rows on the device: {logits} logits forwards");
+    assert_eq!(sampled_on("host"), 0.0);
+    // Every token of every request is a sampled row.
+    let rows = (prompts().len() * NEW_TOKENS) as f64;
+    assert_eq!(sampled_on("device"), rows);
     let host = run(true, true);
     assert!(counts.lock().expect("counts")[0] > 0, "sampled on the host");
+    assert!(sampled_on("host") >= rows, "{} rows sampled on the host", sampled_on("host"));
     assert_eq!(device, host, "penalised tokens, device against host");
     assert_ne!(device, run(false, false), "the penalties change the tokens");
 }
