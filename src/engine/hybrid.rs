@@ -74,6 +74,22 @@ pub struct TrainWork {
     pub backward_layers: usize,
 }
 
+impl TrainWork {
+    /// The work of the sample's current phase: up to `tokens` of its forward while that lasts,
+    /// else up to `rows` of its loss, else up to `layers` of its backward.
+    pub fn for_state(st: TrainState, tokens: usize, rows: usize, layers: usize) -> Self {
+        let mut work = Self::default();
+        if st.forward_remaining > 0 {
+            work.forward_tokens = tokens.min(st.forward_remaining);
+        } else if st.loss_remaining > 0 {
+            work.loss_rows = rows.min(st.loss_remaining);
+        } else {
+            work.backward_layers = layers.min(st.backward_remaining);
+        }
+        work
+    }
+}
+
 /// Fine-tuning work for one iteration that already holds `inference_tokens` of inference.
 /// `inference_pending`: requests are running or waiting (temporal mode then yields).
 pub fn plan_training(
@@ -114,15 +130,7 @@ pub fn plan_training(
         rows = rows.max((share * cap_tok as f32).ceil() as usize);
         layers = layers.max((share * cap_layers as f32).ceil() as usize);
     }
-    let mut work = TrainWork::default();
-    if st.forward_remaining > 0 {
-        work.forward_tokens = tok.min(st.forward_remaining);
-    } else if st.loss_remaining > 0 {
-        work.loss_rows = rows.min(st.loss_remaining);
-    } else {
-        work.backward_layers = layers.min(st.backward_remaining);
-    }
-    work
+    TrainWork::for_state(st, tok, rows, layers)
 }
 
 #[cfg(test)]

@@ -94,20 +94,6 @@ fn quantile(sorted: &[f64], q: f64) -> f64 {
     sorted.get(i.min(sorted.len().saturating_sub(1))).copied().unwrap_or(f64::NAN)
 }
 
-/// What a fixed sizing gives the sample in its state: forward tokens, else loss rows, else
-/// backward layers, as the engine's plan does.
-fn fixed_work(st: TrainState, tokens: usize, layers: usize) -> TrainWork {
-    let mut work = TrainWork::default();
-    if st.forward_remaining > 0 {
-        work.forward_tokens = tokens.min(st.forward_remaining);
-    } else if st.loss_remaining > 0 {
-        work.loss_rows = tokens.min(st.loss_remaining);
-    } else {
-        work.backward_layers = layers.min(st.backward_remaining);
-    }
-    work
-}
-
 /// Where a measurement's iterations run: the decode batch and the training sample's cache
 /// blocks and scratch.
 struct Bench<'a, O: TrainOps> {
@@ -126,42 +112,25 @@ impl<O: TrainOps> Bench<'_, O> {
     fn forward(&mut self, train: Option<(SeqRows, &mut TrainScratch<O>)>) -> Result<(), CudaError> {
         let Self { ops, s, w, inv_freq, caches, decodes, fsc, sampled } = self;
         let mut seqs = decodes.clone();
-        let Some((chunk, sc)) = train else {
-            let batch = StepBatch::new(seqs, BLOCK_SIZE)?;
-            forward_rows_capturing(
-                *ops,
-                s,
-                w,
-                inv_freq,
-                caches,
-                &batch,
-                fsc,
-                sampled,
-                Want::Greedy,
-                None,
-                None,
-            )?;
-            return Ok(());
-        };
-        let (first, n) = (decodes.len(), chunk.tokens.len());
-        seqs.push(chunk);
+        let (first, n) = (decodes.len(), train.as_ref().map_or(0, |t| t.0.tokens.len()));
+        let mut sc = train.map(|(chunk, sc)| {
+            seqs.push(chunk);
+            sc
+        });
         let batch = StepBatch::new(seqs, BLOCK_SIZE)?;
-        let (lora, mut cap) = sc.chunk_forward(s, first..first + n)?;
-        let cap: &mut dyn Capture<O> = &mut cap;
-        forward_rows_capturing(
-            *ops,
-            s,
-            w,
-            inv_freq,
-            caches,
-            &batch,
-            fsc,
-            sampled,
-            Want::Greedy,
-            Some(lora),
-            Some(cap),
-        )?;
-        sc.advance(n);
+        let mut chunk = match sc.as_deref_mut() {
+            Some(sc) => Some(sc.chunk_forward(s, first..first + n)?),
+            None => None,
+        };
+        let (lora, cap) = match chunk.as_mut() {
+            Some((lora, cap)) => (Some(*lora), Some(cap as &mut dyn Capture<O>)),
+            None => (None, None),
+        };
+        let (b, want) = (&batch, Want::Greedy);
+        forward_rows_capturing(*ops, s, w, inv_freq, caches, b, fsc, sampled, want, lora, cap)?;
+        if let Some(sc) = sc {
+            sc.advance(n);
+        }
         Ok(())
     }
 }
@@ -257,7 +226,9 @@ pub fn run<O: TrainOps>(
                 sample_len: seq_len,
             };
             let work = match sizing {
-                Sizing::Fixed { tokens, layers } => fixed_work(st, tokens, layers),
+                Sizing::Fixed { tokens, layers } => {
+                    TrainWork::for_state(st, tokens, tokens, layers)
+                }
                 Sizing::StepTarget { .. } => plan_training(&tcfg, &cost, decode_batch, true, st),
             };
             // Iterations count from the end of the first (untimed) sample.
@@ -354,39 +325,16 @@ pub fn run<O: TrainOps>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::cuda::decoder::fill_uniform_host;
     use crate::backend::cuda::decoder::host::HostOps;
+    use crate::backend::cuda::decoder::tiny::tiny_decoder;
     use crate::lora::optim::AdamWConfig;
     use crate::lora::{LoraConfig, LoraWeights};
-    use crate::model::config::LlamaConfig;
 
     /// The measurement's loop on the twins: samples go through forward, loss, backward and
     /// the optimizer step, and it ends.
     #[test]
     fn coserving_loop_runs_on_the_twins() {
-        let c = LlamaConfig {
-            architecture: "llama".into(),
-            vocab_size: 200,
-            hidden_size: 64,
-            intermediate_size: 128,
-            num_layers: 3,
-            num_heads: 2,
-            num_kv_heads: 1,
-            head_dim: 32,
-            rms_norm_eps: 1e-5,
-            rope_theta: 10_000.0,
-            rope_scaling: None,
-            max_position_embeddings: 256,
-            tie_word_embeddings: false,
-            attention_bias: false,
-        };
-        let s = DecoderShape::new(&c, BLOCK_SIZE).unwrap();
-        let tensors = DecoderWeights::<()>::layout(&s)
-            .into_iter()
-            .enumerate()
-            .map(|(i, (n, sc, off))| fill_uniform_host(n, i as u64, sc, off))
-            .collect();
-        let w = DecoderWeights::from_tensors(&s, tensors).unwrap();
+        let (c, s, w) = tiny_decoder();
         let lora = LoraConfig { r: 4, alpha: 8.0, ..LoraConfig::default() };
         let mut ops = HostOps;
         let adapter = LoraWeights::init(&lora, &c, 1);

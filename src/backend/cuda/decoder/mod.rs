@@ -12,6 +12,8 @@ pub mod from_model;
 pub mod host;
 pub mod lora;
 pub mod runner;
+#[cfg(test)]
+pub(crate) mod tiny;
 pub mod train;
 
 pub use crate::model::llama::rope_tables;

@@ -17,12 +17,14 @@ mod attention_tiled;
 pub use attention_paged::{heads_per_block, ChunkAttentionTimes, DecodeAttentionTimes};
 pub use attention_tiled::AttentionBackwardTimes;
 mod lora_launch;
+mod lora_table;
 mod train;
 mod weights_and_graphs;
 
 use lora_launch::{
     check_lora, dropout_grid, dropout_site_args, launch_expand, launch_shrink, DROPOUT_THREADS,
 };
+pub use lora_table::CudaLoraTable;
 
 /// The kernels a forward launches, looked up once.
 struct Kernels {
@@ -87,53 +89,6 @@ pub struct CudaStep {
     n_paged: usize,
     paged_context: usize,
     all_rows: Option<CudaSlice<i32>>,
-}
-
-/// One projection's LoRA weights for every adapter slot: fp32 A and B on the device and the
-/// tables the kernels index by slot (a slot without the projection has rank 0).
-pub struct CudaLoraTable {
-    /// Owns what `a_ptrs` and `b_ptrs` point at (empty where the table points into weights
-    /// owned elsewhere).
-    _weights: Vec<CudaSlice<f32>>,
-    /// What the four arrays below hold, on the host, so tables can be joined.
-    entries: Vec<LoraEntry>,
-    a_ptrs: CudaSlice<u64>,
-    b_ptrs: CudaSlice<u64>,
-    ranks: CudaSlice<i32>,
-    scales: CudaSlice<f32>,
-    slots: usize,
-}
-
-/// One slot of a `CudaLoraTable`: A's and B's device addresses, rank and scale (all zero for
-/// a slot without the projection).
-#[derive(Debug, Clone, Copy, Default)]
-struct LoraEntry {
-    a: u64,
-    b: u64,
-    rank: i32,
-    scale: f32,
-}
-
-impl CudaLoraTable {
-    /// A table over `entries`, owning `weights` (what they point at, or nothing).
-    fn new(
-        gpu: &Gpu,
-        entries: Vec<LoraEntry>,
-        weights: Vec<CudaSlice<f32>>,
-    ) -> Result<Self, CudaError> {
-        let pick = |f: fn(&LoraEntry) -> u64| entries.iter().map(f).collect::<Vec<u64>>();
-        let ranks: Vec<i32> = entries.iter().map(|e| e.rank).collect();
-        let scales: Vec<f32> = entries.iter().map(|e| e.scale).collect();
-        Ok(Self {
-            _weights: weights,
-            a_ptrs: gpu.up(&pick(|e| e.a))?,
-            b_ptrs: gpu.up(&pick(|e| e.b))?,
-            ranks: gpu.up(&ranks)?,
-            scales: gpu.up(&scales)?,
-            slots: entries.len(),
-            entries,
-        })
-    }
 }
 
 /// One layer's K and V cache, `[slots, kv_heads, head_dim]` bf16 each.
@@ -251,41 +206,14 @@ impl DecoderOps for CudaOps {
         &mut self,
         slots: &[Option<SlotWeights<'_>>],
     ) -> Result<CudaLoraTable, CudaError> {
-        let g = &self.gpu;
-        let (mut weights, mut entries) = (Vec::new(), Vec::new());
-        for slot in slots {
-            let Some(w) = slot else {
-                entries.push(LoraEntry::default());
-                continue;
-            };
-            let (a, b) = (g.up(w.a)?, g.up(w.b)?);
-            let rank = i32::try_from(w.rank).map_err(|_| CudaError::Shape("a LoRA rank".into()))?;
-            let (a_ptr, b_ptr) = (addr(&a, &g.stream, 0), addr(&b, &g.stream, 0));
-            entries.push(LoraEntry { a: a_ptr, b: b_ptr, rank, scale: w.scale });
-            weights.extend([a, b]);
-        }
-        CudaLoraTable::new(g, entries, weights)
+        CudaLoraTable::upload(&self.gpu, slots)
     }
 
     fn lora_table_join(
         &mut self,
         parts: &[(Option<&CudaLoraTable>, usize)],
     ) -> Result<CudaLoraTable, CudaError> {
-        let mut entries = Vec::new();
-        for &(table, slots) in parts {
-            match table {
-                Some(t) if t.slots == slots => entries.extend_from_slice(&t.entries),
-                Some(t) => {
-                    return Err(CudaError::Shape(format!(
-                        "a table of {} slots as {slots}",
-                        t.slots
-                    )))
-                }
-                None => entries.extend((0..slots).map(|_| LoraEntry::default())),
-            }
-        }
-        // Points into the parts' weights: the caller keeps them alive (see the trait).
-        CudaLoraTable::new(&self.gpu, entries, Vec::new())
+        CudaLoraTable::join(&self.gpu, parts)
     }
 
     fn lora(

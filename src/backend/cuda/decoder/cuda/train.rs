@@ -7,7 +7,7 @@ use super::attention_tiled::{AttentionBackward, AttentionBackwardArgs, Attention
 use super::lora_launch::{dropout_grid, dropout_site_args, DROPOUT_THREADS};
 use super::{
     check_len, check_lora, launch_expand, launch_shrink, CudaCache, CudaLoraTable, CudaOps,
-    CudaStep, LoraEntry, R,
+    CudaStep, R,
 };
 use crate::backend::cuda::decoder::lora::{DropoutSite, LoraDims};
 use crate::backend::cuda::decoder::train::{GradPair, TrainOps};
@@ -182,12 +182,7 @@ impl TrainOps for CudaOps {
         rank: usize,
         scale: f32,
     ) -> Result<CudaLoraTable, CudaError> {
-        let g = &self.gpu;
-        let rank = i32::try_from(rank).map_err(|_| CudaError::Shape("a LoRA rank".into()))?;
-        // The table points into the adapter's own buffers, which outlive every forward of
-        // the step it is made for.
-        let entry = LoraEntry { a: addr(a, &g.stream, 0), b: addr(b, &g.stream, 0), rank, scale };
-        CudaLoraTable::new(g, vec![entry], Vec::new())
+        CudaLoraTable::pointing_at(&self.gpu, a, b, rank, scale)
     }
 
     fn lora_shrink(

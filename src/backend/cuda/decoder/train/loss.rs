@@ -117,39 +117,17 @@ pub fn loss_rows<O: TrainOps>(
 mod tests {
     use super::*;
     use crate::backend::cuda::decoder::host::HostOps;
+    use crate::backend::cuda::decoder::tiny::tiny_decoder;
     use crate::backend::cuda::decoder::train::{forward_chunk, TrainAdapter, TrainSample};
-    use crate::backend::cuda::decoder::{fill_uniform_host, DecoderOps};
+    use crate::backend::cuda::decoder::DecoderOps;
     use crate::lora::optim::AdamWConfig;
     use crate::lora::{LoraConfig, LoraWeights};
-    use crate::model::config::LlamaConfig;
 
     /// A sample of 40 tokens forwarded whole on the twins, `trained` marking its targets.
     fn forwarded(
         trained: &[bool],
     ) -> (HostOps, DecoderShape, DecoderWeights<Vec<f32>>, TrainScratch<HostOps>) {
-        let c = LlamaConfig {
-            architecture: "llama".into(),
-            vocab_size: 50,
-            hidden_size: 64,
-            intermediate_size: 96,
-            num_layers: 2,
-            num_heads: 2,
-            num_kv_heads: 1,
-            head_dim: 32,
-            rms_norm_eps: 1e-5,
-            rope_theta: 10_000.0,
-            rope_scaling: None,
-            max_position_embeddings: 64,
-            tie_word_embeddings: false,
-            attention_bias: false,
-        };
-        let s = DecoderShape::new(&c, 16).unwrap();
-        let tensors = DecoderWeights::<()>::layout(&s)
-            .into_iter()
-            .enumerate()
-            .map(|(i, (n, sc, off))| fill_uniform_host(n, i as u64, sc, off))
-            .collect();
-        let w = DecoderWeights::from_tensors(&s, tensors).unwrap();
+        let (c, s, w) = tiny_decoder();
         let mut ops = HostOps;
         let lora = LoraConfig { r: 2, alpha: 4.0, ..LoraConfig::default() };
         let ad = TrainAdapter::new(
@@ -183,7 +161,7 @@ mod tests {
         let (rows, stats) = loss_rows(&mut ops, &s, &w, &inv, &mut sc, 1.0, 7).unwrap();
         assert_eq!((rows, stats.count, sc.loss_remaining()), (7, 7, 23));
         let (rows, _) = loss_rows(&mut ops, &s, &w, &inv, &mut sc, 1.0, 100).unwrap();
-        assert_eq!((rows, sc.loss_pending(), sc.backward_remaining()), (23, false, 2));
+        assert_eq!((rows, sc.loss_pending(), sc.backward_remaining()), (23, false, 3));
 
         // No targets at all: the start ends the loss.
         let (mut ops, s, w, mut sc) = forwarded(&[false; 40]);
@@ -191,7 +169,7 @@ mod tests {
         let (rows, stats) = loss_rows(&mut ops, &s, &w, &inv, &mut sc, 1.0, 0).unwrap();
         assert_eq!(
             (rows, stats.count, sc.loss_pending(), sc.backward_remaining()),
-            (0, 0, false, 2)
+            (0, 0, false, 3)
         );
     }
 }
