@@ -13,6 +13,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -30,19 +31,31 @@ namespace {
 std::vector<void*> kernel_libs;
 int context_token, module_token;
 
-// Graph capture: launches and memsets recorded instead of run, replayed by cuGraphLaunch.
-struct Op {
-    Entry entry;
-    unsigned g[3], b;
-    std::vector<std::vector<unsigned char>> args;  // copies of the argument values
-};
+// Graph capture: kernel launches and cuBLASLt products recorded instead of run (with copies
+// of their arguments), replayed by cuGraphLaunch; anything else is refused while capturing.
+typedef std::function<void()> Op;
 bool capturing = false;
 std::vector<Op>* capture = nullptr;
 
-void run(const Op& op) {
-    std::vector<void*> ptrs;
-    for (auto& a : op.args) ptrs.push_back((void*)a.data());
-    op.entry(op.g[0], op.g[1], op.g[2], op.b, ptrs.data());
+// Runs `op` now, or records it during a capture.
+void submit(Op op) {
+    if (capturing) capture->push_back(std::move(op));
+    else op();
+}
+}  // namespace
+
+// This file is built twice, as the driver and as cuBLASLt, each with its own state: the
+// driver's copy owns the capture, and cuBLASLt's hands its products to it.
+API void fake_cuda_submit(void* op) { submit(std::move(*(Op*)op)); }
+
+namespace {
+void submit_to_driver(Op op) {
+    static const auto to_driver = [] {
+        void* driver = dlopen("libcuda.so.1", RTLD_NOLOAD | RTLD_LAZY);
+        return driver ? (void (*)(void*))dlsym(driver, "fake_cuda_submit") : nullptr;
+    }();
+    if (to_driver) to_driver(&op);
+    else op();
 }
 }  // namespace
 
@@ -187,16 +200,16 @@ API CUresult cuLaunchKernel(Handle f, unsigned gx, unsigned gy, unsigned gz, uns
                             unsigned by, unsigned bz, unsigned, Handle, void** params, void**) {
     if (by != 1 || bz != 1) return ERROR_NOT_SUPPORTED;
     const Func& fn = *(const Func*)f;
-    Op op{fn.entry, {gx, gy, gz}, bx, {}};
+    std::vector<std::vector<unsigned char>> args;  // copies of the argument values
     for (unsigned i = 0; i < fn.n; ++i) {
         const unsigned char* p = (const unsigned char*)params[i];
-        op.args.emplace_back(p, p + fn.sizes[i]);
+        args.emplace_back(p, p + fn.sizes[i]);
     }
-    if (capturing) {
-        capture->push_back(std::move(op));
-        return OK;
-    }
-    run(op);
+    submit([entry = fn.entry, gx, gy, gz, bx, args = std::move(args)]() {
+        std::vector<void*> ptrs;
+        for (auto& a : args) ptrs.push_back((void*)a.data());
+        entry(gx, gy, gz, bx, ptrs.data());
+    });
     return OK;
 }
 
@@ -217,7 +230,7 @@ API CUresult cuGraphInstantiateWithFlags(Handle* exec, Handle graph, unsigned lo
     return OK;
 }
 API CUresult cuGraphLaunch(Handle exec, Handle) {
-    for (auto& op : *(std::vector<Op>*)exec) run(op);
+    for (auto& op : *(std::vector<Op>*)exec) op();
     return OK;
 }
 API CUresult cuGraphDestroy(Handle g) { delete (std::vector<Op>*)g; return OK; }
@@ -313,25 +326,28 @@ API int cublasLtMatmulAlgoGetHeuristic(Handle, Handle desc, Handle a, Handle b, 
 API int cublasLtMatmul(Handle, Handle desc, const void* alpha, const void* a, Handle al,
                        const void* b, Handle bl, const void* beta, const void* c, Handle cl,
                        void* d, Handle dl, const void*, void*, size_t, Handle) {
-    const Desc& ds = *(Desc*)desc;
-    const Layout &A = *(Layout*)al, &B = *(Layout*)bl, &C = *(Layout*)cl, &D = *(Layout*)dl;
+    // Copies of what the call names, as a captured product outlives its descriptors.
+    const Desc ds = *(Desc*)desc;
+    const Layout A = *(Layout*)al, B = *(Layout*)bl, C = *(Layout*)cl, D = *(Layout*)dl;
     const float al_ = *(const float*)alpha, be = *(const float*)beta;
-    const uint64_t m = D.rows, n = D.cols, k = ds.trans_a ? A.rows : A.cols;
-    std::vector<float> out(m * n);
-    for (uint64_t j = 0; j < n; ++j)
-        for (uint64_t i = 0; i < m; ++i) {
-            double s = 0;
-            for (uint64_t l = 0; l < k; ++l) {
-                const size_t ai = ds.trans_a ? l + i * A.ld : i + l * A.ld;
-                const size_t bi = ds.trans_b ? j + l * B.ld : l + j * B.ld;
-                s += (double)load(a, A.type, ai) * load(b, B.type, bi);
+    submit_to_driver([=]() {
+        const uint64_t m = D.rows, n = D.cols, k = ds.trans_a ? A.rows : A.cols;
+        std::vector<float> out(m * n);
+        for (uint64_t j = 0; j < n; ++j)
+            for (uint64_t i = 0; i < m; ++i) {
+                double s = 0;
+                for (uint64_t l = 0; l < k; ++l) {
+                    const size_t ai = ds.trans_a ? l + i * A.ld : i + l * A.ld;
+                    const size_t bi = ds.trans_b ? j + l * B.ld : l + j * B.ld;
+                    s += (double)load(a, A.type, ai) * load(b, B.type, bi);
+                }
+                float v = al_ * (float)s;
+                if (be != 0.f) v += be * load(c, C.type, i + j * C.ld);
+                out[i + j * m] = v;
             }
-            float v = al_ * (float)s;
-            if (be != 0.f) v += be * load(c, C.type, i + j * C.ld);
-            out[i + j * m] = v;
-        }
-    for (uint64_t j = 0; j < n; ++j)
-        for (uint64_t i = 0; i < m; ++i) store(d, D.type, i + j * D.ld, out[i + j * m]);
+        for (uint64_t j = 0; j < n; ++j)
+            for (uint64_t i = 0; i < m; ++i) store(d, D.type, i + j * D.ld, out[i + j * m]);
+    });
     return 0;
 }
 API size_t cublasLtGetVersion() { return 130100; }
