@@ -44,6 +44,12 @@ pub struct ServerConfig {
     #[arg(long, env = "COSERVE_DEVICE", default_value = "cpu", value_parser = parse_device)]
     pub device: DeviceSpec,
 
+    /// On a GPU, launch every decode step's kernels one by one instead of replaying the step
+    /// as a CUDA graph recorded per batch size and context length (graphs spare the launches;
+    /// this spares the first step of each size its recording).
+    #[arg(long, env = "COSERVE_ENFORCE_EAGER")]
+    pub enforce_eager: bool,
+
     /// LoRA adapters in the PEFT layout (adapter_config.json and adapter_model.safetensors) to
     /// serve from the start, as NAME=DIR, comma-separated; clients send NAME as `model`.
     #[arg(long = "lora-modules", env = "COSERVE_LORA_MODULES", value_delimiter = ',', value_parser = parse_lora_module)]
@@ -140,6 +146,7 @@ impl ServerConfig {
             data_dir: None,
             served_model_name: None,
             device: DeviceSpec::Cpu,
+            enforce_eager: false,
             lora_modules: Vec::new(),
             max_num_batched_tokens: 512,
             max_num_seqs: 64,

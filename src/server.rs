@@ -43,8 +43,8 @@ pub enum ServerError {
 }
 
 /// The engine's backend for `device`: a CUDA device gets the model as a bf16 decoder, set up on
-/// the engine thread.
-fn backend_for(device: &ResolvedDevice) -> Backend {
+/// the engine thread, replaying decode steps as CUDA graphs unless `eager`.
+fn backend_for(device: &ResolvedDevice, eager: bool) -> Backend {
     match device {
         ResolvedDevice::Cpu => Backend::Cpu,
         ResolvedDevice::Cuda { ordinal, name, .. } => {
@@ -55,8 +55,9 @@ fn backend_for(device: &ResolvedDevice) -> Backend {
                 kv_bytes_per_element: std::mem::size_of::<u16>(),
                 build: Box::new(move |model, cache| {
                     let (b, n, r) = (cache.block_size, cache.num_blocks, cache.max_rows);
-                    let d =
+                    let mut d =
                         open_cuda(ordinal, &home, &model, b, n, r).map_err(|e| e.to_string())?;
+                    d.replay_decodes(!eager);
                     Ok(Box::new(d) as Box<dyn DeviceModel>)
                 }),
             }
@@ -144,7 +145,7 @@ pub async fn start_on(
     let store = open_store(&cfg).await?;
     let backend = match backend {
         Some(b) => b,
-        None => backend_for(&cfg.device.resolve()?),
+        None => backend_for(&cfg.device.resolve()?, cfg.enforce_eager),
     };
     let device = match &backend {
         Backend::Cpu => "cpu".to_string(),

@@ -23,16 +23,22 @@ pub fn wrap_device(
 pub const TWIN_DEVICE: &str = "cuda twins (host)";
 
 pub fn twin_backend() -> Backend {
-    twin_backend_with(true)
+    twin_backend_with(true, false)
 }
 
 /// The twin backend with its bf16 roundings off: the device's operations in plain f32, for
 /// comparisons with the CPU backend that are exact up to summation order.
 pub fn exact_twin_backend() -> Backend {
-    twin_backend_with(false)
+    twin_backend_with(false, false)
 }
 
-fn twin_backend_with(rounding: bool) -> Backend {
+/// The twin backend with decode-step replay on, as a server on a GPU has it: the twins record
+/// nothing, so every decode step runs padded to its bucket, padding rows and all.
+pub fn padding_twin_backend() -> Backend {
+    twin_backend_with(true, true)
+}
+
+fn twin_backend_with(rounding: bool, replay: bool) -> Backend {
     Backend::Device {
         name: TWIN_DEVICE.into(),
         kv_bytes_per_element: 2,
@@ -43,8 +49,9 @@ fn twin_backend_with(rounding: bool) -> Backend {
             }
             let h = from_llama(&model, cache.block_size).map_err(|e| e.to_string())?;
             let (n, r) = (cache.num_blocks, cache.max_rows);
-            let d = DeviceDecoder::new(HostOps, h.shape, h.weights, h.inv_freq, n, r)
+            let mut d = DeviceDecoder::new(HostOps, h.shape, h.weights, h.inv_freq, n, r)
                 .map_err(|e| e.to_string())?;
+            d.replay_decodes(replay);
             Ok(Box::new(d) as Box<dyn DeviceModel>)
         }),
     }

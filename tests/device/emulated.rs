@@ -88,13 +88,14 @@ fn the_selftest_passes_on_the_emulated_device() {
     let out = coserve_on(e, &root.path().join("cache"))
         // The kernels alone are checked at small shapes in tests/device/kernels_on_cpu/; here what runs
         // on them: the decoder, products, graph, training step, a mixed step's attention, joined
-        // LoRA tables, and the sampler's and penalties' launches.
+        // LoRA tables, the sampler's and penalties' launches, and decode steps replayed as a
+        // server replays them.
         .args(["selftest", "--device", "cuda", "--json"])
         .arg(&json)
         .args([
             "--only",
             "fill_uniform,gemm,decoder_end_to_end,training_step,sample_rows,apply_penalties,\
-             mixed step,joined",
+             mixed step,joined,decoder_graph_replay",
         ])
         .output()
         .expect("run coserve selftest");
@@ -117,6 +118,8 @@ fn the_selftest_passes_on_the_emulated_device() {
         "gemm product dY·B (bf16)",
         "decoder_end_to_end (greedy ids)",
         "decoder_cuda_graph (logits)",
+        "decoder_graph_replay (logits)",
+        "decoder_graph_replay (steps replayed)",
         "training_step (weights after AdamW)",
         "attention of a mixed step",
         "LoRA over joined tables",

@@ -23,7 +23,7 @@ use coserve::model::loader::load_model;
 use coserve::model::weights::WeightsDtype;
 use serde_json::{json, Value};
 
-use common::device::{twin_backend, wrap_device};
+use common::device::{padding_twin_backend, twin_backend, wrap_device};
 use common::engine::{collect, metric_value, request, TestEngine};
 use common::multipart::upload;
 use common::server::TestServer;
@@ -56,6 +56,15 @@ fn decoder_alone_with(
     prompt: &[u32],
     adapter: Option<&AdapterLease>,
 ) -> Vec<u32> {
+    scored_alone(path, prompt, adapter).into_iter().map(|(id, _)| id).collect()
+}
+
+/// As `decoder_alone_with`, each token with its log-probability.
+fn scored_alone(
+    path: &std::path::Path,
+    prompt: &[u32],
+    adapter: Option<&AdapterLease>,
+) -> Vec<(u32, f32)> {
     let model = load_model(path, WeightsDtype::F32).expect("tiny model").model;
     let h = from_llama(&model, 16).expect("decoder weights");
     let vocab = h.shape.vocab;
@@ -72,8 +81,8 @@ fn decoder_alone_with(
             SeqRows { adapter: slot, tokens: tokens.clone(), start, block_table: table.clone() };
         let logits = d.forward_rows(vec![seq], &[rows as u32 - 1]).expect("forward");
         assert_eq!(logits.len(), vocab);
-        let next = argmax_logprob(&logits).0;
-        out.push(next);
+        let (next, logprob) = argmax_logprob(&logits);
+        out.push((next, logprob));
         start += rows;
         tokens = vec![next];
     }
@@ -88,6 +97,47 @@ fn params() -> SamplingParams {
 
 #[test]
 fn the_device_engine_serves_what_the_decoder_computes_alone() {
+    serves_what_the_decoder_computes_alone(twin_backend());
+}
+
+/// Decode steps padded to their buckets (rows of token 0 in a block of their own) change no
+/// sequence's tokens: five short prompts prefilled together, then decode steps of 5, 4, 3 and
+/// 2 rows (padded to 8, 4, 4 and 2) as they finish one by one. Also under the chunking and
+/// preemption of the test above.
+#[test]
+fn padded_decode_steps_serve_what_the_decoder_computes_alone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write_gguf(dir.path(), &shape());
+    let prompts: Vec<Vec<u32>> = [3usize, 9, 6, 2, 5]
+        .iter()
+        .map(|&n| (0..n as u32).map(|j| 7 + j * 13 % 200).collect())
+        .collect();
+    let alone: Vec<Vec<(u32, f32)>> =
+        prompts.iter().map(|p| scored_alone(&path, p, None)).collect();
+    let engine = TestEngine::start_on(&path, EngineConfig::default(), padding_twin_backend());
+    let lengths = [12, 5, 9, 12, 7];
+    let streams: Vec<_> = prompts
+        .into_iter()
+        .zip(lengths)
+        .map(|(p, n)| {
+            let mut params = params();
+            params.max_tokens = n;
+            params.logprobs = Some(0);
+            engine.handle.submit(request(p, params)).expect("submit")
+        })
+        .collect();
+    for (i, s) in streams.into_iter().enumerate() {
+        // The log-probabilities too: a padding row writing into a sequence's cache may well
+        // leave its greedy tokens alone.
+        let g = collect(s);
+        let logprobs = g.logprobs.into_iter().map(|l| l.expect("a logprob").logprob);
+        let served: Vec<(u32, f32)> = g.tokens.into_iter().zip(logprobs).collect();
+        assert_eq!(served, alone[i][..lengths[i]], "prompt {i}");
+    }
+    serves_what_the_decoder_computes_alone(padding_twin_backend());
+}
+
+fn serves_what_the_decoder_computes_alone(backend: coserve::engine::Backend) {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = write_gguf(dir.path(), &shape());
     let alone: Vec<Vec<u32>> = prompts().iter().map(|p| decoder_alone(&path, p)).collect();
@@ -100,7 +150,7 @@ fn the_device_engine_serves_what_the_decoder_computes_alone() {
         kv_cache_bytes: 14 * per_block,
         ..EngineConfig::default()
     };
-    let engine = TestEngine::start_on(&path, cfg, twin_backend());
+    let engine = TestEngine::start_on(&path, cfg, backend);
     let streams: Vec<_> = prompts()
         .into_iter()
         .map(|p| engine.handle.submit(request(p, params())).expect("submit"))

@@ -165,6 +165,23 @@ fn forward_on_device_with<O: DecoderOps>(
     ops.argmax(&sc.logits, rows, s.vocab, &mut sc.ids)
 }
 
+/// Every layer, then the output head on each of the step's rows into `scratch.logits`: a
+/// decode step as a server replays it (`graphs`), nothing brought back.
+pub(super) fn logits_on_device<O: DecoderOps>(
+    ops: &mut O,
+    s: &DecoderShape,
+    w: &DecoderWeights<O::Weight>,
+    caches: &mut [O::Cache],
+    step: &O::Step,
+    sc: &mut Scratch<O>,
+) -> R {
+    let rows = layers_on_device(ops, s, w, caches, step, sc, None, None)?;
+    if rows > sc.logits_rows {
+        return Err(CudaError::Shape(format!("logits of {rows} rows for {}", sc.logits_rows)));
+    }
+    ops.matmul_logits(&sc.h, &w.lm_head, &mut sc.logits, (rows, s.vocab, s.hidden))
+}
+
 /// What a serving forward brings back to the host for its sampled rows.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Want<'a> {
@@ -248,6 +265,17 @@ pub fn forward_rows_capturing<O: DecoderOps>(
         };
         ops.matmul_logits(x, &w.lm_head, &mut sc.logits, (n, s.vocab, s.hidden))?;
     }
+    rows_out(ops, s, sc, n, want)
+}
+
+/// What `want` asks for of the first `n` rows of `sc.logits`.
+pub(super) fn rows_out<O: DecoderOps>(
+    ops: &mut O,
+    s: &DecoderShape,
+    sc: &mut Scratch<O>,
+    n: usize,
+    want: Want<'_>,
+) -> Result<RowsOut, CudaError> {
     Ok(match want {
         Want::Logits if n == 0 => RowsOut::Logits(Vec::new()),
         Want::Logits => RowsOut::Logits(ops.logits_to_host(&sc.logits, n * s.vocab)?),

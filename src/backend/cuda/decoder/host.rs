@@ -43,6 +43,7 @@ impl DecoderOps for HostOps {
     type Cache = HostCache;
     type Ids = Vec<(u32, f32)>;
     type LoraTable = Vec<twins::TwinAdapter>;
+    type Graph = std::convert::Infallible;
 
     fn act(&mut self, n: usize) -> Result<Vec<f32>, CudaError> {
         Ok(vec![0.0; n])

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use super::cuda::CudaOps;
 use super::device_jobs::{DeviceJob, JoinedTables};
+use super::graphs::DecodeGraphs;
 use super::lora::LoraSet;
 use super::train::{TrainOps, TrainSample};
 use super::{
@@ -139,11 +140,14 @@ pub struct DeviceDecoder<O: TrainOps> {
     pub(super) joined: Option<JoinedTables<O::LoraTable>>,
     /// Fine-tuning jobs' state on the device, by the engine's key.
     pub(super) jobs: HashMap<u64, DeviceJob<O>>,
+    /// Decode steps recorded for replay, when on (`replay_decodes`).
+    pub(super) graphs: Option<DecodeGraphs<O>>,
 }
 
 impl<O: TrainOps> DeviceDecoder<O> {
-    /// Allocates a cache of `num_blocks` blocks per layer and scratch for forwards of up to
-    /// `max_rows` rows, so that a device too small fails here rather than on some later batch.
+    /// Allocates a cache of `num_blocks` blocks per layer (and one more, the padding rows' of
+    /// replayed decode steps) and scratch for forwards of up to `max_rows` rows, so that a
+    /// device too small fails here rather than on some later batch.
     pub fn new(
         mut ops: O,
         shape: DecoderShape,
@@ -168,8 +172,9 @@ impl<O: TrainOps> DeviceDecoder<O> {
                  --max-num-batched-tokens)"
             )));
         }
-        let caches =
-            (0..shape.layers).map(|_| ops.cache(&shape, num_blocks)).collect::<Result<_, _>>()?;
+        let caches = (0..shape.layers)
+            .map(|_| ops.cache(&shape, num_blocks + 1))
+            .collect::<Result<_, _>>()?;
         let scratch = Some(Scratch::new(&mut ops, &shape, max_rows)?);
         Ok(Self {
             ops,
@@ -183,6 +188,7 @@ impl<O: TrainOps> DeviceDecoder<O> {
             jobs: HashMap::new(),
             lora: None,
             joined: None,
+            graphs: None,
         })
     }
 
@@ -214,7 +220,11 @@ impl<O: TrainOps> DeviceDecoder<O> {
         }
         let rows = batch.rows();
         if self.scratch.as_ref().is_none_or(|sc| sc.rows < rows) {
-            // More rows than the engine's budget (a caller of its own): grow, old buffers first.
+            // More rows than the engine's budget (a caller of its own): grow, old buffers first,
+            // and the recorded steps that point into them before.
+            if let Some(g) = &mut self.graphs {
+                g.clear();
+            }
             self.scratch = None;
             self.scratch = Some(Scratch::new(&mut self.ops, &self.shape, rows.min(MAX_ROWS))?);
         }
@@ -327,6 +337,9 @@ impl<O: TrainOps> DeviceModel for DeviceDecoder<O> {
         want: Want<'_>,
     ) -> Result<RowsOut, CudaError> {
         let (seqs, logits_rows) = self.rows_with_adapters(batch, adapters)?;
+        if let Some(out) = self.forward_replayed(&seqs, &logits_rows, want)? {
+            return Ok(out);
+        }
         self.forward_seqs(seqs, &logits_rows, want)
     }
 

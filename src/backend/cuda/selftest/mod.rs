@@ -7,6 +7,7 @@ mod layers;
 mod lora_tables;
 mod model;
 mod products;
+mod replay;
 pub mod sampling;
 mod train_step;
 mod training;
@@ -91,6 +92,12 @@ pub fn run(spec: DeviceSpec, home: &Path, only: &[String]) -> Result<Report, Cud
             ];
             for (name, suite) in suites.into_iter().filter(|(name, _)| wanted(name)) {
                 let outcome = suite(&mut ops, &mut checks).and_then(|()| ops.gpu.sync());
+                record_failure(&mut checks, name, outcome);
+            }
+            // Last, as it hands the operations to a server's decoder.
+            let name = "decoder_graph_replay";
+            if wanted(name) {
+                let outcome = replay::check_replayed_decodes(ops, &mut checks);
                 record_failure(&mut checks, name, outcome);
             }
         }

@@ -68,8 +68,8 @@ pub(super) fn check_gemm(ops: &mut CudaOps, checks: &mut Vec<Check>) -> Result<(
 
 /// Logits after two layers of bf16 activations: each layer's roundings may land on either
 /// side, so allow a few bf16 steps of the logits' scale.
-const E2E_RTOL: f64 = 1.0 / 32.0;
-const E2E_ATOL: f64 = 1.0 / 64.0;
+pub(super) const E2E_RTOL: f64 = 1.0 / 32.0;
+pub(super) const E2E_ATOL: f64 = 1.0 / 64.0;
 
 pub(super) fn check_decoder(ops: &mut CudaOps, checks: &mut Vec<Check>) -> Result<(), CudaError> {
     decoder_checks(ops, checks, false)

@@ -5,7 +5,9 @@ use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{CudaSlice, PushKernelArg};
 use serde::Serialize;
 
-use super::{attention_tiled, check_len, CudaCache, CudaOps, CudaStep, ATTN_THREADS, R};
+use super::{
+    attention_tiled, check_len, CudaCache, CudaOps, CudaStep, ATTN_MAX_KEYS, ATTN_THREADS, R,
+};
 use crate::backend::cuda::decoder::{tiled_chunk, DecoderOps, DecoderShape, SeqRows, StepBatch};
 use crate::backend::cuda::gpu::{cfg, n32};
 use crate::backend::cuda::CudaError;
@@ -116,7 +118,7 @@ impl CudaOps {
         if !(1..=4).contains(&hpb) || !group.is_multiple_of(hpb) {
             return Err(CudaError::Shape(format!("{hpb} of a group of {group} heads a block")));
         }
-        let (parts, size) = self.partitions(rows.n, s.heads / hpb, rows.context);
+        let (parts, size) = partitions(self.sms, rows.n, s.heads / hpb, rows.context);
         let n_ml = rows.n * s.heads * parts;
         let grow = self.part_ml.0.len() < n_ml || self.part_o.len() < n_ml * s.head_dim;
         if grow && self.capturing {
@@ -128,9 +130,11 @@ impl CudaOps {
         }
         if self.part_ml.0.len() < n_ml {
             self.part_ml = (self.gpu.zeros(n_ml)?, self.gpu.zeros(n_ml)?);
+            self.epoch += 1;
         }
         if self.part_o.len() < n_ml * s.head_dim {
             self.part_o = self.gpu.zeros(n_ml * s.head_dim)?;
+            self.epoch += 1;
         }
         let (mb, nh, nkv, hd, bs) = (
             st.max_blocks as i32,
@@ -279,6 +283,19 @@ impl Timed {
     }
 }
 
+/// (partitions, keys per partition) of attention over `max_context` keys: enough blocks to fill
+/// the SMs a few times over, no partition under 64 keys or over the kernel's ATTN_MAX_KEYS. The size is chosen
+/// for the rows and the context rounded up to powers of two, so a decode step padded to its
+/// CUDA graph's bucket (`decoder::graphs`) cuts each row's keys where the step run eagerly
+/// does: the same sums in the same order. Partitions past a row's keys add nothing.
+fn partitions(sms: usize, rows: usize, heads: usize, max_context: usize) -> (usize, usize) {
+    let (r, c) = (rows.max(1).next_power_of_two(), max_context.max(1).next_power_of_two());
+    let want = (4 * sms).div_ceil(r * heads.max(1));
+    let parts = want.clamp(1, c.div_ceil(64).max(1));
+    let size = c.div_ceil(parts).clamp(1, ATTN_MAX_KEYS);
+    (max_context.div_ceil(size).max(1), size)
+}
+
 #[cfg(test)]
 mod tests {
     use super::heads_per_block;
@@ -306,6 +323,33 @@ mod tests {
         let cases = [(64, 8, 4), (12, 2, 3), (9, 3, 3), (4, 2, 2), (40, 8, 1), (28, 4, 1)];
         for (heads, kv, want) in cases.into_iter().chain([(32, 32, 1)]) {
             assert_eq!(heads_per_block(64, &shape(heads, kv)), want, "{heads}/{kv}");
+        }
+    }
+
+    #[test]
+    fn partitions_cover_the_context_within_the_kernel_limit() {
+        for (rows, heads, ctx) in
+            [(1, 32, 1025), (256, 32, 1025), (1, 9, 1), (7, 4, 150), (2, 4, 5000)]
+        {
+            let (parts, size) = super::partitions(132, rows, heads, ctx);
+            assert!((1..=super::ATTN_MAX_KEYS).contains(&size), "{size}");
+            assert!(parts * size >= ctx && (parts - 1) * size < ctx, "{parts} x {size} for {ctx}");
+        }
+        // One sequence: many partitions; a big batch: as few as the limit allows.
+        assert!(super::partitions(132, 1, 32, 1025).0 >= 8);
+        assert_eq!(super::partitions(132, 256, 32, 1025).0, 3);
+    }
+
+    #[test]
+    fn a_padded_step_cuts_keys_where_the_eager_step_does() {
+        use crate::backend::cuda::decoder::graphs::{context_bucket, row_bucket};
+        for rows in 1..=300 {
+            for ctx in [1, 7, 64, 65, 300, 1000, 1025, 4096, 5000] {
+                let eager = super::partitions(132, rows, 32, ctx);
+                let padded = super::partitions(132, row_bucket(rows), 32, context_bucket(ctx));
+                assert_eq!(eager.1, padded.1, "{rows} rows, context {ctx}");
+                assert!(padded.0 >= eager.0);
+            }
         }
     }
 }

@@ -57,6 +57,8 @@ pub struct CudaOps {
     lora_u: CudaSlice<f32>,
     /// Set while a forward is being captured: nothing may be allocated then.
     capturing: bool,
+    /// Counts the times the buffers above were made anew (captured forwards point into them).
+    epoch: u64,
     /// Named events of a profiled forward (`start_profile`).
     profile: Option<Vec<(&'static str, CudaEvent)>>,
     /// The training step's kernels and scratch, made when training first needs them.
@@ -107,7 +109,7 @@ const WIDE_ROW_THREADS: u32 = 1024;
 /// `paged_attention_partial_bf16`'s ATTN_THREADS.
 const ATTN_THREADS: u32 = 128;
 /// `paged_attention_partial_bf16` keeps a partition's scores in shared memory: ATTN_MAX_KEYS.
-const ATTN_MAX_KEYS: usize = 512;
+pub(super) const ATTN_MAX_KEYS: usize = 512;
 
 impl CudaOps {
     pub fn new(mut gpu: Gpu) -> Result<Self, CudaError> {
@@ -144,6 +146,7 @@ impl CudaOps {
             gpu,
             profile: None,
             capturing: false,
+            epoch: 0,
             train: None,
         })
     }
@@ -170,12 +173,6 @@ impl CudaOps {
         // graph must not outlive them, see `capture`).
         unsafe { self.gemm.matmul(xp, wp, yp, (m, n, k), out) }
     }
-
-    /// Split-K partitions for a forward of `rows` rows: enough blocks to fill the SMs a few
-    /// times over, no partition under 64 keys or over the kernel's ATTN_MAX_KEYS.
-    fn partitions(&self, rows: usize, heads: usize, max_context: usize) -> (usize, usize) {
-        partitions(self.sms, rows, heads, max_context)
-    }
 }
 
 impl DecoderOps for CudaOps {
@@ -186,6 +183,7 @@ impl DecoderOps for CudaOps {
     type Cache = CudaCache;
     type Ids = (CudaSlice<u32>, CudaSlice<f32>);
     type LoraTable = CudaLoraTable;
+    type Graph = cudarc::driver::CudaGraph;
 
     fn mark(&mut self, name: &'static str) -> R {
         if let Some(p) = &mut self.profile {
@@ -231,6 +229,7 @@ impl DecoderOps for CudaOps {
                 return Err(CudaError::Shape("LoRA scratch would grow during a capture".into()));
             }
             self.lora_u = self.gpu.zeros(rows * d.max_rank)?;
+            self.epoch += 1;
         }
         launch_shrink(&self.gpu, &self.k, st, x, t, &mut self.lora_u, d)?;
         launch_expand(&self.gpu, &self.k, st, &self.lora_u, t, y, d)
@@ -291,6 +290,25 @@ impl DecoderOps for CudaOps {
             paged_context: b.paged_context,
             all_rows: all.map(|a: Vec<i32>| g.up(&a)).transpose()?,
         })
+    }
+
+    fn upload_into(&mut self, st: &mut CudaStep, b: &StepBatch, cos: &[f32], sin: &[f32]) -> R {
+        self.upload_in_place(st, b, cos, sin)
+    }
+
+    fn record<F: FnOnce(&mut Self) -> R>(
+        &mut self,
+        f: F,
+    ) -> Result<Option<Self::Graph>, CudaError> {
+        self.capture(f).map(Some)
+    }
+
+    fn replay(&mut self, graph: &Self::Graph) -> R {
+        Ok(graph.launch()?)
+    }
+
+    fn epoch(&self) -> u64 {
+        self.epoch
     }
 
     fn embedding(
@@ -514,14 +532,6 @@ impl DecoderOps for CudaOps {
     }
 }
 
-/// (partitions, keys per partition) of attention over `max_context` keys.
-fn partitions(sms: usize, rows: usize, heads: usize, max_context: usize) -> (usize, usize) {
-    let want = (4 * sms).div_ceil((rows * heads).max(1));
-    let parts = want.clamp(1, max_context.div_ceil(64).max(1));
-    let size = max_context.div_ceil(parts).clamp(1, ATTN_MAX_KEYS);
-    (max_context.div_ceil(size).max(1), size)
-}
-
 /// The cache holds every block the batch's tables reach, K and V alike.
 fn check_cache(cache: &CudaCache, st: &CudaStep, s: &DecoderShape) -> R {
     let blocks = cache.k.len() / (s.block_size * s.kv_dim()).max(1);
@@ -539,21 +549,4 @@ fn check_len(have: usize, need: usize, what: &str) -> R {
         return Err(CudaError::Shape(format!("{what}: {have} elements where {need} are needed")));
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn partitions_cover_the_context_within_the_kernel_limit() {
-        for (rows, heads, ctx) in
-            [(1, 32, 1025), (256, 32, 1025), (1, 9, 1), (7, 4, 150), (2, 4, 5000)]
-        {
-            let (parts, size) = super::partitions(132, rows, heads, ctx);
-            assert!((1..=super::ATTN_MAX_KEYS).contains(&size), "{size}");
-            assert!(parts * size >= ctx && (parts - 1) * size < ctx, "{parts} x {size} for {ctx}");
-        }
-        // One sequence: many partitions; a big batch: as few as the limit allows.
-        assert!(super::partitions(132, 1, 32, 1025).0 >= 8);
-        assert_eq!(super::partitions(132, 256, 32, 1025).0, 3);
-    }
 }

@@ -89,7 +89,7 @@ impl CudaOps {
 
     /// Copies `batch` into the buffers of `step` in place (a captured forward reads them at
     /// fixed addresses). The batch must have the same shape as the one `step` was made from.
-    pub fn upload_into(
+    pub fn upload_in_place(
         &mut self,
         step: &mut CudaStep,
         b: &StepBatch,
