@@ -165,8 +165,8 @@ fn forward_on_device_with<O: DecoderOps>(
     ops.argmax(&sc.logits, rows, s.vocab, &mut sc.ids)
 }
 
-/// Every layer, then the output head on each of the step's rows into `scratch.logits`: a
-/// decode step as a server replays it (`graphs`), nothing brought back.
+/// Every layer (with the rows' adapters), then the output head on each of the step's rows into
+/// `scratch.logits`: a decode step as a server replays it (`graphs`), nothing brought back.
 pub(super) fn logits_on_device<O: DecoderOps>(
     ops: &mut O,
     s: &DecoderShape,
@@ -174,8 +174,9 @@ pub(super) fn logits_on_device<O: DecoderOps>(
     caches: &mut [O::Cache],
     step: &O::Step,
     sc: &mut Scratch<O>,
+    lora: Option<&LoraSet<O::LoraTable>>,
 ) -> R {
-    let rows = layers_on_device(ops, s, w, caches, step, sc, None, None)?;
+    let rows = layers_on_device(ops, s, w, caches, step, sc, lora, None)?;
     if rows > sc.logits_rows {
         return Err(CudaError::Shape(format!("logits of {rows} rows for {}", sc.logits_rows)));
     }

@@ -1,5 +1,5 @@
 //! Decode steps replayed as CUDA graphs. A step of decodes alone (one row a sequence, every row
-//! sampled, no adapter) is padded to a bucket of rows and a bucket of context. The first step
+//! sampled) is padded to a bucket of rows and a bucket of context. The first step
 //! of a bucket runs as usual and is then recorded; each later one copies its batch into the
 //! recorded step's buffers and replays the graph: one launch for the whole forward instead of
 //! some ten a layer, each with its host-side cost and the gap it leaves on the GPU.
@@ -40,6 +40,8 @@ pub fn context_bucket(context: usize) -> usize {
 struct Key {
     rows: usize,
     context: usize,
+    /// Whether rows run through the resident adapters' tables (recorded with their launches).
+    adapters: bool,
 }
 
 struct Recorded<O: DecoderOps> {
@@ -73,17 +75,19 @@ impl<O: DecoderOps> DecodeGraphs<O> {
     }
 
     /// `seqs` padded to their bucket, or `None` when they are not a step a graph takes: one
-    /// row a sequence without adapter, each row's logits wanted in order, at most
-    /// `max_rows` rows once padded.
+    /// row a sequence, each row's logits wanted in order, at most `max_rows` rows once
+    /// padded. Rows with adapters need `adapter_slots` (the resident adapters) above 0.
     fn padded(
         &self,
         seqs: &[SeqRows],
         logits_rows: &[u32],
         block_size: usize,
         max_rows: usize,
+        adapter_slots: usize,
     ) -> Result<Option<(StepBatch, Key)>, CudaError> {
         let n = seqs.len();
-        let decodes = seqs.iter().all(|q| q.tokens.len() == 1 && q.adapter.is_none());
+        let adapters = seqs.iter().any(|q| q.adapter.is_some());
+        let decodes = seqs.iter().all(|q| q.tokens.len() == 1) && (!adapters || adapter_slots > 0);
         let in_order = logits_rows.iter().enumerate().all(|(i, &r)| r as usize == i);
         let rows = row_bucket(n);
         if n == 0 || !decodes || logits_rows.len() != n || !in_order || rows > max_rows {
@@ -113,7 +117,7 @@ impl<O: DecoderOps> DecodeGraphs<O> {
                 tokens: q.tokens.clone(),
                 start: q.start,
                 block_table: table(&q.block_table),
-                adapter: None,
+                adapter: q.adapter,
             })
             .collect();
         padded.resize_with(rows, || SeqRows {
@@ -123,10 +127,20 @@ impl<O: DecoderOps> DecodeGraphs<O> {
             adapter: None,
         });
         let mut batch = StepBatch::new(padded, block_size)?;
-        // The recorded launches are sized for the bucket's context.
+        // The recorded launches are sized for the bucket's context, and for every resident
+        // adapter's slot whichever the rows name.
         batch.max_context = context;
         batch.paged_context = context;
-        Ok(Some((batch, Key { rows, context })))
+        if adapters {
+            if batch.slots_needed > adapter_slots {
+                return Err(CudaError::Shape(format!(
+                    "adapter slot {} of {adapter_slots}",
+                    batch.slots_needed - 1
+                )));
+            }
+            batch.slots_needed = adapter_slots;
+        }
+        Ok(Some((batch, Key { rows, context, adapters })))
     }
 }
 
@@ -154,11 +168,13 @@ impl<O: TrainOps> DeviceDecoder<O> {
             return Ok(None);
         };
         let max_rows = sc.rows.min(sc.logits_rows).min(MAX_GRAPH_ROWS);
-        let Some((batch, key)) = g.padded(seqs, logits_rows, self.shape.block_size, max_rows)?
-        else {
+        let slots = if self.lora.is_some() { self.resident.len() } else { 0 };
+        let bs = self.shape.block_size;
+        let Some((batch, key)) = g.padded(seqs, logits_rows, bs, max_rows, slots)? else {
             return Ok(None);
         };
         let (ops, s, w, caches) = (&mut self.ops, &self.shape, &self.weights, &mut self.caches);
+        let lora = if key.adapters { self.lora.as_ref() } else { None };
         let (cos, sin) = rope_tables(&self.inv_freq, &batch.positions);
         if ops.epoch() != g.epoch {
             g.clear();
@@ -175,13 +191,13 @@ impl<O: TrainOps> DeviceDecoder<O> {
         }
         // The bucket's first step: run it, then record the same launches over its buffers.
         let step = ops.upload(&batch, &cos, &sin)?;
-        logits_on_device(ops, s, w, caches, &step, sc)?;
+        logits_on_device(ops, s, w, caches, &step, sc, lora)?;
         let out = rows_out(ops, s, sc, n, want)?;
         if ops.epoch() != g.epoch {
             g.clear();
             g.epoch = ops.epoch();
         }
-        match ops.record(|o| logits_on_device(o, s, w, caches, &step, sc)) {
+        match ops.record(|o| logits_on_device(o, s, w, caches, &step, sc, lora)) {
             Ok(Some(graph)) => {
                 if g.recorded.len() >= MAX_GRAPHS {
                     if let Some(i) = (0..g.recorded.len()).min_by_key(|&i| g.recorded[i].used) {
@@ -208,21 +224,40 @@ mod tests {
     use super::*;
     use crate::backend::cuda::decoder::host::HostOps;
     use crate::backend::cuda::decoder::tiny::tiny_decoder;
+    use crate::lora::{AdapterLease, LoraConfig, LoraWeights, ServedAdapter};
+    use std::sync::Arc;
 
-    fn decoder(replay: bool) -> DeviceDecoder<HostOps> {
+    /// The tiny decoder with `adapter` resident in slot 0.
+    fn decoder(replay: bool, adapter: &AdapterLease) -> DeviceDecoder<HostOps> {
         let (c, s, w) = tiny_decoder();
         let mut d = DeviceDecoder::new(HostOps, s, w, c.rope_inv_freq(), 40, 64).unwrap();
         d.replay_decodes(replay);
+        assert_eq!(d.place_adapters(&[adapter]).unwrap(), [0]);
         d
+    }
+
+    /// An adapter on every projection with B away from zero, so it changes what it touches.
+    fn adapter() -> AdapterLease {
+        let (c, _, _) = tiny_decoder();
+        let mut weights = LoraWeights::init(&LoraConfig { r: 2, ..LoraConfig::default() }, &c, 3);
+        for pair in weights.layers.iter_mut().flatten().flatten() {
+            for (i, b) in pair.b.iter_mut().enumerate() {
+                *b = ((i * 7919) % 17) as f32 / 17.0 - 0.5;
+            }
+        }
+        Arc::new(ServedAdapter { id: "ft:tiny".into(), weights, created: 0 })
     }
 
     /// Padded steps (the host does not record, so each one runs padded) give every real row
     /// what the step run as it comes gives, and leave the sequences' caches as it does, over
-    /// batches whose size and context buckets change, tables longer than needed included.
+    /// batches whose size and context buckets change, tables longer than needed included, and
+    /// with and without a row through an adapter (sequence 1's).
     #[test]
     fn a_padded_decode_step_computes_what_the_step_alone_does() {
         use crate::backend::cuda::twins::argmax_logprob;
-        let (mut padded, mut plain) = (decoder(true), decoder(false));
+        let lease = adapter();
+        let (mut padded, mut plain) = (decoder(true, &lease), decoder(false, &lease));
+        let slot = |i: usize| (i == 1).then_some(0);
         // Five sequences of eight blocks each (the last ones never reached), disjoint.
         let lens = [3usize, 14, 31, 15, 9];
         let table = |i: usize| -> Vec<u32> { (0..8).map(|b| (39 - i * 8 - b) as u32).collect() };
@@ -233,7 +268,7 @@ mod tests {
                 tokens: (0..n).map(|j| ((i * 31 + j * 7) % 200) as u32).collect(),
                 start: 0,
                 block_table: table(i),
-                adapter: None,
+                adapter: slot(i),
             })
             .collect();
         let last: Vec<u32> =
@@ -262,7 +297,7 @@ mod tests {
                     tokens: vec![next[i]],
                     start: pos[i],
                     block_table: table(i),
-                    adapter: None,
+                    adapter: slot(i),
                 })
                 .collect();
             let rows: Vec<u32> = (0..act.len() as u32).collect();

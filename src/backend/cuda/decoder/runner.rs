@@ -293,7 +293,11 @@ impl<O: TrainOps> DeviceDecoder<O> {
                     next.push(Arc::clone(r));
                 }
             }
-            // The old tables go first, and the joined ones that point into them before.
+            // The old tables go first, and the joined ones and recorded steps that point into
+            // them before.
+            if let Some(g) = &mut self.graphs {
+                g.clear();
+            }
             self.joined = None;
             self.lora = None;
             self.resident = Vec::new();

@@ -1,7 +1,12 @@
 //! Decode steps as a server runs them on the device (`DeviceDecoder` with `replay_decodes`):
 //! padded to their bucket and replayed as CUDA graphs, against the same steps run eagerly.
 
-use super::model::{small_model, small_shape, E2E_ATOL, E2E_RTOL};
+use std::sync::Arc;
+
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+
+use super::model::{random_adapter, small_model, small_shape, E2E_ATOL, E2E_RTOL};
 use super::{compare, Check};
 use crate::backend::cuda::decoder::cuda::CudaOps;
 use crate::backend::cuda::decoder::graphs::{context_bucket, row_bucket};
@@ -9,13 +14,15 @@ use crate::backend::cuda::decoder::runner::{DeviceDecoder, DeviceModel};
 use crate::backend::cuda::decoder::{RowsOut, SeqRows, Want};
 use crate::backend::cuda::twins::argmax_logprob;
 use crate::backend::cuda::CudaError;
+use crate::lora::ServedAdapter;
 
 /// Blocks a sequence has (the last ones are never reached).
 const PER_SEQ: usize = 8;
 
 /// Five sequences prefilled, then decode steps of 5, 3, 1 and 2 of them (row buckets 8, 4, 1
-/// and 2) with contexts crossing 32 and 64. Each step runs eagerly, then replayed (recorded
-/// first where its bucket is new); both write the same K and V from the same inputs.
+/// and 2) with contexts crossing 32 and 64, sequence 1 through an adapter (steps with it are
+/// recorded with the LoRA launches). Each step runs eagerly, then replayed (recorded first
+/// where its bucket is new); both write the same K and V from the same inputs.
 pub(super) fn check_replayed_decodes(
     mut ops: CudaOps,
     checks: &mut Vec<Check>,
@@ -26,7 +33,10 @@ pub(super) fn check_replayed_decodes(
     let blocks = lens.len() * PER_SEQ;
     let mut d = DeviceDecoder::new(ops, s.clone(), weights, inv_freq, blocks, 64)?;
     d.replay_decodes(true);
-    // Blocks in reverse order, so a slot is never its row's position by accident.
+    let weights = random_adapter(&s, 8, &mut StdRng::seed_from_u64(5));
+    let lease = Arc::new(ServedAdapter { id: "ft:selftest".into(), weights, created: 0 });
+    let slot = d.place_adapters(&[&lease])?[0];
+    let adapter = |i: usize| (i == 1).then_some(slot); // Blocks in reverse order, so a slot is never its row's position by accident.
     let table = |i: usize| -> Vec<u32> {
         (0..PER_SEQ).map(|b| (blocks - 1 - i * PER_SEQ - b) as u32).collect()
     };
@@ -37,7 +47,7 @@ pub(super) fn check_replayed_decodes(
             tokens: (0..n).map(|j| ((i * 131 + j * 17) % s.vocab) as u32).collect(),
             start: 0,
             block_table: table(i),
-            adapter: None,
+            adapter: adapter(i),
         })
         .collect();
     let last: Vec<u32> =
@@ -66,13 +76,14 @@ pub(super) fn check_replayed_decodes(
                 tokens: vec![next[i]],
                 start: pos[i],
                 block_table: table(i),
-                adapter: None,
+                adapter: adapter(i),
             })
             .collect();
         let rows: Vec<u32> = (0..act.len() as u32).collect();
         let key = (
             row_bucket(act.len()),
             context_bucket(act.iter().map(|&i| pos[i] + 1).max().unwrap_or(1)),
+            act.contains(&1),
         );
         let eager = logits(d.forward_seqs(batch.clone(), &rows, Want::Logits)?)?;
         let replayed = d
@@ -80,8 +91,9 @@ pub(super) fn check_replayed_decodes(
             .ok_or_else(|| CudaError::Shape("a decode step the graphs did not take".into()))?;
         let replayed = logits(replayed)?;
         let recorded = if keys.contains(&key) { "replayed" } else { "recorded" };
+        let through = if key.2 { " (one through an adapter)" } else { "" };
         let shape = format!(
-            "step {step}: {} rows padded to {}, context bucket {}, {recorded}",
+            "step {step}: {} rows padded to {}{through}, context bucket {}, {recorded}",
             act.len(),
             key.0,
             key.1
