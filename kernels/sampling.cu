@@ -58,7 +58,9 @@ extern "C" __global__ void argmax_logprob_f32(const float* __restrict__ logits, 
 //
 // Weights exp((logit - max) / temperature) are summed in 2^40 fixed point: integer sums are
 // exact in any order, so a row draws the same token on every run (atomics included).
-// CPU twin: twins::sample_row.
+// The log-probabilities are of `raw`: the logits before the penalties applied to `logits`
+// (apply_penalties_f32), or `logits` itself when there are none.
+// CPU twin: sampling::sample_row_from.
 
 #define SAMPLE_THREADS 1024
 #define MAX_TOP_LOGPROBS 20
@@ -222,7 +224,8 @@ __device__ void count_ties_before(const float* x, int lo, int hi, RankPrefix& p,
     p.before = block_exclusive_scan(ties, scratch, &total);
 }
 
-extern "C" __global__ void sample_rows_f32(const float* __restrict__ logits, int vocab,
+extern "C" __global__ void sample_rows_f32(const float* __restrict__ logits,
+                                           const float* __restrict__ raw_logits, int vocab,
                                            const SampleRow* __restrict__ params,
                                            unsigned int* __restrict__ ids,
                                            float* __restrict__ logprobs,
@@ -240,6 +243,7 @@ extern "C" __global__ void sample_rows_f32(const float* __restrict__ logits, int
 
     const SampleRow p = params[blockIdx.x];
     const float* x = logits + (size_t)blockIdx.x * vocab;
+    const float* raw = raw_logits + (size_t)blockIdx.x * vocab;
     const int run = (vocab + blockDim.x - 1) / blockDim.x;
     const int lo = min((int)threadIdx.x * run, vocab), hi = min(lo + run, vocab);
 
@@ -279,13 +283,21 @@ extern "C" __global__ void sample_rows_f32(const float* __restrict__ logits, int
     const float mx = fscratch[0];
     __syncthreads();
 
-    // log-softmax normaliser of the raw logits, for the reported log-probabilities.
+    // log-softmax normaliser of the raw logits, for the reported log-probabilities (the same
+    // pointer for every thread of the block, so all or none take the branch).
+    float raw_mx = mx;
+    if (raw != x) {
+        float m = NEG_INF;
+        for (int i = lo; i < hi; ++i) m = fmaxf(m, logit_at(raw, i));
+        raw_mx = block_max(m, fscratch);
+    }
     float sum = 0.f;
-    if (mx > NEG_INF)
-        for (int i = lo; i < hi; ++i) sum += expf(logit_at(x, i) - mx);
+    if (raw_mx > NEG_INF)
+        for (int i = lo; i < hi; ++i) sum += expf(logit_at(raw, i) - raw_mx);
     sum = block_sum(sum, fscratch);
     const bool finite = mx > NEG_INF && mx < -NEG_INF;
-    const float log_z = finite ? mx + logf(sum) : mx;
+    const bool raw_finite = raw_mx > NEG_INF && raw_mx < -NEG_INF;
+    const float log_z = raw_finite ? raw_mx + logf(sum) : raw_mx;
 
     if (p.temperature >= GREEDY_TEMPERATURE && finite) {
         const Weights w = {mx, 1.0f / p.temperature};
@@ -356,7 +368,7 @@ extern "C" __global__ void sample_rows_f32(const float* __restrict__ logits, int
 
     if (threadIdx.x == 0) {
         ids[blockIdx.x] = chosen;
-        logprobs[blockIdx.x] = logit_at(x, chosen) - log_z;
+        logprobs[blockIdx.x] = logit_at(raw, chosen) - log_z;
     }
 
     // The most likely tokens of the raw logits, best first (ties to the lower id).
@@ -365,22 +377,22 @@ extern "C" __global__ void sample_rows_f32(const float* __restrict__ logits, int
         CountAll all;
         u64 above;
         RankPrefix top = {true, 0u, 0ull, 0ull, 0ull};
-        top.cut = radix_select(x, lo, hi, (u64)n_top, all, hist, &shared_prefix, &shared_above,
-                               &above);
+        top.cut = radix_select(raw, lo, hi, (u64)n_top, all, hist, &shared_prefix,
+                               &shared_above, &above);
         top.rest = (u64)n_top - above;
-        count_ties_before(x, lo, hi, top, scan);
+        count_ties_before(raw, lo, hi, top, scan);
         top.start();
         for (int i = lo; i < hi; ++i)
-            if (top.take(order_key(logit_at(x, i)))) top_found[atomicAdd(&top_count, 1u)] = i;
+            if (top.take(order_key(logit_at(raw, i)))) top_found[atomicAdd(&top_count, 1u)] = i;
         __syncthreads();
         if (threadIdx.x == 0) {
             // Insertion sort of at most MAX_TOP_LOGPROBS entries.
             for (int a = 1; a < n_top; ++a) {
                 const unsigned int id = top_found[a];
-                const float v = logit_at(x, id);
+                const float v = logit_at(raw, id);
                 int b = a - 1;
                 for (; b >= 0; --b) {
-                    const float bvv = logit_at(x, top_found[b]);
+                    const float bvv = logit_at(raw, top_found[b]);
                     if (bvv > v || (bvv == v && top_found[b] < id)) break;
                     top_found[b + 1] = top_found[b];
                 }
@@ -389,7 +401,7 @@ extern "C" __global__ void sample_rows_f32(const float* __restrict__ logits, int
             for (int a = 0; a < n_top; ++a) {
                 top_ids[(size_t)blockIdx.x * MAX_TOP_LOGPROBS + a] = top_found[a];
                 top_logprobs[(size_t)blockIdx.x * MAX_TOP_LOGPROBS + a] =
-                    logit_at(x, top_found[a]) - log_z;
+                    logit_at(raw, top_found[a]) - log_z;
             }
         }
     }

@@ -234,16 +234,10 @@ pub fn is_plain_greedy(p: &SamplingParams) -> bool {
 }
 
 /// Whether the device sampler can pick this sequence's tokens: it knows temperature, top-k,
-/// top-p, min-p, the penalties and up to [`MAX_TOP_LOGPROBS`] alternatives, not prompt
-/// logprobs, nor logprobs with a penalty (they are the raw logits', which a penalised row on
-/// the device no longer holds).
+/// top-p, min-p, the penalties (its logprobs are still of the logits before them, as here) and
+/// up to [`MAX_TOP_LOGPROBS`] alternatives, not prompt logprobs.
 pub fn samples_on_device(p: &SamplingParams) -> bool {
-    let penalised = (p.repetition_penalty != 1.0 && p.repetition_penalty > 0.0)
-        || p.frequency_penalty != 0.0
-        || p.presence_penalty != 0.0;
-    p.logprobs.unwrap_or(0) <= MAX_TOP_LOGPROBS
-        && p.prompt_logprobs.is_none()
-        && !(penalised && p.logprobs.is_some())
+    p.logprobs.unwrap_or(0) <= MAX_TOP_LOGPROBS && p.prompt_logprobs.is_none()
 }
 
 impl SamplerState {

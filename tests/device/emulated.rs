@@ -181,8 +181,8 @@ async fn a_server_on_the_emulated_device_samples_and_fine_tunes() {
         }
     };
 
-    // Greedy, sampled with every filter (twice with one seed), and with a penalty (the host
-    // draws then): all on the device's forward, the first two picked there.
+    // Greedy, sampled with every filter (twice with one seed), and with a penalty: all on the
+    // device's forward and picked there.
     let greedy = complete(json!({"model": model_id, "prompt": "hello", "max_tokens": 6,
                                   "temperature": 0, "ignore_eos": true, "logprobs": 2,
                                   "return_tokens_as_token_ids": true}))

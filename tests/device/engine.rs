@@ -16,7 +16,7 @@ use coserve::backend::cuda::decoder::runner::{AdapterRows, DeviceModel};
 use coserve::backend::cuda::decoder::{RowsOut, Want};
 use coserve::backend::cuda::CudaError;
 use coserve::engine::sampler::logprobs_of;
-use coserve::engine::{Backend, EngineConfig, EngineEvent, SamplingParams};
+use coserve::engine::{Backend, EngineConfig, EngineEvent, SamplingParams, TokenLogprob};
 use coserve::lora::{AdapterLease, LoraConfig, LoraWeights, ServedAdapter};
 use coserve::model::llama::ForwardBatch;
 use coserve::model::loader::load_model;
@@ -24,7 +24,7 @@ use coserve::model::weights::WeightsDtype;
 use serde_json::{json, Value};
 
 use common::device::{padding_twin_backend, twin_backend, wrap_device};
-use common::engine::{collect, metric_value, request, TestEngine};
+use common::engine::{collect, metric_value, request, Generation, TestEngine};
 use common::multipart::upload;
 use common::server::TestServer;
 use common::tiny_model::{write_gguf, TinyShape};
@@ -436,8 +436,9 @@ fn penalised_sequences_sample_on_the_device_as_on_the_host() {
         p.frequency_penalty = 0.7;
         p.presence_penalty = 0.4;
     };
-    // Prompt i: greedy when i is even, seeded sampling when odd.
-    let run = |penalised: bool, on_host: bool| -> Vec<Vec<u32>> {
+    // Prompt i: greedy when i is even, seeded sampling when odd, each with two alternatives'
+    // logprobs (of the logits before the penalties).
+    let run = |penalised: bool, on_host: bool| -> Vec<Generation> {
         // Prompt logprobs keep a row's logits, and so its whole batch's, on the host.
         let other = on_host.then(|| {
             let p = SamplingParams { prompt_logprobs: Some(0), max_tokens: 40, ..params() };
@@ -445,7 +446,7 @@ fn penalised_sequences_sample_on_the_device_as_on_the_host() {
         });
         let streams: Vec<_> = (0..prompts().len())
             .map(|i| {
-                let mut p = SamplingParams { logprobs: None, ..sampled(7 + i as u64, 0) };
+                let mut p = SamplingParams { logprobs: Some(2), ..sampled(7 + i as u64, 0) };
                 if i % 2 == 0 {
                     p.temperature = 0.0;
                 }
@@ -455,7 +456,7 @@ fn penalised_sequences_sample_on_the_device_as_on_the_host() {
                 engine.handle.submit(request(prompts()[i].clone(), p)).expect("submit")
             })
             .collect();
-        let out = streams.into_iter().map(|s| collect(s).tokens).collect();
+        let out = streams.into_iter().map(collect).collect();
         other.map(collect);
         out
     };
@@ -473,8 +474,21 @@ fn penalised_sequences_sample_on_the_device_as_on_the_host() {
     let host = run(true, true);
     assert!(counts.lock().expect("counts")[0] > 0, "sampled on the host");
     assert!(sampled_on("host") >= rows, "{} rows sampled on the host", sampled_on("host"));
-    assert_eq!(device, host, "penalised tokens, device against host");
-    assert_ne!(device, run(false, false), "the penalties change the tokens");
+    let tokens =
+        |g: &[Generation]| -> Vec<Vec<u32>> { g.iter().map(|g| g.tokens.clone()).collect() };
+    assert_eq!(tokens(&device), tokens(&host), "penalised tokens, device against host");
+    for (d, h) in device.iter().zip(&host) {
+        for (d, h) in d.logprobs.iter().zip(&h.logprobs) {
+            let (d, h) = (d.as_ref().expect("a logprob"), h.as_ref().expect("a logprob"));
+            assert!((d.logprob - h.logprob).abs() < 1e-4, "{d:?} against {h:?}");
+            let ids = |t: &TokenLogprob| -> Vec<u32> { t.top.iter().map(|a| a.0).collect() };
+            assert_eq!(ids(d), ids(h), "alternatives");
+            for (a, b) in d.top.iter().zip(&h.top) {
+                assert!((a.1 - b.1).abs() < 1e-4, "{d:?} against {h:?}");
+            }
+        }
+    }
+    assert_ne!(tokens(&device), tokens(&run(false, false)), "the penalties change the tokens");
 }
 
 /// A device that faults for good on its third forward, as a poisoned CUDA context does.

@@ -264,29 +264,38 @@ pub fn draw(kept: &[(u32, u64)], u: f64) -> Option<u32> {
         .map(|&(id, _)| id)
 }
 
-/// `sample_rows_f32` for one row.
+/// `sample_rows_f32` for one row without penalties.
 pub fn sample_row(row: &[f32], p: &RowSampling) -> RowSample {
-    if row.is_empty() {
+    sample_row_from(row, row, p)
+}
+
+/// `sample_rows_f32` for one row: drawn from `row`, log-probabilities of `raw` (the row
+/// before its penalties; as long).
+pub fn sample_row_from(row: &[f32], raw: &[f32], p: &RowSampling) -> RowSample {
+    if row.is_empty() || raw.len() != row.len() {
         return RowSample { id: 0, logprob: f32::NEG_INFINITY, top: Vec::new() };
     }
-    let (max, best) = argmax(row);
-    let log_z = if max.is_finite() {
-        let sum: f64 = (0..row.len()).map(|i| ((logit(row, i) - max) as f64).exp()).sum();
-        max + sum.ln() as f32
+    let best = argmax(row).1;
+    let raw_max = argmax(raw).0;
+    let log_z = if raw_max.is_finite() {
+        let sum: f64 = (0..raw.len()).map(|i| ((logit(raw, i) - raw_max) as f64).exp()).sum();
+        raw_max + sum.ln() as f32
     } else {
-        max
+        raw_max
     };
     let id = draw(&kept_weights(row, p), p.u).unwrap_or(best);
     let n_top = (p.top_logprobs as usize).min(MAX_TOP_LOGPROBS);
-    let top = top_ranked(row, n_top).iter().map(|&t| (t, logit(row, t as usize) - log_z)).collect();
-    RowSample { id, logprob: logit(row, id as usize) - log_z, top }
+    let top = top_ranked(raw, n_top).iter().map(|&t| (t, logit(raw, t as usize) - log_z)).collect();
+    RowSample { id, logprob: logit(raw, id as usize) - log_z, top }
 }
 
 /// Runs `sample_rows_f32` on the first `params.len()` rows of `logits` (`vocab` wide) and
-/// brings back each row's pick.
+/// brings back each row's pick, its log-probabilities of `raw` (the rows before their
+/// penalties) where given, else of `logits`.
 pub fn sample_on_device(
     gpu: &mut Gpu,
     logits: &CudaSlice<f32>,
+    raw: Option<&CudaSlice<f32>>,
     vocab: usize,
     params: &[RowSampling],
 ) -> Result<Vec<RowSample>, CudaError> {
@@ -294,8 +303,9 @@ pub fn sample_on_device(
     if rows == 0 {
         return Ok(Vec::new());
     }
+    let raw = raw.unwrap_or(logits);
     let v = i32::try_from(vocab).ok().filter(|&v| v > 0);
-    let (Some(v), true) = (v, logits.len() >= rows * vocab) else {
+    let (Some(v), true) = (v, logits.len().min(raw.len()) >= rows * vocab) else {
         return Err(CudaError::Shape(format!(
             "sampling {rows} rows of {vocab} from {} logits",
             logits.len()
@@ -308,11 +318,11 @@ pub fn sample_on_device(
     let mut top_lps = gpu.zeros::<f32>(rows * MAX_TOP_LOGPROBS)?;
     let f = gpu.func("sampling.cu", "sample_rows_f32")?;
     let mut b = gpu.stream.launch_builder(&f);
-    b.arg(logits).arg(&v).arg(&packed).arg(&mut ids).arg(&mut lps);
+    b.arg(logits).arg(raw).arg(&v).arg(&packed).arg(&mut ids).arg(&mut lps);
     b.arg(&mut top_ids).arg(&mut top_lps);
     // SAFETY: argument list matches sample_rows_f32, one block of the 1024 threads it is
     // written for per row; `packed` holds a 32-byte SampleRow per row, the outputs one entry
-    // (MAX_TOP_LOGPROBS for the top lists) per row, `logits` rows * vocab (checked).
+    // (MAX_TOP_LOGPROBS for the top lists) per row, `logits` and `raw` rows * vocab (checked).
     unsafe { b.launch(cfg((n32(rows), 1, 1), 1024)) }?;
     let (ids, lps) = (gpu.down(&ids)?, gpu.down(&lps)?);
     let (top_ids, top_lps) = (gpu.down(&top_ids)?, gpu.down(&top_lps)?);

@@ -5,9 +5,9 @@ use rand::SeedableRng;
 
 use crate::common::emulation::{assert_close, Arg, Emulated};
 use coserve::backend::cuda::sampling::{
-    apply_penalties, sample_row, RowSampling, MAX_TOP_LOGPROBS,
+    apply_penalties, sample_row_from, RowSampling, MAX_TOP_LOGPROBS,
 };
-use coserve::backend::cuda::selftest::sampling::{cases, penalty_cases};
+use coserve::backend::cuda::selftest::sampling::{cases, penalised_copy, penalty_cases};
 use coserve::backend::cuda::twins;
 
 #[test]
@@ -17,40 +17,62 @@ fn sampling_kernels_pick_what_their_twins_pick() {
     // Under and over one logit per thread, and one not a multiple of the block.
     for vocab in [40usize, 1000, 5003] {
         // The selftest's rows: every filter alone and together, ties, -inf and NaN.
-        let (logits, params) = cases(&mut rng, vocab);
-        let n = params.len();
-        let packed: Vec<u32> = params.iter().flat_map(RowSampling::pack).collect();
-        let (mut ids, mut lps) = (vec![0u32; n], vec![0f32; n]);
-        let (mut top_ids, mut top_lps) =
-            (vec![0u32; n * MAX_TOP_LOGPROBS], vec![0f32; n * MAX_TOP_LOGPROBS]);
-        // SAFETY: sample_rows_f32's parameters; every buffer holds what n rows need.
-        unsafe {
-            emu.launch(
-                "sample_rows_f32",
-                (n as u32, 1, 1),
-                1024,
-                &[
-                    Arg::ptr(&logits),
-                    Arg::i32(vocab as i32),
-                    Arg::ptr(&packed),
-                    Arg::ptr_mut(&mut ids),
-                    Arg::ptr_mut(&mut lps),
-                    Arg::ptr_mut(&mut top_ids),
-                    Arg::ptr_mut(&mut top_lps),
-                ],
-            )
-        };
-        for (r, (row, p)) in logits.chunks_exact(vocab).zip(&params).enumerate() {
-            let want = sample_row(row, p);
-            // The same libm's expf on both sides: the same weights, so the same draw.
-            assert_eq!(ids[r], want.id, "vocab {vocab}, row {r} {p:?}");
-            assert_close(&format!("logprob, row {r}"), &lps[r..=r], &[want.logprob], 1e-5, 1e-5);
-            let at = r * MAX_TOP_LOGPROBS..r * MAX_TOP_LOGPROBS + want.top.len();
-            let want_ids: Vec<u32> = want.top.iter().map(|t| t.0).collect();
-            let want_lps: Vec<f32> = want.top.iter().map(|t| t.1).collect();
-            assert_eq!(top_ids[at.clone()], want_ids[..], "top ids, vocab {vocab}, row {r}");
-            assert_close(&format!("top logprobs, row {r}"), &top_lps[at], &want_lps, 1e-5, 1e-5);
+        let (raw, params) = cases(&mut rng, vocab);
+        // Drawn from the rows as given, then from rows changed as penalties change them with
+        // the log-probabilities of the rows before.
+        for changed in [false, true] {
+            let logits = if changed { penalised_copy(&raw) } else { raw.clone() };
+            let n = params.len();
+            let packed: Vec<u32> = params.iter().flat_map(RowSampling::pack).collect();
+            let (mut ids, mut lps) = (vec![0u32; n], vec![0f32; n]);
+            let (mut top_ids, mut top_lps) =
+                (vec![0u32; n * MAX_TOP_LOGPROBS], vec![0f32; n * MAX_TOP_LOGPROBS]);
+            // SAFETY: sample_rows_f32's parameters; every buffer holds what n rows need.
+            unsafe {
+                emu.launch(
+                    "sample_rows_f32",
+                    (n as u32, 1, 1),
+                    1024,
+                    &[
+                        Arg::ptr(&logits),
+                        // One pointer for both when nothing changed, as the device path passes.
+                        Arg::ptr(if changed { &raw } else { &logits }),
+                        Arg::i32(vocab as i32),
+                        Arg::ptr(&packed),
+                        Arg::ptr_mut(&mut ids),
+                        Arg::ptr_mut(&mut lps),
+                        Arg::ptr_mut(&mut top_ids),
+                        Arg::ptr_mut(&mut top_lps),
+                    ],
+                )
+            };
+            let rows = logits.chunks_exact(vocab).zip(raw.chunks_exact(vocab));
+            for (r, ((row, raw_row), p)) in rows.zip(&params).enumerate() {
+                let want = sample_row_from(row, raw_row, p);
+                // The same libm's expf on both sides: the same weights, so the same draw.
+                assert_eq!(ids[r], want.id, "vocab {vocab}, row {r} {p:?}");
+                assert_close(
+                    &format!("logprob, row {r}"),
+                    &lps[r..=r],
+                    &[want.logprob],
+                    1e-5,
+                    1e-5,
+                );
+                let at = r * MAX_TOP_LOGPROBS..r * MAX_TOP_LOGPROBS + want.top.len();
+                let want_ids: Vec<u32> = want.top.iter().map(|t| t.0).collect();
+                let want_lps: Vec<f32> = want.top.iter().map(|t| t.1).collect();
+                assert_eq!(top_ids[at.clone()], want_ids[..], "top ids, vocab {vocab}, row {r}");
+                assert_close(
+                    &format!("top logprobs, row {r}"),
+                    &top_lps[at],
+                    &want_lps,
+                    1e-5,
+                    1e-5,
+                );
+            }
         }
+        let logits = raw;
+        let n = params.len();
 
         let (mut ids, mut lps) = (vec![0u32; n], vec![0f32; n]);
         // SAFETY: argmax_logprob_f32's parameters, 1024 threads as its shared arrays need.

@@ -5,7 +5,7 @@ use super::lora::{DropoutSite, LoraDims, SlotWeights};
 use super::{tiled_chunk, DecoderOps, DecoderShape, StepBatch};
 use crate::backend::cpu::paged_attention::{AttnSeq, AttnShape};
 use crate::backend::cuda::sampling::{
-    apply_penalties, sample_row, Penalties, RowSample, RowSampling,
+    apply_penalties, sample_row_from, Penalties, RowSample, RowSampling,
 };
 use crate::backend::cuda::twins::{self, round_bf16};
 use crate::backend::cuda::CudaError;
@@ -337,8 +337,9 @@ impl DecoderOps for HostOps {
         let rows = logits.chunks_exact_mut(vocab).zip(params).enumerate();
         Ok(rows
             .map(|(r, (row, p))| {
+                let raw = row.to_vec();
                 apply_penalties(row, penalties.row(r));
-                sample_row(row, p)
+                sample_row_from(row, &raw, p)
             })
             .collect())
     }

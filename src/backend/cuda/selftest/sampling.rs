@@ -7,7 +7,7 @@ use rand::{Rng, SeedableRng};
 use super::{compare, Check, Gpu};
 use crate::backend::cuda::sampling::{
     apply_penalties, apply_penalties_on_device, kept_weights, sample_on_device, sample_row,
-    Penalties, RowSample, RowSampling,
+    sample_row_from, Penalties, RowSample, RowSampling,
 };
 use crate::backend::cuda::twins::round_bf16;
 use crate::backend::cuda::CudaError;
@@ -65,8 +65,8 @@ pub(super) fn check_sampling(gpu: &mut Gpu, checks: &mut Vec<Check>) -> Result<(
         let (logits, params) = cases(&mut rng, vocab);
         let rows = params.len();
         let dl = gpu.up(&logits)?;
-        let got = sample_on_device(gpu, &dl, vocab, &params)?;
-        let again = sample_on_device(gpu, &dl, vocab, &params)?;
+        let got = sample_on_device(gpu, &dl, None, vocab, &params)?;
+        let again = sample_on_device(gpu, &dl, None, vocab, &params)?;
         let shape = format!("rows={rows} vocab={vocab}");
         let twin: Vec<_> =
             logits.chunks_exact(vocab).zip(&params).map(|(row, p)| sample_row(row, p)).collect();
@@ -128,9 +128,46 @@ pub(super) fn check_sampling(gpu: &mut Gpu, checks: &mut Vec<Check>) -> Result<(
         };
         let ((gi, gl), (ti, tl)) = (flat(&got), flat(&twin));
         compare(checks, "sample_rows_f32 (top ids)", shape.clone(), &gi, &ti, 0.0, 0.0);
-        compare(checks, "sample_rows_f32 (top logprobs)", shape, &gl, &tl, 1e-4, 1e-5);
+        compare(checks, "sample_rows_f32 (top logprobs)", shape.clone(), &gl, &tl, 1e-4, 1e-5);
+
+        // Drawn from rows changed as penalties change them, log-probabilities of the rows
+        // before: the picks' and the alternatives'.
+        let changed = penalised_copy(&logits);
+        let dc = gpu.up(&changed)?;
+        let got = sample_on_device(gpu, &dc, Some(&dl), vocab, &params)?;
+        let twin: Vec<_> = changed
+            .chunks_exact(vocab)
+            .zip(logits.chunks_exact(vocab))
+            .zip(&params)
+            .map(|((row, raw), p)| sample_row_from(row, raw, p))
+            .collect();
+        let want_lp: Vec<f32> = got
+            .iter()
+            .zip(logits.chunks_exact(vocab))
+            .map(|(g, row)| crate::engine::sampler::logprobs_of(&sanitized(row), g.id, 0).logprob)
+            .collect();
+        let lp: Vec<f32> = got.iter().map(|g| g.logprob).collect();
+        let name = "sample_rows_f32 (logprobs before penalties)";
+        compare(checks, name, shape.clone(), &lp, &want_lp, 1e-4, 1e-5);
+        let ((gi, gl), (ti, tl)) = (flat(&got), flat(&twin));
+        let name = "sample_rows_f32 (top ids before penalties)";
+        compare(checks, name, shape.clone(), &gi, &ti, 0.0, 0.0);
+        let name = "sample_rows_f32 (top logprobs before penalties)";
+        compare(checks, name, shape, &gl, &tl, 1e-4, 1e-5);
     }
     Ok(())
+}
+
+/// `logits` changed as penalties change a row: every fifth token's logit divided by 1.5 and
+/// lowered by 2, and every seventh raised by 3 (a negative presence penalty), so that picks
+/// often land on changed tokens. Shared with the kernel's test on the CPU.
+pub fn penalised_copy(logits: &[f32]) -> Vec<f32> {
+    let change = |(i, &v): (usize, &f32)| match (i % 5, i % 7) {
+        (2, _) => v / 1.5 - 2.0,
+        (_, 4) => v + 3.0,
+        _ => v,
+    };
+    logits.iter().enumerate().map(change).collect()
 }
 
 /// Rows of `vocab` random logits in [-10, 10) (some 0 and -0, one NaN) and penalties on them:

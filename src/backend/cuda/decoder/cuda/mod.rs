@@ -505,8 +505,14 @@ impl DecoderOps for CudaOps {
         params: &[RowSampling],
         penalties: &Penalties,
     ) -> Result<Vec<RowSample>, CudaError> {
+        if !penalties.any() {
+            return sample_on_device(&mut self.gpu, logits, None, vocab, params);
+        }
+        // Log-probabilities are of the logits before the penalties.
+        let n = (params.len() * vocab).min(logits.len());
+        let raw = self.gpu.stream.clone_dtod(&logits.slice(..n))?;
         apply_penalties_on_device(&mut self.gpu, logits, vocab, penalties)?;
-        sample_on_device(&mut self.gpu, logits, vocab, params)
+        sample_on_device(&mut self.gpu, logits, Some(&raw), vocab, params)
     }
 
     fn read_ids(
