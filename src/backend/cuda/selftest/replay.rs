@@ -36,7 +36,8 @@ pub(super) fn check_replayed_decodes(
     let weights = random_adapter(&s, 8, &mut StdRng::seed_from_u64(5));
     let lease = Arc::new(ServedAdapter { id: "ft:selftest".into(), weights, created: 0 });
     let slot = d.place_adapters(&[&lease])?[0];
-    let adapter = |i: usize| (i == 1).then_some(slot); // Blocks in reverse order, so a slot is never its row's position by accident.
+    let adapter = |i: usize| (i == 1).then_some(slot);
+    // Blocks in reverse order, so a slot is never its row's position by accident.
     let table = |i: usize| -> Vec<u32> {
         (0..PER_SEQ).map(|b| (blocks - 1 - i * PER_SEQ - b) as u32).collect()
     };

@@ -284,13 +284,15 @@ impl Timed {
 }
 
 /// (partitions, keys per partition) of attention over `max_context` keys: enough blocks to fill
-/// the SMs a few times over, no partition under 64 keys or over the kernel's ATTN_MAX_KEYS. The size is chosen
-/// for the rows and the context rounded up to powers of two, so a decode step padded to its
-/// CUDA graph's bucket (`decoder::graphs`) cuts each row's keys where the step run eagerly
-/// does: the same sums in the same order. Partitions past a row's keys add nothing.
+/// the SMs a few times over, no partition under 64 keys or over the kernel's ATTN_MAX_KEYS.
+/// The size is chosen for the rows and the context rounded up to powers of two, so a decode
+/// step padded to its CUDA graph's bucket (`decoder::graphs`) cuts each row's keys where the
+/// step run eagerly does: the same sums in the same order (partitions past a row's keys add
+/// nothing). As the rounding up can halve the partitions of the context itself, the aim is 8
+/// blocks an SM, which gives at context 1025 the cuts of the unrounded rule's 4.
 fn partitions(sms: usize, rows: usize, heads: usize, max_context: usize) -> (usize, usize) {
     let (r, c) = (rows.max(1).next_power_of_two(), max_context.max(1).next_power_of_two());
-    let want = (4 * sms).div_ceil(r * heads.max(1));
+    let want = (8 * sms).div_ceil(r * heads.max(1));
     let parts = want.clamp(1, c.div_ceil(64).max(1));
     let size = c.div_ceil(parts).clamp(1, ATTN_MAX_KEYS);
     (max_context.div_ceil(size).max(1), size)
@@ -335,6 +337,10 @@ mod tests {
             assert!((1..=super::ATTN_MAX_KEYS).contains(&size), "{size}");
             assert!(parts * size >= ctx && (parts - 1) * size < ctx, "{parts} x {size} for {ctx}");
         }
+        // At the decode benchmark's context, a batch of 1, 16 (grouped heads) and 64: the
+        // partitions of 64, 228 and 512 keys that the unrounded rule made (61, 205, 512).
+        let at_1025 = [(1, 32), (16, 8), (64, 8)].map(|(r, h)| super::partitions(132, r, h, 1025));
+        assert_eq!(at_1025, [(17, 64), (5, 228), (3, 512)]);
         // One sequence: many partitions; a big batch: as few as the limit allows.
         assert!(super::partitions(132, 1, 32, 1025).0 >= 8);
         assert_eq!(super::partitions(132, 256, 32, 1025).0, 3);
