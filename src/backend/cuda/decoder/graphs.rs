@@ -127,10 +127,12 @@ impl<O: DecoderOps> DecodeGraphs<O> {
             adapter: None,
         });
         let mut batch = StepBatch::new(padded, block_size)?;
-        // The recorded launches are sized for the bucket's context, and for every resident
-        // adapter's slot whichever the rows name.
+        // The recorded launches are sized for the bucket's context, for every block of the
+        // cache and for every resident adapter's slot, whichever the rows reach or name: so
+        // each step of the bucket has the recorded one's shape.
         batch.max_context = context;
         batch.paged_context = context;
+        batch.blocks_needed = self.pad_block as usize + 1;
         if adapters {
             if batch.slots_needed > adapter_slots {
                 return Err(CudaError::Shape(format!(
@@ -331,6 +333,54 @@ mod tests {
         let chunk =
             SeqRows { tokens: vec![1, 2], start: pos[0], block_table: table(0), adapter: None };
         assert!(padded.forward_replayed(&[chunk], &[1], Want::Greedy).unwrap().is_none());
+    }
+
+    /// What `upload_into` requires of a step replayed over a recorded one.
+    fn shape_of(b: &StepBatch) -> [usize; 9] {
+        [
+            b.rows(),
+            b.max_blocks,
+            b.max_context,
+            b.blocks_needed,
+            b.slots_needed,
+            b.block_tables.len(),
+            b.tiles.len(),
+            b.paged_rows.len(),
+            b.paged_context,
+        ]
+    }
+
+    /// Steps of one bucket have one shape, whichever blocks and adapter slots their rows use
+    /// and whether or not they need padding rows.
+    #[test]
+    fn steps_of_a_bucket_have_the_recorded_shape() {
+        let g = DecodeGraphs::<HostOps>::new(40);
+        let seq = |start: usize, table: Vec<u32>, adapter: Option<u32>| SeqRows {
+            tokens: vec![1],
+            start,
+            block_table: table,
+            adapter,
+        };
+        let shape = |seqs: &[SeqRows]| {
+            let rows: Vec<u32> = (0..seqs.len() as u32).collect();
+            let (b, key) = g.padded(seqs, &rows, 16, 64, 3).unwrap().expect("a bucket");
+            (key, shape_of(&b))
+        };
+        // One row, context bucket 32: a low block and a high one, tables exact or longer.
+        let a = shape(&[seq(20, vec![0, 1], None)]);
+        assert_eq!(a, shape(&[seq(17, vec![38, 39, 5], None)]));
+        // Four rows, with and without a padding row, adapters in different slots.
+        let b = shape(&[
+            seq(3, vec![2], Some(0)),
+            seq(9, vec![4], None),
+            seq(15, vec![6], None),
+            seq(1, vec![7], None),
+        ]);
+        assert_eq!(
+            b,
+            shape(&[seq(12, vec![39], Some(2)), seq(2, vec![3], None), seq(0, vec![1], None)])
+        );
+        assert_ne!(a.0, b.0);
     }
 
     #[test]

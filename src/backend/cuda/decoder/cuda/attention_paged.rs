@@ -66,10 +66,11 @@ const GROUPED_MIN_ROWS: usize = 16;
 /// [`GROUPED_MIN_ROWS`] or more, where reading each K and V piece once for the heads that share
 /// it pays, the largest of 4, 3 and 2 that divides the heads' group
 /// (`paged_attention_grouped_bf16`); one otherwise (`paged_attention_partial_bf16`, which
-/// spreads a few rows' keys over more blocks).
+/// spreads a few rows' keys over more blocks). Decided on the rows rounded up to a power of
+/// two, as the partitions are, so a decode step padded to its bucket takes the same kernel.
 pub fn heads_per_block(rows: usize, s: &DecoderShape) -> usize {
     match grouped_heads(s) {
-        Some(h) if rows >= GROUPED_MIN_ROWS => h,
+        Some(h) if rows.max(1).next_power_of_two() >= GROUPED_MIN_ROWS => h,
         _ => 1,
     }
 }
@@ -303,9 +304,8 @@ mod tests {
     use super::heads_per_block;
     use crate::backend::cuda::decoder::DecoderShape;
 
-    #[test]
-    fn heads_share_a_block_at_large_batches_where_the_group_divides() {
-        let shape = |heads, kv_heads| DecoderShape {
+    fn shape(heads: usize, kv_heads: usize) -> DecoderShape {
+        DecoderShape {
             vocab: 1,
             hidden: 64,
             inter: 64,
@@ -316,10 +316,15 @@ mod tests {
             eps: 1e-5,
             block_size: 16,
             qkv_bias: false,
-        };
-        // Llama-3-8B's group of 4: one head a block for a few rows, four from 16 rows.
+        }
+    }
+
+    #[test]
+    fn heads_share_a_block_at_large_batches_where_the_group_divides() {
+        // Llama-3-8B's group of 4: one head a block up to 8 rows, four from 9 (16 rounded up).
         assert_eq!(heads_per_block(1, &shape(32, 8)), 1);
-        assert_eq!(heads_per_block(15, &shape(32, 8)), 1);
+        assert_eq!(heads_per_block(8, &shape(32, 8)), 1);
+        assert_eq!(heads_per_block(9, &shape(32, 8)), 4);
         assert_eq!(heads_per_block(16, &shape(32, 8)), 4);
         // Groups of 8 in fours, 6 in threes, 3 and 2 whole; 5, 7 and no GQA one head a block.
         let cases = [(64, 8, 4), (12, 2, 3), (9, 3, 3), (4, 2, 2), (40, 8, 1), (28, 4, 1)];
@@ -349,10 +354,16 @@ mod tests {
     #[test]
     fn a_padded_step_cuts_keys_where_the_eager_step_does() {
         use crate::backend::cuda::decoder::graphs::{context_bucket, row_bucket};
+        // Llama-3-8B's heads: the kernel (heads a block) and the partitions alike.
+        let s = shape(32, 8);
         for rows in 1..=300 {
+            let (eager_hpb, padded_hpb) =
+                (heads_per_block(rows, &s), heads_per_block(row_bucket(rows), &s));
+            assert_eq!(eager_hpb, padded_hpb, "{rows} rows");
             for ctx in [1, 7, 64, 65, 300, 1000, 1025, 4096, 5000] {
-                let eager = super::partitions(132, rows, 32, ctx);
-                let padded = super::partitions(132, row_bucket(rows), 32, context_bucket(ctx));
+                let eager = super::partitions(132, rows, 32 / eager_hpb, ctx);
+                let padded =
+                    super::partitions(132, row_bucket(rows), 32 / padded_hpb, context_bucket(ctx));
                 assert_eq!(eager.1, padded.1, "{rows} rows, context {ctx}");
                 assert!(padded.0 >= eager.0);
             }
