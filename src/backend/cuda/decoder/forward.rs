@@ -155,18 +155,14 @@ fn forward_on_device_with<O: DecoderOps>(
     sc: &mut Scratch<O>,
     lora: Option<&LoraSet<O::LoraTable>>,
 ) -> R {
-    let rows = layers_on_device(ops, s, w, caches, step, sc, lora, None)?;
-    if rows > sc.logits_rows {
-        return Err(CudaError::Shape(format!("logits of {rows} rows for {}", sc.logits_rows)));
-    }
-    ops.mark("lm_head gemm")?;
-    ops.matmul_logits(&sc.h, &w.lm_head, &mut sc.logits, (rows, s.vocab, s.hidden))?;
+    let rows = logits_on_device(ops, s, w, caches, step, sc, lora)?;
     ops.mark("argmax")?;
     ops.argmax(&sc.logits, rows, s.vocab, &mut sc.ids)
 }
 
 /// Every layer (with the rows' adapters), then the output head on each of the step's rows into
-/// `scratch.logits`: a decode step as a server replays it (`graphs`), nothing brought back.
+/// `scratch.logits` (a decode step as a server replays it, `graphs`): nothing brought back.
+/// Returns the number of rows.
 pub(super) fn logits_on_device<O: DecoderOps>(
     ops: &mut O,
     s: &DecoderShape,
@@ -175,12 +171,14 @@ pub(super) fn logits_on_device<O: DecoderOps>(
     step: &O::Step,
     sc: &mut Scratch<O>,
     lora: Option<&LoraSet<O::LoraTable>>,
-) -> R {
+) -> Result<usize, CudaError> {
     let rows = layers_on_device(ops, s, w, caches, step, sc, lora, None)?;
     if rows > sc.logits_rows {
         return Err(CudaError::Shape(format!("logits of {rows} rows for {}", sc.logits_rows)));
     }
-    ops.matmul_logits(&sc.h, &w.lm_head, &mut sc.logits, (rows, s.vocab, s.hidden))
+    ops.mark("lm_head gemm")?;
+    ops.matmul_logits(&sc.h, &w.lm_head, &mut sc.logits, (rows, s.vocab, s.hidden))?;
+    Ok(rows)
 }
 
 /// What a serving forward brings back to the host for its sampled rows.

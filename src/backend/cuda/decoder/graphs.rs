@@ -199,7 +199,7 @@ impl<O: TrainOps> DeviceDecoder<O> {
             g.clear();
             g.epoch = ops.epoch();
         }
-        match ops.record(|o| logits_on_device(o, s, w, caches, &step, sc, lora)) {
+        match ops.record(|o| logits_on_device(o, s, w, caches, &step, sc, lora).map(|_| ())) {
             Ok(Some(graph)) => {
                 if g.recorded.len() >= MAX_GRAPHS {
                     if let Some(i) = (0..g.recorded.len()).min_by_key(|&i| g.recorded[i].used) {

@@ -116,12 +116,13 @@ pub(super) fn check_sampling(gpu: &mut Gpu, checks: &mut Vec<Check>) -> Result<(
             0.0,
         );
         // Log-probabilities of the device's picks, from the raw logits.
-        let want_lp: Vec<f32> = got
-            .iter()
-            .zip(logits.chunks_exact(vocab))
-            .map(|(g, row)| crate::engine::sampler::logprobs_of(&sanitized(row), g.id, 0).logprob)
-            .collect();
-        let lp: Vec<f32> = got.iter().map(|g| g.logprob).collect();
+        let picked = |got: &[RowSample]| -> (Vec<f32>, Vec<f32>) {
+            let of = |(g, row): (&RowSample, &[f32])| {
+                (g.logprob, crate::engine::sampler::logprobs_of(&sanitized(row), g.id, 0).logprob)
+            };
+            got.iter().zip(logits.chunks_exact(vocab)).map(of).unzip()
+        };
+        let (lp, want_lp) = picked(&got);
         compare(checks, "sample_rows_f32 (logprobs)", shape.clone(), &lp, &want_lp, 1e-4, 1e-5);
         let flat = |s: &[RowSample]| -> (Vec<f32>, Vec<f32>) {
             s.iter().flat_map(|x| x.top.iter().map(|&(id, lp)| (id as f32, lp))).unzip()
@@ -141,12 +142,7 @@ pub(super) fn check_sampling(gpu: &mut Gpu, checks: &mut Vec<Check>) -> Result<(
             .zip(&params)
             .map(|((row, raw), p)| sample_row_from(row, raw, p))
             .collect();
-        let want_lp: Vec<f32> = got
-            .iter()
-            .zip(logits.chunks_exact(vocab))
-            .map(|(g, row)| crate::engine::sampler::logprobs_of(&sanitized(row), g.id, 0).logprob)
-            .collect();
-        let lp: Vec<f32> = got.iter().map(|g| g.logprob).collect();
+        let (lp, want_lp) = picked(&got);
         let name = "sample_rows_f32 (logprobs before penalties)";
         compare(checks, name, shape.clone(), &lp, &want_lp, 1e-4, 1e-5);
         let ((gi, gl), (ti, tl)) = (flat(&got), flat(&twin));
