@@ -44,6 +44,17 @@ void submit(Op op) {
 }
 }  // namespace
 
+// A real capture is invalidated by what would allocate, free or wait: refuse it loudly, so a
+// forward that does is caught here rather than on a GPU.
+namespace {
+CUresult refused_in_capture(const char* call) {
+    fprintf(stderr, "fake CUDA: %s during a stream capture\n", call);
+    return ERROR_NOT_SUPPORTED;
+}
+}  // namespace
+#define REFUSE_IN_CAPTURE \
+    if (capturing) return refused_in_capture(__func__)
+
 // This file is built twice, as the driver and as cuBLASLt, each with its own state: the
 // driver's copy owns the capture, and cuBLASLt's hands its products to it.
 API void fake_cuda_submit(void* op) { submit(std::move(*(Op*)op)); }
@@ -110,7 +121,10 @@ API CUresult cuDevicePrimaryCtxRetain(Handle* ctx, CUdevice) { *ctx = &context_t
 API CUresult cuDevicePrimaryCtxRelease_v2(CUdevice) { return OK; }
 API CUresult cuCtxSetCurrent(Handle) { return OK; }
 API CUresult cuCtxGetCurrent(Handle* ctx) { *ctx = &context_token; return OK; }
-API CUresult cuCtxSynchronize() { return OK; }
+API CUresult cuCtxSynchronize() {
+    REFUSE_IN_CAPTURE;
+    return OK;
+}
 API CUresult cuMemGetInfo_v2(size_t* free_bytes, size_t* total) {
     *free_bytes = (size_t)6 << 30;
     *total = (size_t)8 << 30;
@@ -120,51 +134,84 @@ API CUresult cuMemGetInfo_v2(size_t* free_bytes, size_t* total) {
 API CUresult cuStreamCreate(Handle* s, unsigned) { *s = malloc(1); return OK; }
 API CUresult cuStreamCreateWithPriority(Handle* s, unsigned, int) { *s = malloc(1); return OK; }
 API CUresult cuStreamDestroy_v2(Handle s) { free(s); return OK; }
-API CUresult cuStreamSynchronize(Handle) { return OK; }
-API CUresult cuStreamQuery(Handle) { return OK; }
+API CUresult cuStreamSynchronize(Handle) {
+    REFUSE_IN_CAPTURE;
+    return OK;
+}
+API CUresult cuStreamQuery(Handle) {
+    REFUSE_IN_CAPTURE;
+    return OK;
+}
 API CUresult cuStreamWaitEvent(Handle, Handle, unsigned) { return OK; }
 
 // Events time nothing: an elapsed time is 0.
 API CUresult cuEventCreate(Handle* e, unsigned) { *e = malloc(1); return OK; }
 API CUresult cuEventDestroy_v2(Handle e) { free(e); return OK; }
 API CUresult cuEventRecord(Handle, Handle) { return OK; }
-API CUresult cuEventSynchronize(Handle) { return OK; }
-API CUresult cuEventQuery(Handle) { return OK; }
+API CUresult cuEventSynchronize(Handle) {
+    REFUSE_IN_CAPTURE;
+    return OK;
+}
+API CUresult cuEventQuery(Handle) {
+    REFUSE_IN_CAPTURE;
+    return OK;
+}
 API CUresult cuEventElapsedTime(float* ms, Handle, Handle) { *ms = 0.f; return OK; }
 API CUresult cuEventElapsedTime_v2(float* ms, Handle, Handle) { *ms = 0.f; return OK; }
 
 API CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t n) {
+    REFUSE_IN_CAPTURE;
     void* m = aligned_alloc(256, (n + 255) / 256 * 256);
     if (!m) return 2;  // out of memory
     memset(m, 0xcd, n);  // garbage, as fresh device memory is
     *p = (CUdeviceptr)m;
     return OK;
 }
-API CUresult cuMemFree_v2(CUdeviceptr p) { free((void*)p); return OK; }
+API CUresult cuMemFree_v2(CUdeviceptr p) {
+    REFUSE_IN_CAPTURE;
+    free((void*)p);
+    return OK;
+}
 API CUresult cuMemAllocAsync(CUdeviceptr* p, size_t n, Handle) { return cuMemAlloc_v2(p, n); }
 API CUresult cuMemFreeAsync(CUdeviceptr p, Handle) { return cuMemFree_v2(p); }
-API CUresult cuMemcpyHtoD_v2(CUdeviceptr d, const void* s, size_t n) { memcpy((void*)d, s, n); return OK; }
-API CUresult cuMemcpyDtoH_v2(void* d, CUdeviceptr s, size_t n) { memcpy(d, (void*)s, n); return OK; }
-API CUresult cuMemcpyDtoD_v2(CUdeviceptr d, CUdeviceptr s, size_t n) { memmove((void*)d, (void*)s, n); return OK; }
+API CUresult cuMemcpyHtoD_v2(CUdeviceptr d, const void* s, size_t n) {
+    REFUSE_IN_CAPTURE;
+    memcpy((void*)d, s, n);
+    return OK;
+}
+API CUresult cuMemcpyDtoH_v2(void* d, CUdeviceptr s, size_t n) {
+    REFUSE_IN_CAPTURE;
+    memcpy(d, (void*)s, n);
+    return OK;
+}
+API CUresult cuMemcpyDtoD_v2(CUdeviceptr d, CUdeviceptr s, size_t n) {
+    REFUSE_IN_CAPTURE;
+    memmove((void*)d, (void*)s, n);
+    return OK;
+}
 API CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr d, const void* s, size_t n, Handle) {
-    if (capturing) return ERROR_NOT_SUPPORTED;
+    REFUSE_IN_CAPTURE;
     return cuMemcpyHtoD_v2(d, s, n);
 }
 API CUresult cuMemcpyDtoHAsync_v2(void* d, CUdeviceptr s, size_t n, Handle) {
-    if (capturing) return ERROR_NOT_SUPPORTED;
+    REFUSE_IN_CAPTURE;
     return cuMemcpyDtoH_v2(d, s, n);
 }
 API CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr d, CUdeviceptr s, size_t n, Handle) {
-    if (capturing) return ERROR_NOT_SUPPORTED;
+    REFUSE_IN_CAPTURE;
     return cuMemcpyDtoD_v2(d, s, n);
 }
-API CUresult cuMemsetD8_v2(CUdeviceptr d, unsigned char v, size_t n) { memset((void*)d, v, n); return OK; }
+API CUresult cuMemsetD8_v2(CUdeviceptr d, unsigned char v, size_t n) {
+    REFUSE_IN_CAPTURE;
+    memset((void*)d, v, n);
+    return OK;
+}
 API CUresult cuMemsetD8Async(CUdeviceptr d, unsigned char v, size_t n, Handle) {
-    if (capturing) return ERROR_NOT_SUPPORTED;
+    REFUSE_IN_CAPTURE;
     return cuMemsetD8_v2(d, v, n);
 }
 API CUresult cuMemsetD32Async(CUdeviceptr d, unsigned v, size_t n, Handle) {
-    if (capturing) return ERROR_NOT_SUPPORTED;
+    REFUSE_IN_CAPTURE;
     for (size_t i = 0; i < n; ++i) ((unsigned*)d)[i] = v;
     return OK;
 }
