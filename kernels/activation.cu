@@ -2,7 +2,7 @@
 
 // out[r, i] = silu(gate_up[r, i]) * gate_up[r, inter + i]: the fused gate/up projection writes
 // gate then up in each row. CPU twin: model::llama::silu_mul.
-extern "C" __global__ void silu_mul_bf16(const bf16* __restrict__ gate_up, bf16* __restrict__ out,
+extern "C" __global__ void __launch_bounds__(256) silu_mul_bf16(const bf16* __restrict__ gate_up, bf16* __restrict__ out,
                                          int rows, int inter) {
     const size_t n = (size_t)rows * inter;
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
@@ -16,7 +16,7 @@ extern "C" __global__ void silu_mul_bf16(const bf16* __restrict__ gate_up, bf16*
 
 // out[t] = table[ids[t]]; one block per token. Ids outside the table give a zero row (the host
 // validates ids before they get here; this only keeps a bad id from reading out of bounds).
-extern "C" __global__ void embedding_bf16(const unsigned int* __restrict__ ids,
+extern "C" __global__ void __launch_bounds__(256) embedding_bf16(const unsigned int* __restrict__ ids,
                                           const bf16* __restrict__ table, bf16* __restrict__ out,
                                           int hidden, unsigned int vocab) {
     const unsigned int id = ids[blockIdx.x];

@@ -6,7 +6,7 @@ __device__ __forceinline__ float torch_lerp(float start, float end, float weight
     return fabsf(weight) < 0.5f ? start + weight * (end - start) : end - (end - start) * (1.f - weight);
 }
 
-extern "C" __global__ void adamw_f32(float* __restrict__ p, const float* __restrict__ g,
+extern "C" __global__ void __launch_bounds__(256) adamw_f32(float* __restrict__ p, const float* __restrict__ g,
                                      float* __restrict__ m, float* __restrict__ v, size_t n,
                                      float beta1, float beta2, float eps, float decay,
                                      float step_size, float bc2_sqrt) {

@@ -17,7 +17,7 @@
 #define AB_THREADS 128
 #define AB_WARPS (AB_THREADS / 32)
 
-extern "C" __global__ void attention_backward_dq_f32(
+extern "C" __global__ void __launch_bounds__(AB_THREADS) attention_backward_dq_f32(
     const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
     const bf16* __restrict__ o, const float* __restrict__ d_o, float* __restrict__ dq,
     float* __restrict__ lse_out, float* __restrict__ delta_out, int len, int num_heads,
@@ -77,7 +77,7 @@ extern "C" __global__ void attention_backward_dq_f32(
     }
 }
 
-extern "C" __global__ void attention_backward_dkv_f32(
+extern "C" __global__ void __launch_bounds__(AB_THREADS) attention_backward_dkv_f32(
     const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
     const float* __restrict__ d_o, const float* __restrict__ lse, const float* __restrict__ delta,
     float* __restrict__ dk, float* __restrict__ dv, int len, int num_heads, int num_kv_heads,

@@ -296,7 +296,7 @@ __device__ void dkv_tile(unsigned char* smem, const bf16* q, const bf16* k, cons
     tile_out<HD>(acc_v, 1.f, t.out(), dv_part + h * HD, q_row, j0, len);
 }
 
-extern "C" __global__ void attention_backward_dq_tiled(
+extern "C" __global__ void __launch_bounds__(ABT_THREADS) attention_backward_dq_tiled(
     const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
     const bf16* __restrict__ o, const float* __restrict__ d_o, float* __restrict__ dq,
     float* __restrict__ lse_out, float* __restrict__ delta_out, int len, int num_heads,
@@ -308,7 +308,7 @@ extern "C" __global__ void attention_backward_dq_tiled(
         dq_tile<128>(smem, q, k, v, o, d_o, dq, lse_out, delta_out, len, num_heads, num_kv_heads, scale, d_stride);
 }
 
-extern "C" __global__ void attention_backward_dkv_tiled(
+extern "C" __global__ void __launch_bounds__(ABT_THREADS) attention_backward_dkv_tiled(
     const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
     const float* __restrict__ d_o, const float* __restrict__ lse, const float* __restrict__ delta,
     float* __restrict__ dk_part, float* __restrict__ dv_part, int len, int num_heads,
@@ -320,7 +320,7 @@ extern "C" __global__ void attention_backward_dkv_tiled(
         dkv_tile<128>(smem, q, k, v, d_o, lse, delta, dk_part, dv_part, len, num_heads, num_kv_heads, scale);
 }
 
-extern "C" __global__ void attention_backward_dkv_sum_f32(
+extern "C" __global__ void __launch_bounds__(ABT_THREADS) attention_backward_dkv_sum_f32(
     const float* __restrict__ dk_part, const float* __restrict__ dv_part, float* __restrict__ dk,
     float* __restrict__ dv, int len, int num_heads, int num_kv_heads, int head_dim, int d_stride) {
     const int kvh = blockIdx.x, j = blockIdx.y, group = num_heads / num_kv_heads;
@@ -424,7 +424,7 @@ __device__ void chunk_tile(unsigned char* smem, const bf16* q, const bf16* k_cac
     }
 }
 
-extern "C" __global__ void attention_chunk_tiled(
+extern "C" __global__ void __launch_bounds__(ABT_THREADS) attention_chunk_tiled(
     const bf16* __restrict__ q, const bf16* __restrict__ k_cache, const bf16* __restrict__ v_cache,
     const int* __restrict__ tiles, const int* __restrict__ block_tables, int max_blocks,
     bf16* __restrict__ out, int num_heads, int num_kv_heads, int head_dim, int block_size,

@@ -4,7 +4,7 @@
 // RMSNorm y = w ⊙ x · r, r = 1 / sqrt(mean(x²) + eps):
 // dx += r (w ⊙ dy) − x r³ / d · Σ(w ⊙ dy ⊙ x). One block per row (blockDim a multiple of 32).
 // CPU twin: model::backward::rms_norm_backward.
-extern "C" __global__ void rms_norm_backward_f32(const bf16* __restrict__ x,
+extern "C" __global__ void __launch_bounds__(256) rms_norm_backward_f32(const bf16* __restrict__ x,
                                                  const bf16* __restrict__ w,
                                                  const float* __restrict__ dy,
                                                  float* __restrict__ dx, int hidden, float eps) {
@@ -29,7 +29,7 @@ extern "C" __global__ void rms_norm_backward_f32(const bf16* __restrict__ x,
 // act = silu(g) ⊙ u over the fused [gate | up] rows: d_gate = d_act ⊙ u ⊙ σ(g)(1 + g(1 − σ(g))),
 // d_up = d_act ⊙ silu(g), written (not added) into d_gate_up [rows, 2 inter].
 // CPU twin: model::backward::silu_mul_backward.
-extern "C" __global__ void silu_mul_backward_f32(const bf16* __restrict__ gate_up,
+extern "C" __global__ void __launch_bounds__(256) silu_mul_backward_f32(const bf16* __restrict__ gate_up,
                                                  const float* __restrict__ d_act,
                                                  float* __restrict__ d_gate_up, int rows,
                                                  int inter) {
@@ -49,7 +49,7 @@ extern "C" __global__ void silu_mul_backward_f32(const bf16* __restrict__ gate_u
 // RoPE is a rotation, so its backward rotates by the opposite angle: in place on the q and k
 // heads (the first num_heads + num_kv_heads heads) of each row of d_qkv [tokens, stride].
 // One block per token. CPU twin: model::llama::apply_rope with −sin.
-extern "C" __global__ void rope_backward_f32(float* __restrict__ d_qkv, int stride,
+extern "C" __global__ void __launch_bounds__(256) rope_backward_f32(float* __restrict__ d_qkv, int stride,
                                              const float* __restrict__ cos,
                                              const float* __restrict__ sin, int num_heads,
                                              int num_kv_heads, int head_dim) {
@@ -67,7 +67,7 @@ extern "C" __global__ void rope_backward_f32(float* __restrict__ d_qkv, int stri
 }
 
 // y = bf16(x): fp32 gradients rounded for a bf16 GEMM input (grid-stride).
-extern "C" __global__ void f32_to_bf16(const float* __restrict__ x, bf16* __restrict__ y, size_t n) {
+extern "C" __global__ void __launch_bounds__(256) f32_to_bf16(const float* __restrict__ x, bf16* __restrict__ y, size_t n) {
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (size_t)gridDim.x * blockDim.x)
         y[i] = st(x[i]);
@@ -75,7 +75,7 @@ extern "C" __global__ void f32_to_bf16(const float* __restrict__ x, bf16* __rest
 
 // *out += Σ x² (grid-stride, a block sum then one atomic per block; *out zeroed by the host).
 // Feeds gradient-norm clipping. blockDim a multiple of 32.
-extern "C" __global__ void sum_squares_f32(const float* __restrict__ x, size_t n,
+extern "C" __global__ void __launch_bounds__(256) sum_squares_f32(const float* __restrict__ x, size_t n,
                                            float* __restrict__ out) {
     __shared__ float scratch[32];
     float s = 0.f;
@@ -87,7 +87,7 @@ extern "C" __global__ void sum_squares_f32(const float* __restrict__ x, size_t n
 }
 
 // x *= s (grid-stride): gradients scaled by the clipping factor.
-extern "C" __global__ void scale_f32(float* __restrict__ x, size_t n, float s) {
+extern "C" __global__ void __launch_bounds__(256) scale_f32(float* __restrict__ x, size_t n, float s) {
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (size_t)gridDim.x * blockDim.x)
         x[i] *= s;

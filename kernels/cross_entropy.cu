@@ -4,7 +4,7 @@
 // scale[r] * (softmax(row) - onehot(target)). A negative target marks a row without loss: its
 // loss is 0 and its gradient zero. CPU twin: model::loss's row_loss.
 
-extern "C" __global__ void cross_entropy_f32(float* __restrict__ logits,
+extern "C" __global__ void __launch_bounds__(512) cross_entropy_f32(float* __restrict__ logits,
                                              const int* __restrict__ targets,
                                              const float* __restrict__ scale,
                                              float* __restrict__ loss, int vocab) {

@@ -10,7 +10,7 @@ __device__ __forceinline__ unsigned long long splitmix64(unsigned long long x) {
     return x ^ (x >> 31);
 }
 
-extern "C" __global__ void fill_uniform_bf16(bf16* __restrict__ out, unsigned long long n,
+extern "C" __global__ void __launch_bounds__(256) fill_uniform_bf16(bf16* __restrict__ out, unsigned long long n,
                                              unsigned long long seed, float scale, float offset) {
     for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (unsigned long long)gridDim.x * blockDim.x) {

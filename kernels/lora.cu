@@ -6,7 +6,7 @@
 
 // u[t, r] = sum_k x[t, k] * A[r, k] for r < rank (u is [tokens, max_rank], zero past the rank).
 // grid (tokens, ceil(max_rank / warps)); one warp per rank row.
-extern "C" __global__ void lora_shrink_bf16(const bf16* __restrict__ x,
+extern "C" __global__ void __launch_bounds__(128) lora_shrink_bf16(const bf16* __restrict__ x,
                                             const unsigned long long* __restrict__ a_ptrs,
                                             const int* __restrict__ ranks,
                                             const int* __restrict__ slots, float* __restrict__ u,
@@ -28,7 +28,7 @@ extern "C" __global__ void lora_shrink_bf16(const bf16* __restrict__ x,
 
 // y[t, n] += scales[slot] * sum_r u[t, r] * B[n, r], rows of y `y_stride` apart (a column block of
 // a fused projection's output); grid (tokens, ceil(out_dim / threads)).
-extern "C" __global__ void lora_expand_bf16(const float* __restrict__ u,
+extern "C" __global__ void __launch_bounds__(256) lora_expand_bf16(const float* __restrict__ u,
                                             const unsigned long long* __restrict__ b_ptrs,
                                             const int* __restrict__ ranks,
                                             const float* __restrict__ scales,
@@ -125,7 +125,7 @@ __device__ void dropout_factors(unsigned long long seed, int layer, int module, 
 
 // out = x for every row, with rows r0 <= t < r1 (a training sample's) dropped: row t at depth
 // pos[t]. Rows are `width` wide. grid (rows, ceil(ceil(width / 16) / threads)).
-extern "C" __global__ void lora_dropout_bf16(const bf16* __restrict__ x, bf16* __restrict__ out,
+extern "C" __global__ void __launch_bounds__(64) lora_dropout_bf16(const bf16* __restrict__ x, bf16* __restrict__ out,
                                              const int* __restrict__ pos, int r0, int r1,
                                              int width, float p, unsigned long long seed,
                                              int layer, int module) {
@@ -147,7 +147,7 @@ extern "C" __global__ void lora_dropout_bf16(const bf16* __restrict__ x, bf16* _
 
 // dst[t, k] += src[t, k] * mask for rows t < rows (all one training sample's), `width` wide:
 // dropout's backward. grid (rows, ceil(ceil(width / 16) / threads)).
-extern "C" __global__ void lora_dropout_add_f32(const float* __restrict__ src,
+extern "C" __global__ void __launch_bounds__(64) lora_dropout_add_f32(const float* __restrict__ src,
                                                 float* __restrict__ dst,
                                                 const int* __restrict__ pos, int width, float p,
                                                 unsigned long long seed, int layer, int module) {

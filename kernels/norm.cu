@@ -1,7 +1,7 @@
 // RMSNorm, alone and fused with the residual add that precedes it in every layer.
 // One block per row; CPU twin: model::llama::rms_norm.
 
-extern "C" __global__ void rms_norm_bf16(const bf16* __restrict__ x, const bf16* __restrict__ w,
+extern "C" __global__ void __launch_bounds__(1024) rms_norm_bf16(const bf16* __restrict__ x, const bf16* __restrict__ w,
                                          bf16* __restrict__ out, int hidden, float eps) {
     __shared__ float scratch[32];
     const bf16* xr = x + (size_t)blockIdx.x * hidden;
@@ -17,7 +17,7 @@ extern "C" __global__ void rms_norm_bf16(const bf16* __restrict__ x, const bf16*
 
 // residual += x (stored back in bf16, as the residual stream is kept), then
 // out = rms_norm(residual) * w.
-extern "C" __global__ void add_rms_norm_bf16(bf16* __restrict__ residual, const bf16* __restrict__ x,
+extern "C" __global__ void __launch_bounds__(1024) add_rms_norm_bf16(bf16* __restrict__ residual, const bf16* __restrict__ x,
                                              const bf16* __restrict__ w, bf16* __restrict__ out,
                                              int hidden, float eps) {
     __shared__ float scratch[32];

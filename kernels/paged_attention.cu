@@ -197,7 +197,7 @@ __device__ void partial_heads(
 }
 
 // One query head a block: grid (num_heads, listed rows, partitions).
-extern "C" __global__ void paged_attention_partial_bf16(
+extern "C" __global__ void __launch_bounds__(ATTN_THREADS) paged_attention_partial_bf16(
     const bf16* __restrict__ q, const bf16* __restrict__ k_cache, const bf16* __restrict__ v_cache,
     const int* __restrict__ row_list, const int* __restrict__ row_seq,
     const int* __restrict__ row_pos, const int* __restrict__ block_tables, int max_blocks,
@@ -212,8 +212,9 @@ extern "C" __global__ void paged_attention_partial_bf16(
 
 // `heads_per_block` (2, 3 or 4, dividing num_heads / num_kv_heads) query heads of one kv head
 // a block, so each K and V piece is read once for them: grid (num_heads / heads_per_block,
-// listed rows, partitions). The partials as paged_attention_partial_bf16's.
-extern "C" __global__ void paged_attention_grouped_bf16(
+// listed rows, partitions). The partials as paged_attention_partial_bf16's. Five blocks an SM
+// as a bound: with the block size alone ptxas spills this kernel to fit more.
+extern "C" __global__ void __launch_bounds__(ATTN_THREADS, 5) paged_attention_grouped_bf16(
     const bf16* __restrict__ q, const bf16* __restrict__ k_cache, const bf16* __restrict__ v_cache,
     const int* __restrict__ row_list, const int* __restrict__ row_seq,
     const int* __restrict__ row_pos, const int* __restrict__ block_tables, int max_blocks,
@@ -233,7 +234,7 @@ extern "C" __global__ void paged_attention_grouped_bf16(
 
 // out[row, head] = sum_p e^(m_p - M) o_p / sum_p e^(m_p - M) l_p; grid (num_heads, listed
 // rows).
-extern "C" __global__ void paged_attention_combine_bf16(
+extern "C" __global__ void __launch_bounds__(ATTN_THREADS) paged_attention_combine_bf16(
     const float* __restrict__ part_m, const float* __restrict__ part_l,
     const float* __restrict__ part_o, const int* __restrict__ row_list, bf16* __restrict__ out,
     int num_heads, int head_dim, int partitions) {

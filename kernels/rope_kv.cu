@@ -10,7 +10,7 @@
 // has_bias (Qwen2's attention biases), in fp32 as the CPU path adds them.
 // CPU twin: model::llama::apply_rope, then a copy into the slot.
 
-extern "C" __global__ void rope_kv_write_bf16(const bf16* __restrict__ qkv, int qkv_stride,
+extern "C" __global__ void __launch_bounds__(1024) rope_kv_write_bf16(const bf16* __restrict__ qkv, int qkv_stride,
                                               bf16* __restrict__ q_out,
                                               const float* __restrict__ cos,
                                               const float* __restrict__ sin,

@@ -3,7 +3,7 @@
 // Launch with exactly 1024 threads (the shared arrays and the tree reduction assume it).
 // CPU twin: the sampler's argmax and logprobs_of.
 
-extern "C" __global__ void argmax_logprob_f32(const float* __restrict__ logits, int vocab,
+extern "C" __global__ void __launch_bounds__(1024) argmax_logprob_f32(const float* __restrict__ logits, int vocab,
                                               unsigned int* __restrict__ ids,
                                               float* __restrict__ logprobs) {
     __shared__ float scratch[32];
@@ -224,7 +224,7 @@ __device__ void count_ties_before(const float* x, int lo, int hi, RankPrefix& p,
     p.before = block_exclusive_scan(ties, scratch, &total);
 }
 
-extern "C" __global__ void sample_rows_f32(const float* __restrict__ logits,
+extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_rows_f32(const float* __restrict__ logits,
                                            const float* __restrict__ raw_logits, int vocab,
                                            const SampleRow* __restrict__ params,
                                            unsigned int* __restrict__ ids,
@@ -416,7 +416,7 @@ extern "C" __global__ void sample_rows_f32(const float* __restrict__ logits,
 // subtraction, as there, each rounded on its own: no contraction into an FMA). Rows in CSR form: row r's entries are offsets[r] .. offsets[r + 1].
 // One block per row; tokens outside the vocabulary are skipped. CPU twin:
 // sampling::apply_penalties.
-extern "C" __global__ void apply_penalties_f32(float* __restrict__ logits, int vocab,
+extern "C" __global__ void __launch_bounds__(128) apply_penalties_f32(float* __restrict__ logits, int vocab,
                                                const unsigned int* __restrict__ offsets,
                                                const unsigned int* __restrict__ tokens,
                                                const float* __restrict__ repetition,

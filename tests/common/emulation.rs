@@ -70,19 +70,22 @@ fn compile(src: &Path, out: &Path, extra: &[&str]) {
 }
 
 /// Builds `file` (as `coserve kernels check` names it) into `dir/<file>.so`, exporting
-/// `emulate_<kernel>(grid x, y, z, block x, args)` and `emulate_<kernel>_sizes(&n)` per kernel.
+/// `emulate_<kernel>(grid x, y, z, block x, args)`, `emulate_<kernel>_sizes(&n)` and
+/// `emulate_<kernel>_max_threads()` (its launch bound) per kernel.
 pub fn build_kernel_library(file: &str, dir: &Path) -> std::path::PathBuf {
     let kf = KERNEL_FILES.iter().find(|k| k.name == file).expect("a kernel file");
     let mut src = String::from("#include \"cuda_on_cpu.h\"\n");
     src += &kf.full_source();
     for f in kf.functions {
+        let bound = kf.launch_bound(f).unwrap_or_else(|| panic!("{f} has no launch bounds"));
         src += &format!(
             "\n#define EXPORT extern \"C\" __attribute__((visibility(\"default\")))\n\
              EXPORT void emulate_{f}(unsigned gx, unsigned gy, unsigned gz, unsigned bx, \
              void** args) {{\n    emu::launch(dim3{{gx, gy, gz}}, dim3{{bx, 1, 1}}, [&] {{ \
              emu::call({f}, args); }});\n}}\n\
              EXPORT const unsigned* emulate_{f}_sizes(unsigned* n) {{ return \
-             emu::param_sizes({f}, n); }}\n#undef EXPORT\n"
+             emu::param_sizes({f}, n); }}\n\
+             EXPORT unsigned emulate_{f}_max_threads() {{ return {bound}; }}\n#undef EXPORT\n"
         );
     }
     let stem = file.trim_end_matches(".cu");
@@ -125,6 +128,14 @@ impl Emulated {
         let mut slots: Vec<*mut c_void> =
             values.iter_mut().map(|v| v as *mut u64 as *mut c_void).collect();
         let name = format!("emulate_{kernel}");
+        // SAFETY: generated in `build` for every kernel, with this signature.
+        let bound: libloading::Symbol<unsafe extern "C" fn() -> u32> =
+            unsafe { self.lib.get(format!("{name}_max_threads").as_bytes()) }
+                .expect("an emulated kernel's bound");
+        // SAFETY: it takes nothing and returns a constant.
+        let bound = unsafe { bound() };
+        // A device refuses the launch, whatever the kernel would compute.
+        assert!(threads <= bound, "{kernel} launched with {threads} threads, bound {bound}");
         // SAFETY: every emulate_* entry has the `Entry` signature (generated in `build`).
         let f: libloading::Symbol<Entry> =
             unsafe { self.lib.get(name.as_bytes()) }.expect("an emulated kernel");

@@ -28,6 +28,8 @@ inline dim3 threadIdx, blockIdx, blockDim, gridDim;
 #define __forceinline__ inline
 #define __shared__ static
 #define __align__(n) __attribute__((aligned(n)))
+// The bound is checked at launch (emulate_<kernel>_max_threads, generated per kernel).
+#define __launch_bounds__(...)
 
 namespace emu {
 enum class State { Runnable, AtBlockBarrier, AtWarpBarrier, Done };

@@ -224,6 +224,7 @@ struct Func {
     Entry entry;
     const unsigned* sizes;
     unsigned n;
+    unsigned max_threads;  // the kernel's __launch_bounds__
 };
 }  // namespace
 
@@ -234,8 +235,9 @@ API CUresult cuModuleGetFunction(Handle* f, Handle, const char* name) {
     for (void* lib : kernel_libs) {
         void* e = dlsym(lib, sym.c_str());
         auto sizes = (const unsigned* (*)(unsigned*))dlsym(lib, (sym + "_sizes").c_str());
-        if (e && sizes) {
-            Func* fn = new Func{(Entry)e, nullptr, 0};
+        auto bound = (unsigned (*)())dlsym(lib, (sym + "_max_threads").c_str());
+        if (e && sizes && bound) {
+            Func* fn = new Func{(Entry)e, nullptr, 0, bound()};
             fn->sizes = sizes(&fn->n);
             *f = fn;
             return OK;
@@ -251,6 +253,12 @@ API CUresult cuLaunchKernel(Handle f, unsigned gx, unsigned gy, unsigned gz, uns
                             unsigned by, unsigned bz, unsigned, Handle, void** params, void**) {
     if (by != 1 || bz != 1) return ERROR_NOT_SUPPORTED;
     const Func& fn = *(const Func*)f;
+    // A block larger than the kernel's bound is refused by a device.
+    if (bx > fn.max_threads) {
+        fprintf(stderr, "fake CUDA: a block of %u threads, over its kernel's bound %u\n", bx,
+                fn.max_threads);
+        return ERROR_INVALID_VALUE;
+    }
     std::vector<std::vector<unsigned char>> args;  // copies of the argument values
     for (unsigned i = 0; i < fn.n; ++i) {
         const unsigned char* p = (const unsigned char*)params[i];

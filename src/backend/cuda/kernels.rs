@@ -87,6 +87,21 @@ impl KernelFile {
         format!("#line 1 \"common.cuh\"\n{COMMON}\n#line 1 \"{}\"\n{}", self.name, self.source)
     }
 
+    /// The argument of `function`'s `__launch_bounds__` (a number, or a macro of the file): the
+    /// most threads a block of it may have. Every kernel declares one, so the compiler keeps
+    /// its registers within what a block that size may have, instead of the launch failing on
+    /// the device.
+    pub fn launch_bound(&self, function: &str) -> Option<&'static str> {
+        let source: &'static str = self.source;
+        let prefix = "extern \"C\" __global__ void __launch_bounds__(";
+        source.match_indices(prefix).find_map(|(at, _)| {
+            let rest = &source[at + prefix.len()..];
+            let (bounds, after) = rest.split_once(") ")?;
+            let bound = bounds.split(',').next()?.trim();
+            after.strip_prefix(function)?.starts_with('(').then_some(bound)
+        })
+    }
+
     /// Cache key: source, options, NVRTC version and architecture.
     fn digest(&self, arch: &str, nvrtc_version: (i32, i32)) -> String {
         let mut h = Sha256::new();
@@ -139,7 +154,26 @@ pub fn compile(toolkit: &Toolkit, file: &KernelFile, arch: &str) -> Result<Strin
             log: format!("kernels not found in the PTX: {}", missing.join(", ")),
         });
     }
+    // The bound reaches the device only as the entry's `.maxntid`.
+    let unbounded: Vec<&str> =
+        file.functions.iter().copied().filter(|f| max_threads(&text, f).is_none()).collect();
+    if !unbounded.is_empty() {
+        return Err(CudaError::Compile {
+            file: file.name.into(),
+            arch: arch.into(),
+            log: format!("kernels without .maxntid in the PTX: {}", unbounded.join(", ")),
+        });
+    }
     Ok(text)
+}
+
+/// The `.maxntid` (most threads a block) of `function`'s entry in `ptx`.
+pub fn max_threads(ptx: &str, function: &str) -> Option<u32> {
+    let entry = ptx.split(&format!(".entry {function}(")).nth(1)?;
+    // The directives sit between the parameter list and the body.
+    let head = &entry[..entry.find('{')?];
+    let dims = head.split(".maxntid").nth(1)?.lines().next()?;
+    dims.split(',').map(|d| d.trim().parse::<u32>().ok()).try_fold(1u32, |n, d| n.checked_mul(d?))
 }
 
 fn compile_log(e: &cudarc::nvrtc::CompileError) -> String {
@@ -218,13 +252,31 @@ mod tests {
     fn every_listed_kernel_is_defined_in_its_file() {
         for file in KERNEL_FILES {
             for f in file.functions {
-                let decl = format!("extern \"C\" __global__ void {f}(");
-                assert!(file.source.contains(&decl), "{} does not define {f}", file.name);
+                let bound = file.launch_bound(f);
+                assert!(
+                    bound.is_some(),
+                    "{} does not define {f} with its launch bounds",
+                    file.name
+                );
             }
             // And nothing launchable is left unlisted.
             let defined = file.source.matches("extern \"C\" __global__ void ").count();
             assert_eq!(defined, file.functions.len(), "{}", file.name);
         }
+        let norm = KERNEL_FILES[0];
+        assert_eq!(norm.launch_bound("rms_norm_bf16"), Some("1024"));
+        assert_eq!(norm.launch_bound("rms_norm"), None);
+    }
+
+    #[test]
+    fn max_threads_reads_the_entry_s_own_directive() {
+        let ptx = ".visible .entry a(\n\t.param .u64 a_0\n)\n.maxntid 128, 1, 1\n{\n}\n\
+                   .visible .entry b(\n\t.param .u64 b_0\n)\n{\n}\n\
+                   .visible .entry c(\n)\n.maxntid 64, 2, 1\n.minnctapersm 2\n{\n}\n";
+        assert_eq!(max_threads(ptx, "a"), Some(128));
+        assert_eq!(max_threads(ptx, "b"), None);
+        assert_eq!(max_threads(ptx, "c"), Some(128));
+        assert_eq!(max_threads(ptx, "d"), None);
     }
 
     #[test]
