@@ -101,6 +101,12 @@ pub struct DecodeStep {
     pub attention_on_device: Option<crate::backend::cuda::decoder::cuda::DecodeAttentionTimes>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub attention_on_device_error: Option<String>,
+    /// GPU: the same step once its products' algorithms were chosen by timing them, or why
+    /// that could not be measured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tuned_products: Option<crate::backend::cuda::bench::TunedStep>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tuned_products_error: Option<String>,
 }
 
 impl DecodeStep {
@@ -121,6 +127,8 @@ impl DecodeStep {
             cuda_graph_error: None,
             attention_on_device: None,
             attention_on_device_error: None,
+            tuned_products: None,
+            tuned_products_error: None,
         }
     }
 }
@@ -168,6 +176,17 @@ impl BenchDecodeResult {
             }
             if let Some(e) = &s.cuda_graph_error {
                 println!("        as a CUDA graph: failed: {e}");
+            }
+            if let Some(t) = &s.tuned_products {
+                println!(
+                    "        products tuned: {:.2} ms, {:.0}% of floor; as a CUDA graph: {}",
+                    t.step_ms,
+                    100.0 * t.fraction_of_floor,
+                    t.cuda_graph_step_ms.map_or("failed".into(), |ms| format!("{ms:.2} ms"))
+                );
+            }
+            if let Some(e) = &s.tuned_products_error {
+                println!("        products tuned: failed: {e}");
             }
             for (op, ms) in s.gpu_ms_by_op.iter().flatten() {
                 println!("        {op:<24} {ms:>8.3} ms");

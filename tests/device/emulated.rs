@@ -120,6 +120,7 @@ fn the_selftest_passes_on_the_emulated_device() {
         "decoder_cuda_graph (logits)",
         "decoder_graph_replay (logits)",
         "decoder_graph_replay (steps replayed)",
+        "decoder_graph_replay (tuned rows)",
         "training_step (weights after AdamW)",
         "attention of a mixed step",
         "LoRA over joined tables",

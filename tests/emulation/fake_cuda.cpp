@@ -365,9 +365,11 @@ struct HeuristicResult {
     int reserved[4];
 };
 
-// Checks the shapes agree, as the real heuristic does, and offers one algorithm.
+// Checks the shapes agree, as the real heuristic does, and offers up to three algorithms
+// (all computing the one product below), so that choosing among them runs.
 API int cublasLtMatmulAlgoGetHeuristic(Handle, Handle desc, Handle a, Handle b, Handle c,
-                                       Handle d, Handle, int, HeuristicResult* out, int* count) {
+                                       Handle d, Handle, int requested, HeuristicResult* out,
+                                       int* count) {
     const Desc& ds = *(Desc*)desc;
     const Layout &A = *(Layout*)a, &B = *(Layout*)b, &C = *(Layout*)c, &D = *(Layout*)d;
     const uint64_t m = ds.trans_a ? A.cols : A.rows, k = ds.trans_a ? A.rows : A.cols;
@@ -376,8 +378,9 @@ API int cublasLtMatmulAlgoGetHeuristic(Handle, Handle desc, Handle a, Handle b, 
         *count = 0;
         return 15;
     }
-    memset(out, 0, sizeof(HeuristicResult));
-    *count = 1;
+    *count = requested < 3 ? requested : 3;
+    memset(out, 0, sizeof(HeuristicResult) * (size_t)*count);
+    for (int i = 0; i < *count; ++i) out[i].algo[0] = (uint64_t)i;
     return 0;
 }
 

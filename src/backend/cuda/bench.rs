@@ -83,20 +83,19 @@ pub fn run(
             })
             .collect();
         let step_batch = StepBatch::new(seqs, BLOCK_SIZE)?;
+        let kv_bytes = batch * (context + 1) * s.layers * 2 * s.kv_dim() * 2;
+        // Each row reads one embedding row, not the table.
+        let bytes_read = bytes - embed_bytes + batch * s.hidden * 2 + kv_bytes;
+        let floor_s = bytes_read as f64 / bandwidth;
         let mut scratch = Scratch::new(&mut ops, &s, batch)?;
         // Untimed: plans the products and warms the caches.
         for _ in 0..2 {
             forward(&mut ops, &s, &weights, &inv_freq, &mut caches, &step_batch, &mut scratch)?;
         }
-        let mut times = Vec::with_capacity(steps);
-        for _ in 0..steps {
-            // A whole step: batch upload, forward, greedy ids back on the host.
-            let t = Instant::now();
-            forward(&mut ops, &s, &weights, &inv_freq, &mut caches, &step_batch, &mut scratch)?;
-            times.push(t.elapsed().as_secs_f64());
-        }
-        times.sort_by(f64::total_cmp);
-        let step = times[times.len() / 2];
+        // A whole step: batch upload, forward, greedy ids back on the host.
+        let step = median_s(steps, || {
+            forward(&mut ops, &s, &weights, &inv_freq, &mut caches, &step_batch, &mut scratch)
+        })?;
         // The same step replayed as one CUDA graph: the batch copied into fixed buffers, every
         // launch of the forward recorded once. A failure here is reported, not fatal.
         let graph = graph_step(
@@ -115,17 +114,43 @@ pub fn run(
         let by_op = ops.finish_profile()?;
         // Both paged kernel variants on this batch's attention, one layer (not fatal either).
         let attention = ops.time_decode_attention(&s, batch, context);
-        let kv_bytes = batch * (context + 1) * s.layers * 2 * s.kv_dim() * 2;
-        // Each row reads one embedding row, not the table.
-        let bytes_read = bytes - embed_bytes + batch * s.hidden * 2 + kv_bytes;
-        let floor = bytes_read as f64 / bandwidth;
+        // Last, as tuning keeps its choices: the step with its products' algorithms chosen by
+        // timing them (as a server's recorded decode steps get), eagerly and as a graph.
+        ops.tune_products(true);
+        let tuning =
+            forward(&mut ops, &s, &weights, &inv_freq, &mut caches, &step_batch, &mut scratch);
+        ops.tune_products(false);
+        let tuned = tuning.and_then(|_| {
+            let step = median_s(steps, || {
+                forward(&mut ops, &s, &weights, &inv_freq, &mut caches, &step_batch, &mut scratch)
+            })?;
+            let graph = graph_step(
+                &mut ops,
+                &s,
+                &weights,
+                &inv_freq,
+                &mut caches,
+                &step_batch,
+                &mut scratch,
+                steps,
+            );
+            Ok(TunedStep {
+                step_ms: step * 1e3,
+                fraction_of_floor: floor_s / step,
+                cuda_graph_step_ms: graph.as_ref().ok().copied(),
+                cuda_graph_fraction_of_floor: graph.ok().map(|ms| floor_s / (ms / 1e3)),
+                products: ops.tuned_products().iter().filter(|t| t.m == batch).cloned().collect(),
+            })
+        });
         out.push(DecodeStep {
             gpu_ms_by_op: Some(by_op),
             cuda_graph_step_ms: graph.as_ref().ok().copied(),
-            cuda_graph_fraction_of_floor: graph.as_ref().ok().map(|ms| floor / (ms / 1e3)),
+            cuda_graph_fraction_of_floor: graph.as_ref().ok().map(|ms| floor_s / (ms / 1e3)),
             cuda_graph_error: graph.err().map(|e| e.to_string()),
             attention_on_device_error: attention.as_ref().err().map(|e| e.to_string()),
             attention_on_device: attention.ok(),
+            tuned_products_error: tuned.as_ref().err().map(|e| e.to_string()),
+            tuned_products: tuned.ok(),
             ..DecodeStep::new(batch, step, bytes_read, bandwidth)
         });
         drop(caches);
@@ -142,6 +167,34 @@ pub fn run(
         read_bandwidth_bytes_per_s: bandwidth,
         steps: out,
     })
+}
+
+/// Median seconds of `steps` runs of `f`.
+fn median_s<T>(
+    steps: usize,
+    mut f: impl FnMut() -> Result<T, CudaError>,
+) -> Result<f64, CudaError> {
+    let mut times = Vec::with_capacity(steps);
+    for _ in 0..steps {
+        let t = Instant::now();
+        f()?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+/// A decode step once its products' algorithms were chosen by timing them.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TunedStep {
+    /// Median of the timed steps, as `step_ms`.
+    pub step_ms: f64,
+    pub fraction_of_floor: f64,
+    /// As `cuda_graph_step_ms` (`None`: the replay failed, as reported there).
+    pub cuda_graph_step_ms: Option<f64>,
+    pub cuda_graph_fraction_of_floor: Option<f64>,
+    /// What timing found for each of the step's product shapes.
+    pub products: Vec<crate::backend::cuda::gemm_tuning::Tuned>,
 }
 
 /// Median milliseconds of `steps` decode steps replayed as a CUDA graph: batch upload into

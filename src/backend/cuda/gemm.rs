@@ -16,6 +16,7 @@ use cudarc::cublaslt::sys;
 use cudarc::driver::sys::CUdeviceptr;
 use cudarc::driver::{CudaSlice, CudaStream};
 
+use super::gemm_tuning::{self, Tuned};
 use super::toolkit::{load_cublaslt, Toolkit};
 use super::CudaError;
 
@@ -33,6 +34,10 @@ struct Plan {
     b: sys::cublasLtMatrixLayout_t,
     d: sys::cublasLtMatrixLayout_t,
     algo: sys::cublasLtMatmulAlgo_t,
+    /// What the heuristic offered, its pick first.
+    candidates: Vec<sys::cublasLtMatmulAlgo_t>,
+    /// Whether `algo` was chosen by timing the candidates.
+    tuned: bool,
 }
 
 impl Drop for Plan {
@@ -53,6 +58,9 @@ pub struct Gemm {
     stream: Arc<CudaStream>,
     workspace: CudaSlice<u8>,
     plans: HashMap<PlanKey, Plan>,
+    /// Whether products whose plan was not tuned yet time their algorithms first.
+    tuning: bool,
+    tuned: Vec<Tuned>,
 }
 
 /// Element type of a product's operand.
@@ -119,7 +127,27 @@ impl Gemm {
         load_cublaslt(toolkit)?;
         let handle = lt::create_handle()?;
         let workspace = stream.alloc_zeros::<u8>(WORKSPACE_BYTES)?;
-        Ok(Self { handle, stream, workspace, plans: HashMap::new() })
+        Ok(Self {
+            handle,
+            stream,
+            workspace,
+            plans: HashMap::new(),
+            tuning: false,
+            tuned: Vec::new(),
+        })
+    }
+
+    /// From now on (`true`), a product whose plan was not tuned yet first times every
+    /// algorithm the heuristic offered for it on its own operands (into a scratch output, so
+    /// nothing it writes changes) and keeps the fastest ([`gemm_tuning::pick`]). This
+    /// synchronizes the stream, so it is skipped while the stream is being captured.
+    pub fn set_tuning(&mut self, on: bool) {
+        self.tuning = on;
+    }
+
+    /// What tuning found, a line per tuned shape, in order.
+    pub fn tuned(&self) -> &[Tuned] {
+        &self.tuned
     }
 
     /// `y[m, n] = x[m, k] · w[n, k]ᵀ` on the stream. `x`, `w` point at bf16 data; `y` at bf16
@@ -171,9 +199,52 @@ impl Gemm {
             let plan = self.plan(&key)?;
             self.plans.insert(key, plan);
         }
+        if self.tuning && !self.plans[&key].tuned && !self.capturing()? {
+            // SAFETY: as this function's.
+            let times = unsafe { self.time_candidates(&key, p) };
+            let plan = self.plans.get_mut(&key).expect("planned above");
+            plan.tuned = true;
+            match times {
+                Ok(times) => {
+                    let chosen = gemm_tuning::pick(&times);
+                    plan.algo = plan.candidates[chosen];
+                    tracing::debug!(
+                        m, n, k, chosen, candidates = times.len(),
+                        chosen_ms = ?times[chosen], heuristic_ms = ?times[0],
+                        "cuBLASLt algorithm chosen by timing"
+                    );
+                    self.tuned.push(Tuned {
+                        m,
+                        n,
+                        k,
+                        candidates: times.len(),
+                        heuristic_ms: times[0],
+                        chosen_ms: times[chosen],
+                        chosen,
+                    });
+                }
+                // The heuristic's pick stays; the product itself still runs.
+                Err(e) => tracing::warn!("timing cuBLASLt's algorithms for {key:?}: {e}"),
+            }
+        }
         let plan = &self.plans[&key];
-        let (ws, _guard) =
-            cudarc::driver::DevicePtrMut::device_ptr_mut(&mut self.workspace, &self.stream);
+        // SAFETY: as this function's.
+        unsafe { self.run(plan, &plan.algo, p, p.d.ptr) }
+    }
+
+    /// `p` with `algo`, written to `d` (read there too when `p.beta` is not 0).
+    ///
+    /// # Safety
+    /// As [`Self::product`]'s, with `d` in place of `p.d.ptr`.
+    unsafe fn run(
+        &self,
+        plan: &Plan,
+        algo: &sys::cublasLtMatmulAlgo_t,
+        p: &Product,
+        d: CUdeviceptr,
+    ) -> Result<(), CudaError> {
+        // The workspace is only ever used on this stream, one product at a time.
+        let ws = addr(&self.workspace, &self.stream, 0);
         lt::matmul(
             self.handle,
             plan.desc,
@@ -183,16 +254,63 @@ impl Gemm {
             plan.a,
             p.a.ptr as *const c_void,
             plan.b,
-            p.d.ptr as *const c_void,
+            d as *const c_void,
             plan.d,
-            p.d.ptr as *mut c_void,
+            d as *mut c_void,
             plan.d,
-            &plan.algo,
+            algo,
             ws as *mut c_void,
             WORKSPACE_BYTES,
             self.stream.cu_stream() as sys::cudaStream_t,
         )?;
         Ok(())
+    }
+
+    fn capturing(&self) -> Result<bool, CudaError> {
+        use cudarc::driver::sys::CUstreamCaptureStatus as S;
+        Ok(self.stream.capture_status()? != S::CU_STREAM_CAPTURE_STATUS_NONE)
+    }
+
+    /// Milliseconds a run of each of `key`'s candidates takes on `p`'s operands (`None`: it
+    /// failed to run), writing to a scratch output the size of `p`'s.
+    ///
+    /// # Safety
+    /// As [`Self::product`]'s.
+    unsafe fn time_candidates(
+        &self,
+        key: &PlanKey,
+        p: &Product,
+    ) -> Result<Vec<Option<f64>>, CudaError> {
+        use cudarc::driver::sys::CUevent_flags;
+        let plan = &self.plans[key];
+        let elem = match p.d.elem {
+            Elem::Bf16 => 2,
+            Elem::F32 => 4,
+        };
+        // Row-major `d`: m rows `ld` apart, the last one n wide.
+        let (m, n, _) = p.mnk;
+        let scratch = self.stream.alloc_zeros::<u8>(((m - 1) * p.d.ld + n) * elem)?;
+        // Aligned as `d` is at least, since the plan was made for that alignment.
+        let d = addr(&scratch, &self.stream, 0);
+        let mut times = Vec::with_capacity(plan.candidates.len());
+        for algo in &plan.candidates {
+            // SAFETY: as this function's; the scratch holds what `d` would.
+            if unsafe { self.run(plan, algo, p, d) }.is_err() {
+                times.push(None);
+                continue;
+            }
+            let start = self.stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+            for _ in 0..gemm_tuning::TIMED_RUNS {
+                // SAFETY: as above.
+                unsafe { self.run(plan, algo, p, d) }?;
+            }
+            let end = self.stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+            let ms = f64::from(start.elapsed_ms(&end)?) / gemm_tuning::TIMED_RUNS as f64;
+            times.push(Some(ms));
+        }
+        self.stream.synchronize()?;
+        drop(scratch);
+        Ok(times)
     }
 
     fn plan(&self, key: &PlanKey) -> Result<Plan, CudaError> {
@@ -211,6 +329,8 @@ impl Gemm {
             d: std::ptr::null_mut(),
             // SAFETY: a plain C struct of integers; overwritten by the heuristic below.
             algo: unsafe { std::mem::zeroed() },
+            candidates: Vec::new(),
+            tuned: false,
         };
         let (trans_a, trans_b) = key.trans;
         use sys::cublasLtMatmulDescAttributes_t as D;
@@ -264,7 +384,11 @@ impl Gemm {
                 });
             }
             let h = set.and_then(|()| {
-                lt::get_matmul_algo_heuristic(
+                // SAFETY: a plain C struct; the heuristic fills the first `count`.
+                let mut results: Vec<sys::cublasLtMatmulHeuristicResult_t> =
+                    vec![std::mem::zeroed(); gemm_tuning::CANDIDATES];
+                let mut count = 0;
+                sys::cublasLtMatmulAlgoGetHeuristic(
                     self.handle,
                     plan.desc,
                     plan.a,
@@ -272,13 +396,27 @@ impl Gemm {
                     plan.d,
                     plan.d,
                     pref,
+                    gemm_tuning::CANDIDATES as i32,
+                    results.as_mut_ptr(),
+                    &mut count,
                 )
+                .result()?;
+                results.truncate(count.clamp(0, gemm_tuning::CANDIDATES as i32) as usize);
+                Ok(results)
             });
             let _ = lt::destroy_matmul_pref(pref);
             h
         }
         .map_err(|e| CudaError::Blas(format!("cuBLASLt has no algorithm for {key:?}: {e}")))?;
-        plan.algo = heuristic.algo;
+        plan.candidates = heuristic
+            .iter()
+            .filter(|r| r.state == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS)
+            .map(|r| r.algo)
+            .collect();
+        plan.algo = *plan
+            .candidates
+            .first()
+            .ok_or_else(|| CudaError::Blas(format!("cuBLASLt has no algorithm for {key:?}")))?;
         Ok(plan)
     }
 }

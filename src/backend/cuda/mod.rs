@@ -10,6 +10,7 @@ pub mod bench_train;
 pub mod decoder;
 pub mod device;
 pub mod gemm;
+pub mod gemm_tuning;
 pub mod gpu;
 pub mod kernels;
 pub mod sampling;

@@ -153,6 +153,11 @@ impl<O: TrainOps> DeviceDecoder<O> {
         self.graphs = on.then(|| DecodeGraphs::new(self.num_blocks as u32));
     }
 
+    /// The backend, for what it reports (its tuned products, say).
+    pub fn ops(&self) -> &O {
+        &self.ops
+    }
+
     /// (steps replayed, steps recorded) so far.
     pub fn replay_counts(&self) -> (u64, u64) {
         self.graphs.as_ref().map_or((0, 0), |g| (g.replays, g.recordings))
@@ -191,9 +196,13 @@ impl<O: TrainOps> DeviceDecoder<O> {
             g.replays += 1;
             return rows_out(ops, s, sc, n, want).map(Some);
         }
-        // The bucket's first step: run it, then record the same launches over its buffers.
+        // The bucket's first step: run it (choosing its products' algorithms by timing them,
+        // as every replay will run them), then record the same launches over its buffers.
         let step = ops.upload(&batch, &cos, &sin)?;
-        logits_on_device(ops, s, w, caches, &step, sc, lora)?;
+        ops.tune_products(true);
+        let ran = logits_on_device(ops, s, w, caches, &step, sc, lora);
+        ops.tune_products(false);
+        ran?;
         let out = rows_out(ops, s, sc, n, want)?;
         if ops.epoch() != g.epoch {
             g.clear();

@@ -280,6 +280,12 @@ pub trait DecoderOps {
     fn epoch(&self) -> u64 {
         0
     }
+    /// While on, each product shape met for the first time is timed over its backend's
+    /// algorithms and runs on the fastest from then on (for shapes that will run many times,
+    /// such as a recorded step's). Not for use while recording.
+    fn tune_products(&mut self, on: bool) {
+        let _ = on;
+    }
     fn embedding(
         &mut self,
         step: &Self::Step,

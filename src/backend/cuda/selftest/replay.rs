@@ -130,6 +130,20 @@ pub(super) fn check_replayed_decodes(
         0.0,
         0.0,
     );
+    // Each bucket's products were timed over cuBLASLt's algorithms when it was recorded (and
+    // no other shape's), and each ran on one that ran while timed.
+    let tuned = d.ops().tuned_products();
+    let mut rows: Vec<f32> = tuned.iter().map(|t| t.m as f32).collect();
+    let mut want: Vec<f32> = keys.iter().map(|k| k.0 as f32).collect();
+    for v in [&mut rows, &mut want] {
+        v.sort_by(f32::total_cmp);
+        v.dedup();
+    }
+    let shape = format!("{} product shapes tuned", tuned.len());
+    compare(checks, "decoder_graph_replay (tuned rows)", shape.clone(), &rows, &want, 0.0, 0.0);
+    let unrun = tuned.iter().filter(|t| t.chosen >= t.candidates || t.chosen_ms.is_none());
+    let got = [unrun.count() as f32];
+    compare(checks, "decoder_graph_replay (tuned, chosen ran)", shape, &got, &[0.0], 0.0, 0.0);
     Ok(())
 }
 

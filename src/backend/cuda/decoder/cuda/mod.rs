@@ -311,6 +311,10 @@ impl DecoderOps for CudaOps {
         self.epoch
     }
 
+    fn tune_products(&mut self, on: bool) {
+        self.gemm.set_tuning(on);
+    }
+
     fn embedding(
         &mut self,
         st: &CudaStep,

@@ -1,5 +1,5 @@
 //! What surrounds `CudaOps`' forward: weights made or uploaded on the device, the copy
-//! bandwidth, per-operation GPU timing, and CUDA-graph capture and replay.
+//! bandwidth, per-operation GPU timing, tuned products, and CUDA-graph capture and replay.
 
 use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{CudaGraph, CudaSlice, PushKernelArg};
@@ -10,6 +10,12 @@ use crate::backend::cuda::gpu::{cfg, n32};
 use crate::backend::cuda::CudaError;
 
 impl CudaOps {
+    /// What timing the products' algorithms found so far, a line per tuned shape
+    /// ([`DecoderOps::tune_products`](crate::backend::cuda::decoder::DecoderOps::tune_products)).
+    pub fn tuned_products(&self) -> &[crate::backend::cuda::gemm_tuning::Tuned] {
+        self.gemm.tuned()
+    }
+
     /// Records an event at each `mark` from now on.
     pub fn start_profile(&mut self) {
         self.profile = Some(Vec::new());
