@@ -44,8 +44,10 @@ void submit(Op op) {
 }
 }  // namespace
 
-// A real capture is invalidated by what would allocate, free or wait: refuse it loudly, so a
-// forward that does is caught here rather than on a GPU.
+// Refused during a capture, loudly: what a real capture rejects (synchronous allocation and
+// frees, pageable copies, waits) and what coserve's recorded forwards must not do although a
+// real capture would record it (stream-ordered allocation and frees, async copies and
+// memsets), since they run before a step's replay, not in it.
 namespace {
 CUresult refused_in_capture(const char* call) {
     fprintf(stderr, "fake CUDA: %s during a stream capture\n", call);
@@ -112,6 +114,7 @@ API CUresult cuDeviceGetAttribute(int* v, int attr, CUdevice) {
         case 75: *v = 9; break;    // compute capability major
         case 76: *v = 0; break;    // minor
         case 16: *v = 4; break;    // multiprocessors
+        case 38: *v = 1 << 20; break;  // L2 bytes
         case 115: *v = 0; break;   // no memory pools: plain allocations
         default: *v = 0;
     }
@@ -172,8 +175,14 @@ API CUresult cuMemFree_v2(CUdeviceptr p) {
     free((void*)p);
     return OK;
 }
-API CUresult cuMemAllocAsync(CUdeviceptr* p, size_t n, Handle) { return cuMemAlloc_v2(p, n); }
-API CUresult cuMemFreeAsync(CUdeviceptr p, Handle) { return cuMemFree_v2(p); }
+API CUresult cuMemAllocAsync(CUdeviceptr* p, size_t n, Handle) {
+    REFUSE_IN_CAPTURE;
+    return cuMemAlloc_v2(p, n);
+}
+API CUresult cuMemFreeAsync(CUdeviceptr p, Handle) {
+    REFUSE_IN_CAPTURE;
+    return cuMemFree_v2(p);
+}
 API CUresult cuMemcpyHtoD_v2(CUdeviceptr d, const void* s, size_t n) {
     REFUSE_IN_CAPTURE;
     memcpy((void*)d, s, n);

@@ -139,8 +139,10 @@ impl Gemm {
 
     /// From now on (`true`), a product whose plan was not tuned yet first times every
     /// algorithm the heuristic offered for it on its own operands (into a scratch output, so
-    /// nothing it writes changes) and keeps the fastest ([`gemm_tuning::pick`]). This
-    /// synchronizes the stream, so it is skipped while the stream is being captured.
+    /// nothing it writes changes) and keeps the fastest ([`gemm_tuning::pick`]) for every
+    /// later product of its shape, tuned or not. This synchronizes the stream, so it is
+    /// skipped while the stream is being captured. A shape whose timing fails (a scratch
+    /// buffer that does not fit, say) keeps the heuristic's pick and is not timed again.
     pub fn set_tuning(&mut self, on: bool) {
         self.tuning = on;
     }
@@ -281,8 +283,17 @@ impl Gemm {
         key: &PlanKey,
         p: &Product,
     ) -> Result<Vec<Option<f64>>, CudaError> {
-        use cudarc::driver::sys::CUevent_flags;
+        use cudarc::driver::sys::{CUdevice_attribute, CUevent_flags};
         let plan = &self.plans[key];
+        // In a step the other layers' weights pass through L2 between two uses of these, so
+        // each timed run starts with them out of it: a buffer twice L2's size is cleared
+        // before it. Timed warm, a matrix that fits in L2 would favour the wrong algorithm.
+        let l2 = self
+            .stream
+            .context()
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)?
+            .max(0) as usize;
+        let mut flush = (l2 > 0).then(|| self.stream.alloc_zeros::<u8>(2 * l2)).transpose()?;
         let elem = match p.d.elem {
             Elem::Bf16 => 2,
             Elem::F32 => 4,
@@ -299,17 +310,21 @@ impl Gemm {
                 times.push(None);
                 continue;
             }
-            let start = self.stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+            let mut ms = 0.0;
             for _ in 0..gemm_tuning::TIMED_RUNS {
+                if let Some(f) = flush.as_mut() {
+                    self.stream.memset_zeros(f)?;
+                }
+                let start = self.stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
                 // SAFETY: as above.
                 unsafe { self.run(plan, algo, p, d) }?;
+                let end = self.stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+                ms += f64::from(start.elapsed_ms(&end)?);
             }
-            let end = self.stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
-            let ms = f64::from(start.elapsed_ms(&end)?) / gemm_tuning::TIMED_RUNS as f64;
-            times.push(Some(ms));
+            times.push(Some(ms / gemm_tuning::TIMED_RUNS as f64));
         }
         self.stream.synchronize()?;
-        drop(scratch);
+        drop((scratch, flush));
         Ok(times)
     }
 

@@ -11,7 +11,7 @@ use serde::Serialize;
 /// How many algorithms the heuristic is asked for.
 pub const CANDIDATES: usize = 8;
 
-/// Runs of each algorithm timed together, after one untimed run.
+/// Runs of each algorithm timed (each with L2 cleared first), after one untimed run.
 pub const TIMED_RUNS: usize = 5;
 
 /// A faster algorithm must beat the heuristic's pick by this share to replace it: timings

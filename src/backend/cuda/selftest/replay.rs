@@ -130,8 +130,8 @@ pub(super) fn check_replayed_decodes(
         0.0,
         0.0,
     );
-    // Each bucket's products were timed over cuBLASLt's algorithms when it was recorded (and
-    // no other shape's), and each ran on one that ran while timed.
+    // Products were timed over cuBLASLt's algorithms at exactly the recorded buckets' row
+    // counts, and each shape runs an algorithm that ran while timed.
     let tuned = d.ops().tuned_products();
     let mut rows: Vec<f32> = tuned.iter().map(|t| t.m as f32).collect();
     let mut want: Vec<f32> = keys.iter().map(|k| k.0 as f32).collect();

@@ -142,7 +142,9 @@ impl CudaOps {
     /// value's attention partials: replay it only while all of them live, and before any
     /// larger forward regrows the partials.
     pub fn capture(&mut self, f: impl FnOnce(&mut Self) -> R) -> Result<CudaGraph, CudaError> {
-        use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+        use cudarc::driver::sys::{
+            CUgraphInstantiate_flags, CUstreamCaptureMode, CUstreamCaptureStatus,
+        };
         if self.profile.is_some() {
             return Err(CudaError::Driver("a profiled forward cannot be captured".into()));
         }
@@ -150,11 +152,15 @@ impl CudaOps {
         self.capturing = true;
         let recorded = f(self);
         self.capturing = false;
-        // End the capture whatever happened, so the stream is usable again.
-        let graph = self
-            .gpu
-            .stream
-            .end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH);
+        // End the capture whatever happened, so the stream is usable again. An error cudarc
+        // recorded meanwhile (a buffer's free refused, say) fails the first call before the
+        // capture ends, and is cleared by it: then end it again, discarding what it recorded.
+        let flags = CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH;
+        let graph = self.gpu.stream.end_capture(flags);
+        let none = CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
+        if graph.is_err() && self.gpu.stream.capture_status().is_ok_and(|s| s != none) {
+            let _ = self.gpu.stream.end_capture(flags);
+        }
         recorded?;
         graph?.ok_or_else(|| CudaError::Driver("stream capture recorded nothing".into()))
     }
