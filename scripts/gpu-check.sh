@@ -7,7 +7,7 @@
 #   scripts/gpu-check.sh run [BINARY]    # nvidia-smi, kernels check, selftest, serve, benchmarks
 #
 # `run` writes its results to $OUT (default gpu-results/): nvidia-smi.txt, environment.txt,
-# kernels-check.txt, selftest.json, serve-llama.json and serve-qwen2.json (with the servers'
+# kernels-check.txt, ptxas.txt, selftest.json, serve-llama.json and serve-qwen2.json (with the servers'
 # logs), bench-decode.json, bandwidth.json, bench-finetune.json, hf-peft.json, and a log per
 # step. It goes on after a failed step and exits non-zero if any failed. The toolkit is found at $CUDA_HOME, $CUDA_PATH or
 # /usr/local/cuda.
@@ -55,6 +55,16 @@ run)
     true'
   # Every step has a time limit, so one that hangs leaves time for the others.
   step kernels-check "$OUT/kernels-check.txt" timeout 240 "$BIN" kernels check --ptx-dir "$OUT/ptx"
+  # Registers, spills and shared memory of every kernel as ptxas builds the checked PTX for
+  # this GPU's architecture (the driver builds the same PTX at load), for reading the timings.
+  step ptxas "$OUT/ptxas.txt" bash -c '
+    cap=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -n 1 | tr -d ". ")
+    ptxas=$(command -v ptxas || echo "${CUDA_HOME:-${CUDA_PATH:-/usr/local/cuda}}/bin/ptxas")
+    [ -x "$ptxas" ] || { echo "no ptxas: skipped"; exit 0; }
+    for f in "$1"/ptx/*-sm_"$cap".ptx; do
+      [ -e "$f" ] || { echo "no PTX for sm_$cap: skipped"; exit 0; }
+      "$ptxas" -arch=sm_"$cap" -v "$f" -o /dev/null 2>&1 | grep -E "entry function|Used|spill"
+    done' _ "$OUT"
   step selftest "$OUT/selftest.txt" timeout 240 "$BIN" selftest --device cuda \
     --json "$OUT/selftest.json"
 
