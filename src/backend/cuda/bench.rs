@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use rand::{Rng, SeedableRng};
 
-use super::decoder::cuda::CudaOps;
+use super::decoder::cuda::{CudaCache, CudaOps};
 use super::decoder::from_model::HostModel;
 use super::decoder::{
     forward, forward_on_device, rope_tables, DecoderOps, DecoderShape, DecoderWeights, Scratch,
@@ -88,52 +88,35 @@ pub fn run(
         let bytes_read = bytes - embed_bytes + batch * s.hidden * 2 + kv_bytes;
         let floor_s = bytes_read as f64 / bandwidth;
         let mut scratch = Scratch::new(&mut ops, &s, batch)?;
-        // Untimed: plans the products and warms the caches.
-        for _ in 0..2 {
-            forward(&mut ops, &s, &weights, &inv_freq, &mut caches, &step_batch, &mut scratch)?;
-        }
         // A whole step: batch upload, forward, greedy ids back on the host.
-        let step = median_s(steps, || {
-            forward(&mut ops, &s, &weights, &inv_freq, &mut caches, &step_batch, &mut scratch)
-        })?;
+        let one = |o: &mut CudaOps, c: &mut [CudaCache], sc: &mut Scratch<CudaOps>| {
+            forward(o, &s, &weights, &inv_freq, c, &step_batch, sc)
+        };
         // The same step replayed as one CUDA graph: the batch copied into fixed buffers, every
         // launch of the forward recorded once. A failure here is reported, not fatal.
-        let graph = graph_step(
-            &mut ops,
-            &s,
-            &weights,
-            &inv_freq,
-            &mut caches,
-            &step_batch,
-            &mut scratch,
-            steps,
-        );
+        let graph_of = |o: &mut CudaOps, c: &mut [CudaCache], sc: &mut Scratch<CudaOps>| {
+            graph_step(o, &s, &weights, &inv_freq, c, &step_batch, sc, steps)
+        };
+        // Untimed: plans the products and warms the caches.
+        for _ in 0..2 {
+            one(&mut ops, &mut caches, &mut scratch)?;
+        }
+        let step = median_s(steps, || one(&mut ops, &mut caches, &mut scratch))?;
+        let graph = graph_of(&mut ops, &mut caches, &mut scratch);
         ops.gpu.sync()?;
         ops.start_profile();
-        forward(&mut ops, &s, &weights, &inv_freq, &mut caches, &step_batch, &mut scratch)?;
+        one(&mut ops, &mut caches, &mut scratch)?;
         let by_op = ops.finish_profile()?;
         // Both paged kernel variants on this batch's attention, one layer (not fatal either).
         let attention = ops.time_decode_attention(&s, batch, context);
         // Last, as tuning keeps its choices: the step with its products' algorithms chosen by
         // timing them (as a server's recorded decode steps get), eagerly and as a graph.
         ops.tune_products(true);
-        let tuning =
-            forward(&mut ops, &s, &weights, &inv_freq, &mut caches, &step_batch, &mut scratch);
+        let tuning = one(&mut ops, &mut caches, &mut scratch);
         ops.tune_products(false);
         let tuned = tuning.and_then(|_| {
-            let step = median_s(steps, || {
-                forward(&mut ops, &s, &weights, &inv_freq, &mut caches, &step_batch, &mut scratch)
-            })?;
-            let graph = graph_step(
-                &mut ops,
-                &s,
-                &weights,
-                &inv_freq,
-                &mut caches,
-                &step_batch,
-                &mut scratch,
-                steps,
-            );
+            let step = median_s(steps, || one(&mut ops, &mut caches, &mut scratch))?;
+            let graph = graph_of(&mut ops, &mut caches, &mut scratch);
             Ok(TunedStep {
                 step_ms: step * 1e3,
                 fraction_of_floor: floor_s / step,
@@ -205,7 +188,7 @@ fn graph_step(
     s: &DecoderShape,
     weights: &DecoderWeights<cudarc::driver::CudaSlice<u16>>,
     inv_freq: &[f32],
-    caches: &mut [super::decoder::cuda::CudaCache],
+    caches: &mut [CudaCache],
     batch: &StepBatch,
     scratch: &mut Scratch<CudaOps>,
     steps: usize,
