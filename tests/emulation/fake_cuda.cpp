@@ -14,7 +14,9 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <mutex>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #define API extern "C" __attribute__((visibility("default")))
@@ -23,7 +25,13 @@ typedef int CUresult;
 typedef int CUdevice;
 typedef uint64_t CUdeviceptr;
 typedef void* Handle;
-enum { OK = 0, ERROR_INVALID_VALUE = 1, ERROR_NOT_FOUND = 500, ERROR_NOT_SUPPORTED = 801 };
+enum {
+    OK = 0,
+    ERROR_INVALID_VALUE = 1,
+    ERROR_OUT_OF_MEMORY = 2,
+    ERROR_NOT_FOUND = 500,
+    ERROR_NOT_SUPPORTED = 801
+};
 
 typedef void (*Entry)(unsigned, unsigned, unsigned, unsigned, void**);
 
@@ -162,16 +170,40 @@ API CUresult cuEventQuery(Handle) {
 API CUresult cuEventElapsedTime(float* ms, Handle, Handle) { *ms = 0.f; return OK; }
 API CUresult cuEventElapsedTime_v2(float* ms, Handle, Handle) { *ms = 0.f; return OK; }
 
+// The device's memory: what is allocated at once may not pass it, as on a device. 8 GiB (the
+// total reported below), or $COSERVE_EMULATED_MEMORY bytes.
+namespace {
+std::mutex memory_mutex;
+std::unordered_map<CUdeviceptr, size_t> allocations;
+size_t allocated = 0;
+size_t memory_size() {
+    static const size_t size = [] {
+        const char* v = getenv("COSERVE_EMULATED_MEMORY");
+        return v ? (size_t)strtoull(v, nullptr, 10) : (size_t)8 << 30;
+    }();
+    return size;
+}
+}  // namespace
+
 API CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t n) {
     REFUSE_IN_CAPTURE;
+    std::lock_guard<std::mutex> lock(memory_mutex);
+    if (n > memory_size() - allocated) return ERROR_OUT_OF_MEMORY;
     void* m = aligned_alloc(256, (n + 255) / 256 * 256);
-    if (!m) return 2;  // out of memory
+    if (!m) return ERROR_OUT_OF_MEMORY;
     memset(m, 0xcd, n);  // garbage, as fresh device memory is
     *p = (CUdeviceptr)m;
+    allocations[*p] = n;
+    allocated += n;
     return OK;
 }
 API CUresult cuMemFree_v2(CUdeviceptr p) {
     REFUSE_IN_CAPTURE;
+    std::lock_guard<std::mutex> lock(memory_mutex);
+    auto a = allocations.find(p);
+    if (a == allocations.end()) return ERROR_INVALID_VALUE;
+    allocated -= a->second;
+    allocations.erase(a);
     free((void*)p);
     return OK;
 }
@@ -315,8 +347,14 @@ API CUresult cuGetProcAddress_v2(const char*, void** f, int, unsigned long long,
     return ERROR_NOT_FOUND;
 }
 
-API CUresult cuGetErrorString(CUresult, const char** s) { *s = "fake CUDA error"; return OK; }
-API CUresult cuGetErrorName(CUresult, const char** s) { *s = "CUDA_ERROR_FAKE"; return OK; }
+API CUresult cuGetErrorString(CUresult e, const char** s) {
+    *s = e == ERROR_OUT_OF_MEMORY ? "out of memory" : "fake CUDA error";
+    return OK;
+}
+API CUresult cuGetErrorName(CUresult e, const char** s) {
+    *s = e == ERROR_OUT_OF_MEMORY ? "CUDA_ERROR_OUT_OF_MEMORY" : "CUDA_ERROR_FAKE";
+    return OK;
+}
 
 // ---- cuBLASLt ------------------------------------------------------------------------------
 namespace {
