@@ -110,6 +110,27 @@ pub struct DecodeStep {
 }
 
 impl DecodeStep {
+    /// One line of the step's times against its floor.
+    pub fn summary(&self) -> String {
+        let mut line = format!(
+            "batch {}: step {:.2} ms, {:.0}% of the {:.2} ms floor",
+            self.batch,
+            self.step_ms,
+            100.0 * self.fraction_of_floor,
+            self.floor_ms
+        );
+        if let Some(ms) = self.cuda_graph_step_ms {
+            line += &format!("; as a CUDA graph {ms:.2} ms");
+        }
+        if let Some(t) = &self.tuned_products {
+            line += &format!("; products tuned {:.2} ms", t.step_ms);
+            if let Some(ms) = t.cuda_graph_step_ms {
+                line += &format!(", as a CUDA graph {ms:.2} ms");
+            }
+        }
+        line
+    }
+
     /// A step of `batch` rows taking `step_s` seconds and reading `bytes_read` bytes, next to
     /// its floor at `bandwidth` bytes per second.
     pub fn new(batch: usize, step_s: f64, bytes_read: usize, bandwidth: f64) -> Self {
@@ -146,9 +167,31 @@ pub struct BenchDecodeResult {
     /// bytes read plus written. Bytes per second.
     pub read_bandwidth_bytes_per_s: f64,
     pub steps: Vec<DecodeStep>,
+    /// GPU: the batches that failed, as "batch N: error" (the others are in `steps`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<String>,
 }
 
 impl BenchDecodeResult {
+    /// Everything that failed: whole batches, and the parts of a measured batch that could
+    /// not be measured (CUDA graph, attention timing, tuned products).
+    pub fn failures(&self) -> Vec<String> {
+        let mut out = self.errors.clone();
+        for s in &self.steps {
+            let parts = [
+                ("as a CUDA graph", &s.cuda_graph_error),
+                ("attention timing", &s.attention_on_device_error),
+                ("tuned products", &s.tuned_products_error),
+            ];
+            for (what, e) in parts {
+                if let Some(e) = e {
+                    out.push(format!("batch {}: {what}: {e}", s.batch));
+                }
+            }
+        }
+        out
+    }
+
     pub fn print_text(&self) {
         println!(
             "{} ({}, {} KV cache) on {}, {} threads, context {}: weights {:.1} MB, bandwidth {:.1} GB/s",
@@ -191,6 +234,9 @@ impl BenchDecodeResult {
             for (op, ms) in s.gpu_ms_by_op.iter().flatten() {
                 println!("        {op:<24} {ms:>8.3} ms");
             }
+        }
+        for e in &self.errors {
+            println!("failed: {e}");
         }
     }
 }
@@ -264,6 +310,7 @@ pub fn run(args: &BenchDecodeArgs) -> Result<BenchDecodeResult, BenchDecodeError
             weight_bytes: model.weight_bytes(),
             read_bandwidth_bytes_per_s: bandwidth,
             steps,
+            errors: Vec::new(),
         })
     })
 }

@@ -161,6 +161,13 @@ pub struct BenchFinetuneResult {
     /// On a GPU: one sample's forward attention (one layer's), tiled and paged kernels.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub chunk_attention_on_device: Option<crate::backend::cuda::decoder::cuda::ChunkAttentionTimes>,
+    /// On a GPU: milliseconds of one more training step by kind of operation.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gpu_ms_by_op: Option<Vec<(String, f64)>>,
+    /// What failed after the standalone steps were measured ("what: error"); the command
+    /// then exits non-zero after printing the rest.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<String>,
 }
 
 /// One co-serving measurement and the share of standalone training throughput it keeps.
@@ -304,8 +311,10 @@ fn run_on_device(
                 measured: c,
             })
             .collect(),
-        attention_backward_on_device: Some(run.attention_backward),
-        chunk_attention_on_device: Some(run.chunk_attention),
+        attention_backward_on_device: run.attention_backward,
+        chunk_attention_on_device: run.chunk_attention,
+        gpu_ms_by_op: run.gpu_ms_by_op,
+        errors: run.errors,
         final_loss: run.final_loss,
         peak_rss_mib: None,
         activations: ActivationMemory {
@@ -458,6 +467,8 @@ pub fn run(args: &BenchFinetuneArgs) -> Result<BenchFinetuneResult, BenchFinetun
         coserve_on_device: Vec::new(),
         attention_backward_on_device: None,
         chunk_attention_on_device: None,
+        gpu_ms_by_op: None,
+        errors: Vec::new(),
     })
 }
 
@@ -549,6 +560,15 @@ impl BenchFinetuneResult {
                 100.0 * kept_fraction,
                 c.samples
             );
+        }
+        if let Some(by_op) = &self.gpu_ms_by_op {
+            println!("one step on the GPU by kind of operation:");
+            for (op, ms) in by_op {
+                println!("                {op:<28} {ms:>9.3} ms");
+            }
+        }
+        for e in &self.errors {
+            println!("failed:         {e}");
         }
     }
 }

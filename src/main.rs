@@ -103,7 +103,7 @@ fn main() -> ExitCode {
 }
 
 fn bench_decode(args: &coserve::bench_decode::BenchDecodeArgs) -> ExitCode {
-    report(coserve::bench_decode::run(args), args.json, |r| r.print_text())
+    report(coserve::bench_decode::run(args), args.json, |r| r.print_text(), |r| r.failures())
 }
 
 fn kernels_check(ptx_dir: Option<&std::path::Path>) -> ExitCode {
@@ -199,34 +199,43 @@ fn bench_coserve(args: coserve::bench_coserve::CoserveBenchArgs) -> ExitCode {
 }
 
 fn bench_finetune(args: &coserve::bench_finetune::BenchFinetuneArgs) -> ExitCode {
-    report(coserve::bench_finetune::run(args), args.json, |r| r.print_text())
+    report(coserve::bench_finetune::run(args), args.json, |r| r.print_text(), |r| r.errors.clone())
 }
 
-/// Prints a benchmark's result as one JSON object or as text, or its error.
+/// Prints a benchmark's result as one JSON object or as text, or its error. A result with
+/// parts that failed (`failures`) is printed whole, then the command fails.
 fn report<T: serde::Serialize, E: std::fmt::Display>(
     result: Result<T, E>,
     json: bool,
     text: impl FnOnce(&T),
+    failures: impl FnOnce(&T) -> Vec<String>,
 ) -> ExitCode {
-    match result {
-        Ok(r) if json => match serde_json::to_string(&r) {
-            Ok(line) => {
-                println!("{line}");
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("error: {e}");
-                ExitCode::FAILURE
-            }
-        },
-        Ok(r) => {
-            text(&r);
-            ExitCode::SUCCESS
-        }
+    let r = match result {
+        Ok(r) => r,
         Err(e) => {
             eprintln!("error: {e}");
-            ExitCode::FAILURE
+            return ExitCode::FAILURE;
         }
+    };
+    if !json {
+        text(&r);
+    } else {
+        match serde_json::to_string(&r) {
+            Ok(line) => println!("{line}"),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    let failed = failures(&r);
+    for f in &failed {
+        eprintln!("error: {f}");
+    }
+    if failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 

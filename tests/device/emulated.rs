@@ -130,6 +130,98 @@ fn the_selftest_passes_on_the_emulated_device() {
     }
 }
 
+/// `bench-decode` and `bench-finetune` on the device, as `scripts/gpu-check.sh` runs them, on
+/// a device with 3 GiB of memory: what one batch or the co-serving part cannot get fails
+/// alone, reported next to the numbers measured.
+#[test]
+fn the_gpu_benchmarks_run_and_keep_what_they_measured_past_a_failure() {
+    let Some(toolkit) = toolkit_or_skip() else { return };
+    let e = emulated_device(&toolkit);
+    let root = tempfile::tempdir().expect("tempdir");
+    let model =
+        write_gguf(root.path(), &TinyShape { heads: 2, kv_heads: 1, ..TinyShape::default() });
+    let bench = |args: &[&str]| {
+        let out = coserve_on(e, &root.path().join("cache"))
+            .env("COSERVE_EMULATED_MEMORY", (3u64 << 30).to_string())
+            .args(args)
+            .args(["--device", "cuda", "--json", "--model"])
+            .arg(&model)
+            .output()
+            .expect("runs");
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(!err.contains("panicked"), "{err}");
+        let json: Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{e}: one JSON object on stdout\n{err}"));
+        (out.status.success(), json, err)
+    };
+
+    // A batch of two million sequences needs 4 GiB for one layer's keys.
+    let (ok, v, err) =
+        bench(&["bench-decode", "--batch", "1,2000000,2", "--context", "20", "--steps", "1"]);
+    assert!(!ok, "a failed batch fails the command:\n{err}");
+    let steps = v["steps"].as_array().expect("steps");
+    assert_eq!(steps.iter().map(|s| s["batch"].as_u64()).collect::<Vec<_>>(), [Some(1), Some(2)]);
+    for s in steps {
+        assert!(s["cuda_graph_step_ms"].is_number() && s["tuned_products"].is_object(), "{s}");
+        assert!(s["gpu_ms_by_op"].as_array().is_some_and(|o| o.len() > 5), "{s}");
+    }
+    let errors = v["errors"].as_array().expect("errors");
+    assert!(
+        errors.len() == 1 && errors[0].as_str().is_some_and(|e| e.starts_with("batch 2000000:")),
+        "{v}"
+    );
+    assert!(err.contains("out of memory"), "{err}");
+    // Each batch's line is on stderr as soon as it is measured.
+    assert!(err.contains("batch 1: step ") && err.contains("batch 2: step "), "{err}");
+
+    let finetune = [
+        "bench-finetune",
+        "--seq-len",
+        "24",
+        "--batch-size",
+        "1",
+        "--steps",
+        "1",
+        "--warmup-steps",
+        "0",
+    ];
+    let coserve = ["--context", "20", "--train-tokens-per-iter", "8", "--bwd-layers-per-iter", "1"];
+    // A step target far above the step alone: the planner gives each iteration much of the
+    // sample, so the planned sizing ends well before its time limit on the emulation.
+    let one_sample = ["--coserve-decode-batch", "2", "--coserve-samples", "1"];
+    let planned = ["--coserve-step-target", "50"];
+    let (ok, v, err) = bench(&[&finetune[..], &coserve, &one_sample, &planned].concat());
+    assert!(ok, "{err}");
+    assert!(v["tokens_per_s"].as_f64().is_some_and(|t| t > 0.0), "{v}");
+    assert!(err.contains("fine-tuning alone: step "), "{err}");
+    let by_op: Vec<&str> = v["gpu_ms_by_op"]
+        .as_array()
+        .expect("the training step by kind of operation")
+        .iter()
+        .filter_map(|o| o[0].as_str())
+        .collect();
+    for op in ["qkv gemm", "lora", "loss (lm_head, cross-entropy)", "bwd attention", "bwd lora"] {
+        assert!(by_op.contains(&op), "no {op:?} in {by_op:?}");
+    }
+    assert_eq!(by_op.last(), Some(&"adamw"), "{by_op:?}");
+    let coserved = v["coserve_on_device"].as_array().expect("co-serving");
+    let sizings: Vec<_> = coserved.iter().map(|c| c["sizing"].as_str()).collect();
+    assert_eq!(sizings, [Some("fixed"), Some("step target")], "{v}");
+    assert!(v.get("errors").is_none(), "{v}");
+
+    // The co-serving part cannot get its decode batch's caches: the standalone numbers stay.
+    let (ok, v, err) =
+        bench(&[&finetune[..], &coserve, &["--coserve-decode-batch", "2000000"]].concat());
+    assert!(!ok, "{err}");
+    assert!(v["tokens_per_s"].as_f64().is_some_and(|t| t > 0.0), "{v}");
+    assert!(v["chunk_attention_on_device"].is_object(), "{v}");
+    let errors = v["errors"].as_array().expect("errors");
+    assert!(
+        errors.len() == 1 && errors[0].as_str().is_some_and(|e| e.starts_with("co-serving:")),
+        "{v}"
+    );
+}
+
 /// `coserve serve --device cuda` on the emulated device, stopped on drop.
 struct Served(std::process::Child);
 

@@ -60,84 +60,22 @@ pub fn run(
     }
     let bandwidth = ops.copy_bandwidth()?;
     let bytes: usize = DecoderWeights::<()>::layout(&s).iter().map(|t| 2 * t.0).sum();
-    let embed_bytes = 2 * s.vocab * s.hidden;
-    let mut out = Vec::new();
+    let model = OnDevice { s: &s, weights: &weights, inv_freq: &inv_freq, bytes, bandwidth };
+    let (mut out, mut errors) = (Vec::new(), Vec::new());
     for &batch in batches {
-        let blocks_per_seq = (context + 1).div_ceil(BLOCK_SIZE);
-        let blocks = batch * blocks_per_seq;
-        let mut caches = Vec::with_capacity(s.layers);
-        for l in 0..s.layers {
-            let mut c = ops.cache(&s, blocks)?;
-            ops.fill(&mut c.k, 1000 + 2 * l as u64, 1.0, 0.0)?;
-            ops.fill(&mut c.v, 1001 + 2 * l as u64, 1.0, 0.0)?;
-            caches.push(c);
+        // A failed batch is reported with the others' numbers; the next one still runs (a
+        // batch too large for the device's memory fails alone).
+        match decode_batch(&mut ops, &model, batch, context, steps) {
+            Ok(step) => {
+                // On stderr as soon as measured: a later failure or time limit keeps it.
+                eprintln!("{}", step.summary());
+                out.push(step);
+            }
+            Err(e) => {
+                eprintln!("batch {batch}: failed: {e}");
+                errors.push(format!("batch {batch}: {e}"));
+            }
         }
-        let mut rng = rand::rngs::StdRng::seed_from_u64(batch as u64);
-        let seqs = (0..batch)
-            .map(|i| SeqRows {
-                adapter: None,
-                tokens: vec![rng.random_range(0..s.vocab as u32)],
-                start: context,
-                block_table: ((i * blocks_per_seq) as u32..((i + 1) * blocks_per_seq) as u32)
-                    .collect(),
-            })
-            .collect();
-        let step_batch = StepBatch::new(seqs, BLOCK_SIZE)?;
-        let kv_bytes = batch * (context + 1) * s.layers * 2 * s.kv_dim() * 2;
-        // Each row reads one embedding row, not the table.
-        let bytes_read = bytes - embed_bytes + batch * s.hidden * 2 + kv_bytes;
-        let floor_s = bytes_read as f64 / bandwidth;
-        let mut scratch = Scratch::new(&mut ops, &s, batch)?;
-        // A whole step: batch upload, forward, greedy ids back on the host.
-        let one = |o: &mut CudaOps, c: &mut [CudaCache], sc: &mut Scratch<CudaOps>| {
-            forward(o, &s, &weights, &inv_freq, c, &step_batch, sc)
-        };
-        // The same step replayed as one CUDA graph: the batch copied into fixed buffers, every
-        // launch of the forward recorded once. A failure here is reported, not fatal.
-        let graph_of = |o: &mut CudaOps, c: &mut [CudaCache], sc: &mut Scratch<CudaOps>| {
-            graph_step(o, &s, &weights, &inv_freq, c, &step_batch, sc, steps)
-        };
-        // Untimed: plans the products and warms the caches.
-        for _ in 0..2 {
-            one(&mut ops, &mut caches, &mut scratch)?;
-        }
-        let step = median_s(steps, || one(&mut ops, &mut caches, &mut scratch))?;
-        let graph = graph_of(&mut ops, &mut caches, &mut scratch);
-        ops.gpu.sync()?;
-        ops.start_profile();
-        one(&mut ops, &mut caches, &mut scratch)?;
-        let by_op = ops.finish_profile()?;
-        // Both paged kernel variants on this batch's attention, one layer (not fatal either).
-        let attention = ops.time_decode_attention(&s, batch, context);
-        // Last, as tuning keeps its choices: the step with its products' algorithms chosen by
-        // timing them (as a server's recorded decode steps get), eagerly and as a graph.
-        ops.tune_products(true);
-        let tuning = one(&mut ops, &mut caches, &mut scratch);
-        ops.tune_products(false);
-        let tuned = tuning.and_then(|_| {
-            let step = median_s(steps, || one(&mut ops, &mut caches, &mut scratch))?;
-            let graph = graph_of(&mut ops, &mut caches, &mut scratch);
-            Ok(TunedStep {
-                step_ms: step * 1e3,
-                fraction_of_floor: floor_s / step,
-                cuda_graph_step_ms: graph.as_ref().ok().copied(),
-                cuda_graph_fraction_of_floor: graph.ok().map(|ms| floor_s / (ms / 1e3)),
-                products: ops.tuned_products().iter().filter(|t| t.m == batch).cloned().collect(),
-            })
-        });
-        out.push(DecodeStep {
-            gpu_ms_by_op: Some(by_op),
-            cuda_graph_step_ms: graph.as_ref().ok().copied(),
-            cuda_graph_fraction_of_floor: graph.as_ref().ok().map(|ms| floor_s / (ms / 1e3)),
-            cuda_graph_error: graph.err().map(|e| e.to_string()),
-            attention_on_device_error: attention.as_ref().err().map(|e| e.to_string()),
-            attention_on_device: attention.ok(),
-            tuned_products_error: tuned.as_ref().err().map(|e| e.to_string()),
-            tuned_products: tuned.ok(),
-            ..DecodeStep::new(batch, step, bytes_read, bandwidth)
-        });
-        drop(caches);
-        ops.gpu.sync()?;
     }
     Ok(BenchDecodeResult {
         model: name,
@@ -149,6 +87,107 @@ pub fn run(
         weight_bytes: bytes,
         read_bandwidth_bytes_per_s: bandwidth,
         steps: out,
+        errors,
+    })
+}
+
+/// The model a decode benchmark runs, and what its floor is computed from.
+struct OnDevice<'a> {
+    s: &'a DecoderShape,
+    weights: &'a DecoderWeights<cudarc::driver::CudaSlice<u16>>,
+    inv_freq: &'a [f32],
+    /// Bytes of all the weights.
+    bytes: usize,
+    /// Device-to-device copy rate, bytes read plus written a second.
+    bandwidth: f64,
+}
+
+/// Decode steps of `batch` sequences whose caches hold `context` random rows: eager, as a
+/// CUDA graph, profiled, and with tuned products.
+fn decode_batch(
+    ops: &mut CudaOps,
+    m: &OnDevice,
+    batch: usize,
+    context: usize,
+    steps: usize,
+) -> Result<DecodeStep, CudaError> {
+    let OnDevice { s, weights, inv_freq, bytes, bandwidth } = *m;
+    let embed_bytes = 2 * s.vocab * s.hidden;
+    let blocks_per_seq = (context + 1).div_ceil(BLOCK_SIZE);
+    let blocks = batch * blocks_per_seq;
+    let mut caches = Vec::with_capacity(s.layers);
+    for l in 0..s.layers {
+        let mut c = ops.cache(s, blocks)?;
+        ops.fill(&mut c.k, 1000 + 2 * l as u64, 1.0, 0.0)?;
+        ops.fill(&mut c.v, 1001 + 2 * l as u64, 1.0, 0.0)?;
+        caches.push(c);
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(batch as u64);
+    let seqs = (0..batch)
+        .map(|i| SeqRows {
+            adapter: None,
+            tokens: vec![rng.random_range(0..s.vocab as u32)],
+            start: context,
+            block_table: ((i * blocks_per_seq) as u32..((i + 1) * blocks_per_seq) as u32).collect(),
+        })
+        .collect();
+    let step_batch = StepBatch::new(seqs, BLOCK_SIZE)?;
+    let kv_bytes = batch * (context + 1) * s.layers * 2 * s.kv_dim() * 2;
+    // Each row reads one embedding row, not the table.
+    let bytes_read = bytes - embed_bytes + batch * s.hidden * 2 + kv_bytes;
+    let floor_s = bytes_read as f64 / bandwidth;
+    let mut scratch = Scratch::new(ops, s, batch)?;
+    // A whole step: batch upload, forward, greedy ids back on the host.
+    let one = |o: &mut CudaOps, c: &mut [CudaCache], sc: &mut Scratch<CudaOps>| {
+        forward(o, s, weights, inv_freq, c, &step_batch, sc)
+    };
+    // The same step replayed as one CUDA graph: the batch copied into fixed buffers, every
+    // launch of the forward recorded once. A failure here is reported, not fatal.
+    let graph_of = |o: &mut CudaOps, c: &mut [CudaCache], sc: &mut Scratch<CudaOps>| {
+        graph_step(o, s, weights, inv_freq, c, &step_batch, sc, steps)
+    };
+    // Untimed: plans the products and warms the caches.
+    for _ in 0..2 {
+        one(ops, &mut caches, &mut scratch)?;
+    }
+    let step = median_s(steps, || one(ops, &mut caches, &mut scratch))?;
+    let graph = graph_of(ops, &mut caches, &mut scratch);
+    ops.gpu.sync()?;
+    ops.start_profile();
+    let profiled = one(ops, &mut caches, &mut scratch);
+    let by_op = ops.finish_profile();
+    profiled?;
+    let by_op = by_op?;
+    // Both paged kernel variants on this batch's attention, one layer (not fatal either).
+    let attention = ops.time_decode_attention(s, batch, context);
+    // Last, as tuning keeps its choices: the step with its products' algorithms chosen by
+    // timing them (as a server's recorded decode steps get), eagerly and as a graph.
+    ops.tune_products(true);
+    let tuning = one(ops, &mut caches, &mut scratch);
+    ops.tune_products(false);
+    let tuned = tuning.and_then(|_| {
+        let step = median_s(steps, || one(ops, &mut caches, &mut scratch))?;
+        let graph = graph_of(ops, &mut caches, &mut scratch);
+        Ok(TunedStep {
+            step_ms: step * 1e3,
+            fraction_of_floor: floor_s / step,
+            cuda_graph_step_ms: graph.as_ref().ok().copied(),
+            cuda_graph_fraction_of_floor: graph.ok().map(|ms| floor_s / (ms / 1e3)),
+            products: ops.tuned_products().iter().filter(|t| t.m == batch).cloned().collect(),
+        })
+    });
+    drop(caches);
+    ops.gpu.sync()?;
+    Ok(DecodeStep {
+        gpu_ms_by_op: Some(by_op),
+        cuda_graph_step_ms: graph.as_ref().ok().copied(),
+        cuda_graph_fraction_of_floor: graph.as_ref().ok().map(|ms| floor_s / (ms / 1e3)),
+        cuda_graph_error: graph.err().map(|e| e.to_string()),
+        attention_on_device_error: attention.as_ref().err().map(|e| e.to_string()),
+        attention_on_device: attention.ok(),
+        tuned_products_error: tuned.as_ref().err().map(|e| e.to_string()),
+        tuned_products: tuned.ok(),
+        ..DecodeStep::new(batch, step, bytes_read, bandwidth)
     })
 }
 

@@ -135,7 +135,9 @@ impl<O: TrainOps> Bench<'_, O> {
     }
 }
 
-/// Runs the measurements with the training state of `ad` (its weights keep training).
+/// Runs the measurements with the training state of `ad` (its weights keep training), each
+/// sizing in turn. Returns those measured, and the error that stopped the rest if one did: a
+/// failure in the second sizing keeps the first's numbers.
 #[allow(clippy::too_many_arguments)]
 pub fn run<O: TrainOps>(
     ops: &mut O,
@@ -147,7 +149,30 @@ pub fn run<O: TrainOps>(
     lr: f32,
     max_norm: f32,
     cfg: &CoserveSetup,
-) -> Result<Vec<CoserveOnDevice>, CudaError> {
+    mut measured: impl FnMut(&CoserveOnDevice),
+) -> (Vec<CoserveOnDevice>, Option<CudaError>) {
+    let mut out = Vec::new();
+    let mut keep = |c: CoserveOnDevice| {
+        measured(&c);
+        out.push(c);
+    };
+    let error = measure_all(ops, s, w, inv_freq, ad, sc, lr, max_norm, cfg, &mut keep).err();
+    (out, error)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn measure_all<O: TrainOps>(
+    ops: &mut O,
+    s: &DecoderShape,
+    w: &DecoderWeights<O::Weight>,
+    inv_freq: &[f32],
+    ad: &mut TrainAdapter<O::Logits>,
+    sc: &mut TrainScratch<O>,
+    lr: f32,
+    max_norm: f32,
+    cfg: &CoserveSetup,
+    out: &mut impl FnMut(CoserveOnDevice),
+) -> Result<(), CudaError> {
     let (decode_batch, context, seq_len) = (cfg.decode_batch, cfg.context, cfg.seq_len);
     for z in &cfg.sizings {
         let fine = match *z {
@@ -193,7 +218,6 @@ pub fn run<O: TrainOps>(
     }
     let alone = median(&mut times);
 
-    let mut out = Vec::new();
     let mut next = 0u64;
     for &sizing in &cfg.sizings {
         let begin = |sc: &mut TrainScratch<O>, next: &mut u64| {
@@ -296,7 +320,7 @@ pub fn run<O: TrainOps>(
             Sizing::Fixed { tokens, layers } => (tokens, layers, None),
             Sizing::StepTarget { ratio } => (seq_len, s.layers, Some(ratio)),
         };
-        out.push(CoserveOnDevice {
+        out(CoserveOnDevice {
             decode_batch,
             context,
             sizing: if target.is_some() { "step target" } else { "fixed" },
@@ -319,7 +343,7 @@ pub fn run<O: TrainOps>(
             idle_iterations: kinds[3],
         });
     }
-    Ok(out)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -352,7 +376,11 @@ mod tests {
             time_limit: Duration::from_secs(120),
         };
         let inv = c.rope_inv_freq();
-        let r = run(&mut ops, &s, &w, &inv, &mut ad, &mut sc, 1e-3, 1.0, &setup).unwrap();
+        let mut reported = Vec::new();
+        let report = |c: &CoserveOnDevice| reported.push(c.sizing);
+        let (r, error) = run(&mut ops, &s, &w, &inv, &mut ad, &mut sc, 1e-3, 1.0, &setup, report);
+        assert!(error.is_none(), "{error:?}");
+        assert_eq!(reported, ["fixed", "step target"], "each reported as it is measured");
         let [fixed, planned] = &r[..] else { panic!("{r:?}") };
         // Per sample: 3 forward iterations (16 + 16 + 8 tokens), 3 of loss (as many rows), 2
         // of backward (2 + 1 layers).

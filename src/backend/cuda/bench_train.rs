@@ -31,9 +31,15 @@ pub struct GpuTrainRun {
     pub saved_bytes_per_token: f64,
     pub coserve: Vec<CoserveOnDevice>,
     /// One sample's attention backward alone, per layer.
-    pub attention_backward: AttentionBackwardTimes,
+    pub attention_backward: Option<AttentionBackwardTimes>,
     /// One sample's forward attention alone (the whole sample as one chunk), per layer.
-    pub chunk_attention: ChunkAttentionTimes,
+    pub chunk_attention: Option<ChunkAttentionTimes>,
+    /// GPU milliseconds of one more training step (a sample and the optimizer step) by kind
+    /// of operation, events between the launches.
+    pub gpu_ms_by_op: Option<Vec<(String, f64)>>,
+    /// What failed once the standalone steps were measured, as "what: error"; the
+    /// measurements after a failure may be missing.
+    pub errors: Vec<String>,
 }
 
 /// Bytes per token of what the training forward keeps (`decoder::train::step`): per layer the
@@ -79,6 +85,11 @@ pub fn run(
             config.max_position_embeddings
         )));
     }
+    if coserve.is_some() && batch_size != 1 {
+        return Err(CudaError::Shape(
+            "the co-serving measurement trains one sample a step: --batch-size 1".into(),
+        ));
+    }
     let adapter = LoraWeights::init(lora, config, 0);
     let mut ad = TrainAdapter::new(&mut ops, &s, &adapter, AdamWConfig::default())?;
     let mut sc = TrainScratch::new(&mut ops, &s, &ad, seq_len)?;
@@ -88,54 +99,89 @@ pub fn run(
     // Every token forwarded, every one after the first a target, as the CPU benchmark.
     let trained = vec![true; seq_len];
     let grad_scale = 1.0 / ((seq_len - 1) * batch_size) as f32;
-    let (mut times, mut final_loss) = (Vec::with_capacity(steps), f64::NAN);
-    for step in 0..warmup + steps {
-        let t = Instant::now();
+    // One step: `batch_size` samples, then the optimizer; the mean loss.
+    let mut train_step = |ops: &mut CudaOps, caches: &mut [_], step: usize| {
         let mut loss = 0.0;
         for b in 0..batch_size {
             let seed = (step * batch_size + b) as u64;
             let tokens = synthetic_tokens(s.vocab, seq_len, seed);
             let sample = TrainSample::new(tokens, &trained, table.clone());
             let (w, f) = (&weights, &inv_freq);
-            let st = train_sample(
-                &mut ops,
-                &s,
-                w,
-                f,
-                &mut caches,
-                &sample,
-                &mut ad,
-                grad_scale,
-                &mut sc,
-            )?;
+            let st = train_sample(ops, &s, w, f, caches, &sample, &mut ad, grad_scale, &mut sc)?;
             loss += st.mean_loss() / batch_size as f64;
         }
-        ad.clip_and_step(&mut ops, LR, Some(MAX_GRAD_NORM))?;
+        ops.mark("adamw")?;
+        ad.clip_and_step(ops, LR, Some(MAX_GRAD_NORM))?;
+        Ok::<_, CudaError>(loss)
+    };
+    let (mut times, mut final_loss) = (Vec::with_capacity(steps), f64::NAN);
+    for step in 0..warmup + steps {
+        let t = Instant::now();
+        final_loss = train_step(&mut ops, &mut caches, step)?;
         ops.sync()?;
         if step >= warmup {
             times.push(t.elapsed().as_secs_f64());
         }
-        final_loss = loss;
     }
+    let mut sorted = times.clone();
+    sorted.sort_by(f64::total_cmp);
+    if let Some(median) = sorted.get(sorted.len() / 2) {
+        // On stderr as soon as measured: a later failure or a time limit keeps this line.
+        let tokens = (seq_len * batch_size) as f64;
+        eprintln!("fine-tuning alone: step {median:.3} s, {:.0} tokens/s", tokens / median);
+    }
+
+    // What follows is measured for reading the numbers above; a failure is reported with
+    // them, not instead of them.
+    let mut errors = Vec::new();
+    let mut keep = |what: &str, e: CudaError| errors.push(format!("{what}: {e}"));
+    ops.start_profile();
+    let profiled = train_step(&mut ops, &mut caches, warmup + steps)
+        .and_then(|_| ops.mark("end"))
+        .and_then(|_| ops.sync());
+    let gpu_ms_by_op = match profiled.and_then(|_| ops.finish_profile()) {
+        Ok(by_op) => Some(by_op),
+        Err(e) => {
+            ops.finish_profile().ok();
+            keep("profiled training step", e);
+            None
+        }
+    };
     drop(caches);
-    let attention_backward = ops.time_attention_backward(&s, seq_len)?;
-    let chunk_attention = ops.time_chunk_attention(&s, seq_len, seq_len)?;
+    let attention_backward =
+        ops.time_attention_backward(&s, seq_len).map_err(|e| keep("attention backward", e)).ok();
+    let chunk_attention =
+        ops.time_chunk_attention(&s, seq_len, seq_len).map_err(|e| keep("chunk attention", e)).ok();
     let coserve = match coserve {
-        Some(setup) if batch_size == 1 => super::bench_coserve::run(
-            &mut ops,
-            &s,
-            &weights,
-            &inv_freq,
-            &mut ad,
-            &mut sc,
-            LR,
-            MAX_GRAD_NORM,
-            &setup,
-        )?,
-        Some(_) => {
-            return Err(CudaError::Shape(
-                "the co-serving measurement trains one sample a step: --batch-size 1".into(),
-            ))
+        Some(setup) => {
+            let report = |c: &CoserveOnDevice| {
+                eprintln!(
+                    "co-serving ({}): {:.0} training tokens/s, step {:.2} ms = {:.2}x the batch \
+                     of {} alone",
+                    c.sizing,
+                    c.coserved_train_tokens_per_s,
+                    c.coserved_step_ms,
+                    c.step_ratio,
+                    c.decode_batch
+                )
+            };
+            let (w, f) = (&weights, &inv_freq);
+            let (done, error) = super::bench_coserve::run(
+                &mut ops,
+                &s,
+                w,
+                f,
+                &mut ad,
+                &mut sc,
+                LR,
+                MAX_GRAD_NORM,
+                &setup,
+                report,
+            );
+            if let Some(e) = error {
+                keep("co-serving", e);
+            }
+            done
         }
         None => Vec::new(),
     };
@@ -148,5 +194,7 @@ pub fn run(
         coserve,
         attention_backward,
         chunk_attention,
+        gpu_ms_by_op,
+        errors,
     })
 }

@@ -353,6 +353,7 @@ fn layers_on_device<O: DecoderOps>(
         ops.matmul(&sc.h, &lw.qkv, 0, &mut sc.qkv, (rows, s.qkv_rows(), hid))?;
         for m in [TargetModule::QProj, TargetModule::KProj, TargetModule::VProj] {
             if let Some((t, d)) = lora.and_then(|set| set.table(s, l, m)) {
+                ops.mark("lora")?;
                 let dropped = &mut sc.dropped;
                 let x = lora_input(ops, step, &sc.h, dropped, &drop, (l, m), (hid, cap))?;
                 ops.lora(step, x, t, &mut sc.qkv, d)?;
@@ -367,6 +368,7 @@ fn layers_on_device<O: DecoderOps>(
         ops.mark("o gemm")?;
         ops.matmul(&sc.attn, &lw.o, 0, &mut sc.o, (rows, hid, qd))?;
         if let Some((t, d)) = lora.and_then(|set| set.table(s, l, TargetModule::OProj)) {
+            ops.mark("lora")?;
             let (dropped, site) = (&mut sc.dropped, (l, TargetModule::OProj));
             let x = lora_input(ops, step, &sc.attn, dropped, &drop, site, (qd, cap))?;
             ops.lora(step, x, t, &mut sc.o, d)?;
@@ -378,6 +380,7 @@ fn layers_on_device<O: DecoderOps>(
         ops.matmul(&sc.h, &lw.gate_up, 0, &mut sc.gate_up, (rows, 2 * s.inter, hid))?;
         for m in [TargetModule::GateProj, TargetModule::UpProj] {
             if let Some((t, d)) = lora.and_then(|set| set.table(s, l, m)) {
+                ops.mark("lora")?;
                 let dropped = &mut sc.dropped;
                 let x = lora_input(ops, step, &sc.h, dropped, &drop, (l, m), (hid, cap))?;
                 ops.lora(step, x, t, &mut sc.gate_up, d)?;
@@ -389,6 +392,7 @@ fn layers_on_device<O: DecoderOps>(
         ops.mark("down gemm")?;
         ops.matmul(&sc.act, &lw.down, 0, &mut sc.down, (rows, hid, s.inter))?;
         if let Some((t, d)) = lora.and_then(|set| set.table(s, l, TargetModule::DownProj)) {
+            ops.mark("lora")?;
             let (dropped, site) = (&mut sc.dropped, (l, TargetModule::DownProj));
             let x = lora_input(ops, step, &sc.act, dropped, &drop, site, (s.inter, cap))?;
             ops.lora(step, x, t, &mut sc.down, d)?;

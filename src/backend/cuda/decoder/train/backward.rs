@@ -108,6 +108,7 @@ fn backward_layer<O: TrainOps>(
             else {
                 return Ok(());
             };
+            ops.mark("bwd lora")?;
             debug_assert_eq!(d, LoraDims::of(s, m, rank));
             let (Some(dropout), Some((xd, gx))) = (dropout, dropped.as_mut()) else {
                 ops.lora_shrink(step, x, table, u, d)?;
@@ -123,26 +124,39 @@ fn backward_layer<O: TrainOps>(
         };
 
     // MLP: out = mid + down(silu(g) ⊙ u), [g, u] = gate_up(norm(mid)).
+    ops.mark("bwd silu_mul")?;
     ops.silu_mul(&sv.gate_up, act, t, inter)?;
+    ops.mark("bwd down dx gemm")?;
     ops.matmul_dx(dh, &lw.down, d_act, (t, hid, inter))?;
     grad(ops, DownProj, act, dh, d_act)?;
+    ops.mark("bwd silu_mul")?;
     ops.silu_mul_backward(&sv.gate_up, d_act, d_gu, t, inter)?;
+    ops.mark("bwd norms")?;
     ops.rms_norm(&sv.h_mid, &lw.mlp_norm, h, t, s)?;
+    ops.mark("bwd gate_up dx gemm")?;
     ops.matmul_dx(d_gu, &lw.gate_up, dx, (t, 2 * inter, hid))?;
     grad(ops, GateProj, h, d_gu, dx)?;
     grad(ops, UpProj, h, d_gu, dx)?;
+    ops.mark("bwd norms")?;
     ops.rms_norm_backward(&sv.h_mid, &lw.mlp_norm, dx, dh, t, s)?;
 
     // Attention: mid = in + o(attn(rope(q), rope(k), v)), [q, k, v] = qkv(norm(in)).
+    ops.mark("bwd o dx gemm")?;
     ops.matmul_dx(dh, &lw.o, d_attn, (t, hid, qd))?;
     grad(ops, OProj, &sv.attn, dh, d_attn)?;
+    ops.mark("bwd kv gather")?;
     ops.gather_kv(step, cache, k, v, s)?;
+    ops.mark("bwd attention")?;
     ops.attention_backward(&sv.q, k, v, &sv.attn, d_attn, d_qkv, t, s)?;
+    ops.mark("bwd rope")?;
     ops.rope_backward(step, d_qkv, s)?;
+    ops.mark("bwd norms")?;
     ops.rms_norm(&sv.h_in, &lw.attn_norm, h, t, s)?;
+    ops.mark("bwd qkv dx gemm")?;
     ops.matmul_dx(d_qkv, &lw.qkv, dx, (t, s.qkv_rows(), hid))?;
     for m in [QProj, KProj, VProj] {
         grad(ops, m, h, d_qkv, dx)?;
     }
+    ops.mark("bwd norms")?;
     ops.rms_norm_backward(&sv.h_in, &lw.attn_norm, dx, dh, t, s)
 }

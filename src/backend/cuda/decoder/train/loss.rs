@@ -54,6 +54,7 @@ pub fn loss_rows<O: TrainOps>(
     let first = match sc.loss_done {
         Some(done) => done,
         None => {
+            ops.mark("norms")?;
             ops.rms_norm(&sc.h_final, &w.norm, &mut sc.h, t, s)?;
             ops.zero(&mut sc.dx, t * s.hidden)?;
             ops.zero(&mut sc.dh, t * s.hidden)?;
@@ -86,6 +87,7 @@ pub fn loss_rows<O: TrainOps>(
         let scales: Vec<f32> =
             want.iter().map(|t| if t.is_some() { grad_scale } else { 0.0 }).collect();
         let (h, head, lg, dx) = (&sc.h, &w.lm_head, &mut sc.logits, &mut sc.dx);
+        ops.mark("loss (lm_head, cross-entropy)")?;
         let got = ops.loss_rows(h, head, rows, &targets, &scales, lg, dx, s)?;
         for ((loss, id), target) in got.into_iter().zip(want) {
             if let Some(target) = target {
@@ -99,6 +101,7 @@ pub fn loss_rows<O: TrainOps>(
     if end < t {
         return Ok((scored, stats));
     }
+    ops.mark("bwd norms")?;
     ops.rms_norm_backward(&sc.h_final, &w.norm, &sc.dx, &mut sc.dh, t, s)?;
     let rows = SeqRows {
         tokens: sample.tokens,
