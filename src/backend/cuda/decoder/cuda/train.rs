@@ -22,7 +22,7 @@ const THREADS: u32 = 256;
 /// bf16 copies of a product's fp32 inputs, grown to the largest seen.
 #[derive(Clone, Copy)]
 enum Buf {
-    /// An output gradient (`dy`, the logits' gradient).
+    /// The logits' gradient.
     Dy = 0,
     U = 1,
     G = 2,
@@ -269,20 +269,32 @@ impl TrainOps for CudaOps {
         })
     }
 
+    fn grad_bf16(&mut self, x: &CudaSlice<f32>, out: &mut CudaSlice<u16>, n: usize) -> R {
+        check_len(x.len().min(out.len()), n, "a gradient")?;
+        self.with_train(|ops, ts| {
+            let n64 = n as u64;
+            let mut b = ops.gpu.stream.launch_builder(&ts.to_bf16);
+            b.arg(x).arg(out).arg(&n64);
+            // SAFETY: argument list matches f32_to_bf16 (grid-stride over n); both hold n.
+            unsafe { b.launch(cfg((grid(n), 1, 1), THREADS)) }?;
+            Ok(())
+        })
+    }
+
     fn matmul_dx(
         &mut self,
-        dy: &CudaSlice<f32>,
+        dy: &CudaSlice<u16>,
         w: &CudaSlice<u16>,
         dx: &mut CudaSlice<f32>,
         (m, n, k): (usize, usize, usize),
     ) -> R {
         check_len(w.len(), n * k, "weight")?;
+        check_len(dy.len(), m * n, "output gradient")?;
         check_len(dx.len(), m * k, "input gradient")?;
-        self.with_train(|ops, ts| {
-            ts.bf16(&ops.gpu, dy, m * n, Buf::Dy)?;
+        self.with_train(|ops, _| {
             let st = ops.gpu.stream.clone();
             ops.run(Product {
-                a: bf16_op(addr(&ts.bufs[Buf::Dy as usize], &st, 0), n, false),
+                a: bf16_op(addr(dy, &st, 0), n, false),
                 b: bf16_op(addr(w, &st, 0), k, false),
                 d: f32_out(addr(dx, &st, 0), k),
                 mnk: (m, k, n),
@@ -388,7 +400,7 @@ impl TrainOps for CudaOps {
     fn lora_backward(
         &mut self,
         x: &CudaSlice<u16>,
-        dy: &CudaSlice<f32>,
+        dy: &CudaSlice<u16>,
         u: &CudaSlice<f32>,
         p: GradPair<'_, CudaSlice<f32>>,
         d: LoraDims,
@@ -406,7 +418,6 @@ impl TrainOps for CudaOps {
         check_len(p.b.len().min(p.db.len()), outd * r, "LoRA B")?;
         self.with_train(|ops, ts| {
             let g = &ops.gpu;
-            ts.bf16(g, dy, t * d.ld, Buf::Dy)?;
             ts.bf16(g, u, t * d.max_rank, Buf::U)?;
             ts.bf16(g, p.a, r * ind, Buf::A)?;
             ts.bf16(g, p.b, outd * r, Buf::B)?;
@@ -414,7 +425,7 @@ impl TrainOps for CudaOps {
             let st = g.stream.clone();
             let at = |b: Buf, off: usize| addr(&ts.bufs[b as usize], &st, off);
             let (dy_b, u_b, a_b, b_b, g_b) =
-                (at(Buf::Dy, d.col0), at(Buf::U, 0), at(Buf::A, 0), at(Buf::B, 0), at(Buf::G, 0));
+                (addr(dy, &st, d.col0), at(Buf::U, 0), at(Buf::A, 0), at(Buf::B, 0), at(Buf::G, 0));
             // dB[out, r] += scale · dYᵀ u
             ops.run(Product {
                 a: bf16_op(dy_b, d.ld, true),

@@ -86,6 +86,7 @@ fn backward_layer<O: TrainOps>(
         d_gu,
         d_attn,
         d_qkv,
+        dy_bf16: dy,
         step,
         tables,
         dropped,
@@ -101,49 +102,55 @@ fn backward_layer<O: TrainOps>(
     let (scale, rank) = (adapter.scale, adapter.rank);
     // One adapted projection: its low-rank activation recomputed from its input, then dA, dB
     // and its part of dx.
-    let mut grad =
-        |ops: &mut O, m: TargetModule, x: &O::Act, dy: &O::Logits, dx: &mut O::Logits| {
-            let (Some(p), Some((table, d))) =
-                (adapter.layers[l][m.index()].as_mut(), lora.table(s, l, m))
-            else {
-                return Ok(());
-            };
-            ops.mark("bwd lora")?;
-            debug_assert_eq!(d, LoraDims::of(s, m, rank));
-            let (Some(dropout), Some((xd, gx))) = (dropout, dropped.as_mut()) else {
-                ops.lora_shrink(step, x, table, u, d)?;
-                return ops.lora_backward(x, dy, u, p.grad(scale), d, dx, t);
-            };
-            // The input as the forward dropped it; the gradient through it dropped alike.
-            let site = DropoutSite { dropout, layer: l, module: m };
-            ops.lora_dropout(step, x, xd, 0..t, d.in_dim, site)?;
-            ops.lora_shrink(step, xd, table, u, d)?;
-            ops.zero(gx, t * d.in_dim)?;
-            ops.lora_backward(xd, dy, u, p.grad(scale), d, gx, t)?;
-            ops.lora_dropout_add(step, gx, dx, d.in_dim, site)
+    let mut grad = |ops: &mut O, m: TargetModule, x: &O::Act, dy: &O::Act, dx: &mut O::Logits| {
+        let (Some(p), Some((table, d))) =
+            (adapter.layers[l][m.index()].as_mut(), lora.table(s, l, m))
+        else {
+            return Ok(());
         };
+        ops.mark("bwd lora")?;
+        debug_assert_eq!(d, LoraDims::of(s, m, rank));
+        let (Some(dropout), Some((xd, gx))) = (dropout, dropped.as_mut()) else {
+            ops.lora_shrink(step, x, table, u, d)?;
+            return ops.lora_backward(x, dy, u, p.grad(scale), d, dx, t);
+        };
+        // The input as the forward dropped it; the gradient through it dropped alike.
+        let site = DropoutSite { dropout, layer: l, module: m };
+        ops.lora_dropout(step, x, xd, 0..t, d.in_dim, site)?;
+        ops.lora_shrink(step, xd, table, u, d)?;
+        ops.zero(gx, t * d.in_dim)?;
+        ops.lora_backward(xd, dy, u, p.grad(scale), d, gx, t)?;
+        ops.lora_dropout_add(step, gx, dx, d.in_dim, site)
+    };
 
-    // MLP: out = mid + down(silu(g) ⊙ u), [g, u] = gate_up(norm(mid)).
+    // MLP: out = mid + down(silu(g) ⊙ u), [g, u] = gate_up(norm(mid)). Each gradient a
+    // frozen projection and its adapters read is rounded to bf16 once for all of them.
     ops.mark("bwd silu_mul")?;
     ops.silu_mul(&sv.gate_up, act, t, inter)?;
+    ops.mark("bwd grad to bf16")?;
+    ops.grad_bf16(dh, dy, t * hid)?;
     ops.mark("bwd down dx gemm")?;
-    ops.matmul_dx(dh, &lw.down, d_act, (t, hid, inter))?;
-    grad(ops, DownProj, act, dh, d_act)?;
+    ops.matmul_dx(dy, &lw.down, d_act, (t, hid, inter))?;
+    grad(ops, DownProj, act, dy, d_act)?;
     ops.mark("bwd silu_mul")?;
     ops.silu_mul_backward(&sv.gate_up, d_act, d_gu, t, inter)?;
     ops.mark("bwd norms")?;
     ops.rms_norm(&sv.h_mid, &lw.mlp_norm, h, t, s)?;
+    ops.mark("bwd grad to bf16")?;
+    ops.grad_bf16(d_gu, dy, t * 2 * inter)?;
     ops.mark("bwd gate_up dx gemm")?;
-    ops.matmul_dx(d_gu, &lw.gate_up, dx, (t, 2 * inter, hid))?;
-    grad(ops, GateProj, h, d_gu, dx)?;
-    grad(ops, UpProj, h, d_gu, dx)?;
+    ops.matmul_dx(dy, &lw.gate_up, dx, (t, 2 * inter, hid))?;
+    grad(ops, GateProj, h, dy, dx)?;
+    grad(ops, UpProj, h, dy, dx)?;
     ops.mark("bwd norms")?;
     ops.rms_norm_backward(&sv.h_mid, &lw.mlp_norm, dx, dh, t, s)?;
 
     // Attention: mid = in + o(attn(rope(q), rope(k), v)), [q, k, v] = qkv(norm(in)).
+    ops.mark("bwd grad to bf16")?;
+    ops.grad_bf16(dh, dy, t * hid)?;
     ops.mark("bwd o dx gemm")?;
-    ops.matmul_dx(dh, &lw.o, d_attn, (t, hid, qd))?;
-    grad(ops, OProj, &sv.attn, dh, d_attn)?;
+    ops.matmul_dx(dy, &lw.o, d_attn, (t, hid, qd))?;
+    grad(ops, OProj, &sv.attn, dy, d_attn)?;
     ops.mark("bwd kv gather")?;
     ops.gather_kv(step, cache, k, v, s)?;
     ops.mark("bwd attention")?;
@@ -152,10 +159,12 @@ fn backward_layer<O: TrainOps>(
     ops.rope_backward(step, d_qkv, s)?;
     ops.mark("bwd norms")?;
     ops.rms_norm(&sv.h_in, &lw.attn_norm, h, t, s)?;
+    ops.mark("bwd grad to bf16")?;
+    ops.grad_bf16(d_qkv, dy, t * s.qkv_rows())?;
     ops.mark("bwd qkv dx gemm")?;
-    ops.matmul_dx(d_qkv, &lw.qkv, dx, (t, s.qkv_rows(), hid))?;
+    ops.matmul_dx(dy, &lw.qkv, dx, (t, s.qkv_rows(), hid))?;
     for m in [QProj, KProj, VProj] {
-        grad(ops, m, h, d_qkv, dx)?;
+        grad(ops, m, h, dy, dx)?;
     }
     ops.mark("bwd norms")?;
     ops.rms_norm_backward(&sv.h_in, &lw.attn_norm, dx, dh, t, s)

@@ -165,6 +165,11 @@ impl TrainOps for HostOps {
         Ok(out)
     }
 
+    fn grad_bf16(&mut self, x: &Vec<f32>, out: &mut Vec<f32>, n: usize) -> R {
+        out[..n].copy_from_slice(&rounded(&x[..n]));
+        Ok(())
+    }
+
     fn matmul_dx(
         &mut self,
         dy: &Vec<f32>,
@@ -172,7 +177,7 @@ impl TrainOps for HostOps {
         dx: &mut Vec<f32>,
         (m, n, k): (usize, usize, usize),
     ) -> R {
-        mm(&rounded(&dy[..m * n]), n, w, k, dx, (m, n, k), false);
+        mm(&dy[..m * n], n, w, k, dx, (m, n, k), false);
         Ok(())
     }
 
@@ -282,11 +287,11 @@ impl TrainOps for HostOps {
         rows: usize,
     ) -> R {
         let (r, ind, outd, t) = (p.rank, d.in_dim, d.out_dim, rows);
-        // dY's block, u, A and B as the device's bf16 GEMMs read them.
+        // dY's block (bf16 already), u, A and B as the device's bf16 GEMMs read them.
         let mut dyb = vec![0f32; t * outd];
         for i in 0..t {
             let src = &dy[i * d.ld + d.col0..i * d.ld + d.col0 + outd];
-            dyb[i * outd..(i + 1) * outd].copy_from_slice(&rounded(src));
+            dyb[i * outd..(i + 1) * outd].copy_from_slice(src);
         }
         let mut ub = vec![0f32; t * r];
         for i in 0..t {

@@ -82,11 +82,14 @@ pub trait TrainOps: DecoderOps {
         dx: &mut Self::Logits,
         s: &DecoderShape,
     ) -> Result<Vec<(f32, u32)>, CudaError>;
-    /// `dx[m, k] = dy[m, n] · w[n, k]` (a frozen projection's input gradient; `dy` enters the
-    /// product in bf16).
+    /// `out[..n] = bf16(x[..n])`: a gradient as the products read it, made once for all the
+    /// products that read it (a frozen projection's and its LoRA ones).
+    fn grad_bf16(&mut self, x: &Self::Logits, out: &mut Self::Act, n: usize) -> R;
+    /// `dx[m, k] = dy[m, n] · w[n, k]` (a frozen projection's input gradient; `dy` in bf16,
+    /// from [`TrainOps::grad_bf16`]).
     fn matmul_dx(
         &mut self,
-        dy: &Self::Logits,
+        dy: &Self::Act,
         w: &Self::Weight,
         dx: &mut Self::Logits,
         mnk: (usize, usize, usize),
@@ -139,12 +142,13 @@ pub trait TrainOps: DecoderOps {
         -> R;
     /// One adapted projection's backward over `rows` rows: with `g = scale · dY B` (bf16),
     /// `dA += gᵀ x`, `dB += scale · dYᵀ u` and `dx += g A`, where `dY` is the `out` columns
-    /// from `col0` of `dy`'s rows `ld` wide (bf16 in, fp32 accumulation).
+    /// from `col0` of `dy`'s rows `ld` wide (bf16 in, from [`TrainOps::grad_bf16`]; fp32
+    /// accumulation).
     #[allow(clippy::too_many_arguments)]
     fn lora_backward(
         &mut self,
         x: &Self::Act,
-        dy: &Self::Logits,
+        dy: &Self::Act,
         u: &Self::Logits,
         p: GradPair<'_, Self::Logits>,
         d: LoraDims,

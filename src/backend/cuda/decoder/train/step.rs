@@ -97,6 +97,8 @@ pub struct TrainScratch<O: TrainOps> {
     pub(super) d_gu: O::Logits,
     pub(super) d_attn: O::Logits,
     pub(super) d_qkv: O::Logits,
+    /// The gradient the next products read, in bf16 (`[len, widest output]`).
+    pub(super) dy_bf16: O::Act,
     pub(super) logits: O::Logits,
     /// With dropout: a projection's dropped input and the gradient w.r.t. it, `[len, widest]`.
     pub(super) dropped: Option<(O::Act, O::Logits)>,
@@ -149,6 +151,7 @@ impl<O: TrainOps> TrainScratch<O> {
             d_gu: ops.logits(len * 2 * i)?,
             d_attn: ops.logits(len * qd)?,
             d_qkv: ops.logits(len * s.qkv_rows())?,
+            dy_bf16: ops.act(len * hid.max(2 * i).max(s.qkv_rows()))?,
             logits: ops.logits(LOSS_ROWS.min(len.max(1)) * s.vocab)?,
             dropped,
             step: None,
