@@ -15,7 +15,8 @@
 #
 #   BUDGET_S=400   end every step by then (seconds from the start): each step's time limit is
 #                  cut to what is left, and a step with under 15 s left is skipped (a failure)
-#   ONLY="bench-decode bench-finetune"   run only these steps (a rerun of what is missing)
+#   ONLY="bench-decode bench-finetune"   run only these steps (a rerun of what is missing; the
+#                  serve checks are serve-llama and serve-qwen2)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,6 +31,12 @@ run)
   PYTHON=${PYTHON:-python3}
   mkdir -p "$OUT"
   failed=0
+  if [ -n "${BUDGET_S:-}" ] && ! [[ $BUDGET_S =~ ^[0-9]+$ ]]; then
+    echo "BUDGET_S=$BUDGET_S is not a number of seconds" >&2
+    exit 2
+  fi
+  # The steps ONLY let through, to catch a name in ONLY that is no step.
+  seen=" "
   # step NAME OUTFILE LIMIT COMMAND...: runs COMMAND for at most LIMIT seconds (less if the
   # budget has less left) with stdout to OUTFILE and stderr to NAME.log. Every step has a
   # time limit, so one that hangs leaves time for the others.
@@ -39,6 +46,7 @@ run)
     if [ -n "${ONLY:-}" ] && [[ " ${ONLY//,/ } " != *" $name "* ]]; then
       return
     fi
+    seen+="$name "
     echo "== $name"
     if [ -n "${BUDGET_S:-}" ]; then
       local left=$((BUDGET_S - SECONDS))
@@ -134,6 +142,13 @@ PY
       --bin "$BIN" --device cuda --arch "$arch" --out "$OUT"
   done
 
+  only=${ONLY:-}
+  for name in ${only//,/ }; do
+    if [[ $seen != *" $name "* ]]; then
+      echo "ONLY names no step: $name (steps are named as in the == lines)"
+      failed=1
+    fi
+  done
   echo "== results in $OUT"
   ls -l "$OUT"
   exit "$failed"

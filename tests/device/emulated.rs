@@ -159,6 +159,7 @@ fn the_gpu_benchmarks_run_and_keep_what_they_measured_past_a_failure() {
     let (ok, v, err) =
         bench(&["bench-decode", "--batch", "1,2000000,2", "--context", "20", "--steps", "1"]);
     assert!(!ok, "a failed batch fails the command:\n{err}");
+    assert!(v["device"].as_str().is_some_and(|d| d.contains("3.0 GiB")), "{v}");
     let steps = v["steps"].as_array().expect("steps");
     assert_eq!(steps.iter().map(|s| s["batch"].as_u64()).collect::<Vec<_>>(), [Some(1), Some(2)]);
     for s in steps {
@@ -200,7 +201,8 @@ fn the_gpu_benchmarks_run_and_keep_what_they_measured_past_a_failure() {
         .iter()
         .filter_map(|o| o[0].as_str())
         .collect();
-    for op in ["qkv gemm", "lora", "loss (lm_head, cross-entropy)", "bwd attention", "bwd lora"] {
+    let ops = ["upload + embedding", "qkv gemm", "lora", "loss (lm_head, cross-entropy)"];
+    for op in ops.into_iter().chain(["bwd grad to bf16", "bwd attention", "bwd lora"]) {
         assert!(by_op.contains(&op), "no {op:?} in {by_op:?}");
     }
     assert_eq!(by_op.last(), Some(&"adamw"), "{by_op:?}");

@@ -116,7 +116,6 @@ API CUresult cuDeviceGetName(char* name, int len, CUdevice) {
     snprintf(name, (size_t)len, "emulated CUDA device (CPU)");
     return OK;
 }
-API CUresult cuDeviceTotalMem_v2(size_t* bytes, CUdevice) { *bytes = (size_t)8 << 30; return OK; }
 API CUresult cuDeviceGetAttribute(int* v, int attr, CUdevice) {
     switch (attr) {
         case 75: *v = 9; break;    // compute capability major
@@ -134,11 +133,6 @@ API CUresult cuCtxSetCurrent(Handle) { return OK; }
 API CUresult cuCtxGetCurrent(Handle* ctx) { *ctx = &context_token; return OK; }
 API CUresult cuCtxSynchronize() {
     REFUSE_IN_CAPTURE;
-    return OK;
-}
-API CUresult cuMemGetInfo_v2(size_t* free_bytes, size_t* total) {
-    *free_bytes = (size_t)6 << 30;
-    *total = (size_t)8 << 30;
     return OK;
 }
 
@@ -170,8 +164,8 @@ API CUresult cuEventQuery(Handle) {
 API CUresult cuEventElapsedTime(float* ms, Handle, Handle) { *ms = 0.f; return OK; }
 API CUresult cuEventElapsedTime_v2(float* ms, Handle, Handle) { *ms = 0.f; return OK; }
 
-// The device's memory: what is allocated at once may not pass it, as on a device. 8 GiB (the
-// total reported below), or $COSERVE_EMULATED_MEMORY bytes.
+// The device's memory: what is allocated at once may not pass it, as on a device. 8 GiB, or
+// $COSERVE_EMULATED_MEMORY bytes.
 namespace {
 std::mutex memory_mutex;
 std::unordered_map<CUdeviceptr, size_t> allocations;
@@ -179,11 +173,29 @@ size_t allocated = 0;
 size_t memory_size() {
     static const size_t size = [] {
         const char* v = getenv("COSERVE_EMULATED_MEMORY");
-        return v ? (size_t)strtoull(v, nullptr, 10) : (size_t)8 << 30;
+        if (!v) return (size_t)8 << 30;
+        char* end = nullptr;
+        const unsigned long long n = strtoull(v, &end, 10);
+        if (end == v || *end != '\0' || n == 0) {
+            fprintf(stderr, "fake CUDA: COSERVE_EMULATED_MEMORY=%s is not a number of bytes\n", v);
+            abort();
+        }
+        return (size_t)n;
     }();
     return size;
 }
 }  // namespace
+
+API CUresult cuDeviceTotalMem_v2(size_t* bytes, CUdevice) {
+    *bytes = memory_size();
+    return OK;
+}
+API CUresult cuMemGetInfo_v2(size_t* free_bytes, size_t* total) {
+    std::lock_guard<std::mutex> lock(memory_mutex);
+    *total = memory_size();
+    *free_bytes = memory_size() - allocated;
+    return OK;
+}
 
 API CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t n) {
     REFUSE_IN_CAPTURE;

@@ -142,7 +142,8 @@ fn decode_batch(
         forward(o, s, weights, inv_freq, c, &step_batch, sc)
     };
     // The same step replayed as one CUDA graph: the batch copied into fixed buffers, every
-    // launch of the forward recorded once. A failure here is reported, not fatal.
+    // launch of the forward recorded once. A failure here is reported with the batch's other
+    // numbers (and fails the command at the end), not instead of them.
     let graph_of = |o: &mut CudaOps, c: &mut [CudaCache], sc: &mut Scratch<CudaOps>| {
         graph_step(o, s, weights, inv_freq, c, &step_batch, sc, steps)
     };
@@ -158,7 +159,7 @@ fn decode_batch(
     let by_op = ops.finish_profile();
     profiled?;
     let by_op = by_op?;
-    // Both paged kernel variants on this batch's attention, one layer (not fatal either).
+    // Both paged kernel variants on this batch's attention, one layer (reported likewise).
     let attention = ops.time_decode_attention(s, batch, context);
     // Last, as tuning keeps its choices: the step with its products' algorithms chosen by
     // timing them (as a server's recorded decode steps get), eagerly and as a graph.

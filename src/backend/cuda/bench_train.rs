@@ -123,16 +123,18 @@ pub fn run(
             times.push(t.elapsed().as_secs_f64());
         }
     }
-    let mut sorted = times.clone();
-    sorted.sort_by(f64::total_cmp);
-    if let Some(median) = sorted.get(sorted.len() / 2) {
-        // On stderr as soon as measured: a later failure or a time limit keeps this line.
+    if !times.is_empty() {
+        // On stderr as soon as measured: a later failure or a time limit keeps this line. The
+        // same median as the JSON's.
+        let median = crate::bench_finetune::median(&times);
         let tokens = (seq_len * batch_size) as f64;
         eprintln!("fine-tuning alone: step {median:.3} s, {:.0} tokens/s", tokens / median);
     }
 
     // What follows is measured for reading the numbers above; a failure is reported with
-    // them, not instead of them.
+    // them, not instead of them. (A failed profiled step may leave part of a sample's
+    // gradients in the adapter for the co-serving measurement's first optimizer step; its
+    // timings do not depend on their values.)
     let mut errors = Vec::new();
     let mut keep = |what: &str, e: CudaError| errors.push(format!("{what}: {e}"));
     ops.start_profile();

@@ -250,6 +250,7 @@ pub fn forward_rows_capturing<O: DecoderOps>(
     }
     check_inv_freq(s, inv_freq)?;
     let (cos, sin) = rope_tables(inv_freq, &batch.positions);
+    ops.mark("upload + embedding")?;
     let step = ops.upload(batch, &cos, &sin)?;
     layers_on_device(ops, s, w, caches, &step, sc, lora, capture)?;
     let n = logits_rows.len();

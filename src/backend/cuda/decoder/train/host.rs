@@ -166,6 +166,9 @@ impl TrainOps for HostOps {
     }
 
     fn grad_bf16(&mut self, x: &Vec<f32>, out: &mut Vec<f32>, n: usize) -> R {
+        if x.len().min(out.len()) < n {
+            return Err(CudaError::Shape(format!("a gradient of {n} into {}", out.len())));
+        }
         out[..n].copy_from_slice(&rounded(&x[..n]));
         Ok(())
     }
