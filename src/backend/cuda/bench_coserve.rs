@@ -136,8 +136,8 @@ impl<O: TrainOps> Bench<'_, O> {
 }
 
 /// Runs the measurements with the training state of `ad` (its weights keep training), each
-/// sizing in turn. Returns those measured, and the error that stopped the rest if one did: a
-/// failure in the second sizing keeps the first's numbers.
+/// sizing in turn, handing each to `out` as it is measured: an error that stops the rest
+/// leaves the caller what was measured before it.
 #[allow(clippy::too_many_arguments)]
 pub fn run<O: TrainOps>(
     ops: &mut O,
@@ -149,29 +149,7 @@ pub fn run<O: TrainOps>(
     lr: f32,
     max_norm: f32,
     cfg: &CoserveSetup,
-    mut measured: impl FnMut(&CoserveOnDevice),
-) -> (Vec<CoserveOnDevice>, Option<CudaError>) {
-    let mut out = Vec::new();
-    let mut keep = |c: CoserveOnDevice| {
-        measured(&c);
-        out.push(c);
-    };
-    let error = measure_all(ops, s, w, inv_freq, ad, sc, lr, max_norm, cfg, &mut keep).err();
-    (out, error)
-}
-
-#[allow(clippy::too_many_arguments)]
-fn measure_all<O: TrainOps>(
-    ops: &mut O,
-    s: &DecoderShape,
-    w: &DecoderWeights<O::Weight>,
-    inv_freq: &[f32],
-    ad: &mut TrainAdapter<O::Logits>,
-    sc: &mut TrainScratch<O>,
-    lr: f32,
-    max_norm: f32,
-    cfg: &CoserveSetup,
-    out: &mut impl FnMut(CoserveOnDevice),
+    mut out: impl FnMut(CoserveOnDevice),
 ) -> Result<(), CudaError> {
     let (decode_batch, context, seq_len) = (cfg.decode_batch, cfg.context, cfg.seq_len);
     for z in &cfg.sizings {
@@ -376,12 +354,11 @@ mod tests {
             time_limit: Duration::from_secs(120),
         };
         let inv = c.rope_inv_freq();
-        let mut reported = Vec::new();
-        let report = |c: &CoserveOnDevice| reported.push(c.sizing);
-        let (r, error) = run(&mut ops, &s, &w, &inv, &mut ad, &mut sc, 1e-3, 1.0, &setup, report);
-        assert!(error.is_none(), "{error:?}");
-        assert_eq!(reported, ["fixed", "step target"], "each reported as it is measured");
+        let mut r = Vec::new();
+        let keep = |c| r.push(c);
+        run(&mut ops, &s, &w, &inv, &mut ad, &mut sc, 1e-3, 1.0, &setup, keep).unwrap();
         let [fixed, planned] = &r[..] else { panic!("{r:?}") };
+        assert_eq!((fixed.sizing, planned.sizing), ("fixed", "step target"));
         // Per sample: 3 forward iterations (16 + 16 + 8 tokens), 3 of loss (as many rows), 2
         // of backward (2 + 1 layers).
         assert_eq!(fixed.iterations, 2 * 8);

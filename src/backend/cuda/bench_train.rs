@@ -154,46 +154,44 @@ pub fn run(
         ops.time_attention_backward(&s, seq_len).map_err(|e| keep("attention backward", e)).ok();
     let chunk_attention =
         ops.time_chunk_attention(&s, seq_len, seq_len).map_err(|e| keep("chunk attention", e)).ok();
-    let coserve = match coserve {
-        Some(setup) => {
-            let report = |c: &CoserveOnDevice| {
-                eprintln!(
-                    "co-serving ({}): {:.0} training tokens/s, step {:.2} ms = {:.2}x the batch \
-                     of {} alone",
-                    c.sizing,
-                    c.coserved_train_tokens_per_s,
-                    c.coserved_step_ms,
-                    c.step_ratio,
-                    c.decode_batch
-                )
-            };
-            let (w, f) = (&weights, &inv_freq);
-            let (done, error) = super::bench_coserve::run(
-                &mut ops,
-                &s,
-                w,
-                f,
-                &mut ad,
-                &mut sc,
-                LR,
-                MAX_GRAD_NORM,
-                &setup,
-                report,
+    let mut coserved = Vec::new();
+    if let Some(setup) = coserve {
+        let measured = |c: CoserveOnDevice| {
+            eprintln!(
+                "co-serving ({}): {:.0} training tokens/s, step {:.2} ms = {:.2}x the batch of \
+                 {} alone",
+                c.sizing,
+                c.coserved_train_tokens_per_s,
+                c.coserved_step_ms,
+                c.step_ratio,
+                c.decode_batch
             );
-            if let Some(e) = error {
-                keep("co-serving", e);
-            }
-            done
+            coserved.push(c);
+        };
+        let (w, f) = (&weights, &inv_freq);
+        let run = super::bench_coserve::run(
+            &mut ops,
+            &s,
+            w,
+            f,
+            &mut ad,
+            &mut sc,
+            LR,
+            MAX_GRAD_NORM,
+            &setup,
+            measured,
+        );
+        if let Err(e) = run {
+            keep("co-serving", e);
         }
-        None => Vec::new(),
-    };
+    }
     Ok(GpuTrainRun {
         model: name,
         device,
         step_seconds: times,
         final_loss,
         saved_bytes_per_token: saved_bytes_per_token(&s, lora),
-        coserve,
+        coserve: coserved,
         attention_backward,
         chunk_attention,
         gpu_ms_by_op,
