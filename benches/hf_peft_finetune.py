@@ -13,9 +13,9 @@ of that real shape with random bf16 weights directly on the device (no download)
 baseline for `coserve`'s GPU fine-tuning numbers; tokens/s then counts after a device sync.
 
 Setup (outside the repository; only PyPI is needed):
-    python3 -m venv /work/hfvenv
-    /work/hfvenv/bin/pip install torch transformers peft gguf
-    /work/hfvenv/bin/python benches/hf_peft_finetune.py --threads 2
+    python3 -m venv ~/hfvenv
+    ~/hfvenv/bin/pip install torch transformers peft gguf
+    ~/hfvenv/bin/python benches/hf_peft_finetune.py --threads 2
 """
 
 import argparse

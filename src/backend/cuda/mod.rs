@@ -36,7 +36,10 @@ pub enum CudaError {
     NoDriver,
     #[error("CUDA driver error: {0}")]
     Driver(String),
-    #[error("--device cuda:{ordinal} asked for, but this machine has {count} CUDA device(s)")]
+    #[error(
+        "--device cuda:{ordinal} asked for, but this machine has {count} CUDA device(s); use \
+         --device cpu, or an ordinal below the count"
+    )]
     NoSuchDevice { ordinal: usize, count: usize },
     #[error(
         "NVRTC {nvrtc:?} writes PTX newer than this driver (CUDA {driver:?}) can load; use a \
