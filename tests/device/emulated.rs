@@ -86,15 +86,16 @@ fn the_selftest_passes_on_the_emulated_device() {
     let root = tempfile::tempdir().expect("tempdir");
     let json = root.path().join("selftest.json");
     let out = coserve_on(e, &root.path().join("cache"))
-        // The kernels alone are checked at small shapes in tests/device/kernels_on_cpu/; here what runs
-        // on them: the decoder, products, graph, training step, a mixed step's attention, joined
-        // LoRA tables, the sampler's and penalties' launches, and decode steps replayed as a
-        // server replays them.
+        // Every suite but the attention kernels' own (paged, tiled chunk, backward: over seven
+        // minutes here at their real-model shapes; tests/device/kernels_on_cpu/ checks those
+        // kernels at small shapes, and the decoder and training step run them).
         .args(["selftest", "--device", "cuda", "--json"])
         .arg(&json)
         .args([
             "--only",
-            "fill_uniform,gemm,decoder_end_to_end,training_step,sample_rows,apply_penalties,\
+            "rms_norm_bf16,rope_kv_write_bf16,silu_mul_bf16,embedding_bf16,argmax_logprob_f32,\
+             cross_entropy_f32,lora_bf16,lora_dropout,adamw_f32,training utilities,backward_f32,\
+             fill_uniform,gemm,decoder_end_to_end,training_step,sample_rows,apply_penalties,\
              mixed step,joined,decoder_graph_replay",
         ])
         .output()
@@ -112,6 +113,19 @@ fn the_selftest_passes_on_the_emulated_device() {
     assert_eq!(report["failed"], 0, "{stdout}");
     let checks = report["checks"].as_array().expect("checks");
     for suite in [
+        "add_rms_norm_bf16 (residual)",
+        "rope_kv_write_bf16 (k cache)",
+        "silu_mul_bf16",
+        "embedding_bf16",
+        "argmax_logprob_f32 (ids)",
+        "cross_entropy_f32 (grad)",
+        "lora_shrink_expand_bf16",
+        "lora_dropout_bf16",
+        "lora_dropout_add_f32",
+        "adamw_f32 (exp_avg_sq)",
+        "sum_squares_f32",
+        "rms_norm_backward_f32",
+        "rope_backward_f32",
         "fill_uniform_bf16",
         "sample_rows_f32 (picks)",
         "gemm_bf16",

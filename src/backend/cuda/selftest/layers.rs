@@ -152,27 +152,30 @@ pub(super) fn check_silu(gpu: &mut Gpu, checks: &mut Vec<Check>) -> Result<(), C
 
 pub(super) fn check_embedding(gpu: &mut Gpu, checks: &mut Vec<Check>) -> Result<(), CudaError> {
     let mut rng = StdRng::seed_from_u64(4);
-    let (vocab, hidden) = (1000usize, 576usize);
-    let table = random_bf16(&mut rng, vocab * hidden, 1.0);
-    let ids: [u32; 5] = [0, 999, 5, 1000, 42];
-    let (dt, dids) = (gpu.up_bf16(&table)?, gpu.up(&ids)?);
-    let mut dout = gpu.zeros::<u16>(ids.len() * hidden)?;
-    let (h, v) = (hidden as i32, vocab as u32);
-    let f = gpu.func("activation.cu", "embedding_bf16")?;
-    let mut b = gpu.stream.launch_builder(&f);
-    b.arg(&dids).arg(&dt).arg(&mut dout).arg(&h).arg(&v);
-    // SAFETY: argument list matches embedding_bf16; out has ids.len() rows.
-    unsafe { b.launch(cfg((n32(ids.len()), 1, 1), 256)) }?;
-    let got = gpu.down_bf16(&dout, ids.len() * hidden)?;
-    let shape = format!("ids={} vocab={vocab} hidden={hidden} (one id out of range)", ids.len());
-    compare(
-        checks,
-        "embedding_bf16",
-        shape,
-        &got,
-        &twins::embedding(&ids, &table, hidden),
-        0.0,
-        0.0,
-    );
+    // SmolLM2's width and Qwen2.5-14B's.
+    for (vocab, hidden) in [(1000usize, 576usize), (3000, 5120)] {
+        let table = random_bf16(&mut rng, vocab * hidden, 1.0);
+        let ids: [u32; 5] = [0, vocab as u32 - 1, 5, vocab as u32, 42];
+        let (dt, dids) = (gpu.up_bf16(&table)?, gpu.up(&ids)?);
+        let mut dout = gpu.zeros::<u16>(ids.len() * hidden)?;
+        let (h, v) = (hidden as i32, vocab as u32);
+        let f = gpu.func("activation.cu", "embedding_bf16")?;
+        let mut b = gpu.stream.launch_builder(&f);
+        b.arg(&dids).arg(&dt).arg(&mut dout).arg(&h).arg(&v);
+        // SAFETY: argument list matches embedding_bf16; out has ids.len() rows.
+        unsafe { b.launch(cfg((n32(ids.len()), 1, 1), 256)) }?;
+        let got = gpu.down_bf16(&dout, ids.len() * hidden)?;
+        let shape =
+            format!("ids={} vocab={vocab} hidden={hidden} (one id out of range)", ids.len());
+        compare(
+            checks,
+            "embedding_bf16",
+            shape,
+            &got,
+            &twins::embedding(&ids, &table, hidden),
+            0.0,
+            0.0,
+        );
+    }
     Ok(())
 }

@@ -53,7 +53,7 @@ pub fn run(spec: DeviceSpec, home: &Path, only: &[String]) -> Result<Report, Cud
     let wanted = |name: &str| only.is_empty() || only.iter().any(|o| name.contains(o.as_str()));
     let mut gpu = Gpu::open(spec, home, "the selftest (CUDA kernels against their CPU twins)")?;
     let mut checks = Vec::new();
-    let suites: [(&str, Suite); 15] = [
+    let suites: [(&str, Suite); 16] = [
         ("rms_norm_bf16", layers::check_norm),
         ("rope_kv_write_bf16", layers::check_rope),
         ("silu_mul_bf16", layers::check_silu),
@@ -65,6 +65,7 @@ pub fn run(spec: DeviceSpec, home: &Path, only: &[String]) -> Result<Report, Cud
         ("apply_penalties_f32", sampling::check_penalties),
         ("cross_entropy_f32", training::check_cross_entropy),
         ("lora_bf16", training::check_lora),
+        ("lora_dropout", training::check_lora_dropout),
         ("adamw_f32", training::check_adamw),
         ("training utilities", training::check_grad_utils),
         ("backward_f32", backward::check_backward),

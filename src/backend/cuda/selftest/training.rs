@@ -35,34 +35,36 @@ pub(super) fn check_argmax(gpu: &mut Gpu, checks: &mut Vec<Check>) -> Result<(),
 
 pub(super) fn check_cross_entropy(gpu: &mut Gpu, checks: &mut Vec<Check>) -> Result<(), CudaError> {
     let mut rng = StdRng::seed_from_u64(7);
-    let vocab = 49152usize;
-    let targets: [i32; 3] = [5, -1, 49151];
-    let scales: [f32; 3] = [0.5, 1.0, 0.25];
-    let mut logits: Vec<f32> = (0..3 * vocab).map(|_| rng.random_range(-8.0..8.0)).collect();
-    let (mut dl, dt, ds) = (gpu.up(&logits)?, gpu.up(&targets)?, gpu.up(&scales)?);
-    let mut dloss = gpu.zeros::<f32>(3)?;
-    let v = vocab as i32;
-    let f = gpu.func("cross_entropy.cu", "cross_entropy_f32")?;
-    let mut b = gpu.stream.launch_builder(&f);
-    b.arg(&mut dl).arg(&dt).arg(&ds).arg(&mut dloss).arg(&v);
-    // SAFETY: argument list matches cross_entropy_f32; three rows of vocab logits.
-    unsafe { b.launch(cfg((3, 1, 1), 512)) }?;
-    let want_loss: Vec<f32> = logits
-        .chunks_exact_mut(vocab)
-        .zip(targets.iter().zip(&scales))
-        .map(|(row, (&t, &s))| twins::cross_entropy(row, t, s))
-        .collect();
-    let shape = format!("rows=3 vocab={vocab} (one row without a target)");
-    compare(
-        checks,
-        "cross_entropy_f32 (loss)",
-        shape.clone(),
-        &gpu.down(&dloss)?[..3],
-        &want_loss,
-        1e-4,
-        1e-5,
-    );
-    compare(checks, "cross_entropy_f32 (grad)", shape, &gpu.down(&dl)?, &logits, 1e-3, 1e-4);
+    // SmolLM2's vocabulary and Llama-3's.
+    for vocab in [49152usize, 128256] {
+        let targets: [i32; 3] = [5, -1, vocab as i32 - 1];
+        let scales: [f32; 3] = [0.5, 1.0, 0.25];
+        let mut logits: Vec<f32> = (0..3 * vocab).map(|_| rng.random_range(-8.0..8.0)).collect();
+        let (mut dl, dt, ds) = (gpu.up(&logits)?, gpu.up(&targets)?, gpu.up(&scales)?);
+        let mut dloss = gpu.zeros::<f32>(3)?;
+        let v = vocab as i32;
+        let f = gpu.func("cross_entropy.cu", "cross_entropy_f32")?;
+        let mut b = gpu.stream.launch_builder(&f);
+        b.arg(&mut dl).arg(&dt).arg(&ds).arg(&mut dloss).arg(&v);
+        // SAFETY: argument list matches cross_entropy_f32; three rows of vocab logits.
+        unsafe { b.launch(cfg((3, 1, 1), 512)) }?;
+        let want_loss: Vec<f32> = logits
+            .chunks_exact_mut(vocab)
+            .zip(targets.iter().zip(&scales))
+            .map(|(row, (&t, &s))| twins::cross_entropy(row, t, s))
+            .collect();
+        let shape = format!("rows=3 vocab={vocab} (one row without a target)");
+        compare(
+            checks,
+            "cross_entropy_f32 (loss)",
+            shape.clone(),
+            &gpu.down(&dloss)?[..3],
+            &want_loss,
+            1e-4,
+            1e-5,
+        );
+        compare(checks, "cross_entropy_f32 (grad)", shape, &gpu.down(&dl)?, &logits, 1e-3, 1e-4);
+    }
     Ok(())
 }
 
@@ -128,38 +130,103 @@ pub(super) fn check_lora(gpu: &mut Gpu, checks: &mut Vec<Check>) -> Result<(), C
     Ok(())
 }
 
+/// LoRA dropout and its backward draw the CPU's masks (`lora::dropout`) bit for bit; rows
+/// outside the training sample's pass through.
+pub(super) fn check_lora_dropout(gpu: &mut Gpu, checks: &mut Vec<Check>) -> Result<(), CudaError> {
+    use crate::lora::dropout::SampleDropout;
+    let mut rng = StdRng::seed_from_u64(11);
+    let threads = 64u32;
+    struct Case {
+        /// Each row's depth in its sequence.
+        pos: &'static [usize],
+        /// The training sample's rows.
+        drop_rows: std::ops::Range<usize>,
+        width: usize,
+        layer: usize,
+        module: usize,
+    }
+    // A width that is not a multiple of a thread's 16 elements, and Llama-3-8B's MLP width at
+    // its last layer.
+    let cases = [
+        Case { pos: &[7, 0, 1, 300, 2, 9], drop_rows: 1..4, width: 1541, layer: 3, module: 6 },
+        Case { pos: &[1023, 1024, 5], drop_rows: 0..3, width: 14336, layer: 31, module: 4 },
+    ];
+    for Case { pos, drop_rows, width, layer, module } in cases {
+        let d = SampleDropout { p: 0.1, seed: 0x5EED_0000_0000_0042 ^ width as u64 };
+        let rows = pos.len();
+        let pos_i32: Vec<i32> = pos.iter().map(|&p| p as i32).collect();
+        let grid = (n32(rows), n32(width.div_ceil(16).div_ceil(threads as usize)), 1);
+        let (w, r0, r1) = (width as i32, drop_rows.start as i32, drop_rows.end as i32);
+        let (l, m) = (layer as i32, module as i32);
+        let shape = format!(
+            "rows={rows} width={width} sample rows {drop_rows:?} layer={layer} module={module} p={}",
+            d.p
+        );
+
+        let x = random_bf16(&mut rng, rows * width, 2.0);
+        let (dx, dpos) = (gpu.up_bf16(&x)?, gpu.up(&pos_i32)?);
+        let mut dout = gpu.zeros::<u16>(rows * width)?;
+        let f = gpu.func("lora.cu", "lora_dropout_bf16")?;
+        let mut b = gpu.stream.launch_builder(&f);
+        b.arg(&dx).arg(&mut dout).arg(&dpos).arg(&r0).arg(&r1).arg(&w);
+        b.arg(&d.p).arg(&d.seed).arg(&l).arg(&m);
+        // SAFETY: argument list matches lora_dropout_bf16; x and out hold rows of `width`,
+        // pos one position per row.
+        unsafe { b.launch(cfg(grid, threads)) }?;
+        let mut want = vec![0f32; rows * width];
+        twins::lora_dropout(&x, &mut want, pos, drop_rows.clone(), width, d, layer, module);
+        let got = gpu.down_bf16(&dout, rows * width)?;
+        compare(checks, "lora_dropout_bf16", shape.clone(), &got, &want, 0.0, 0.0);
+
+        let src: Vec<f32> = (0..rows * width).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let mut want: Vec<f32> = (0..rows * width).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let (dsrc, mut ddst) = (gpu.up(&src)?, gpu.up(&want)?);
+        let f = gpu.func("lora.cu", "lora_dropout_add_f32")?;
+        let mut b = gpu.stream.launch_builder(&f);
+        b.arg(&dsrc).arg(&mut ddst).arg(&dpos).arg(&w);
+        b.arg(&d.p).arg(&d.seed).arg(&l).arg(&m);
+        // SAFETY: argument list matches lora_dropout_add_f32; src and dst hold rows of `width`.
+        unsafe { b.launch(cfg(grid, threads)) }?;
+        twins::lora_dropout_add(&src, &mut want, pos, width, d, layer, module);
+        compare(checks, "lora_dropout_add_f32", shape, &gpu.down(&ddst)?, &want, 1e-6, 1e-7);
+    }
+    Ok(())
+}
+
 pub(super) fn check_adamw(gpu: &mut Gpu, checks: &mut Vec<Check>) -> Result<(), CudaError> {
     use crate::lora::optim::{adamw_update, AdamWScalars};
     let mut rng = StdRng::seed_from_u64(9);
-    let n = 10_000usize;
-    let mut p: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
-    let g: Vec<f32> = (0..n).map(|_| rng.random_range(-1e-2..1e-2)).collect();
-    let mut m: Vec<f32> = (0..n).map(|_| rng.random_range(-1e-3..1e-3)).collect();
-    let mut v: Vec<f32> = (0..n).map(|_| rng.random_range(0.0..1e-5)).collect();
-    let (lr, t) = (2e-4f32, 3f64);
-    let (beta1, beta2, eps, weight_decay) = (0.9f32, 0.999f32, 1e-8f32, 0.01f32);
-    let s = AdamWScalars {
-        beta1,
-        beta2,
-        eps,
-        weight_decay,
-        decay: 1.0 - lr * weight_decay,
-        step_size: (lr as f64 / (1.0 - (beta1 as f64).powf(t))) as f32,
-        bc2_sqrt: (1.0 - (beta2 as f64).powf(t)).sqrt() as f32,
-    };
-    let (mut dp, dg, mut dm, mut dv) = (gpu.up(&p)?, gpu.up(&g)?, gpu.up(&m)?, gpu.up(&v)?);
-    let nn = n;
-    let f = gpu.func("adamw.cu", "adamw_f32")?;
-    let mut b = gpu.stream.launch_builder(&f);
-    b.arg(&mut dp).arg(&dg).arg(&mut dm).arg(&mut dv).arg(&nn);
-    b.arg(&s.beta1).arg(&s.beta2).arg(&s.eps).arg(&s.decay).arg(&s.step_size).arg(&s.bc2_sqrt);
-    // SAFETY: argument list matches adamw_f32 (size_t n, then six floats).
-    unsafe { b.launch(cfg((n32(n.div_ceil(256)), 1, 1), 256)) }?;
-    adamw_update(&mut p, &g, &mut m, &mut v, &s);
-    let shape = format!("n={n} step=3 weight_decay={weight_decay}");
-    compare(checks, "adamw_f32 (params)", shape.clone(), &gpu.down(&dp)?, &p, 1e-6, 1e-7);
-    compare(checks, "adamw_f32 (exp_avg)", shape.clone(), &gpu.down(&dm)?, &m, 1e-5, 1e-6);
-    compare(checks, "adamw_f32 (exp_avg_sq)", shape, &gpu.down(&dv)?, &v, 1e-5, 1e-6);
+    // A length that leaves the last block part full, and one of a million.
+    for n in [10_000usize, 1_000_001] {
+        let mut p: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let g: Vec<f32> = (0..n).map(|_| rng.random_range(-1e-2..1e-2)).collect();
+        let mut m: Vec<f32> = (0..n).map(|_| rng.random_range(-1e-3..1e-3)).collect();
+        let mut v: Vec<f32> = (0..n).map(|_| rng.random_range(0.0..1e-5)).collect();
+        let (lr, t) = (2e-4f32, 3f64);
+        let (beta1, beta2, eps, weight_decay) = (0.9f32, 0.999f32, 1e-8f32, 0.01f32);
+        let s = AdamWScalars {
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+            decay: 1.0 - lr * weight_decay,
+            step_size: (lr as f64 / (1.0 - (beta1 as f64).powf(t))) as f32,
+            bc2_sqrt: (1.0 - (beta2 as f64).powf(t)).sqrt() as f32,
+        };
+        let (mut dp, dg, mut dm, mut dv) = (gpu.up(&p)?, gpu.up(&g)?, gpu.up(&m)?, gpu.up(&v)?);
+        let nn = n;
+        let f = gpu.func("adamw.cu", "adamw_f32")?;
+        let mut b = gpu.stream.launch_builder(&f);
+        b.arg(&mut dp).arg(&dg).arg(&mut dm).arg(&mut dv).arg(&nn);
+        b.arg(&s.beta1).arg(&s.beta2).arg(&s.eps).arg(&s.decay).arg(&s.step_size).arg(&s.bc2_sqrt);
+        // SAFETY: argument list matches adamw_f32 (size_t n, then six floats).
+        unsafe { b.launch(cfg((n32(n.div_ceil(256)), 1, 1), 256)) }?;
+        adamw_update(&mut p, &g, &mut m, &mut v, &s);
+        let shape = format!("n={n} step=3 weight_decay={weight_decay}");
+        compare(checks, "adamw_f32 (params)", shape.clone(), &gpu.down(&dp)?, &p, 1e-6, 1e-7);
+        compare(checks, "adamw_f32 (exp_avg)", shape.clone(), &gpu.down(&dm)?, &m, 1e-5, 1e-6);
+        compare(checks, "adamw_f32 (exp_avg_sq)", shape, &gpu.down(&dv)?, &v, 1e-5, 1e-6);
+    }
     Ok(())
 }
 
@@ -167,38 +234,40 @@ pub(super) fn check_adamw(gpu: &mut Gpu, checks: &mut Vec<Check>) -> Result<(), 
 /// sum of squares of gradient clipping, and its scaling.
 pub(super) fn check_grad_utils(gpu: &mut Gpu, checks: &mut Vec<Check>) -> Result<(), CudaError> {
     let mut rng = StdRng::seed_from_u64(10);
-    let n = 100_003usize;
-    let x: Vec<f32> = (0..n).map(|_| rng.random_range(-3.0..3.0)).collect();
-    let dx = gpu.up(&x)?;
-    let shape = format!("n={n}");
-    let grid = cfg((n32(n.div_ceil(256).min(1024)), 1, 1), 256);
+    // The second length is past the grid's 1024 blocks of 256: each thread loops.
+    for n in [100_003usize, 1_000_003] {
+        let x: Vec<f32> = (0..n).map(|_| rng.random_range(-3.0..3.0)).collect();
+        let dx = gpu.up(&x)?;
+        let shape = format!("n={n}");
+        let grid = cfg((n32(n.div_ceil(256).min(1024)), 1, 1), 256);
 
-    let mut y = gpu.zeros::<u16>(n)?;
-    let f = gpu.func("backward.cu", "f32_to_bf16")?;
-    let mut b = gpu.stream.launch_builder(&f);
-    b.arg(&dx).arg(&mut y).arg(&n);
-    // SAFETY: argument list matches f32_to_bf16 (grid-stride over n; both buffers hold n).
-    unsafe { b.launch(grid) }?;
-    let want: Vec<f32> = x.iter().map(|&v| twins::round_bf16(v)).collect();
-    compare(checks, "f32_to_bf16", shape.clone(), &gpu.down_bf16(&y, n)?, &want, 0.0, 0.0);
+        let mut y = gpu.zeros::<u16>(n)?;
+        let f = gpu.func("backward.cu", "f32_to_bf16")?;
+        let mut b = gpu.stream.launch_builder(&f);
+        b.arg(&dx).arg(&mut y).arg(&n);
+        // SAFETY: argument list matches f32_to_bf16 (grid-stride over n; both buffers hold n).
+        unsafe { b.launch(grid) }?;
+        let want: Vec<f32> = x.iter().map(|&v| twins::round_bf16(v)).collect();
+        compare(checks, "f32_to_bf16", shape.clone(), &gpu.down_bf16(&y, n)?, &want, 0.0, 0.0);
 
-    let mut sq = gpu.zeros::<f32>(1)?;
-    let f = gpu.func("backward.cu", "sum_squares_f32")?;
-    let mut b = gpu.stream.launch_builder(&f);
-    b.arg(&dx).arg(&n).arg(&mut sq);
-    // SAFETY: argument list matches sum_squares_f32 (one float out, zeroed).
-    unsafe { b.launch(grid) }?;
-    let want = x.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>() as f32;
-    compare(checks, "sum_squares_f32", shape.clone(), &gpu.down(&sq)?, &[want], 1e-5, 0.0);
+        let mut sq = gpu.zeros::<f32>(1)?;
+        let f = gpu.func("backward.cu", "sum_squares_f32")?;
+        let mut b = gpu.stream.launch_builder(&f);
+        b.arg(&dx).arg(&n).arg(&mut sq);
+        // SAFETY: argument list matches sum_squares_f32 (one float out, zeroed).
+        unsafe { b.launch(grid) }?;
+        let want = x.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>() as f32;
+        compare(checks, "sum_squares_f32", shape.clone(), &gpu.down(&sq)?, &[want], 1e-5, 0.0);
 
-    let mut dxs = gpu.up(&x)?;
-    let by = 0.37f32;
-    let f = gpu.func("backward.cu", "scale_f32")?;
-    let mut b = gpu.stream.launch_builder(&f);
-    b.arg(&mut dxs).arg(&n).arg(&by);
-    // SAFETY: argument list matches scale_f32 (grid-stride over n).
-    unsafe { b.launch(grid) }?;
-    let want: Vec<f32> = x.iter().map(|&v| v * by).collect();
-    compare(checks, "scale_f32", shape, &gpu.down(&dxs)?, &want, 0.0, 0.0);
+        let mut dxs = gpu.up(&x)?;
+        let by = 0.37f32;
+        let f = gpu.func("backward.cu", "scale_f32")?;
+        let mut b = gpu.stream.launch_builder(&f);
+        b.arg(&mut dxs).arg(&n).arg(&by);
+        // SAFETY: argument list matches scale_f32 (grid-stride over n).
+        unsafe { b.launch(grid) }?;
+        let want: Vec<f32> = x.iter().map(|&v| v * by).collect();
+        compare(checks, "scale_f32", shape, &gpu.down(&dxs)?, &want, 0.0, 0.0);
+    }
     Ok(())
 }
