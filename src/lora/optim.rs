@@ -45,16 +45,8 @@ impl AdamW {
     /// # Panics
     /// If `params`, `grads` and the moments do not have the same structure (a caller bug).
     pub fn step(&mut self, params: &mut LoraWeights, grads: &LoraWeights, lr: f32) {
-        let AdamWConfig { beta1, beta2, eps, weight_decay } = self.config;
         self.step += 1;
-        // torch computes the bias corrections as Python floats (f64) and passes f32 scalars.
-        let t = self.step as f64;
-        let bc1 = 1.0 - (beta1 as f64).powf(t);
-        let bc2 = 1.0 - (beta2 as f64).powf(t);
-        let step_size = (lr as f64 / bc1) as f32;
-        let bc2_sqrt = bc2.sqrt() as f32;
-        let decay = 1.0 - lr * weight_decay;
-
+        let scalars = AdamWScalars::new(self.config, lr, self.step);
         let n = params.tensors().count();
         assert!(
             n == grads.tensors().count() && n == self.m.tensors().count(),
@@ -64,7 +56,6 @@ impl AdamW {
             .tensors_mut()
             .zip(grads.tensors())
             .zip(self.m.tensors_mut().zip(self.v.tensors_mut()));
-        let scalars = AdamWScalars { beta1, beta2, eps, weight_decay, decay, step_size, bc2_sqrt };
         for ((p, g), (m, v)) in tensors {
             adamw_update(p, g, m, v, &scalars);
         }
@@ -84,6 +75,26 @@ pub struct AdamWScalars {
     pub step_size: f32,
     /// `sqrt(1 - beta2^t)`.
     pub bc2_sqrt: f32,
+}
+
+impl AdamWScalars {
+    /// The constants of update number `step` (from 1) at learning rate `lr`. torch computes
+    /// the bias corrections as Python floats (f64) and passes f32 scalars; so does this.
+    pub fn new(config: AdamWConfig, lr: f32, step: u64) -> Self {
+        let AdamWConfig { beta1, beta2, eps, weight_decay } = config;
+        let t = step as f64;
+        let bc1 = 1.0 - (beta1 as f64).powf(t);
+        let bc2 = 1.0 - (beta2 as f64).powf(t);
+        Self {
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+            decay: 1.0 - lr * weight_decay,
+            step_size: (lr as f64 / bc1) as f32,
+            bc2_sqrt: bc2.sqrt() as f32,
+        }
+    }
 }
 
 /// One AdamW update of a tensor, element by element (the CPU twin of the `adamw_f32` kernel).

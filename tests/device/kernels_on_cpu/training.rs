@@ -266,24 +266,15 @@ fn cross_entropy_adamw_and_lora_kernels_match_their_twins() {
     assert_close("cross_entropy_f32 loss", &loss, &want_loss, 1e-4, 1e-5);
     assert_close("cross_entropy_f32 gradient", &got, &logits, 1e-3, 1e-6);
 
-    use coserve::lora::optim::{adamw_update, AdamWScalars};
+    use coserve::lora::optim::{adamw_update, AdamWConfig, AdamWScalars};
     let emu = Emulated::build("adamw.cu");
     let n = 2_000usize;
     let mut p = random_f32(&mut rng, n, 1.0);
     let g = random_f32(&mut rng, n, 1e-2);
     let mut m = random_f32(&mut rng, n, 1e-3);
     let mut v: Vec<f32> = (0..n).map(|_| rng.random_range(0.0..1e-5)).collect();
-    let (lr, t) = (2e-4f32, 3f64);
-    let (beta1, beta2, eps, weight_decay) = (0.9f32, 0.999f32, 1e-8f32, 0.01f32);
-    let s = AdamWScalars {
-        beta1,
-        beta2,
-        eps,
-        weight_decay,
-        decay: 1.0 - lr * weight_decay,
-        step_size: (lr as f64 / (1.0 - (beta1 as f64).powf(t))) as f32,
-        bc2_sqrt: (1.0 - (beta2 as f64).powf(t)).sqrt() as f32,
-    };
+    let config = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 };
+    let s = AdamWScalars::new(config, 2e-4, 3);
     let (mut gp, mut gm, mut gv) = (p.clone(), m.clone(), v.clone());
     // SAFETY: adamw_f32's parameters (size_t n, then six floats).
     unsafe {

@@ -194,7 +194,7 @@ pub(super) fn check_lora_dropout(gpu: &mut Gpu, checks: &mut Vec<Check>) -> Resu
 }
 
 pub(super) fn check_adamw(gpu: &mut Gpu, checks: &mut Vec<Check>) -> Result<(), CudaError> {
-    use crate::lora::optim::{adamw_update, AdamWScalars};
+    use crate::lora::optim::{adamw_update, AdamWConfig, AdamWScalars};
     let mut rng = StdRng::seed_from_u64(9);
     // A length that leaves the last block part full, and one of a million.
     for n in [10_000usize, 1_000_001] {
@@ -202,17 +202,9 @@ pub(super) fn check_adamw(gpu: &mut Gpu, checks: &mut Vec<Check>) -> Result<(), 
         let g: Vec<f32> = (0..n).map(|_| rng.random_range(-1e-2..1e-2)).collect();
         let mut m: Vec<f32> = (0..n).map(|_| rng.random_range(-1e-3..1e-3)).collect();
         let mut v: Vec<f32> = (0..n).map(|_| rng.random_range(0.0..1e-5)).collect();
-        let (lr, t) = (2e-4f32, 3f64);
-        let (beta1, beta2, eps, weight_decay) = (0.9f32, 0.999f32, 1e-8f32, 0.01f32);
-        let s = AdamWScalars {
-            beta1,
-            beta2,
-            eps,
-            weight_decay,
-            decay: 1.0 - lr * weight_decay,
-            step_size: (lr as f64 / (1.0 - (beta1 as f64).powf(t))) as f32,
-            bc2_sqrt: (1.0 - (beta2 as f64).powf(t)).sqrt() as f32,
-        };
+        let weight_decay = 0.01f32;
+        let config = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay };
+        let s = AdamWScalars::new(config, 2e-4, 3);
         let (mut dp, dg, mut dm, mut dv) = (gpu.up(&p)?, gpu.up(&g)?, gpu.up(&m)?, gpu.up(&v)?);
         let nn = n;
         let f = gpu.func("adamw.cu", "adamw_f32")?;

@@ -229,20 +229,8 @@ impl<L> TrainAdapter<L> {
             }
         }
         self.step += 1;
-        let AdamWConfig { beta1, beta2, eps, weight_decay } = self.adamw;
-        // As lora::optim::AdamW::step: bias corrections in f64, passed as f32.
-        let t = self.step as f64;
-        let bc1 = 1.0 - (beta1 as f64).powf(t);
-        let bc2 = 1.0 - (beta2 as f64).powf(t);
-        let sc = AdamWScalars {
-            beta1,
-            beta2,
-            eps,
-            weight_decay,
-            decay: 1.0 - lr * weight_decay,
-            step_size: (lr as f64 / bc1) as f32,
-            bc2_sqrt: bc2.sqrt() as f32,
-        };
+        // As lora::optim::AdamW::step.
+        let sc = AdamWScalars::new(self.adamw, lr, self.step);
         for p in self.pairs_mut() {
             let (na, nb) = (p.a_len(), p.b_len());
             let [ma, mb] = &mut p.m;
