@@ -194,7 +194,8 @@ impl KvCache {
         self.head_dim
     }
 
-    fn row_len(&self) -> usize {
+    /// Elements of one token's K (or V) row: `num_kv_heads * head_dim`.
+    pub fn row_len(&self) -> usize {
         self.num_kv_heads * self.head_dim
     }
 

@@ -31,10 +31,54 @@ pub struct LoraGroup<'a> {
 }
 
 impl LoraGroup<'_> {
-    /// The first row, when the group's rows are one run `r0..r0 + len`.
     fn contiguous(&self) -> Option<usize> {
-        let r0 = *self.rows.first()?;
-        self.rows.iter().enumerate().all(|(i, &r)| r == r0 + i).then_some(r0)
+        contiguous(&self.rows)
+    }
+}
+
+/// The first row, when `rows` are one run `r0..r0 + len`.
+pub fn contiguous(rows: &[usize]) -> Option<usize> {
+    let r0 = *rows.first()?;
+    rows.iter().enumerate().all(|(i, &r)| r == r0 + i).then_some(r0)
+}
+
+/// `u = x Aᵀ` for `x` `[n, in_dim]` and `A` `[rank, in_dim]`: `u` is `[n, rank]`.
+pub fn shrink(x: &[f32], n: usize, in_dim: usize, a: &[f32], rank: usize) -> Vec<f32> {
+    let mut u = vec![0f32; n * rank];
+    // The rank is too narrow for the weight-row split of `matmul_t`; the GEMM splits rows
+    // instead, and each row's result is still independent of the batch.
+    gemm(1.0, MatRef::new(x, n, in_dim), MatRef::new(a, rank, in_dim).t(), false, &mut u, rank);
+    u
+}
+
+/// `out[row, col0..col0 + out_dim] += scale · u[i] Bᵀ` for the `i`-th of `rows`, with `u`
+/// `[rows.len(), rank]` and `B` `[out_dim, rank]`, rows of `out` `ld` wide.
+#[allow(clippy::too_many_arguments)]
+pub fn expand(
+    u: &[f32],
+    rank: usize,
+    b: &[f32],
+    out_dim: usize,
+    scale: f32,
+    rows: &[usize],
+    out: &mut [f32],
+    (ld, col0): (usize, usize),
+) {
+    let n = rows.len();
+    let (u_m, b_t) = (MatRef::new(u, n, rank), MatRef::new(b, out_dim, rank).t());
+    // The GEMM adds onto the output in its FMA chains, so scattered rows are gathered, updated
+    // the same way and put back: a row's bits do not depend on its neighbours.
+    if let Some(r0) = contiguous(rows) {
+        gemm(scale, u_m, b_t, true, &mut out[r0 * ld + col0..], ld);
+        return;
+    }
+    let mut y = Vec::with_capacity(n * out_dim);
+    for &row in rows {
+        y.extend_from_slice(&out[row * ld + col0..row * ld + col0 + out_dim]);
+    }
+    gemm(scale, u_m, b_t, true, &mut y, out_dim);
+    for (&row, yr) in rows.iter().zip(y.chunks_exact(out_dim)) {
+        out[row * ld + col0..row * ld + col0 + out_dim].copy_from_slice(yr);
     }
 }
 
@@ -82,17 +126,12 @@ pub fn lora_shrink(
             let Some(pair) = g.adapter.pair(layer, m) else { return Vec::new() };
             let r = pair.rank();
             let n = g.rows.len();
-            let mut u = vec![0f32; n * r];
-            // The rank is too narrow for the weight-row split of `matmul_t`; the GEMM splits
-            // rows instead, and each row's result is still independent of the batch.
-            let a_t = MatRef::new(&pair.a, r, in_dim).t();
             let p = g.adapter.config.dropout;
             let dropped = p > 0.0 && g.train.iter().any(Option::is_some);
             match g.contiguous() {
                 // Read in place: a training sample's chunk is one run of rows.
                 Some(r0) if !dropped => {
-                    let x_m = MatRef::new(&x[r0 * in_dim..(r0 + n) * in_dim], n, in_dim);
-                    gemm(1.0, x_m, a_t, false, &mut u, r);
+                    shrink(&x[r0 * in_dim..(r0 + n) * in_dim], n, in_dim, &pair.a, r)
                 }
                 _ => {
                     let mut xg = gather_rows(x, in_dim, &g.rows);
@@ -101,10 +140,9 @@ pub fn lora_shrink(
                             apply_dropout(row, p, *seed, layer, m.index(), *pos);
                         }
                     }
-                    gemm(1.0, MatRef::new(&xg, n, in_dim), a_t, false, &mut u, r);
+                    shrink(&xg, n, in_dim, &pair.a, r)
                 }
             }
-            u
         })
         .collect()
 }
@@ -121,22 +159,7 @@ pub fn lora_expand(
 ) {
     for (g, u) in groups.iter().zip(us) {
         let Some(pair) = g.adapter.pair(layer, m) else { continue };
-        let (r, od, n) = (pair.rank(), pair.out_dim, g.rows.len());
-        let (u_m, b_t) = (MatRef::new(u, n, r), MatRef::new(&pair.b, od, r).t());
-        let s = g.adapter.scale();
-        // The GEMM adds onto the output in its FMA chains, so scattered rows are gathered,
-        // updated the same way and put back: a row's bits do not depend on its neighbours.
-        if let Some(r0) = g.contiguous() {
-            gemm(s, u_m, b_t, true, &mut out[r0 * out_ld + col0..], out_ld);
-            continue;
-        }
-        let mut y = Vec::with_capacity(n * od);
-        for &row in &g.rows {
-            y.extend_from_slice(&out[row * out_ld + col0..row * out_ld + col0 + od]);
-        }
-        gemm(s, u_m, b_t, true, &mut y, od);
-        for (&row, yr) in g.rows.iter().zip(y.chunks_exact(od)) {
-            out[row * out_ld + col0..row * out_ld + col0 + od].copy_from_slice(yr);
-        }
+        let (r, od, s) = (pair.rank(), pair.out_dim, g.adapter.scale());
+        expand(u, r, &pair.b, od, s, &g.rows, out, (out_ld, col0));
     }
 }

@@ -16,6 +16,7 @@ pub mod frozen;
 pub mod gemm;
 pub mod matmul;
 pub mod matmul_bf16;
+pub mod ops;
 pub mod packed;
 pub mod paged_attention;
 pub mod quant;

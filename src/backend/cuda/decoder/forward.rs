@@ -329,7 +329,7 @@ fn layers_on_device<O: DecoderOps>(
         Some(c) => c.save(ops, p, l, x),
         None => Ok(()),
     };
-    s.check()?;
+    ops.check_shape(s)?;
     let rows = ops.rows(step);
     if rows > sc.rows || caches.len() != w.layers.len() {
         return Err(CudaError::Shape(format!(

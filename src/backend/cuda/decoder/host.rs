@@ -327,21 +327,7 @@ impl DecoderOps for HostOps {
         params: &[RowSampling],
         penalties: &Penalties,
     ) -> Result<Vec<RowSample>, CudaError> {
-        if logits.len() < params.len() * vocab {
-            return Err(CudaError::Shape(format!(
-                "{} rows to sample of {}",
-                params.len(),
-                logits.len()
-            )));
-        }
-        let rows = logits.chunks_exact_mut(vocab).zip(params).enumerate();
-        Ok(rows
-            .map(|(r, (row, p))| {
-                let raw = row.to_vec();
-                apply_penalties(row, penalties.row(r));
-                sample_row_from(row, &raw, p)
-            })
-            .collect())
+        sample_on_host(logits, vocab, params, penalties)
     }
 
     fn read_ids(
@@ -362,6 +348,30 @@ impl DecoderOps for HostOps {
             .map(<[f32]>::to_vec)
             .ok_or_else(|| CudaError::Shape(format!("{n} logits of a buffer of {}", logits.len())))
     }
+}
+
+/// [`DecoderOps::sample`] of logits on the host: the sampling kernels' twins.
+pub fn sample_on_host(
+    logits: &mut [f32],
+    vocab: usize,
+    params: &[RowSampling],
+    penalties: &Penalties,
+) -> Result<Vec<RowSample>, CudaError> {
+    if vocab == 0 || logits.len() < params.len() * vocab {
+        return Err(CudaError::Shape(format!(
+            "{} rows to sample of {}",
+            params.len(),
+            logits.len()
+        )));
+    }
+    let rows = logits.chunks_exact_mut(vocab).zip(params).enumerate();
+    Ok(rows
+        .map(|(r, (row, p))| {
+            let raw = row.to_vec();
+            apply_penalties(row, penalties.row(r));
+            sample_row_from(row, &raw, p)
+        })
+        .collect())
 }
 
 /// `y[m, n] = x[m, k] · w[n, k]ᵀ` with fp32 sums (eight running sums per dot product, so the

@@ -64,18 +64,32 @@ impl DecoderShape {
         Ok(s)
     }
 
-    /// The limits the kernels rely on (checked again by every forward, since the fields are
-    /// public).
+    /// What every forward relies on, on any backend (checked again by every forward, since
+    /// the fields are public): whole RoPE pairs, query heads sharing kv heads evenly, no empty
+    /// dimension. Each backend adds its kernels' limits ([`DecoderOps::check_shape`]).
     pub fn check(&self) -> Result<(), CudaError> {
         let bad = |why: String| Err(CudaError::Shape(why));
-        if !self.head_dim.is_multiple_of(32) || self.head_dim > 256 || self.head_dim == 0 {
-            return bad(format!("head_dim {} is not a multiple of 32 up to 256", self.head_dim));
+        if !self.head_dim.is_multiple_of(2) || self.head_dim == 0 {
+            return bad(format!("head_dim {} is not a positive even number", self.head_dim));
         }
         if self.kv_heads == 0 || !self.heads.is_multiple_of(self.kv_heads) {
             return bad(format!("{} heads do not share {} kv heads", self.heads, self.kv_heads));
         }
         if self.hidden == 0 || self.inter == 0 || self.vocab == 0 || self.block_size == 0 {
             return bad("empty model dimension".into());
+        }
+        Ok(())
+    }
+
+    /// The CUDA kernels' limits besides [`Self::check`]: a head is whole warps of lanes, up to
+    /// what their shared memory holds.
+    pub fn check_kernels(&self) -> Result<(), CudaError> {
+        self.check()?;
+        if !self.head_dim.is_multiple_of(32) || self.head_dim > 256 {
+            return Err(CudaError::Shape(format!(
+                "head_dim {} is not a multiple of 32 up to 256",
+                self.head_dim
+            )));
         }
         Ok(())
     }
@@ -199,6 +213,11 @@ pub trait DecoderOps {
     /// A forward recorded for replay (a CUDA graph).
     type Graph;
 
+    /// Whether this backend's operations take a model of shape `s`: [`DecoderShape::check`]
+    /// and the CUDA kernels' limits, unless the implementation has none of its own.
+    fn check_shape(&self, s: &DecoderShape) -> R {
+        s.check_kernels()
+    }
     /// Marks the start of the next stretch of operations, named for a time breakdown (no-op
     /// unless the implementation is profiling).
     fn mark(&mut self, _name: &'static str) -> R {

@@ -156,7 +156,7 @@ impl<O: TrainOps> DeviceDecoder<O> {
         num_blocks: usize,
         max_rows: usize,
     ) -> Result<Self, CudaError> {
-        shape.check()?;
+        ops.check_shape(&shape)?;
         if inv_freq.len() != shape.head_dim / 2 || weights.layers.len() != shape.layers {
             return Err(CudaError::Shape(format!(
                 "{} RoPE frequencies and {} layers for head_dim {} and {} layers",

@@ -71,7 +71,7 @@ impl StepCase {
             block_size,
             qkv_bias: false,
         };
-        shape.check()?;
+        shape.check_kernels()?;
         let kv_len = blocks * block_size * shape.kv_dim();
         let q = random_bf16(rng, batch.rows() * shape.q_dim(), 1.0);
         let (k_cache, v_cache) = (random_bf16(rng, kv_len, 1.0), random_bf16(rng, kv_len, 1.0));

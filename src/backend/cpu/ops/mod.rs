@@ -1,0 +1,388 @@
+//! The decoder's operations ([`DecoderOps`]) on the CPU, at the CPU model's precision: weights
+//! in the format they were loaded in, f32 activations, an f32 or f16 paged KV cache. Each
+//! operation is the CPU model's own kernel (packed GEMMs, paged attention with its batch
+//! invariance, SGMV-style LoRA), so the forward written once over the seam gives the CPU
+//! model's bits.
+
+pub mod lora;
+#[cfg(test)]
+mod tests;
+pub mod weights;
+
+pub use lora::CpuLoraTable;
+pub use weights::{from_llama, CpuModel, CpuWeight};
+
+use crate::backend::cpu::paged_attention::{paged_attention, AttnSeq, AttnShape};
+use crate::backend::cuda::decoder::host::sample_on_host;
+use crate::backend::cuda::decoder::lora::{DropoutSite, LoraDims, SlotWeights};
+use crate::backend::cuda::decoder::{DecoderOps, DecoderShape, StepBatch};
+use crate::backend::cuda::sampling::{Penalties, RowSample, RowSampling};
+use crate::backend::cuda::twins::argmax_logprob;
+use crate::backend::cuda::CudaError;
+use crate::kv::{KvCache, KvDtype, KvLayer};
+use crate::lora::dropout::apply_dropout;
+use crate::model::llama::{apply_rope, rms_norm, silu_mul};
+
+type R = Result<(), CudaError>;
+
+/// The CPU's decoder operations; its caches store K and V as `kv_dtype`.
+pub struct CpuOps {
+    pub kv_dtype: KvDtype,
+}
+
+/// A batch as the CPU operations read it.
+pub struct CpuStep {
+    batch: StepBatch,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    slots: Vec<usize>,
+}
+
+impl CpuStep {
+    /// Each sequence's rows as paged attention reads them.
+    fn attn_seqs(&self) -> Vec<AttnSeq<'_>> {
+        let mut q_start = 0;
+        self.batch
+            .seqs
+            .iter()
+            .map(|s| {
+                let q_len = s.tokens.len();
+                let seq = AttnSeq {
+                    q_start,
+                    q_len,
+                    context_len: s.start + q_len,
+                    block_table: &s.block_table,
+                };
+                q_start += q_len;
+                seq
+            })
+            .collect()
+    }
+}
+
+fn short(what: &str) -> CudaError {
+    CudaError::Shape(format!("{what}: a buffer too small for the batch"))
+}
+
+impl DecoderOps for CpuOps {
+    type Weight = CpuWeight;
+    type Act = Vec<f32>;
+    type Logits = Vec<f32>;
+    type Step = CpuStep;
+    type Cache = KvCache;
+    type Ids = Vec<(u32, f32)>;
+    type LoraTable = CpuLoraTable;
+    type Graph = std::convert::Infallible;
+
+    /// Any head size: the CPU kernels loop over it.
+    fn check_shape(&self, s: &DecoderShape) -> R {
+        s.check()
+    }
+
+    fn act(&mut self, n: usize) -> Result<Vec<f32>, CudaError> {
+        Ok(vec![0.0; n])
+    }
+
+    fn logits(&mut self, n: usize) -> Result<Vec<f32>, CudaError> {
+        Ok(vec![0.0; n])
+    }
+
+    fn cache(&mut self, s: &DecoderShape, blocks: usize) -> Result<KvCache, CudaError> {
+        Ok(KvCache::with_dtype(1, blocks, s.block_size, s.kv_heads, s.head_dim, self.kv_dtype))
+    }
+
+    fn lora_table(&mut self, slots: &[Option<SlotWeights<'_>>]) -> Result<CpuLoraTable, CudaError> {
+        Ok(lora::table(slots))
+    }
+
+    fn lora_table_join(
+        &mut self,
+        parts: &[(Option<&CpuLoraTable>, usize)],
+    ) -> Result<CpuLoraTable, CudaError> {
+        lora::join(parts)
+    }
+
+    fn lora(
+        &mut self,
+        step: &CpuStep,
+        x: &Vec<f32>,
+        table: &CpuLoraTable,
+        y: &mut Vec<f32>,
+        d: LoraDims,
+    ) -> R {
+        lora::apply(&step.batch.row_slots, x, table, y, d)
+    }
+
+    fn lora_dropout(
+        &mut self,
+        step: &CpuStep,
+        x: &Vec<f32>,
+        out: &mut Vec<f32>,
+        rows: std::ops::Range<usize>,
+        width: usize,
+        site: DropoutSite,
+    ) -> R {
+        let n = step.batch.rows();
+        if x.len().min(out.len()) < n * width || rows.end > n || rows.start > rows.end {
+            return Err(CudaError::Shape(format!("dropout of rows {rows:?} of {n}")));
+        }
+        out[..n * width].copy_from_slice(&x[..n * width]);
+        let (d, l, m) = (site.dropout, site.layer, site.module.index());
+        for t in rows {
+            let row = &mut out[t * width..(t + 1) * width];
+            apply_dropout(row, d.p, d.seed, l, m, step.batch.positions[t]);
+        }
+        Ok(())
+    }
+
+    fn upload(
+        &mut self,
+        batch: &StepBatch,
+        cos: &[f32],
+        sin: &[f32],
+    ) -> Result<CpuStep, CudaError> {
+        let slots = batch
+            .slots
+            .iter()
+            .map(|&s| usize::try_from(s).map_err(|_| CudaError::Shape(format!("cache slot {s}"))))
+            .collect::<Result<_, _>>()?;
+        Ok(CpuStep { batch: batch.clone(), cos: cos.to_vec(), sin: sin.to_vec(), slots })
+    }
+
+    fn embedding(
+        &mut self,
+        step: &CpuStep,
+        table: &CpuWeight,
+        out: &mut Vec<f32>,
+        s: &DecoderShape,
+    ) -> R {
+        let table = table.matrix()?;
+        let tokens = &step.batch.tokens;
+        if out.len() < tokens.len() * s.hidden || table.cols != s.hidden {
+            return Err(short("embedding"));
+        }
+        for (row, &t) in out.chunks_exact_mut(s.hidden).zip(tokens) {
+            if t as usize >= table.rows {
+                return Err(CudaError::Shape(format!("token {t} of a {}-row table", table.rows)));
+            }
+            table.row_into(t as usize, row);
+        }
+        Ok(())
+    }
+
+    fn rms_norm(
+        &mut self,
+        x: &Vec<f32>,
+        w: &CpuWeight,
+        out: &mut Vec<f32>,
+        rows: usize,
+        s: &DecoderShape,
+    ) -> R {
+        let (n, w) = (rows * s.hidden, w.vector()?);
+        if x.len().min(out.len()) < n || w.len() != s.hidden {
+            return Err(short("rms_norm"));
+        }
+        rms_norm(&x[..n], w, s.eps, &mut out[..n]);
+        Ok(())
+    }
+
+    fn add_rms_norm(
+        &mut self,
+        residual: &mut Vec<f32>,
+        x: &Vec<f32>,
+        w: &CpuWeight,
+        out: &mut Vec<f32>,
+        rows: usize,
+        s: &DecoderShape,
+    ) -> R {
+        let (n, w) = (rows * s.hidden, w.vector()?);
+        if residual.len().min(x.len()).min(out.len()) < n || w.len() != s.hidden {
+            return Err(short("add_rms_norm"));
+        }
+        residual[..n].iter_mut().zip(&x[..n]).for_each(|(r, v)| *r += v);
+        rms_norm(&residual[..n], w, s.eps, &mut out[..n]);
+        Ok(())
+    }
+
+    fn matmul(
+        &mut self,
+        x: &Vec<f32>,
+        w: &CpuWeight,
+        row0: usize,
+        y: &mut Vec<f32>,
+        (m, n, k): (usize, usize, usize),
+    ) -> R {
+        let w = w.matrix()?;
+        if row0 != 0 || w.rows != n || w.cols != k {
+            return Err(CudaError::Shape(format!(
+                "rows {row0}..{} of a {}x{} weight as {n}x{k}",
+                row0 + n,
+                w.rows,
+                w.cols
+            )));
+        }
+        if x.len() < m * k || y.len() < m * n {
+            return Err(short("matmul"));
+        }
+        w.forward(&x[..m * k], m, &mut y[..m * n]);
+        Ok(())
+    }
+
+    fn matmul_logits(
+        &mut self,
+        x: &Vec<f32>,
+        w: &CpuWeight,
+        y: &mut Vec<f32>,
+        mnk: (usize, usize, usize),
+    ) -> R {
+        self.matmul(x, w, 0, y, mnk)
+    }
+
+    fn rope_kv_write(
+        &mut self,
+        step: &CpuStep,
+        qkv: &Vec<f32>,
+        bias: Option<&CpuWeight>,
+        q_out: &mut Vec<f32>,
+        cache: &mut KvCache,
+        s: &DecoderShape,
+    ) -> R {
+        let rows = step.batch.rows();
+        let (qd, kvd, width, hd) = (s.q_dim(), s.kv_dim(), s.qkv_rows(), s.head_dim);
+        let bias = bias.map(CpuWeight::vector).transpose()?;
+        if qkv.len() < rows * width
+            || q_out.len() < rows * qd
+            || bias.is_some_and(|b| b.len() != width)
+        {
+            return Err(short("rope_kv_write"));
+        }
+        if step.batch.blocks_needed > cache.num_blocks() || cache.row_len() != kvd {
+            return Err(CudaError::Shape(format!(
+                "the batch reaches block {} of a {}-block cache",
+                step.batch.blocks_needed.saturating_sub(1),
+                cache.num_blocks()
+            )));
+        }
+        let (mut k, mut v) = (vec![0f32; rows * kvd], vec![0f32; rows * kvd]);
+        let mut row = vec![0f32; width];
+        let half = hd / 2;
+        for i in 0..rows {
+            row.copy_from_slice(&qkv[i * width..(i + 1) * width]);
+            if let Some(b) = bias {
+                row.iter_mut().zip(b).for_each(|(r, b)| *r += b);
+            }
+            let (cs, sn) =
+                (&step.cos[i * half..(i + 1) * half], &step.sin[i * half..(i + 1) * half]);
+            for head in row[..qd + kvd].chunks_exact_mut(hd) {
+                apply_rope(head, cs, sn);
+            }
+            q_out[i * qd..(i + 1) * qd].copy_from_slice(&row[..qd]);
+            k[i * kvd..(i + 1) * kvd].copy_from_slice(&row[qd..qd + kvd]);
+            v[i * kvd..(i + 1) * kvd].copy_from_slice(&row[qd + kvd..]);
+        }
+        cache.write(0, &k, &v, &step.slots);
+        Ok(())
+    }
+
+    fn attention(
+        &mut self,
+        step: &CpuStep,
+        q: &Vec<f32>,
+        cache: &KvCache,
+        out: &mut Vec<f32>,
+        s: &DecoderShape,
+    ) -> R {
+        let n = step.batch.rows() * s.q_dim();
+        if q.len().min(out.len()) < n {
+            return Err(short("attention"));
+        }
+        let shape = AttnShape {
+            num_heads: s.heads,
+            num_kv_heads: s.kv_heads,
+            head_dim: s.head_dim,
+            block_size: s.block_size,
+            scale: 1.0 / (s.head_dim as f32).sqrt(),
+        };
+        let seqs = step.attn_seqs();
+        let (q, out) = (&q[..n], &mut out[..n]);
+        match cache.layer(0) {
+            KvLayer::F32(kc, vc) => paged_attention(q, kc, vc, &seqs, &shape, out),
+            KvLayer::F16(kc, vc) => paged_attention(q, kc, vc, &seqs, &shape, out),
+        }
+        Ok(())
+    }
+
+    fn silu_mul(&mut self, gate_up: &Vec<f32>, out: &mut Vec<f32>, rows: usize, inter: usize) -> R {
+        if gate_up.len() < rows * 2 * inter || out.len() < rows * inter || inter == 0 {
+            return Err(short("silu_mul"));
+        }
+        silu_mul(&gate_up[..rows * 2 * inter], inter, &mut out[..rows * inter]);
+        Ok(())
+    }
+
+    fn gather_rows(
+        &mut self,
+        x: &Vec<f32>,
+        x_rows: usize,
+        rows: &[u32],
+        out: &mut Vec<f32>,
+        width: usize,
+    ) -> R {
+        if let Some(r) = rows.iter().find(|&&r| r as usize >= x_rows) {
+            return Err(CudaError::Shape(format!("gather of row {r} of {x_rows}")));
+        }
+        if x.len() < x_rows * width || out.len() < rows.len() * width {
+            return Err(short("gather_rows"));
+        }
+        for (dst, &r) in out.chunks_exact_mut(width).zip(rows) {
+            let r = r as usize;
+            dst.copy_from_slice(&x[r * width..(r + 1) * width]);
+        }
+        Ok(())
+    }
+
+    fn ids(&mut self, rows: usize) -> Result<Vec<(u32, f32)>, CudaError> {
+        Ok(vec![(0, 0.0); rows])
+    }
+
+    fn argmax(
+        &mut self,
+        logits: &Vec<f32>,
+        rows: usize,
+        vocab: usize,
+        out: &mut Vec<(u32, f32)>,
+    ) -> R {
+        if vocab == 0 || logits.len() < rows * vocab || out.len() < rows {
+            return Err(short("argmax"));
+        }
+        let ids = logits[..rows * vocab].chunks_exact(vocab).map(argmax_logprob);
+        out.iter_mut().zip(ids).for_each(|(o, i)| *o = i);
+        Ok(())
+    }
+
+    fn sample(
+        &mut self,
+        logits: &mut Vec<f32>,
+        vocab: usize,
+        params: &[RowSampling],
+        penalties: &Penalties,
+    ) -> Result<Vec<RowSample>, CudaError> {
+        sample_on_host(logits, vocab, params, penalties)
+    }
+
+    fn read_ids(
+        &mut self,
+        ids: &Vec<(u32, f32)>,
+        rows: usize,
+    ) -> Result<Vec<(u32, f32)>, CudaError> {
+        ids.get(..rows).map(<[_]>::to_vec).ok_or_else(|| short("read_ids"))
+    }
+
+    fn rows(&self, step: &CpuStep) -> usize {
+        step.batch.rows()
+    }
+
+    fn logits_to_host(&mut self, logits: &Vec<f32>, n: usize) -> Result<Vec<f32>, CudaError> {
+        logits.get(..n).map(<[f32]>::to_vec).ok_or_else(|| short("logits_to_host"))
+    }
+}
