@@ -55,6 +55,11 @@ fn dense(w: &WeightMatrix) -> Vec<f32> {
     out
 }
 
+/// `W` (`[out, in]`) for `dX = dY · W` in `dtype`.
+pub fn backward_weight(w: &WeightMatrix, dtype: TrainDtype) -> FrozenWeight {
+    FrozenWeight::new(&MatRef::new(&dense(w), w.rows, w.cols), dtype)
+}
+
 /// `W` (`[out, in]`) for `dX = dY · W`, and `Wᵀ` for `Y = X · Wᵀ` when `forward`.
 fn pack(
     w: &WeightMatrix,

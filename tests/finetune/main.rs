@@ -10,4 +10,5 @@ mod learning;
 mod lora_modules;
 mod peft_layout;
 mod restart;
+mod seam_training;
 mod training_gradients;

@@ -70,22 +70,7 @@ pub fn apply(
         return Err(CudaError::Shape(format!("LoRA over {rows} rows of buffers too small")));
     }
     for (slot, group) in rows_by_slot(row_slots) {
-        let Some(w) = table.get(slot).ok_or_else(|| {
-            CudaError::Shape(format!("a row names adapter slot {slot} of {}", table.len()))
-        })?
-        else {
-            continue;
-        };
-        if w.a.len() != w.rank * d.in_dim || w.b.len() != d.out_dim * w.rank {
-            return Err(CudaError::Shape(format!(
-                "rank {} weights of {} and {} values for a {}x{} projection",
-                w.rank,
-                w.a.len(),
-                w.b.len(),
-                d.out_dim,
-                d.in_dim
-            )));
-        }
+        let Some(w) = slot_weights(table, slot, &d)? else { continue };
         let n = group.len();
         let u = match contiguous(&group) {
             // Read in place: a sequence's rows are one run.
@@ -93,6 +78,83 @@ pub fn apply(
             None => shrink(&gather_rows(x, d.in_dim, &group), n, d.in_dim, &w.a, w.rank),
         };
         expand(&u, w.rank, &w.b, d.out_dim, w.scale, &group, y, (d.ld, d.col0));
+    }
+    Ok(())
+}
+
+/// The slot's weights for rows of projection `d`, checked; `None` where the slot leaves it
+/// alone.
+fn slot_weights<'a>(
+    table: &'a CpuLoraTable,
+    slot: usize,
+    d: &LoraDims,
+) -> Result<Option<&'a CpuSlot>, CudaError> {
+    let w = table.get(slot).ok_or_else(|| {
+        CudaError::Shape(format!("a row names adapter slot {slot} of {}", table.len()))
+    })?;
+    let Some(w) = w.as_deref() else { return Ok(None) };
+    if w.a.len() != w.rank * d.in_dim || w.b.len() != d.out_dim * w.rank || w.rank > d.max_rank {
+        return Err(CudaError::Shape(format!(
+            "rank {} weights of {} and {} values for a {}x{} projection of rank up to {}",
+            w.rank,
+            w.a.len(),
+            w.b.len(),
+            d.out_dim,
+            d.in_dim,
+            d.max_rank
+        )));
+    }
+    Ok(Some(w))
+}
+
+/// `u[t, ..rank] = A x[t]` for each row with a slot, rows of `u` `max_rank` wide; every other
+/// value of the first rows of `u` is zeroed.
+pub fn shrink_into(
+    row_slots: &[i32],
+    x: &[f32],
+    table: &CpuLoraTable,
+    u: &mut [f32],
+    d: LoraDims,
+) -> Result<(), CudaError> {
+    let (rows, mr) = (row_slots.len(), d.max_rank);
+    if x.len() < rows * d.in_dim || u.len() < rows * mr {
+        return Err(CudaError::Shape(format!("LoRA shrink over {rows} rows of buffers too small")));
+    }
+    u[..rows * mr].fill(0.0);
+    for (slot, group) in rows_by_slot(row_slots) {
+        let Some(w) = slot_weights(table, slot, &d)? else { continue };
+        let n = group.len();
+        let g = match contiguous(&group) {
+            Some(r0) => shrink(&x[r0 * d.in_dim..(r0 + n) * d.in_dim], n, d.in_dim, &w.a, w.rank),
+            None => shrink(&gather_rows(x, d.in_dim, &group), n, d.in_dim, &w.a, w.rank),
+        };
+        for (&row, ur) in group.iter().zip(g.chunks_exact(w.rank.max(1))) {
+            u[row * mr..row * mr + w.rank].copy_from_slice(ur);
+        }
+    }
+    Ok(())
+}
+
+/// `y[t, col0..col0 + out] += scale · B u[t, ..rank]` for each row with a slot (`u` as
+/// [`shrink_into`] leaves it).
+pub fn expand_from(
+    row_slots: &[i32],
+    u: &[f32],
+    table: &CpuLoraTable,
+    y: &mut [f32],
+    d: LoraDims,
+) -> Result<(), CudaError> {
+    let (rows, mr) = (row_slots.len(), d.max_rank);
+    if u.len() < rows * mr || y.len() < rows * d.ld || d.col0 + d.out_dim > d.ld {
+        return Err(CudaError::Shape(format!("LoRA expand over {rows} rows of buffers too small")));
+    }
+    for (slot, group) in rows_by_slot(row_slots) {
+        let Some(w) = slot_weights(table, slot, &d)? else { continue };
+        let mut g = Vec::with_capacity(group.len() * w.rank);
+        for &row in &group {
+            g.extend_from_slice(&u[row * mr..row * mr + w.rank]);
+        }
+        expand(&g, w.rank, &w.b, d.out_dim, w.scale, &group, y, (d.ld, d.col0));
     }
     Ok(())
 }

@@ -7,11 +7,13 @@
 pub mod lora;
 #[cfg(test)]
 mod tests;
+mod train;
 pub mod weights;
 
 pub use lora::CpuLoraTable;
 pub use weights::{from_llama, CpuModel, CpuWeight};
 
+use crate::backend::cpu::frozen::TrainDtype;
 use crate::backend::cpu::paged_attention::{paged_attention, AttnSeq, AttnShape};
 use crate::backend::cuda::decoder::host::sample_on_host;
 use crate::backend::cuda::decoder::lora::{DropoutSite, LoraDims, SlotWeights};
@@ -25,9 +27,11 @@ use crate::model::llama::{apply_rope, rms_norm, silu_mul};
 
 type R = Result<(), CudaError>;
 
-/// The CPU's decoder operations; its caches store K and V as `kv_dtype`.
+/// The CPU's decoder operations: caches store K and V as `kv_dtype`; training's products
+/// with frozen weights run in `train_dtype`.
 pub struct CpuOps {
     pub kv_dtype: KvDtype,
+    pub train_dtype: TrainDtype,
 }
 
 /// A batch as the CPU operations read it.

@@ -1,10 +1,12 @@
 //! A loaded model's weights as the CPU's decoder operations take them: matrices in the format
 //! they were loaded in (f32 packed, bf16, Q8_0, GGUF blocks), norms and biases in f32.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
+use crate::backend::cpu::frozen::{FrozenWeight, TrainDtype};
 use crate::backend::cuda::decoder::{DecoderShape, DecoderWeights, LayerWeights};
 use crate::backend::cuda::CudaError;
+use crate::model::backward::backward_weight;
 use crate::model::llama::Llama;
 use crate::model::weights::WeightMatrix;
 
@@ -12,18 +14,37 @@ use crate::model::weights::WeightMatrix;
 /// or a vector (a norm's weights, a bias).
 #[derive(Clone)]
 pub enum CpuWeight {
-    Matrix(Arc<WeightMatrix>),
+    Matrix(Arc<CpuMatrix>),
     Vector(Vec<f32>),
 }
 
+/// A projection as the forward reads it, and as training's `dX = dY · W` reads it, packed
+/// when training first needs it (in the precision of that first use).
+pub struct CpuMatrix {
+    pub w: WeightMatrix,
+    backward: OnceLock<FrozenWeight>,
+}
+
 impl CpuWeight {
+    pub fn matrix_of(w: WeightMatrix) -> Self {
+        CpuWeight::Matrix(Arc::new(CpuMatrix { w, backward: OnceLock::new() }))
+    }
+
     pub fn matrix(&self) -> Result<&WeightMatrix, CudaError> {
         match self {
-            CpuWeight::Matrix(m) => Ok(m),
+            CpuWeight::Matrix(m) => Ok(&m.w),
             CpuWeight::Vector(v) => {
                 Err(CudaError::Shape(format!("a vector of {} where a matrix is read", v.len())))
             }
         }
+    }
+
+    /// The matrix packed for `dX = dY · W` in `dtype` (packed on first use).
+    pub fn backward(&self, dtype: TrainDtype) -> Result<&FrozenWeight, CudaError> {
+        let CpuWeight::Matrix(m) = self else {
+            return Err(CudaError::Shape("a vector where a matrix is read".into()));
+        };
+        Ok(m.backward.get_or_init(|| backward_weight(&m.w, dtype)))
     }
 
     pub fn vector(&self) -> Result<&[f32], CudaError> {
@@ -31,7 +52,7 @@ impl CpuWeight {
             CpuWeight::Vector(v) => Ok(v),
             CpuWeight::Matrix(m) => Err(CudaError::Shape(format!(
                 "a {}x{} matrix where a vector is read",
-                m.rows, m.cols
+                m.w.rows, m.w.cols
             ))),
         }
     }
@@ -52,7 +73,7 @@ pub fn from_llama(model: Llama, block_size: usize) -> Result<CpuModel, CudaError
     let inv_freq = model.inv_freq().to_vec();
     let matrix = |w: WeightMatrix, rows: usize, cols: usize, what: &str| {
         if w.rows == rows && w.cols == cols {
-            Ok(CpuWeight::Matrix(Arc::new(w)))
+            Ok(CpuWeight::matrix_of(w))
         } else {
             Err(CudaError::Shape(format!(
                 "{what} is {}x{}, the config says {rows}x{cols}",

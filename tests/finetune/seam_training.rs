@@ -1,0 +1,217 @@
+//! The training step written once over the backend seam (`decoder::train`), run on the CPU's
+//! own kernels (`CpuOps`): the loss and LoRA gradients of candle's autograd to f32 precision,
+//! and token-level (chunked forwards riding with served rows, the loss and the backward spread
+//! over calls) the whole sample's bits.
+
+use crate::common;
+
+use common::dense_lora::{oracle, random_adapter};
+use common::tiny_model::{write_hf_dir, TinyShape};
+use coserve::backend::cpu::frozen::TrainDtype;
+use coserve::backend::cpu::ops::{from_llama, CpuModel, CpuOps};
+use coserve::backend::cuda::decoder::train::{
+    backward_layers, forward_chunk, loss_rows, TrainAdapter, TrainSample, TrainScratch,
+};
+use coserve::backend::cuda::decoder::{
+    forward_rows_capturing, Capture, DecoderOps, Scratch, SeqRows, StepBatch, Want,
+};
+use coserve::bench_finetune::synthetic_tokens;
+use coserve::kv::KvDtype;
+use coserve::lora::optim::AdamWConfig;
+use coserve::lora::{LoraConfig, LoraWeights, TargetModule};
+use coserve::model::loader::load_model;
+use coserve::model::loss::LossStats;
+use coserve::model::weights::WeightsDtype;
+
+/// As the CPU path's own check against autograd (`training_gradients.rs`).
+const TOL: f32 = 1e-4;
+
+/// The worst relative L2 error of any gradient tensor, and where.
+fn worst_relative(ours: &LoraWeights, want: &LoraWeights) -> (f32, String) {
+    let mut worst = (0f32, String::new());
+    let mut checked = 0;
+    for (l, (lo, lw)) in ours.layers.iter().zip(&want.layers).enumerate() {
+        for m in TargetModule::ALL {
+            let (Some(o), Some(w)) = (&lo[m.index()], &lw[m.index()]) else { continue };
+            for (name, a, b) in [("A", &o.a, &w.a), ("B", &o.b, &w.b)] {
+                let diff: f64 = a.iter().zip(b.iter()).map(|(x, y)| f64::from(x - y).powi(2)).sum();
+                let norm: f64 = b.iter().map(|y| f64::from(*y).powi(2)).sum();
+                assert!(norm > 0.0, "layer {l} {} d{name}: zero oracle gradient", m.name());
+                let err = (diff / norm).sqrt() as f32;
+                if err > worst.0 {
+                    worst = (err, format!("layer {l} {} d{name}", m.name()));
+                }
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked > 0);
+    worst
+}
+
+struct Setup {
+    shape: TinyShape,
+    model: CpuModel,
+    adapter: LoraWeights,
+    tokens: Vec<u32>,
+    trained: Vec<bool>,
+    seed: u64,
+}
+
+const BLOCK: usize = 4;
+
+fn setup(shape: TinyShape, config: LoraConfig) -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_hf_dir(dir.path(), &shape);
+    let llama = load_model(&path, WeightsDtype::F32).unwrap().model;
+    let adapter = random_adapter(&llama, config.validated().unwrap(), 11);
+    let model = from_llama(llama, BLOCK).unwrap();
+    let n = 29;
+    let tokens = synthetic_tokens(shape.vocab(), n, shape.seed);
+    let trained: Vec<bool> = (0..n).map(|i| (9..26).contains(&i)).collect();
+    Setup { shape, model, adapter, tokens, trained, seed: 1234 }
+}
+
+/// The sample forwarded `chunk` tokens at a time, each chunk alone or riding in a forward with
+/// a served sequence (prompt, then decodes, base model), then its loss `loss` rows per call,
+/// then `bwd` layers of backward per call; its blocks scattered over the cache.
+fn token_level(
+    su: &Setup,
+    chunk: usize,
+    loss: usize,
+    bwd: usize,
+    serving: bool,
+) -> (f64, LoraWeights) {
+    let (s, w, f) = (&su.model.shape, &su.model.weights, &su.model.inv_freq);
+    let mut ops = CpuOps { kv_dtype: KvDtype::F32, train_dtype: TrainDtype::F32 };
+    let mut caches: Vec<_> = (0..s.layers).map(|_| ops.cache(s, 16).unwrap()).collect();
+    let mut ad = TrainAdapter::new(&mut ops, s, &su.adapter, AdamWConfig::default()).unwrap();
+    let mut sc = TrainScratch::new(&mut ops, s, &ad, 32).unwrap();
+    let table = vec![7, 2, 11, 0, 5, 9, 1, 3];
+    let sample = TrainSample::new(su.tokens.clone(), &su.trained, table);
+    sc.begin(sample.with_dropout_seed(su.seed)).unwrap();
+    let mut fsc = Scratch::with_logits_rows(&mut ops, s, 64, 0).unwrap();
+    let mut served = SeqRows {
+        tokens: vec![4, 9, 2],
+        start: 0,
+        block_table: vec![12, 13, 14, 15],
+        adapter: None,
+    };
+    while sc.forward_remaining() > 0 {
+        if !serving {
+            forward_chunk(&mut ops, s, w, f, &mut caches, &ad, &mut sc, chunk).unwrap();
+            continue;
+        }
+        let train = sc.next_chunk(chunk, 0).unwrap();
+        let (r0, n) = (served.tokens.len(), train.tokens.len());
+        let batch = StepBatch::new(vec![served.clone(), train], s.block_size).unwrap();
+        sc.prepare_tables(&mut ops, &ad).unwrap();
+        let (lora, mut cap) = sc.chunk_forward(s, r0..r0 + n).unwrap();
+        let cap: &mut dyn Capture<CpuOps> = &mut cap;
+        let c = &mut caches;
+        let want = Want::Logits;
+        forward_rows_capturing(
+            &mut ops,
+            s,
+            w,
+            f,
+            c,
+            &batch,
+            &mut fsc,
+            &[],
+            want,
+            Some(lora),
+            Some(cap),
+        )
+        .unwrap();
+        sc.advance(n);
+        served.start += served.tokens.len();
+        served.tokens = vec![(served.start * 5 % 50) as u32];
+    }
+    let count = su.trained.iter().skip(1).filter(|t| **t).count();
+    let scale = 1.0 / count as f32;
+    assert_eq!(loss_rows(&mut ops, s, w, f, &mut sc, scale, 0).unwrap().0, 0);
+    let mut stats = LossStats::default();
+    while sc.loss_remaining() > 0 {
+        let left = sc.loss_remaining();
+        let (rows, got) = loss_rows(&mut ops, s, w, f, &mut sc, scale, loss).unwrap();
+        assert_eq!(rows, loss.min(left));
+        stats.add(&got);
+    }
+    assert_eq!(stats.count, count);
+    while !sc.is_done() {
+        assert!(backward_layers(&mut ops, s, w, &mut caches, &mut ad, &mut sc, bwd).unwrap() > 0);
+    }
+    (stats.mean_loss(), ad.grads(&mut ops).unwrap())
+}
+
+fn check(shape: TinyShape, config: LoraConfig) {
+    let su = setup(shape, config);
+    let want = oracle(&su.shape, &su.adapter, &su.tokens, &su.trained, su.seed);
+    let (loss, grads) = token_level(&su, usize::MAX, usize::MAX, usize::MAX, false);
+    let rel = ((loss - want.loss) / want.loss).abs();
+    assert!(rel < f64::from(TOL), "loss {loss} vs autograd's {}", want.loss);
+    let (err, at) = worst_relative(&grads, &want.grads);
+    assert!(err <= TOL, "{at}: relative error {err:e}");
+}
+
+#[test]
+fn seam_training_on_the_cpu_matches_autograd_gqa_all_projections() {
+    let shape = TinyShape { hidden: 128, intermediate: 256, tied: false, ..TinyShape::default() };
+    check(shape, LoraConfig { r: 4, alpha: 8.0, ..LoraConfig::default() });
+}
+
+#[test]
+fn seam_training_on_the_cpu_matches_autograd_tied_some_projections() {
+    let shape = TinyShape {
+        layers: 3,
+        hidden: 128,
+        heads: 4,
+        kv_heads: 1,
+        intermediate: 192,
+        seed: 3,
+        ..TinyShape::default()
+    };
+    use TargetModule::*;
+    let targets = vec![KProj, OProj, UpProj];
+    check(
+        shape,
+        LoraConfig { r: 8, alpha: 16.0, target_modules: targets, ..LoraConfig::default() },
+    );
+}
+
+#[test]
+fn seam_training_on_the_cpu_with_dropout_matches_autograd() {
+    let shape = TinyShape { hidden: 128, intermediate: 256, seed: 5, ..TinyShape::default() };
+    use TargetModule::*;
+    let config = LoraConfig {
+        r: 4,
+        alpha: 8.0,
+        dropout: 0.1,
+        target_modules: vec![QProj, VProj, OProj, UpProj, DownProj],
+    };
+    check(shape, config);
+}
+
+/// However the sample's work is cut and whatever rows share its forwards, every row runs the
+/// same arithmetic: the gradients are the whole sample's, bit for bit.
+#[test]
+fn seam_training_on_the_cpu_token_level_gives_the_whole_samples_bits() {
+    let shape = TinyShape { hidden: 128, intermediate: 256, tied: false, ..TinyShape::default() };
+    for dropout in [0.0, 0.2] {
+        let su = setup(shape, LoraConfig { r: 4, alpha: 8.0, dropout, ..LoraConfig::default() });
+        let (loss, whole) = token_level(&su, usize::MAX, usize::MAX, usize::MAX, false);
+        for (chunk, rows, bwd, serving) in [(1, 1, 1, false), (3, 5, 2, true), (7, 100, 1, true)] {
+            let what = format!(
+                "dropout {dropout}, chunks {chunk}, loss {rows}, bwd {bwd}, serving {serving}"
+            );
+            let (l, g) = token_level(&su, chunk, rows, bwd, serving);
+            assert_eq!(l.to_bits(), loss.to_bits(), "{what}: loss {l} vs {loss}");
+            let same = g
+                .tensors()
+                .zip(whole.tensors())
+                .all(|(a, b)| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()));
+            assert!(same, "{what}: gradients differ from the whole sample's");
+        }
+    }
+}
