@@ -12,8 +12,12 @@ use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
 use serde::Serialize;
 
+use crate::backend::cpu::frozen::TrainDtype;
+use crate::backend::cpu::ops::{from_llama, CpuModel, CpuOps};
 use crate::backend::cpu::paged_attention::AttnSeq;
+use crate::backend::cuda::decoder::{forward_rows, Scratch, SeqRows, StepBatch, Want};
 use crate::backend::cuda::{DeviceSpec, ResolvedDevice};
+use crate::engine::CpuForward;
 use crate::kv::{KvCache, KvDtype};
 use crate::model::fetch::{coserve_home, ensure_default_model, FetchError};
 use crate::model::llama::{ForwardBatch, Llama};
@@ -54,6 +58,10 @@ pub struct BenchDecodeArgs {
     /// the CPU); `--dummy-weights` are made on the device.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// The CPU's forward: the CPU model's own, or the decoder written once over the backend
+    /// seam on the CPU's kernels.
+    #[arg(long, value_enum, default_value_t = CpuForward::Model, hide = true)]
+    pub cpu_forward: CpuForward,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -297,17 +305,29 @@ pub fn run(args: &BenchDecodeArgs) -> Result<BenchDecodeResult, BenchDecodeError
     if args.context + 1 > max {
         return Err(BenchDecodeError::TooLong { context: args.context, max });
     }
+    let weight_bytes = model.weight_bytes();
+    let path = match args.cpu_forward {
+        CpuForward::Model => Path::Model(model),
+        CpuForward::Seam => Path::Seam(from_llama(model, BLOCK)?),
+    };
     pool.install(|| {
         let bandwidth = read_bandwidth();
-        let steps = args.batch.iter().map(|&b| decode_step(&model, b, args, bandwidth)).collect();
+        let steps = args
+            .batch
+            .iter()
+            .map(|&b| decode_step(&path, weight_bytes, b, args, bandwidth))
+            .collect::<Result<_, _>>()?;
         Ok(BenchDecodeResult {
             model: name,
-            device: "cpu".into(),
+            device: match args.cpu_forward {
+                CpuForward::Model => "cpu".into(),
+                CpuForward::Seam => "cpu (seam)".into(),
+            },
             weights_dtype: args.weights_dtype.to_string(),
             kv_cache_dtype: args.kv_cache_dtype.to_string(),
             threads: pool.current_num_threads(),
             context: args.context,
-            weight_bytes: model.weight_bytes(),
+            weight_bytes,
             read_bandwidth_bytes_per_s: bandwidth,
             steps,
             errors: Vec::new(),
@@ -315,15 +335,38 @@ pub fn run(args: &BenchDecodeArgs) -> Result<BenchDecodeResult, BenchDecodeError
     })
 }
 
+const BLOCK: usize = 16;
+
+/// The CPU's forward a decode step runs: the CPU model's, or the seam's decoder.
+enum Path {
+    Model(Llama),
+    Seam(CpuModel),
+}
+
 /// Times `steps` decode steps of `batch` sequences whose caches hold `context` random rows.
-fn decode_step(model: &Llama, batch: usize, args: &BenchDecodeArgs, bandwidth: f64) -> DecodeStep {
+fn decode_step(
+    path: &Path,
+    weight_bytes: usize,
+    batch: usize,
+    args: &BenchDecodeArgs,
+    bandwidth: f64,
+) -> Result<DecodeStep, BenchDecodeError> {
     let (context, steps, dtype) = (args.context, args.steps, args.kv_cache_dtype);
-    let c = &model.config;
-    let bs = 16;
+    let c = match path {
+        Path::Model(m) => m.config.clone(),
+        Path::Seam(m) => m.config.clone(),
+    };
+    let bs = BLOCK;
     let blocks_per_seq = (context + 1).div_ceil(bs);
     let num_blocks = batch * blocks_per_seq;
-    let mut kv =
-        KvCache::with_dtype(c.num_layers, num_blocks, bs, c.num_kv_heads, c.head_dim, dtype);
+    // One cache of every layer (the CPU model's), or one per layer (the seam's).
+    let (layers, per_layer) = match path {
+        Path::Model(_) => (1, c.num_layers),
+        Path::Seam(_) => (c.num_layers, 1),
+    };
+    let mut kvs: Vec<KvCache> = (0..layers)
+        .map(|_| KvCache::with_dtype(per_layer, num_blocks, bs, c.num_kv_heads, c.head_dim, dtype))
+        .collect();
     let row = c.num_kv_heads * c.head_dim;
     let tables: Vec<Vec<u32>> = (0..batch)
         .map(|s| ((s * blocks_per_seq) as u32..((s + 1) * blocks_per_seq) as u32).collect())
@@ -337,38 +380,76 @@ fn decode_step(model: &Llama, batch: usize, args: &BenchDecodeArgs, bandwidth: f
     for layer in 0..c.num_layers {
         for slots in &slots_of {
             k.iter_mut().for_each(|v| *v = rng.random_range(-1.0..1.0));
-            kv.write(layer, &k, &k, slots);
+            match path {
+                Path::Model(_) => kvs[0].write(layer, &k, &k, slots),
+                Path::Seam(_) => kvs[layer].write(0, &k, &k, slots),
+            }
         }
     }
     let tokens: Vec<u32> = (0..batch).map(|_| rng.random_range(0..c.vocab_size as u32)).collect();
-    let positions = vec![context; batch];
-    let slot_mapping: Vec<usize> = (0..batch).map(|s| slot(s, context)).collect();
-    let seqs: Vec<AttnSeq> = tables
-        .iter()
-        .enumerate()
-        .map(|(s, t)| AttnSeq { q_start: s, q_len: 1, context_len: context + 1, block_table: t })
-        .collect();
-    let logits_rows: Vec<usize> = (0..batch).collect();
-    let fb = ForwardBatch {
-        tokens: &tokens,
-        positions: &positions,
-        slot_mapping: &slot_mapping,
-        seqs: &seqs,
-        logits_rows: &logits_rows,
+    let mut run: Box<dyn FnMut() -> Result<(), BenchDecodeError>> = match path {
+        Path::Model(model) => {
+            let positions = vec![context; batch];
+            let slot_mapping: Vec<usize> = (0..batch).map(|s| slot(s, context)).collect();
+            let logits_rows: Vec<usize> = (0..batch).collect();
+            let kv = &mut kvs[0];
+            Box::new(move || {
+                let seqs: Vec<AttnSeq> = tables
+                    .iter()
+                    .enumerate()
+                    .map(|(s, t)| AttnSeq {
+                        q_start: s,
+                        q_len: 1,
+                        context_len: context + 1,
+                        block_table: t,
+                    })
+                    .collect();
+                let fb = ForwardBatch {
+                    tokens: &tokens,
+                    positions: &positions,
+                    slot_mapping: &slot_mapping,
+                    seqs: &seqs,
+                    logits_rows: &logits_rows,
+                };
+                std::hint::black_box(model.forward(&fb, kv));
+                Ok(())
+            })
+        }
+        Path::Seam(m) => {
+            let seqs: Vec<SeqRows> = tables
+                .iter()
+                .zip(&tokens)
+                .map(|(t, &tok)| SeqRows {
+                    tokens: vec![tok],
+                    start: context,
+                    block_table: t.clone(),
+                    adapter: None,
+                })
+                .collect();
+            let step = StepBatch::new(seqs, bs)?;
+            let mut ops = CpuOps { kv_dtype: dtype, train_dtype: TrainDtype::F32 };
+            let mut sc = Scratch::new(&mut ops, &m.shape, batch)?;
+            let rows: Vec<u32> = (0..batch as u32).collect();
+            Box::new(move || {
+                let (s, w, f) = (&m.shape, &m.weights, &m.inv_freq);
+                let (c, sc) = (&mut kvs, &mut sc);
+                let out = forward_rows(&mut ops, s, w, f, c, &step, sc, &rows, Want::Logits, None);
+                std::hint::black_box(out?);
+                Ok(())
+            })
+        }
     };
-    model.forward(&fb, &mut kv); // untimed: first touches
-    let mut times: Vec<f64> = (0..steps)
-        .map(|_| {
-            let t = Instant::now();
-            std::hint::black_box(model.forward(&fb, &mut kv));
-            t.elapsed().as_secs_f64()
-        })
-        .collect();
+    run()?; // untimed: first touches
+    let mut times = Vec::with_capacity(steps);
+    for _ in 0..steps {
+        let t = Instant::now();
+        run()?;
+        times.push(t.elapsed().as_secs_f64());
+    }
     times.sort_by(f64::total_cmp);
     let step = times[times.len() / 2];
     let kv_bytes = batch * (context + 1) * c.num_layers * 2 * row * dtype.size();
-    let bytes_read = model.weight_bytes() + kv_bytes;
-    DecodeStep::new(batch, step, bytes_read, bandwidth)
+    Ok(DecodeStep::new(batch, step, weight_bytes + kv_bytes, bandwidth))
 }
 
 /// Read bandwidth of the current pool: the median of five sums of a 512 MiB buffer.

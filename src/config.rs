@@ -7,7 +7,7 @@ use clap::Args;
 use crate::backend::cpu::frozen::TrainDtype;
 use crate::backend::cuda::DeviceSpec;
 use crate::engine::hybrid::{FinetuneMode, TrainingConfig};
-use crate::engine::EngineConfig;
+use crate::engine::{CpuForward, EngineConfig};
 use crate::kv::KvDtype;
 use crate::model::fetch::coserve_home;
 use crate::model::weights::WeightsDtype;
@@ -134,6 +134,11 @@ pub struct ServerConfig {
     /// Fine-tuning jobs trained at the same time; the rest wait queued.
     #[arg(long, env = "COSERVE_MAX_CONCURRENT_JOBS", default_value_t = 1)]
     pub max_concurrent_jobs: usize,
+
+    /// The CPU's forward and backward: the CPU model's own, or the decoder written once over
+    /// the backend seam (the GPU's) on the CPU's kernels. Hidden while the two coexist.
+    #[arg(long, env = "COSERVE_CPU_FORWARD", value_enum, default_value_t = CpuForward::Model, hide = true)]
+    pub cpu_forward: CpuForward,
 }
 
 impl ServerConfig {
@@ -166,6 +171,7 @@ impl ServerConfig {
             train_dtype: TrainDtype::F32,
             checkpoint_every: 50,
             max_concurrent_jobs: 1,
+            cpu_forward: CpuForward::from_env(),
         }
     }
 
@@ -191,6 +197,7 @@ impl ServerConfig {
                 min_train_share: self.min_finetune_share.clamp(0.0, 1.0),
                 train_dtype: self.train_dtype,
             },
+            cpu_forward: self.cpu_forward,
         }
     }
 }

@@ -39,7 +39,7 @@ pub struct EngineCore {
     pub metrics: Arc<Metrics>,
     pub counters: Arc<SharedCounters>,
     pub rx: flume::Receiver<EngineCommand>,
-    pub pool: rayon::ThreadPool,
+    pub pool: std::sync::Arc<rayon::ThreadPool>,
     /// Commands read ahead of their turn (see `hangup_reason`), handled before new ones.
     pub deferred: std::collections::VecDeque<EngineCommand>,
     pub training: TrainingConfig,
@@ -313,7 +313,7 @@ impl EngineCore {
     /// number for the step is drawn here, from its own generator. The CPU samples from its
     /// logits in place.
     fn picking(&mut self, chunks: &[Chunk], logits_per_chunk: &[usize]) -> Picking {
-        if !matches!(self.compute, Compute::Device { .. }) {
+        if !self.compute.samples_on_device() {
             return Picking::Host;
         }
         let sampled: Vec<u64> = chunks
@@ -480,7 +480,7 @@ impl EngineCore {
         let eos = &self.eos_token_ids;
         let max_model_len = self.max_model_len;
         let metrics = self.metrics.clone();
-        let on_device = matches!(self.compute, Compute::Device { .. });
+        let on_device = self.compute.samples_on_device();
         let s = self.scheduler.running_mut(id)?;
         let sampled = match pick {
             Pick::Logits(logits) if on_device => {

@@ -49,6 +49,27 @@ pub enum Backend {
     Device { name: String, kv_bytes_per_element: usize, build: DeviceBuilder },
 }
 
+/// Which forward and backward the CPU runs: the CPU model's own (`model`), or the decoder
+/// written once over the backend seam on the CPU's kernels (`seam`), the one a GPU runs. Both
+/// give the same inference bits; `seam` is on its way to replacing `model`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum CpuForward {
+    #[default]
+    Model,
+    Seam,
+}
+
+impl CpuForward {
+    /// `COSERVE_CPU_FORWARD` (`model` or `seam`), else `model`: how a test suite runs on
+    /// either path without changing its configs.
+    pub fn from_env() -> Self {
+        match std::env::var("COSERVE_CPU_FORWARD").as_deref() {
+            Ok("seam") => Self::Seam,
+            _ => Self::Model,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
     pub max_num_batched_tokens: usize,
@@ -61,6 +82,8 @@ pub struct EngineConfig {
     /// Compute threads (0: one per core).
     pub threads: usize,
     pub training: hybrid::TrainingConfig,
+    /// The CPU's forward and backward (a device runs the seam's).
+    pub cpu_forward: CpuForward,
 }
 
 impl Default for EngineConfig {
@@ -74,6 +97,7 @@ impl Default for EngineConfig {
             block_size: 16,
             threads: 0,
             training: hybrid::TrainingConfig::default(),
+            cpu_forward: CpuForward::from_env(),
         }
     }
 }
@@ -160,6 +184,7 @@ pub fn start_on(
         .num_threads(cfg.threads)
         .thread_name(|i| format!("coserve-compute-{i}"))
         .build()
+        .map(Arc::new)
         .map_err(|e| EngineStartError::Threads(e.to_string()))?;
     let (tx, rx) = flume::unbounded();
     let counters = Arc::new(handle::SharedCounters::default());
@@ -172,10 +197,24 @@ pub fn start_on(
         BlockAllocator::new(num_blocks, cfg.block_size),
     );
     let training = cfg.training.clone();
+    let cpu_forward = cfg.cpu_forward;
     // The compute is set up on the engine thread; its outcome comes back before `start` returns.
     let (ready_tx, ready_rx) = flume::bounded::<Result<Option<String>, EngineStartError>>(1);
     let run = move || {
         let compute = match backend {
+            Backend::Cpu if cpu_forward == CpuForward::Seam => {
+                let config = model.config.clone();
+                let geometry = CacheGeometry { block_size, num_blocks, max_rows };
+                let dtypes = (kv_dtype, training.train_dtype);
+                match compute::cpu_decoder(model, geometry, dtypes, pool.clone()) {
+                    Ok(model) => core::Compute::Device { model, name: "cpu".into(), config },
+                    Err(message) => {
+                        let device = "cpu".into();
+                        let _ = ready_tx.send(Err(EngineStartError::Device { device, message }));
+                        return;
+                    }
+                }
+            }
             Backend::Cpu => core::Compute::Host {
                 model,
                 kv: KvCache::with_dtype(

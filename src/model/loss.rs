@@ -144,7 +144,10 @@ impl LossRun {
                 .zip(chunk)
                 .map_init(
                     || vec![0f32; vocab],
-                    |probs, (row, &(_, target))| row_loss(row, target as usize, grad_scale, probs),
+                    |probs, (row, &(_, target))| {
+                        let (loss, arg) = row_loss(row, target as usize, grad_scale, probs);
+                        (loss, arg == target as usize)
+                    },
                 )
                 .collect();
             for (loss, correct) in per_row {
@@ -168,15 +171,15 @@ impl LossRun {
     }
 }
 
-/// Negative log-likelihood of `target` under one row of logits and whether the argmax hits
-/// it. With `grad_scale`, overwrites the row with `grad_scale · (softmax − onehot)`.
-/// `probs` is scratch of the row's length.
+/// Negative log-likelihood of `target` under one row of logits, and the row's argmax (the
+/// first index of its maximum). With `grad_scale`, overwrites the row with
+/// `grad_scale · (softmax − onehot)`. `probs` is scratch of the row's length.
 pub(crate) fn row_loss(
     row: &mut [f32],
     target: usize,
     grad_scale: Option<f32>,
     probs: &mut [f32],
-) -> (f64, bool) {
+) -> (f64, usize) {
     let max = max(row);
     // The first index holding the maximum, as a strict `>` scan would find it.
     let arg = row.iter().position(|&v| v == max).unwrap_or(0);
@@ -191,5 +194,5 @@ pub(crate) fn row_loss(
             *v -= scale;
         }
     }
-    (lse - logit, arg == target)
+    (lse - logit, arg)
 }

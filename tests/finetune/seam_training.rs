@@ -104,7 +104,8 @@ fn token_level(
         }
         let train = sc.next_chunk(chunk, 0).unwrap();
         let (r0, n) = (served.tokens.len(), train.tokens.len());
-        let batch = StepBatch::new(vec![served.clone(), train], s.block_size).unwrap();
+        let mut batch = StepBatch::new(vec![served.clone(), train], s.block_size).unwrap();
+        batch.train = vec![false, true];
         sc.prepare_tables(&mut ops, &ad).unwrap();
         let (lora, mut cap) = sc.chunk_forward(s, r0..r0 + n).unwrap();
         let cap: &mut dyn Capture<CpuOps> = &mut cap;
@@ -214,4 +215,67 @@ fn seam_training_on_the_cpu_token_level_gives_the_whole_samples_bits() {
             assert!(same, "{what}: gradients differ from the whole sample's");
         }
     }
+}
+
+/// A fine-tuning job in the engine on the seam trains as on the CPU model: the same steps,
+/// each step's loss within f32 noise of the CPU model engine's (the two sum the same products
+/// in different orders), and the loss falls.
+#[test]
+fn a_job_on_the_seam_engine_trains_as_on_the_cpu_model_engine() {
+    use coserve::engine::hybrid::{FinetuneMode, TrainingConfig};
+    use coserve::engine::job::{TrainHyper, TrainJobSpec};
+    use coserve::engine::{CpuForward, EngineConfig};
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = common::tiny_model::write_gguf(dir.path(), &TinyShape::default());
+    let run = |forward: CpuForward| {
+        let cfg = EngineConfig {
+            max_num_batched_tokens: 64,
+            kv_cache_bytes: 8 << 20,
+            threads: 2,
+            cpu_forward: forward,
+            training: TrainingConfig {
+                mode: FinetuneMode::Coserve,
+                max_train_tokens_per_iter: 7,
+                max_bwd_layers_per_iter: 1,
+                ..TrainingConfig::default()
+            },
+            ..EngineConfig::default()
+        };
+        let e = common::engine::TestEngine::start(&path, cfg);
+        let (tx, rx) = flume::unbounded();
+        let spec = TrainJobSpec {
+            id: "ftjob-seam".into(),
+            train: std::sync::Arc::new(common::finetune::examples(6, 24)),
+            validation: std::sync::Arc::new(common::finetune::examples(2, 16)),
+            lora: LoraConfig { r: 4, alpha: 8.0, dropout: 0.1, ..LoraConfig::default() },
+            hyper: TrainHyper {
+                n_epochs: 4,
+                batch_size: 4,
+                learning_rate: 1e-2,
+                seed: 42,
+                checkpoint_every: 0,
+            },
+            resume: None,
+            events: tx,
+        };
+        e.handle.start_job(spec).unwrap();
+        common::finetune::drain(&rx, None)
+    };
+    let (model, seam) = (run(CpuForward::Model), run(CpuForward::Seam));
+    assert_eq!(seam.steps.len(), 8);
+    assert_eq!(model.steps.len(), seam.steps.len());
+    for (m, s) in model.steps.iter().zip(&seam.steps) {
+        let rel = ((m.train_loss - s.train_loss) / m.train_loss).abs();
+        assert!(
+            rel < 1e-4,
+            "step {}: loss {} on the seam, {} on the model",
+            s.step,
+            s.train_loss,
+            m.train_loss
+        );
+        assert_eq!((m.tokens, m.trained_tokens), (s.tokens, s.trained_tokens));
+    }
+    let (first, last) = (seam.steps[0].train_loss, seam.steps[7].train_loss);
+    assert!(last < 0.7 * first, "loss {first} -> {last}");
 }

@@ -10,5 +10,6 @@ mod engine;
 mod loader;
 mod paged_attention;
 mod reference_generation;
+mod seam;
 mod tokenizer;
 mod weights_dtype;

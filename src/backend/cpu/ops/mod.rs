@@ -23,6 +23,7 @@ use crate::backend::cuda::twins::argmax_logprob;
 use crate::backend::cuda::CudaError;
 use crate::kv::{KvCache, KvDtype, KvLayer};
 use crate::lora::dropout::apply_dropout;
+use crate::model::attention_train::{chunk_attention, ChunkAttention};
 use crate::model::llama::{apply_rope, rms_norm, silu_mul};
 
 type R = Result<(), CudaError>;
@@ -43,13 +44,15 @@ pub struct CpuStep {
 }
 
 impl CpuStep {
-    /// Each sequence's rows as paged attention reads them.
-    fn attn_seqs(&self) -> Vec<AttnSeq<'_>> {
+    /// Each sequence's rows as paged attention reads them, and whether it is a training chunk.
+    fn attn_seqs(&self) -> Vec<(AttnSeq<'_>, bool)> {
         let mut q_start = 0;
+        let train = self.batch.train.iter().copied().chain(std::iter::repeat(false));
         self.batch
             .seqs
             .iter()
-            .map(|s| {
+            .zip(train)
+            .map(|(s, train)| {
                 let q_len = s.tokens.len();
                 let seq = AttnSeq {
                     q_start,
@@ -58,10 +61,48 @@ impl CpuStep {
                     block_table: &s.block_table,
                 };
                 q_start += q_len;
-                seq
+                (seq, train)
             })
             .collect()
     }
+}
+
+/// A training chunk's attention by GEMMs over its sample's keys (`chunk_attention`, the
+/// scores and softmax its backward recomputes): keys and values of positions
+/// `0..context_len` gathered through the block table.
+fn train_chunk_attention(
+    seq: &AttnSeq<'_>,
+    layer: KvLayer<'_>,
+    q: &[f32],
+    s: &DecoderShape,
+    out: &mut [f32],
+) -> R {
+    let bs = s.block_size;
+    let slots = (0..seq.context_len)
+        .map(|p| {
+            let block = seq
+                .block_table
+                .get(p / bs)
+                .ok_or_else(|| CudaError::Shape(format!("position {p} is past its block table")))?;
+            Ok(*block as usize * bs + p % bs)
+        })
+        .collect::<Result<Vec<usize>, CudaError>>()?;
+    let (mut k, mut v) = (Vec::new(), Vec::new());
+    layer.gather(&slots, s.kv_dim(), &mut k, &mut v);
+    let rows = seq.q_start * s.q_dim()..(seq.q_start + seq.q_len) * s.q_dim();
+    let a = ChunkAttention {
+        q: &q[rows.clone()],
+        k: &k,
+        v: &v,
+        first_pos: seq.context_len - seq.q_len,
+        rows: seq.q_len,
+        num_heads: s.heads,
+        num_kv_heads: s.kv_heads,
+        head_dim: s.head_dim,
+        scale: 1.0 / (s.head_dim as f32).sqrt(),
+    };
+    chunk_attention(&a, &mut out[rows]);
+    Ok(())
 }
 
 fn short(what: &str) -> CudaError {
@@ -81,6 +122,11 @@ impl DecoderOps for CpuOps {
     /// Any head size: the CPU kernels loop over it.
     fn check_shape(&self, s: &DecoderShape) -> R {
         s.check()
+    }
+
+    /// The engine's host sampler keeps the CPU model's seeded draws.
+    fn samples_on_host(&self) -> bool {
+        true
     }
 
     fn act(&mut self, n: usize) -> Result<Vec<f32>, CudaError> {
@@ -307,11 +353,18 @@ impl DecoderOps for CpuOps {
             block_size: s.block_size,
             scale: 1.0 / (s.head_dim as f32).sqrt(),
         };
-        let seqs = step.attn_seqs();
+        let all = step.attn_seqs();
+        let paged: Vec<AttnSeq<'_>> = all.iter().filter(|s| !s.1).map(|s| s.0).collect();
         let (q, out) = (&q[..n], &mut out[..n]);
+        if cache.num_blocks() < step.batch.blocks_needed {
+            return Err(CudaError::Shape("the batch reaches past the cache".into()));
+        }
         match cache.layer(0) {
-            KvLayer::F32(kc, vc) => paged_attention(q, kc, vc, &seqs, &shape, out),
-            KvLayer::F16(kc, vc) => paged_attention(q, kc, vc, &seqs, &shape, out),
+            KvLayer::F32(kc, vc) => paged_attention(q, kc, vc, &paged, &shape, out),
+            KvLayer::F16(kc, vc) => paged_attention(q, kc, vc, &paged, &shape, out),
+        }
+        for (seq, _) in all.iter().filter(|s| s.1) {
+            train_chunk_attention(seq, cache.layer(0), q, s, out)?;
         }
         Ok(())
     }

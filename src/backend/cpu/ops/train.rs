@@ -3,23 +3,36 @@
 //! kernel: packed GEMMs for the frozen projections' input gradients and the loss, the tiled
 //! attention backward, the row-parallel norm and SiLU backwards.
 
+use rayon::prelude::*;
+
 use super::{lora, CpuOps, CpuStep, CpuWeight, R};
 use crate::backend::cpu::gemm::{gemm, MatRef};
 use crate::backend::cuda::decoder::lora::{DropoutSite, LoraDims};
 use crate::backend::cuda::decoder::train::{GradPair, TrainOps};
-use crate::backend::cuda::decoder::DecoderShape;
+use crate::backend::cuda::decoder::{DecoderShape, DecoderWeights};
 use crate::backend::cuda::twins::{self, RopeShape};
 use crate::backend::cuda::CudaError;
 use crate::kv::KvCache;
 use crate::lora::optim::{adamw_update, AdamWScalars};
 use crate::model::attention_backward::{attention_backward_into, AttnBackwardInput};
 use crate::model::backward::{rms_norm_backward, silu_mul_backward};
+use crate::model::loss::row_loss;
 
 fn short(what: &str) -> CudaError {
     CudaError::Shape(format!("{what}: a buffer too small for the rows"))
 }
 
 impl TrainOps for CpuOps {
+    /// Packs every projection the backward multiplies by, and the output head, in parallel:
+    /// packing one at its first use would hold its dense copy beside a sample's activations.
+    fn prepare_weights(&mut self, w: &DecoderWeights<CpuWeight>) -> R {
+        let mut all: Vec<&CpuWeight> =
+            w.layers.iter().flat_map(|l| [&l.qkv, &l.o, &l.gate_up, &l.down]).collect();
+        all.push(&w.lm_head);
+        let dtype = self.train_dtype;
+        all.par_iter().try_for_each(|m| m.backward(dtype).map(|_| ()))
+    }
+
     fn upload_f32(&mut self, x: &[f32]) -> Result<Vec<f32>, CudaError> {
         Ok(x.to_vec())
     }
@@ -114,10 +127,18 @@ impl TrainOps for CpuOps {
             return Err(CudaError::Shape(format!("a {}x{} output head", head_m.rows, head_m.cols)));
         }
         head_m.forward(&x, m, &mut logits[..m * vocab]);
+        // Rows are independent: each row's loss, argmax and gradient computed alone.
+        let per_row: Vec<(f64, usize)> = logits[..m * vocab]
+            .par_chunks_exact_mut(vocab)
+            .zip(&scored)
+            .map_init(
+                || vec![0f32; vocab],
+                |probs, (row, &i)| row_loss(row, targets[i] as usize, Some(scales[i]), probs),
+            )
+            .collect();
         let mut out = vec![(0.0, 0); n];
-        for (&i, row) in scored.iter().zip(logits.chunks_exact_mut(vocab)) {
-            let id = twins::argmax_logprob(row).0;
-            out[i] = (twins::cross_entropy(row, targets[i], scales[i]), id);
+        for (&i, (loss, arg)) in scored.iter().zip(per_row) {
+            out[i] = (loss as f32, arg as u32);
         }
         let mut dxs = vec![0f32; m * hid];
         if m > 0 {

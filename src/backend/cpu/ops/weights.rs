@@ -7,6 +7,7 @@ use crate::backend::cpu::frozen::{FrozenWeight, TrainDtype};
 use crate::backend::cuda::decoder::{DecoderShape, DecoderWeights, LayerWeights};
 use crate::backend::cuda::CudaError;
 use crate::model::backward::backward_weight;
+use crate::model::config::LlamaConfig;
 use crate::model::llama::Llama;
 use crate::model::weights::WeightMatrix;
 
@@ -60,6 +61,7 @@ impl CpuWeight {
 
 /// A model as the CPU decoder runs it.
 pub struct CpuModel {
+    pub config: LlamaConfig,
     pub shape: DecoderShape,
     pub weights: DecoderWeights<CpuWeight>,
     /// RoPE inverse frequencies (scaling and a file's frequency factors applied).
@@ -88,7 +90,7 @@ pub fn from_llama(model: Llama, block_size: usize) -> Result<CpuModel, CudaError
             Err(CudaError::Shape(format!("{what} has {} values, the config says {n}", v.len())))
         }
     };
-    let Llama { embed, layers, norm, lm_head, .. } = model;
+    let Llama { config, embed, layers, norm, lm_head, .. } = model;
     let embed = matrix(embed, s.vocab, s.hidden, "the embedding")?;
     let lm_head = match lm_head {
         Some(h) => matrix(h, s.vocab, s.hidden, "the output head")?,
@@ -126,5 +128,5 @@ pub fn from_llama(model: Llama, block_size: usize) -> Result<CpuModel, CudaError
     }
     let norm = vector(norm, s.hidden, "the final norm")?;
     let weights = DecoderWeights { embed, layers: out, norm, lm_head };
-    Ok(CpuModel { shape: s, weights, inv_freq })
+    Ok(CpuModel { config, shape: s, weights, inv_freq })
 }

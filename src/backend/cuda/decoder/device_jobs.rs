@@ -47,6 +47,7 @@ impl<O: TrainOps> DeviceDecoder<O> {
         // old adapter go first.
         self.drop_joined(key);
         self.jobs.remove(&key);
+        self.ops.prepare_weights(&self.weights)?;
         let adapter = TrainAdapter::resume(&mut self.ops, &self.shape, adapter, opt)?;
         self.jobs.insert(key, DeviceJob { adapter, scratch: None });
         Ok(())
@@ -106,7 +107,10 @@ impl<O: TrainOps> DeviceDecoder<O> {
         let first: usize = seqs.iter().map(|r| r.tokens.len()).sum();
         let n = chunk.tokens.len();
         seqs.push(chunk);
-        let batch = self.batch_of(seqs)?;
+        let mut batch = self.batch_of(seqs)?;
+        if let Some(t) = batch.train.last_mut() {
+            *t = true;
+        }
         let job = self.jobs.get_mut(&key).ok_or_else(|| no_job(key))?;
         let sc =
             job.scratch.as_mut().ok_or_else(|| CudaError::Shape("no sample in flight".into()))?;

@@ -218,6 +218,11 @@ pub trait DecoderOps {
     fn check_shape(&self, s: &DecoderShape) -> R {
         s.check_kernels()
     }
+    /// Whether a server samples from this backend's logits on the host (its own sampler,
+    /// seeded draws and all) rather than asking the backend to pick.
+    fn samples_on_host(&self) -> bool {
+        false
+    }
     /// Marks the start of the next stretch of operations, named for a time breakdown (no-op
     /// unless the implementation is profiling).
     fn mark(&mut self, _name: &'static str) -> R {

@@ -56,6 +56,11 @@ pub trait DeviceModel {
         let _ = train;
         Ok((self.forward(batch, adapters, want)?, 0))
     }
+    /// Whether the engine's host sampler picks from this model's logits (always asked for
+    /// whole, `Want::Logits`), rather than the device's sampling.
+    fn samples_on_host(&self) -> bool {
+        false
+    }
     /// Whether the device still works after a failed forward (a fault that poisons the
     /// context, such as an illegal address, fails every later call too).
     fn check(&mut self) -> Result<(), CudaError>;
@@ -361,6 +366,10 @@ impl<O: TrainOps> DeviceModel for DeviceDecoder<O> {
             }
             None => Ok((self.forward(batch, adapters, want)?, 0)),
         }
+    }
+
+    fn samples_on_host(&self) -> bool {
+        self.ops.samples_on_host()
     }
 
     fn check(&mut self) -> Result<(), CudaError> {

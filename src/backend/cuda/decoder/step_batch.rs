@@ -59,6 +59,10 @@ pub struct StepBatch {
     /// The rows the paged kernel takes alongside those tiles, and the longest context of them.
     pub paged_rows: Vec<i32>,
     pub paged_context: usize,
+    /// Per sequence: whether it is a training sample's chunk. No decode has to match its
+    /// rows, so a backend may attend them by another method (the CPU's GEMMs over the
+    /// sample's keys); all false until the training code marks its chunk.
+    pub train: Vec<bool>,
 }
 
 impl StepBatch {
@@ -79,6 +83,7 @@ impl StepBatch {
             tiles: Vec::new(),
             paged_rows: Vec::new(),
             paged_context: 0,
+            train: vec![false; seqs.len()],
             seqs: Vec::new(),
         };
         let too_big = |what: &str| CudaError::Shape(format!("{what} does not fit an i32"));

@@ -26,6 +26,12 @@ type R = Result<(), CudaError>;
 /// (gradients, LoRA weights, optimizer moments) are the forward's `Logits` type; as there, an
 /// operation on `rows` rows uses the first `rows` of each buffer.
 pub trait TrainOps: DecoderOps {
+    /// Readies the frozen weights for training's products, before the first job's activations
+    /// exist (a backend that packs them for the backward does it here, not at its first use).
+    fn prepare_weights(&mut self, w: &super::DecoderWeights<Self::Weight>) -> R {
+        let _ = w;
+        Ok(())
+    }
     fn upload_f32(&mut self, x: &[f32]) -> Result<Self::Logits, CudaError>;
     fn zero(&mut self, x: &mut Self::Logits, n: usize) -> R;
     /// `dst[dst_row0 ..][.. rows] = src[src_row0 ..][.. rows]`, rows `width` wide.

@@ -343,7 +343,8 @@ pub fn forward_chunk<O: TrainOps>(
 ) -> Result<usize, CudaError> {
     let Some(rows) = sc.next_chunk(n, 0) else { return Ok(0) };
     let n = rows.tokens.len();
-    let batch = StepBatch::new(vec![rows], s.block_size)?;
+    let mut batch = StepBatch::new(vec![rows], s.block_size)?;
+    batch.train = vec![true];
     sc.prepare_tables(ops, adapter)?;
     let dropout = sc.dropout();
     let TrainScratch { tables, saved, h_final, forwarded, fwd, .. } = sc;
