@@ -427,7 +427,7 @@ fn decode_step(
                 })
                 .collect();
             let step = StepBatch::new(seqs, bs)?;
-            let mut ops = CpuOps { kv_dtype: dtype, train_dtype: TrainDtype::F32 };
+            let mut ops = CpuOps::new(dtype, TrainDtype::F32);
             let mut sc = Scratch::new(&mut ops, &m.shape, batch)?;
             let rows: Vec<u32> = (0..batch as u32).collect();
             Box::new(move || {

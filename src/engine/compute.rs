@@ -60,7 +60,7 @@ pub fn cpu_decoder(
     pool: Arc<ThreadPool>,
 ) -> Result<Box<dyn DeviceModel>, String> {
     let m = from_llama(model, g.block_size).map_err(|e| e.to_string())?;
-    let ops = CpuOps { kv_dtype: kv, train_dtype: train };
+    let ops = CpuOps::new(kv, train);
     let d = DeviceDecoder::new(ops, m.shape, m.weights, m.inv_freq, g.num_blocks, g.max_rows)
         .map_err(|e| e.to_string())?;
     Ok(Box::new(Pooled { inner: d, pool }))

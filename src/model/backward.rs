@@ -60,6 +60,11 @@ pub fn backward_weight(w: &WeightMatrix, dtype: TrainDtype) -> FrozenWeight {
     FrozenWeight::new(&MatRef::new(&dense(w), w.rows, w.cols), dtype)
 }
 
+/// `Wᵀ` for `Y = X · Wᵀ` in `dtype` (a training row's forward product in bf16 training).
+pub fn forward_weight(w: &WeightMatrix, dtype: TrainDtype) -> FrozenWeight {
+    FrozenWeight::new(&MatRef::new(&dense(w), w.rows, w.cols).t(), dtype)
+}
+
 /// `W` (`[out, in]`) for `dX = dY · W`, and `Wᵀ` for `Y = X · Wᵀ` when `forward`.
 fn pack(
     w: &WeightMatrix,

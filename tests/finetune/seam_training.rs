@@ -83,7 +83,7 @@ fn token_level(
     serving: bool,
 ) -> (f64, LoraWeights) {
     let (s, w, f) = (&su.model.shape, &su.model.weights, &su.model.inv_freq);
-    let mut ops = CpuOps { kv_dtype: KvDtype::F32, train_dtype: TrainDtype::F32 };
+    let mut ops = CpuOps::new(KvDtype::F32, TrainDtype::F32);
     let mut caches: Vec<_> = (0..s.layers).map(|_| ops.cache(s, 16).unwrap()).collect();
     let mut ad = TrainAdapter::new(&mut ops, s, &su.adapter, AdamWConfig::default()).unwrap();
     let mut sc = TrainScratch::new(&mut ops, s, &ad, 32).unwrap();
@@ -222,6 +222,16 @@ fn seam_training_on_the_cpu_token_level_gives_the_whole_samples_bits() {
 /// in different orders), and the loss falls.
 #[test]
 fn a_job_on_the_seam_engine_trains_as_on_the_cpu_model_engine() {
+    job_on_both_engines(TrainDtype::F32);
+}
+
+/// With `--train-dtype bf16` the training rows' frozen products run in bf16 on both paths.
+#[test]
+fn a_bf16_job_on_the_seam_engine_trains_as_on_the_cpu_model_engine() {
+    job_on_both_engines(TrainDtype::Bf16);
+}
+
+fn job_on_both_engines(train_dtype: TrainDtype) {
     use coserve::engine::hybrid::{FinetuneMode, TrainingConfig};
     use coserve::engine::job::{TrainHyper, TrainJobSpec};
     use coserve::engine::{CpuForward, EngineConfig};
@@ -238,6 +248,7 @@ fn a_job_on_the_seam_engine_trains_as_on_the_cpu_model_engine() {
                 mode: FinetuneMode::Coserve,
                 max_train_tokens_per_iter: 7,
                 max_bwd_layers_per_iter: 1,
+                train_dtype,
                 ..TrainingConfig::default()
             },
             ..EngineConfig::default()
@@ -269,13 +280,20 @@ fn a_job_on_the_seam_engine_trains_as_on_the_cpu_model_engine() {
         let rel = ((m.train_loss - s.train_loss) / m.train_loss).abs();
         assert!(
             rel < 1e-4,
-            "step {}: loss {} on the seam, {} on the model",
+            "{train_dtype} step {}: loss {} on the seam, {} on the model",
             s.step,
             s.train_loss,
             m.train_loss
         );
         assert_eq!((m.tokens, m.trained_tokens), (s.tokens, s.trained_tokens));
     }
+    let worst = model
+        .steps
+        .iter()
+        .zip(&seam.steps)
+        .map(|(m, s)| ((m.train_loss - s.train_loss) / m.train_loss).abs())
+        .fold(0f64, f64::max);
+    eprintln!("{train_dtype}: worst relative step loss difference {worst:e}");
     let (first, last) = (seam.steps[0].train_loss, seam.steps[7].train_loss);
     assert!(last < 0.7 * first, "loss {first} -> {last}");
 }

@@ -14,6 +14,7 @@ pub use lora::CpuLoraTable;
 pub use weights::{from_llama, CpuModel, CpuWeight};
 
 use crate::backend::cpu::frozen::TrainDtype;
+use crate::backend::cpu::gemm::MatRef;
 use crate::backend::cpu::paged_attention::{paged_attention, AttnSeq, AttnShape};
 use crate::backend::cuda::decoder::host::sample_on_host;
 use crate::backend::cuda::decoder::lora::{DropoutSite, LoraDims, SlotWeights};
@@ -33,6 +34,15 @@ type R = Result<(), CudaError>;
 pub struct CpuOps {
     pub kv_dtype: KvDtype,
     pub train_dtype: TrainDtype,
+    /// The training chunks' rows of the batch last uploaded, when their frozen products run
+    /// in bf16 (`--train-dtype bf16`): empty otherwise.
+    train_rows: Vec<std::ops::Range<usize>>,
+}
+
+impl CpuOps {
+    pub fn new(kv_dtype: KvDtype, train_dtype: TrainDtype) -> Self {
+        Self { kv_dtype, train_dtype, train_rows: Vec::new() }
+    }
 }
 
 /// A batch as the CPU operations read it.
@@ -196,7 +206,14 @@ impl DecoderOps for CpuOps {
             .iter()
             .map(|&s| usize::try_from(s).map_err(|_| CudaError::Shape(format!("cache slot {s}"))))
             .collect::<Result<_, _>>()?;
-        Ok(CpuStep { batch: batch.clone(), cos: cos.to_vec(), sin: sin.to_vec(), slots })
+        let step = CpuStep { batch: batch.clone(), cos: cos.to_vec(), sin: sin.to_vec(), slots };
+        self.train_rows.clear();
+        if self.train_dtype != TrainDtype::F32 {
+            let seqs = step.attn_seqs();
+            let train = seqs.iter().filter(|s| s.1).map(|(s, _)| s.q_start..s.q_start + s.q_len);
+            self.train_rows.extend(train);
+        }
+        Ok(step)
     }
 
     fn embedding(
@@ -262,6 +279,7 @@ impl DecoderOps for CpuOps {
         y: &mut Vec<f32>,
         (m, n, k): (usize, usize, usize),
     ) -> R {
+        let weight = w;
         let w = w.matrix()?;
         if row0 != 0 || w.rows != n || w.cols != k {
             return Err(CudaError::Shape(format!(
@@ -274,18 +292,42 @@ impl DecoderOps for CpuOps {
         if x.len() < m * k || y.len() < m * n {
             return Err(short("matmul"));
         }
-        w.forward(&x[..m * k], m, &mut y[..m * n]);
+        if self.train_rows.is_empty() {
+            w.forward(&x[..m * k], m, &mut y[..m * n]);
+            return Ok(());
+        }
+        // Training rows through the bf16 products; the others through the model's kernels,
+        // which give a row the same bits in any batch.
+        let mut at = 0;
+        for r in self.train_rows.iter().chain(std::iter::once(&(m..m))) {
+            let (start, end) = (r.start.min(m), r.end.min(m));
+            if start > at {
+                w.forward(&x[at * k..start * k], start - at, &mut y[at * n..start * n]);
+            }
+            if end > start {
+                let xr = MatRef::new(&x[start * k..end * k], end - start, k);
+                let fw = weight.forward_t(self.train_dtype)?;
+                fw.product(xr, false, &mut y[start * n..end * n], n);
+            }
+            at = at.max(end);
+        }
         Ok(())
     }
 
+    /// The output head on the rows a server samples: inference rows, never routed.
     fn matmul_logits(
         &mut self,
         x: &Vec<f32>,
         w: &CpuWeight,
         y: &mut Vec<f32>,
-        mnk: (usize, usize, usize),
+        (m, n, k): (usize, usize, usize),
     ) -> R {
-        self.matmul(x, w, 0, y, mnk)
+        let w = w.matrix()?;
+        if w.rows != n || w.cols != k || x.len() < m * k || y.len() < m * n {
+            return Err(short("matmul_logits"));
+        }
+        w.forward(&x[..m * k], m, &mut y[..m * n]);
+        Ok(())
     }
 
     fn rope_kv_write(

@@ -110,7 +110,7 @@ fn seam_matches_the_cpu_model(config: &LlamaConfig, dtype: WeightsDtype, kv: KvD
             seq(20, 0, 5, &[2, 7], slot(1)),
         ],
     ];
-    let mut ops = CpuOps { kv_dtype: kv, train_dtype: TrainDtype::F32 };
+    let mut ops = CpuOps::new(kv, TrainDtype::F32);
     let mut caches: Vec<KvCache> = (0..s.layers).map(|_| ops.cache(s, BLOCKS).unwrap()).collect();
     let mut sc = Scratch::new(&mut ops, s, 64).unwrap();
     let set = ads.as_ref().map(|a| LoraSet::new(&mut ops, s, &[&a[0], &a[1]]).unwrap());
@@ -197,7 +197,7 @@ fn seam_on_the_cpu_gives_the_cpu_models_bits_with_adapters() {
 fn shapes_the_cpu_takes_and_refuses() {
     let c = config(false, false);
     let s = DecoderShape::new(&c, BLOCK).unwrap();
-    let ops = CpuOps { kv_dtype: KvDtype::F32, train_dtype: TrainDtype::F32 };
+    let ops = CpuOps::new(KvDtype::F32, TrainDtype::F32);
     assert!(ops.check_shape(&s).is_ok());
     assert!(s.check_kernels().is_err(), "head_dim 16 is below the CUDA kernels' limit");
     let odd = DecoderShape { head_dim: 15, ..s.clone() };
@@ -213,7 +213,7 @@ fn out_of_range_tokens_and_blocks_are_errors() {
     let c = config(false, false);
     let model = from_llama(llama(&c, WeightsDtype::F32), BLOCK).unwrap();
     let s = &model.shape;
-    let mut ops = CpuOps { kv_dtype: KvDtype::F32, train_dtype: TrainDtype::F32 };
+    let mut ops = CpuOps::new(KvDtype::F32, TrainDtype::F32);
     let mut caches: Vec<KvCache> = (0..s.layers).map(|_| ops.cache(s, 2).unwrap()).collect();
     let mut sc = Scratch::new(&mut ops, s, 8).unwrap();
     let mut run = |seqs: Vec<SeqRows>| {

@@ -6,6 +6,7 @@
 use rayon::prelude::*;
 
 use super::{lora, CpuOps, CpuStep, CpuWeight, R};
+use crate::backend::cpu::frozen::TrainDtype;
 use crate::backend::cpu::gemm::{gemm, MatRef};
 use crate::backend::cuda::decoder::lora::{DropoutSite, LoraDims};
 use crate::backend::cuda::decoder::train::{GradPair, TrainOps};
@@ -30,7 +31,13 @@ impl TrainOps for CpuOps {
             w.layers.iter().flat_map(|l| [&l.qkv, &l.o, &l.gate_up, &l.down]).collect();
         all.push(&w.lm_head);
         let dtype = self.train_dtype;
-        all.par_iter().try_for_each(|m| m.backward(dtype).map(|_| ()))
+        all.par_iter().try_for_each(|m| {
+            m.backward(dtype)?;
+            if dtype != TrainDtype::F32 {
+                m.forward_t(dtype)?;
+            }
+            Ok(())
+        })
     }
 
     fn upload_f32(&mut self, x: &[f32]) -> Result<Vec<f32>, CudaError> {
@@ -126,7 +133,16 @@ impl TrainOps for CpuOps {
         if head_m.rows != vocab || head_m.cols != hid {
             return Err(CudaError::Shape(format!("a {}x{} output head", head_m.rows, head_m.cols)));
         }
-        head_m.forward(&x, m, &mut logits[..m * vocab]);
+        match self.train_dtype {
+            TrainDtype::F32 => head_m.forward(&x, m, &mut logits[..m * vocab]),
+            // The bf16 precision covers the head's products too, as on the CPU model.
+            dtype => head.forward_t(dtype)?.product(
+                MatRef::new(&x, m, hid),
+                false,
+                &mut logits[..m * vocab],
+                vocab,
+            ),
+        }
         // Rows are independent: each row's loss, argmax and gradient computed alone.
         let per_row: Vec<(f64, usize)> = logits[..m * vocab]
             .par_chunks_exact_mut(vocab)

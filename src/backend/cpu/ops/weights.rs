@@ -6,7 +6,7 @@ use std::sync::{Arc, OnceLock};
 use crate::backend::cpu::frozen::{FrozenWeight, TrainDtype};
 use crate::backend::cuda::decoder::{DecoderShape, DecoderWeights, LayerWeights};
 use crate::backend::cuda::CudaError;
-use crate::model::backward::backward_weight;
+use crate::model::backward::{backward_weight, forward_weight};
 use crate::model::config::LlamaConfig;
 use crate::model::llama::Llama;
 use crate::model::weights::WeightMatrix;
@@ -24,11 +24,14 @@ pub enum CpuWeight {
 pub struct CpuMatrix {
     pub w: WeightMatrix,
     backward: OnceLock<FrozenWeight>,
+    /// `Wᵀ` for training rows' forward products in bf16 training.
+    forward_t: OnceLock<FrozenWeight>,
 }
 
 impl CpuWeight {
     pub fn matrix_of(w: WeightMatrix) -> Self {
-        CpuWeight::Matrix(Arc::new(CpuMatrix { w, backward: OnceLock::new() }))
+        let (backward, forward_t) = (OnceLock::new(), OnceLock::new());
+        CpuWeight::Matrix(Arc::new(CpuMatrix { w, backward, forward_t }))
     }
 
     pub fn matrix(&self) -> Result<&WeightMatrix, CudaError> {
@@ -46,6 +49,14 @@ impl CpuWeight {
             return Err(CudaError::Shape("a vector where a matrix is read".into()));
         };
         Ok(m.backward.get_or_init(|| backward_weight(&m.w, dtype)))
+    }
+
+    /// `Wᵀ` packed for training rows' forward products in `dtype` (packed on first use).
+    pub fn forward_t(&self, dtype: TrainDtype) -> Result<&FrozenWeight, CudaError> {
+        let CpuWeight::Matrix(m) = self else {
+            return Err(CudaError::Shape("a vector where a matrix is read".into()));
+        };
+        Ok(m.forward_t.get_or_init(|| forward_weight(&m.w, dtype)))
     }
 
     pub fn vector(&self) -> Result<&[f32], CudaError> {
