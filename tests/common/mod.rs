@@ -11,6 +11,7 @@ pub mod fixtures;
 pub mod multipart;
 pub mod server;
 pub mod tiny_model;
+pub mod token_level;
 
 use std::path::PathBuf;
 

@@ -7,22 +7,19 @@ use crate::common;
 
 use common::dense_lora::{oracle, random_adapter};
 use common::tiny_model::{write_hf_dir, TinyShape};
+use common::token_level::{Cut, Sample};
 use coserve::backend::cuda::decoder::from_model::from_llama;
 use coserve::backend::cuda::decoder::host::HostOps;
 use coserve::backend::cuda::decoder::train::{
-    backward_layers, forward_chunk, loss_rows, train_sample, TrainAdapter, TrainSample,
-    TrainScratch,
+    train_sample, TrainAdapter, TrainSample, TrainScratch,
 };
-use coserve::backend::cuda::decoder::{
-    forward_rows_capturing, Capture, DecoderOps, Scratch, SeqRows, StepBatch, Want,
-};
+use coserve::backend::cuda::decoder::DecoderOps;
 use coserve::backend::cuda::twins::without_rounding;
 use coserve::bench_finetune::synthetic_tokens;
 use coserve::lora::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use coserve::lora::{LoraConfig, LoraWeights, TargetModule};
 use coserve::model::llama::Llama;
 use coserve::model::loader::load_model;
-use coserve::model::loss::LossStats;
 use coserve::model::weights::WeightsDtype;
 
 /// The step's arithmetic with the twins' roundings off: as exact as the CPU path's own check
@@ -121,79 +118,12 @@ fn check(shape: TinyShape, config: LoraConfig) {
     assert!(err <= 0.125, "bf16: {at}: relative error {err:e}");
 }
 
-/// The sample forwarded `chunk` tokens at a time, each chunk alone or riding in a forward with
-/// a served sequence (prompt, then decodes, base model), then its loss `loss` rows per call,
-/// then `bwd` layers of backward per call.
-fn token_level(
-    su: &Setup,
-    chunk: usize,
-    loss: usize,
-    bwd: usize,
-    serving: bool,
-) -> (f64, LoraWeights) {
+/// The sample on the twins, cut as `cut` (`common::token_level`).
+fn token_level(su: &Setup, cut: Cut) -> (f64, LoraWeights) {
     let h = from_llama(&su.model, 4).unwrap();
-    let (s, w, f) = (&h.shape, &h.weights, &h.inv_freq);
-    let mut ops = HostOps;
-    let mut caches: Vec<_> = (0..s.layers).map(|_| ops.cache(s, 16).unwrap()).collect();
-    let mut ad = TrainAdapter::new(&mut ops, s, &su.adapter, AdamWConfig::default()).unwrap();
-    let mut sc = TrainScratch::new(&mut ops, s, &ad, 32).unwrap();
-    let table = vec![7, 2, 11, 0, 5, 9, 1, 3];
-    let sample = TrainSample::new(su.tokens.clone(), &su.trained, table);
-    sc.begin(sample.with_dropout_seed(su.seed)).unwrap();
-    let mut fsc = Scratch::with_logits_rows(&mut ops, s, 64, 0).unwrap();
-    let mut served = SeqRows {
-        tokens: vec![4, 9, 2],
-        start: 0,
-        block_table: vec![12, 13, 14, 15],
-        adapter: None,
-    };
-    while sc.forward_remaining() > 0 {
-        if !serving {
-            forward_chunk(&mut ops, s, w, f, &mut caches, &ad, &mut sc, chunk).unwrap();
-            continue;
-        }
-        let train = sc.next_chunk(chunk, 0).unwrap();
-        let (r0, n) = (served.tokens.len(), train.tokens.len());
-        let batch = StepBatch::new(vec![served.clone(), train], s.block_size).unwrap();
-        sc.prepare_tables(&mut ops, &ad).unwrap();
-        let (lora, mut cap) = sc.chunk_forward(s, r0..r0 + n).unwrap();
-        let cap: &mut dyn Capture<HostOps> = &mut cap;
-        let c = &mut caches;
-        forward_rows_capturing(
-            &mut ops,
-            s,
-            w,
-            f,
-            c,
-            &batch,
-            &mut fsc,
-            &[],
-            Want::Logits,
-            Some(lora),
-            Some(cap),
-        )
-        .unwrap();
-        sc.advance(n);
-        served.start += served.tokens.len();
-        served.tokens = vec![(served.start * 5 % 50) as u32];
-    }
-    let count = su.trained.iter().skip(1).filter(|t| **t).count();
-    // As the engine does in the iteration that completes the forward: start the loss.
-    let (started, _) = loss_rows(&mut ops, s, w, f, &mut sc, 1.0 / count as f32, 0).unwrap();
-    assert_eq!(started, 0);
-    let mut stats = LossStats::default();
-    while sc.loss_remaining() > 0 {
-        let left = sc.loss_remaining();
-        let (rows, got) = loss_rows(&mut ops, s, w, f, &mut sc, 1.0 / count as f32, loss).unwrap();
-        assert_eq!(rows, loss.min(left));
-        stats.add(&got);
-    }
-    assert_eq!(stats.count, count);
-    while !sc.is_done() {
-        let ran = backward_layers(&mut ops, s, w, &mut caches, &mut ad, &mut sc, bwd).unwrap();
-        assert!(ran > 0);
-    }
-    (stats.mean_loss(), ad.grads(&mut ops).unwrap())
+    let sample = Sample { tokens: &su.tokens, trained: &su.trained, seed: su.seed };
+    let model = (&h.shape, &h.weights, h.inv_freq.as_slice());
+    common::token_level::token_level(&mut HostOps, model, &su.adapter, &sample, cut)
 }
 
 /// Token-level: chunked forwards (alone or among served rows), a loss and a backward spread
@@ -218,7 +148,8 @@ fn twin_token_level_training_matches_autograd() {
                 "dropout {dropout}, chunks of {chunk}, loss {rows} rows and {bwd} layers per call, \
                  serving rows: {serving}"
             );
-            let (loss, grads) = without_rounding(|| token_level(&su, chunk, rows, bwd, serving));
+            let cut = Cut { chunk, loss: rows, bwd, serving };
+            let (loss, grads) = without_rounding(|| token_level(&su, cut));
             let rel = ((loss - want.loss) / want.loss).abs();
             assert!(rel < EXACT_TOL as f64, "{what}: loss {loss} vs {}", want.loss);
             let (err, at) = worst_relative(&grads, &want.grads);

@@ -7,20 +7,13 @@ use crate::common;
 
 use common::dense_lora::{oracle, random_adapter};
 use common::tiny_model::{write_hf_dir, TinyShape};
+use common::token_level::{Cut, Sample};
 use coserve::backend::cpu::frozen::TrainDtype;
 use coserve::backend::cpu::ops::{from_llama, CpuModel, CpuOps};
-use coserve::backend::cuda::decoder::train::{
-    backward_layers, forward_chunk, loss_rows, TrainAdapter, TrainSample, TrainScratch,
-};
-use coserve::backend::cuda::decoder::{
-    forward_rows_capturing, Capture, DecoderOps, Scratch, SeqRows, StepBatch, Want,
-};
 use coserve::bench_finetune::synthetic_tokens;
 use coserve::kv::KvDtype;
-use coserve::lora::optim::AdamWConfig;
 use coserve::lora::{LoraConfig, LoraWeights, TargetModule};
 use coserve::model::loader::load_model;
-use coserve::model::loss::LossStats;
 use coserve::model::weights::WeightsDtype;
 
 /// As the CPU path's own check against autograd (`training_gradients.rs`).
@@ -72,84 +65,24 @@ fn setup(shape: TinyShape, config: LoraConfig) -> Setup {
     Setup { shape, model, adapter, tokens, trained, seed: 1234 }
 }
 
-/// The sample forwarded `chunk` tokens at a time, each chunk alone or riding in a forward with
-/// a served sequence (prompt, then decodes, base model), then its loss `loss` rows per call,
-/// then `bwd` layers of backward per call; its blocks scattered over the cache.
-fn token_level(
-    su: &Setup,
-    chunk: usize,
-    loss: usize,
-    bwd: usize,
-    serving: bool,
-) -> (f64, LoraWeights) {
-    let (s, w, f) = (&su.model.shape, &su.model.weights, &su.model.inv_freq);
+/// The sample on `CpuOps`, cut as `cut`.
+fn token_level(su: &Setup, cut: Cut) -> (f64, LoraWeights) {
     let mut ops = CpuOps::new(KvDtype::F32, TrainDtype::F32);
-    let mut caches: Vec<_> = (0..s.layers).map(|_| ops.cache(s, 16).unwrap()).collect();
-    let mut ad = TrainAdapter::new(&mut ops, s, &su.adapter, AdamWConfig::default()).unwrap();
-    let mut sc = TrainScratch::new(&mut ops, s, &ad, 32).unwrap();
-    let table = vec![7, 2, 11, 0, 5, 9, 1, 3];
-    let sample = TrainSample::new(su.tokens.clone(), &su.trained, table);
-    sc.begin(sample.with_dropout_seed(su.seed)).unwrap();
-    let mut fsc = Scratch::with_logits_rows(&mut ops, s, 64, 0).unwrap();
-    let mut served = SeqRows {
-        tokens: vec![4, 9, 2],
-        start: 0,
-        block_table: vec![12, 13, 14, 15],
-        adapter: None,
-    };
-    while sc.forward_remaining() > 0 {
-        if !serving {
-            forward_chunk(&mut ops, s, w, f, &mut caches, &ad, &mut sc, chunk).unwrap();
-            continue;
-        }
-        let train = sc.next_chunk(chunk, 0).unwrap();
-        let (r0, n) = (served.tokens.len(), train.tokens.len());
-        let mut batch = StepBatch::new(vec![served.clone(), train], s.block_size).unwrap();
-        batch.train = vec![false, true];
-        sc.prepare_tables(&mut ops, &ad).unwrap();
-        let (lora, mut cap) = sc.chunk_forward(s, r0..r0 + n).unwrap();
-        let cap: &mut dyn Capture<CpuOps> = &mut cap;
-        let c = &mut caches;
-        let want = Want::Logits;
-        forward_rows_capturing(
-            &mut ops,
-            s,
-            w,
-            f,
-            c,
-            &batch,
-            &mut fsc,
-            &[],
-            want,
-            Some(lora),
-            Some(cap),
-        )
-        .unwrap();
-        sc.advance(n);
-        served.start += served.tokens.len();
-        served.tokens = vec![(served.start * 5 % 50) as u32];
-    }
-    let count = su.trained.iter().skip(1).filter(|t| **t).count();
-    let scale = 1.0 / count as f32;
-    assert_eq!(loss_rows(&mut ops, s, w, f, &mut sc, scale, 0).unwrap().0, 0);
-    let mut stats = LossStats::default();
-    while sc.loss_remaining() > 0 {
-        let left = sc.loss_remaining();
-        let (rows, got) = loss_rows(&mut ops, s, w, f, &mut sc, scale, loss).unwrap();
-        assert_eq!(rows, loss.min(left));
-        stats.add(&got);
-    }
-    assert_eq!(stats.count, count);
-    while !sc.is_done() {
-        assert!(backward_layers(&mut ops, s, w, &mut caches, &mut ad, &mut sc, bwd).unwrap() > 0);
-    }
-    (stats.mean_loss(), ad.grads(&mut ops).unwrap())
+    let m = &su.model;
+    let sample = Sample { tokens: &su.tokens, trained: &su.trained, seed: su.seed };
+    common::token_level::token_level(
+        &mut ops,
+        (&m.shape, &m.weights, &m.inv_freq),
+        &su.adapter,
+        &sample,
+        cut,
+    )
 }
 
 fn check(shape: TinyShape, config: LoraConfig) {
     let su = setup(shape, config);
     let want = oracle(&su.shape, &su.adapter, &su.tokens, &su.trained, su.seed);
-    let (loss, grads) = token_level(&su, usize::MAX, usize::MAX, usize::MAX, false);
+    let (loss, grads) = token_level(&su, Cut::WHOLE);
     let rel = ((loss - want.loss) / want.loss).abs();
     assert!(rel < f64::from(TOL), "loss {loss} vs autograd's {}", want.loss);
     let (err, at) = worst_relative(&grads, &want.grads);
@@ -201,12 +134,12 @@ fn seam_training_on_the_cpu_token_level_gives_the_whole_samples_bits() {
     let shape = TinyShape { hidden: 128, intermediate: 256, tied: false, ..TinyShape::default() };
     for dropout in [0.0, 0.2] {
         let su = setup(shape, LoraConfig { r: 4, alpha: 8.0, dropout, ..LoraConfig::default() });
-        let (loss, whole) = token_level(&su, usize::MAX, usize::MAX, usize::MAX, false);
+        let (loss, whole) = token_level(&su, Cut::WHOLE);
         for (chunk, rows, bwd, serving) in [(1, 1, 1, false), (3, 5, 2, true), (7, 100, 1, true)] {
             let what = format!(
                 "dropout {dropout}, chunks {chunk}, loss {rows}, bwd {bwd}, serving {serving}"
             );
-            let (l, g) = token_level(&su, chunk, rows, bwd, serving);
+            let (l, g) = token_level(&su, Cut { chunk, loss: rows, bwd, serving });
             assert_eq!(l.to_bits(), loss.to_bits(), "{what}: loss {l} vs {loss}");
             let same = g
                 .tensors()

@@ -109,17 +109,8 @@ pub fn from_llama(model: Llama, block_size: usize) -> Result<CpuModel, CudaError
     };
     let mut out = Vec::with_capacity(layers.len());
     for (i, l) in layers.into_iter().enumerate() {
-        let qkv_bias = match (l.qkv_bias, s.qkv_bias) {
-            (Some(b), true) => Some(vector(b, s.qkv_rows(), &format!("layer {i} q/k/v bias"))?),
-            (None, false) => None,
-            (b, _) => {
-                return Err(CudaError::Shape(format!(
-                    "layer {i} has {} q/k/v biases where the config asks for {}",
-                    b.as_ref().map_or(0, Vec::len),
-                    if s.qkv_bias { s.qkv_rows() } else { 0 }
-                )))
-            }
-        };
+        s.check_qkv_bias(i, l.qkv_bias.as_deref())?;
+        let qkv_bias = l.qkv_bias.map(CpuWeight::Vector);
         out.push(LayerWeights {
             attn_norm: vector(l.attn_norm, s.hidden, &format!("layer {i} attn_norm"))?,
             qkv: matrix(l.wqkv, s.qkv_rows(), s.hidden, &format!("layer {i} qkv"))?,

@@ -60,18 +60,10 @@ pub fn convert<W>(
     let embed = place(want(&model.embed, s.vocab, s.hidden, "the embedding")?)?;
     let mut layers = Vec::with_capacity(model.layers.len());
     for (i, l) in model.layers.iter().enumerate() {
-        let qkv_bias = match (&l.qkv_bias, s.qkv_bias) {
-            (Some(b), true) if b.len() == s.qkv_rows() => {
-                Some(place(b.iter().map(|&x| round_bf16(x)).collect())?)
-            }
-            (None, false) => None,
-            (b, _) => {
-                return Err(CudaError::Shape(format!(
-                    "layer {i} has {} q/k/v biases where the config asks for {}",
-                    b.as_ref().map_or(0, Vec::len),
-                    if s.qkv_bias { s.qkv_rows() } else { 0 }
-                )))
-            }
+        s.check_qkv_bias(i, l.qkv_bias.as_deref())?;
+        let qkv_bias = match &l.qkv_bias {
+            Some(b) => Some(place(b.iter().map(|&x| round_bf16(x)).collect())?),
+            None => None,
         };
         layers.push(LayerWeights {
             attn_norm: place(norm(&l.attn_norm, &format!("layer {i} attn_norm"))?)?,

@@ -94,6 +94,19 @@ impl DecoderShape {
         Ok(())
     }
 
+    /// Whether layer `layer`'s q/k/v bias is what the shape asks for: one per fused q/k/v row
+    /// when it has biases, none otherwise.
+    pub fn check_qkv_bias(&self, layer: usize, bias: Option<&[f32]>) -> Result<(), CudaError> {
+        let (got, want) =
+            (bias.map_or(0, <[f32]>::len), if self.qkv_bias { self.qkv_rows() } else { 0 });
+        if got != want || bias.is_some() != self.qkv_bias {
+            return Err(CudaError::Shape(format!(
+                "layer {layer} has {got} q/k/v biases where the config asks for {want}"
+            )));
+        }
+        Ok(())
+    }
+
     pub fn q_dim(&self) -> usize {
         self.heads * self.head_dim
     }
@@ -448,6 +461,18 @@ mod tests {
         let mean = v.iter().sum::<f32>() / v.len() as f32;
         assert!((mean - 1.0).abs() < 0.02, "{mean}");
         assert_ne!(fill_uniform_host(4, 1, 1.0, 0.0), fill_uniform_host(4, 2, 1.0, 0.0));
+    }
+
+    #[test]
+    fn qkv_bias_must_match_the_shape() {
+        use crate::model::loader::dummy::DummyModel;
+        let q = DecoderShape::new(&DummyModel::Qwen2_5_14b.config(), 16).unwrap();
+        assert!(q.check_qkv_bias(3, Some(&vec![0.0; q.qkv_rows()])).is_ok());
+        assert!(q.check_qkv_bias(3, None).is_err());
+        assert!(q.check_qkv_bias(3, Some(&[0.0; 4])).is_err());
+        let l = DecoderShape::new(&DummyModel::Llama3_8b.config(), 16).unwrap();
+        assert!(l.check_qkv_bias(0, None).is_ok());
+        assert!(l.check_qkv_bias(0, Some(&[])).is_err());
     }
 
     #[test]
