@@ -5,7 +5,7 @@
 
 use crate::common;
 
-use common::dense_lora::{oracle, random_adapter};
+use common::dense_lora::{oracle, random_adapter, worst_relative};
 use common::tiny_model::{write_hf_dir, TinyShape};
 use common::token_level::{Cut, Sample};
 use coserve::backend::cpu::frozen::TrainDtype;
@@ -18,29 +18,6 @@ use coserve::model::weights::WeightsDtype;
 
 /// As the CPU path's own check against autograd (`training_gradients.rs`).
 const TOL: f32 = 1e-4;
-
-/// The worst relative L2 error of any gradient tensor, and where.
-fn worst_relative(ours: &LoraWeights, want: &LoraWeights) -> (f32, String) {
-    let mut worst = (0f32, String::new());
-    let mut checked = 0;
-    for (l, (lo, lw)) in ours.layers.iter().zip(&want.layers).enumerate() {
-        for m in TargetModule::ALL {
-            let (Some(o), Some(w)) = (&lo[m.index()], &lw[m.index()]) else { continue };
-            for (name, a, b) in [("A", &o.a, &w.a), ("B", &o.b, &w.b)] {
-                let diff: f64 = a.iter().zip(b.iter()).map(|(x, y)| f64::from(x - y).powi(2)).sum();
-                let norm: f64 = b.iter().map(|y| f64::from(*y).powi(2)).sum();
-                assert!(norm > 0.0, "layer {l} {} d{name}: zero oracle gradient", m.name());
-                let err = (diff / norm).sqrt() as f32;
-                if err > worst.0 {
-                    worst = (err, format!("layer {l} {} d{name}", m.name()));
-                }
-                checked += 1;
-            }
-        }
-    }
-    assert!(checked > 0);
-    worst
-}
 
 struct Setup {
     shape: TinyShape,
